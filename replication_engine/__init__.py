@@ -1,0 +1,29 @@
+"""replication-engine: keeps a mesh of Redis-backed store nodes in sync.
+
+Hot path: tail each peer's CDC stream. Cold path: compare Merkle trees and repair what differs.
+"""
+
+from replication_engine.clock import HLC
+from replication_engine.codec import Change, CodecError
+from replication_engine.config import ConfigError, EngineConfig, load_config
+from replication_engine.engine import EngineError, ReplicationEngine
+from replication_engine.merkle import Geometry, GeometryError
+from replication_engine.store import ApplyStatus, Item, ReadOnlyStoreError, RedisStore
+
+__all__ = [
+    "HLC",
+    "ApplyStatus",
+    "Change",
+    "CodecError",
+    "ConfigError",
+    "EngineConfig",
+    "EngineError",
+    "Geometry",
+    "GeometryError",
+    "Item",
+    "ReadOnlyStoreError",
+    "RedisStore",
+    "ReplicationEngine",
+    "load_config",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,171 @@
+"""The ``replication-engine`` command: run, demo, status, verify."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from replication_engine.config import ConfigError, load_config
+from replication_engine.connection import redact_url
+from replication_engine.observability.logs import setup_logging
+
+log = logging.getLogger("replication_engine.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="replication-engine",
+        description="Mesh replication agent for Redis-backed store nodes.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        default="auto",
+        help="auto: JSON unless stderr is a terminal",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the sidecar")
+    run.add_argument("--config", required=True, help="YAML config file")
+
+    demo = sub.add_parser("demo", help="a local multi-node mesh that converges, with faults")
+    demo.add_argument("--nodes", type=int, default=3)
+    demo.add_argument("--duration", type=float, default=20.0, help="seconds of writes")
+    demo.add_argument("--rate", type=float, default=300.0, help="writes/s across the mesh")
+    demo.add_argument("--keys", type=int, default=200, help="size of the shared key space")
+    demo.add_argument("--no-faults", action="store_true", help="skip fault injection")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON too")
+
+    status = sub.add_parser("status", help="a running sidecar's status (its /status)")
+    status.add_argument("--url", default="http://127.0.0.1:9090", help="the sidecar's HTTP base")
+    status.add_argument("--json", action="store_true", help="raw JSON")
+    status.add_argument(
+        "--mesh", action="store_true", help="with --config: lag and root of every node in the mesh"
+    )
+    status.add_argument("--config", help="config file (for --mesh)")
+
+    verify = sub.add_parser("verify", help="compare Merkle roots with every peer")
+    verify.add_argument("--config", required=True)
+    verify.add_argument("--limit", type=int, default=20, help="divergent keys to list per peer")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    json_logs = {"auto": None, "json": True, "text": False}[args.log_format]
+    level = args.log_level
+    if args.command == "demo" and args.log_level == "INFO":
+        # The demo draws its own table and narrates its faults; the engine's warnings about
+        # those same faults would bury it. --log-level WARNING shows them.
+        level = "ERROR"
+    setup_logging(level, json_format=json_logs)
+    try:
+        if args.command == "run":
+            return asyncio.run(_run(args.config))
+        if args.command == "demo":
+            return asyncio.run(_demo(args))
+        if args.command == "status":
+            if args.mesh:
+                if not args.config:
+                    print("status --mesh needs --config FILE", file=sys.stderr)
+                    return 2
+                from replication_engine.tools import mesh_status
+
+                return asyncio.run(mesh_status(load_config(args.config)))
+            return _status(args.url, raw=args.json)
+        if args.command == "verify":
+            from replication_engine.tools import verify
+
+            return asyncio.run(verify(load_config(args.config), limit=args.limit))
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+async def _run(config_path: str) -> int:
+    from replication_engine.engine import EngineError, ReplicationEngine
+
+    config = load_config(config_path)
+    engine = ReplicationEngine(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await engine.start()
+    except EngineError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
+    http = f" on http://{engine.http.host}:{engine.http.port}" if engine.http else ""
+    log.info(
+        f"replication engine {config.local_node_id} running{http}",
+        extra={"peers": [redact_url(p.redis_url) for p in config.peers]},
+    )
+    await stop.wait()
+    log.info("signal received; shutting down")
+    await engine.shutdown()
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from replication_engine.demo import run_demo
+
+    result = await run_demo(
+        nodes=args.nodes,
+        duration=args.duration,
+        rate=args.rate,
+        keys=args.keys,
+        faults=not args.no_faults,
+        seed=args.seed,
+    )
+    if args.json:
+        print(json.dumps({k: v for k, v in result.as_dict().items() if k != "events"}, indent=2))
+    return 0 if result.converged else 1
+
+
+def _status(url: str, *, raw: bool) -> int:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as resp:
+            body: dict[str, Any] = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"cannot read {url}/status: {exc}", file=sys.stderr)
+        return 1
+    if raw:
+        print(json.dumps(body, indent=2))
+        return 0
+    print(
+        f"node {body['node_id']}  state {body['state']}  mode {body['mode']}  "
+        f"local circuit {body['local_circuit']}"
+    )
+    print(
+        f"{'peer':<16} {'conn':<5} {'circuit':<10} {'mode':<14} {'lag ms':>8} "
+        f"{'lag ev':>7} {'applied':>8} {'quarant.':>8} {'gaps':>5}"
+    )
+    for peer_id, p in body["peers"].items():
+        print(
+            f"{peer_id:<16} {'yes' if p['connected'] else 'NO':<5} {p['circuit']:<10} "
+            f"{p.get('mode', '-'):<14} {_dash(p.get('lag_ms')):>8} "
+            f"{_dash(p.get('lag_events')):>7} {p.get('events_applied', 0):>8} "
+            f"{p.get('events_quarantined', 0):>8} {p.get('events_gaps', 0):>5}"
+        )
+    return 0
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

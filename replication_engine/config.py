@@ -1,0 +1,939 @@
+"""Typed engine configuration: YAML plus environment overrides, validated once at load time.
+
+An operator who fixes a config file one error per restart loses an afternoon, so every problem is
+collected and reported together, each line naming its field path and the expected form. Secrets
+never reach an error message, a repr or a log line: passwords are ``SecretStr`` and every URL or
+value that might embed one goes through :func:`redact_url` before it is printed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple, Self, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+__all__ = [
+    "ENV_PREFIX",
+    "ColdPathConfig",
+    "ConfigError",
+    "CursorConfig",
+    "EngineConfig",
+    "HotPathConfig",
+    "HttpConfig",
+    "LocalConfig",
+    "MerkleConfig",
+    "PeerConfig",
+    "PeerHealthConfig",
+    "SettingsConfig",
+    "SloConfig",
+    "TlsConfig",
+    "load_config",
+    "parse_duration",
+    "redact_url",
+]
+
+# Environment variables under this prefix override file values; the double underscore separates
+# path segments so field names that contain single underscores stay unambiguous.
+ENV_PREFIX = "REPLICATION_ENGINE__"
+# The engine's section when the file is shared with a parent daemon's configuration.
+WRAPPER_KEY = "replication"
+# Node ids end up in Redis keys and metric labels, so they stay short and shell/URL safe.
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_URL_SCHEMES = ("redis", "rediss", "unix")
+_URL_EXPECTED = "expected a redis://, rediss:// or unix:// URL"
+# Long inputs (a pasted certificate, a whole mapping) would drown the one line that matters.
+_MAX_VALUE_REPR = 120
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)\s*", re.IGNORECASE)
+_DURATION_EXPECTED = "expected a duration like '5s', '100ms', '2m', '1h' or a number of seconds"
+# Field names whose values are masked in any message even when they are not SecretStr-typed
+# (e.g. a misspelt 'passwd' that is reported as an unknown field).
+_SECRET_NAME_PARTS = ("pass", "secret", "token", "auth")
+_QUERY_SECRET_RE = re.compile(r"(?i)([?&;](?:password|pass|pwd|auth|token|secret)=)[^&#;]*")
+
+
+class ConfigError(ValueError):
+    """The configuration is missing, unreadable or invalid.
+
+    Attributes:
+        problems: one line per problem, ``<field path>: <expected>, got <value>``.
+        source: the file (or ``"<mapping>"``) the configuration came from.
+    """
+
+    def __init__(
+        self, message: str, *, problems: Sequence[str] = (), source: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems)
+        self.source = source
+
+    @classmethod
+    def from_problems(cls, problems: Sequence[str], source: str | None) -> ConfigError:
+        where = f" in {source}" if source else ""
+        count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+        lines = "\n".join(f"  {problem}" for problem in problems)
+        return cls(
+            f"invalid replication configuration{where} ({count}):\n{lines}",
+            problems=problems,
+            source=source,
+        )
+
+
+class _Problem(NamedTuple):
+    loc: tuple[str | int, ...]
+    expected: str
+    value: object
+
+
+class _FieldProblems(ValueError):
+    """Cross-field findings raised from a model validator.
+
+    Pydantic can only attach a model validator's error to the model itself; carrying the field
+    names here lets the error report say ``hot_path.min_batch_size`` instead of ``hot_path``.
+    """
+
+    def __init__(self, problems: list[_Problem]) -> None:
+        super().__init__("; ".join(f"{_format_loc(p.loc)}: {p.expected}" for p in problems))
+        self.problems = problems
+
+    @classmethod
+    def check(cls, model: _M, problems: list[_Problem]) -> _M:
+        if problems:
+            raise cls(problems)
+        return model
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar parsing and redaction
+
+
+def parse_duration(value: object) -> float:
+    """Convert a human duration to float seconds.
+
+    Operators write ``5s`` or ``100ms``; the code works in float seconds only, so the conversion
+    happens once, here.
+
+    Args:
+        value: ``int``/``float`` seconds, a numeric string, or a string of one or more
+            ``<number><unit>`` parts with unit ``ms``, ``s``, ``m`` or ``h`` (``"1m30s"``).
+
+    Returns:
+        The duration in seconds.
+
+    Raises:
+        ValueError: the value is not a duration, is negative, or is not finite.
+    """
+    if isinstance(value, bool):
+        raise ValueError(_DURATION_EXPECTED)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = _parse_duration_text(value)
+    else:
+        raise ValueError(_DURATION_EXPECTED)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{_DURATION_EXPECTED}, not negative or infinite")
+    return seconds
+
+
+def _parse_duration_text(text: str) -> float:
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError(_DURATION_EXPECTED)
+    try:
+        return float(stripped)
+    except ValueError:
+        pass
+    total = 0.0
+    position = 0
+    while position < len(stripped):
+        match = _DURATION_PART_RE.match(stripped, position)
+        if match is None:
+            raise ValueError(_DURATION_EXPECTED)
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+        position = match.end()
+    return total
+
+
+def redact_url(url: str) -> str:
+    """Mask any password in a URL so it can be logged or shown in a status page.
+
+    ``redis://user:secret@host:6379/0`` becomes ``redis://user:***@host:6379/0``; a
+    ``?password=`` query parameter is masked the same way. When the string is malformed the
+    function errs on the side of hiding too much: it never raises and never returns the secret.
+
+    Args:
+        url: any string; non-URLs come back unchanged unless they look like ``user:pw@host``.
+
+    Returns:
+        The URL with secrets replaced by ``***``.
+    """
+    try:
+        return _redact(str(url))
+    except Exception:
+        return "<unprintable url>"
+
+
+def _redact(url: str) -> str:
+    scheme_end = url.find("://")
+    start = scheme_end + 3 if scheme_end >= 0 else 0
+    # The last '@' rather than the first one after the host: an operator may leave '@', '/',
+    # '?' or '#' unescaped in a password, and hiding too much beats printing part of a secret.
+    at = url.rfind("@", start)
+    if at != -1:
+        userinfo = url[start:at]
+        colon = userinfo.find(":")
+        if colon != -1:
+            url = f"{url[:start]}{userinfo[:colon]}:***{url[at:]}"
+    return _QUERY_SECRET_RE.sub(r"\1***", url)
+
+
+def _is_secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return any(part in lowered for part in _SECRET_NAME_PARTS)
+
+
+def _mask(value: object, name: str | None = None) -> object:
+    if isinstance(value, SecretStr):
+        return "***"
+    if name is not None and _is_secret_name(name) and value is not None:
+        return "***"
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, Mapping):
+        return {key: _mask(item, str(key)) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask(item) for item in value]
+    return value
+
+
+def _number(value: object) -> str:
+    # Floats from validated fields print as "300" rather than "300.0", matching the YAML source.
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def _safe_repr(value: object, loc: Sequence[str | int]) -> str:
+    names = [part for part in loc if isinstance(part, str)]
+    masked = _mask(value, names[-1] if names else None)
+    text = _number(masked) if isinstance(masked, float) else repr(masked)
+    if len(text) > _MAX_VALUE_REPR:
+        text = text[: _MAX_VALUE_REPR - 3] + "..."
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Field types
+
+
+def _duration_field(value: object) -> float:
+    return parse_duration(value)
+
+
+def _check_node_id(value: str) -> str:
+    if not _NODE_ID_RE.fullmatch(value):
+        raise ValueError("expected 1-128 characters from A-Z a-z 0-9 . _ -")
+    return value
+
+
+def _check_redis_url(value: str) -> str:
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise ValueError(_URL_EXPECTED) from None
+    scheme = parts.scheme.lower()
+    if scheme not in _URL_SCHEMES:
+        raise ValueError(_URL_EXPECTED)
+    if scheme == "unix":
+        if not parts.path:
+            raise ValueError("expected a socket path, e.g. unix:///run/redis.sock")
+        return value
+    if not parts.hostname:
+        raise ValueError("expected a host, e.g. redis://host:6379/0")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("expected a port in 1..65535, e.g. redis://host:6379/0")
+    database = parts.path.lstrip("/")
+    if database and not database.isdigit():
+        raise ValueError("expected a database number as the URL path, e.g. /0")
+    return value
+
+
+def _check_listen(listen: str) -> str:
+    _split_listen(listen)
+    return listen
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    expected = "expected host:port with port 0..65535, e.g. 127.0.0.1:9090 or [::1]:9090"
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65_535:
+        raise ValueError(expected)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(ch.isspace() for ch in host) or (":" in host and "[" not in listen):
+        raise ValueError(expected)
+    return host, int(port_text)
+
+
+Duration = Annotated[float, BeforeValidator(_duration_field), Field(gt=0)]
+NodeId = Annotated[str, AfterValidator(_check_node_id)]
+RedisUrl = Annotated[str, AfterValidator(_check_redis_url)]
+ListenAddress = Annotated[str, AfterValidator(_check_listen)]
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class _Section(BaseModel):
+    # Frozen so a component cannot change a setting another component already read; forbid so a
+    # misspelt option is an error instead of a silently ignored line.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _redacted_repr_args(model: BaseModel) -> Iterator[tuple[str | None, Any]]:
+    for name, value in BaseModel.__repr_args__(model):
+        if name == "redis_url" and isinstance(value, str):
+            yield name, redact_url(value)
+        else:
+            yield name, value
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+class LocalConfig(_Section):
+    """This node's own Redis, the only one the engine writes to."""
+
+    redis_url: RedisUrl = Field(default="redis://127.0.0.1:6379/0", description="Local store.")
+    prefix: str = Field(default="", description="Prefix of every key the store and engine use.")
+    username: str | None = Field(default=None, description="ACL user; overrides one in redis_url.")
+    password: SecretStr | None = Field(
+        default=None, description="Password; overrides one in redis_url."
+    )
+    stream_maxlen: int = Field(default=100_000, ge=1, description="Local CDC stream MAXLEN.")
+    tombstone_grace_sec: float = Field(
+        default=86_400.0, gt=0, description="Tombstone lifetime; longer outages re-bootstrap."
+    )
+    max_clock_offset_sec: float = Field(
+        default=300.0,
+        gt=0,
+        description="Remote versions stamped further ahead of the local clock are refused.",
+    )
+    max_memory_ratio: float = Field(
+        default=0.9, gt=0, le=1, description="Share of Redis maxmemory above which applies wait."
+    )
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        return _redacted_repr_args(self)
+
+
+class HotPathConfig(_Section):
+    """Per-peer CDC stream tailing."""
+
+    enabled: bool = Field(default=True, description="Tail peers' CDC streams.")
+    batch_size: int = Field(default=100, ge=1, description="Initial XREAD COUNT (entries).")
+    block_timeout: Duration = Field(default=5.0, description="XREAD BLOCK time (seconds).")
+    adaptive_batch_size: bool = Field(default=True, description="Adjust the batch size (AIMD).")
+    min_batch_size: int = Field(default=50, ge=1, description="AIMD lower bound (entries).")
+    max_batch_size: int = Field(default=1000, ge=1, description="AIMD upper bound (entries).")
+    rate_limit_enabled: bool = Field(default=False, description="Limit the apply rate per peer.")
+    rate_limit_per_sec: float = Field(default=10_000.0, gt=0, description="Sustained events/s.")
+    rate_limit_burst: int = Field(default=1000, ge=1, description="Events allowed above the rate.")
+    shutdown_timeout: Duration = Field(default=10.0, description="Drain time on shutdown (s).")
+
+    @model_validator(mode="after")
+    def _check_batch_bounds(self) -> Self:
+        problems = []
+        if self.min_batch_size > self.batch_size:
+            expected = f"must be <= batch_size ({self.batch_size})"
+            problems.append(_Problem(("min_batch_size",), expected, self.min_batch_size))
+        if self.max_batch_size < self.batch_size:
+            expected = f"must be >= batch_size ({self.batch_size})"
+            problems.append(_Problem(("max_batch_size",), expected, self.max_batch_size))
+        return _FieldProblems.check(self, problems)
+
+
+class ColdPathConfig(_Section):
+    """Merkle anti-entropy: finds and repairs whatever the hot path missed."""
+
+    enabled: bool = Field(default=True, description="Run anti-entropy cycles.")
+    interval_sec: float = Field(default=60.0, gt=0, description="Seconds between cycles.")
+    max_items_per_cycle: int = Field(default=1000, ge=1, description="Repair budget per cycle.")
+    backoff_base_sec: float = Field(default=5.0, gt=0, description="First backoff (s).")
+    backoff_max_sec: float = Field(default=300.0, gt=0, description="Longest backoff (s).")
+    drill_concurrency: int = Field(default=8, ge=1, description="Branches drilled in parallel.")
+    fetch_batch_size: int = Field(default=200, ge=1, description="Items per peer round trip.")
+    root_cache_ttl_sec: float = Field(default=5.0, ge=0, description="Peer root reuse time (s).")
+    bootstrap_rate_limit_per_sec: float = Field(
+        default=50_000.0, gt=0, description="Items per second applied during a bootstrap."
+    )
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> Self:
+        problems = []
+        if self.backoff_base_sec > self.backoff_max_sec:
+            expected = f"must be <= backoff_max_sec ({_number(self.backoff_max_sec)})"
+            problems.append(_Problem(("backoff_base_sec",), expected, self.backoff_base_sec))
+        return _FieldProblems.check(self, problems)
+
+
+class PeerHealthConfig(_Section):
+    """Pings of peers that have been quiet, so a dead peer is noticed before data is needed."""
+
+    enabled: bool = Field(default=True, description="Ping idle peers.")
+    ping_interval_sec: float = Field(default=30.0, gt=0, description="Seconds between pings.")
+    idle_threshold_sec: float = Field(default=60.0, gt=0, description="Quiet time before a ping.")
+
+
+class SloConfig(_Section):
+    """Thresholds above which the engine warns and reports itself degraded."""
+
+    max_stream_read_latency_ms: float = Field(default=100.0, gt=0, description="One XREAD.")
+    max_peer_op_latency_ms: float = Field(default=500.0, gt=0, description="Any peer call.")
+    max_batch_flush_latency_ms: float = Field(default=200.0, gt=0, description="Batch apply.")
+    max_replication_lag_sec: float = Field(default=30.0, gt=0, description="Lag behind a peer.")
+    max_replication_lag_events: int | None = Field(
+        default=None, ge=1, description="Lag in stream entries; None disables the check."
+    )
+
+
+class MerkleConfig(_Section):
+    """Merkle tree geometry; every node of a mesh must use the same one."""
+
+    fanout: int = Field(default=256, description="Children per interior node (power of two).")
+    depth: int = Field(default=2, description="Levels below the root (1-4).")
+
+    @model_validator(mode="after")
+    def _check_geometry(self) -> Self:
+        problems = []
+        fanout_ok = 2 <= self.fanout <= 65_536 and self.fanout & (self.fanout - 1) == 0
+        if not fanout_ok:
+            expected = "expected a power of two in 2..65536"
+            problems.append(_Problem(("fanout",), expected, self.fanout))
+        if not 1 <= self.depth <= 4:
+            problems.append(_Problem(("depth",), "expected 1..4", self.depth))
+        bits = self.fanout.bit_length() - 1
+        if not problems and self.depth * bits > 32:
+            expected = (
+                f"must satisfy depth * log2(fanout) <= 32 "
+                f"(fanout {self.fanout} allows depth <= {32 // bits})"
+            )
+            problems.append(_Problem(("depth",), expected, self.depth))
+        return _FieldProblems.check(self, problems)
+
+
+class SettingsConfig(_Section):
+    """Tuning of the engine's two paths and its health and SLO checks."""
+
+    hot_path: HotPathConfig = Field(default_factory=HotPathConfig)
+    cold_path: ColdPathConfig = Field(default_factory=ColdPathConfig)
+    peer_health: PeerHealthConfig = Field(default_factory=PeerHealthConfig)
+    slo: SloConfig = Field(default_factory=SloConfig)
+    merkle: MerkleConfig = Field(default_factory=MerkleConfig)
+
+
+class TlsConfig(_Section):
+    """TLS material for a rediss:// peer; the system trust store is used when ca_file is unset."""
+
+    ca_file: str | None = Field(default=None, description="PEM bundle of CAs to trust.")
+    cert_file: str | None = Field(default=None, description="Client certificate (mutual TLS).")
+    key_file: str | None = Field(default=None, description="Client private key (mutual TLS).")
+    verify: bool = Field(default=True, description="Verify the server certificate and name.")
+
+    def is_customised(self) -> bool:
+        return any((self.ca_file, self.cert_file, self.key_file)) or not self.verify
+
+
+class PeerConfig(_Section):
+    """One peer whose Redis this node reads (a read-only ACL user is enough)."""
+
+    node_id: NodeId = Field(description="The peer's local_node_id.")
+    redis_url: RedisUrl = Field(description="URL of the peer's Redis.")
+    prefix: str | None = Field(default=None, description="Peer key prefix; None = local.prefix.")
+    priority: int = Field(default=0, description="Lower numbers are served first.")
+    circuit_failure_threshold: int = Field(default=5, ge=1, description="Failures to open.")
+    circuit_reset_timeout_sec: float = Field(default=30.0, gt=0, description="Open time (s).")
+    start_from: Literal["snapshot", "beginning", "latest"] = Field(
+        default="snapshot", description="Where a peer without a saved cursor is first read from."
+    )
+    username: str | None = Field(default=None, description="ACL user; overrides redis_url's.")
+    password: SecretStr | None = Field(default=None, description="Overrides redis_url's.")
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Self:
+        problems = []
+        if self.tls.is_customised() and not self.redis_url.lower().startswith("rediss://"):
+            expected = "is set, so redis_url must be rediss://"
+            problems.append(_Problem(("tls",), expected, self.display_url))
+        if self.tls.key_file and not self.tls.cert_file:
+            expected = "required when tls.key_file is set"
+            problems.append(_Problem(("tls", "cert_file"), expected, None))
+        return _FieldProblems.check(self, problems)
+
+    def effective_prefix(self, local_prefix: str) -> str:
+        """The peer's key prefix; peers usually share the local one, so None means that."""
+        return local_prefix if self.prefix is None else self.prefix
+
+    @property
+    def display_url(self) -> str:
+        """``redis_url`` with any password masked, for logs and status pages."""
+        return redact_url(self.redis_url)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        return _redacted_repr_args(self)
+
+
+class CursorConfig(_Section):
+    """Where hot-path cursors, bootstrap progress and the quarantine are kept (SQLite)."""
+
+    sqlite_path: str = Field(
+        default="replication_cursors.db", min_length=1, description="SQLite file path."
+    )
+    wal_mode: bool = Field(default=True, description="Use WAL journaling.")
+    quarantine_max_rows: int = Field(default=10_000, ge=1, description="Rejected events kept.")
+
+
+class HttpConfig(_Section):
+    """The health, readiness, metrics and status endpoint."""
+
+    enabled: bool = Field(default=True, description="Serve /health, /ready, /metrics, /status.")
+    listen: ListenAddress = Field(default="127.0.0.1:9090", description="host:port; 0 = any.")
+
+    @property
+    def host(self) -> str:
+        return _split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_listen(self.listen)[1]
+
+
+class EngineConfig(_Section):
+    """The engine's whole configuration: the mapping under the top-level ``replication:`` key.
+
+    Build it with :func:`load_config` (file + environment), :meth:`from_mapping` (mapping +
+    environment) or plain ``EngineConfig.model_validate(mapping)`` (no environment, pydantic's
+    own ``ValidationError`` on bad input).
+    """
+
+    local_node_id: NodeId = Field(description="This node's id, unique in the mesh.")
+    mode: Literal["mesh", "follower"] = Field(
+        default="mesh", description="follower refuses local writes and only pulls from peers."
+    )
+    local: LocalConfig = Field(default_factory=LocalConfig)
+    settings: SettingsConfig = Field(default_factory=SettingsConfig)
+    peers: list[PeerConfig] = Field(default_factory=list)
+    cursor: CursorConfig = Field(default_factory=CursorConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+
+    @model_validator(mode="after")
+    def _check_peers(self) -> Self:
+        problems = []
+        seen_ids: dict[str, int] = {}
+        # A peer that reads the same Redis and prefix as ourselves or another peer is a
+        # copy-paste mistake that would replicate a store into itself.
+        seen_sources = {(self.local.redis_url, self.local.prefix): "local.redis_url"}
+        for index, peer in enumerate(self.peers):
+            if peer.node_id == self.local_node_id:
+                expected = "must differ from local_node_id"
+                problems.append(_Problem(("peers", index, "node_id"), expected, peer.node_id))
+            elif peer.node_id in seen_ids:
+                expected = f"must be unique (already used by peers[{seen_ids[peer.node_id]}])"
+                problems.append(_Problem(("peers", index, "node_id"), expected, peer.node_id))
+            else:
+                seen_ids[peer.node_id] = index
+            source = (peer.redis_url, peer.effective_prefix(self.local.prefix))
+            if source in seen_sources:
+                expected = f"must not read the same Redis and prefix as {seen_sources[source]}"
+                problems.append(_Problem(("peers", index, "redis_url"), expected, peer.display_url))
+            else:
+                seen_sources[source] = f"peers[{index}]"
+        return _FieldProblems.check(self, problems)
+
+    @classmethod
+    def from_mapping(
+        cls, data: Mapping[str, Any], env: Mapping[str, str] | None = None
+    ) -> EngineConfig:
+        """Validate a mapping the way :func:`load_config` validates a file.
+
+        Args:
+            data: the inner mapping, or a document with a top-level ``replication:`` key.
+            env: environment to take ``REPLICATION_ENGINE__*`` overrides from; ``None`` means
+                ``os.environ``, pass ``{}`` to ignore the environment.
+
+        Raises:
+            ConfigError: listing every problem with its field path.
+        """
+        return _build(data, env, source="<mapping>")
+
+    def redacted_dict(self) -> dict[str, Any]:
+        """The configuration as plain data with every password and URL secret masked."""
+        return typing.cast(dict[str, Any], _mask_dump(self.model_dump(mode="json")))
+
+
+def _mask_dump(value: object, name: str | None = None) -> object:
+    if isinstance(value, dict):
+        return {key: _mask_dump(item, key) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_mask_dump(item) for item in value]
+    if name == "password":
+        return None if value is None else "***"
+    if isinstance(value, str) and name is not None and name.endswith("url"):
+        return redact_url(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys.
+
+    PyYAML keeps the last of two equal keys, so a second ``peers:`` block would silently replace
+    the first; that must be an error.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                duplicate = False
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> EngineConfig:
+    """Read, override from the environment, and validate the engine configuration.
+
+    Args:
+        path: a YAML file, with or without the top-level ``replication:`` key (sibling keys of
+            ``replication:`` belong to other programs and are ignored).
+        env: environment to take overrides from; ``None`` means ``os.environ``. A variable
+            ``REPLICATION_ENGINE__<PATH>`` sets the field at PATH (segments joined by ``__``,
+            case-insensitive, list indices as numbers), e.g.
+            ``REPLICATION_ENGINE__PEERS__0__PASSWORD``. Values are parsed as YAML scalars,
+            except for string fields, which take the text as is.
+
+    Returns:
+        The validated, frozen configuration.
+
+    Raises:
+        ConfigError: for every kind of bad input (missing file, bad YAML, invalid values),
+            naming the file and each field path. Never contains a password.
+    """
+    file = Path(path)
+    source = str(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {source} does not exist", source=source) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {source} is not UTF-8 text (byte {exc.start})", source=source
+        ) from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"config file {source} cannot be read: {reason}", source=source) from None
+    try:
+        document = yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(_yaml_problem(source, exc), source=source) from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ConfigError(
+            f"config file {source} is not valid YAML: {type(exc).__name__}", source=source
+        ) from None
+    return _build(document, env, source=source)
+
+
+def _yaml_problem(source: str, exc: yaml.MarkedYAMLError) -> str:
+    # str(exc) quotes the offending line, which may hold a password; rebuild the message from
+    # the parts that cannot.
+    mark = exc.problem_mark or exc.context_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = exc.problem or exc.context or "syntax error"
+    if exc.context and exc.problem:
+        what = f"{exc.problem} ({exc.context})"
+    return f"config file {source} is not valid YAML{where}: {what}"
+
+
+def _build(document: object, env: Mapping[str, str] | None, *, source: str) -> EngineConfig:
+    inner = _unwrap(document, source)
+    data, env_paths, problems = _apply_env(inner, os.environ if env is None else env)
+    if problems:
+        raise ConfigError.from_problems(problems, source)
+    try:
+        return EngineConfig.model_validate(data)
+    except ValidationError as exc:
+        # 'from None': the pydantic error quotes raw input values, secrets included.
+        raise ConfigError.from_problems(_describe(exc, env_paths), source) from None
+
+
+def _unwrap(document: object, source: str) -> dict[str, Any]:
+    if document is None:
+        return {}
+    if not isinstance(document, Mapping):
+        raise ConfigError(
+            f"config {source}: expected a mapping at the top level, got {type(document).__name__}",
+            source=source,
+        )
+    if WRAPPER_KEY in document:
+        inner = document[WRAPPER_KEY]
+        if inner is None:
+            return {}
+        if not isinstance(inner, Mapping):
+            raise ConfigError(
+                f"config {source}: {WRAPPER_KEY}: expected a mapping, got {type(inner).__name__}",
+                source=source,
+            )
+        document = inner
+    return typing.cast(dict[str, Any], _to_plain(document))
+
+
+def _to_plain(value: object) -> object:
+    if isinstance(value, Mapping):
+        return {key: _to_plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(item) for item in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Environment overrides
+
+
+def _apply_env(
+    data: dict[str, Any], env: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[tuple[str | int, ...], str], list[str]]:
+    env_paths: dict[tuple[str | int, ...], str] = {}
+    problems: list[str] = []
+    for name in sorted(env):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        raw_segments = name[len(ENV_PREFIX) :].split("__")
+        if not all(raw_segments):
+            problems.append(
+                f"{name}: expected {ENV_PREFIX}<FIELD>[__<FIELD>...] with no empty segment"
+            )
+            continue
+        segments: list[str | int] = [
+            int(part) if part.isdigit() else part.lower() for part in raw_segments
+        ]
+        problem = _set_path(data, segments, env[name], name)
+        if problem:
+            problems.append(problem)
+        else:
+            env_paths[tuple(segments)] = name
+    return data, env_paths, problems
+
+
+def _set_path(data: dict[str, Any], segments: list[str | int], raw: str, name: str) -> str | None:
+    node: Any = data
+    walked: list[str | int] = []
+    for depth, segment in enumerate(segments):
+        is_last = depth == len(segments) - 1
+        if isinstance(node, list):
+            if not isinstance(segment, int):
+                return f"{name}: {_format_loc(walked)} is a list, expected a numeric index"
+            if segment >= len(node):
+                return (
+                    f"{name}: {_format_loc([*walked, segment])} does not exist "
+                    f"({_format_loc(walked)} has {len(node)} entries)"
+                )
+            key: str | int = segment
+        elif isinstance(node, dict):
+            wanted = str(segment)
+            key = next((k for k in node if str(k).lower() == wanted), wanted)
+        else:
+            return f"{name}: {_format_loc(walked)} is not a mapping, cannot set {segment!r} in it"
+        walked.append(segment)
+        if is_last:
+            node[key] = _parse_env_value(raw, _annotation_at(walked))
+            return None
+        child = node.get(key) if isinstance(node, dict) else node[key]
+        if child is None:
+            next_segment = segments[depth + 1]
+            if isinstance(next_segment, int):
+                return (
+                    f"{name}: {_format_loc([*walked, next_segment])} does not exist "
+                    f"({_format_loc(walked)} has 0 entries)"
+                )
+            child = {}
+            node[key] = child
+        node = child
+    return None
+
+
+def _parse_env_value(raw: str, annotation: object) -> object:
+    # A password such as "12345" or "yes" must stay text; YAML would turn it into a number or a
+    # boolean that the string field then rejects.
+    if _is_text_annotation(annotation):
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _unwrap_optional(annotation: object) -> object:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
+
+
+def _is_text_annotation(annotation: object) -> bool:
+    return _unwrap_optional(annotation) in (str, SecretStr)
+
+
+def _annotation_at(loc: Sequence[str | int]) -> object:
+    """The declared type at a field path, or None when the path leaves the schema."""
+    current: object = EngineConfig
+    for segment in loc:
+        current = _unwrap_optional(current)
+        if isinstance(segment, int):
+            if typing.get_origin(current) is not list:
+                return None
+            current = typing.get_args(current)[0]
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(segment)
+            if field is None:
+                return None
+            current = field.annotation
+        else:
+            return None
+    return current
+
+
+# --------------------------------------------------------------------------------------------
+# Error reporting
+
+
+def _format_loc(loc: Sequence[str | int]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "<root>"
+
+
+_EXPECTATIONS = {
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "finite_number": "expected a finite number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "string_type": "expected a string",
+    "string_too_short": "must not be empty",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+}
+
+
+def _expectation(error: Mapping[str, Any]) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    if kind in _EXPECTATIONS:
+        return _EXPECTATIONS[kind]
+    if kind == "greater_than":
+        return f"must be > {_number(ctx.get('gt'))}"
+    if kind == "greater_than_equal":
+        return f"must be >= {_number(ctx.get('ge'))}"
+    if kind == "less_than":
+        return f"must be < {_number(ctx.get('lt'))}"
+    if kind == "less_than_equal":
+        return f"must be <= {_number(ctx.get('le'))}"
+    if kind == "literal_error":
+        return f"expected {ctx.get('expected')}"
+    message = str(error.get("msg", "invalid value"))
+    if message.startswith("Input should be "):
+        return "expected " + message[len("Input should be ") :]
+    return message[:1].lower() + message[1:]
+
+
+def _unknown_field_hint(loc: tuple[str | int, ...]) -> str:
+    parent = _unwrap_optional(_annotation_at(loc[:-1]))
+    if not (isinstance(parent, type) and issubclass(parent, BaseModel)):
+        return ""
+    allowed = list(parent.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    suggestion = f"did you mean {close[0]!r}? " if close else ""
+    return f" ({suggestion}allowed: {', '.join(allowed)})"
+
+
+def _origin_note(loc: tuple[str | int, ...], env_paths: Mapping[tuple[str | int, ...], str]) -> str:
+    for path, name in env_paths.items():
+        if loc[: len(path)] == path:
+            return f" (from {name})"
+    return ""
+
+
+def _describe(exc: ValidationError, env_paths: Mapping[tuple[str | int, ...], str]) -> list[str]:
+    lines: list[str] = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, _FieldProblems):
+            for relative, expected, value in cause.problems:
+                full = loc + relative
+                note = _origin_note(full, env_paths)
+                lines.append(
+                    f"{_format_loc(full)}: {expected}, got {_safe_repr(value, full)}{note}"
+                )
+            continue
+        note = _origin_note(loc, env_paths)
+        if error["type"] == "missing":
+            lines.append(f"{_format_loc(loc)}: required field is missing{note}")
+        elif error["type"] == "extra_forbidden":
+            hint = _unknown_field_hint(loc)
+            got = _safe_repr(error["input"], loc)
+            lines.append(f"{_format_loc(loc)}: unknown field{hint}, got {got}{note}")
+        else:
+            got = _safe_repr(error["input"], loc)
+            lines.append(f"{_format_loc(loc)}: {_expectation(error)}, got {got}{note}")
+    return lines

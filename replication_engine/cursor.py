@@ -1,0 +1,794 @@
+"""Per-peer stream cursors, snapshot-bootstrap progress and the quarantine, in one SQLite file.
+
+The hot path saves a peer's cursor only after the batch it covers is applied (at-least-once), so
+a save must be on disk when it returns, and a damaged file must stop the engine with an error
+that names the file: quietly reading "no cursor" would turn a broken disk into a silent replay or
+a silent re-bootstrap.
+
+All statements go through one aiosqlite connection (one worker thread) and one asyncio.Lock.
+The lock covers reads too: a read queued between a transaction's BEGIN and COMMIT on the same
+connection would otherwise see that transaction half done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import re
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiosqlite
+
+__all__ = [
+    "BootstrapState",
+    "CursorError",
+    "CursorStore",
+    "QuarantineRecord",
+    "RawFields",
+]
+
+logger = logging.getLogger(__name__)
+
+# Bumped whenever a table changes; a file written by a newer engine is refused, not guessed at.
+SCHEMA_VERSION = 1
+# Bytes kept of each quarantined field: enough to recognise the entry, bounded per row.
+QUARANTINE_FIELD_MAX_BYTES = 4096
+# Bytes kept of one quarantined entry in total, so quarantine_max_rows bounds the file size
+# (a hostile entry may carry thousands of fields).
+QUARANTINE_ENTRY_MAX_BYTES = 16_384
+# Bytes kept of a quarantined entry's key and reason.
+QUARANTINE_TEXT_MAX_BYTES = 4096
+# How long a statement waits for a lock held by another process (an operator's sqlite3 shell).
+BUSY_TIMEOUT_MS = 5000
+# Prefix marking a quarantined field stored as base64 because it was not printable UTF-8.
+BASE64_PREFIX = "base64:"
+
+# A stream entry's fields as redis-py returns them (bytes, or str with decode_responses). Mapping
+# keys are invariant, so each key type is listed for dict[bytes, bytes] and dict[str, str] to fit.
+RawFields = (
+    Mapping[bytes, bytes | str] | Mapping[str, bytes | str] | Mapping[bytes | str, bytes | str]
+)
+
+_STREAM_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_U64_MAX = 2**64 - 1
+# SQLite result codes that mean the file itself is damaged or not a database.
+_DAMAGED_CODES = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+# SQLite result codes worth retrying: another process holds a lock.
+_RETRYABLE_CODES = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
+_RECOVERY_HINT = (
+    "stop the engine and move the file aside or delete it; on the next start every peer is "
+    "bootstrapped again from a snapshot (safe: applies are idempotent), and the quarantine "
+    "kept in the file is lost"
+)
+_TABLES = ("cursors", "quarantine", "bootstrap", "bootstrap_branches")
+_SCHEMA = (
+    """CREATE TABLE cursors (
+        peer_id TEXT PRIMARY KEY,
+        stream_id TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    )""",
+    """CREATE TABLE quarantine (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        peer_id TEXT NOT NULL,
+        stream_id TEXT NOT NULL,
+        key TEXT,
+        reason TEXT NOT NULL,
+        raw TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    )""",
+    "CREATE INDEX quarantine_by_peer ON quarantine (peer_id, id)",
+    """CREATE TABLE bootstrap (
+        peer_id TEXT PRIMARY KEY,
+        tail_id TEXT NOT NULL,
+        started_ms INTEGER NOT NULL
+    )""",
+    """CREATE TABLE bootstrap_branches (
+        peer_id TEXT NOT NULL,
+        branch TEXT NOT NULL,
+        PRIMARY KEY (peer_id, branch)
+    ) WITHOUT ROWID""",
+)
+_UPSERT_CURSOR = (
+    "INSERT INTO cursors (peer_id, stream_id, updated_ms) VALUES (?, ?, ?) "
+    "ON CONFLICT (peer_id) DO UPDATE SET "
+    "stream_id = excluded.stream_id, updated_ms = excluded.updated_ms"
+)
+# Keeps the newest `max_rows` rows: everything at or below the id just past them goes.
+_TRIM_QUARANTINE = (
+    "DELETE FROM quarantine WHERE id <= "
+    "(SELECT id FROM quarantine ORDER BY id DESC LIMIT 1 OFFSET ?)"
+)
+
+
+class CursorError(Exception):
+    """The cursor database cannot be opened, read or written.
+
+    Attributes:
+        path: the database file.
+        peer: the peer the failed operation was for, if any.
+        retryable: True when another process held a lock; everything else needs an operator.
+    """
+
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        peer: str | None = None,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.peer = peer
+        self.retryable = retryable
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRecord:
+    """One rejected stream entry, kept for an operator to inspect.
+
+    ``raw`` maps field names to their text; a field that was not printable UTF-8 is stored as
+    ``"base64:<data>"``, and one longer than the field limit ends in a truncation note.
+    """
+
+    id: int
+    peer_id: str
+    stream_id: str
+    key: str | None
+    reason: str
+    raw: dict[str, str]
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapState:
+    """Progress of a snapshot bootstrap from one peer, as left by the last run.
+
+    Attributes:
+        tail_id: the peer's stream tail when the bootstrap began; tailing resumes there.
+        done_branches: Merkle branch ids whose items are fully applied.
+        started_ms: wall-clock time the bootstrap began.
+    """
+
+    tail_id: str
+    done_branches: set[str]
+    started_ms: int
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _check_stream_id(value: object, name: str) -> str:
+    match = _STREAM_ID_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) > _U64_MAX or int(match.group(2)) > _U64_MAX:
+        raise ValueError(f"{name}: expected a stream id '<ms>-<seq>', got {value!r}")
+    return match.group(0)
+
+
+def _check_peer_id(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"peer_id: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _truncate_utf8(text: str, limit: int) -> str:
+    data = text.encode("utf-8", errors="backslashreplace")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", errors="ignore")
+
+
+def _field_text(value: object, limit: int) -> str:
+    """Printable text for one quarantined field, keeping at most ``limit`` bytes of it."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+    else:
+        # Quarantined input is by definition unexpected; never let its type crash the store.
+        text_value = value if isinstance(value, str) else repr(value)
+        data = text_value.encode("utf-8", errors="backslashreplace")
+    kept = data[:limit]
+    text = _printable_utf8(kept, truncated=len(data) > limit)
+    if text is None:
+        text = BASE64_PREFIX + base64.b64encode(kept).decode("ascii")
+    if len(data) > limit:
+        text += f" ...[truncated, {len(data)} bytes]"
+    return text
+
+
+def _printable_utf8(data: bytes, *, truncated: bool) -> str | None:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Truncation can split the last character; anything earlier means binary data.
+        if not truncated or exc.start < len(data) - 3:
+            return None
+        try:
+            text = data[: exc.start].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if all(ch.isprintable() or ch in "\t\n\r" for ch in text):
+        return text
+    return None
+
+
+def _encode_raw(raw: RawFields) -> str:
+    fields: dict[str, str] = {}
+    budget = QUARANTINE_ENTRY_MAX_BYTES
+    items = list(raw.items())
+    for position, (name, value) in enumerate(items):
+        if budget <= 0:
+            fields["..."] = f"{len(items) - position} more fields dropped"
+            break
+        key = _field_text(name, 256)
+        text = _field_text(value, min(QUARANTINE_FIELD_MAX_BYTES, budget))
+        budget -= len(key) + len(text)
+        fields[key] = text
+    return json.dumps(fields, ensure_ascii=False)
+
+
+def _prepare_location(location: str) -> None:
+    file = Path(location)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CursorError(
+            f"cursor database {location}: cannot create directory {file.parent}: "
+            f"{exc.strerror or exc}",
+            path=location,
+        ) from exc
+    if file.is_dir():
+        # SQLite would only say "unable to open database file".
+        raise CursorError(
+            f"cursor database {location}: the path is a directory, expected a file",
+            path=location,
+        )
+
+
+class CursorStore:
+    """Durable per-peer state of the replication engine, backed by one SQLite file.
+
+    Use :meth:`open` to create one and :meth:`close` (or ``async with``) to release it.
+
+    Durability: with ``wal_mode`` (the default) commits run with ``synchronous=NORMAL``. A
+    committed write survives a crash of the engine process; after a power loss the newest commits
+    may be rolled back, which only means re-applying a batch, and applies are idempotent.
+    Without WAL, ``synchronous=FULL`` syncs every commit.
+
+    Attributes:
+        path: the database file.
+        evicted: quarantine rows dropped since open to stay within ``quarantine_max_rows``.
+    """
+
+    def __init__(
+        self, db: aiosqlite.Connection, path: str, *, wal_mode: bool, quarantine_max_rows: int
+    ) -> None:
+        # Private: open() prepares the file before handing out a store.
+        self._db: aiosqlite.Connection | None = db
+        self._lock = asyncio.Lock()
+        self._wal_mode = wal_mode
+        self._quarantine_max_rows = quarantine_max_rows
+        self.path = path
+        self.evicted = 0
+
+    @classmethod
+    async def open(
+        cls, path: str | Path, *, wal_mode: bool = True, quarantine_max_rows: int = 10_000
+    ) -> CursorStore:
+        """Open (creating if needed) and check the cursor database.
+
+        Args:
+            path: the SQLite file; missing parent directories are created.
+            wal_mode: use WAL journaling; open fails if SQLite cannot turn it on.
+            quarantine_max_rows: most quarantine rows kept; older ones are dropped.
+
+        Raises:
+            CursorError: the file cannot be created or opened, is not a SQLite database, fails
+                its integrity check, was written by a newer schema, or cannot be written. The
+                message names the path and what the operator can do.
+            ValueError: ``quarantine_max_rows`` is below 1.
+        """
+        if quarantine_max_rows < 1:
+            raise ValueError(f"quarantine_max_rows: must be >= 1, got {quarantine_max_rows}")
+        location = str(path)
+        if location != ":memory:":
+            await asyncio.to_thread(_prepare_location, location)
+        try:
+            db = await aiosqlite.connect(location, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise CursorError(
+                f"cursor database {location}: cannot open: {exc}", path=location
+            ) from exc
+        store = cls(db, location, wal_mode=wal_mode, quarantine_max_rows=quarantine_max_rows)
+        try:
+            await store._prepare()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await db.close()
+            raise
+        logger.info(
+            "cursor store opened path=%s wal=%s quarantine_max_rows=%d",
+            location,
+            wal_mode,
+            quarantine_max_rows,
+        )
+        return store
+
+    async def _prepare(self) -> None:
+        db = self._connection("open", None)
+        try:
+            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # The first statement that reads the file: garbage fails here with SQLITE_NOTADB.
+            problems = [row[0] for row in await db.execute_fetchall("PRAGMA quick_check")]
+        except sqlite3.Error as exc:
+            raise self._error("open", None, exc) from exc
+        if problems != ["ok"]:
+            # quick_check reports up to 100 problems, some spanning lines; show the first few.
+            lines = [
+                line.strip()
+                for problem in problems
+                for line in str(problem).splitlines()
+                if line.strip() and not line.startswith("***")
+            ]
+            shown = "; ".join(lines[:3])
+            if len(lines) > 3:
+                shown += f"; {len(lines) - 3} more"
+            raise CursorError(
+                f"cursor database {self.path} is damaged (integrity check: {shown}); "
+                f"{_RECOVERY_HINT}",
+                path=self.path,
+            )
+        try:
+            await self._set_journal_mode(db)
+            await self._migrate(db)
+        except sqlite3.Error as exc:
+            raise self._error("open", None, exc) from exc
+        await self._trim_quarantine_on_open()
+
+    async def _set_journal_mode(self, db: aiosqlite.Connection) -> None:
+        wanted = "wal" if self._wal_mode else "delete"
+        rows = list(await db.execute_fetchall(f"PRAGMA journal_mode = {wanted}"))
+        mode = str(rows[0][0]).lower() if rows else "unknown"
+        if mode != wanted:
+            raise CursorError(
+                f"cursor database {self.path}: could not switch to journal_mode={wanted} "
+                f"(SQLite kept {mode!r}); put the file on a local filesystem or set "
+                f"cursor.wal_mode to false",
+                path=self.path,
+            )
+        # WAL commits are atomic and survive a process crash at NORMAL; only rollback
+        # journals need FULL for the same guarantee.
+        synchronous = "NORMAL" if self._wal_mode else "FULL"
+        await db.execute(f"PRAGMA synchronous = {synchronous}")
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            await self._check_or_create_schema(db)
+            # A real write at open, so a read-only file or full disk fails at start-up rather
+            # than on the first cursor save.
+            await db.execute("UPDATE schema_version SET version = version")
+            await db.execute("COMMIT")
+        except BaseException:
+            await self._rollback(db)
+            raise
+
+    async def _check_or_create_schema(self, db: aiosqlite.Connection) -> None:
+        tables = {
+            str(row[0])
+            for row in await db.execute_fetchall(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+            )
+        }
+        if "schema_version" not in tables:
+            foreign = sorted(tables - {"sqlite_sequence"})
+            if foreign:
+                raise CursorError(
+                    f"cursor database {self.path} is a SQLite database of another program "
+                    f"(tables {', '.join(foreign[:5])}); point cursor.sqlite_path at a new file",
+                    path=self.path,
+                )
+            await db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            await db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            for statement in _SCHEMA:
+                await db.execute(statement)
+            return
+        versions = [
+            row[0] for row in await db.execute_fetchall("SELECT version FROM schema_version")
+        ]
+        if len(versions) != 1 or not isinstance(versions[0], int):
+            raise CursorError(
+                f"cursor database {self.path} is damaged (schema_version holds {versions!r}); "
+                f"{_RECOVERY_HINT}",
+                path=self.path,
+            )
+        if versions[0] > SCHEMA_VERSION:
+            raise CursorError(
+                f"cursor database {self.path} has schema version {versions[0]}, newer than "
+                f"this engine's {SCHEMA_VERSION}; run the newer engine or {_RECOVERY_HINT}",
+                path=self.path,
+            )
+        missing = [table for table in _TABLES if table not in tables]
+        if missing:
+            raise CursorError(
+                f"cursor database {self.path} is damaged (missing tables "
+                f"{', '.join(missing)}); {_RECOVERY_HINT}",
+                path=self.path,
+            )
+
+    async def _trim_quarantine_on_open(self) -> None:
+        # quarantine_max_rows may have been lowered since the file was written.
+        async with self._transaction("trim quarantine", None) as db:
+            async with db.execute(_TRIM_QUARANTINE, (self._quarantine_max_rows,)) as cursor:
+                dropped = max(cursor.rowcount, 0)
+        self.evicted += dropped
+
+    # ----------------------------------------------------------------------------------------
+    # Plumbing
+
+    def _connection(self, action: str, peer: str | None) -> aiosqlite.Connection:
+        if self._db is None:
+            raise CursorError(
+                f"cursor database {self.path}: {action} after close", path=self.path, peer=peer
+            )
+        return self._db
+
+    def _error(self, action: str, peer: str | None, exc: sqlite3.Error) -> CursorError:
+        code = getattr(exc, "sqlite_errorname", "") or ""
+        subject = f" for peer {peer!r}" if peer is not None else ""
+        message = f"cursor database {self.path}: {action}{subject} failed: {exc}"
+        if code:
+            message += f" ({code})"
+        if code.startswith("SQLITE_READONLY") or code.startswith("SQLITE_CANTOPEN"):
+            message += "; the engine needs write access to the file and its directory"
+        elif code == "SQLITE_FULL":
+            message += "; free disk space"
+        if code in _DAMAGED_CODES:
+            message = (
+                f"cursor database {self.path} is not a readable SQLite database: {exc}; "
+                f"{_RECOVERY_HINT}"
+            )
+        return CursorError(message, path=self.path, peer=peer, retryable=code in _RETRYABLE_CODES)
+
+    async def _rollback(self, db: aiosqlite.Connection) -> None:
+        """Roll back whatever transaction the connection is in, if any.
+
+        Statements run in FIFO order on the connection's worker thread, so a ROLLBACK queued
+        here runs after any statement a cancelled caller left in flight, and before anything a
+        later caller queues. It is shielded: a connection left inside a transaction would make
+        every later BEGIN fail.
+        """
+
+        async def rollback() -> None:
+            try:
+                await db.execute("ROLLBACK")
+            except sqlite3.OperationalError as exc:
+                # SQLite already ended the transaction (COMMIT went through, or it rolled back
+                # by itself after e.g. SQLITE_FULL).
+                if "no transaction is active" not in str(exc):
+                    logger.warning("cursor rollback failed path=%s error=%s", self.path, exc)
+            except Exception as exc:
+                logger.warning("cursor rollback failed path=%s error=%s", self.path, exc)
+
+        await asyncio.shield(rollback())
+
+    @contextlib.asynccontextmanager
+    async def _transaction(
+        self, action: str, peer: str | None
+    ) -> AsyncIterator[aiosqlite.Connection]:
+        db = self._connection(action, peer)
+        async with self._lock:
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                yield db
+                await db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await self._rollback(db)
+                raise self._error(action, peer, exc) from exc
+            except BaseException:
+                # Includes cancellation while BEGIN or COMMIT was already queued.
+                await self._rollback(db)
+                raise
+
+    async def _write(
+        self, action: str, peer: str | None, sql: str, parameters: Sequence[Any]
+    ) -> int:
+        """Run one statement as its own (autocommit) transaction; returns the rows changed."""
+        db = self._connection(action, peer)
+        async with self._lock:
+            try:
+                async with db.execute(sql, parameters) as cursor:
+                    return max(cursor.rowcount, 0)
+            except sqlite3.Error as exc:
+                raise self._error(action, peer, exc) from exc
+
+    async def _read(
+        self, action: str, peer: str | None, sql: str, parameters: Sequence[Any] = ()
+    ) -> list[sqlite3.Row]:
+        db = self._connection(action, peer)
+        async with self._lock:
+            try:
+                return list(await db.execute_fetchall(sql, parameters))
+            except sqlite3.Error as exc:
+                raise self._error(action, peer, exc) from exc
+
+    # ----------------------------------------------------------------------------------------
+    # Lifecycle
+
+    async def close(self) -> None:
+        """Wait for the running statement, then close the file. Safe to call twice.
+
+        Raises:
+            CursorError: SQLite failed to close the file cleanly.
+        """
+        if self._db is None:
+            return
+        async with self._lock:
+            db, self._db = self._db, None
+            if db is None:
+                return
+            try:
+                await db.close()
+            except sqlite3.Error as exc:
+                raise self._error("close", None, exc) from exc
+        logger.info("cursor store closed path=%s", self.path)
+
+    async def __aenter__(self) -> CursorStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ----------------------------------------------------------------------------------------
+    # Cursors
+
+    async def get(self, peer_id: str) -> str | None:
+        """The last stream id from ``peer_id`` whose batch is fully applied, or None."""
+        _check_peer_id(peer_id)
+        rows = await self._read(
+            "read cursor", peer_id, "SELECT stream_id FROM cursors WHERE peer_id = ?", (peer_id,)
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def save(self, peer_id: str, stream_id: str) -> None:
+        """Record that every entry of ``peer_id`` up to ``stream_id`` is applied.
+
+        Call it only after the batch is applied: the saved id is where tailing resumes after a
+        restart. The write is committed when this returns.
+
+        Raises:
+            ValueError: ``stream_id`` is not ``<ms>-<seq>`` or ``peer_id`` is empty.
+            CursorError: the write failed (read-only file, full disk, ...).
+        """
+        _check_peer_id(peer_id)
+        _check_stream_id(stream_id, "stream_id")
+        await self._write("save cursor", peer_id, _UPSERT_CURSOR, (peer_id, stream_id, _now_ms()))
+        logger.debug("cursor saved peer=%s stream_id=%s", peer_id, stream_id)
+
+    async def delete(self, peer_id: str) -> None:
+        """Forget the cursor and any bootstrap progress of ``peer_id``, forcing a re-bootstrap."""
+        _check_peer_id(peer_id)
+        async with self._transaction("delete cursor", peer_id) as db:
+            await db.execute("DELETE FROM cursors WHERE peer_id = ?", (peer_id,))
+            await db.execute("DELETE FROM bootstrap_branches WHERE peer_id = ?", (peer_id,))
+            await db.execute("DELETE FROM bootstrap WHERE peer_id = ?", (peer_id,))
+        logger.info("cursor deleted peer=%s", peer_id)
+
+    async def all(self) -> dict[str, str]:
+        """Every saved cursor, by peer id."""
+        rows = await self._read(
+            "read cursors", None, "SELECT peer_id, stream_id FROM cursors ORDER BY peer_id"
+        )
+        return {str(row[0]): str(row[1]) for row in rows}
+
+    # ----------------------------------------------------------------------------------------
+    # Quarantine
+
+    async def quarantine_add(
+        self,
+        peer_id: str,
+        stream_id: str,
+        key: str | None,
+        reason: str,
+        raw: RawFields,
+    ) -> None:
+        """Keep a rejected entry for inspection, dropping the oldest rows beyond the bound.
+
+        Each field of ``raw`` is stored as text (base64 when not printable UTF-8) and cut to
+        ``QUARANTINE_FIELD_MAX_BYTES``; the whole entry to ``QUARANTINE_ENTRY_MAX_BYTES``.
+
+        Raises:
+            ValueError: ``stream_id`` is not ``<ms>-<seq>`` or ``peer_id`` is empty.
+            CursorError: the write failed.
+        """
+        _check_peer_id(peer_id)
+        _check_stream_id(stream_id, "stream_id")
+        stored_key = None if key is None else _truncate_utf8(key, QUARANTINE_TEXT_MAX_BYTES)
+        stored_reason = _truncate_utf8(reason, QUARANTINE_TEXT_MAX_BYTES)
+        encoded = _encode_raw(raw)
+        async with self._transaction("quarantine entry", peer_id) as db:
+            await db.execute(
+                "INSERT INTO quarantine (peer_id, stream_id, key, reason, raw, at_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (peer_id, stream_id, stored_key, stored_reason, encoded, _now_ms()),
+            )
+            async with db.execute(_TRIM_QUARANTINE, (self._quarantine_max_rows,)) as cursor:
+                dropped = max(cursor.rowcount, 0)
+        self.evicted += dropped
+        logger.debug(
+            "quarantine stored peer=%s stream_id=%s evicted=%d", peer_id, stream_id, dropped
+        )
+
+    async def quarantine_list(
+        self, limit: int = 100, peer_id: str | None = None
+    ) -> list[QuarantineRecord]:
+        """The newest quarantined entries first, optionally of one peer only.
+
+        Raises:
+            ValueError: ``limit`` is below 1.
+            CursorError: the read failed or a stored row is unreadable.
+        """
+        if limit < 1:
+            raise ValueError(f"limit: must be >= 1, got {limit}")
+        columns = "id, peer_id, stream_id, key, reason, raw, at_ms"
+        if peer_id is None:
+            rows = await self._read(
+                "list quarantine",
+                None,
+                f"SELECT {columns} FROM quarantine ORDER BY id DESC LIMIT ?",
+                (limit,),
+            )
+        else:
+            rows = await self._read(
+                "list quarantine",
+                peer_id,
+                f"SELECT {columns} FROM quarantine WHERE peer_id = ? ORDER BY id DESC LIMIT ?",
+                (peer_id, limit),
+            )
+        return [self._record(row) for row in rows]
+
+    def _record(self, row: sqlite3.Row) -> QuarantineRecord:
+        try:
+            raw = json.loads(row[5])
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise CursorError(
+                f"cursor database {self.path}: quarantine row {row[0]} has unreadable raw "
+                f"fields ({exc})",
+                path=self.path,
+                peer=row[1],
+            ) from exc
+        return QuarantineRecord(
+            id=int(row[0]),
+            peer_id=str(row[1]),
+            stream_id=str(row[2]),
+            key=None if row[3] is None else str(row[3]),
+            reason=str(row[4]),
+            raw={str(name): str(value) for name, value in raw.items()},
+            at_ms=int(row[6]),
+        )
+
+    async def quarantine_count(self) -> int:
+        """How many quarantined entries are kept now."""
+        rows = await self._read("count quarantine", None, "SELECT COUNT(*) FROM quarantine")
+        return int(rows[0][0])
+
+    # ----------------------------------------------------------------------------------------
+    # Snapshot bootstrap progress
+
+    async def bootstrap_begin(self, peer_id: str, tail_id: str) -> None:
+        """Record the start of a snapshot bootstrap from ``peer_id``.
+
+        ``tail_id`` is the peer's stream tail read before the snapshot; tailing resumes there
+        once the bootstrap finishes. If a bootstrap is already in progress (the engine restarted
+        mid-way) it is kept as is, original ``tail_id`` included, so no entry written during the
+        first attempt is skipped.
+
+        Raises:
+            ValueError: ``tail_id`` is not ``<ms>-<seq>`` or ``peer_id`` is empty.
+            CursorError: the write failed.
+        """
+        _check_peer_id(peer_id)
+        _check_stream_id(tail_id, "tail_id")
+        created = await self._write(
+            "begin bootstrap",
+            peer_id,
+            "INSERT INTO bootstrap (peer_id, tail_id, started_ms) VALUES (?, ?, ?) "
+            "ON CONFLICT (peer_id) DO NOTHING",
+            (peer_id, tail_id, _now_ms()),
+        )
+        if created:
+            logger.info("bootstrap begun peer=%s tail_id=%s", peer_id, tail_id)
+        else:
+            logger.info("bootstrap resumed peer=%s", peer_id)
+
+    async def bootstrap_state(self, peer_id: str) -> BootstrapState | None:
+        """The bootstrap in progress for ``peer_id``, or None if there is none."""
+        _check_peer_id(peer_id)
+        db = self._connection("read bootstrap", peer_id)
+        async with self._lock:
+            try:
+                rows = list(
+                    await db.execute_fetchall(
+                        "SELECT tail_id, started_ms FROM bootstrap WHERE peer_id = ?", (peer_id,)
+                    )
+                )
+                if not rows:
+                    return None
+                branches = await db.execute_fetchall(
+                    "SELECT branch FROM bootstrap_branches WHERE peer_id = ?", (peer_id,)
+                )
+            except sqlite3.Error as exc:
+                raise self._error("read bootstrap", peer_id, exc) from exc
+        return BootstrapState(
+            tail_id=str(rows[0][0]),
+            done_branches={str(row[0]) for row in branches},
+            started_ms=int(rows[0][1]),
+        )
+
+    async def bootstrap_mark_done(self, peer_id: str, branches: Iterable[str]) -> None:
+        """Record that every item under each of ``branches`` is applied; committed on return.
+
+        Raises:
+            ValueError: a branch id is not a non-empty string.
+            CursorError: no bootstrap is in progress for ``peer_id``, or the write failed.
+        """
+        _check_peer_id(peer_id)
+        given = list(branches)
+        for branch in given:
+            if not isinstance(branch, str) or not branch:
+                raise ValueError(f"branches: expected non-empty branch ids, got {branch!r}")
+        done = sorted(set(given))
+        if not done:
+            return
+        async with self._transaction("mark bootstrap branches", peer_id) as db:
+            rows = list(
+                await db.execute_fetchall("SELECT 1 FROM bootstrap WHERE peer_id = ?", (peer_id,))
+            )
+            if not rows:
+                raise CursorError(
+                    f"cursor database {self.path}: no bootstrap in progress for peer {peer_id!r}"
+                    f" (call bootstrap_begin first)",
+                    path=self.path,
+                    peer=peer_id,
+                )
+            await db.executemany(
+                "INSERT OR IGNORE INTO bootstrap_branches (peer_id, branch) VALUES (?, ?)",
+                [(peer_id, branch) for branch in done],
+            )
+        logger.debug("bootstrap branches done peer=%s count=%d", peer_id, len(done))
+
+    async def bootstrap_finish(self, peer_id: str, cursor: str) -> None:
+        """End the bootstrap of ``peer_id`` and save ``cursor``, in one transaction.
+
+        A crash can therefore leave either the bootstrap in progress (resumed on restart) or
+        the cursor saved, never neither.
+
+        Raises:
+            ValueError: ``cursor`` is not ``<ms>-<seq>`` or ``peer_id`` is empty.
+            CursorError: the write failed.
+        """
+        _check_peer_id(peer_id)
+        _check_stream_id(cursor, "cursor")
+        async with self._transaction("finish bootstrap", peer_id) as db:
+            await db.execute("DELETE FROM bootstrap_branches WHERE peer_id = ?", (peer_id,))
+            await db.execute("DELETE FROM bootstrap WHERE peer_id = ?", (peer_id,))
+            await db.execute(_UPSERT_CURSOR, (peer_id, cursor, _now_ms()))
+        logger.info("bootstrap finished peer=%s cursor=%s", peer_id, cursor)

@@ -1,0 +1,568 @@
+"""ReplicationEngine: owns every connection and task of one node's replication.
+
+Embedded by a parent daemon (``await engine.start()`` / ``await engine.shutdown()``) or run by the
+CLI as a sidecar. It owns what it starts: a crashed tailer is logged, counted and restarted with
+backoff, and shutdown stops reading, drains the batches in hand, saves cursors and closes
+everything within a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pybreaker
+
+from replication_engine.clock import HLC
+from replication_engine.codec import StreamId
+from replication_engine.config import EngineConfig
+from replication_engine.connection import TlsOptions, redact_url
+from replication_engine.cursor import CursorStore
+from replication_engine.hot_path import CursorSaveFailed, Tailer, TailerSettings
+from replication_engine.merkle import Geometry, GeometryError
+from replication_engine.observability.metrics import CIRCUIT_STATES, ENGINE_STATES, Metrics
+from replication_engine.peer import Peer
+from replication_engine.resilience import Backoff, breaker_state, sleep_or_stop
+from replication_engine.store.protocol import Store
+from replication_engine.store.redis_store import RedisStore
+
+if TYPE_CHECKING:
+    from replication_engine.cold_path import ColdPath, RepairStats
+    from replication_engine.observability.http import HttpServer
+
+log = logging.getLogger("replication_engine.engine")
+
+_RESTART_BASE_SEC = 0.5
+_RESTART_MAX_SEC = 30.0
+_LOCAL_BREAKER_FAILURES = 5
+_LOCAL_BREAKER_RESET_SEC = 5.0
+_GC_INTERVAL_SEC = 60.0
+
+
+class EngineError(RuntimeError):
+    """The engine cannot start as configured; the message says what to fix."""
+
+
+class ReplicationEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        store: Store | None = None,
+        *,
+        metrics: Metrics | None = None,
+        clock: HLC | None = None,
+    ) -> None:
+        self.config = config
+        self.node_id = config.local_node_id
+        self.metrics = metrics or Metrics()
+        self.store: Store | None = store
+        self._owns_store = store is None
+        self._clock = clock
+        self.cursors: CursorStore | None = None
+        self.peers: dict[str, Peer] = {}
+        self.tailers: dict[str, Tailer] = {}
+        self.cold_path: ColdPath | None = None
+        self.http: HttpServer | None = None
+        self.local_breaker = pybreaker.CircuitBreaker(
+            fail_max=_LOCAL_BREAKER_FAILURES,
+            reset_timeout=_LOCAL_BREAKER_RESET_SEC,
+            throw_new_error_on_trip=False,
+            name="local-store",
+            exclude=[asyncio.CancelledError],
+        )
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stop = asyncio.Event()
+        self._state = "stopped"
+        self._started_at: float | None = None
+        self._shutdown_lock = asyncio.Lock()
+        self.tailer_restarts: dict[str, int] = {}
+        self.tailer_errors: dict[str, str] = {}
+        self._set_state("stopped")
+
+    # ------------------------------------------------------------------------ state
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        self.metrics.engine_state.set(ENGINE_STATES[state])
+
+    # ------------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        """Connect and start every task. Fails before anything runs on a bad setup."""
+        if self._state != "stopped":
+            raise EngineError(f"start() called while the engine is {self._state}")
+        self._set_state("starting")
+        self._stop = asyncio.Event()
+        try:
+            await self._open()
+        except BaseException:
+            await self._close_resources()
+            self._set_state("stopped")
+            raise
+        self._started_at = time.monotonic()
+        self._spawn_tasks()
+        self._set_state("running")
+        log.info("engine running", extra={"node": self.node_id, "peers": list(self.peers)})
+
+    async def _open(self) -> None:
+        cfg = self.config
+        geometry = Geometry(cfg.settings.merkle.fanout, cfg.settings.merkle.depth)
+        if self.store is None:
+            try:
+                self.store = await RedisStore.connect(
+                    cfg.local.redis_url,
+                    node_id=cfg.local_node_id,
+                    prefix=cfg.local.prefix,
+                    username=cfg.local.username,
+                    password=(
+                        cfg.local.password.get_secret_value() if cfg.local.password else None
+                    ),
+                    fanout=geometry.fanout,
+                    depth=geometry.depth,
+                    stream_maxlen=cfg.local.stream_maxlen,
+                    tombstone_grace_sec=cfg.local.tombstone_grace_sec,
+                    max_memory_ratio=cfg.local.max_memory_ratio,
+                    max_clock_offset_sec=cfg.local.max_clock_offset_sec,
+                    read_only=cfg.mode == "follower",
+                    hlc=self._clock,
+                )
+            except GeometryError as exc:
+                raise EngineError(f"local store: {exc}") from exc
+            except Exception as exc:
+                raise EngineError(
+                    f"local store at {_redacted(cfg.local.redis_url)} "
+                    f"is unreachable: {type(exc).__name__}: {_redacted(str(exc))}"
+                ) from exc
+        else:
+            if self.store.node_id != cfg.local_node_id:
+                raise EngineError(
+                    f"store node_id {self.store.node_id!r} differs from local_node_id "
+                    f"{cfg.local_node_id!r}"
+                )
+            if self.store.geometry != geometry:
+                raise EngineError(
+                    f"store geometry fanout={self.store.geometry.fanout} "
+                    f"depth={self.store.geometry.depth} differs from settings.merkle "
+                    f"fanout={geometry.fanout} depth={geometry.depth}"
+                )
+        if cfg.mode == "follower" and isinstance(self.store, RedisStore):
+            self.store.read_only = True  # a follower takes writes only from its upstream
+        elif cfg.mode == "follower" and not getattr(self.store, "read_only", False):
+            raise EngineError("mode is follower, but the store given is not read-only")
+        try:
+            self.cursors = await CursorStore.open(
+                cfg.cursor.sqlite_path,
+                wal_mode=cfg.cursor.wal_mode,
+                quarantine_max_rows=cfg.cursor.quarantine_max_rows,
+            )
+        except Exception as exc:
+            raise EngineError(f"cursor.sqlite_path: {exc}") from exc
+        hot = cfg.settings.hot_path
+        for peer_cfg in sorted(cfg.peers, key=lambda p: p.priority):
+            password = peer_cfg.password.get_secret_value() if peer_cfg.password else None
+            self.peers[peer_cfg.node_id] = Peer(
+                peer_cfg.node_id,
+                peer_cfg.redis_url,
+                prefix=peer_cfg.effective_prefix(cfg.local.prefix),
+                metrics=self.metrics,
+                username=peer_cfg.username,
+                password=password,
+                tls=TlsOptions(
+                    peer_cfg.tls.ca_file,
+                    peer_cfg.tls.cert_file,
+                    peer_cfg.tls.key_file,
+                    peer_cfg.tls.verify,
+                ),
+                priority=peer_cfg.priority,
+                failure_threshold=peer_cfg.circuit_failure_threshold,
+                reset_timeout_sec=peer_cfg.circuit_reset_timeout_sec,
+                op_timeout_sec=max(1.0, cfg.settings.slo.max_peer_op_latency_ms / 1000 * 10),
+                block_timeout_sec=hot.block_timeout,
+                start_from=peer_cfg.start_from,
+            )
+        if cfg.settings.cold_path.enabled or any(p.start_from == "snapshot" for p in cfg.peers):
+            from replication_engine.cold_path import ColdPath
+
+            assert self.store is not None and self.cursors is not None
+            self.cold_path = ColdPath(
+                self.store,
+                list(self.peers.values()),
+                self.cursors,
+                cfg.settings.cold_path,
+                self.metrics,
+                is_catching_up=self._any_catching_up,
+                local_breaker=self.local_breaker,
+            )
+        if cfg.http.enabled:
+            from replication_engine.observability.http import HttpServer
+
+            self.http = HttpServer(self, cfg.http.host, cfg.http.port)
+            try:
+                await self.http.start()
+            except OSError as exc:
+                raise EngineError(f"http.listen {cfg.http.listen!r}: {exc}") from exc
+
+    def _spawn_tasks(self) -> None:
+        cfg = self.config
+        if cfg.settings.hot_path.enabled:
+            for peer_id in self.peers:
+                self._tasks[f"tailer:{peer_id}"] = asyncio.create_task(
+                    self._supervise_tailer(peer_id), name=f"re-tailer-{peer_id}"
+                )
+        if self.cold_path is not None and cfg.settings.cold_path.enabled:
+            self._tasks["cold_path"] = asyncio.create_task(
+                self._supervise("cold_path", self.cold_path.run), name="re-cold-path"
+            )
+        if cfg.settings.peer_health.enabled:
+            for peer_id in self.peers:
+                self._tasks[f"health:{peer_id}"] = asyncio.create_task(
+                    self._health_loop(self.peers[peer_id]), name=f"re-health-{peer_id}"
+                )
+        if isinstance(self.store, RedisStore):
+            self._tasks["gc"] = asyncio.create_task(
+                self._supervise("gc", self._gc_loop), name="re-gc"
+            )
+
+    # ------------------------------------------------------------------------ tasks
+
+    def _tailer_settings(self) -> TailerSettings:
+        hot = self.config.settings.hot_path
+        slo = self.config.settings.slo
+        return TailerSettings(
+            batch_size=hot.batch_size,
+            min_batch_size=hot.min_batch_size,
+            max_batch_size=hot.max_batch_size,
+            adaptive=hot.adaptive_batch_size,
+            block_timeout_sec=hot.block_timeout,
+            flush_slo_sec=slo.max_batch_flush_latency_ms / 1000,
+            read_slo_sec=slo.max_stream_read_latency_ms / 1000,
+            rate_limit_per_sec=hot.rate_limit_per_sec if hot.rate_limit_enabled else None,
+            rate_limit_burst=hot.rate_limit_burst,
+            shutdown_timeout_sec=hot.shutdown_timeout,
+        )
+
+    def _new_tailer(self, peer_id: str) -> Tailer:
+        assert self.store is not None and self.cursors is not None
+        cold = self.cold_path
+        tailer = Tailer(
+            self.peers[peer_id],
+            self.store,
+            self.cursors,
+            local_node_id=self.node_id,
+            settings=self._tailer_settings(),
+            metrics=self.metrics,
+            local_breaker=self.local_breaker,
+            on_gap=self._on_gap,
+            on_quarantine=self._on_quarantine,
+            bootstrap=self._bootstrap if cold is not None else None,
+        )
+        self.tailers[peer_id] = tailer
+        return tailer
+
+    async def _supervise_tailer(self, peer_id: str) -> None:
+        backoff = Backoff(_RESTART_BASE_SEC, _RESTART_MAX_SEC)
+        while not self._stop.is_set():
+            tailer = self._new_tailer(peer_id)
+            try:
+                await tailer.run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._record_crash(f"tailer:{peer_id}", exc, peer_id=peer_id)
+                if isinstance(exc, CursorSaveFailed):
+                    tailer.mode = "cursor_save_failed"
+                if await sleep_or_stop(self._stop, backoff.next_delay()):
+                    return
+
+    async def _supervise(self, name: str, body: Callable[[], Any]) -> None:
+        backoff = Backoff(_RESTART_BASE_SEC, _RESTART_MAX_SEC)
+        while not self._stop.is_set():
+            try:
+                await body()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._record_crash(name, exc)
+                if await sleep_or_stop(self._stop, backoff.next_delay()):
+                    return
+
+    def _record_crash(self, name: str, exc: BaseException, *, peer_id: str | None = None) -> None:
+        message = _redacted(f"{type(exc).__name__}: {exc}")[:500]
+        self.tailer_errors[name] = message
+        self.tailer_restarts[name] = self.tailer_restarts.get(name, 0) + 1
+        if peer_id is not None:
+            self.metrics.tailer_restarts.labels(peer_id).inc()
+        log.error(
+            "task crashed; restarting with backoff",
+            exc_info=exc,
+            extra={"task": name, "error": message},
+        )
+
+    async def _health_loop(self, peer: Peer) -> None:
+        """Ping a peer that has been quiet, so a dead one is flagged even with no traffic."""
+        health = self.config.settings.peer_health
+        interval = health.ping_interval_sec
+        quiet = min(health.idle_threshold_sec, interval)
+        while True:
+            # Publish before pinging: a hung peer holds the ping for the op timeout.
+            self.metrics.peer_stalled.labels(peer.node_id).set(int(peer.stalled(2 * interval)))
+            if peer.stalled(quiet):
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(interval):
+                        await peer.ping()
+            self.metrics.peer_stalled.labels(peer.node_id).set(int(peer.stalled(2 * interval)))
+            self.metrics.peer_circuit.labels(peer.node_id).set(CIRCUIT_STATES[peer.circuit_state])
+            if await sleep_or_stop(self._stop, interval):
+                return
+
+    async def _gc_loop(self) -> None:
+        assert isinstance(self.store, RedisStore)
+        while not await sleep_or_stop(self._stop, _GC_INTERVAL_SEC):
+            with contextlib.suppress(Exception):
+                await self.store.collect_tombstones()
+
+    def _any_catching_up(self) -> bool:
+        return any(t.catching_up and t.mode == "catching_up" for t in self.tailers.values())
+
+    def _on_gap(self, peer_id: str) -> None:
+        if self.cold_path is not None:
+            self.cold_path.request_repair(peer_id, reason="gap")
+
+    def _on_quarantine(self, peer_id: str, keys: Sequence[str]) -> None:
+        if self.cold_path is not None:
+            self.cold_path.request_repair(peer_id, reason="quarantine", keys=keys)
+
+    async def _bootstrap(self, peer: Peer) -> StreamId:
+        assert self.cold_path is not None
+        log.info("bootstrapping from peer snapshot", extra={"peer": peer.node_id})
+        tail = await self.cold_path.bootstrap(peer)
+        log.info("bootstrap complete", extra={"peer": peer.node_id, "cursor": str(tail)})
+        return tail
+
+    # ------------------------------------------------------------------------ operations
+
+    async def repair_once(self) -> RepairStats:
+        """One cold-path cycle now, whatever the schedule."""
+        if self.cold_path is None:
+            raise EngineError("the cold path is not configured (settings.cold_path.enabled)")
+        return await self.cold_path.repair_once(force=True)
+
+    async def reset_peer(self, peer_id: str) -> None:
+        """Forget a peer's cursor so its next start re-bootstraps (operator request)."""
+        assert self.cursors is not None
+        await self.cursors.delete(peer_id)
+
+    # ------------------------------------------------------------------------ shutdown
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop reading, drain batches in hand, save cursors, close. Idempotent and bounded."""
+        async with self._shutdown_lock:
+            if self._state == "stopped":
+                return
+            self._set_state("stopping")
+            bound = (
+                timeout
+                if timeout is not None
+                else (self.config.settings.hot_path.shutdown_timeout + 5.0)
+            )
+            self._stop.set()
+            for tailer in self.tailers.values():
+                tailer.stop()
+            if self.cold_path is not None:
+                self.cold_path.stop()
+            tasks = list(self._tasks.values())
+            if tasks:
+                _done, pending = await asyncio.wait(tasks, timeout=bound)
+                for task in pending:
+                    log.warning(
+                        "task did not stop in time; cancelling", extra={"task": task.get_name()}
+                    )
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=bound)
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.error("task ended with an error", exc_info=task.exception())
+            self._tasks.clear()
+            await self._close_resources()
+            self._set_state("stopped")
+            log.info("engine stopped", extra={"node": self.node_id})
+
+    async def _close_resources(self) -> None:
+        if self.http is not None:
+            with contextlib.suppress(Exception):
+                await self.http.stop()
+            self.http = None
+        for peer in self.peers.values():
+            await peer.close()
+        self.peers.clear()
+        if self.cursors is not None:
+            with contextlib.suppress(Exception):
+                await self.cursors.close()
+            self.cursors = None
+        if self._owns_store and self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.close()
+            self.store = None
+
+    async def __aenter__(self) -> ReplicationEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # ------------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        """Per-peer replication state; safe to publish (no credentials)."""
+        slo = self.config.settings.slo
+        stall_after = 2 * self.config.settings.peer_health.ping_interval_sec
+        peers: dict[str, Any] = {}
+        for peer_id, peer in self.peers.items():
+            tailer = self.tailers.get(peer_id)
+            stalled = peer.stalled(stall_after) if self._state == "running" else False
+            entry: dict[str, Any] = {
+                "url": peer.display_url,
+                "connected": peer.connected,
+                "stalled": stalled,
+                "circuit": peer.circuit_state,
+                "latency_ms": _round(peer.latency_ms),
+                "last_activity": peer.last_ok_wall,
+                "last_error": peer.last_error,
+            }
+            if tailer is not None:
+                lag_known = peer.connected and not stalled
+                entry.update(
+                    mode=tailer.mode,
+                    cursor=str(tailer.cursor) if tailer.cursor else None,
+                    tail=str(tailer.tail) if tailer.tail else None,
+                    lag_ms=tailer.lag_ms if lag_known else None,
+                    lag_events=tailer.lag_events if lag_known else None,
+                    # What was known when the peer was last reachable: after a peer dies, the
+                    # writes it had not yet replicated here are those after `cursor`, about
+                    # this many (the exposure of a failover to this node).
+                    last_known_lag_ms=_exposure_ms(tailer, peer),
+                    last_known_lag_events=_exposure_events(tailer, peer),
+                    exposed_after=str(tailer.cursor) if tailer.cursor else None,
+                    batch_size=tailer.sizer.size,
+                    last_batch_at=tailer.last_batch_at,
+                    last_gap_at=tailer.last_gap_at,
+                    restarts=self.tailer_restarts.get(f"tailer:{peer_id}", 0),
+                    error=self.tailer_errors.get(f"tailer:{peer_id}"),
+                    **{f"events_{k}": v for k, v in vars_of(tailer.stats).items()},
+                )
+            if self.cold_path is not None:
+                entry["repair"] = self.cold_path.status().get(peer_id)
+            peers[peer_id] = entry
+        return {
+            "node_id": self.node_id,
+            "state": self._state,
+            "mode": self.config.mode,
+            "uptime_sec": _round(time.monotonic() - self._started_at) if self._started_at else 0,
+            "local_circuit": breaker_state(self.local_breaker),
+            "hot_path": self.config.settings.hot_path.enabled,
+            "cold_path": self.config.settings.cold_path.enabled,
+            "max_replication_lag_sec": slo.max_replication_lag_sec,
+            "max_replication_lag_events": slo.max_replication_lag_events,
+            "peers": peers,
+        }
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Whether a load balancer should send reads here, and why not."""
+        reasons: list[str] = []
+        if self._state != "running":
+            return False, [f"engine is {self._state}"]
+        status = self.status()
+        peers = status["peers"]
+        slo = self.config.settings.slo
+        if peers and not any(p["connected"] for p in peers.values()):
+            reasons.append("all peers are disconnected")
+        for peer_id, p in peers.items():
+            mode = p.get("mode")
+            if mode in _NOT_READY_MODES:
+                reasons.append(f"peer {peer_id}: {mode}")
+            elif mode is not None and p["connected"] and p.get("lag_ms") is None:
+                reasons.append(f"peer {peer_id}: lag not known yet")
+            lag_ms = p.get("lag_ms")
+            if lag_ms is not None and lag_ms > slo.max_replication_lag_sec * 1000:
+                reasons.append(
+                    f"peer {peer_id}: lag {lag_ms} ms exceeds "
+                    f"{slo.max_replication_lag_sec * 1000:.0f} ms"
+                )
+            lag_events = p.get("lag_events")
+            if (
+                slo.max_replication_lag_events is not None
+                and lag_events is not None
+                and lag_events > slo.max_replication_lag_events
+            ):
+                reasons.append(
+                    f"peer {peer_id}: lag {lag_events} events exceeds "
+                    f"{slo.max_replication_lag_events}"
+                )
+        if reasons:
+            return False, reasons
+        notes = [
+            f"peer {pid}: stalled (no answer for "
+            f"{2 * self.config.settings.peer_health.ping_interval_sec:.0f}s)"
+            for pid, p in peers.items()
+            if p["stalled"]
+        ]
+        return True, notes
+
+    def lag_breached(self) -> bool:
+        return not self.readiness()[0]
+
+
+# Tailer modes in which this node cannot be vouched for, whatever its last lag figure says.
+_NOT_READY_MODES = (
+    "starting",
+    "bootstrapping",
+    "backpressure",
+    "local_store_unavailable",
+    "cursor_save_failed",
+)
+
+
+def _exposure_ms(tailer: Tailer, peer: Peer) -> int | None:
+    """Age of the peer's newest write not yet applied here, as best known.
+
+    While the peer is unreachable this grows with the time since it was last heard from: writes
+    it took after that are unreplicated too.
+    """
+    if tailer.lag_ms is None or tailer.cursor is None:
+        return tailer.lag_ms
+    if peer.connected:
+        return tailer.lag_ms
+    # It may have taken writes until the moment it failed, which is at most now.
+    return max(tailer.lag_ms, int(time.time() * 1000) - tailer.cursor.ms)
+
+
+def _exposure_events(tailer: Tailer, peer: Peer) -> int | None:
+    """Entries not applied here: exact at the last read, extrapolated while unreachable."""
+    if tailer.lag_events is None or peer.connected or tailer.last_read_at is None:
+        return tailer.lag_events
+    silent = max(0.0, time.monotonic() - tailer.last_read_at)
+    return tailer.lag_events + round((tailer.growth_per_sec or 0.0) * silent)
+
+
+def vars_of(stats: Any) -> dict[str, int]:
+    return {name: getattr(stats, name) for name in stats.__slots__}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _redacted(text: str) -> str:
+    return redact_url(text)

@@ -1,0 +1,474 @@
+"""The hot path: one tailer per peer, turning the peer's CDC stream into local applies.
+
+Per batch: read (XRANGE while catching up, XREAD BLOCK at the head), decode and verify, quarantine
+what fails, drop echoes of our own writes, coalesce per key, apply through the store's one apply
+path, and only then save the cursor. A crash anywhere re-reads at most one batch, which the
+idempotent apply absorbs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pybreaker
+
+from replication_engine import codec
+from replication_engine.codec import Change, CodecError, StreamId
+from replication_engine.cursor import CursorError, CursorStore
+from replication_engine.observability.metrics import Metrics
+from replication_engine.observability.tracing import continue_trace
+from replication_engine.peer import Entry, Peer, PeerUnavailable, StreamInfo
+from replication_engine.resilience import (
+    AimdBatchSizer,
+    Backoff,
+    EventRateLimiter,
+    breaker_remaining,
+    sleep_or_stop,
+)
+from replication_engine.store.protocol import Store
+from replication_engine.store.redis_store import ApplyStatus
+
+log = logging.getLogger("replication_engine.hot_path")
+
+_PRESSURE_POLL_SEC = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class TailerSettings:
+    batch_size: int = 100
+    min_batch_size: int = 50
+    max_batch_size: int = 1000
+    adaptive: bool = True
+    block_timeout_sec: float = 5.0
+    flush_slo_sec: float = 0.2
+    read_slo_sec: float = 0.1
+    rate_limit_per_sec: float | None = None
+    rate_limit_burst: int = 1000
+    shutdown_timeout_sec: float = 10.0
+    max_payload: int = codec.DEFAULT_MAX_PAYLOAD
+    retry_base_sec: float = 0.05
+    retry_max_sec: float = 5.0
+
+
+@dataclass(slots=True)
+class TailerStats:
+    read: int = 0
+    applied: int = 0
+    deduped: int = 0
+    echoes: int = 0
+    quarantined: int = 0
+    batches: int = 0
+    gaps: int = 0
+    apply_failures: int = 0
+    backpressure_pauses: int = 0
+
+
+class CursorSaveFailed(RuntimeError):
+    """The cursor could not be saved: the tailer stops applying rather than run ahead of it."""
+
+
+Bootstrap = Callable[[Peer], Awaitable[StreamId]]
+
+
+class Tailer:
+    def __init__(
+        self,
+        peer: Peer,
+        store: Store,
+        cursors: CursorStore,
+        *,
+        local_node_id: str,
+        settings: TailerSettings,
+        metrics: Metrics,
+        local_breaker: pybreaker.CircuitBreaker,
+        on_gap: Callable[[str], None] = lambda peer_id: None,
+        on_quarantine: Callable[[str, Sequence[str]], None] = lambda peer_id, keys: None,
+        bootstrap: Bootstrap | None = None,
+    ) -> None:
+        self.peer = peer
+        self.store = store
+        self.cursors = cursors
+        self.local_node_id = local_node_id
+        self.settings = settings
+        self.metrics = metrics
+        self.local_breaker = local_breaker
+        self.on_gap = on_gap
+        self.on_quarantine = on_quarantine
+        self.bootstrap = bootstrap
+        self.sizer = AimdBatchSizer(
+            settings.batch_size,
+            settings.min_batch_size,
+            settings.max_batch_size,
+            adaptive=settings.adaptive,
+        )
+        self.limiter = (
+            EventRateLimiter(settings.rate_limit_per_sec, settings.rate_limit_burst)
+            if settings.rate_limit_per_sec
+            else None
+        )
+        self.stats = TailerStats()
+        self.cursor: StreamId | None = None
+        self.tail: StreamId | None = None
+        self.lag_ms: int | None = None  # unknown until the first read answers
+        self.lag_events: int | None = None
+        self.mode = "starting"
+        self.catching_up = True
+        self.last_batch_at: float | None = None
+        self.last_gap_at: float | None = None
+        self.growth_per_sec: float | None = None
+        self.last_read_at: float | None = None
+        self._growth_mark: tuple[float, int] | None = None
+        self._gap_seen: tuple[StreamId | None, StreamId | None] | None = None
+        self._stop = asyncio.Event()
+        self._retry = Backoff(settings.retry_base_sec, settings.retry_max_sec)
+        self._peer_id = peer.node_id
+        metrics.batch_size.labels(self._peer_id).set(self.sizer.size)
+
+    # ------------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self) -> None:
+        """The task body. Returns when stopped; raises only on a bug or a cursor failure."""
+        try:
+            if self.cursor is None:
+                cursor = await self._initial_cursor()
+                if cursor is None:
+                    return
+                self.cursor = cursor
+            ahead: asyncio.Task[tuple[StreamInfo, list[Entry]]] | None = None
+            try:
+                while not self._stop.is_set():
+                    read = await self._read(ahead)
+                    ahead = None
+                    if read is None:
+                        continue
+                    info, entries = read
+                    if len(entries) >= self.sizer.size:
+                        # A full batch means more is waiting: read the next one from the peer
+                        # while this one is applied locally (two servers, working in parallel).
+                        after = codec.parse_stream_id(entries[-1][0])
+                        ahead = asyncio.ensure_future(
+                            self.peer.read_batch(after, self.sizer.size, block_ms=None)
+                        )
+                    await self._handle(info, entries)
+            finally:
+                if ahead is not None:
+                    ahead.cancel()
+                    with contextlib.suppress(BaseException):
+                        await ahead
+        finally:
+            self.mode = "stopped"
+
+    # ------------------------------------------------------------------------ start position
+
+    async def _initial_cursor(self) -> StreamId | None:
+        saved = await self.cursors.get(self._peer_id)
+        if saved is not None:
+            log.info("resuming from cursor", extra={"peer": self._peer_id, "cursor": saved})
+            return codec.parse_stream_id(saved)
+        start_from = self.peer.start_from
+        if start_from == "snapshot" and self.bootstrap is not None:
+            self.mode = "bootstrapping"
+            while not self._stop.is_set():
+                try:
+                    return await self.bootstrap(self.peer)
+                except PeerUnavailable as exc:
+                    await self._wait_for_peer(str(exc))
+            return None
+        if start_from == "latest":
+            while not self._stop.is_set():
+                try:
+                    info = await self.peer.stream_info()
+                    return info.last or codec.STREAM_START
+                except PeerUnavailable as exc:
+                    await self._wait_for_peer(str(exc))
+            return None
+        return codec.STREAM_START
+
+    # ------------------------------------------------------------------------ reading
+
+    async def _read(
+        self, ahead: asyncio.Task[tuple[StreamInfo, list[Entry]]] | None = None
+    ) -> tuple[StreamInfo, list[Entry]] | None:
+        """The next batch after the cursor (or the read already started ahead of it)."""
+        assert self.cursor is not None
+        block_ms = None if self.catching_up else max(1, int(self.settings.block_timeout_sec * 1000))
+        self.mode = "catching_up" if self.catching_up else "tailing"
+        read = ahead or asyncio.ensure_future(
+            self.peer.read_batch(self.cursor, self.sizer.size, block_ms=block_ms)
+        )
+        stop = asyncio.ensure_future(self._stop.wait())
+        started = time.perf_counter()
+        try:
+            await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not read.done():  # stopping: nothing is in hand yet, so dropping the read is safe
+                read.cancel()
+                # Bounded: redis-py can swallow a cancellation while it is connecting.
+                await asyncio.wait({read}, timeout=1.0)
+        if self._stop.is_set() and not read.done():
+            return None
+        try:
+            result = read.result()
+        except asyncio.CancelledError:
+            return None
+        except PeerUnavailable as exc:
+            await self._wait_for_peer(str(exc))
+            return None
+        if block_ms is None and time.perf_counter() - started > self.settings.read_slo_sec:
+            self.metrics.slo_breaches.labels("stream_read_latency").inc()
+        self._retry.reset()
+        return result
+
+    async def _wait_for_peer(self, reason: str) -> None:
+        self.mode = "waiting_for_peer"
+        delay = max(self.peer.circuit_wait(), self._retry.next_delay())
+        log.debug(
+            "peer unavailable, waiting",
+            extra={"peer": self._peer_id, "reason": reason, "delay_sec": round(delay, 3)},
+        )
+        await sleep_or_stop(self._stop, delay)
+
+    # ------------------------------------------------------------------------ one batch
+
+    async def _handle(self, info: StreamInfo, entries: list[Entry]) -> None:
+        assert self.cursor is not None
+        self.tail = info.last
+        self._publish_lag(info)  # before applying: a batch that cannot be applied still counts
+        requested = self.sizer.size
+        if info.trimmed_past(self.cursor) and (info.first, info.max_deleted) != self._gap_seen:
+            self._gap_seen = (info.first, info.max_deleted)  # one gap, however many batches
+            self._report_gap(info)
+        if not entries:
+            self.catching_up = False
+            self.sizer.observe(0)
+            self._publish_lag(info)
+            self.metrics.batch_size.labels(self._peer_id).set(self.sizer.size)
+            return
+        batch, last_id = await self._decode(entries)
+        flush_started = time.perf_counter()
+        committed = await self._commit(batch, last_id)
+        if not committed:
+            return
+        flush = time.perf_counter() - flush_started
+        self.catching_up = len(entries) >= requested
+        self.sizer.observe(
+            len(entries), flush_seconds=flush, flush_slo_seconds=self.settings.flush_slo_sec
+        )
+        self.metrics.batch_size.labels(self._peer_id).set(self.sizer.size)
+        self._publish_lag(info)
+
+    def _report_gap(self, info: StreamInfo) -> None:
+        self.stats.gaps += 1
+        self.last_gap_at = time.time()
+        self.metrics.stream_gaps.labels(self._peer_id).inc()
+        log.warning(
+            "peer stream trimmed past our cursor: entries were missed, asking the cold path to "
+            "repair",
+            extra={
+                "peer": self._peer_id,
+                "cursor": str(self.cursor),
+                "first_entry": str(info.first),
+                "max_deleted": str(info.max_deleted),
+            },
+        )
+        self.on_gap(self._peer_id)
+
+    async def _decode(self, entries: list[Entry]) -> tuple[list[Change], StreamId]:
+        coalesced: dict[str, Change] = {}
+        rejected: list[str] = []
+        last_id = self.cursor or codec.STREAM_START
+        for raw_id, fields in entries:
+            try:
+                sid = codec.parse_stream_id(raw_id)
+            except CodecError:  # ids come from Redis itself; keep the cursor where it was
+                continue
+            last_id = sid
+            try:
+                change = codec.decode_entry(
+                    sid, fields, default_origin=self._peer_id, max_payload=self.settings.max_payload
+                )
+            except CodecError as exc:
+                key = codec.key_hint(fields)
+                await self._quarantine(sid, key, exc, fields)
+                if key is not None:
+                    rejected.append(key)
+                continue
+            if change.origin == self.local_node_id:
+                self.stats.echoes += 1
+                self.metrics.echoes.labels(self._peer_id).inc()
+                continue
+            change.value = None  # verified; only the wire bytes are applied, keep memory bounded
+            coalesced.pop(change.key, None)
+            coalesced[change.key] = change
+        self.stats.read += len(entries)
+        self.metrics.events_read.labels(self._peer_id).inc(len(entries))
+        if rejected:
+            self.on_quarantine(self._peer_id, rejected)
+        return list(coalesced.values()), last_id
+
+    async def _quarantine(
+        self, sid: StreamId, key: str | None, exc: CodecError, fields: Mapping[Any, Any]
+    ) -> None:
+        self.stats.quarantined += 1
+        self.metrics.events_quarantined.labels(self._peer_id, exc.reason).inc()
+        log.warning(
+            "quarantined entry",
+            extra={
+                "peer": self._peer_id,
+                "stream_id": str(sid),
+                "key": key,
+                "reason": exc.reason,
+                "error": str(exc)[:200],
+            },
+        )
+        try:
+            await self.cursors.quarantine_add(self._peer_id, str(sid), key, str(exc)[:500], fields)
+            self.metrics.quarantine_evicted.set(self.cursors.evicted)
+        except CursorError:
+            log.exception("could not record quarantined entry", extra={"peer": self._peer_id})
+            raise
+
+    # ------------------------------------------------------------------------ apply + cursor
+
+    async def _commit(self, batch: list[Change], last_id: StreamId) -> bool:
+        """Apply ``batch`` then save ``last_id``, retrying with backoff until done or stopped.
+
+        Once stopping, the batch in hand gets one more attempt and is otherwise left unapplied
+        (its cursor unsaved, so it is re-read on the next start). Each attempt runs shielded:
+        if the task is cancelled mid-apply, the attempt still finishes (within the shutdown
+        bound) and saves the cursor for what it applied.
+        """
+        while True:
+            delay = 0.0
+            if await self._admit(len(batch)):
+                attempt = asyncio.ensure_future(self._apply_and_save(batch, last_id))
+                try:
+                    outcome = await asyncio.shield(attempt)
+                except asyncio.CancelledError:
+                    if not attempt.done():
+                        await asyncio.wait({attempt}, timeout=self.settings.shutdown_timeout_sec)
+                    if attempt.done() and not attempt.cancelled():
+                        attempt.exception()
+                    raise
+                if outcome is None:
+                    self._retry.reset()
+                    return True
+                self.stats.apply_failures += 1
+                delay = max(outcome, self._retry.next_delay())
+            if self._stop.is_set() or await sleep_or_stop(self._stop, delay):
+                log.warning(
+                    "stopping with an unapplied batch; it will be re-read",
+                    extra={"peer": self._peer_id, "cursor": str(self.cursor)},
+                )
+                return False
+
+    async def _admit(self, events: int) -> bool:
+        """Backpressure and rate limit; False when the caller should re-check stop first."""
+        try:
+            accepting = await self.store.should_accept_writes()
+        except Exception:  # an unreadable INFO is the breaker's business, not a pause
+            accepting = True
+        if not accepting:
+            self.stats.backpressure_pauses += 1
+            self.metrics.backpressure_pauses.inc()
+            self.mode = "backpressure"
+            await sleep_or_stop(self._stop, _PRESSURE_POLL_SEC)
+            return False
+        if self.limiter is not None and events:
+            await self.limiter.acquire(events)
+        return True
+
+    async def _apply_and_save(self, batch: list[Change], last_id: StreamId) -> float | None:
+        """One attempt. None on success, else seconds to wait before the next attempt."""
+        started = time.perf_counter()
+        if batch:
+            try:
+                with self.local_breaker.calling():
+                    with continue_trace(batch):
+                        statuses = await self.store.apply_batch(batch)
+            except pybreaker.CircuitBreakerError:
+                self.mode = "local_store_unavailable"
+                return breaker_remaining(self.local_breaker)
+            except Exception as exc:
+                log.warning(
+                    "apply failed; batch kept and retried, cursor not advanced",
+                    extra={"peer": self._peer_id, "error": f"{type(exc).__name__}: {exc}"[:300]},
+                )
+                return 0.0
+            applied = sum(1 for s in statuses if s is ApplyStatus.APPLIED)
+            rejected = [
+                c for c, s in zip(batch, statuses, strict=True) if s is ApplyStatus.REJECTED
+            ]
+            deduped = len(statuses) - applied - len(rejected)
+            self.stats.applied += applied
+            self.stats.deduped += deduped
+            self.metrics.events_applied.labels(self._peer_id).inc(applied)
+            self.metrics.events_deduped.labels(self._peer_id).inc(deduped)
+            for change in rejected:
+                await self._quarantine(
+                    codec.parse_stream_id(change.stream_id or "0-0"),
+                    change.key,
+                    CodecError(
+                        f"HLC {change.hlc:016x} is beyond the allowed clock offset: "
+                        "the origin's clock is ahead",
+                        reason="clock_skew",
+                    ),
+                    codec.encode_entry(change),
+                )
+        try:
+            await self.cursors.save(self._peer_id, str(last_id))
+        except CursorError as exc:
+            raise CursorSaveFailed(
+                f"peer {self._peer_id}: cursor {last_id} was applied but could not be saved; "
+                f"stopping this tailer rather than apply past an unsaved cursor: {exc}"
+            ) from exc
+        self.cursor = last_id
+        flush = time.perf_counter() - started
+        self.stats.batches += 1
+        self.last_batch_at = time.time()
+        self.metrics.batch_flushes.labels(self._peer_id).inc()
+        self.metrics.batch_flush_seconds.labels(self._peer_id).observe(flush)
+        if flush > self.settings.flush_slo_sec:
+            self.metrics.slo_breaches.labels("batch_flush_latency").inc()
+        return None
+
+    # ------------------------------------------------------------------------ lag
+
+    def _track_growth(self, info: StreamInfo) -> None:
+        """Entries per second the peer's stream is growing by (for exposure estimates)."""
+        added = info.entries_added if info.entries_added is not None else info.length
+        now = time.monotonic()
+        if self._growth_mark is not None:
+            then, before = self._growth_mark
+            if now - then >= 0.2 and added >= before:
+                rate = (added - before) / (now - then)
+                self.growth_per_sec = (
+                    rate
+                    if self.growth_per_sec is None
+                    else (0.5 * self.growth_per_sec + 0.5 * rate)
+                )
+                self._growth_mark = (now, added)
+        else:
+            self._growth_mark = (now, added)
+        self.last_read_at = now
+
+    def _publish_lag(self, info: StreamInfo) -> None:
+        self._track_growth(info)
+        self.lag_ms = codec.lag_ms(self.cursor, info.last, info.first)
+        self.lag_events = codec.lag_events(self.cursor, info.first, info.last, info.length)
+        self.metrics.lag_ms.labels(self._peer_id).set(self.lag_ms)
+        self.metrics.lag_events.labels(self._peer_id).set(self.lag_events)

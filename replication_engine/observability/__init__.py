@@ -1,0 +1,1 @@
+"""Metrics, tracing and the HTTP endpoints operators and load balancers watch."""

@@ -1,0 +1,273 @@
+"""One peer: its connections, health and circuit breaker, and every read we make of it.
+
+Two clients per peer: blocking ``XREAD`` calls hold a connection for up to the block timeout, so
+they get their own, and Merkle or item queries from the cold path never queue behind them.
+Every call goes through the peer's breaker, so a dead peer costs one fast failure per call
+instead of a connect timeout, and records latency and liveness for status and readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pybreaker
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from replication_engine.codec import StreamId, parse_stream_id
+from replication_engine.connection import TlsOptions, make_client, redact_url
+from replication_engine.observability.metrics import CIRCUIT_STATES, Metrics
+from replication_engine.resilience import breaker_remaining, breaker_state
+from replication_engine.store.layout import Keyspace
+from replication_engine.store.reader import ReadCounter, TreeReader
+
+log = logging.getLogger("replication_engine.peer")
+T = TypeVar("T")
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+# Failures that say the peer (or the path to it) is unwell, as opposed to a bug or a refusal.
+_TRANSIENT = (ConnectionError, TimeoutError, OSError, RedisConnectionError, RedisTimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """O(1) facts about a peer's stream, read alongside every batch."""
+
+    length: int
+    first: StreamId | None
+    last: StreamId | None
+    max_deleted: StreamId | None = None  # Redis >= 7: newest id removed by XDEL
+    entries_added: int | None = None  # Redis >= 7: entries ever added
+
+    def trimmed_past(self, cursor: StreamId) -> bool:
+        """Entries after ``cursor`` may have been removed before we read them.
+
+        Trimming removes the oldest entries first, so if the oldest remaining entry is newer
+        than the successor of our cursor, the entries in between are gone (or never existed:
+        the rule can over-report, which costs one extra repair, but never under-reports). On
+        Redis 7 a stream from which nothing was ever removed (entries added == length) is
+        exempt, and XDEL of a newer entry (max-deleted-entry-id) also counts.
+        """
+        if self.max_deleted is not None and self.max_deleted > cursor:
+            return True
+        if self.length == 0:
+            # Trimmed to nothing: entries past the cursor existed if the head moved past it.
+            added = self.entries_added is None or self.entries_added > 0
+            return added and self.last is not None and self.last > cursor
+        if self.first is None or self.first <= cursor.next():
+            return False
+        return self.entries_added is None or self.entries_added > self.length
+
+
+def parse_stream_info(raw: Any) -> StreamInfo:
+    if isinstance(raw, ResponseError):
+        if "no such key" in str(raw).lower():
+            return StreamInfo(0, None, None, None)
+        raise raw
+    if isinstance(raw, BaseException):
+        raise raw
+
+    def entry_id(value: Any) -> StreamId | None:
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+            if value is None:
+                return None
+        return parse_stream_id(value)
+
+    first = entry_id(raw.get("first-entry"))
+    last = entry_id(raw.get("last-generated-id")) or entry_id(raw.get("last-entry"))
+    max_deleted = raw.get("max-deleted-entry-id")
+    added = raw.get("entries-added")
+    return StreamInfo(
+        length=int(raw.get("length", 0)),
+        first=first,
+        last=last,
+        max_deleted=parse_stream_id(max_deleted) if max_deleted is not None else None,
+        entries_added=int(added) if added is not None else None,
+    )
+
+
+class PeerUnavailable(ConnectionError):
+    """The peer's breaker is open or the peer did not answer; the message is safe to log."""
+
+
+class Peer:
+    def __init__(
+        self,
+        node_id: str,
+        url: str,
+        *,
+        prefix: str,
+        metrics: Metrics,
+        username: str | None = None,
+        password: str | None = None,
+        tls: TlsOptions | None = None,
+        priority: int = 0,
+        failure_threshold: int = 5,
+        reset_timeout_sec: float = 30.0,
+        op_timeout_sec: float = 5.0,
+        block_timeout_sec: float = 5.0,
+        start_from: str = "snapshot",
+    ) -> None:
+        self.node_id = node_id
+        self.display_url = redact_url(url)
+        self.keys = Keyspace(prefix)
+        self.metrics = metrics
+        self.priority = priority
+        self.start_from = start_from
+        self.block_timeout_sec = block_timeout_sec
+        self.breaker = pybreaker.CircuitBreaker(
+            fail_max=failure_threshold,
+            reset_timeout=reset_timeout_sec,
+            throw_new_error_on_trip=False,
+            name=f"peer:{node_id}",
+            exclude=[asyncio.CancelledError],  # our own shutdown is not the peer failing
+        )
+        common: dict[str, Any] = {"username": username, "password": password, "tls": tls}
+        self.query: Redis = make_client(
+            url, socket_timeout=op_timeout_sec, client_name=None, **common
+        )
+        self.stream: Redis = make_client(
+            url,
+            socket_timeout=block_timeout_sec + op_timeout_sec,
+            max_connections=2,
+            client_name=None,
+            **common,
+        )
+        self.counter = ReadCounter()
+        self.reader = TreeReader(self.query, self.keys, counter=self.counter)
+        self.connected = False
+        self.last_ok: float | None = None  # monotonic time of the last successful call
+        self.last_ok_wall: float | None = None
+        self.last_error: str | None = None
+        self.latency_ms: float | None = None
+        metrics.peer_connected.labels(node_id).set(0)
+        metrics.peer_circuit.labels(node_id).set(0)
+
+    # ------------------------------------------------------------------------ calls
+
+    async def call(self, fn: Callable[[], Awaitable[T]], *, what: str) -> T:
+        """Run one peer operation under the breaker, recording latency and liveness."""
+        started = time.perf_counter()
+        try:
+            with self.breaker.calling():
+                result = await fn()
+        except pybreaker.CircuitBreakerError:
+            self._publish_circuit()
+            raise PeerUnavailable(
+                f"peer {self.node_id}: circuit open, "
+                f"retry in {breaker_remaining(self.breaker):.1f}s"
+            ) from None
+        except _TRANSIENT as exc:
+            self._failed(exc, what)
+            raise PeerUnavailable(f"peer {self.node_id}: {what} failed: {_describe(exc)}") from None
+        except Exception:
+            self._publish_circuit()
+            raise
+        elapsed = time.perf_counter() - started
+        self._succeeded(elapsed, what)
+        return result
+
+    def _succeeded(self, elapsed: float, what: str) -> None:
+        if not self.connected:
+            log.info("peer connected", extra={"peer": self.node_id, "url": self.display_url})
+        self.connected = True
+        self.last_ok = time.monotonic()
+        self.last_ok_wall = time.time()
+        self.last_error = None
+        if what != "xread":  # a blocking read's latency is the block time, not the peer's
+            self.latency_ms = elapsed * 1000
+            self.metrics.peer_latency.labels(self.node_id).observe(elapsed)
+        self.metrics.peer_connected.labels(self.node_id).set(1)
+        self.metrics.peer_stalled.labels(self.node_id).set(0)
+        self._publish_circuit()
+
+    def _failed(self, exc: BaseException, what: str) -> None:
+        message = _describe(exc)
+        if self.connected or self.last_error != message:
+            log.warning(
+                "peer call failed",
+                extra={"peer": self.node_id, "op": what, "error": message, "url": self.display_url},
+            )
+        self.connected = False
+        self.last_error = message
+        self.metrics.peer_connected.labels(self.node_id).set(0)
+        self._publish_circuit()
+
+    def _publish_circuit(self) -> None:
+        self.metrics.peer_circuit.labels(self.node_id).set(CIRCUIT_STATES[self.circuit_state])
+
+    @property
+    def circuit_state(self) -> str:
+        return breaker_state(self.breaker)
+
+    def circuit_wait(self) -> float:
+        return breaker_remaining(self.breaker)
+
+    def stalled(self, threshold_sec: float) -> bool:
+        """No successful call for ``threshold_sec`` (never connected counts as stalled)."""
+        return self.last_ok is None or time.monotonic() - self.last_ok > threshold_sec
+
+    # ------------------------------------------------------------------------ reads
+
+    async def ping(self) -> None:
+        await self.call(self.query.ping, what="ping")
+
+    async def read_batch(
+        self, cursor: StreamId, count: int, *, block_ms: int | None
+    ) -> tuple[StreamInfo, list[Entry]]:
+        """The stream's facts and up to ``count`` entries after ``cursor``, in one round trip.
+
+        ``block_ms=None`` reads with XRANGE (catching up, returns at once); otherwise XREAD
+        BLOCK waits for new entries at the head.
+        """
+
+        async def run() -> tuple[StreamInfo, list[Entry]]:
+            client = self.query if block_ms is None else self.stream
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.xinfo_stream(self.keys.cdc)
+                if block_ms is None:
+                    pipe.xrange(self.keys.cdc, min=f"({cursor}", max="+", count=count)
+                else:
+                    pipe.xread({self.keys.cdc: str(cursor)}, count=count, block=block_ms)
+                info_raw, entries_raw = await pipe.execute(raise_on_error=False)
+            if isinstance(entries_raw, BaseException):
+                raise entries_raw
+            info = parse_stream_info(info_raw)
+            if block_ms is None:
+                entries = entries_raw or []
+            else:
+                entries = entries_raw[0][1] if entries_raw else []
+            return info, entries
+
+        return await self.call(run, what="xrange" if block_ms is None else "xread")
+
+    async def stream_info(self) -> StreamInfo:
+        async def run() -> StreamInfo:
+            async with self.query.pipeline(transaction=False) as pipe:
+                pipe.xinfo_stream(self.keys.cdc)
+                (raw,) = await pipe.execute(raise_on_error=False)
+            return parse_stream_info(raw)
+
+        return await self.call(run, what="xinfo")
+
+    async def close(self) -> None:
+        for client in (self.query, self.stream):
+            try:
+                await client.aclose()
+            except Exception:  # closing a dead connection must not fail shutdown
+                log.debug("error closing peer client", exc_info=True)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return redact_url(f"{type(exc).__name__}: {text}")[:300]

@@ -1,0 +1,204 @@
+"""Operator tools behind the CLI: ``verify`` and ``status --mesh``.
+
+Both read Redis directly (the local store and each peer through the same read-only access the
+engine uses), so they work whether or not a sidecar is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from replication_engine import codec
+from replication_engine.config import EngineConfig
+from replication_engine.connection import TlsOptions, make_client, redact_url
+from replication_engine.cursor import CursorStore
+from replication_engine.merkle import Geometry, diff_children
+from replication_engine.peer import parse_stream_info
+from replication_engine.store.layout import Keyspace
+from replication_engine.store.reader import TreeReader
+
+
+@dataclass
+class TreeDiff:
+    """Where two trees differ: leaf buckets and the keys in them, both directions."""
+
+    branches_visited: int = 0
+    leaves: list[str] = field(default_factory=list)
+    only_local: list[str] = field(default_factory=list)
+    only_remote: list[str] = field(default_factory=list)
+    different: list[str] = field(default_factory=list)
+
+    @property
+    def keys(self) -> int:
+        return len(self.only_local) + len(self.only_remote) + len(self.different)
+
+
+async def diff_trees(
+    local: TreeReader,
+    remote: TreeReader,
+    geometry: Geometry,
+    *,
+    limit: int | None = None,
+    chunk: int = 256,
+) -> TreeDiff:
+    """Walk both trees level by level, reading only the branches whose digests differ."""
+    result = TreeDiff()
+    frontier = [""]
+    while frontier:
+        next_frontier: list[str] = []
+        for start in range(0, len(frontier), chunk):
+            paths = frontier[start : start + chunk]
+            mine, theirs = await asyncio.gather(local.nodes(paths), remote.nodes(paths))
+            result.branches_visited += len(paths)
+            for path, a, b in zip(paths, mine, theirs, strict=True):
+                if geometry.is_leaf(path):
+                    result.leaves.append(path)
+                    for key in sorted(set(a) | set(b)):
+                        if key not in b:
+                            result.only_local.append(key)
+                        elif key not in a:
+                            result.only_remote.append(key)
+                        elif a[key] != b[key]:
+                            result.different.append(key)
+                else:
+                    next_frontier.extend(path + child for child in diff_children(a, b))
+            if limit is not None and result.keys >= limit:
+                return result
+        frontier = next_frontier
+    return result
+
+
+def _local_reader(config: EngineConfig) -> TreeReader:
+    local = config.local
+    client = make_client(
+        local.redis_url,
+        username=local.username,
+        password=local.password.get_secret_value() if local.password else None,
+    )
+    return TreeReader(client, Keyspace(local.prefix))
+
+
+def _peer_client(config: EngineConfig, index: int) -> tuple[str, TreeReader]:
+    peer = config.peers[index]
+    client = make_client(
+        peer.redis_url,
+        username=peer.username,
+        password=peer.password.get_secret_value() if peer.password else None,
+        tls=TlsOptions(peer.tls.ca_file, peer.tls.cert_file, peer.tls.key_file, peer.tls.verify),
+    )
+    return peer.node_id, TreeReader(client, Keyspace(peer.effective_prefix(config.local.prefix)))
+
+
+async def verify(config: EngineConfig, *, limit: int = 20, out: TextIO = sys.stdout) -> int:
+    """Compare the local root with every peer's; 0 when all equal, 1 otherwise."""
+    geometry = Geometry(config.settings.merkle.fanout, config.settings.merkle.depth)
+    local = _local_reader(config)
+    readers = [_peer_client(config, i) for i in range(len(config.peers))]
+    status = 0
+    try:
+        local_root = await local.root()
+        print(f"{config.local_node_id:<20} root {local_root.hex()}  (local)", file=out)
+        for peer_id, reader in readers:
+            try:
+                stored = await reader.geometry()
+                root = await reader.root()
+            except Exception as exc:
+                print(f"{peer_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
+                status = 1
+                continue
+            if stored is not None and stored != geometry:
+                print(
+                    f"{peer_id:<20} GEOMETRY MISMATCH: peer {stored.describe()}, "
+                    f"local {geometry.describe()}",
+                    file=out,
+                )
+                status = 1
+                continue
+            if root == local_root:
+                print(f"{peer_id:<20} root {root.hex()}  equal", file=out)
+                continue
+            status = 1
+            diff = await diff_trees(local, reader, geometry, limit=limit)
+            print(
+                f"{peer_id:<20} root {root.hex()}  DIFFERENT: {len(diff.leaves)} leaf "
+                f"buckets, {diff.keys} keys (first {limit} shown)",
+                file=out,
+            )
+            for label, keys in (
+                ("only here", diff.only_local),
+                ("only on peer", diff.only_remote),
+                ("different", diff.different),
+            ):
+                for key in keys[:limit]:
+                    print(f"    {label:<13} {key}", file=out)
+    finally:
+        await local.redis.aclose()
+        for _peer_id, reader in readers:
+            await reader.redis.aclose()
+    return status
+
+
+async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
+    """Every node's root and stream head, and this node's lag behind each peer."""
+    cursors: dict[str, str] = {}
+    with contextlib.suppress(Exception):
+        store = await CursorStore.open(config.cursor.sqlite_path, wal_mode=config.cursor.wal_mode)
+        cursors = await store.all()
+        await store.close()
+    max_lag_ms = config.settings.slo.max_replication_lag_sec * 1000
+    nodes = [(config.local_node_id, _local_reader(config))]
+    nodes += [_peer_client(config, i) for i in range(len(config.peers))]
+    rows = []
+    roots: dict[str, str] = {}
+    try:
+        for node_id, reader in nodes:
+            try:
+                root = (await reader.root()).hex()
+                raw = await reader.redis.xinfo_stream(reader.keys.cdc)
+                info = parse_stream_info(raw)
+            except Exception as exc:
+                if "no such key" in str(exc).lower():
+                    info = parse_stream_info({"length": 0})
+                else:
+                    rows.append((node_id, "-", "-", "-", f"UNREACHABLE ({type(exc).__name__})"))
+                    continue
+            roots[node_id] = root
+            lag = "-"
+            marks = []
+            if node_id != config.local_node_id:
+                saved = cursors.get(node_id)
+                if saved:  # no cursor: this node never read that peer, so no lag to show
+                    cursor = codec.parse_stream_id(saved)
+                    lag_ms = codec.lag_ms(cursor, info.last)
+                    events = codec.lag_events(cursor, info.first, info.last, info.length)
+                    lag = f"{lag_ms} ms / {events} ev"
+                    if lag_ms > max_lag_ms:
+                        marks.append("LAGGING")
+            head_age = f"{time.time() * 1000 - info.last.ms:.0f} ms ago" if info.last else "empty"
+            rows.append((node_id, root[:16], head_age, lag, " ".join(marks)))
+    finally:
+        for _node_id, reader in nodes:
+            await reader.redis.aclose()
+    counts: dict[str, int] = {}
+    for root in roots.values():
+        counts[root] = counts.get(root, 0) + 1
+    # The most common root is the reference only when no other root is as common: with a tie
+    # (two nodes that differ, say) nobody can be called the divergent one.
+    ranked = sorted(counts.values(), reverse=True)
+    leader = max(counts, key=lambda r: counts[r]) if counts else None
+    majority = leader if ranked and (len(ranked) == 1 or ranked[0] > ranked[1]) else None
+    print(
+        f"{'node':<20} {'root':<17} {'last write':<16} {'local lag behind it':<24} flags", file=out
+    )
+    bad = False
+    for node_id, root, head_age, lag, flags in rows:
+        if majority is not None and node_id in roots and roots[node_id] != majority:
+            flags = (flags + " DIVERGENT").strip()
+        bad = bad or bool(flags)
+        print(f"{node_id:<20} {root:<17} {head_age:<16} {lag:<24} {flags}", file=out)
+    return 1 if bad else 0

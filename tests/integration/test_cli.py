@@ -1,0 +1,476 @@
+"""The ``replication-engine`` command as an operator runs it: real processes, real Redis servers.
+
+Each test runs the installed entry point in a subprocess (with a timeout) against
+``redis-server`` processes the test started, so nothing depends on a Redis already running on
+the machine: ``run`` (including ``config.example.yaml`` pointed at the test's servers),
+``verify``, ``status --url``, ``status --mesh``, a configuration error and ``demo``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from integration.mesh import CONVERGE_TIMEOUT_S, open_mesh
+
+from replication_engine.clock import HLC
+from replication_engine.codec import Change
+from replication_engine.cursor import CursorStore
+from replication_engine.store.redis_store import RedisStore
+from replication_engine.testing import RedisFactory, async_wait_until, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+_ENTRY_POINT = Path(sys.executable).parent / "replication-engine"
+CLI: list[str] = (
+    [str(_ENTRY_POINT)]
+    if _ENTRY_POINT.exists()
+    else [sys.executable, "-m", "replication_engine.cli"]
+)
+SECRET = "s3cret-pw"
+PREFIX = "app:"
+# Deadline for one short command (verify, status, a config error): process start included.
+COMMAND_TIMEOUT_S = 60.0
+# Drain time configured for `run`; the engine's whole shutdown is bounded by this + 5 s.
+SHUTDOWN_TIMEOUT_S = 3.0
+SHUTDOWN_BOUND_S = SHUTDOWN_TIMEOUT_S + 5.0
+# The demo starts its own servers and converges after injected faults; it takes ~15 s.
+DEMO_TIMEOUT_S = 180.0
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def cli_env() -> dict[str, str]:
+    """The test's environment without overrides that would change the config under test."""
+    return {k: v for k, v in os.environ.items() if not k.upper().startswith("REPLICATION_ENGINE")}
+
+
+async def run_cli(
+    args: Sequence[str],
+    *,
+    cwd: Path,
+    timeout: float = COMMAND_TIMEOUT_S,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run the command to completion in a thread, so an in-process engine keeps serving."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [*CLI, *args],
+        cwd=cwd,
+        env={**cli_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump({"replication": data}, sort_keys=False))
+    return path
+
+
+@contextmanager
+def sidecar(config: Path, cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``replication-engine run`` as a child process; stdout and stderr go to files in ``cwd``.
+
+    Files, not pipes: stderr is then not a terminal (JSON logs), and a chatty child can never
+    block on a full pipe. The process is killed at exit if the test left it running.
+    """
+    with (cwd / "stdout.txt").open("wb") as out, (cwd / "stderr.txt").open("wb") as err:
+        proc = subprocess.Popen(
+            [*CLI, "run", "--config", str(config)],
+            cwd=cwd,
+            env=cli_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """Poll ``/ready`` until 200; fails early if the process died."""
+
+    async def ready() -> dict[str, Any] | None:
+        if proc.poll() is not None:
+            raise AssertionError(f"the sidecar exited with {proc.returncode}")
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as client:
+            async with client.get(f"http://127.0.0.1:{port}/ready") as resp:
+                body: dict[str, Any] = await resp.json()
+                return body if resp.status == 200 else None
+
+    result: dict[str, Any] = await async_wait_until(
+        ready,
+        timeout=CONVERGE_TIMEOUT_S,
+        interval=0.1,
+        message=f"/ready 200 on port {port}",
+        ignore=(aiohttp.ClientError, OSError),
+    )
+    return result
+
+
+async def terminate(proc: subprocess.Popen[bytes]) -> tuple[int, float]:
+    """SIGTERM, then wait for the exit within the shutdown bound; (exit code, seconds)."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(proc.wait, SHUTDOWN_BOUND_S + 5.0)
+    return code, time.monotonic() - started
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines, "nothing was logged"
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"stderr line is not JSON: {line!r}") from None
+    return records
+
+
+@asynccontextmanager
+async def stores(
+    *pairs: tuple[str, str], password: str | None = None
+) -> AsyncIterator[list[RedisStore]]:
+    """RedisStores for (node_id, url) pairs, closed at exit."""
+    opened: list[RedisStore] = []
+    try:
+        for node_id, url in pairs:
+            opened.append(
+                await RedisStore.connect(url, node_id=node_id, prefix=PREFIX, password=password)
+            )
+        yield opened
+    finally:
+        for store in opened:
+            await store.close()
+
+
+def shared_changes(count: int) -> list[Change]:
+    hlc = HLC()
+    return [
+        Change.put(f"shared:{i}", f"v{i}".encode(), hlc=hlc.now(), origin="seed")
+        for i in range(count)
+    ]
+
+
+async def key_arrives(store: RedisStore, key: str) -> None:
+    await async_wait_until(
+        lambda: store.get(key),
+        timeout=CONVERGE_TIMEOUT_S,
+        message=f"{key} replicated to {store.node_id}",
+    )
+
+
+# ------------------------------------------------------------------------------------ run
+
+
+async def run_sidecar_with_password_peer(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> tuple[int, float, str, str]:
+    """Run ``run --config`` against a local Redis and a password-protected peer until ready,
+    check it replicates both ways in time, then SIGTERM it: (exit code, seconds to exit after
+    SIGTERM, port of the peer, stderr)."""
+    local, peer = redis_factory(), redis_factory(password=SECRET)
+    port = free_port()
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": local.url, "prefix": PREFIX},
+            "settings": {
+                "hot_path": {"block_timeout": "500ms", "shutdown_timeout": f"{SHUTDOWN_TIMEOUT_S}s"}
+            },
+            "peers": [{"node_id": "b", "redis_url": peer.url}],
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+            "http": {"listen": f"127.0.0.1:{port}"},
+        },
+    )
+    assert SECRET in config.read_text()
+    async with stores(("a", local.url), ("b", peer.url)) as (store_a, store_b):
+        await store_b.put("before-start", b"1")
+        with sidecar(config, tmp_path) as proc:
+            await wait_ready(port, proc)
+            await key_arrives(store_a, "before-start")
+            await store_b.put("while-running", b"2")
+            await key_arrives(store_a, "while-running")
+            code, took = await terminate(proc)
+    assert SECRET not in (tmp_path / "stdout.txt").read_text()
+    return code, took, str(peer.port), (tmp_path / "stderr.txt").read_text()
+
+
+async def test_run_becomes_ready_replicates_and_exits_0_on_sigterm_without_leaking_secrets(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    code, took, peer_port, stderr = await run_sidecar_with_password_peer(redis_factory, tmp_path)
+
+    assert code == 0, stderr[-2000:]
+    assert took < SHUTDOWN_BOUND_S, f"exit took {took:.1f}s after SIGTERM"
+    assert SECRET not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    # Not a terminal, so the JSON formatter (one object per line), not the text one.
+    assert lines and all(line.startswith('{"ts": ') and line.endswith("}") for line in lines)
+    assert f"redis://:***@127.0.0.1:{peer_port}/0" in stderr, "the peer is named, masked"
+    for msg in ("signal received; shutting down", "engine stopped"):
+        assert f'"msg": "{msg}"' in stderr, msg
+
+
+async def test_run_stderr_is_one_json_object_per_line(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    code, _took, peer_port, stderr = await run_sidecar_with_password_peer(redis_factory, tmp_path)
+
+    assert code == 0
+    records = json_lines(stderr)
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    running = [r for r in records if r["msg"].startswith("replication engine a running")]
+    assert running and running[0]["peers"] == [f"redis://:***@127.0.0.1:{peer_port}/0"]
+
+
+async def test_run_with_the_example_config_pointed_at_test_servers(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    local, peer = redis_factory(), redis_factory()
+    port = free_port()
+    text = (REPO / "config.example.yaml").read_text()
+    # Only what a new user would change for their machine: the two Redis URLs, the cursor
+    # file and the HTTP port (9090 may be taken). Everything else is the file as shipped.
+    edits = {
+        'redis_url: "redis://127.0.0.1:6379/0"': f'redis_url: "{local.url}"',
+        'redis_url: "redis://127.0.0.1:6380/0"': f'redis_url: "{peer.url}"',
+        'sqlite_path: "replication_cursors.db"': f'sqlite_path: "{tmp_path / "cursors.db"}"',
+        'listen: "127.0.0.1:9090"': f'listen: "127.0.0.1:{port}"',
+    }
+    for old, new in edits.items():
+        assert text.count(old) == 1, f"config.example.yaml no longer contains {old!r} once"
+        text = text.replace(old, new)
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    node_ids = yaml.safe_load(text)["replication"]
+    local_id, peer_id = node_ids["local_node_id"], node_ids["peers"][0]["node_id"]
+
+    async with stores((local_id, local.url), (peer_id, peer.url)) as (store_local, store_peer):
+        await store_peer.put("from-peer", b"1")
+        with sidecar(config, tmp_path) as proc:
+            body = await wait_ready(port, proc)
+            assert body["ready"] is True
+            await key_arrives(store_local, "from-peer")
+            code, _took = await terminate(proc)
+    assert code == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
+
+
+async def test_config_error_exits_2_naming_the_field_path(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "settings": {"hot_path": {"min_batch_size": 5000}},
+        },
+    )
+    result = await run_cli(["run", "--config", str(config)], cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert "settings.hot_path.min_batch_size" in result.stderr
+    assert "5000" in result.stderr
+
+
+# ------------------------------------------------------------------------------------ verify
+
+
+async def test_verify_exits_0_when_roots_match_and_1_listing_divergent_keys(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    local, peer = redis_factory(), redis_factory()
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": local.url, "prefix": PREFIX},
+            "peers": [{"node_id": "b", "redis_url": peer.url}],
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+        },
+    )
+    async with stores(("a", local.url), ("b", peer.url)) as (store_a, store_b):
+        same = shared_changes(50)
+        await store_a.apply_batch(same)
+        await store_b.apply_batch(same)
+        assert await store_a.merkle_root() == await store_b.merkle_root()
+
+        equal = await run_cli(["verify", "--config", str(config)], cwd=tmp_path)
+        assert equal.returncode == 0, equal
+        assert "equal" in equal.stdout
+        assert "DIFFERENT" not in equal.stdout
+
+        await store_b.put("only-on-b", b"x")
+        await store_a.put("only-on-a", b"y")
+        await store_a.put("shared:7", b"changed here")
+        differ = await run_cli(["verify", "--config", str(config)], cwd=tmp_path)
+
+    assert differ.returncode == 1, differ
+    assert "DIFFERENT" in differ.stdout
+    listed = {tuple(line.split()) for line in differ.stdout.splitlines() if line.startswith("    ")}
+    assert listed == {
+        ("only", "on", "peer", "only-on-b"),
+        ("only", "here", "only-on-a"),
+        ("different", "shared:7"),
+    }, differ.stdout
+
+
+@asynccontextmanager
+async def password_protected_local(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> AsyncIterator[tuple[Path, dict[str, str]]]:
+    """A local Redis whose password is given as README advises (environment, not URL), a peer
+    with the same data, and a's cursor at b's tail: (config file, environment)."""
+    secret = "local-pw"
+    local, peer = redis_factory(password=secret), redis_factory()
+    cursor_path = tmp_path / "cursors.db"
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": f"redis://127.0.0.1:{local.port}/0", "prefix": PREFIX},
+            "peers": [{"node_id": "b", "redis_url": peer.url}],
+            "cursor": {"sqlite_path": str(cursor_path)},
+        },
+    )
+    async with (
+        stores(("a", local.url), password=secret) as (store_a,),
+        stores(("b", peer.url)) as (store_b,),
+    ):
+        same = shared_changes(10)
+        await store_a.apply_batch(same)
+        await store_b.apply_batch(same)
+        async with await CursorStore.open(cursor_path) as cursors:
+            tail = await store_b.stream_tail()
+            assert tail is not None
+            await cursors.save("b", tail)
+        yield config, {"REPLICATION_ENGINE__LOCAL__PASSWORD": secret}
+
+
+async def test_verify_authenticates_to_local_redis_with_the_local_password_setting(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with password_protected_local(redis_factory, tmp_path) as (config, env):
+        result = await run_cli(["verify", "--config", str(config)], cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert "equal" in result.stdout
+
+
+async def test_status_mesh_authenticates_to_local_redis_with_the_local_password_setting(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with password_protected_local(redis_factory, tmp_path) as (config, env):
+        result = await run_cli(["status", "--mesh", "--config", str(config)], cwd=tmp_path, env=env)
+    assert "UNREACHABLE" not in result.stdout, result.stdout
+    assert result.returncode == 0, result.stdout
+
+
+# ------------------------------------------------------------------------------------ status
+
+
+async def test_status_url_prints_the_table_of_a_running_sidecar(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        overrides={"a": {"http": {"enabled": True, "listen": "127.0.0.1:0"}}},
+    ) as mesh:
+        await mesh["b"].store.put("k", b"v")
+        await mesh.wait_converged(["a", "b"])
+        await mesh.wait_idle()
+        engine = mesh["a"].running()
+        assert engine.http is not None
+        url = f"http://127.0.0.1:{engine.http.port}"
+
+        table = await run_cli(["status", "--url", url], cwd=tmp_path)
+        raw = await run_cli(["status", "--url", url, "--json"], cwd=tmp_path)
+
+    assert table.returncode == 0, table
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["node", "a", "state", "running"], lines[0]
+    assert lines[1].split()[:3] == ["peer", "conn", "circuit"], lines[1]
+    row = lines[2].split()
+    # peer conn circuit mode lag-ms lag-ev applied quarantined gaps
+    assert row == ["b", "yes", "closed", "tailing", "0", "0", "1", "0", "0"], lines[2]
+    assert raw.returncode == 0, raw
+    assert json.loads(raw.stdout)["peers"]["b"]["events_applied"] == 1
+
+
+async def test_status_url_fails_with_exit_1_when_nothing_listens(tmp_path: Path) -> None:
+    result = await run_cli(["status", "--url", f"http://127.0.0.1:{free_port()}"], cwd=tmp_path)
+    assert result.returncode == 1
+    assert "cannot read" in result.stderr
+
+
+async def test_status_mesh_prints_every_node_root_and_flags_the_divergent_one(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    servers = {n: redis_factory() for n in ("a", "b", "c")}
+    cursor_path = tmp_path / "cursors.db"
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": servers["a"].url, "prefix": PREFIX},
+            "peers": [{"node_id": n, "redis_url": servers[n].url} for n in ("b", "c")],
+            "cursor": {"sqlite_path": str(cursor_path)},
+        },
+    )
+    async with stores(*((n, s.url) for n, s in servers.items())) as opened:
+        by_id = {s.node_id: s for s in opened}
+        same = shared_changes(30)
+        for store in opened:
+            await store.apply_batch(same)
+        await by_id["c"].put("only-on-c", b"x")
+        # As a caught-up sidecar would have left them: a's cursors at b's and c's tails.
+        async with await CursorStore.open(cursor_path) as cursors:
+            for peer_id in ("b", "c"):
+                tail = await by_id[peer_id].stream_tail()
+                assert tail is not None
+                await cursors.save(peer_id, tail)
+        roots = {s.node_id: (await s.merkle_root()).hex() for s in opened}
+        result = await run_cli(["status", "--mesh", "--config", str(config)], cwd=tmp_path)
+
+    assert roots["a"] == roots["b"] != roots["c"]
+    assert result.returncode == 1, result
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.strip()}
+    assert set(rows) == {"a", "b", "c"}, result.stdout
+    for node_id, line in rows.items():
+        assert line.split()[1] == roots[node_id][:16], line
+    assert rows["c"].rstrip().endswith("DIVERGENT"), rows["c"]
+    assert "DIVERGENT" not in rows["a"] and "DIVERGENT" not in rows["b"]
+    assert "LAGGING" not in result.stdout
+
+
+# ------------------------------------------------------------------------------------ demo
+
+
+@pytest.mark.slow
+async def test_demo_converges(tmp_path: Path) -> None:
+    result = await run_cli(
+        ["demo", "--duration", "6", "--rate", "150", "--nodes", "3"],
+        cwd=tmp_path,
+        timeout=DEMO_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "converged:            YES" in result.stdout

@@ -1,0 +1,893 @@
+"""The hot path against real Redis servers: convergence, exactly-once effect, failures.
+
+Every test runs real ``redis-server`` processes and real engines (see ``mesh.py``). Waits are
+on conditions with deadlines; the only fixed-length waits are the CPU measurement windows,
+which measure what an idle or blocked engine costs over a given time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import random
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+import zstandard
+from integration.mesh import (
+    Mesh,
+    MeshNode,
+    WriteLog,
+    append_raw,
+    cpu_seconds_over,
+    expected_snapshot,
+    full_mesh,
+    lww_winner,
+    metric,
+    open_mesh,
+    raw_entries,
+    read_stream,
+    snapshot,
+    stream_version,
+    xread_calls,
+)
+
+from replication_engine import clock, codec
+from replication_engine.codec import STREAM_START, ZSTD_MAGIC, Change, StreamId
+from replication_engine.cursor import CursorStore
+from replication_engine.engine import ReplicationEngine
+from replication_engine.testing import RedisFactory, async_wait_until
+
+# Budget for a whole idle-CPU window: an engine that spins shows up as a full core (~2 s).
+IDLE_CPU_BUDGET_S = 0.5
+# Length of each CPU measurement window.
+CPU_WINDOW_S = 2.0
+# Deadline for conditions that depend on breakers, backoff and reconnects.
+RECOVERY_TIMEOUT_S = 30.0
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+async def concurrent_workload(
+    mesh: Mesh, log: WriteLog, rng: random.Random, *, rounds: int, keys: int = 15
+) -> None:
+    """Rounds in which every node writes or deletes the same key at once, plus private keys.
+
+    Each round is one ``asyncio.gather`` across nodes, so the writes race each other and the
+    tailers; some nodes also write the shared key twice in the same round.
+    """
+    nodes = list(mesh)
+    shared = [f"shared:{i}" for i in range(keys)]
+    for round_no in range(rounds):
+        key = rng.choice(shared)
+        ops: list[Awaitable[Any]] = []
+        for node in nodes:
+            for _ in range(rng.choice((1, 1, 2))):
+                if rng.random() < 0.3:
+                    ops.append(log.delete(node, key))
+                else:
+                    ops.append(log.put(node, key, f"{node.node_id}:{round_no}".encode()))
+            own = f"own:{node.node_id}:{round_no % 5}"
+            ops.append(log.put(node, own, rng.randbytes(rng.choice((10, 100, 2000)))))
+        await asyncio.gather(*ops)
+
+
+async def paced_writer(
+    node: MeshNode, log: WriteLog, rng: random.Random, stop: asyncio.Event, *, keys: int = 40
+) -> None:
+    """Writes (10% deletes) on ``node`` until ``stop`` is set."""
+    n = 0
+    while not stop.is_set():
+        key = f"flow:{rng.randrange(keys)}"
+        if rng.random() < 0.1:
+            await log.delete(node, key)
+        else:
+            await log.put(node, key, f"{node.node_id}:{n}".encode() * rng.choice((1, 20)))
+        n += 1
+        # Pacing, not synchronisation: keeps the load near 400 writes/s per writer.
+        await asyncio.sleep(0.0025)  # sync-ok
+
+
+@contextlib.asynccontextmanager
+async def writers(nodes: list[MeshNode], log: WriteLog, seed: int) -> AsyncIterator[None]:
+    """Run a paced writer per node for the block's duration; they are stopped and awaited."""
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(
+            paced_writer(n, log, random.Random(seed + i), stop), name=f"writer[{n.node_id}]"
+        )
+        for i, n in enumerate(nodes)
+    ]
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+def progressed(engine: ReplicationEngine, batches: int) -> Callable[[], bool]:
+    """A predicate: the engine's tailers applied ``batches`` batches between them."""
+    return lambda: sum(t.stats.batches for t in engine.tailers.values()) >= batches
+
+
+async def wait_writes(log: WriteLog, count: int) -> None:
+    await async_wait_until(
+        lambda: len(log.writes) >= count, timeout=30, message=f"{count} acknowledged writes"
+    )
+
+
+async def saved_cursors(path: Path) -> dict[str, StreamId]:
+    """The cursors on disk, read through a fresh connection (the engine's may be closed)."""
+    cursors = await CursorStore.open(path)
+    try:
+        return {peer: codec.parse_stream_id(sid) for peer, sid in (await cursors.all()).items()}
+    finally:
+        await cursors.close()
+
+
+async def put_many(
+    log: WriteLog, node: MeshNode, keys: list[str], *, concurrency: int = 20
+) -> None:
+    """Put each key (its own name as the value), ``concurrency`` at a time."""
+    for start in range(0, len(keys), concurrency):
+        chunk = keys[start : start + concurrency]
+        await asyncio.gather(*(log.put(node, k, k.encode()) for k in chunk))
+
+
+def bad_entry(key: str, **fields: bytes | None) -> dict[str, bytes]:
+    """A well-formed PUT entry from node 'b' with some fields replaced (None removes one)."""
+    value = f"value of {key}".encode()
+    hlc = clock.pack(clock.wall_clock_ms(), 0)
+    entry = codec.encode_entry(Change.put(key, value, hlc=hlc, origin="b"))
+    for name, replacement in fields.items():
+        if replacement is None:
+            entry.pop(name, None)
+        else:
+            entry[name] = replacement
+    return entry
+
+
+def zstd_bomb(inflated: int) -> tuple[bytes, str]:
+    """A zstd frame of ``inflated`` zero bytes (a few KiB on the wire) and its true xxh3-128."""
+    chunk = bytes(1 << 20)
+    out = io.BytesIO()
+    digest = xxhash.xxh3_128()
+    with zstandard.ZstdCompressor(level=3).stream_writer(
+        out, size=inflated, closefd=False
+    ) as writer:
+        for _ in range(inflated // len(chunk)):
+            writer.write(chunk)
+            digest.update(chunk)
+    return out.getvalue(), digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ convergence
+
+
+async def test_full_mesh_concurrent_writes_and_deletes_converge_to_lww_winner(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    rng = random.Random(101)
+    async with open_mesh(redis_factory, tmp_path, full_mesh(["a", "b", "c"])) as mesh:
+        log = WriteLog()
+        await concurrent_workload(mesh, log, rng, rounds=60)
+        await mesh.wait_converged()
+
+        winners = lww_winner(log.writes)
+        expected = expected_snapshot(log.writes)
+        assert any(w.value is None for w in winners.values()), "workload has no deleted winner"
+        roots = {await node.store.merkle_root() for node in mesh}
+        assert len(roots) == 1
+        for node in mesh:
+            assert await snapshot(node.store) == expected, node.node_id
+            for key, winner in winners.items():
+                item = await node.store.get(key)
+                if winner.value is None:
+                    assert item is None, (node.node_id, key)
+                else:
+                    assert item is not None, (node.node_id, key)
+                    assert (item.value, item.hlc, item.origin) == winner.version
+
+
+async def test_chain_topology_relays_writes_end_to_end(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    chain = {"a": ["b"], "b": ["a", "c"], "c": ["b"]}
+    async with open_mesh(redis_factory, tmp_path, chain) as mesh:
+        assert set(mesh["a"].running().peers) == {"b"}
+        assert set(mesh["c"].running().peers) == {"b"}
+        log = WriteLog()
+        await concurrent_workload(mesh, log, random.Random(202), rounds=40)
+        await mesh.wait_converged()
+
+        expected = expected_snapshot(log.writes)
+        for node in mesh:
+            assert await snapshot(node.store) == expected, node.node_id
+        # a's and c's writes reached each other only through b.
+        on_c = await snapshot(mesh["c"].store)
+        on_a = await snapshot(mesh["a"].store)
+        assert any(origin == "a" for _, _, origin in on_c.values())
+        assert any(origin == "c" for _, _, origin in on_a.values())
+
+
+async def test_no_write_applied_twice_and_streams_stop_growing(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(redis_factory, tmp_path, full_mesh(["a", "b", "c"])) as mesh:
+        log = WriteLog()
+        await concurrent_workload(mesh, log, random.Random(303), rounds=50)
+        await mesh.wait_idle()
+        await mesh.wait_converged()
+
+        acknowledged = {(w.key, *w.version) for w in log.writes}
+        lengths: dict[str, int] = {}
+        for node in mesh:
+            entries = [change for _, change in await read_stream(node.store)]
+            own = [c for c in entries if c.origin == node.node_id]
+            relayed = [(c.key, *stream_version(c)) for c in entries if c.origin != node.node_id]
+            applied = node.total("applied")
+            # Every apply appends exactly one entry to the local stream, every local write one.
+            assert len(own) == len(log.by_node(node.node_id)), node.node_id
+            assert applied == len(relayed), node.node_id
+            assert applied <= len(log.not_by(node.node_id)), node.node_id
+            assert len(set(relayed)) == len(relayed), f"{node.node_id} applied a version twice"
+            assert set(relayed) <= acknowledged, f"{node.node_id} applied an unknown version"
+            lengths[node.node_id] = await node.store.redis.xlen(node.store.keys.cdc)
+            assert lengths[node.node_id] == len(own) + applied
+            assert node.total("gaps") == 0, f"{node.node_id} saw a gap in an untrimmed stream"
+
+        # No replication loop: with everyone idle, further reads add nothing to any stream.
+        for node in mesh:
+            readers = sum(1 for other in mesh if node.node_id in other.peer_ids)
+            await mesh.wait_more_reads(node.node_id, reads=2 * readers)
+        assert await mesh.idle()
+        for node in mesh:
+            assert await node.store.redis.xlen(node.store.keys.cdc) == lengths[node.node_id]
+
+
+async def test_echoes_counted_in_three_node_mesh(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(redis_factory, tmp_path, full_mesh(["a", "b", "c"])) as mesh:
+        log = WriteLog()
+        await concurrent_workload(mesh, log, random.Random(404), rounds=30)
+        await mesh.wait_idle()
+
+        streams = {node.node_id: await read_stream(node.store) for node in mesh}
+        total = 0
+        for node in mesh:
+            engine = node.running()
+            for peer_id, tailer in engine.tailers.items():
+                own_in_peer = sum(1 for _, c in streams[peer_id] if c.origin == node.node_id)
+                assert tailer.stats.echoes == own_in_peer, (node.node_id, peer_id)
+                assert engine.status()["peers"][peer_id]["events_echoes"] == own_in_peer
+                assert metric(engine, "replication_cdc_echoes_total", peer=peer_id) == own_in_peer
+                assert tailer.stats.read == len(streams[peer_id])
+                total += own_in_peer
+        assert total > 0
+
+
+# ------------------------------------------------------------------------------------ restarts
+
+
+async def test_restarted_engine_resumes_from_its_cursor_and_applies_only_missing_writes(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(redis_factory, tmp_path, full_mesh(["a", "b", "c"])) as mesh:
+        c = mesh["c"]
+        log = WriteLog()
+        await put_many(log, c, [f"c:{i}" for i in range(20)])
+        async with writers([mesh["a"], mesh["b"]], log, seed=505):
+            await async_wait_until(
+                lambda: all(c.stat(p, "applied") >= 30 for p in ("a", "b")),
+                timeout=30,
+                message="c applied writes from both peers",
+            )
+            stopped = await mesh.stop_engine("c")  # writes keep flowing on a and b
+            saved = await saved_cursors(c.cursor_path)
+            assert set(saved) == {"a", "b"}
+            for peer_id, cursor in saved.items():
+                assert cursor > STREAM_START, peer_id
+                assert stopped.tailers[peer_id].cursor == cursor, peer_id
+            before = [change for _, change in await read_stream(c.store)]
+            written_at_stop = len(log.writes)
+            await wait_writes(log, written_at_stop + 150)
+
+        engine = await mesh.start_engine("c")
+        await mesh.wait_idle()
+        await mesh.wait_converged()
+
+        for peer_id in ("a", "b"):
+            peer_stream = await read_stream(mesh[peer_id].store)
+            after_cursor = [sid for sid, _ in peer_stream if sid > saved[peer_id]]
+            # It read exactly the entries past its cursor: not the stream from the start.
+            assert engine.tailers[peer_id].stats.read == len(after_cursor), peer_id
+            assert 0 < len(after_cursor) < len(peer_stream), peer_id
+        after = [change for _, change in await read_stream(c.store)]
+        assert after[: len(before)] == before
+        new = [(ch.key, *stream_version(ch)) for ch in after[len(before) :]]
+        old = {(ch.key, *stream_version(ch)) for ch in before}
+        assert new, "nothing was missing, so the restart proved nothing"
+        assert len(set(new)) == len(new), "a version was applied twice"
+        assert not set(new) & old, "a version c already had was applied again"
+        assert all(origin != "c" for *_, origin in new)
+        assert c.total("applied") == len(new)
+        assert c.total("gaps") == 0, "resuming inside an untrimmed stream reported a gap"
+        assert await snapshot(c.store) == expected_snapshot(log.writes)
+
+
+async def test_tailers_cancelled_at_random_points_lose_and_duplicate_nothing(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    rng = random.Random(606)
+    async with open_mesh(redis_factory, tmp_path, full_mesh(["a", "b", "c"])) as mesh:
+        c = mesh["c"]
+        log = WriteLog()
+        previous: dict[str, StreamId] = {}
+        kinds: list[str] = []
+        async with writers([mesh["a"], mesh["b"]], log, seed=607):
+            for _cycle in range(20):
+                engine = c.engine or await mesh.start_engine("c")
+                await async_wait_until(
+                    progressed(engine, rng.randint(1, 4)),
+                    timeout=30,
+                    message="c's tailers made progress",
+                )
+                # A random interleaving point: the cancel lands mid-read, mid-apply or mid-save.
+                for _ in range(rng.randint(0, 40)):
+                    await asyncio.sleep(0)  # sync-ok
+                tasks = dict(engine._tasks)
+                tailer_tasks = [t for name, t in tasks.items() if name.startswith("tailer:")]
+                kind = rng.choice(("one_tailer", "all_tailers", "shutdown"))
+                kinds.append(kind)
+                if kind == "shutdown":
+                    closing = asyncio.create_task(engine.shutdown())
+                    for _ in range(rng.randint(0, 20)):
+                        await asyncio.sleep(0)  # sync-ok
+                    closing.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await closing
+                else:
+                    victims = tailer_tasks if kind == "all_tailers" else [rng.choice(tailer_tasks)]
+                    for task in victims:
+                        task.cancel()
+                    _, pending = await asyncio.wait(victims, timeout=15)
+                    assert not pending, "a cancelled tailer did not finish within the bound"
+                await mesh.stop_engine("c")
+                assert all(t.done() for t in tasks.values()), "shutdown left tasks running"
+                saved = await saved_cursors(c.cursor_path)
+                for peer_id, cursor in saved.items():
+                    assert cursor >= previous.get(peer_id, STREAM_START), "cursor went back"
+                previous = saved
+
+        await mesh.start_engine("c")
+        await mesh.wait_idle()
+        await mesh.wait_converged()
+        assert set(kinds) == {"one_tailer", "all_tailers", "shutdown"}
+        expected = expected_snapshot(log.writes)
+        for node in mesh:
+            assert await snapshot(node.store) == expected, node.node_id
+        relayed = [(ch.key, *stream_version(ch)) for _, ch in await read_stream(c.store)]
+        assert len(set(relayed)) == len(relayed), "c applied a version twice"
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+async def stop_after_first_writes(mesh: Mesh, log: WriteLog) -> StreamId:
+    """Node 'a' applies 5 writes of 'b', then its engine stops; returns a's saved cursor."""
+    a, b = mesh["a"], mesh["b"]
+    await put_many(log, b, [f"early:{i}" for i in range(5)])
+    await async_wait_until(lambda: a.total("applied") == 5, timeout=30)
+    await mesh.stop_engine("a")
+    return (await saved_cursors(a.cursor_path))["b"]
+
+
+async def assert_gap_reported(node: MeshNode, peer_id: str) -> None:
+    status = node.peer_status(peer_id)
+    assert status["events_gaps"] > 0
+    assert status["last_gap_at"] is not None
+    assert metric(node.running(), "replication_stream_gaps_total", peer=peer_id) > 0
+    assert node.running().state == "running"
+
+
+async def test_trimmed_peer_stream_is_reported_as_a_gap(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        overrides={"b": {"local": {"stream_maxlen": 10}}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        log = WriteLog()
+        cursor = await stop_after_first_writes(mesh, log)
+        for i in range(500):
+            await log.put(b, f"late:{i}", f"value {i}".encode())
+        info = await b.store.redis.xinfo_stream(b.store.keys.cdc)
+        first = codec.parse_stream_id(info["first-entry"][0])
+        assert info["length"] < 500
+        assert first > cursor.next(), "nothing after a's cursor was trimmed"
+
+        await mesh.start_engine("a")
+        await mesh.wait_idle()
+        # What is still in the stream is applied; the rest is left to the cold path.
+        assert await a.store.get("late:499") is not None
+        assert await a.store.get("late:0") is None
+        await assert_gap_reported(a, "b")
+
+
+async def test_entries_deleted_from_peer_stream_are_reported_as_a_gap(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b"], "b": []}) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        log = WriteLog()
+        await stop_after_first_writes(mesh, log)
+        for i in range(20):
+            await log.put(b, f"late:{i}", f"value {i}".encode())
+        entries = await raw_entries(b.store)
+        lost = [raw_id for raw_id, fields in entries if fields[b"key"].startswith(b"late:")][:10]
+        assert await b.store.redis.xdel(b.store.keys.cdc, *lost) == 10
+
+        await mesh.start_engine("a")
+        await mesh.wait_idle()
+        assert await a.store.get("late:19") is not None
+        assert await a.store.get("late:0") is None  # left to the cold path
+        await assert_gap_reported(a, "b")
+
+
+async def test_corrupt_entries_are_quarantined_and_good_ones_apply(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    bomb, bomb_hash = zstd_bomb(100 * (1 << 20))
+    corrupt = {
+        "bad_zstd": bad_entry(
+            "bad:zstd",
+            data=ZSTD_MAGIC + b"not a zstd frame at all",
+            hash=codec.content_hash(b"x" * 100).encode(),
+        ),
+        "hash_mismatch": bad_entry("bad:hash", hash=codec.content_hash(b"other").encode()),
+        "unknown_op": bad_entry("bad:op", op=b"MERGE"),
+        "missing_field": bad_entry("bad:fields", hash=None, data=None, meta=None),
+        "too_large": bad_entry("bad:bomb", data=bomb, hash=bomb_hash.encode()),
+    }
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b"], "b": []}) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        log = WriteLog()
+        bad_ids: dict[str, str] = {}
+        for i, (reason, fields) in enumerate(corrupt.items()):
+            await log.put(b, f"good:{i}", f"good {i}".encode())
+            bad_ids[reason] = str(await append_raw(b.store, fields))
+        await log.put(b, "good:last", b"after every bad entry")
+
+        await mesh.wait_converged()
+        await mesh.wait_idle()
+        engine = a.running()
+        assert await snapshot(a.store) == expected_snapshot(log.writes)
+        for key in ("bad:zstd", "bad:hash", "bad:op", "bad:fields", "bad:bomb"):
+            assert await a.store.get(key) is None
+        status = a.peer_status("b")
+        assert status["events_quarantined"] == len(corrupt)
+        assert status["restarts"] == 0 and status["error"] is None
+        assert engine.state == "running"
+        for reason in corrupt:
+            assert (
+                metric(engine, "replication_cdc_events_quarantined_total", peer="b", reason=reason)
+                == 1
+            ), reason
+        assert engine.cursors is not None
+        records = await engine.cursors.quarantine_list(peer_id="b")
+        assert {r.stream_id for r in records} == set(bad_ids.values())
+        assert {r.key for r in records} == {
+            "bad:zstd",
+            "bad:hash",
+            "bad:op",
+            "bad:fields",
+            "bad:bomb",
+        }
+
+
+async def test_poison_entry_at_stream_tail_is_quarantined_once_without_spinning(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b"], "b": []}) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        log = WriteLog()
+        await put_many(log, b, [f"k{i}" for i in range(10)])
+        poison = bad_entry(
+            "poison", data=ZSTD_MAGIC + b"garbage", hash=codec.content_hash(b"p").encode()
+        )
+        poison_id = await append_raw(b.store, poison)
+
+        await async_wait_until(
+            lambda: (
+                a.peer_status("b").get("events_quarantined") == 1
+                and a.peer_status("b")["cursor"] == str(poison_id)
+                and a.peer_status("b")["mode"] == "tailing"
+            ),
+            timeout=30,
+            message="poison quarantined and tailer past it",
+        )
+        batches = a.peer_status("b")["events_batches"]
+        await mesh.wait_more_reads("b", reads=5)
+
+        reads_before = await xread_calls(b.store)
+        cpu = await cpu_seconds_over(CPU_WINDOW_S)
+        reads = await xread_calls(b.store) - reads_before
+
+        status = a.peer_status("b")
+        assert status["events_quarantined"] == 1
+        assert status["events_batches"] == batches, "idle reads re-applied something"
+        engine = a.running()
+        assert engine.cursors is not None
+        assert await engine.cursors.quarantine_count() == 1
+        # Block reads of 0.2 s: about 10 in 2 s. A loop re-reading the poison would be thousands.
+        assert reads <= 4 * CPU_WINDOW_S / 0.2, reads
+        assert cpu < IDLE_CPU_BUDGET_S, cpu
+        assert await snapshot(a.store) == expected_snapshot(log.writes)
+
+
+# ------------------------------------------------------------------------------------ peer faults
+
+
+async def test_peer_killed_opens_breaker_then_recovers_and_catches_up(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        redis_options={"b": {"appendonly": True, "appendfsync": "always"}},
+        peer_options={"a": {"circuit_failure_threshold": 2, "circuit_reset_timeout_sec": 2}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        engine = a.running()
+        log = WriteLog()
+        await put_many(log, b, [f"before:{i}" for i in range(20)])
+        await mesh.wait_converged()
+
+        b.server.kill()
+        await async_wait_until(
+            lambda: (
+                a.peer_status("b")["circuit"] == "open"
+                or metric(engine, "replication_peer_circuit_state", peer="b") == 2
+            ),
+            timeout=RECOVERY_TIMEOUT_S,
+            message="breaker open on b",
+        )
+        assert a.peer_status("b")["connected"] is False
+        cpu = await cpu_seconds_over(CPU_WINDOW_S)
+        assert cpu < IDLE_CPU_BUDGET_S, cpu
+
+        await mesh.restart_server("b")
+        await put_many(log, b, [f"after:{i}" for i in range(20)])
+        await mesh.wait_converged(timeout=RECOVERY_TIMEOUT_S)
+        assert await snapshot(a.store) == expected_snapshot(log.writes)
+        status = a.peer_status("b")
+        assert status["connected"] is True and status["circuit"] == "closed"
+
+
+async def test_peer_paused_past_circuit_timeout_then_resumed_recovers(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        # Peer calls time out after 1 s (op timeout = max(1 s, 10 x this SLO)).
+        overrides={"a": {"settings": {"slo": {"max_peer_op_latency_ms": 100}}}},
+        peer_options={"a": {"circuit_failure_threshold": 2, "circuit_reset_timeout_sec": 1}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        engine = a.running()
+        log = WriteLog()
+        await put_many(log, b, [f"before:{i}" for i in range(20)])
+        await mesh.wait_converged()
+
+        b.server.pause()
+        try:
+            await async_wait_until(
+                lambda: (
+                    a.peer_status("b")["circuit"] == "open"
+                    or metric(engine, "replication_peer_circuit_state", peer="b") == 2
+                ),
+                timeout=RECOVERY_TIMEOUT_S,
+                message="breaker open on paused b",
+            )
+            cpu = await cpu_seconds_over(CPU_WINDOW_S)  # longer than the 1 s circuit timeout
+        finally:
+            b.server.resume()
+        assert cpu < IDLE_CPU_BUDGET_S, cpu
+        await put_many(log, b, [f"after:{i}" for i in range(20)])
+        await mesh.wait_converged(timeout=RECOVERY_TIMEOUT_S)
+        assert await snapshot(a.store) == expected_snapshot(log.writes)
+        await async_wait_until(lambda: a.peer_status("b")["circuit"] == "closed", timeout=10)
+        assert a.peer_status("b")["connected"] is True
+
+
+async def test_peer_down_at_start_is_reported_then_caught_up(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        engines=[],
+        redis_options={"b": {"appendonly": True, "appendfsync": "always"}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        log = WriteLog()
+        await put_many(log, b, [f"before:{i}" for i in range(10)])
+        b.server.kill()
+
+        async with asyncio.timeout(10):
+            await mesh.start_engine("a")
+        await async_wait_until(
+            lambda: a.peer_status("b")["last_error"] is not None,
+            timeout=10,
+            message="a tried b and failed",
+        )
+        assert a.peer_status("b")["connected"] is False
+        assert await snapshot(a.store) == {}
+
+        await mesh.restart_server("b")
+        await put_many(log, b, [f"after:{i}" for i in range(10)])
+        await mesh.wait_converged(timeout=RECOVERY_TIMEOUT_S)
+        assert await snapshot(a.store) == expected_snapshot(log.writes)
+        assert a.peer_status("b")["connected"] is True
+
+
+async def test_shutdown_while_blocked_in_xread_is_bounded(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        overrides={"a": {"settings": {"hot_path": {"block_timeout": 5}}}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+
+        async def blocked() -> bool:
+            clients = await b.store.redis.info("clients")
+            tailing = a.peer_status("b").get("mode") == "tailing"
+            return tailing and int(clients["blocked_clients"]) >= 1
+
+        await async_wait_until(blocked, timeout=30, message="a blocked in XREAD on b")
+        engine = a.running()
+        started = time.monotonic()
+        await mesh.stop_engine("a")
+        elapsed = time.monotonic() - started
+        assert elapsed < 3.0, elapsed
+        assert engine.state == "stopped"
+
+
+async def test_keys_with_separators_spaces_unicode_and_shared_prefixes_replicate(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    keys = [
+        "a",
+        "ab",
+        "abc",
+        "a:b",
+        "a:b:c",
+        "a.b",
+        "a.b.c",
+        "a b",
+        " leading",
+        "trailing ",
+        "tab\there",
+        "new\nline",
+        "ключ",
+        "キー",
+        "🔑:emoji",
+        "item:a",
+        "cdc",
+        "mk:root",
+        "glob*",
+        "glob?",
+        "glob[1]",
+        "back\\slash",
+        "%s{x}",
+        "x" * 4096,
+    ]
+    async with open_mesh(redis_factory, tmp_path, full_mesh(["a", "b", "c"])) as mesh:
+        log = WriteLog()
+        nodes = list(mesh)
+        for i, key in enumerate(keys):
+            await log.put(nodes[i % 3], key, f"value of {key!r}".encode())
+        await log.delete(nodes[1], "ab")
+        await mesh.wait_converged()
+
+        expected = expected_snapshot(log.writes)
+        assert "ab" not in expected and len(expected) == len(keys) - 1
+        for node in mesh:
+            assert await snapshot(node.store) == expected, node.node_id
+            for key, (value, _, _) in expected.items():
+                item = await node.store.get(key)
+                assert item is not None and item.value == value, (node.node_id, key)
+
+
+# ------------------------------------------------------------------------------------ local faults
+
+
+async def test_failed_apply_keeps_cursor_and_retries_until_local_store_returns(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        redis_options={"a": {"appendonly": True, "appendfsync": "always"}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        engine = a.running()
+        assert engine.cursors is not None
+        log = WriteLog()
+        await put_many(log, b, [f"before:{i}" for i in range(10)])
+        await mesh.wait_converged()
+        await mesh.wait_idle()
+        cursor = await engine.cursors.get("b")
+        assert cursor is not None
+
+        a.server.kill()
+        await put_many(log, b, [f"during:{i}" for i in range(20)])
+        await async_wait_until(
+            lambda: a.stat("b", "apply_failures") >= 3,
+            timeout=RECOVERY_TIMEOUT_S,
+            message="apply failing",
+        )
+        assert await engine.cursors.get("b") == cursor
+        assert str(a.tailer("b").cursor) == cursor
+        assert a.tailer("b").stats.applied == 10
+
+        await mesh.restart_server("a")
+        await mesh.wait_converged(timeout=RECOVERY_TIMEOUT_S)
+        assert await snapshot(a.store) == expected_snapshot(log.writes)
+        await mesh.wait_idle()
+        assert await engine.cursors.get("b") == await b.store.stream_tail()
+
+
+@pytest.mark.parametrize("fault", ["local_store_down", "memory_pressure"])
+async def test_shutdown_with_an_unappliable_batch_does_not_spin(
+    redis_factory: RedisFactory, tmp_path: Path, fault: str
+) -> None:
+    drain_s = 2.0
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        engines=[],
+        overrides={"a": {"settings": {"hot_path": {"shutdown_timeout": drain_s}}}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        log = WriteLog()
+        await put_many(log, b, [f"k{i}" for i in range(10)])
+        counter = "apply_failures" if fault == "local_store_down" else "backpressure_pauses"
+        if fault == "local_store_down":
+            a.server.kill()
+        else:
+            await a.store.redis.config_set("maxmemory", 1)
+        await mesh.start_engine("a")
+        await async_wait_until(
+            lambda: a.stat("b", counter) >= 2,
+            timeout=RECOVERY_TIMEOUT_S,
+            message=f"batch held back by {fault}",
+        )
+        tailer = a.tailer("b")
+        attempts_before = getattr(tailer.stats, counter)
+
+        cpu_started, started = time.process_time(), time.monotonic()
+        await mesh.stop_engine("a")
+        cpu = time.process_time() - cpu_started
+        elapsed = time.monotonic() - started
+
+        assert tailer.cursor == STREAM_START, "cursor advanced past an unapplied batch"
+        attempts = getattr(tailer.stats, counter) - attempts_before
+        # Backoff (or giving up at once: the batch is re-read next start) allows a handful.
+        assert attempts <= 20, attempts
+        assert cpu < IDLE_CPU_BUDGET_S * max(1.0, elapsed / CPU_WINDOW_S), (cpu, elapsed)
+
+
+async def test_batch_of_highly_compressible_entries_is_not_held_inflated(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    inflated, entries = 48 * (1 << 20), 8
+    frame, digest = zstd_bomb(inflated)
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b"], "b": []}, engines=[]) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        for i in range(entries):
+            fields = bad_entry(f"big:{i}", data=frame, hash=digest.encode())
+            await append_raw(b.store, fields)
+        tracemalloc.start()
+        try:
+            await mesh.start_engine("a")
+            await async_wait_until(
+                lambda: a.total("applied") == entries, timeout=60, message="large entries applied"
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert a.peer_status("b")["events_quarantined"] == 0
+        # Verifying one entry at a time needs about two copies of one payload.
+        assert peak < 4 * inflated, f"peak {peak / (1 << 20):.0f} MiB for {entries} entries"
+
+
+async def test_rate_limit_spreads_applies_over_time(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    limited = {
+        "settings": {
+            "hot_path": {
+                "rate_limit_enabled": True,
+                "rate_limit_per_sec": 200,
+                "rate_limit_burst": 50,
+            }
+        }
+    }
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "c": ["b"], "b": []},
+        overrides={"a": limited},
+        engines=[],
+    ) as mesh:
+        log = WriteLog()
+        await put_many(log, mesh["b"], [f"k{i}" for i in range(400)])
+
+        async def time_to_apply(node_id: str) -> float:
+            started = time.monotonic()
+            await mesh.start_engine(node_id)
+            await async_wait_until(
+                lambda: mesh[node_id].total("applied") == 400,
+                timeout=30,
+                interval=0.02,
+                message=f"{node_id} applied 400 events",
+            )
+            return time.monotonic() - started
+
+        limited_s, unlimited_s = await asyncio.gather(time_to_apply("a"), time_to_apply("c"))
+        # 50 events of burst, then 350 at 200/s: at least 1.75 s.
+        assert limited_s >= 1.5, limited_s
+        assert unlimited_s < limited_s, (unlimited_s, limited_s)
+        await mesh.wait_converged()
+
+
+async def test_backpressure_pauses_applies_until_memory_is_available(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b"], "b": []}, engines=[]) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        log = WriteLog()
+        await put_many(log, b, [f"k{i}" for i in range(50)])
+        await a.store.redis.config_set("maxmemory", 1)
+        assert await a.store.should_accept_writes() is False
+
+        engine = await mesh.start_engine("a")
+        await async_wait_until(
+            lambda: (
+                a.peer_status("b").get("mode") == "backpressure"
+                and a.peer_status("b")["events_backpressure_pauses"] >= 2
+            ),
+            timeout=30,
+            message="tailer paused for memory",
+        )
+        assert a.peer_status("b")["events_applied"] == 0
+        assert metric(engine, "replication_backpressure_pauses_total") >= 2
+        assert await snapshot(a.store) == {}
+        assert engine.cursors is not None
+        assert await engine.cursors.get("b") is None
+
+        await a.store.redis.config_set("maxmemory", 0)
+        await mesh.wait_converged()
+        assert await snapshot(a.store) == expected_snapshot(log.writes)
+        await mesh.wait_idle()

@@ -1,0 +1,795 @@
+"""RedisStore against a real redis-server: the write path, the apply path and the tree.
+
+The Lua scripts are the only code that changes a store, so these tests check them from the
+outside against the pure reference (``MerkleModel``, ``codec``): the tree Redis holds must equal
+the model built from the stored versions, apply must be order- and duplicate-independent, and
+every CDC entry the scripts write must decode like one ``codec.encode_entry`` produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.exceptions
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from replication_engine import clock
+from replication_engine.clock import HLC
+from replication_engine.codec import Change, decode_entry, encode_entry, encode_payload
+from replication_engine.connection import make_client
+from replication_engine.merkle import ZERO, Geometry, GeometryError, MerkleModel, leaf_digest
+from replication_engine.store.redis_store import (
+    ApplyStatus,
+    ReadOnlyStoreError,
+    RedisStore,
+)
+from replication_engine.testing import RedisFactory, RedisHandle, async_wait_until
+
+StoreFactory = Callable[..., Awaitable[RedisStore]]
+
+# Anchor for remote HLCs: the present, so tombstones are inside the default grace period.
+NOW_MS = clock.wall_clock_ms()
+TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
+SPAN_ID = 0xB7AD6B7169203331
+TRACE_PARENT = f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01"
+_GLOB_SPECIAL = "\\*?[]^"
+
+
+class ManualClock:
+    """A wall clock the test sets by hand (tombstone ages, clocks stuck in the past)."""
+
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+@pytest.fixture
+async def open_store() -> AsyncIterator[StoreFactory]:
+    """Open stores by URL; every one is closed at teardown."""
+    opened: list[RedisStore] = []
+
+    async def make(url: str, **kwargs: Any) -> RedisStore:
+        kwargs.setdefault("node_id", "node-a")
+        store = await RedisStore.connect(url, **kwargs)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
+def _escape(prefix: str) -> str:
+    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in prefix)
+
+
+async def redis_tree(
+    store: RedisStore,
+) -> tuple[str, dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """Root, interior nodes and leaf buckets exactly as Redis holds them, found by SCAN.
+
+    Scanning (rather than walking from the root) also catches stray nodes a walk would miss.
+    """
+    prefix = store.keys.prefix
+    nodes: dict[str, dict[str, str]] = {}
+    leaves: dict[str, dict[str, str]] = {}
+    root_raw = await store.redis.get(store.keys.root)
+    async for raw_key in store.redis.scan_iter(match=f"{_escape(prefix)}mk:*", count=1000):
+        path = raw_key.decode("utf-8")[len(prefix) + len("mk:") :]
+        if path == "root":
+            continue
+        content = {k.decode(): v.decode() for k, v in (await store.redis.hgetall(raw_key)).items()}
+        (leaves if store.geometry.is_leaf(path) else nodes)[path] = content
+    root = root_raw.decode() if root_raw is not None else "0" * 32
+    return root, nodes, leaves
+
+
+async def model_of(store: RedisStore) -> MerkleModel:
+    digests = {
+        c.key: leaf_digest(c.key, c.hlc, c.content_hash, c.tombstone)
+        async for c in store.versions()
+    }
+    return MerkleModel.build(digests, store.geometry)
+
+
+async def assert_tree_matches_model(store: RedisStore) -> None:
+    model = await model_of(store)
+    root, nodes, leaves = await redis_tree(store)
+    assert root == model.root
+    assert nodes == model.nodes
+    assert leaves == model.leaves
+    expected_root = ZERO if model.root == "0" * 32 else bytes.fromhex(model.root)
+    assert await store.merkle_root() == expected_root
+
+
+async def state_of(store: RedisStore) -> dict[str, tuple[int, str, bool, str, bytes | None]]:
+    return {
+        c.key: (c.hlc, c.origin, c.tombstone, c.content_hash, c.value)
+        async for c in store.versions()
+    }
+
+
+async def items_of(store: RedisStore) -> dict[str, tuple[bytes, str, int, str]]:
+    return {i.key: (i.value, i.content_hash, i.hlc, i.origin) async for i in store.items()}
+
+
+async def cdc_entries(store: RedisStore) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    return list(await store.redis.xrange(store.keys.cdc))
+
+
+def put(key: str, value: bytes, ms_offset: int, origin: str = "node-b", counter: int = 0) -> Change:
+    return Change.put(key, value, hlc=clock.pack(NOW_MS + ms_offset, counter), origin=origin)
+
+
+def tomb(key: str, ms_offset: int, origin: str = "node-b", counter: int = 0) -> Change:
+    return Change.delete(key, hlc=clock.pack(NOW_MS + ms_offset, counter), origin=origin)
+
+
+# ---------------------------------------------------------------------------- local writes
+
+
+async def test_put_get_delete_round_trip(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url, prefix="t:")
+    hlc = await store.put("user:1", b'{"name": "ada"}', content_type="json")
+    item = await store.get("user:1")
+    assert item is not None
+    assert item.value == b'{"name": "ada"}'
+    assert item.content_type == "json"
+    assert item.origin == "node-a"
+    assert item.hlc == hlc
+
+    await store.put("text", "héllo")
+    assert (await store.get("text")).value == "héllo".encode()  # type: ignore[union-attr]
+
+    deleted_at = await store.delete("user:1")
+    assert deleted_at > hlc
+    assert await store.get("user:1") is None
+    version = await store.get_version("user:1")
+    assert version is not None and version.tombstone and version.hlc == deleted_at
+
+    revived = await store.put("user:1", b"back")
+    assert revived > deleted_at
+    assert (await store.get("user:1")).value == b"back"  # type: ignore[union-attr]
+    assert await store.get("never-written") is None
+    assert await store.get_version("never-written") is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"",
+        b"x",
+        b"\x28\xb5\x2f\xfd",
+        b"\x28\xb5\x2f\xfd" + b"z" * 500,
+        b"compressible " * 200,
+        random.Random(7).randbytes(5000),
+    ],
+    ids=["empty", "one", "magic", "magic-long", "compressible", "random"],
+)
+async def test_value_round_trip(
+    redis_server: RedisHandle, open_store: StoreFactory, value: bytes
+) -> None:
+    store = await open_store(redis_server.url)
+    await store.put("k", value)
+    item = await store.get("k")
+    assert item is not None and item.value == value
+    stored = await store.redis.hget(store.keys.item("k"), "d")
+    assert stored == encode_payload(value)
+
+
+async def test_versions_increase_per_key(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url)
+    for expected in (1, 2, 3):
+        await store.put("k", b"v%d" % expected)
+        assert (await store.get_version("k")).version == expected  # type: ignore[union-attr]
+
+
+async def test_concurrent_writers_share_one_clock(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    # Two store objects stand for two writer processes on one Redis, both with a frozen clock.
+    frozen = ManualClock(NOW_MS)
+    a = await open_store(redis_server.url, hlc=HLC(frozen))
+    b = await open_store(redis_server.url, hlc=HLC(frozen))
+    hlcs: list[int] = []
+    for wave in range(20):
+        hlcs += await asyncio.gather(
+            *(
+                s.put(f"k{i % 10}", b"v%d" % i)
+                for i in range(wave * 16, wave * 16 + 16)
+                for s in (a, b)
+            )
+        )
+    assert len(set(hlcs)) == len(hlcs) == 640
+    await assert_tree_matches_model(a)
+
+
+async def test_more_concurrent_writers_than_pool_connections(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url)
+    hlcs = await asyncio.gather(*(store.put(f"k{i}", b"v") for i in range(64)))
+    assert len(set(hlcs)) == 64
+
+
+# ---------------------------------------------------------------------------- the tree
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [Geometry(), Geometry(2, 3), Geometry(16, 3), Geometry(65536, 1), Geometry(8, 4)],
+    ids=lambda g: f"{g.fanout}x{g.depth}",
+)
+async def test_lua_tree_equals_model(
+    redis_server: RedisHandle, open_store: StoreFactory, geometry: Geometry
+) -> None:
+    store = await open_store(
+        redis_server.url, prefix="tree:", fanout=geometry.fanout, depth=geometry.depth
+    )
+    rnd = random.Random(geometry.fanout * 10 + geometry.depth)
+    keys = [f"k{i}" for i in range(60)] + ["a:b", "a.b", "a b", "ключ", "🎉"]
+    for _ in range(400):
+        key = rnd.choice(keys)
+        if rnd.random() < 0.3:
+            await store.delete(key)
+        else:
+            await store.put(key, rnd.randbytes(rnd.randrange(0, 200)))
+    await assert_tree_matches_model(store)
+    # Applied remote versions go through the other script; the tree must still agree.
+    # Newer than every local write so far, yet within the store's allowed clock offset.
+    ahead = clock.physical_ms(store.clock.last) - NOW_MS + 1_000
+    statuses = await store.apply_batch(
+        [put(rnd.choice(keys), b"remote %d" % i, ahead + i) for i in range(50)]
+        + [tomb(rnd.choice(keys), ahead + 100 + i) for i in range(20)]
+    )
+    assert ApplyStatus.APPLIED in statuses
+    await assert_tree_matches_model(store)
+
+
+async def test_empty_store_has_zero_root(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url)
+    assert await store.merkle_root() == ZERO
+    await store.put("k", b"v")
+    assert await store.merkle_root() != ZERO
+
+
+# ---------------------------------------------------------------------------- convergence
+
+
+def _random_changes(seed: int) -> list[Change]:
+    """Several versions per key from three origins, with HLC ties across origins.
+
+    (key, hlc, origin) is unique: two different versions with the same clock and origin cannot
+    come from a correct writer, and LWW does not order them.
+    """
+    rnd = random.Random(seed)
+    out: list[Change] = []
+    seen: set[tuple[str, int, str]] = set()
+    keys = [f"key:{i}" for i in range(25)] + ["x.y", "sp ace", "ümlaut"]
+    while len(out) < 200:
+        key = rnd.choice(keys)
+        offset = rnd.randrange(0, 40)
+        origin = rnd.choice(["node-a", "node-b", "node-c"])
+        if (key, offset, origin) in seen:
+            continue
+        seen.add((key, offset, origin))
+        if rnd.random() < 0.25:
+            out.append(tomb(key, offset, origin))
+        else:
+            out.append(put(key, rnd.randbytes(rnd.choice([0, 10, 100])), offset, origin))
+    return out
+
+
+async def _apply_shuffled(store: RedisStore, changes: list[Change], seed: int) -> None:
+    rnd = random.Random(seed)
+    delivery = changes + rnd.sample(changes, len(changes) // 3)  # duplicates
+    rnd.shuffle(delivery)
+    while delivery:
+        size = rnd.randrange(1, 40)
+        batch, delivery = delivery[:size], delivery[size:]
+        statuses = await store.apply_batch(batch)
+        assert len(statuses) == len(batch)
+
+
+def _expected_winners(changes: list[Change]) -> dict[str, Change]:
+    winners: dict[str, Change] = {}
+    for change in changes:
+        best = winners.get(change.key)
+        if best is None or (change.hlc, change.origin) > (best.hlc, best.origin):
+            winners[change.key] = change
+    return winners
+
+
+async def _assert_converged(a: RedisStore, b: RedisStore, changes: list[Change]) -> None:
+    assert await a.merkle_root() == await b.merkle_root()
+    assert await items_of(a) == await items_of(b)
+    state = await state_of(a)
+    assert state == await state_of(b)
+    winners = _expected_winners(changes)
+    assert {k: (w.hlc, w.origin, w.tombstone) for k, w in winners.items()} == {
+        k: (hlc, origin, tombstone) for k, (hlc, origin, tombstone, _, _) in state.items()
+    }
+    await assert_tree_matches_model(a)
+    await assert_tree_matches_model(b)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_two_prefixes_converge_under_any_order_and_duplicates(
+    redis_server: RedisHandle, open_store: StoreFactory, seed: int
+) -> None:
+    changes = _random_changes(seed)
+    a = await open_store(redis_server.url, prefix="a:", node_id="node-x")
+    b = await open_store(redis_server.url, prefix="b:", node_id="node-y")
+    await _apply_shuffled(a, changes, seed * 100 + 1)
+    await _apply_shuffled(b, changes, seed * 100 + 2)
+    await _assert_converged(a, b, changes)
+
+
+async def test_two_servers_converge_under_any_order_and_duplicates(
+    redis_factory: RedisFactory, open_store: StoreFactory
+) -> None:
+    changes = _random_changes(42)
+    a = await open_store(redis_factory().url, node_id="node-x")
+    b = await open_store(redis_factory().url, node_id="node-y")
+    await _apply_shuffled(a, changes, 1)
+    await _apply_shuffled(b, changes, 2)
+    await _assert_converged(a, b, changes)
+
+
+# ---------------------------------------------------------------------------- last writer wins
+
+
+@pytest.mark.parametrize("order", ["put-first", "tomb-first"])
+async def test_tombstone_beats_older_put_and_loses_to_newer(
+    redis_server: RedisHandle, open_store: StoreFactory, order: str
+) -> None:
+    store = await open_store(redis_server.url)
+    older_put, tombstone, newer_put = put("k", b"old", 10), tomb("k", 20), put("k", b"new", 30)
+    first, second = (older_put, tombstone) if order == "put-first" else (tombstone, older_put)
+    await store.apply_batch([first])
+    await store.apply_batch([second])
+    assert await store.get("k") is None
+    assert (await store.get_version("k")).tombstone  # type: ignore[union-attr]
+
+    first, second = (tombstone, newer_put) if order == "put-first" else (newer_put, tombstone)
+    await store.apply_batch([first])
+    await store.apply_batch([second])
+    item = await store.get("k")
+    assert item is not None and item.value == b"new"
+
+
+@pytest.mark.parametrize("order", [0, 1])
+async def test_equal_hlc_is_won_by_the_greater_origin(
+    redis_server: RedisHandle, open_store: StoreFactory, order: int
+) -> None:
+    store = await open_store(redis_server.url)
+    low, high = put("k", b"from a", 5, origin="node-a"), put("k", b"from b", 5, origin="node-b")
+    assert low.hlc == high.hlc
+    batch = [low, high] if order == 0 else [high, low]
+    statuses = await store.apply_batch(batch)
+    assert statuses == (
+        [ApplyStatus.APPLIED, ApplyStatus.APPLIED]
+        if order == 0
+        else [ApplyStatus.APPLIED, ApplyStatus.STALE]
+    )
+    item = await store.get("k")
+    assert item is not None and item.origin == "node-b" and item.value == b"from b"
+
+
+async def test_apply_statuses(redis_server: RedisHandle, open_store: StoreFactory) -> None:
+    store = await open_store(redis_server.url)
+    current = put("k", b"v2", 20)
+    assert await store.apply_batch([current]) == [ApplyStatus.APPLIED]
+    # The same version again is a duplicate delivery.
+    assert await store.apply_batch([current]) == [ApplyStatus.SKIPPED]
+    # An older version of the same content is also just a duplicate...
+    assert await store.apply_batch([put("k", b"v2", 10)]) == [ApplyStatus.SKIPPED]
+    # ...while older different content, or an older tombstone, is stale.
+    assert await store.apply_batch([put("k", b"v1", 10), tomb("k", 15)]) == [
+        ApplyStatus.STALE,
+        ApplyStatus.STALE,
+    ]
+    # A tombstone past the grace period for a key we do not hold was already collected here.
+    ancient = Change.delete("gone", hlc=clock.pack(1_000, 0), origin="node-b")
+    assert await store.apply_batch([ancient]) == [ApplyStatus.EXPIRED]
+    assert await store.get_version("gone") is None
+    assert await store.apply_batch([]) == []
+    item = await store.get("k")
+    assert item is not None and item.value == b"v2" and item.hlc == current.hlc
+
+
+async def test_apply_emits_cdc_entry_only_when_applied(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url, node_id="relay")
+    change = Change.put(
+        "k",
+        b"payload",
+        hlc=clock.pack(NOW_MS + 50, 3),
+        origin="node-origin",
+        content_type="json",
+        version=7,
+        trace_parent=TRACE_PARENT,
+    )
+    assert await store.apply_batch([change]) == [ApplyStatus.APPLIED]
+    entries = await cdc_entries(store)
+    assert len(entries) == 1
+    sid, fields = entries[0]
+    decoded = decode_entry(sid, fields, default_origin="relay")
+    assert decoded.origin == "node-origin"
+    assert decoded.hlc == change.hlc
+    assert (decoded.version, decoded.updated_at) == (7, change.updated_at)
+    assert decoded.trace_parent == TRACE_PARENT
+
+    await store.apply_batch(
+        [
+            change,
+            put("k", b"older", 1),
+            Change.delete("gone", hlc=clock.pack(1_000, 0), origin="node-b"),
+        ]
+    )
+    assert len(await cdc_entries(store)) == 1
+
+
+async def test_stream_is_capped(redis_server: RedisHandle, open_store: StoreFactory) -> None:
+    maxlen = 50
+    store = await open_store(redis_server.url, stream_maxlen=maxlen)
+    for i in range(1_000):
+        await store.put(f"k{i % 30}", b"v")
+    # MAXLEN ~ trims whole stream nodes, so up to one node's worth may remain above the cap.
+    node_entries = int(
+        (await store.redis.config_get("stream-node-max-entries"))["stream-node-max-entries"]
+    )
+    length = await store.redis.xlen(store.keys.cdc)
+    assert maxlen <= length <= maxlen + node_entries
+
+
+# ---------------------------------------------------------------------------- opening a store
+
+
+async def test_reopen_with_other_geometry_names_both(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    await open_store(redis_server.url, prefix="g:", fanout=16, depth=3)
+    with pytest.raises(GeometryError) as info:
+        await RedisStore.connect(redis_server.url, node_id="node-a", prefix="g:")
+    message = str(info.value)
+    assert Geometry(16, 3).describe() in message
+    assert Geometry(256, 2).describe() in message
+    # The same geometry opens fine, and other prefixes are independent.
+    await open_store(redis_server.url, prefix="g:", fanout=16, depth=3)
+    await open_store(redis_server.url, prefix="h:")
+
+
+async def test_hlc_survives_reconnect(redis_server: RedisHandle, open_store: StoreFactory) -> None:
+    first = await open_store(redis_server.url)
+    last = 0
+    for i in range(5):
+        last = await first.put(f"k{i}", b"v")
+    await first.close()
+    stuck = await open_store(redis_server.url, hlc=HLC(ManualClock(1_000)))
+    assert await stuck.put("k0", b"later") > last
+    assert await stuck.delete("k1") > last
+
+
+async def test_script_clock_rolls_the_counter_into_ms(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    """The Lua clock alone (a writer whose Python clock never loaded it) still moves forward."""
+    seeded = await open_store(redis_server.url)
+    remote = clock.pack(NOW_MS + 60_000, clock.MAX_COUNTER)
+    await seeded.apply_batch([Change.put("r", b"v", hlc=remote, origin="node-b")])
+    client = make_client(redis_server.url)
+    try:
+        # Built without connect(): its HLC has not observed the stored clock.
+        blind = RedisStore(client, node_id="node-c", hlc=HLC(ManualClock(1_000)))
+        assert await blind.put("k", b"v") == clock.pack(NOW_MS + 60_001, 0)
+        assert await blind.put("k", b"w") == clock.pack(NOW_MS + 60_001, 1)
+    finally:
+        await client.aclose()
+
+
+async def test_local_writes_order_after_applied_future_clock(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(
+        redis_server.url, hlc=HLC(ManualClock(NOW_MS)), max_clock_offset_sec=7200
+    )
+    future = clock.pack(NOW_MS + 3_600_000, 9)
+    await store.apply_batch([Change.put("k", b"from the future", hlc=future, origin="node-z")])
+    assert await store.put("k", b"mine") > future
+    item = await store.get("k")
+    assert item is not None and item.value == b"mine"
+
+
+async def test_follower_refuses_local_writes(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    follower = await open_store(redis_server.url, read_only=True)
+    with pytest.raises(ReadOnlyStoreError):
+        await follower.put("k", b"v")
+    with pytest.raises(ReadOnlyStoreError):
+        await follower.delete("k")
+    assert await follower.redis.exists(follower.keys.item("k")) == 0
+    # It still takes replicated versions.
+    assert await follower.apply_batch([put("k", b"v", 1)]) == [ApplyStatus.APPLIED]
+
+
+# ---------------------------------------------------------------------------- awkward keys
+
+
+AWKWARD_KEYS = [
+    "a",
+    "ab",
+    "a:b",
+    "a:",
+    "a.b",
+    "a b",
+    " lead",
+    "trail ",
+    "ключ",
+    "🎉:x",
+    "a*",
+    "[x]",
+    "item:nested",
+    "mk:root",
+    "a\\b",
+    "?",
+]
+
+
+@pytest.mark.parametrize("prefix", ["", "app:", "a*[x]:", "пре фикс."])
+async def test_awkward_keys_and_prefixes(
+    redis_server: RedisHandle, open_store: StoreFactory, prefix: str
+) -> None:
+    store = await open_store(redis_server.url, prefix=prefix)
+    for key in AWKWARD_KEYS:
+        await store.put(key, key.encode())
+    await store.delete("ab")
+    for key in AWKWARD_KEYS:
+        item = await store.get(key)
+        if key == "ab":
+            assert item is None
+        else:
+            assert item is not None and item.value == key.encode(), key
+    assert set((await items_of(store)).keys()) == set(AWKWARD_KEYS) - {"ab"}
+    assert set((await state_of(store)).keys()) == set(AWKWARD_KEYS)
+    await assert_tree_matches_model(store)
+
+
+async def test_glob_characters_in_prefix_do_not_leak_other_stores(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    globby = await open_store(redis_server.url, prefix="a*[x]:")
+    # Matches the *unescaped* pattern 'a*[x]:item:*': 'a' + anything + 'x' + ':'.
+    neighbour = await open_store(redis_server.url, prefix="aQQx:")
+    await globby.put("mine", b"1")
+    await neighbour.put("theirs", b"2")
+    unescaped = [k async for k in globby.redis.scan_iter(match="a*[x]:item:*")]
+    assert b"aQQx:item:theirs" in unescaped  # the trap is real
+    assert set((await items_of(globby)).keys()) == {"mine"}
+    assert set((await items_of(neighbour)).keys()) == {"theirs"}
+
+
+# ---------------------------------------------------------------------------- upkeep
+
+
+async def test_collect_tombstones(redis_server: RedisHandle, open_store: StoreFactory) -> None:
+    wall = ManualClock(NOW_MS)
+    store = await open_store(redis_server.url, hlc=HLC(wall), tombstone_grace_sec=0.001)
+    for i in range(20):
+        await store.put(f"k{i}", b"v")
+    deleted = {f"k{i}" for i in range(0, 20, 2)}
+    for key in sorted(deleted):
+        await store.delete(key)
+    await store.delete("k0")  # deleted twice: still one tombstone
+    await store.put("k2", b"revived")  # a put after the delete is not a tombstone any more
+    deleted.discard("k2")
+    gone = await store.get_version("k4")
+    assert gone is not None
+    old_tombstone = Change.delete("k4", hlc=gone.hlc, origin="node-a")
+
+    # Within the grace period nothing goes.
+    assert await store.collect_tombstones() == 0
+
+    wall.ms = NOW_MS + 10_000
+    assert await store.collect_tombstones() == len(deleted)
+    for key in deleted:
+        assert await store.get_version(key) is None
+    assert await store.redis.zcard(store.keys.tombs) == 0
+    assert set((await items_of(store)).keys()) == {f"k{i}" for i in range(20)} - deleted
+    await assert_tree_matches_model(store)
+    assert await store.collect_tombstones() == 0
+    # The collected tombstone, delivered again, must not come back.
+    assert await store.apply_batch([old_tombstone]) == [ApplyStatus.EXPIRED]
+    await assert_tree_matches_model(store)
+
+
+async def test_collect_tombstones_is_bounded_per_call(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    wall = ManualClock(NOW_MS)
+    store = await open_store(redis_server.url, hlc=HLC(wall), tombstone_grace_sec=0.001)
+    for i in range(12):
+        await store.delete(f"k{i}")
+    wall.ms = NOW_MS + 10_000
+    assert await store.collect_tombstones(limit=5) == 5
+    assert await store.collect_tombstones(limit=5) == 5
+    assert await store.collect_tombstones(limit=5) == 2
+    await assert_tree_matches_model(store)
+
+
+async def test_should_accept_writes_turns_false_under_memory_pressure(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url, max_memory_ratio=0.9)
+    admin = store.redis
+    assert await store.should_accept_writes()
+    used = int((await admin.info("memory"))["used_memory"])
+    limit = used + 4 * (1 << 20)
+    await admin.config_set("maxmemory", limit)
+    try:
+        chunk = b"x" * (64 * 1024)
+        for i in range(200):
+            if int((await admin.info("memory"))["used_memory"]) >= limit * 0.95:
+                break
+            try:
+                await admin.set(f"fill:{i}", chunk)
+            except redis.exceptions.ResponseError:  # OOM: full enough
+                break
+        # The answer is cached for a second; wait for the next real check, with a deadline.
+        await async_wait_until(
+            lambda: _is_refusing(store), timeout=5, message="store refuses writes when full"
+        )
+        await admin.delete(*[f"fill:{i}" for i in range(200)])
+        await async_wait_until(
+            store.should_accept_writes, timeout=5, message="store accepts writes when freed"
+        )
+    finally:
+        await admin.config_set("maxmemory", 0)
+
+
+async def _is_refusing(store: RedisStore) -> bool:
+    return not await store.should_accept_writes()
+
+
+# ---------------------------------------------------------------------------- CDC format
+
+
+def _same_entry(written: dict[bytes, bytes], expected: dict[str, bytes]) -> None:
+    got = {k.decode(): v for k, v in written.items()}
+    assert set(got) == set(expected)
+    for name in ("op", "key", "hash", "data"):
+        assert got.get(name) == expected.get(name), name
+    assert json.loads(got["meta"]) == json.loads(expected["meta"])
+
+
+async def test_script_cdc_entries_match_codec(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url, prefix="cdc:", node_id="node-a")
+    expected: list[Change] = []
+
+    async def record(key: str) -> None:
+        version = await store.get_version(key)
+        assert version is not None
+        expected.append(version)
+
+    await store.put("small", b"tiny", content_type="text")
+    await record("small")
+    await store.put("big", b"compress me " * 100, content_type="json")
+    await record("big")
+    await store.put("magic", b"\x28\xb5\x2f\xfd raw")
+    await record("magic")
+    span = NonRecordingSpan(
+        SpanContext(
+            trace_id=TRACE_ID,
+            span_id=SPAN_ID,
+            is_remote=False,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        )
+    )
+    with trace.use_span(span):
+        await store.put("traced", b"with trace")
+    await record("traced")
+    assert expected[-1].trace_parent == TRACE_PARENT
+    await store.delete("small")
+    await record("small")
+    remote = [
+        Change.put(
+            "remote",
+            b"from b " * 20,
+            hlc=clock.pack(NOW_MS + 10, 2),
+            origin="node-b",
+            content_type="json",
+            version=4,
+            trace_parent=TRACE_PARENT,
+        ),
+        Change.delete("remote-del", hlc=clock.pack(NOW_MS + 11, 0), origin="node-c", version=2),
+    ]
+    assert await store.apply_batch(remote) == [ApplyStatus.APPLIED] * 2
+    expected += remote
+
+    entries = await cdc_entries(store)
+    assert len(entries) == len(expected)
+    for (sid, fields), change in zip(entries, expected, strict=True):
+        _same_entry(fields, encode_entry(change))
+        decoded = decode_entry(sid, fields, default_origin="wrong")
+        assert decoded.key == change.key
+        assert decoded.hlc == change.hlc
+        assert decoded.origin == change.origin
+        assert decoded.tombstone == change.tombstone
+        assert decoded.content_hash == change.content_hash
+        assert decoded.data == change.data
+        assert decoded.version == change.version
+        assert decoded.updated_at == change.updated_at
+        assert decoded.trace_parent == change.trace_parent
+
+
+async def test_relayed_entry_with_large_updated_at_decodes(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url)
+    # A legacy writer stamping microseconds, accepted by decode_entry as a valid integer.
+    change = Change.put(
+        "k", b"v", hlc=clock.pack(NOW_MS, 0), origin="node-b", updated_at=NOW_MS * 1000, version=3
+    )
+    assert await store.apply_batch([change]) == [ApplyStatus.APPLIED]
+    ((sid, fields),) = await cdc_entries(store)
+    decoded = decode_entry(sid, fields, default_origin="node-b")
+    assert decoded.updated_at == change.updated_at
+
+
+# ---------------------------------------------------------------------------- skewed clocks
+
+
+async def test_far_future_remote_clock_does_not_brick_local_writes(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url)
+    bogus = Change.put("x", b"v", hlc=clock.MAX_HLC - 1, origin="broken-peer")
+    await store.apply_batch([bogus])
+    for i in range(5):
+        await store.put(f"k{i}", b"still writable")
+
+
+async def test_skewed_peer_clock_does_not_expire_fresh_tombstones(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    year_ms = 365 * 86_400_000
+    store = await open_store(
+        redis_server.url, tombstone_grace_sec=3600, max_clock_offset_sec=2 * year_ms / 1000
+    )
+    await store.delete("fresh")
+    skewed = Change.put("y", b"v", hlc=clock.pack(NOW_MS + year_ms, 0), origin="skewed-peer")
+    assert await store.apply_batch([skewed]) == [ApplyStatus.APPLIED]
+    assert await store.collect_tombstones() == 0
+    version = await store.get_version("fresh")
+    assert version is not None and version.tombstone
+
+
+async def test_version_stamped_beyond_the_clock_offset_is_rejected(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url, max_clock_offset_sec=60)
+    ahead = Change.put(
+        "k", b"from a broken clock", hlc=clock.pack(NOW_MS + 3_600_000, 0), origin="broken-peer"
+    )
+    fine = Change.put("j", b"ok", hlc=clock.pack(NOW_MS, 0), origin="good-peer")
+    assert await store.apply_batch([ahead, fine]) == [ApplyStatus.REJECTED, ApplyStatus.APPLIED]
+    assert await store.get("k") is None
+    assert clock.physical_ms(await store.put("mine", b"v")) < NOW_MS + 3_600_000
