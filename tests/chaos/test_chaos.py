@@ -606,6 +606,16 @@ async def test_huge_garbage_entries_are_quarantined_bounded_and_the_engine_carri
             timeout=RECOVERY_S,
             message="the write after the garbage replicated",
         )
+        # The cold path may deliver that write before the tailer gets past the garbage: wait
+        # for the tailer itself to have moved its cursor to b's tail.
+        raw_tail = await mesh["b"].store.stream_tail()
+        assert raw_tail is not None
+        tail = codec.parse_stream_id(raw_tail)
+        await async_wait_until(
+            lambda: (a.saved_cursor("b") or codec.STREAM_START) >= tail,
+            timeout=RECOVERY_S,
+            message="a's tailer of b past the garbage",
+        )
         rows = [r for r in a.quarantined() if r[0] == "b"]
         assert sorted(codec.parse_stream_id(sid) for _, sid, _ in rows) == sorted(ids)
         quarantined = a.metric_total("replication_cdc_events_quarantined_total", peer="b")
