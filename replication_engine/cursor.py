@@ -51,6 +51,9 @@ QUARANTINE_TEXT_MAX_BYTES = 4096
 BUSY_TIMEOUT_MS = 5000
 # Prefix marking a quarantined field stored as base64 because it was not printable UTF-8.
 BASE64_PREFIX = "base64:"
+# How long a cancelled open() waits for SQLite to finish opening the file, to close it: a local
+# open takes milliseconds, and a hung file system must not hang the caller's shutdown as well.
+ABANDONED_OPEN_WAIT_S = 5.0
 
 # A stream entry's fields as redis-py returns them (bytes, or str with decode_responses). Mapping
 # keys are invariant, so each key type is listed for dict[bytes, bytes] and dict[str, str] to fit.
@@ -69,7 +72,15 @@ _RECOVERY_HINT = (
     "bootstrapped again from a snapshot (safe: applies are idempotent), and the quarantine "
     "kept in the file is lost"
 )
-_TABLES = ("cursors", "quarantine", "bootstrap", "bootstrap_branches")
+_TABLES = ("cursors", "quarantine", "bootstrap", "bootstrap_branches", "meta")
+# Node-wide facts that outlive a run (e.g. when this node was last in contact with the mesh).
+# Added after schema version 1 shipped without a version bump: files without it gain it on open,
+# and older engines ignore a table they do not know, so a downgrade keeps working.
+_META_TABLE = """CREATE TABLE IF NOT EXISTS meta (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    )"""
 _SCHEMA = (
     """CREATE TABLE cursors (
         peer_id TEXT PRIMARY KEY,
@@ -96,6 +107,7 @@ _SCHEMA = (
         branch TEXT NOT NULL,
         PRIMARY KEY (peer_id, branch)
     ) WITHOUT ROWID""",
+    _META_TABLE,
 )
 _UPSERT_CURSOR = (
     "INSERT INTO cursors (peer_id, stream_id, updated_ms) VALUES (?, ?, ?) "
@@ -256,6 +268,62 @@ def _prepare_location(location: str) -> None:
         )
 
 
+async def _connect(location: str) -> aiosqlite.Connection:
+    """``aiosqlite.connect`` that closes the connection it opened if the caller is cancelled.
+
+    aiosqlite's ``Connection._connect``, cancelled after its worker thread has opened the file
+    but before the result reached the event loop, only stops the thread: the sqlite3 connection
+    is dropped unclosed, and its file stays open until the garbage collector breaks the
+    connection's reference cycle (an engine restarted again and again piles up descriptors).
+    So the connect runs in a task of its own behind a shield; a cancelled caller waits for it
+    (at most ``ABANDONED_OPEN_WAIT_S``), closes what it opened, then re-raises.
+    """
+    connecting = asyncio.create_task(_open_connection(location), name="cursor_open")
+    try:
+        return await asyncio.shield(connecting)
+    except asyncio.CancelledError:
+        await asyncio.shield(_close_when_connected(connecting, location))
+        raise
+
+
+async def _open_connection(location: str) -> aiosqlite.Connection:
+    # A coroutine for create_task: aiosqlite.connect returns an awaitable Connection.
+    return await aiosqlite.connect(location, isolation_level=None)
+
+
+async def _close_when_connected(
+    connecting: asyncio.Task[aiosqlite.Connection], location: str
+) -> None:
+    """Close the connection an abandoned connect makes, once it is made."""
+    done, _ = await asyncio.wait({connecting}, timeout=ABANDONED_OPEN_WAIT_S)
+    if not done:
+        logger.warning(
+            "cursor database open still running %.0fs after it was cancelled; it will be "
+            "closed when it finishes path=%s",
+            ABANDONED_OPEN_WAIT_S,
+            location,
+        )
+        connecting.add_done_callback(_stop_when_connected)
+        return
+    if connecting.cancelled() or connecting.exception() is not None:
+        return  # nothing was opened
+    await _close_quietly(connecting.result(), location)
+
+
+def _stop_when_connected(connecting: asyncio.Task[aiosqlite.Connection]) -> None:
+    # stop() queues the close on the connection's worker thread; nothing is left to await it.
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result().stop()
+
+
+async def _close_quietly(db: aiosqlite.Connection, location: str) -> None:
+    """Close a connection open() will not hand out: the error that got us here matters more."""
+    try:
+        await db.close()
+    except Exception as exc:
+        logger.warning("cursor close after a failed open failed path=%s error=%s", location, exc)
+
+
 class CursorStore:
     """Durable per-peer state of the replication engine, backed by one SQLite file.
 
@@ -305,7 +373,7 @@ class CursorStore:
         if location != ":memory:":
             await asyncio.to_thread(_prepare_location, location)
         try:
-            db = await aiosqlite.connect(location, isolation_level=None)
+            db = await _connect(location)
         except sqlite3.Error as exc:
             raise CursorError(
                 f"cursor database {location}: cannot open: {exc}", path=location
@@ -314,8 +382,8 @@ class CursorStore:
         try:
             await store._prepare()
         except BaseException:
-            with contextlib.suppress(Exception):
-                await db.close()
+            # Any failure or cancellation of the checks: the caller never gets the connection.
+            await _close_quietly(db, location)
             raise
         logger.info(
             "cursor store opened path=%s wal=%s quarantine_max_rows=%d",
@@ -419,6 +487,9 @@ class CursorStore:
                 f"this engine's {SCHEMA_VERSION}; run the newer engine or {_RECOVERY_HINT}",
                 path=self.path,
             )
+        if "meta" not in tables:
+            await db.execute(_META_TABLE)
+            tables.add("meta")
         missing = [table for table in _TABLES if table not in tables]
         if missing:
             raise CursorError(
@@ -792,3 +863,35 @@ class CursorStore:
             await db.execute("DELETE FROM bootstrap WHERE peer_id = ?", (peer_id,))
             await db.execute(_UPSERT_CURSOR, (peer_id, cursor, _now_ms()))
         logger.info("bootstrap finished peer=%s cursor=%s", peer_id, cursor)
+
+    # ----------------------------------------------------------------------------------------
+    # Node-wide facts
+
+    async def meta_get(self, name: str) -> str | None:
+        """The value stored under ``name`` in the meta table, or None."""
+        rows = await self._read("read meta", None, "SELECT value FROM meta WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
+
+    async def meta_set(self, name: str, value: str) -> None:
+        """Store ``value`` under ``name``; committed when this returns.
+
+        Raises:
+            CursorError: the write failed.
+        """
+        await self._write(
+            "write meta",
+            None,
+            "INSERT INTO meta (name, value, updated_ms) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET "
+            "value = excluded.value, updated_ms = excluded.updated_ms",
+            (name, value, _now_ms()),
+        )
+
+    async def newest_save_ms(self) -> int | None:
+        """Wall-clock ms of the most recent cursor save of any peer, or None without cursors.
+
+        A lower bound of when this node last took changes from the mesh, for files written
+        before the meta table recorded that directly.
+        """
+        rows = await self._read("read cursors", None, "SELECT MAX(updated_ms) FROM cursors")
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None

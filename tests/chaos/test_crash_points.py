@@ -203,7 +203,7 @@ def crash_point(engine: ReplicationEngine) -> str:
             coro = coro.cr_await
         if any(owner is o for o in ours) and chain[0] in ("_supervise_tailer", "_apply_and_save"):
             names.extend(chain)
-    if "apply_batch" in names:
+    if "apply_batch" in names or "apply_prepared" in names:
         return "applying"
     if "save" in names:
         return "saving"
@@ -447,15 +447,6 @@ async def test_real_kill_9_of_an_engine_process_at_random_points(
 # ------------------------------------------------------------------------------------ cancellation
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "peer.py/connection.py: redis-py's asyncio send path wraps the socket write in "
-        "asyncio.wait_for, which on CPython 3.11 returns normally when the task is cancelled just "
-        "as the write completes (gh-86296); a Peer call cancelled at that point finishes instead "
-        "of raising CancelledError, so engine tasks (tailer, health loop) survive task.cancel()"
-    ),
-)
 async def test_a_cancelled_peer_call_always_raises_cancelled_error(
     redis_factory: RedisFactory,
 ) -> None:
@@ -493,15 +484,6 @@ def open_files(path: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "cursor.py CursorStore.open: a cancellation that lands just as aiosqlite.connect "
-        "completes is raised out of the connect await (aiosqlite's Connection._connect then only "
-        "stops its thread), so the sqlite3 connection is never closed: its file stays open until "
-        "the garbage collector finds it; open() should shield the connect and close what it got"
-    ),
-)
 async def test_a_start_cancelled_at_random_points_leaves_no_cursor_file_open(
     tmp_path: Path,
 ) -> None:
