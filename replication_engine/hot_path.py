@@ -32,7 +32,7 @@ from replication_engine.resilience import (
     sleep_or_stop,
 )
 from replication_engine.store.protocol import Store
-from replication_engine.store.redis_store import ApplyStatus
+from replication_engine.store.redis_store import ApplyStatus, PreparedApply
 
 log = logging.getLogger("replication_engine.hot_path")
 
@@ -54,6 +54,8 @@ class TailerSettings:
     max_payload: int = codec.DEFAULT_MAX_PAYLOAD
     retry_base_sec: float = 0.05
     retry_max_sec: float = 5.0
+    # Re-emit applied versions on the local stream (chains and trees need it; see apply_batch).
+    relay: bool = True
 
 
 @dataclass(slots=True)
@@ -67,6 +69,14 @@ class TailerStats:
     gaps: int = 0
     apply_failures: int = 0
     backpressure_pauses: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Decoded changes, coalesced per key, and the same packed for the store (None if empty)."""
+
+    changes: list[Change]
+    prepared: PreparedApply | None
 
 
 class CursorSaveFailed(RuntimeError):
@@ -113,7 +123,8 @@ class Tailer:
             else None
         )
         self.stats = TailerStats()
-        self.cursor: StreamId | None = None
+        self.cursor: StreamId | None = None  # saved: everything up to here is applied
+        self._read_pos: StreamId | None = None  # decoded, maybe not yet applied (pipelining)
         self.tail: StreamId | None = None
         self.lag_ms: int | None = None  # unknown until the first read answers
         self.lag_events: int | None = None
@@ -140,7 +151,14 @@ class Tailer:
         return self._stop.is_set()
 
     async def run(self) -> None:
-        """The task body. Returns when stopped; raises only on a bug or a cursor failure."""
+        """The task body. Returns when stopped; raises only on a bug or a cursor failure.
+
+        While catching up, the work is a three-stage pipeline over two servers and this
+        process: batch N+1 is read from the peer and decoded here while batch N is applied by
+        the local Redis. Commits stay strictly in stream order (one in flight at a time), so the
+        saved cursor only ever covers applied batches. At the head of the stream each batch is
+        committed before the next read, which then starts from the saved cursor.
+        """
         try:
             if self.cursor is None:
                 cursor = await self._initial_cursor()
@@ -148,28 +166,63 @@ class Tailer:
                     return
                 self.cursor = cursor
             ahead: asyncio.Task[tuple[StreamInfo, list[Entry]]] | None = None
+            committing: asyncio.Task[bool] | None = None
             try:
                 while not self._stop.is_set():
+                    if ahead is None and committing is not None:
+                        finished, committing = committing, None
+                        if not await finished:
+                            break
                     read = await self._read(ahead)
                     ahead = None
                     if read is None:
                         continue
                     info, entries = read
-                    if len(entries) >= self.sizer.size:
-                        # A full batch means more is waiting: read the next one from the peer
-                        # while this one is applied locally (two servers, working in parallel).
+                    requested = self.sizer.size
+                    full = len(entries) >= requested
+                    if full:
+                        # More is waiting: read the next batch while this one is decoded and
+                        # applied (the peer's Redis, this process and ours work in parallel).
                         after = codec.parse_stream_id(entries[-1][0])
                         ahead = asyncio.ensure_future(
-                            self.peer.read_batch(after, self.sizer.size, block_ms=None)
+                            self.peer.read_batch(after, requested, block_ms=None)
                         )
-                    await self._handle(info, entries)
+                    prepared = await self._prepare(info, entries)
+                    if committing is not None:
+                        finished, committing = committing, None
+                        if not await finished:
+                            break  # stopping with the previous batch unapplied: re-read later
+                    if prepared is not None:
+                        committing = asyncio.ensure_future(self._commit_prepared(*prepared))
+                        if not full:
+                            finished, committing = committing, None
+                            await finished
             finally:
-                if ahead is not None:
-                    ahead.cancel()
-                    with contextlib.suppress(BaseException):
-                        await ahead
+                await self._settle(ahead, committing)
         finally:
             self.mode = "stopped"
+
+    async def _settle(
+        self,
+        ahead: asyncio.Task[tuple[StreamInfo, list[Entry]]] | None,
+        committing: asyncio.Task[bool] | None,
+    ) -> None:
+        """On the way out: drop the read in flight, let the commit in flight finish (bounded)."""
+        if ahead is not None:
+            ahead.cancel()
+            with contextlib.suppress(BaseException):
+                await ahead
+        if committing is None:
+            return
+        if not committing.done():
+            # A commit that is cancelled still completes its attempt and saves its cursor
+            # within the shutdown bound (see _commit); a graceful stop just lets it run.
+            await asyncio.wait({committing}, timeout=self.settings.shutdown_timeout_sec)
+        if not committing.done():
+            committing.cancel()
+            await asyncio.wait({committing}, timeout=self.settings.shutdown_timeout_sec)
+        if committing.done() and not committing.cancelled():
+            committing.exception()  # retrieved; a cursor failure already surfaced or will again
 
     # ------------------------------------------------------------------------ start position
 
@@ -206,6 +259,8 @@ class Tailer:
         assert self.cursor is not None
         block_ms = None if self.catching_up else max(1, int(self.settings.block_timeout_sec * 1000))
         self.mode = "catching_up" if self.catching_up else "tailing"
+        if ahead is None:
+            self._read_pos = None  # nothing in flight: this read starts at the saved cursor
         read = ahead or asyncio.ensure_future(
             self.peer.read_batch(self.cursor, self.sizer.size, block_ms=block_ms)
         )
@@ -244,12 +299,19 @@ class Tailer:
 
     # ------------------------------------------------------------------------ one batch
 
-    async def _handle(self, info: StreamInfo, entries: list[Entry]) -> None:
-        assert self.cursor is not None
+    async def _prepare(
+        self, info: StreamInfo, entries: list[Entry]
+    ) -> tuple[StreamInfo, int, int, Batch, StreamId] | None:
+        """Gap check, decode and quarantine: everything before the apply.
+
+        Returns what ``_commit_prepared`` needs, or None for an empty read (at the head).
+        """
+        position = self.cursor if self._read_pos is None else self._read_pos
+        assert position is not None
         self.tail = info.last
         self._publish_lag(info)  # before applying: a batch that cannot be applied still counts
         requested = self.sizer.size
-        if info.trimmed_past(self.cursor) and (info.first, info.max_deleted) != self._gap_seen:
+        if info.trimmed_past(position) and (info.first, info.max_deleted) != self._gap_seen:
             self._gap_seen = (info.first, info.max_deleted)  # one gap, however many batches
             self._report_gap(info)
         if not entries:
@@ -257,19 +319,26 @@ class Tailer:
             self.sizer.observe(0)
             self._publish_lag(info)
             self.metrics.batch_size.labels(self._peer_id).set(self.sizer.size)
-            return
-        batch, last_id = await self._decode(entries)
+            return None
+        changes, last_id = await self._decode(entries, position)
+        self._read_pos = last_id
+        batch = Batch(changes, self.store.prepare_apply(changes) if changes else None)
+        return info, requested, len(entries), batch, last_id
+
+    async def _commit_prepared(
+        self, info: StreamInfo, requested: int, read: int, batch: Batch, last_id: StreamId
+    ) -> bool:
+        """Apply and save one decoded batch, then adapt the batch size. False when stopped."""
         flush_started = time.perf_counter()
-        committed = await self._commit(batch, last_id)
-        if not committed:
-            return
+        if not await self._commit(batch, last_id):
+            self._read_pos = None  # the next read goes from the saved cursor
+            return False
         flush = time.perf_counter() - flush_started
-        self.catching_up = len(entries) >= requested
-        self.sizer.observe(
-            len(entries), flush_seconds=flush, flush_slo_seconds=self.settings.flush_slo_sec
-        )
+        self.catching_up = read >= requested
+        self.sizer.observe(read, flush_seconds=flush, flush_slo_seconds=self.settings.flush_slo_sec)
         self.metrics.batch_size.labels(self._peer_id).set(self.sizer.size)
         self._publish_lag(info)
+        return True
 
     def _report_gap(self, info: StreamInfo) -> None:
         self.stats.gaps += 1
@@ -287,10 +356,12 @@ class Tailer:
         )
         self.on_gap(self._peer_id)
 
-    async def _decode(self, entries: list[Entry]) -> tuple[list[Change], StreamId]:
+    async def _decode(
+        self, entries: list[Entry], position: StreamId
+    ) -> tuple[list[Change], StreamId]:
         coalesced: dict[str, Change] = {}
         rejected: list[str] = []
-        last_id = self.cursor or codec.STREAM_START
+        last_id = position
         for raw_id, fields in entries:
             try:
                 sid = codec.parse_stream_id(raw_id)
@@ -344,7 +415,7 @@ class Tailer:
 
     # ------------------------------------------------------------------------ apply + cursor
 
-    async def _commit(self, batch: list[Change], last_id: StreamId) -> bool:
+    async def _commit(self, batch: Batch, last_id: StreamId) -> bool:
         """Apply ``batch`` then save ``last_id``, retrying with backoff until done or stopped.
 
         Once stopping, the batch in hand gets one more attempt and is otherwise left unapplied
@@ -354,7 +425,7 @@ class Tailer:
         """
         while True:
             delay = 0.0
-            if await self._admit(len(batch)):
+            if await self._admit(len(batch.changes)):
                 attempt = asyncio.ensure_future(self._apply_and_save(batch, last_id))
                 try:
                     outcome = await asyncio.shield(attempt)
@@ -392,14 +463,16 @@ class Tailer:
             await self.limiter.acquire(events)
         return True
 
-    async def _apply_and_save(self, batch: list[Change], last_id: StreamId) -> float | None:
+    async def _apply_and_save(self, batch: Batch, last_id: StreamId) -> float | None:
         """One attempt. None on success, else seconds to wait before the next attempt."""
         started = time.perf_counter()
-        if batch:
+        if batch.prepared is not None:
             try:
                 with self.local_breaker.calling():
-                    with continue_trace(batch):
-                        statuses = await self.store.apply_batch(batch)
+                    with continue_trace(batch.changes):
+                        statuses = await self.store.apply_prepared(
+                            batch.prepared, relay=self.settings.relay
+                        )
             except pybreaker.CircuitBreakerError:
                 self.mode = "local_store_unavailable"
                 return breaker_remaining(self.local_breaker)
@@ -411,7 +484,7 @@ class Tailer:
                 return 0.0
             applied = sum(1 for s in statuses if s is ApplyStatus.APPLIED)
             rejected = [
-                c for c, s in zip(batch, statuses, strict=True) if s is ApplyStatus.REJECTED
+                c for c, s in zip(batch.changes, statuses, strict=True) if s is ApplyStatus.REJECTED
             ]
             deduped = len(statuses) - applied - len(rejected)
             self.stats.applied += applied

@@ -14,13 +14,14 @@ from enum import StrEnum
 from importlib import resources
 from typing import Any
 
+import msgpack
 from redis.asyncio import Redis
 
 from replication_engine import clock, codec
 from replication_engine.clock import HLC
 from replication_engine.codec import Change
 from replication_engine.connection import TlsOptions, make_client
-from replication_engine.merkle import Geometry, GeometryError
+from replication_engine.merkle import Geometry, GeometryError, leaf_digest
 from replication_engine.observability.tracing import current_trace_parent
 from replication_engine.store.layout import Keyspace, text
 from replication_engine.store.reader import ReadCounter, TreeReader, item_from_hash
@@ -40,6 +41,16 @@ class ApplyStatus(StrEnum):
     STALE = "stale"  # older than the version held here
     EXPIRED = "expired"  # a tombstone past its grace period, already collected here
     REJECTED = "rejected"  # stamped too far in the future: a peer's clock is wrong
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedApply:
+    """A batch packed for the apply script (see :meth:`RedisStore.prepare_apply`)."""
+
+    size: int  # changes in the batch, accepted or not
+    accepted: list[int]  # their indexes that go to the script (the rest are REJECTED)
+    newest: int  # the greatest HLC among the accepted changes
+    packed: bytes
 
 
 _STATUS = {
@@ -199,46 +210,74 @@ class RedisStore:
 
     # ------------------------------------------------------------------------ the apply path
 
-    async def apply_batch(self, changes: Sequence[Change]) -> list[ApplyStatus]:
+    async def apply_batch(
+        self, changes: Sequence[Change], *, relay: bool = True
+    ) -> list[ApplyStatus]:
         """Apply remote versions in one round trip, each atomically, last-writer-wins.
 
-        Duplicates and older versions are skipped; an applied version is re-emitted on this
-        node's stream with its original origin and HLC so that relays work and loops die out.
+        Duplicates and older versions are skipped. With ``relay``, an applied version is
+        re-emitted on this node's stream with its original origin and HLC, so that a node
+        tailing only this one (a chain, a tree of followers) gets it too, and loops die out at
+        the dedup. In a full mesh every node tails every origin directly and relaying only
+        multiplies stream writes and reads; see docs/TOPOLOGIES.md.
         """
-        if not changes:
-            return []
-        wall = self.clock.wall()
-        horizon = wall - self.tombstone_grace_ms
+        return await self.apply_prepared(self.prepare_apply(changes), relay=relay)
+
+    def prepare_apply(self, changes: Sequence[Change]) -> PreparedApply:
+        """The client-side half of :meth:`apply_batch`: no I/O, so a pipelined caller can
+        pack batch N+1 while this store's server is still applying batch N."""
         # A version stamped far ahead of our wall clock would drag this store's clock (and so
         # every later local write) into the future, possibly to the end of the HLC range.
-        future = wall + self.max_clock_offset_ms
-        args: list[Any] = [*self._base_args, self.stream_maxlen, horizon]
+        future = self.clock.wall() + self.max_clock_offset_ms
+        items: list[list[str | bytes]] = []
         accepted: list[int] = []
         newest = 0
+        leaf_path = self.geometry.leaf_path
         for i, c in enumerate(changes):
             if clock.physical_ms(c.hlc) > future:
                 continue
             accepted.append(i)
-            args += [
-                c.key,
-                self.geometry.leaf_path(c.key),
-                "1" if c.tombstone else "0",
-                c.data,
-                c.content_hash,
-                clock.to_hex(c.hlc),
-                c.origin,
-                c.content_type,
-                c.version,
-                c.updated_at,
-                c.trace_parent or "",
-            ]
+            items.append(
+                [
+                    c.key,
+                    leaf_path(c.key),
+                    "1" if c.tombstone else "0",
+                    c.data,
+                    c.content_hash,
+                    clock.to_hex(c.hlc),
+                    c.origin,
+                    c.content_type,
+                    str(c.version),
+                    str(c.updated_at),
+                    c.trace_parent or "",
+                    leaf_digest(c.key, c.hlc, c.content_hash, c.tombstone),
+                ]
+            )
             newest = max(newest, c.hlc)
-        out = [ApplyStatus.REJECTED] * len(changes)
-        if accepted:
-            statuses = await self._apply(args=args)
-            self.clock.observe(newest)
-            for i, s in zip(accepted, statuses, strict=True):
-                out[i] = _STATUS[s]
+        packed = msgpack.packb(items, use_bin_type=False) if items else b""
+        return PreparedApply(len(changes), accepted, newest, packed)
+
+    async def apply_prepared(
+        self, prepared: PreparedApply, *, relay: bool = True
+    ) -> list[ApplyStatus]:
+        """The server-side half of :meth:`apply_batch`; statuses in the order of the changes."""
+        out = [ApplyStatus.REJECTED] * prepared.size
+        if not prepared.accepted:
+            return out
+        horizon = self.clock.wall() - self.tombstone_grace_ms
+        statuses = await self._apply(
+            args=[
+                *self._base_args,
+                self.stream_maxlen,
+                horizon,
+                "1" if relay else "0",
+                clock.to_hex(prepared.newest),
+                prepared.packed,
+            ]
+        )
+        self.clock.observe(prepared.newest)
+        for i, s in zip(prepared.accepted, statuses, strict=True):
+            out[i] = _STATUS[s]
         return out
 
     # ------------------------------------------------------------------------ reads

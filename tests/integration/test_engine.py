@@ -401,13 +401,13 @@ async def test_crashed_tailer_is_logged_counted_and_restarted(
     crashes = 0
     calls: list[tuple[float, Tailer]] = []  # (when, by which tailer) of every decode
 
-    async def crash_once(self: Tailer, entries: list[Any]) -> Any:
+    async def crash_once(self: Tailer, entries: list[Any], *args: Any) -> Any:
         nonlocal crashes
         calls.append((time.monotonic(), self))
         if crashes == 0:
             crashes += 1
             raise RuntimeError("injected decode failure")
-        return await original(self, entries)
+        return await original(self, entries, *args)
 
     monkeypatch.setattr(Tailer, "_decode", crash_once)
     caplog.set_level(logging.ERROR, logger="replication_engine.engine")

@@ -9,31 +9,46 @@ local HLC_KEY = P .. 'hlc'
 local ROOT_KEY = P .. 'mk:root'
 local TOMBS_KEY = P .. 'tombs'
 local CDC_KEY = P .. 'cdc'
+local MK = P .. 'mk:'
+
+-- Locals for what runs per item: Lua 5.1 looks a global (and each table field) up by hash on
+-- every use, which costs more than the operation itself in these loops.
+local call, sub, byte, tonum, bxor, tohex = redis.call, string.sub, string.byte, tonumber,
+  bit.bxor, bit.tohex
 
 local function bytes_gt(a, b)
+  if a == b then return false end
   local la, lb = #a, #b
   local n = la < lb and la or lb
   for i = 1, n do
-    local x, y = string.byte(a, i), string.byte(b, i)
+    local x, y = byte(a, i), byte(b, i)
     if x ~= y then return x > y end
   end
   return la > lb
 end
 
+-- Orders two HLCs (16 hex characters each: 48-bit ms, 16-bit counter) numerically, with two
+-- conversions instead of a loop over characters.
+local function hlc_gt(a, b)
+  local x, y = tonum(sub(a, 1, 12), 16), tonum(sub(b, 1, 12), 16)
+  if x ~= y then return x > y end
+  return tonum(sub(a, 13, 16), 16) > tonum(sub(b, 13, 16), 16)
+end
+
 -- A 128-bit digest is handled as four 32-bit words inside a script and as 32 hex characters
 -- in Redis; converting only at the edges keeps per-item work to a few bit operations.
 local function words(hex)
-  return {tonumber(string.sub(hex, 1, 8), 16), tonumber(string.sub(hex, 9, 16), 16),
-          tonumber(string.sub(hex, 17, 24), 16), tonumber(string.sub(hex, 25, 32), 16)}
+  return {tonum(sub(hex, 1, 8), 16), tonum(sub(hex, 9, 16), 16),
+          tonum(sub(hex, 17, 24), 16), tonum(sub(hex, 25, 32), 16)}
 end
 
 local function hex_of(w)
-  return bit.tohex(w[1], 8) .. bit.tohex(w[2], 8) .. bit.tohex(w[3], 8) .. bit.tohex(w[4], 8)
+  return tohex(w[1], 8) .. tohex(w[2], 8) .. tohex(w[3], 8) .. tohex(w[4], 8)
 end
 
 local function xor_into(acc, w)
-  acc[1], acc[2] = bit.bxor(acc[1], w[1]), bit.bxor(acc[2], w[2])
-  acc[3], acc[4] = bit.bxor(acc[3], w[3]), bit.bxor(acc[4], w[4])
+  acc[1], acc[2], acc[3], acc[4] = bxor(acc[1], w[1]), bxor(acc[2], w[2]), bxor(acc[3], w[3]),
+    bxor(acc[4], w[4])
 end
 
 local function is_zero(w)
@@ -91,19 +106,22 @@ local ROOT_DELTA = {0, 0, 0, 0}
 -- old_digest is the key's current leaf digest (false if none): callers derive it from the item
 -- they already read, which the atomic write path guarantees matches the leaf.
 local function tree_set(path, key, new_digest, old)
-  local leaf = P .. 'mk:' .. path
-  local delta = {0, 0, 0, 0}
+  local d1, d2, d3, d4 = 0, 0, 0, 0
   if new_digest then
-    redis.call('HSET', leaf, key, new_digest)
-    xor_into(delta, words(new_digest))
+    call('HSET', MK .. path, key, new_digest)
+    d1, d2 = tonum(sub(new_digest, 1, 8), 16), tonum(sub(new_digest, 9, 16), 16)
+    d3, d4 = tonum(sub(new_digest, 17, 24), 16), tonum(sub(new_digest, 25, 32), 16)
   else
-    redis.call('HDEL', leaf, key)
+    call('HDEL', MK .. path, key)
   end
-  if old then xor_into(delta, words(old)) end
-  if is_zero(delta) then return end
+  if old then
+    d1, d2 = bxor(d1, tonum(sub(old, 1, 8), 16)), bxor(d2, tonum(sub(old, 9, 16), 16))
+    d3, d4 = bxor(d3, tonum(sub(old, 17, 24), 16)), bxor(d4, tonum(sub(old, 25, 32), 16))
+  end
+  if d1 == 0 and d2 == 0 and d3 == 0 and d4 == 0 then return end
   for level_end = #path - W, 0, -W do
-    local parent = P .. 'mk:' .. string.sub(path, 1, level_end)
-    local child = string.sub(path, level_end + 1, level_end + W)
+    local parent = MK .. sub(path, 1, level_end)
+    local child = sub(path, level_end + 1, level_end + W)
     local node = PENDING[parent]
     if not node then
       node = {}
@@ -111,13 +129,15 @@ local function tree_set(path, key, new_digest, old)
       PENDING_ORDER[#PENDING_ORDER + 1] = parent
     end
     local acc = node[child]
-    if not acc then
-      acc = {0, 0, 0, 0}
-      node[child] = acc
+    if acc then
+      acc[1], acc[2], acc[3], acc[4] = bxor(acc[1], d1), bxor(acc[2], d2), bxor(acc[3], d3),
+        bxor(acc[4], d4)
+    else
+      node[child] = {d1, d2, d3, d4}
     end
-    xor_into(acc, delta)
   end
-  xor_into(ROOT_DELTA, delta)
+  local r = ROOT_DELTA
+  r[1], r[2], r[3], r[4] = bxor(r[1], d1), bxor(r[2], d2), bxor(r[3], d3), bxor(r[4], d4)
 end
 
 -- Apply a queued delta to a stored digest (hash field or string), deleting it at zero.
@@ -129,18 +149,35 @@ local function store_xor(current, delta)
   return hex_of(value)
 end
 
--- Write the queued ancestor changes. Every script that calls tree_set ends with this.
+-- HMGET/HSET/HDEL of at most this many fields per call: Lua's unpack() has a stack limit, and a
+-- bounded reply keeps one call's memory small whatever the fanout.
+local FIELDS_PER_CALL = 1000
+
+-- Write the queued ancestor changes, one HMGET and one HSET per interior node (per
+-- FIELDS_PER_CALL children) rather than a read and a write per child. Every script that calls
+-- tree_set ends with this.
 local function tree_flush()
-  for _, parent in ipairs(PENDING_ORDER) do
-    for child, delta in pairs(PENDING[parent]) do
-      if not is_zero(delta) then
-        local value = store_xor(redis.call('HGET', parent, child), delta)
+  for p = 1, #PENDING_ORDER do
+    local parent = PENDING_ORDER[p]
+    local node = PENDING[parent]
+    local children = {}
+    for child, delta in pairs(node) do
+      if not is_zero(delta) then children[#children + 1] = child end
+    end
+    for first = 1, #children, FIELDS_PER_CALL do
+      local chunk = {unpack(children, first, math.min(#children, first + FIELDS_PER_CALL - 1))}
+      local current = call('HMGET', parent, unpack(chunk))
+      local set, gone = {'HSET', parent}, {'HDEL', parent}
+      for i, child in ipairs(chunk) do
+        local value = store_xor(current[i], node[child])
         if value then
-          redis.call('HSET', parent, child, value)
+          set[#set + 1], set[#set + 2] = child, value
         else
-          redis.call('HDEL', parent, child)
+          gone[#gone + 1] = child
         end
       end
+      if #set > 2 then call(unpack(set)) end
+      if #gone > 2 then call(unpack(gone)) end
     end
   end
   if not is_zero(ROOT_DELTA) then
@@ -155,7 +192,7 @@ end
 
 -- The current version of a key, as the fields write_item and the apply rule need.
 local function read_item(key)
-  local f = redis.call('HMGET', P .. 'item:' .. key, 'hlc', 'o', 'h', 'del', 'v', 'tp', 'g')
+  local f = call('HMGET', P .. 'item:' .. key, 'hlc', 'o', 'h', 'del', 'v', 'tp', 'g')
   return {hlc = f[1], origin = f[2], hash = f[3] or '', del = f[4], version = f[5], tp = f[6],
           digest = f[7]}
 end
@@ -165,44 +202,47 @@ local function current_digest(key, cur)
   return cur.digest or leaf_digest(key, cur.hlc, cur.hash, cur.del)
 end
 
--- Write one item version over cur (from read_item): the item hash, its tree leaf, the
--- tombstone index and the CDC entry.
-local function write_item(maxlen, key, path, tomb, data, hash, hlc, origin, ct, version, updated_at,
-                          tp, cur)
+-- Write one item version over cur (from read_item): the item hash, its tree leaf and the
+-- tombstone index. digest is the version's leaf digest when the caller knows it (the apply path
+-- computes it client-side, off this single-threaded server), else nil.
+local function write_item(key, path, tomb, data, hash, hlc, origin, ct, version, updated_at, tp,
+                          cur, digest)
   local item = P .. 'item:' .. key
-  local digest = leaf_digest(key, hlc, hash, tomb)
+  digest = digest or leaf_digest(key, hlc, hash, tomb)
   local fields = {'HSET', item, 'hlc', hlc, 'o', origin, 'del', tomb, 'v', version,
                   'ts', updated_at, 'g', digest}
-  local stale = {'HDEL', item}
+  local stale = false
   if tomb == '1' then
-    if cur.hlc and cur.del ~= '1' then
-      stale[#stale + 1], stale[#stale + 2], stale[#stale + 3] = 'd', 'h', 'ct'
-    end
-    redis.call('ZADD', TOMBS_KEY, hlc_ms(hlc), key)
+    if cur.hlc and cur.del ~= '1' then stale = {'HDEL', item, 'd', 'h', 'ct'} end
+    call('ZADD', TOMBS_KEY, hlc_ms(hlc), key)
   else
-    fields[#fields + 1], fields[#fields + 2] = 'd', data
-    fields[#fields + 1], fields[#fields + 2] = 'h', hash
-    fields[#fields + 1], fields[#fields + 2] = 'ct', ct
-    if cur.del == '1' then redis.call('ZREM', TOMBS_KEY, key) end
+    fields[15], fields[16], fields[17], fields[18], fields[19], fields[20] =
+      'd', data, 'h', hash, 'ct', ct
+    if cur.del == '1' then call('ZREM', TOMBS_KEY, key) end
   end
   if tp ~= '' then
     fields[#fields + 1], fields[#fields + 2] = 'tp', tp
   elseif cur.tp then
+    stale = stale or {'HDEL', item}
     stale[#stale + 1] = 'tp'
   end
-  if #stale > 2 then redis.call(unpack(stale)) end
-  redis.call(unpack(fields))
+  if stale then call(unpack(stale)) end
+  call(unpack(fields))
   tree_set(path, key, digest, current_digest(key, cur))
+end
+
+-- Append one version to this node's CDC stream; returns the entry id.
+local function emit(maxlen, key, tomb, data, hash, hlc, origin, ct, version, updated_at, tp)
   -- meta is assembled from the decimal strings the caller validated, not Lua numbers: cjson
   -- prints numbers with 14 significant digits, which would corrupt large values.
   local meta = '{"version":' .. version .. ',"updated_at":' .. updated_at .. ',"hlc":"' .. hlc ..
     '","origin":' .. cjson.encode(origin)
   if tp ~= '' then meta = meta .. ',"trace_parent":' .. cjson.encode(tp) end
   if tomb == '1' then
-    return redis.call('XADD', CDC_KEY, 'MAXLEN', '~', maxlen, '*',
+    return call('XADD', CDC_KEY, 'MAXLEN', '~', maxlen, '*',
       'op', 'DEL', 'key', key, 'meta', meta .. '}')
   end
   meta = meta .. ',"content_type":' .. cjson.encode(ct) .. '}'
-  return redis.call('XADD', CDC_KEY, 'MAXLEN', '~', maxlen, '*',
+  return call('XADD', CDC_KEY, 'MAXLEN', '~', maxlen, '*',
     'op', 'PUT', 'key', key, 'hash', hash, 'data', data, 'meta', meta)
 end
