@@ -96,7 +96,11 @@ class Geometry:
         return out
 
     def leaf_path(self, key: str) -> str:
-        return "".join(self.segments(self.bucket(key)))
+        bits = self.fanout.bit_length() - 1
+        bucket = xxhash.xxh3_64_intdigest(key.encode("utf-8")) >> (64 - self.depth * bits)
+        if bits % 4 == 0:  # each level is whole hex digits: the path is the bucket in hex
+            return f"{bucket:0{self.depth * bits // 4}x}"
+        return "".join(self.segments(bucket))
 
     def is_leaf(self, path: str) -> bool:
         return len(path) == self.depth * self.width

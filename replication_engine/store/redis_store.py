@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 from redis.asyncio import Redis
@@ -174,6 +174,32 @@ class RedisStore:
             key, False, codec.encode_payload(value), codec.content_hash(value), content_type
         )
 
+    async def put_many(self, writes: Sequence[tuple[str, bytes | str, str]]) -> list[int]:
+        """Several ``(key, value, content_type)`` puts in one round trip; their HLCs, in order.
+
+        Each write is its own atomic write (as :meth:`put`), not a transaction over all of
+        them: a failure part way leaves the earlier ones written, and raises.
+        """
+        if self.read_only:
+            self._refuse_local_write()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, value, content_type in writes:
+                if isinstance(value, str):
+                    value = value.encode("utf-8")
+                args = self._local_write_args(
+                    key,
+                    False,
+                    codec.encode_payload(value),
+                    codec.content_hash(value),
+                    content_type,
+                )
+                await self._write(args=args, client=pipe)
+            replies = await pipe.execute()
+        hlcs = [clock.from_hex(hlc_hex) for hlc_hex, _sid in replies]
+        if hlcs:
+            self.clock.observe(max(hlcs))
+        return hlcs
+
     async def delete(self, key: str) -> int:
         """Write a tombstone (deletes replicate like values); returns its HLC."""
         return await self._local_write(key, True, b"", "", "")
@@ -182,31 +208,38 @@ class RedisStore:
         self, key: str, tombstone: bool, data: bytes, content_hash: str, content_type: str
     ) -> int:
         if self.read_only:
-            raise ReadOnlyStoreError(
-                f"node {self.node_id!r} is a follower: local writes are refused; "
-                "write to the primary and let it replicate here"
-            )
-        codec.decode_key(key.encode("utf-8"))
-        proposed = self.clock.now()
-        hlc_hex, _sid = await self._write(
-            args=[
-                *self._base_args,
-                self.stream_maxlen,
-                key,
-                self.geometry.leaf_path(key),
-                "1" if tombstone else "0",
-                data,
-                content_hash,
-                clock.to_hex(proposed),
-                self.node_id,
-                content_type,
-                clock.physical_ms(proposed),
-                current_trace_parent() or "",
-            ]
-        )
+            self._refuse_local_write()
+        args = self._local_write_args(key, tombstone, data, content_hash, content_type)
+        hlc_hex, _sid = await self._write(args=args)
         hlc = clock.from_hex(hlc_hex)
         self.clock.observe(hlc)
         return hlc
+
+    def _refuse_local_write(self) -> NoReturn:
+        raise ReadOnlyStoreError(
+            f"node {self.node_id!r} is a follower: local writes are refused; "
+            "write to the primary and let it replicate here"
+        )
+
+    def _local_write_args(
+        self, key: str, tombstone: bool, data: bytes, content_hash: str, content_type: str
+    ) -> list[Any]:
+        codec.decode_key(key.encode("utf-8"))
+        proposed = self.clock.now()
+        return [
+            *self._base_args,
+            self.stream_maxlen,
+            key,
+            self.geometry.leaf_path(key),
+            "1" if tombstone else "0",
+            data,
+            content_hash,
+            clock.to_hex(proposed),
+            self.node_id,
+            content_type,
+            clock.physical_ms(proposed),
+            current_trace_parent() or "",
+        ]
 
     # ------------------------------------------------------------------------ the apply path
 

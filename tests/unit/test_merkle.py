@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from replication_engine.merkle import (
     BUCKET_HASH,
@@ -342,3 +344,14 @@ def test_xor_cancellation_is_possible_only_with_crafted_digests() -> None:
     assert x.root == y.root
     assert x.leaves != y.leaves
     assert list(itertools.chain(*x.leaves.values())) == list(itertools.chain(*y.leaves.values()))
+
+
+@pytest.mark.parametrize(
+    ("fanout", "depth"), [(2, 1), (2, 4), (8, 3), (16, 2), (32, 4), (256, 2), (4096, 2), (65536, 1)]
+)
+@given(key=st.text(min_size=1, max_size=40))
+def test_leaf_path_is_the_segments_of_the_bucket_for_every_geometry(
+    fanout: int, depth: int, key: str
+) -> None:
+    geometry = Geometry(fanout, depth)
+    assert geometry.leaf_path(key) == "".join(geometry.segments(geometry.bucket(key)))
