@@ -187,6 +187,29 @@ async def test_value_round_trip(
     assert stored == encode_payload(value)
 
 
+async def test_put_many_writes_each_like_put_in_one_round_trip(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url)
+    first = await store.put("k", b"v1")
+    hlcs = await store.put_many(
+        [("k", b"v2", "json"), ("other", "text", "text"), ("k", b"v3", "x")]
+    )
+    assert len(hlcs) == 3 and first < hlcs[0] < hlcs[1] < hlcs[2]
+    item = await store.get("k")
+    assert item is not None and (item.value, item.hlc, item.content_type) == (b"v3", hlcs[2], "x")
+    assert (await store.get_version("k")).version == 3  # type: ignore[union-attr]
+    assert (await store.get("other")).value == b"text"  # type: ignore[union-attr]
+    assert [
+        decode_entry(sid, f, default_origin="x").hlc for sid, f in await cdc_entries(store)
+    ] == [
+        first,
+        *hlcs,
+    ]
+    assert await store.put_many([]) == []
+    await assert_tree_matches_model(store)
+
+
 async def test_versions_increase_per_key(
     redis_server: RedisHandle, open_store: StoreFactory
 ) -> None:
@@ -443,6 +466,20 @@ async def test_apply_emits_cdc_entry_only_when_applied(
         ]
     )
     assert len(await cdc_entries(store)) == 1
+
+
+async def test_apply_without_relay_writes_no_cdc_entry_and_the_same_tree(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    relaying = await open_store(redis_server.url, prefix="on:")
+    quiet = await open_store(redis_server.url, prefix="off:")
+    batch = [put(f"k{i}", b"v%d" % i, i + 1) for i in range(20)]
+    assert await relaying.apply_batch(batch) == [ApplyStatus.APPLIED] * 20
+    assert await quiet.apply_batch(batch, relay=False) == [ApplyStatus.APPLIED] * 20
+    assert len(await cdc_entries(relaying)) == 20
+    assert await cdc_entries(quiet) == []
+    assert await quiet.merkle_root() == await relaying.merkle_root()
+    assert (await quiet.get("k3")).value == b"v3"  # type: ignore[union-attr]
 
 
 async def test_stream_is_capped(redis_server: RedisHandle, open_store: StoreFactory) -> None:
