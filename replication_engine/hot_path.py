@@ -72,6 +72,14 @@ class TailerStats:
 
 
 @dataclass(frozen=True, slots=True)
+class _Read:
+    """A read started ahead of its turn, and the count it asked for."""
+
+    task: asyncio.Task[tuple[StreamInfo, list[Entry]]]
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     """Decoded changes, coalesced per key, and the same packed for the store (None if empty)."""
 
@@ -165,7 +173,7 @@ class Tailer:
                 if cursor is None:
                     return
                 self.cursor = cursor
-            ahead: asyncio.Task[tuple[StreamInfo, list[Entry]]] | None = None
+            ahead: _Read | None = None
             committing: asyncio.Task[bool] | None = None
             try:
                 while not self._stop.is_set():
@@ -177,17 +185,20 @@ class Tailer:
                     ahead = None
                     if read is None:
                         continue
-                    info, entries = read
-                    requested = self.sizer.size
+                    info, entries, requested = read
                     full = len(entries) >= requested
                     if full:
                         # More is waiting: read the next batch while this one is decoded and
                         # applied (the peer's Redis, this process and ours work in parallel).
                         after = codec.parse_stream_id(entries[-1][0])
-                        ahead = asyncio.ensure_future(
-                            self.peer.read_batch(after, requested, block_ms=None)
+                        count = self.sizer.size
+                        ahead = _Read(
+                            asyncio.ensure_future(
+                                self.peer.read_batch(after, count, block_ms=None)
+                            ),
+                            count,
                         )
-                    prepared = await self._prepare(info, entries)
+                    prepared = await self._prepare(info, entries, requested)
                     if committing is not None:
                         finished, committing = committing, None
                         if not await finished:
@@ -202,16 +213,12 @@ class Tailer:
         finally:
             self.mode = "stopped"
 
-    async def _settle(
-        self,
-        ahead: asyncio.Task[tuple[StreamInfo, list[Entry]]] | None,
-        committing: asyncio.Task[bool] | None,
-    ) -> None:
+    async def _settle(self, ahead: _Read | None, committing: asyncio.Task[bool] | None) -> None:
         """On the way out: drop the read in flight, let the commit in flight finish (bounded)."""
         if ahead is not None:
-            ahead.cancel()
+            ahead.task.cancel()
             with contextlib.suppress(BaseException):
-                await ahead
+                await ahead.task
         if committing is None:
             return
         if not committing.done():
@@ -252,18 +259,20 @@ class Tailer:
 
     # ------------------------------------------------------------------------ reading
 
-    async def _read(
-        self, ahead: asyncio.Task[tuple[StreamInfo, list[Entry]]] | None = None
-    ) -> tuple[StreamInfo, list[Entry]] | None:
-        """The next batch after the cursor (or the read already started ahead of it)."""
+    async def _read(self, ahead: _Read | None = None) -> tuple[StreamInfo, list[Entry], int] | None:
+        """The next batch after the cursor (or the read already started ahead of it), with the
+        count it asked for (a full batch means more is waiting)."""
         assert self.cursor is not None
         block_ms = None if self.catching_up else max(1, int(self.settings.block_timeout_sec * 1000))
         self.mode = "catching_up" if self.catching_up else "tailing"
         if ahead is None:
             self._read_pos = None  # nothing in flight: this read starts at the saved cursor
-        read = ahead or asyncio.ensure_future(
-            self.peer.read_batch(self.cursor, self.sizer.size, block_ms=block_ms)
-        )
+            count = self.sizer.size
+            read = asyncio.ensure_future(
+                self.peer.read_batch(self.cursor, count, block_ms=block_ms)
+            )
+        else:
+            read, count = ahead.task, ahead.count
         stop = asyncio.ensure_future(self._stop.wait())
         started = time.perf_counter()
         try:
@@ -286,7 +295,8 @@ class Tailer:
         if block_ms is None and time.perf_counter() - started > self.settings.read_slo_sec:
             self.metrics.slo_breaches.labels("stream_read_latency").inc()
         self._retry.reset()
-        return result
+        info, entries = result
+        return info, entries, count
 
     async def _wait_for_peer(self, reason: str) -> None:
         self.mode = "waiting_for_peer"
@@ -300,7 +310,7 @@ class Tailer:
     # ------------------------------------------------------------------------ one batch
 
     async def _prepare(
-        self, info: StreamInfo, entries: list[Entry]
+        self, info: StreamInfo, entries: list[Entry], requested: int
     ) -> tuple[StreamInfo, int, int, Batch, StreamId] | None:
         """Gap check, decode and quarantine: everything before the apply.
 
@@ -310,7 +320,6 @@ class Tailer:
         assert position is not None
         self.tail = info.last
         self._publish_lag(info)  # before applying: a batch that cannot be applied still counts
-        requested = self.sizer.size
         if info.trimmed_past(position) and (info.first, info.max_deleted) != self._gap_seen:
             self._gap_seen = (info.first, info.max_deleted)  # one gap, however many batches
             self._report_gap(info)
@@ -335,7 +344,12 @@ class Tailer:
             return False
         flush = time.perf_counter() - flush_started
         self.catching_up = read >= requested
-        self.sizer.observe(read, flush_seconds=flush, flush_slo_seconds=self.settings.flush_slo_sec)
+        self.sizer.observe(
+            read,
+            requested=requested,
+            flush_seconds=flush,
+            flush_slo_seconds=self.settings.flush_slo_sec,
+        )
         self.metrics.batch_size.labels(self._peer_id).set(self.sizer.size)
         self._publish_lag(info)
         return True

@@ -82,13 +82,20 @@ class AimdBatchSizer:
         self.empty_fraction = empty_fraction
 
     def observe(
-        self, returned: int, *, flush_seconds: float = 0.0, flush_slo_seconds: float | None = None
+        self,
+        returned: int,
+        *,
+        requested: int | None = None,
+        flush_seconds: float = 0.0,
+        flush_slo_seconds: float | None = None,
     ) -> int:
+        """Adapt to one read that asked for ``requested`` entries (default: the current size;
+        a pipelined caller's read may have asked before the last change) and got ``returned``."""
         if not self.adaptive:
             return self.size
         if flush_slo_seconds is not None and flush_seconds > flush_slo_seconds:
             self.size = max(self.minimum, int(self.size * self.factor))
-        elif returned >= self.size:
+        elif returned >= (self.size if requested is None else requested):
             self.size = min(self.maximum, self.size + self.step)
         elif returned <= self.size * self.empty_fraction:
             self.size = max(self.minimum, int(self.size * self.factor))
