@@ -149,6 +149,12 @@ def _status(url: str, *, raw: bool) -> int:
         f"node {body['node_id']}  state {body['state']}  mode {body['mode']}  "
         f"local circuit {body['local_circuit']}"
     )
+    standing = body.get("standing") or {}
+    if standing.get("state") not in (None, "in_mesh"):
+        # Out of the mesh past the tombstone grace: the one line an operator must not miss.
+        print(f"STANDING {standing['state']}: {standing.get('reason') or '-'}")
+        if standing.get("error"):
+            print(f"  {standing['error']}")
     print(
         f"{'peer':<16} {'conn':<5} {'circuit':<10} {'mode':<14} {'lag ms':>8} "
         f"{'lag ev':>7} {'applied':>8} {'quarant.':>8} {'gaps':>5}"

@@ -32,13 +32,15 @@ from typing import Any, TypeVar
 import pybreaker
 
 from replication_engine import merkle
+from replication_engine.clock import wall_clock_ms
 from replication_engine.codec import STREAM_START, Change, CodecError, StreamId, parse_stream_id
 from replication_engine.config import ColdPathConfig
 from replication_engine.cursor import CursorStore
 from replication_engine.merkle import GeometryError
 from replication_engine.observability.metrics import Metrics
-from replication_engine.peer import Peer
+from replication_engine.peer import Peer, PeerUnavailable
 from replication_engine.resilience import Backoff, EventRateLimiter
+from replication_engine.standing import Standing, out_of_mesh_reason
 from replication_engine.store.protocol import Store
 from replication_engine.store.redis_store import ApplyStatus
 
@@ -81,6 +83,7 @@ class PeerRepair:
     duration_sec: float = 0.0
     items_corrupt: int = 0  # fetched items the peer stores unreadably: skipped, logged
     items_missing: int = 0  # keys the peer no longer held when fetched
+    out_of_mesh: str | None = None  # why nothing was pulled: the peer's standing record
 
 
 @dataclass(slots=True)
@@ -186,12 +189,18 @@ class ColdPath:
         local_breaker: wraps every apply on our store, so a failing local Redis trips the same
             breaker the hot path uses.
         clock: monotonic seconds for backoff and root-cache ages; tests inject a fake one.
+        tombstone_grace_sec: the mesh's tombstone grace. With it, nothing is pulled from a peer
+            whose standing record says it is stale or was out of contact for longer (see
+            :mod:`replication_engine.standing`); None skips that check.
+        wall_ms: wall-clock milliseconds, to age peers' standing records.
 
     Error handling: :meth:`run` never raises for a peer's failure. A failing peer is backed off
     (exponential, jittered, reset by the next success) and skipped until its backoff passes or
     while its breaker is open. A geometry mismatch is reported on the peer's repair and in
     :meth:`status`, logged once at ERROR, and the peer is never drilled. A failure of our own
-    store ends the cycle without backing any peer off.
+    store ends the cycle without backing any peer off. A peer out of the mesh past the
+    tombstone grace is compared but never pulled from (its repair and :meth:`status` say why,
+    a WARNING is logged once per change, its repair requests stay pending).
     """
 
     def __init__(
@@ -205,8 +214,12 @@ class ColdPath:
         is_catching_up: Callable[[], bool] = lambda: False,
         local_breaker: pybreaker.CircuitBreaker | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tombstone_grace_sec: float | None = None,
+        wall_ms: Callable[[], int] = wall_clock_ms,
+        relay: bool = True,
     ) -> None:
         self.store = store
+        self.relay = relay  # re-emit repaired versions on our stream (see apply_batch)
         self.peers = list(peers)
         self.cursors = cursors
         self.settings = settings
@@ -229,6 +242,9 @@ class ColdPath:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._cycle_lock = asyncio.Lock()
+        self._grace_ms = None if tombstone_grace_sec is None else int(tombstone_grace_sec * 1000)
+        self._wall_ms = wall_ms
+        self._out_of_mesh: dict[str, str] = {}
 
     # ------------------------------------------------------------------------ control
 
@@ -327,6 +343,8 @@ class ColdPath:
             repair, local_error = await self._repair_peer(peer, budget, force or pid in requested)
             budget = max(0, budget - repair.items_fetched)
             stats.add(repair)
+            if repair.out_of_mesh is not None:
+                stats.peers_skipped[pid] = "out_of_mesh"
             self.last_repair[pid] = repair
             failed = failed or repair.error is not None
             local_failed = local_error
@@ -382,7 +400,9 @@ class ColdPath:
         taken: list[str] = []
         try:
             taken = list(self._requested_keys.get(pid, {}))[:budget]
-            if taken:
+            if taken and await self._held_back(peer, repair):
+                taken = []
+            elif taken:
                 await self._fetch_and_apply(peer, repair, None, lambda batcher: batcher.add(taken))
                 budget -= len(taken)
             local_root = await self._local("read root", self.store.reader.root())
@@ -397,7 +417,7 @@ class ColdPath:
                     await self.check_geometry(peer)
                 if budget <= 0:
                     repair.remaining = True
-                else:
+                elif repair.out_of_mesh is None and not await self._held_back(peer, repair):
                     await self._drill_and_repair(peer, [""], repair, limit=budget)
         except GeometryError as exc:
             repair.error = str(exc)
@@ -434,6 +454,53 @@ class ColdPath:
             repair.bytes_read = peer.counter.bytes_read - read
             repair.duration_sec = time.perf_counter() - started
         return repair, local_failed
+
+    async def _held_back(self, peer: Peer, repair: PeerRepair) -> bool:
+        """True (and the repair marked unfinished) when nothing may be pulled from ``peer``."""
+        reason = await self.peer_out_of_mesh(peer)
+        if reason is None:
+            return False
+        repair.out_of_mesh = reason
+        repair.remaining = True  # keeps the peer's repair requests for when it is back
+        return True
+
+    async def peer_standing(self, peer: Peer) -> Standing | None:
+        """The peer's standing record, read now (None: it has none).
+
+        Raises:
+            PeerUnavailable: the peer did not answer.
+        """
+        fields = await _peer_call(peer, peer.reader.mesh_record, "mesh_record")
+        return Standing.from_fields(fields)
+
+    async def peer_out_of_mesh(self, peer: Peer) -> str | None:
+        """Why nothing may be pulled from ``peer`` now, or None; tracked for status and logs.
+
+        Raises:
+            PeerUnavailable: the peer did not answer.
+        """
+        if self._grace_ms is None:
+            return None
+        pid = peer.node_id
+        standing = await self.peer_standing(peer)
+        reason = out_of_mesh_reason(standing, self._wall_ms(), self._grace_ms)
+        before = self._out_of_mesh.get(pid)
+        if reason is None:
+            if before is not None:
+                log.info("repair.peer_back_in_mesh peer=%s", pid)
+                self._out_of_mesh.pop(pid, None)
+                self.metrics.peer_out_of_mesh.labels(pid).set(0)
+            return None
+        if before is None:
+            log.warning(
+                "repair.peer_out_of_mesh peer=%s reason=%s: not pulling from it until it is "
+                "back (a value it kept could be one the mesh deleted and collected)",
+                pid,
+                reason,
+            )
+            self.metrics.peer_out_of_mesh.labels(pid).set(1)
+        self._out_of_mesh[pid] = reason
+        return reason
 
     async def _peer_root(self, peer: Peer, *, fresh: bool) -> bytes:
         pid = peer.node_id
@@ -517,8 +584,12 @@ class ColdPath:
         *,
         limit: int | None,
         on_keys: Callable[[list[str]], Awaitable[None]],
+        select: Callable[[dict[str, str], dict[str, str]], list[str]] = merkle.diff_leaf,
     ) -> None:
         """Walk the branches under ``starts`` that differ, handing differing leaf keys on.
+
+        ``select`` picks the keys of a differing leaf bucket (ours, the peer's): by default the
+        ones to fetch from the peer.
 
         Deeper levels are read first, so leaf keys (and their fetches) start flowing early and
         the queue of pending paths stays small. Stops once ``limit`` keys are found, setting
@@ -564,7 +635,7 @@ class ColdPath:
                         keys = [
                             key
                             for local, remote in zip(compared.local, compared.remote, strict=True)
-                            for key in merkle.diff_leaf(local, remote)
+                            for key in select(local, remote)
                         ]
                         if limit is not None and found + len(keys) > limit:
                             keys = keys[: limit - found]
@@ -640,12 +711,10 @@ class ColdPath:
 
     async def _apply(self, changes: list[Change]) -> list[ApplyStatus]:
         if self.local_breaker is None:
-            return await self._local("apply", self.store.apply_batch(changes))
+            return await self._local("apply", self.store.apply_batch(changes, relay=self.relay))
         try:
             with self.local_breaker.calling():
-                statuses = await self.store.apply_batch(changes)
-            _raise_lost_cancellation()
-            return statuses
+                return await self.store.apply_batch(changes, relay=self.relay)
         except pybreaker.CircuitBreakerError as exc:
             raise LocalStoreError(f"local store: breaker open: {exc}") from exc
         except Exception as exc:
@@ -653,11 +722,9 @@ class ColdPath:
 
     async def _local(self, what: str, op: Awaitable[T]) -> T:
         try:
-            result = await op
+            return await op
         except Exception as exc:
             raise LocalStoreError(f"local store: {what} failed: {_describe(exc)}") from exc
-        _raise_lost_cancellation()
-        return result
 
     # ------------------------------------------------------------------------ bootstrap
 
@@ -685,16 +752,20 @@ class ColdPath:
 
         Raises:
             GeometryError: the peer's tree has another geometry.
-            PeerUnavailable: the peer failed; progress so far is kept, call again to resume.
+            PeerUnavailable: the peer failed, or is out of the mesh past the tombstone grace;
+                progress so far is kept, call again to resume.
             LocalStoreError: our store failed; likewise resumable.
             CursorError: the cursor store failed.
         """
         pid = peer.node_id
         await self.check_geometry(peer)
+        reason = await self.peer_out_of_mesh(peer)
+        if reason is not None:
+            # The tailer waits and retries: copying from it could bring back collected deletes.
+            raise PeerUnavailable(f"peer {pid}: out of the mesh ({reason})")
         state = await self.cursors.bootstrap_state(pid)
         if state is None:
             info = await peer.stream_info()
-            _raise_lost_cancellation()
             await self.cursors.bootstrap_begin(pid, str(info.last or STREAM_START))
             state = await self.cursors.bootstrap_state(pid)
             if state is None:
@@ -740,6 +811,42 @@ class ColdPath:
         )
         return tail
 
+    # ------------------------------------------------------------------------ re-bootstrap
+
+    async def copy_from(self, peer: Peer) -> PeerRepair:
+        """Fetch and apply everything ``peer`` holds that differs here: a repair with no budget.
+
+        Used by a re-bootstrap (:mod:`replication_engine.rebootstrap`). Unlike
+        :meth:`bootstrap` it keeps no progress and moves no cursor, so it can run while the
+        peer's tailer runs. A repeat after an interruption visits only what still differs.
+        Items are applied at most ``bootstrap_rate_limit_per_sec`` per second.
+
+        Raises:
+            GeometryError, PeerUnavailable, LocalStoreError: as for :meth:`bootstrap`.
+        """
+        repair = PeerRepair(peer=peer.node_id)
+        limiter = EventRateLimiter(
+            self.settings.bootstrap_rate_limit_per_sec, burst=self.settings.fetch_batch_size
+        )
+        async with self._cycle_lock:
+            await self.check_geometry(peer)
+            await self._drill_and_repair(peer, [""], repair, limit=None, limiter=limiter)
+        return repair
+
+    async def local_only_keys(
+        self, peer: Peer, on_keys: Callable[[list[str]], Awaitable[None]]
+    ) -> None:
+        """Hand ``on_keys`` every key we hold and ``peer`` does not, in batches.
+
+        Normal repair never acts on such keys: absence on a peer is not a delete. A
+        re-bootstrap does: see :mod:`replication_engine.rebootstrap`. Only differing branches
+        are read, so the cost follows the difference.
+        """
+        repair = PeerRepair(peer=peer.node_id)
+        async with self._cycle_lock:
+            await self.check_geometry(peer)
+            await self._drill(peer, [""], repair, limit=None, on_keys=on_keys, select=_local_only)
+
     # ------------------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
@@ -756,6 +863,7 @@ class ColdPath:
                 "geometry_error": self._geometry_errors.get(pid),
                 "repair_requested": sorted(self._requests.get(pid, ())),
                 "requested_keys": len(self._requested_keys.get(pid, {})),
+                "out_of_mesh": self._out_of_mesh.get(pid),
                 "last_repair": asdict(last) if last is not None else None,
             }
         cycle = self.last_stats
@@ -776,24 +884,12 @@ class ColdPath:
         }
 
 
+def _local_only(local: dict[str, str], remote: dict[str, str]) -> list[str]:
+    return sorted(key for key in local if key not in remote)
+
+
 async def _peer_call(peer: Peer, fn: Callable[[], Awaitable[T]], what: str) -> T:
-    result = await peer.call(fn, what=what)
-    _raise_lost_cancellation()
-    return result
-
-
-def _raise_lost_cancellation() -> None:
-    """Raise the cancellation a library call returned through instead of raising.
-
-    On Python 3.11 ``asyncio.wait_for``, which redis-py wraps around every socket write when
-    a socket timeout is set, returns normally when a cancel lands as the write completes
-    (CPython gh-86296, fixed in 3.12); the task keeps a cancel request nobody will deliver, so
-    a cancelled bootstrap or repair would run on. A pending request seen right after an await
-    returned normally can only mean that, so it is raised here.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+    return await peer.call(fn, what=what)
 
 
 def _describe(exc: BaseException) -> str:

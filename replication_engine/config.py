@@ -43,6 +43,7 @@ __all__ = [
     "MerkleConfig",
     "PeerConfig",
     "PeerHealthConfig",
+    "RebootstrapConfig",
     "SettingsConfig",
     "SloConfig",
     "TlsConfig",
@@ -347,6 +348,19 @@ class LocalConfig(_Section):
     max_memory_ratio: float = Field(
         default=0.9, gt=0, le=1, description="Share of Redis maxmemory above which applies wait."
     )
+    tombstone_gc_interval_sec: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds between passes that collect tombstones older than the grace.",
+    )
+    circuit_failure_threshold: int = Field(
+        default=5,
+        ge=1,
+        description="Consecutive local store failures before applies stop and wait (breaker).",
+    )
+    circuit_reset_timeout_sec: float = Field(
+        default=5.0, gt=0, description="Seconds the local store breaker stays open (s)."
+    )
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         return _redacted_repr_args(self)
@@ -365,6 +379,14 @@ class HotPathConfig(_Section):
     rate_limit_per_sec: float = Field(default=10_000.0, gt=0, description="Sustained events/s.")
     rate_limit_burst: int = Field(default=1000, ge=1, description="Events allowed above the rate.")
     shutdown_timeout: Duration = Field(default=10.0, description="Drain time on shutdown (s).")
+    relay: bool = Field(
+        default=True,
+        description=(
+            "Re-emit applied remote writes on this node's stream (hot and cold path), so nodes "
+            "that tail only this one get them: needed in chains and follower trees, redundant in "
+            "a full mesh."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_batch_bounds(self) -> Self:
@@ -447,6 +469,19 @@ class MerkleConfig(_Section):
         return _FieldProblems.check(self, problems)
 
 
+class RebootstrapConfig(_Section):
+    """What a node back from an absence longer than the tombstone grace may do by itself."""
+
+    max_discard_items: int = Field(
+        default=10_000,
+        ge=0,
+        description=(
+            "Most local versions a re-bootstrap may discard (values older than the grace that "
+            "no peer in the mesh holds); above it the node waits for an operator. 0 = never."
+        ),
+    )
+
+
 class SettingsConfig(_Section):
     """Tuning of the engine's two paths and its health and SLO checks."""
 
@@ -455,6 +490,7 @@ class SettingsConfig(_Section):
     peer_health: PeerHealthConfig = Field(default_factory=PeerHealthConfig)
     slo: SloConfig = Field(default_factory=SloConfig)
     merkle: MerkleConfig = Field(default_factory=MerkleConfig)
+    rebootstrap: RebootstrapConfig = Field(default_factory=RebootstrapConfig)
 
 
 class TlsConfig(_Section):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pybreaker
 
-from replication_engine.clock import HLC
+from replication_engine.clock import HLC, wall_clock_ms
 from replication_engine.codec import StreamId
 from replication_engine.config import EngineConfig
 from replication_engine.connection import TlsOptions, redact_url
@@ -26,6 +26,7 @@ from replication_engine.hot_path import CursorSaveFailed, Tailer, TailerSettings
 from replication_engine.merkle import Geometry, GeometryError
 from replication_engine.observability.metrics import CIRCUIT_STATES, ENGINE_STATES, Metrics
 from replication_engine.peer import Peer
+from replication_engine.rebootstrap import Membership
 from replication_engine.resilience import Backoff, breaker_state, sleep_or_stop
 from replication_engine.store.protocol import Store
 from replication_engine.store.redis_store import RedisStore
@@ -38,9 +39,6 @@ log = logging.getLogger("replication_engine.engine")
 
 _RESTART_BASE_SEC = 0.5
 _RESTART_MAX_SEC = 30.0
-_LOCAL_BREAKER_FAILURES = 5
-_LOCAL_BREAKER_RESET_SEC = 5.0
-_GC_INTERVAL_SEC = 60.0
 
 
 class EngineError(RuntimeError):
@@ -66,10 +64,11 @@ class ReplicationEngine:
         self.peers: dict[str, Peer] = {}
         self.tailers: dict[str, Tailer] = {}
         self.cold_path: ColdPath | None = None
+        self.membership: Membership | None = None
         self.http: HttpServer | None = None
         self.local_breaker = pybreaker.CircuitBreaker(
-            fail_max=_LOCAL_BREAKER_FAILURES,
-            reset_timeout=_LOCAL_BREAKER_RESET_SEC,
+            fail_max=config.local.circuit_failure_threshold,
+            reset_timeout=config.local.circuit_reset_timeout_sec,
             throw_new_error_on_trip=False,
             name="local-store",
             exclude=[asyncio.CancelledError],
@@ -189,18 +188,8 @@ class ReplicationEngine:
                 start_from=peer_cfg.start_from,
             )
         if cfg.settings.cold_path.enabled or any(p.start_from == "snapshot" for p in cfg.peers):
-            from replication_engine.cold_path import ColdPath
-
-            assert self.store is not None and self.cursors is not None
-            self.cold_path = ColdPath(
-                self.store,
-                list(self.peers.values()),
-                self.cursors,
-                cfg.settings.cold_path,
-                self.metrics,
-                is_catching_up=self._any_catching_up,
-                local_breaker=self.local_breaker,
-            )
+            self.cold_path = self._new_cold_path()
+        await self._open_membership()
         if cfg.http.enabled:
             from replication_engine.observability.http import HttpServer
 
@@ -209,6 +198,61 @@ class ReplicationEngine:
                 await self.http.start()
             except OSError as exc:
                 raise EngineError(f"http.listen {cfg.http.listen!r}: {exc}") from exc
+
+    def _new_cold_path(self) -> ColdPath:
+        from replication_engine.cold_path import ColdPath
+
+        assert self.store is not None and self.cursors is not None
+        return ColdPath(
+            self.store,
+            list(self.peers.values()),
+            self.cursors,
+            self.config.settings.cold_path,
+            self.metrics,
+            is_catching_up=self._any_catching_up,
+            local_breaker=self.local_breaker,
+            tombstone_grace_sec=self.config.local.tombstone_grace_sec,
+            wall_ms=self._wall_ms(),
+            relay=self.config.settings.hot_path.relay,
+        )
+
+    def _wall_ms(self) -> Callable[[], int]:
+        # The store's clock, so that ages of records and cursors match its tombstone horizon.
+        if isinstance(self.store, RedisStore):
+            return self.store.clock.wall
+        return wall_clock_ms
+
+    async def _open_membership(self) -> None:
+        """Decide before anything runs whether this node is back from too long an absence.
+
+        DESIGN.md invariant 3; see :mod:`replication_engine.rebootstrap`. Done in start(), so
+        a stale node is marked stale before a peer can pull from it and before it is ready.
+        """
+        cfg = self.config
+        assert self.store is not None and self.cursors is not None
+        self.membership = Membership(
+            node_id=self.node_id,
+            store=self.store,
+            cursors=self.cursors,
+            peers=list(self.peers.values()),
+            # Without a cold path of its own the engine still needs one to re-bootstrap.
+            cold_path=self.cold_path or self._new_cold_path(),
+            tailers=self.tailers,
+            metrics=self.metrics,
+            grace_sec=cfg.local.tombstone_grace_sec,
+            max_discard_items=cfg.settings.rebootstrap.max_discard_items,
+            fetch_batch_size=cfg.settings.cold_path.fetch_batch_size,
+            hot_path_enabled=cfg.settings.hot_path.enabled,
+            stall_after_sec=2 * cfg.settings.peer_health.ping_interval_sec,
+            wall_ms=self._wall_ms(),
+        )
+        try:
+            await self.membership.open()
+        except Exception as exc:
+            raise EngineError(
+                f"reading this node's standing (local store and {cfg.cursor.sqlite_path}) "
+                f"failed: {type(exc).__name__}: {_redacted(str(exc))}"
+            ) from exc
 
     def _spawn_tasks(self) -> None:
         cfg = self.config
@@ -230,6 +274,11 @@ class ReplicationEngine:
             self._tasks["gc"] = asyncio.create_task(
                 self._supervise("gc", self._gc_loop), name="re-gc"
             )
+        if self.membership is not None:
+            membership = self.membership
+            self._tasks["standing"] = asyncio.create_task(
+                self._supervise("standing", lambda: membership.run(self._stop)), name="re-standing"
+            )
 
     # ------------------------------------------------------------------------ tasks
 
@@ -247,6 +296,7 @@ class ReplicationEngine:
             rate_limit_per_sec=hot.rate_limit_per_sec if hot.rate_limit_enabled else None,
             rate_limit_burst=hot.rate_limit_burst,
             shutdown_timeout_sec=hot.shutdown_timeout,
+            relay=hot.relay,
         )
 
     def _new_tailer(self, peer_id: str) -> Tailer:
@@ -327,7 +377,7 @@ class ReplicationEngine:
 
     async def _gc_loop(self) -> None:
         assert isinstance(self.store, RedisStore)
-        while not await sleep_or_stop(self._stop, _GC_INTERVAL_SEC):
+        while not await sleep_or_stop(self._stop, self.config.local.tombstone_gc_interval_sec):
             with contextlib.suppress(Exception):
                 await self.store.collect_tombstones()
 
@@ -335,6 +385,9 @@ class ReplicationEngine:
         return any(t.catching_up and t.mode == "catching_up" for t in self.tailers.values())
 
     def _on_gap(self, peer_id: str) -> None:
+        tailer = self.tailers.get(peer_id)
+        if self.membership is not None and tailer is not None:
+            self.membership.on_gap(peer_id, tailer.cursor)
         if self.cold_path is not None:
             self.cold_path.request_repair(peer_id, reason="gap")
 
@@ -347,6 +400,8 @@ class ReplicationEngine:
         log.info("bootstrapping from peer snapshot", extra={"peer": peer.node_id})
         tail = await self.cold_path.bootstrap(peer)
         log.info("bootstrap complete", extra={"peer": peer.node_id, "cursor": str(tail)})
+        if self.membership is not None:
+            await self.membership.record_contact()
         return tail
 
     # ------------------------------------------------------------------------ operations
@@ -375,6 +430,11 @@ class ReplicationEngine:
                 if timeout is not None
                 else (self.config.settings.hot_path.shutdown_timeout + 5.0)
             )
+            if self.membership is not None:
+                # While the tailers still read: the last moment this node was in contact.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(bound):
+                        await self.membership.close()
             self._stop.set()
             for tailer in self.tailers.values():
                 tailer.stop()
@@ -463,7 +523,7 @@ class ReplicationEngine:
                     **{f"events_{k}": v for k, v in vars_of(tailer.stats).items()},
                 )
             if self.cold_path is not None:
-                entry["repair"] = self.cold_path.status().get(peer_id)
+                entry["repair"] = self.cold_path.status()["peers"].get(peer_id)
             peers[peer_id] = entry
         return {
             "node_id": self.node_id,
@@ -471,6 +531,8 @@ class ReplicationEngine:
             "mode": self.config.mode,
             "uptime_sec": _round(time.monotonic() - self._started_at) if self._started_at else 0,
             "local_circuit": breaker_state(self.local_breaker),
+            # needs_rebootstrap / rebootstrapping after an absence past the tombstone grace.
+            "standing": self.membership.status() if self.membership is not None else None,
             "hot_path": self.config.settings.hot_path.enabled,
             "cold_path": self.config.settings.cold_path.enabled,
             "max_replication_lag_sec": slo.max_replication_lag_sec,
@@ -486,6 +548,9 @@ class ReplicationEngine:
         status = self.status()
         peers = status["peers"]
         slo = self.config.settings.slo
+        standing = self.membership.not_ready_reason() if self.membership is not None else None
+        if standing is not None:
+            reasons.append(standing)
         if peers and not any(p["connected"] for p in peers.values()):
             reasons.append("all peers are disconnected")
         for peer_id, p in peers.items():

@@ -19,6 +19,7 @@ from replication_engine.connection import TlsOptions, make_client, redact_url
 from replication_engine.cursor import CursorStore
 from replication_engine.merkle import Geometry, diff_children
 from replication_engine.peer import parse_stream_info
+from replication_engine.standing import Standing, out_of_mesh_reason
 from replication_engine.store.layout import Keyspace
 from replication_engine.store.reader import TreeReader
 
@@ -151,6 +152,7 @@ async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
         cursors = await store.all()
         await store.close()
     max_lag_ms = config.settings.slo.max_replication_lag_sec * 1000
+    grace_ms = int(config.local.tombstone_grace_sec * 1000)
     nodes = [(config.local_node_id, _local_reader(config))]
     nodes += [_peer_client(config, i) for i in range(len(config.peers))]
     rows = []
@@ -170,6 +172,13 @@ async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
             roots[node_id] = root
             lag = "-"
             marks = []
+            with contextlib.suppress(Exception):
+                standing = Standing.from_fields(await reader.mesh_record())
+                now_ms = int(time.time() * 1000)
+                if out_of_mesh_reason(standing, now_ms, grace_ms) is not None:
+                    # Stale past the tombstone grace: peers do not pull from it.
+                    state = standing.state if standing is not None else "silent"
+                    marks.append(f"OUT-OF-MESH({'silent' if state == 'in_mesh' else state})")
             if node_id != config.local_node_id:
                 saved = cursors.get(node_id)
                 if saved:  # no cursor: this node never read that peer, so no lag to show

@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 ENGINE_STATES = {"stopped": 0, "starting": 1, "running": 2, "stopping": 3}
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
+# This node's standing in the mesh (replication_engine/rebootstrap.py).
+STANDING_STATES = {"in_mesh": 0, "verifying": 1, "needs_rebootstrap": 2, "rebootstrapping": 3}
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _REPAIR_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
@@ -141,6 +143,38 @@ class Metrics:
         self.local_circuit = Gauge(
             "replication_local_circuit_state",
             "Local store breaker: 0 closed, 1 half-open, 2 open",
+            registry=r,
+        )
+
+        self.standing_state = Gauge(
+            "replication_standing_state",
+            "This node's standing: 0 in the mesh, 1 verifying after an absence longer than the "
+            "tombstone grace, 2 needs re-bootstrap, 3 re-bootstrapping",
+            registry=r,
+        )
+        self.standing_changes = Counter(
+            "replication_standing_changes",
+            "Changes of this node's standing, by the state entered",
+            ["state"],
+            registry=r,
+        )
+        self.rebootstraps = Counter(
+            "replication_rebootstraps",
+            "Re-bootstraps after an absence longer than the tombstone grace, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.rebootstrap_discarded = Counter(
+            "replication_rebootstrap_discarded",
+            "Local versions older than the tombstone grace that no peer in the mesh held, "
+            "discarded by a re-bootstrap (copies are kept in the quarantine)",
+            registry=r,
+        )
+        self.peer_out_of_mesh = Gauge(
+            "replication_peer_out_of_mesh",
+            "1 while a peer's standing record says it is stale, so the cold path does not pull "
+            "from it",
+            peer,
             registry=r,
         )
 

@@ -38,6 +38,11 @@ class Keyspace:
     def tombs(self) -> str:
         return f"{self.prefix}tombs"
 
+    @property
+    def mesh(self) -> str:
+        """This node's standing in the mesh: when it was last in contact, whether it is stale."""
+        return f"{self.prefix}mesh"
+
     def item(self, key: str) -> str:
         return f"{self.prefix}item:{key}"
 

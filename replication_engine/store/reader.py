@@ -128,3 +128,13 @@ class TreeReader:
             except CodecError as exc:
                 out.append(exc)
         return out
+
+    async def mesh_record(self) -> dict[str, str]:
+        """The store's standing record (``Pmesh``): empty when no engine has written one.
+
+        Peers read it before pulling from this store, so a node that was out of the mesh past
+        the tombstone grace cannot hand back values whose deletes were collected meanwhile.
+        """
+        raw = await self.redis.hgetall(self.keys.mesh)
+        self.counter.round_trips += 1
+        return {text(k): text(v) for k, v in raw.items()}

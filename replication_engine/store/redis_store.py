@@ -8,7 +8,7 @@ script atomically, so the tree, the data and the stream never disagree.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
@@ -396,6 +396,39 @@ class RedisStore:
         used = int(info.get("used_memory", 0) or 0)
         self._accepting = limit <= 0 or used < limit * self.max_memory_ratio
         return self._accepting
+
+    # ------------------------------------------------------------------------ mesh standing
+
+    async def write_mesh_record(
+        self, fields: Mapping[str, str], *, clear: Sequence[str] = ()
+    ) -> None:
+        """Set (and drop ``clear``) fields of this node's standing record, in one transaction.
+
+        Peers read the record (``TreeReader.mesh_record``) before pulling from this store; see
+        ``replication_engine/rebootstrap.py``.
+        """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if fields:
+                pipe.hset(self.keys.mesh, mapping=dict[Any, Any](fields))
+            if clear:
+                pipe.hdel(self.keys.mesh, *clear)
+            await pipe.execute()
+
+    async def discard_versions(self, versions: Sequence[tuple[str, int, str]]) -> int:
+        """Remove ``(key, hlc, origin)`` versions from this store only; returns how many went.
+
+        No tombstone and no CDC entry are written: a re-bootstrap drops values that peers
+        deleted and collected, and telling peers anything would be wrong (a tombstone would
+        delete a copy some other peer may rightly hold). A key whose version is no longer the
+        given one is left alone.
+        """
+        if not versions:
+            return 0
+        args: list[Any] = list(self._base_args)
+        for key, hlc, origin in versions:
+            args += [key, self.geometry.leaf_path(key), clock.to_hex(hlc), origin]
+        script = self.redis.register_script(_load_script("discard.lua"))
+        return int(await script(args=args))
 
 
 def _item(change: Change) -> Item:

@@ -75,6 +75,11 @@ KNOWN_LABELS: dict[str, frozenset[str]] = {
     "replication_tailer_restarts_total": _PEER,
     "replication_local_circuit_state": frozenset(),
     "replication_peer_stalled": _PEER,
+    "replication_standing_state": frozenset(),
+    "replication_standing_changes_total": frozenset({"state"}),
+    "replication_rebootstraps_total": frozenset({"outcome"}),
+    "replication_rebootstrap_discarded_total": frozenset(),
+    "replication_peer_out_of_mesh": _PEER,
 }
 KNOWN_METRICS = frozenset(KNOWN_LABELS)
 HISTOGRAMS = frozenset(
@@ -93,7 +98,7 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # stream reads, Merkle-tree and item reads. Nothing that writes, nothing global.
 REPLICATOR_COMMANDS = frozenset(
     """
-    ping hello auth select client|setname client|id
+    ping hello auth select client|setname client|setinfo client|id
     xread xrange xrevrange xinfo|stream xlen
     hgetall hmget hget hscan get mget exists type
     """.split()
@@ -970,11 +975,28 @@ redis_server_required = pytest.mark.skipif(
 )
 
 
+def acl_for_local_redis(acl: str) -> str:
+    """The ACL as start-redis.sh renders it for the redis-server on PATH: CLIENT SETINFO
+    exists from Redis 7.2 on, and older servers refuse an ACL file that names it."""
+    found = re.search(
+        r" v=(\d+)\.(\d+)\.",
+        subprocess.run(
+            [shutil.which("redis-server") or "redis-server", "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout,
+    )
+    if found is None or (int(found.group(1)), int(found.group(2))) < (7, 2):
+        acl = acl.replace(" +client|setinfo", "")
+    return acl
+
+
 @pytest.fixture
 def acl_server(tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     """A real redis-server loaded with a copy of users.acl (placeholders replaced)."""
     passwords = {"replicator": secrets.token_hex(16), "engine": secrets.token_hex(16)}
-    acl = ACL_FILE.read_text(encoding="utf-8")
+    acl = acl_for_local_redis(ACL_FILE.read_text(encoding="utf-8"))
     acl = acl.replace(">CHANGE_ME_REPLICATOR", ">" + passwords["replicator"])
     acl = acl.replace(">CHANGE_ME_ENGINE", ">" + passwords["engine"])
     acl_copy = tmp_path / "users.acl"
