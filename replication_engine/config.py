@@ -301,6 +301,7 @@ def _split_listen(listen: str) -> tuple[str, int]:
 
 
 Duration = Annotated[float, BeforeValidator(_duration_field), Field(gt=0)]
+DurationOrZero = Annotated[float, BeforeValidator(_duration_field), Field(ge=0)]
 NodeId = Annotated[str, AfterValidator(_check_node_id)]
 RedisUrl = Annotated[str, AfterValidator(_check_redis_url)]
 ListenAddress = Annotated[str, AfterValidator(_check_listen)]
@@ -379,6 +380,13 @@ class HotPathConfig(_Section):
     rate_limit_per_sec: float = Field(default=10_000.0, gt=0, description="Sustained events/s.")
     rate_limit_burst: int = Field(default=1000, ge=1, description="Events allowed above the rate.")
     shutdown_timeout: Duration = Field(default=10.0, description="Drain time on shutdown (s).")
+    min_read_interval: DurationOrZero = Field(
+        default=0.02,
+        description=(
+            "At the head of a peer's stream, the least time between two reads: writes arriving "
+            "within it are applied together (adds at most this much lag; 0 reads at once)."
+        ),
+    )
     relay: bool = Field(
         default=True,
         description=(

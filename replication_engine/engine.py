@@ -297,6 +297,7 @@ class ReplicationEngine:
             rate_limit_burst=hot.rate_limit_burst,
             shutdown_timeout_sec=hot.shutdown_timeout,
             relay=hot.relay,
+            min_read_interval_sec=hot.min_read_interval,
         )
 
     def _new_tailer(self, peer_id: str) -> Tailer:

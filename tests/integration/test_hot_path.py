@@ -862,6 +862,46 @@ async def test_rate_limit_spreads_applies_over_time(
         await mesh.wait_converged()
 
 
+async def test_reads_at_the_head_are_spaced_by_the_min_read_interval(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """A steady trickle of writes is applied in one batch per interval, not one per write."""
+    interval = 0.25
+    spaced = {"settings": {"hot_path": {"min_read_interval": interval}}}
+    eager = {"settings": {"hot_path": {"min_read_interval": 0}}}
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "c": ["b"], "b": []},
+        overrides={"a": spaced, "c": eager},
+    ) as mesh:
+
+        def tailing() -> bool:
+            found = [mesh[n].running().tailers.get("b") for n in ("a", "c")]
+            return all(t is not None and t.mode == "tailing" for t in found)
+
+        await async_wait_until(
+            tailing, timeout=RECOVERY_TIMEOUT_S, message="both tailers at the head of b's stream"
+        )
+        tailers = {n: mesh[n].running().tailers["b"] for n in ("a", "c")}
+        before = {n: t.stats.batches for n, t in tailers.items()}
+        started = time.monotonic()
+        writes = 60
+        for i in range(writes):
+            await mesh["b"].store.put(f"trickle:{i}", b"v")
+            await asyncio.sleep(0.01)  # the workload: a steady trickle, not a synchronisation
+        await async_wait_until(
+            lambda: all(mesh[n].total("applied") >= writes for n in tailers),
+            timeout=RECOVERY_TIMEOUT_S,
+            message="both nodes applied the trickle",
+        )
+        elapsed = time.monotonic() - started
+        batches = {n: t.stats.batches - before[n] for n, t in tailers.items()}
+        assert batches["a"] <= elapsed / interval + 2, (batches, elapsed)
+        assert batches["c"] > batches["a"], batches
+        await mesh.wait_converged()
+
+
 async def test_backpressure_pauses_applies_until_memory_is_available(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
