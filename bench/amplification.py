@@ -2,34 +2,32 @@
 
     python -m bench.amplification [--writes N] [--sizes 3,5,9] [--rate R] [--value-bytes B]
 
-For each mesh size, fresh ``redis-server`` processes and one in-process engine per node (hot
-path only: cold path off, ``start_from: beginning``) form a full mesh (every node tails every
-other node). ``N`` writes with distinct keys are issued round-robin across the nodes at ``R``
-writes per second in total; the run ends when every tailer is at its peer's stream tail and
-no stream grows any more. Figures are per write.
+Each mesh size is run twice, once with ``settings.hot_path.relay`` on and once with it off on
+every node; both runs are measured the same way. A run starts fresh ``redis-server`` processes
+and one in-process engine per node (hot path only: cold path off, ``start_from: beginning``)
+forming a full mesh (every node tails every other node). ``N`` writes with distinct keys are
+issued round-robin across the nodes at ``R`` writes per second in total; the run ends when
+every tailer is at its peer's stream tail and no stream grows any more. Figures are per write.
 
-Relaying on (what the engine does): a node that applies a remote write re-emits it on its own
-stream, so every node's stream carries every write and each tailer reads all of them; those
-it already has are deduplicated, its own writes come back as echoes. Measured:
+Relaying on: a node that applies a remote write re-emits it on its own stream, so every
+node's stream carries every write and each tailer reads all of them; those it already has are
+deduplicated, its own writes come back as echoes. Relaying off: each node's stream carries only
+the writes made on it, and each of the other nodes reads them once (in a full mesh every node
+tails every origin directly, so nothing is lost; in a chain or a tree relaying is what carries
+writes past the first hop). Measured, in both modes:
 
 - CDC entries written: the sum of every node's stream length (XLEN); bytes written: their
   sizes as below.
 - Entries read: the sum of every tailer's entries read; applied, deduplicated (not newer than
   what the node holds) and echoes (the reader's own writes) from the tailers' counters.
 - Entry bytes read: for every entry a tailer read, its size as Redis sends it (RESP: id, field
-  names and values), computed from the entries themselves.
+  names and values), computed from the entries themselves. Every tailer started at the
+  beginning of an empty stream, and the run checks that each read its peer's whole stream.
 - Wire bytes read: every engine reaches its peers through a counting TCP proxy (one per
   server; writers and each engine's own store connect directly), so this is exactly what the
   peers' Redis servers sent to tailers during the run: entries plus what every read carries
   besides them (the ``XINFO STREAM`` reply pipelined with each read, RESP framing, pings).
 - Read calls: XREAD + XRANGE commands served (``INFO commandstats``).
-
-Relaying off (no re-emit) is derived from the same run, not measured: each node's stream would
-hold only the writes made on it (the entries whose origin is the stream's owner), and each of
-the other nodes would read exactly those. So entries written = N, entries read = (nodes - 1) x
-the origin entries, entry bytes = (nodes - 1) x their sizes, nothing deduplicated, no echoes.
-That is only correct in a full mesh, where every node tails every origin directly; in any
-other topology (a chain, a tree) relaying is what carries writes past the first hop.
 """
 
 from __future__ import annotations
@@ -40,18 +38,18 @@ import contextlib
 import random
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from bench.hot_path import servers
 from replication_engine import codec
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
 from replication_engine.store.redis_store import RedisStore
-from replication_engine.testing import RedisProcess, ThreadedTcpProxy
+from replication_engine.testing import ThreadedTcpProxy
 
 # Key prefix of every node in these runs.
 PREFIX = "amp:"
@@ -70,6 +68,7 @@ class Figures:
     """Totals of one run (divide by ``writes`` for per-write figures)."""
 
     nodes: int
+    relay: bool
     writes: int
     seconds: float
     entries_written: int
@@ -79,12 +78,8 @@ class Figures:
     deduped: int
     echoes: int
     entry_bytes_read: int
-    wire_bytes: int | None
-    read_calls: int | None
-    # Relaying off, derived: entries whose origin is the stream's owner, and their bytes.
-    origin_entries_read: int
-    origin_entry_bytes_written: int
-    origin_entry_bytes_read: int
+    wire_bytes: int
+    read_calls: int
 
 
 def resp_bulk(value: bytes) -> int:
@@ -97,23 +92,12 @@ def entry_resp_bytes(raw_id: bytes, fields: dict[bytes, bytes]) -> int:
     return size + sum(resp_bulk(k) + resp_bulk(v) for k, v in fields.items())
 
 
-@contextlib.contextmanager
-def servers(count: int, workdir: Path) -> Iterator[list[RedisProcess]]:
-    """``count`` fresh redis-server processes, killed on exit whatever happens."""
-    started: list[RedisProcess] = []
-    try:
-        for i in range(count):
-            server = RedisProcess(data_dir=workdir / f"redis-{time.monotonic_ns()}-{i}")
-            started.append(server)
-            server.start()
-        yield started
-    finally:
-        for server in started:
-            server.kill()
-
-
 def engine_config(
-    node_id: str, urls: dict[str, str], peer_urls: dict[str, str], cursor_path: Path
+    node_id: str,
+    urls: dict[str, str],
+    peer_urls: dict[str, str],
+    cursor_path: Path,
+    relay: bool,
 ) -> EngineConfig:
     return EngineConfig.model_validate(
         {
@@ -121,7 +105,7 @@ def engine_config(
             "local": {"redis_url": urls[node_id], "prefix": PREFIX},
             "settings": {
                 "cold_path": {"enabled": False},
-                "hot_path": {"block_timeout": BLOCK_TIMEOUT_S},
+                "hot_path": {"block_timeout": BLOCK_TIMEOUT_S, "relay": relay},
             },
             "peers": [
                 {"node_id": p, "redis_url": url, "prefix": PREFIX, "start_from": "beginning"}
@@ -191,29 +175,22 @@ async def xrange(store: RedisStore, start: str) -> list[tuple[bytes, dict[bytes,
     return cast(list[tuple[bytes, dict[bytes, bytes]]], entries)
 
 
-async def stream_sizes(store: RedisStore) -> tuple[int, int, int, int]:
-    """(entries, their RESP bytes, entries whose origin is the owner, their bytes)."""
-    entries = total = own = own_bytes = 0
+async def stream_sizes(store: RedisStore) -> tuple[int, int]:
+    """(entries in the store's stream, their RESP bytes)."""
+    entries = total = 0
     start = "-"
     while batch := await xrange(store, start):
-        for raw_id, fields in batch:
-            size = entry_resp_bytes(raw_id, fields)
-            entries += 1
-            total += size
-            meta = codec.decode_entry(
-                codec.parse_stream_id(raw_id), fields, default_origin=store.node_id
-            )
-            if meta.origin == store.node_id:
-                own += 1
-                own_bytes += size
+        entries += len(batch)
+        total += sum(entry_resp_bytes(raw_id, fields) for raw_id, fields in batch)
         start = f"({batch[-1][0].decode()}"
-    return entries, total, own, own_bytes
+    return entries, total
 
 
 async def run_mesh(
-    nodes: int, writes: int, rate: float, value_bytes: int, workdir: Path
+    nodes: int, relay: bool, writes: int, rate: float, value_bytes: int, workdir: Path
 ) -> Figures:
     node_ids = [f"n{i}" for i in range(nodes)]
+    mode = "relay" if relay else "norelay"
     with servers(nodes, workdir) as procs, contextlib.ExitStack() as stack:
         urls = {n: p.url for n, p in zip(node_ids, procs, strict=True)}
         proxies = {
@@ -224,7 +201,8 @@ async def run_mesh(
         stores = {n: await RedisStore.connect(urls[n], node_id=n, prefix=PREFIX) for n in node_ids}
         engines = {
             n: ReplicationEngine(
-                engine_config(n, urls, peer_urls, workdir / f"{n}-{nodes}.db"), store=stores[n]
+                engine_config(n, urls, peer_urls, workdir / f"{n}-{nodes}-{mode}.db", relay),
+                store=stores[n],
             )
             for n in node_ids
         }
@@ -244,7 +222,7 @@ async def run_mesh(
             tailers = [t for e in engines.values() for t in e.tailers.values()]
             entries_read = sum(t.stats.read for t in tailers)
             # Every tailer started at the beginning of an empty stream, so it read its peer's
-            # whole stream: that is what makes the per-entry byte counts exact.
+            # whole stream (with relaying on or off): that makes the per-entry byte counts exact.
             for engine in engines.values():
                 for peer_id, tailer in engine.tailers.items():
                     if tailer.stats.read != sizes[peer_id][0]:
@@ -252,9 +230,9 @@ async def run_mesh(
                             f"{engine.node_id} read {tailer.stats.read} of "
                             f"{peer_id}'s {sizes[peer_id][0]} entries"
                         )
-            readers = nodes - 1
             return Figures(
                 nodes=nodes,
+                relay=relay,
                 writes=writes,
                 seconds=seconds,
                 entries_written=sum(s[0] for s in sizes.values()),
@@ -263,12 +241,10 @@ async def run_mesh(
                 applied=sum(t.stats.applied for t in tailers),
                 deduped=sum(t.stats.deduped for t in tailers),
                 echoes=sum(t.stats.echoes for t in tailers),
-                entry_bytes_read=readers * sum(s[1] for s in sizes.values()),
+                # Each stream is read whole by each of the other nodes' tailers.
+                entry_bytes_read=(nodes - 1) * sum(s[1] for s in sizes.values()),
                 wire_bytes=bytes_after - bytes_before,
                 read_calls=sum(a - b for b, a in zip(calls_before, calls_after, strict=True)),
-                origin_entries_read=readers * sum(s[2] for s in sizes.values()),
-                origin_entry_bytes_written=sum(s[3] for s in sizes.values()),
-                origin_entry_bytes_read=readers * sum(s[3] for s in sizes.values()),
             )
         finally:
             for engine in engines.values():
@@ -277,15 +253,13 @@ async def run_mesh(
                 await store.close()
 
 
-def rows(f: Figures) -> list[list[str]]:
-    n = f.writes
+def table_row(f: Figures) -> list[str]:
+    def per(value: int, digits: int = 2) -> str:
+        return f"{value / f.writes:.{digits}f}"
 
-    def per(value: float | None, digits: int = 2) -> str:
-        return "-" if value is None else f"{value / n:.{digits}f}"
-
-    on = [
+    return [
         str(f.nodes),
-        "on",
+        "on" if f.relay else "off",
         per(f.entries_written),
         per(f.entry_bytes_written, 0),
         per(f.entries_read),
@@ -296,20 +270,6 @@ def rows(f: Figures) -> list[list[str]]:
         per(f.wire_bytes, 0),
         per(f.read_calls),
     ]
-    off = [
-        str(f.nodes),
-        "off*",
-        per(n),
-        per(f.origin_entry_bytes_written, 0),
-        per(f.origin_entries_read),
-        per(f.applied),
-        per(0),
-        per(0),
-        per(f.origin_entry_bytes_read, 0),
-        "-",
-        "-",
-    ]
-    return [on, off]
 
 
 HEADER = [
@@ -328,29 +288,29 @@ HEADER = [
 
 
 def print_table(figures: list[Figures], value_bytes: int) -> None:
-    table = [HEADER] + [row for f in figures for row in rows(f)]
+    table = [HEADER] + [table_row(f) for f in figures]
     widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
     print(f"\nper write ({figures[0].writes} writes of {value_bytes}-byte values per mesh):")
     for i, row in enumerate(table):
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print(
-        "off* = derived from the same run (entries whose origin is the stream's owner, read by "
-        "every other node); '-' = not measured"
-    )
     for f in figures:
-        print(f"{f.nodes} nodes: {f.seconds:.1f} s from first write to quiet")
+        relay = "on" if f.relay else "off"
+        print(f"{f.nodes} nodes, relay {relay}: {f.seconds:.1f} s from first write to quiet")
 
 
 async def main(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="re-bench-amp-") as tmp:
         workdir = Path(tmp)
-        figures = []
+        figures: list[Figures] = []
         for nodes in sizes:
-            figures.append(await run_mesh(nodes, args.writes, args.rate, args.value_bytes, workdir))
-            print(f"{nodes} nodes done", flush=True)
+            for relay in (True, False):
+                figures.append(
+                    await run_mesh(nodes, relay, args.writes, args.rate, args.value_bytes, workdir)
+                )
+                print(f"{nodes} nodes, relay {'on' if relay else 'off'}: done", flush=True)
         print_table(figures, args.value_bytes)
 
 
