@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,9 +41,7 @@ from replication_engine import clock, codec
 from replication_engine.codec import Change, StreamId
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
-from replication_engine.hot_path import Tailer
 from replication_engine.store.layout import Keyspace
-from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import RedisProcess
 
 # Key prefix used by every node in these runs.
@@ -164,10 +161,14 @@ async def preload(url: str, events: int, origin: str) -> tuple[StreamId, float]:
 
 
 async def engine_catch_up(
-    peer_url: str, local_url: str, tail: StreamId, workdir: Path
+    peer_url: str, local_url: str, tail: StreamId, workdir: Path, *, relay: bool = True
 ) -> tuple[float, ReplicationEngine]:
     config = engine_config(
-        "local", local_url, {"peer": peer_url}, workdir / f"cursor-{time.monotonic_ns()}.db"
+        "local",
+        local_url,
+        {"peer": peer_url},
+        workdir / f"cursor-{time.monotonic_ns()}.db",
+        relay=relay,
     )
     engine = ReplicationEngine(config)
     started = time.perf_counter()
@@ -233,177 +234,39 @@ async def script_seconds(url: str) -> float:
     )
 
 
-async def bench_throughput(backlog: int, workdir: Path) -> None:
+async def bench_throughput(backlog: int, relay: str, workdir: Path) -> None:
+    """The baseline runs before and after the engine runs; the ratio uses their mean."""
+    modes = {"on": [True], "off": [False], "both": [True, False]}[relay]
     print(f"(a) catch-up throughput, backlog {backlog:,} events of {PAYLOAD_BYTES} B JSON")
-    with servers(3, workdir) as (peer, local, baseline_target):
+    with servers(1 + 2 + len(modes), workdir) as (peer, *targets):
         tail, preload_s = await preload(peer.url, backlog, "peer")
         print(f"    preload: {backlog:,} XADDs in {preload_s:.1f} s")
-        engine_s, engine = await engine_catch_up(peer.url, local.url, tail, workdir)
-        lua_s = await script_seconds(local.url)
-        base_s = await baseline_catch_up(peer.url, baseline_target.url, tail)
-    registry = engine.metrics.registry
-    flush_sum = (
-        registry.get_sample_value("replication_batch_flush_duration_seconds_sum", {"peer": "peer"})
-        or 0.0
-    )
-    flushes = registry.get_sample_value("replication_batch_flush_total", {"peer": "peer"}) or 0
-    tailer = engine.tailers["peer"]
-    engine_rate, base_rate = backlog / engine_s, backlog / base_s
+        base_before = await baseline_catch_up(peer.url, targets[0].url, tail)
+        runs = []
+        for mode, target in zip(modes, targets[2:], strict=True):
+            seconds, engine = await engine_catch_up(peer.url, target.url, tail, workdir, relay=mode)
+            runs.append((mode, seconds, engine, await script_seconds(target.url)))
+        base_after = await baseline_catch_up(peer.url, targets[1].url, tail)
+    base_s = (base_before + base_after) / 2
+    base_rate = backlog / base_s
     print(
-        f"    engine:   {engine_rate:>10,.0f} events/s  ({engine_s:.2f} s, {flushes:.0f} batches,"
-        f" {flush_sum:.2f} s inside apply+cursor save)"
+        f"    baseline: {base_rate:>10,.0f} events/s  (mean of {base_before:.2f} s before and "
+        f"{base_after:.2f} s after the engine runs)"
     )
-    print(
-        f"              of which {lua_s:.2f} s running the apply script inside the local Redis"
-        f" ({lua_s / backlog * 1e6:.0f} us per event)"
-    )
-    print(f"    baseline: {base_rate:>10,.0f} events/s  ({base_s:.2f} s)")
-    print(f"    ratio engine/baseline: {engine_rate / base_rate:.2f}  (target >= 0.8)")
-    print(
-        f"    engine tailer: applied {tailer.stats.applied:,}, batches {tailer.stats.batches:,},"
-        f" final AIMD batch size {tailer.sizer.size}"
-    )
-
-
-# ------------------------------------------------------------------------------------ (b)
-
-
-async def _writer(urls: dict[str, str], rate: float, seconds: float) -> dict[str, Any]:
-    """The writer process body: ``rate`` writes/s in total, an equal share on every node.
-
-    Each node has its own schedule (write n is due at n / share seconds) served by a few
-    concurrent workers, so a slow write delays only itself, not the schedule.
-    """
-    stores = {n: await RedisStore.connect(u, node_id=n, prefix=PREFIX) for n, u in urls.items()}
-    rng = random.Random(11)
-    values = [json_payload(i, LAG_VALUE_BYTES, rng) for i in range(256)]
-    share = rate / len(stores)
-    per_node = int(share * seconds)
-    next_index = dict.fromkeys(stores, 0)
-    late = 0
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-
-    async def worker(node: str) -> None:
-        nonlocal late
-        store = stores[node]
-        while next_index[node] < per_node:
-            n = next_index[node]
-            next_index[node] += 1
-            delay = started + n / share - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            elif delay < -0.05:
-                late += 1
-            await store.put(f"key:{rng.randrange(LAG_KEYS)}", values[n % len(values)], "json")
-
-    await asyncio.gather(*(worker(n) for n in stores for _ in range(WRITER_CONCURRENCY)))
-    elapsed = loop.time() - started
-    for store in stores.values():
-        await store.close()
-    return {"writes": per_node * len(stores), "seconds": elapsed, "late": late}
-
-
-def _caught_up(tailer: Tailer, tail: str | None) -> bool:
-    return (
-        tail is not None
-        and tailer.cursor is not None
-        and tailer.cursor >= codec.parse_stream_id(tail)
-        and tailer.mode == "tailing"
-    )
-
-
-async def _wait_idle(
-    engines: dict[str, ReplicationEngine], stores: dict[str, RedisStore], timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        tails = {n: await s.stream_tail() for n, s in stores.items()}
-        if all(_caught_up(t, tails[p]) for e in engines.values() for p, t in e.tailers.items()):
-            if tails == {n: await s.stream_tail() for n, s in stores.items()}:
-                return
-        await asyncio.sleep(0.1)
-    raise TimeoutError("mesh did not go idle")
-
-
-async def lag_samples(store: RedisStore, since_ms: int) -> list[int]:
-    out: list[int] = []
-    start = f"{since_ms}-0"
-    while True:
-        entries = cast(
-            _Entries, await store.redis.xrange(store.keys.cdc, min=start, max="+", count=5000)
+    for mode, engine_s, engine, lua_s in runs:
+        registry = engine.metrics.registry
+        labels = {"peer": "peer"}
+        flush_sum = (
+            registry.get_sample_value("replication_batch_flush_duration_seconds_sum", labels) or 0.0
         )
-        if not entries:
-            return out
-        for raw_id, fields in entries:
-            meta = json.loads(fields[b"meta"])
-            if meta["origin"] != store.node_id:
-                out.append(codec.parse_stream_id(raw_id).ms - int(meta["updated_at"]))
-        start = f"({entries[-1][0].decode()}"
-
-
-def percentile(values: list[int], q: float) -> float:
-    ordered = sorted(values)
-    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
-
-
-async def bench_lag(rate: float, seconds: float, workdir: Path) -> None:
-    print(f"(b) end-to-end lag, 3-node full mesh, {rate:,.0f} writes/s total for {seconds:g} s")
-    ids = ["a", "b", "c"]
-    with servers(3, workdir) as procs:
-        urls = {n: p.url for n, p in zip(ids, procs, strict=True)}
-        stores = {n: await RedisStore.connect(urls[n], node_id=n, prefix=PREFIX) for n in ids}
-        engines: dict[str, ReplicationEngine] = {}
-        try:
-            for n in ids:
-                config = engine_config(
-                    n,
-                    urls[n],
-                    {p: urls[p] for p in ids if p != n},
-                    workdir / f"lag-{n}-{time.monotonic_ns()}.db",
-                )
-                engines[n] = ReplicationEngine(config, store=stores[n])
-                await engines[n].start()
-            since_ms = clock.wall_clock_ms()
-            cpu_before = time.process_time()
-            wall_before = time.perf_counter()
-            writer = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "bench.hot_path",
-                "--role",
-                "writer",
-                "--child-args",
-                json.dumps({"urls": urls, "rate": rate, "seconds": seconds}),
-                stdout=subprocess.PIPE,
-            )
-            out, _ = await writer.communicate()
-            result = json.loads(out.decode().strip().splitlines()[-1])
-            await _wait_idle(engines, stores, timeout=120)
-            engine_cpu = time.process_time() - cpu_before
-            wall = time.perf_counter() - wall_before
-            samples: dict[str, list[int]] = {n: await lag_samples(stores[n], since_ms) for n in ids}
-        finally:
-            for engine in engines.values():
-                await engine.shutdown()
-            for store in stores.values():
-                await store.close()
-    achieved = result["writes"] / result["seconds"]
-    print(
-        f"    writer: {result['writes']:,} writes in {result['seconds']:.1f} s "
-        f"({achieved:,.0f}/s, {result['late']} issued >50 ms late)"
-    )
-    print(f"    engines (3, one process): {engine_cpu:.1f} s CPU over {wall:.1f} s wall")
-    every = [v for values in samples.values() for v in values]
-    print("    method: receiving node's CDC entry id (ms) - write's meta.updated_at (ms)")
-    for name, values in [*samples.items(), ("all", every)]:
-        if not values:
-            print(f"    {name}: no replicated entries")
-            continue
+        tailer = engine.tailers["peer"]
+        engine_rate = backlog / engine_s
         print(
-            f"    {name:>3}: {len(values):>7,} applied  p50 {percentile(values, 0.50):>5.0f} ms  "
-            f"p90 {percentile(values, 0.90):>5.0f} ms  p99 {percentile(values, 0.99):>5.0f} ms  "
-            f"max {max(values):>5} ms  mean {statistics.fmean(values):.1f} ms"
+            f"    engine, relay {'on ' if mode else 'off'}: {engine_rate:>8,.0f} events/s  "
+            f"ratio {engine_rate / base_rate:.2f} (target >= 0.8)  ({engine_s:.2f} s, "
+            f"{tailer.stats.batches:,} batches, final AIMD size {tailer.sizer.size}, "
+            f"{flush_sum:.2f} s in apply+save, {lua_s:.2f} s = "
+            f"{lua_s / backlog * 1e6:.0f} us/event in the apply script)"
         )
 
 
@@ -501,9 +364,11 @@ async def main(args: argparse.Namespace) -> None:
     only = set(args.only.split(","))
     async with workspace() as workdir:
         if "a" in only:
-            await bench_throughput(args.backlog, workdir)
+            await bench_throughput(args.backlog, args.relay, workdir)
         if "b" in only:
-            await bench_lag(args.rate, args.seconds, workdir)
+            from bench.lag import bench_lag  # imports this module: import it late
+
+            await bench_lag(args.rate, args.seconds, args.relay, args.writers, workdir)
         if "c" in only:
             backlogs = sorted({min(100_000, args.memory_backlog), args.memory_backlog})
             await bench_memory(backlogs, workdir)
@@ -526,7 +391,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--only", default="a,b,c", help="which benchmarks, e.g. a,c")
     parser.add_argument(
-        "--role", choices=["main", "writer", "engine"], default="main", help=argparse.SUPPRESS
+        "--relay",
+        choices=["on", "off", "both"],
+        default="both",
+        help="(a, b) re-emit applied writes on the local stream (hot_path.relay)",
+    )
+    parser.add_argument("--writers", type=int, default=1, help="(b) writer processes")
+    parser.add_argument(
+        "--role", choices=["main", "engine"], default="main", help=argparse.SUPPRESS
     )
     parser.add_argument("--child-args", default="{}", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -535,9 +407,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run() -> None:
     args = parse_args()
     child = json.loads(args.child_args)
-    if args.role == "writer":
-        print(json.dumps(asyncio.run(_writer(child["urls"], child["rate"], child["seconds"]))))
-    elif args.role == "engine":
+    if args.role == "engine":
         asyncio.run(
             _engine_child(
                 child["peer_url"], child["local_url"], child["cursor_path"], child["tail"]
