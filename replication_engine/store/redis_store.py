@@ -262,7 +262,7 @@ class RedisStore:
         # A version stamped far ahead of our wall clock would drag this store's clock (and so
         # every later local write) into the future, possibly to the end of the HLC range.
         future = self.clock.wall() + self.max_clock_offset_ms
-        items: list[list[str | bytes]] = []
+        items: list[list[str | bytes | list[int]]] = []
         accepted: list[int] = []
         newest = 0
         leaf_path = self.geometry.leaf_path
@@ -270,6 +270,7 @@ class RedisStore:
             if clock.physical_ms(c.hlc) > future:
                 continue
             accepted.append(i)
+            digest = leaf_digest(c.key, c.hlc, c.content_hash, c.tombstone)
             items.append(
                 [
                     c.key,
@@ -283,7 +284,8 @@ class RedisStore:
                     str(c.version),
                     str(c.updated_at),
                     c.trace_parent or "",
-                    leaf_digest(c.key, c.hlc, c.content_hash, c.tombstone),
+                    digest,
+                    [int(digest[i : i + 8], 16) for i in range(0, 32, 8)],
                 ]
             )
             newest = max(newest, c.hlc)

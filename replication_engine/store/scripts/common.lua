@@ -105,12 +105,18 @@ local ROOT_DELTA = {0, 0, 0, 0}
 -- Set (new_digest) or clear (false) one key's leaf and queue the change for every ancestor.
 -- old_digest is the key's current leaf digest (false if none): callers derive it from the item
 -- they already read, which the atomic write path guarantees matches the leaf.
-local function tree_set(path, key, new_digest, old)
+-- new_words, when given, is new_digest as its four 32-bit words (the apply path sends them
+-- ready, which saves this single-threaded server eight conversions per item).
+local function tree_set(path, key, new_digest, old, new_words)
   local d1, d2, d3, d4 = 0, 0, 0, 0
   if new_digest then
     call('HSET', MK .. path, key, new_digest)
-    d1, d2 = tonum(sub(new_digest, 1, 8), 16), tonum(sub(new_digest, 9, 16), 16)
-    d3, d4 = tonum(sub(new_digest, 17, 24), 16), tonum(sub(new_digest, 25, 32), 16)
+    if new_words then
+      d1, d2, d3, d4 = new_words[1], new_words[2], new_words[3], new_words[4]
+    else
+      d1, d2 = tonum(sub(new_digest, 1, 8), 16), tonum(sub(new_digest, 9, 16), 16)
+      d3, d4 = tonum(sub(new_digest, 17, 24), 16), tonum(sub(new_digest, 25, 32), 16)
+    end
   else
     call('HDEL', MK .. path, key)
   end
@@ -203,10 +209,11 @@ local function current_digest(key, cur)
 end
 
 -- Write one item version over cur (from read_item): the item hash, its tree leaf and the
--- tombstone index. digest is the version's leaf digest when the caller knows it (the apply path
--- computes it client-side, off this single-threaded server), else nil.
+-- tombstone index. digest (and digest_words, its four 32-bit words) is the version's leaf
+-- digest when the caller knows it (the apply path computes it client-side, off this
+-- single-threaded server), else nil.
 local function write_item(key, path, tomb, data, hash, hlc, origin, ct, version, updated_at, tp,
-                          cur, digest)
+                          cur, digest, digest_words)
   local item = P .. 'item:' .. key
   digest = digest or leaf_digest(key, hlc, hash, tomb)
   local fields = {'HSET', item, 'hlc', hlc, 'o', origin, 'del', tomb, 'v', version,
@@ -228,7 +235,7 @@ local function write_item(key, path, tomb, data, hash, hlc, origin, ct, version,
   end
   if stale then call(unpack(stale)) end
   call(unpack(fields))
-  tree_set(path, key, digest, current_digest(key, cur))
+  tree_set(path, key, digest, current_digest(key, cur), digest_words)
 end
 
 -- Append one version to this node's CDC stream; returns the entry id.
