@@ -1,19 +1,17 @@
 """Hot-path benchmarks against real redis-server processes. Prints figures; asserts nothing.
 
-    python -m bench.hot_path [--backlog N] [--rate R] [--seconds S] [--memory-backlog M]
-                             [--only a,b,c]
+    python -m bench.hot_path [--backlog N] [--relay on|off|both] [--rate R] [--seconds S]
+                             [--writers W] [--memory-backlog M] [--only a,b,c]
 
 (a) Catch-up throughput: a peer's stream is preloaded with N events (1 KiB JSON values); one
-    engine (hot path only, start_from beginning) applies the whole backlog, timed from
-    ``start()`` until its cursor reaches the stream tail. For comparison, a minimal loop in the
-    same process reads the same stream into a fresh Redis: XRANGE batches of 1000, decompress,
+    engine (hot path only, start_from beginning; once with relay on and once off) applies the
+    whole backlog into a fresh Redis, timed from ``start()`` until its cursor reaches the
+    stream tail. For comparison, a minimal loop in the same process, run before and after the
+    engines, reads the same stream into a fresh Redis: XRANGE batches of 1000, decompress,
     verify the hash, pipelined HSET. The loop does none of the engine's work beyond that (no LWW
     check, no Merkle update, no CDC re-emit, no cursor save), so it is an upper bound.
-(b) End-to-end lag: 3 nodes in a full mesh, a writer process issuing R writes/s in total, spread
-    over the nodes, for S seconds. Lag of one replicated write = the id (ms) of the entry its
-    apply appended to the receiving node's own CDC stream, minus the write's ``updated_at`` (ms,
-    the writer's clock when it issued the write). All servers share this host's clock, so the
-    difference is write-to-visible latency with 1 ms resolution, for every replicated write.
+(b) End-to-end lag in a 3-node full mesh at a steady write rate: see ``bench/lag.py`` (also
+    runnable alone as ``python -m bench.lag``).
 (c) Peak memory of catching up an M-event backlog (and 100k for comparison): the engine runs in
     a child process; its VmHWM (peak RSS, from /proc/<pid>/status) is sampled by this process
     until the child exits and reported next to the batch settings.
