@@ -618,17 +618,6 @@ class EngineConfig(_Section):
                 problems.append(_Problem(("peers", index, "redis_url"), expected, peer.display_url))
             else:
                 seen_sources[source] = f"peers[{index}]"
-        # Every version a re-bootstrap discards is first copied to the quarantine: a cap above
-        # the quarantine's size would let those copies evict each other before anyone looks.
-        cap, kept = self.settings.rebootstrap.max_discard_items, self.cursor.quarantine_max_rows
-        if cap > kept:
-            expected = (
-                f"must not exceed cursor.quarantine_max_rows ({kept}), which keeps the copies "
-                "of discarded versions; raise that too"
-            )
-            problems.append(
-                _Problem(("settings", "rebootstrap", "max_discard_items"), expected, cap)
-            )
         return _FieldProblems.check(self, problems)
 
     @classmethod

@@ -198,11 +198,6 @@ def test_new_settings_keep_the_former_defaults() -> None:
             "settings.rebootstrap.max_discard_items: must be >= 0",
         ),
         (
-            {"settings": {"rebootstrap": {"max_discard_items": 20_000}}},
-            "settings.rebootstrap.max_discard_items: must not exceed cursor.quarantine_max_rows"
-            " (10000)",
-        ),
-        (
             {"settings": {"rebootstrap": {"max_discards": 5}}},
             "settings.rebootstrap.max_discards: unknown field (did you mean 'max_discard_items'?",
         ),
