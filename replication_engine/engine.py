@@ -26,7 +26,7 @@ from replication_engine.hot_path import CursorSaveFailed, Tailer, TailerSettings
 from replication_engine.merkle import Geometry, GeometryError
 from replication_engine.observability.metrics import CIRCUIT_STATES, ENGINE_STATES, Metrics
 from replication_engine.peer import Peer
-from replication_engine.rebootstrap import Membership
+from replication_engine.rebootstrap import Membership, discard_limit
 from replication_engine.resilience import Backoff, breaker_state, sleep_or_stop
 from replication_engine.store.protocol import Store
 from replication_engine.store.redis_store import RedisStore
@@ -240,7 +240,7 @@ class ReplicationEngine:
             tailers=self.tailers,
             metrics=self.metrics,
             grace_sec=cfg.local.tombstone_grace_sec,
-            max_discard_items=cfg.settings.rebootstrap.max_discard_items,
+            max_discard_items=discard_limit(cfg),
             fetch_batch_size=cfg.settings.cold_path.fetch_batch_size,
             hot_path_enabled=cfg.settings.hot_path.enabled,
             stall_after_sec=2 * cfg.settings.peer_health.ping_interval_sec,

@@ -79,9 +79,10 @@ from replication_engine.store.protocol import Store
 
 if TYPE_CHECKING:
     from replication_engine.cold_path import ColdPath
+    from replication_engine.config import EngineConfig
     from replication_engine.hot_path import Tailer
 
-__all__ = ["DISCARD_REASON", "Membership", "heartbeat_interval_sec"]
+__all__ = ["DISCARD_REASON", "Membership", "discard_limit", "heartbeat_interval_sec"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,16 @@ class StandingStore(Protocol):
         self, fields: Mapping[str, str], *, clear: Sequence[str] = ...
     ) -> None: ...
     async def discard_versions(self, versions: Sequence[tuple[str, int, str]]) -> int: ...
+
+
+def discard_limit(config: EngineConfig) -> int:
+    """The most versions one re-bootstrap may discard.
+
+    ``settings.rebootstrap.max_discard_items``, but never more than the quarantine keeps: each
+    discarded version is copied there first, and more would evict those copies before anyone
+    could inspect them.
+    """
+    return min(config.settings.rebootstrap.max_discard_items, config.cursor.quarantine_max_rows)
 
 
 class _DiscardRefused(Exception):
@@ -535,8 +546,9 @@ class Membership:
     def _refusal(self, count: str) -> str:
         return (
             f"re-bootstrap would discard {count} local versions older than the tombstone grace "
-            f"that no peer in the mesh holds, above settings.rebootstrap.max_discard_items "
-            f"({self.max_discard_items}); nothing was discarded and this node stays out of the "
+            f"that no peer in the mesh holds, above the limit of {self.max_discard_items} "
+            f"(settings.rebootstrap.max_discard_items, at most cursor.quarantine_max_rows); "
+            f"nothing was discarded and this node stays out of the "
             f"mesh (not ready, peers do not pull from it). Check that its peers are the right "
             f"mesh, then raise the limit and restart it"
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from replication_engine.config import ConfigError, EngineConfig
-from replication_engine.rebootstrap import HEARTBEAT_MAX_SEC, heartbeat_interval_sec
+from replication_engine.rebootstrap import HEARTBEAT_MAX_SEC, discard_limit, heartbeat_interval_sec
 from replication_engine.standing import (
     IN_MESH,
     NEEDS_REBOOTSTRAP,
@@ -207,3 +207,25 @@ def test_errors_in_the_new_settings_name_the_field(data: dict[str, object], expe
     with pytest.raises(ConfigError) as info:
         EngineConfig.from_mapping({"local_node_id": "a", **data}, env={})
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, 10_000),
+        ({"settings": {"rebootstrap": {"max_discard_items": 50}}}, 50),
+        ({"cursor": {"quarantine_max_rows": 200}}, 200),
+        (
+            {
+                "settings": {"rebootstrap": {"max_discard_items": 0}},
+                "cursor": {"quarantine_max_rows": 5},
+            },
+            0,
+        ),
+    ],
+)
+def test_the_discard_limit_never_exceeds_what_the_quarantine_keeps(
+    settings: dict[str, object], expected: int
+) -> None:
+    config = EngineConfig.from_mapping({"local_node_id": "a", **settings}, env={})
+    assert discard_limit(config) == expected
