@@ -470,7 +470,7 @@ class ColdPath:
         Raises:
             PeerUnavailable: the peer did not answer.
         """
-        fields = await _peer_call(peer, peer.reader.mesh_record, "mesh_record")
+        fields = await peer.call(peer.reader.mesh_record, what="mesh_record")
         return Standing.from_fields(fields)
 
     async def peer_out_of_mesh(self, peer: Peer) -> str | None:
@@ -508,7 +508,7 @@ class ColdPath:
         cached = self._root_cache.get(pid)
         if not fresh and cached is not None and now - cached[1] < self.settings.root_cache_ttl_sec:
             return cached[0]
-        root = await _peer_call(peer, peer.reader.root, "merkle_root")
+        root = await peer.call(peer.reader.root, what="merkle_root")
         self._root_cache[pid] = (root, now)
         return root
 
@@ -526,7 +526,7 @@ class ColdPath:
         pid = peer.node_id
         ours = self.store.geometry
         try:
-            theirs = await _peer_call(peer, peer.reader.geometry, "geometry")
+            theirs = await peer.call(peer.reader.geometry, what="geometry")
         except GeometryError as exc:
             raise GeometryError(f"peer {pid!r}: {exc}; ours is {ours.describe()}") from None
         if theirs is None:
@@ -667,7 +667,7 @@ class ColdPath:
     async def _compare(self, peer: Peer, level: int, chunk: list[tuple[str, bool]]) -> _Compared:
         paths = [path for path, _ in chunk]
         empty = [is_empty for _, is_empty in chunk]
-        remote = await _peer_call(peer, lambda: peer.reader.nodes(paths), "merkle_nodes")
+        remote = await peer.call(lambda: peer.reader.nodes(paths), what="merkle_nodes")
         wanted = [path for path, is_empty in chunk if not is_empty]
         read = iter(await self._local("read tree nodes", self.store.reader.nodes(wanted)))
         local = [{} if is_empty else next(read) for is_empty in empty]
@@ -680,7 +680,7 @@ class ColdPath:
         pid = peer.node_id
         if limiter is not None:
             await limiter.acquire(len(keys))
-        fetched = await _peer_call(peer, lambda: peer.reader.items(keys), "repair_items")
+        fetched = await peer.call(lambda: peer.reader.items(keys), what="repair_items")
         repair.items_fetched += len(keys)
         self.metrics.repair_items_fetched.labels(pid).inc(len(keys))
         changes: list[Change] = []
@@ -779,7 +779,7 @@ class ColdPath:
             "bootstrap.started peer=%s tail_id=%s done=%d total=%d", pid, tail, len(done), total
         )
         repair = PeerRepair(peer=pid)
-        (remote,) = await _peer_call(peer, lambda: peer.reader.nodes([""]), "merkle_nodes")
+        (remote,) = await peer.call(lambda: peer.reader.nodes([""]), what="merkle_nodes")
         (local,) = await self._local("read tree nodes", self.store.reader.nodes([""]))
         differing = set(merkle.diff_children(local, remote))
         equal = [b for b in branches if b not in done and b not in differing]
@@ -886,10 +886,6 @@ class ColdPath:
 
 def _local_only(local: dict[str, str], remote: dict[str, str]) -> list[str]:
     return sorted(key for key in local if key not in remote)
-
-
-async def _peer_call(peer: Peer, fn: Callable[[], Awaitable[T]], what: str) -> T:
-    return await peer.call(fn, what=what)
 
 
 def _describe(exc: BaseException) -> str:

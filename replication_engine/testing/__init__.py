@@ -7,9 +7,12 @@ benchmarks start servers the same way the suite does. Nothing in the engine impo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from replication_engine.testing.proxy import ProxyStats, TcpProxy, ThreadedTcpProxy
@@ -43,12 +46,23 @@ __all__ = [
     "find_redis_server",
     "free_port",
     "make_test_ca",
+    "open_files",
     "redis_server_version",
     "redis_supports_tls",
     "wait_until",
 ]
 
 _T = TypeVar("_T")
+
+
+def open_files(path: Path) -> int:
+    """File descriptors of this process open on ``path`` (Linux: reads /proc/self/fd)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                count += 1
+    return count
 
 
 def _failure(message: str, timeout: float, last_error: BaseException | None) -> AssertionError:

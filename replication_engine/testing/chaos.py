@@ -351,6 +351,17 @@ class ChaosNode:
     def saved_cursor(self, peer_id: str) -> StreamId | None:
         return self.saved_cursors().get(peer_id)
 
+    async def wait_holding_off(self, peer_id: str, timeout: float, message: str) -> None:
+        """Until this node's cold path refuses to pull from ``peer_id`` (out of the mesh)."""
+        cold = self.running().cold_path
+        assert cold is not None, f"{self.node_id} has no cold path"
+        await async_wait_until(
+            lambda: cold.status()["peers"][peer_id]["out_of_mesh"] is not None,
+            timeout=timeout,
+            interval=0.05,
+            message=message,
+        )
+
     def quarantined(self) -> list[tuple[str, str, str]]:
         """(peer, stream id, reason) of every quarantine row kept on disk."""
         if not self.cursor_path.exists():

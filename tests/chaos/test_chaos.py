@@ -735,14 +735,7 @@ async def test_a_node_offline_past_the_tombstone_grace_does_not_resurrect_delete
         # b comes back. Its Redis answers before its engine runs: a reads b's standing record,
         # last written before the outage, and does not pull from it.
         mesh.heal("a", "b")
-        a_cold = a.running().cold_path
-        assert a_cold is not None
-        await async_wait_until(
-            lambda: a_cold.status()["peers"]["b"]["out_of_mesh"] is not None,
-            timeout=RECOVERY_S,
-            interval=0.05,
-            message="a holding off from b before b's engine starts",
-        )
+        await a.wait_holding_off("b", RECOVERY_S, "a holding off from b before b's engine starts")
         assert await a.store.get_version("doomed") is None
         engine = await mesh.start_engine("b")
         # The node says so before it takes part: not ready, and peers do not pull from it.

@@ -44,7 +44,7 @@ from replication_engine.engine import ReplicationEngine
 from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
 from replication_engine.store.redis_store import RedisStore
-from replication_engine.testing import RedisFactory, async_wait_until
+from replication_engine.testing import RedisFactory, async_wait_until, open_files
 
 PREFIX = "app:"
 # In-process crashes (cancellations) per run: the brief's 1,000 and a margin.
@@ -471,16 +471,6 @@ async def test_a_cancelled_peer_call_always_raises_cancelled_error(
             swallowed += 1
         await peer.close()
     assert swallowed == 0, f"{swallowed} of 300 cancelled peer calls finished normally"
-
-
-def open_files(path: Path) -> int:
-    """File descriptors of this process open on ``path``."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
-                count += 1
-    return count
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")

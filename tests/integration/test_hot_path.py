@@ -889,7 +889,7 @@ async def test_reads_at_the_head_are_spaced_by_the_min_read_interval(
         writes = 60
         for i in range(writes):
             await mesh["b"].store.put(f"trickle:{i}", b"v")
-            await asyncio.sleep(0.01)  # the workload: a steady trickle, not a synchronisation
+            await asyncio.sleep(0.01)  # sync-ok: the workload is a steady trickle
         await async_wait_until(
             lambda: all(mesh[n].total("applied") >= writes for n in tailers),
             timeout=RECOVERY_TIMEOUT_S,

@@ -212,14 +212,7 @@ async def test_a_rebootstrap_that_would_discard_too_much_waits_for_an_operator(
         await mesh.trim("a", 1)
         mesh.heal("a", "b")
         # Before b's engine runs, a reads b's old record and holds off.
-        a_cold = a.running().cold_path
-        assert a_cold is not None
-        await async_wait_until(
-            lambda: a_cold.status()["peers"]["b"]["out_of_mesh"] is not None,
-            timeout=SETTLE_S,
-            interval=0.05,
-            message="a holding off from b before b's engine starts",
-        )
+        await a.wait_holding_off("b", SETTLE_S, "a holding off from b before b's engine starts")
         engine = await mesh.start_engine("b")
 
         await async_wait_until(
@@ -253,7 +246,7 @@ async def test_a_whole_mesh_back_after_the_grace_proves_itself_from_its_streams(
         await mesh.wait_converged(SETTLE_S)
         for node in ("a", "b", "c"):
             await mesh.stop_engine(node)
-        await asyncio.sleep(GRACE_S * 3)  # the outage itself: every record is past the grace
+        await asyncio.sleep(GRACE_S * 3)  # sync-ok: the outage itself, past the grace
 
         engines = []
         for node in ("a", "b", "c"):
@@ -311,14 +304,7 @@ async def test_a_node_whose_engine_was_down_past_the_grace_is_held_off_then_rebo
             a.store.collect_tombstones, timeout=SETTLE_S, interval=0.05, message="collected"
         )
         # b's record is older than the grace: a's cold path must not pull b's stale copy.
-        a_cold = a.running().cold_path
-        assert a_cold is not None
-        await async_wait_until(
-            lambda: a_cold.status()["peers"]["b"]["out_of_mesh"] is not None,
-            timeout=SETTLE_S,
-            interval=0.05,
-            message="a holding off from b",
-        )
+        await a.wait_holding_off("b", SETTLE_S, "a holding off from b")
         assert await a.store.get_version("doomed") is None
         data = b.config.model_dump()
         data["settings"]["hot_path"]["enabled"] = False

@@ -9,9 +9,7 @@ check the descriptor count with the collector off, so only a deterministic close
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,21 +18,11 @@ import pytest
 
 from replication_engine import cursor
 from replication_engine.cursor import CursorError, CursorStore
-from replication_engine.testing import async_wait_until
+from replication_engine.testing import async_wait_until, open_files
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc/self/fd"
 )
-
-
-def open_files(path: Path) -> int:
-    """File descriptors of this process open on ``path``."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
-                count += 1
-    return count
 
 
 @pytest.fixture(autouse=True)
