@@ -13,8 +13,8 @@ local MK = P .. 'mk:'
 
 -- Locals for what runs per item: Lua 5.1 looks a global (and each table field) up by hash on
 -- every use, which costs more than the operation itself in these loops.
-local call, sub, byte, tonum, bxor, tohex = redis.call, string.sub, string.byte, tonumber,
-  bit.bxor, bit.tohex
+local call, sub, byte, tonum, bxor, fmt = redis.call, string.sub, string.byte, tonumber,
+  bit.bxor, string.format
 
 local function bytes_gt(a, b)
   if a == b then return false end
@@ -33,26 +33,6 @@ local function hlc_gt(a, b)
   local x, y = tonum(sub(a, 1, 12), 16), tonum(sub(b, 1, 12), 16)
   if x ~= y then return x > y end
   return tonum(sub(a, 13, 16), 16) > tonum(sub(b, 13, 16), 16)
-end
-
--- A 128-bit digest is handled as four 32-bit words inside a script and as 32 hex characters
--- in Redis; converting only at the edges keeps per-item work to a few bit operations.
-local function words(hex)
-  return {tonum(sub(hex, 1, 8), 16), tonum(sub(hex, 9, 16), 16),
-          tonum(sub(hex, 17, 24), 16), tonum(sub(hex, 25, 32), 16)}
-end
-
-local function hex_of(w)
-  return tohex(w[1], 8) .. tohex(w[2], 8) .. tohex(w[3], 8) .. tohex(w[4], 8)
-end
-
-local function xor_into(acc, w)
-  acc[1], acc[2], acc[3], acc[4] = bxor(acc[1], w[1]), bxor(acc[2], w[2]), bxor(acc[3], w[3]),
-    bxor(acc[4], w[4])
-end
-
-local function is_zero(w)
-  return w[1] == 0 and w[2] == 0 and w[3] == 0 and w[4] == 0
 end
 
 local function leaf_digest(key, hlc, hash, tomb)
@@ -97,10 +77,11 @@ end
 
 -- Ancestor updates are accumulated per script call and written once by tree_flush(): a batch
 -- of 1,000 items touches the root and the upper levels once, not 1,000 times. XOR commutes, so
--- the result is the same as updating them item by item.
-local PENDING = {}
-local PENDING_ORDER = {}
-local ROOT_DELTA = {0, 0, 0, 0}
+-- the result is the same as updating them item by item. Deltas are kept per leaf bucket, keyed
+-- by the leaf path the caller already holds: building the ancestors' names per item cost the
+-- apply path more than the writes themselves, so that happens once per bucket, in the flush.
+local LEAF_DELTA = {}
+local LEAF_ORDER = {}
 
 -- Set (new_digest) or clear (false) one key's leaf and queue the change for every ancestor.
 -- old_digest is the key's current leaf digest (false if none): callers derive it from the item
@@ -124,74 +105,97 @@ local function tree_set(path, key, new_digest, old, new_words)
     d1, d2 = bxor(d1, tonum(sub(old, 1, 8), 16)), bxor(d2, tonum(sub(old, 9, 16), 16))
     d3, d4 = bxor(d3, tonum(sub(old, 17, 24), 16)), bxor(d4, tonum(sub(old, 25, 32), 16))
   end
-  if d1 == 0 and d2 == 0 and d3 == 0 and d4 == 0 then return end
-  for level_end = #path - W, 0, -W do
-    local parent = MK .. sub(path, 1, level_end)
-    local child = sub(path, level_end + 1, level_end + W)
-    local node = PENDING[parent]
-    if not node then
-      node = {}
-      PENDING[parent] = node
-      PENDING_ORDER[#PENDING_ORDER + 1] = parent
-    end
-    local acc = node[child]
-    if acc then
-      acc[1], acc[2], acc[3], acc[4] = bxor(acc[1], d1), bxor(acc[2], d2), bxor(acc[3], d3),
-        bxor(acc[4], d4)
-    else
-      node[child] = {d1, d2, d3, d4}
-    end
+  local acc = LEAF_DELTA[path]
+  if acc then
+    acc[1], acc[2], acc[3], acc[4] = bxor(acc[1], d1), bxor(acc[2], d2), bxor(acc[3], d3),
+      bxor(acc[4], d4)
+  else
+    LEAF_DELTA[path] = {d1, d2, d3, d4}
+    LEAF_ORDER[#LEAF_ORDER + 1] = path
   end
-  local r = ROOT_DELTA
-  r[1], r[2], r[3], r[4] = bxor(r[1], d1), bxor(r[2], d2), bxor(r[3], d3), bxor(r[4], d4)
 end
 
--- Apply a queued delta to a stored digest (hash field or string), deleting it at zero.
+local function is_zero(w)
+  return w[1] == 0 and w[2] == 0 and w[3] == 0 and w[4] == 0
+end
+
+-- A stored digest (hash field or string, 32 hex; nil if absent) XOR a delta, as 32 hex, or
+-- false at zero (zero digests are not stored). bit ops return signed 32-bit numbers; % 2^32
+-- brings them back to what %08x prints.
+local TWO32 = 4294967296
 local function store_xor(current, delta)
-  local value = {0, 0, 0, 0}
-  if current then value = words(current) end
-  xor_into(value, delta)
-  if is_zero(value) then return false end
-  return hex_of(value)
+  local a, b, c, d = delta[1], delta[2], delta[3], delta[4]
+  if current then
+    a, b = bxor(a, tonum(sub(current, 1, 8), 16)), bxor(b, tonum(sub(current, 9, 16), 16))
+    c, d = bxor(c, tonum(sub(current, 17, 24), 16)), bxor(d, tonum(sub(current, 25, 32), 16))
+  end
+  if a == 0 and b == 0 and c == 0 and d == 0 then return false end
+  return fmt('%08x%08x%08x%08x', a % TWO32, b % TWO32, c % TWO32, d % TWO32)
 end
 
 -- HMGET/HSET/HDEL of at most this many fields per call: Lua's unpack() has a stack limit, and a
 -- bounded reply keeps one call's memory small whatever the fanout.
 local FIELDS_PER_CALL = 1000
 
--- Write the queued ancestor changes, one HMGET and one HSET per interior node (per
--- FIELDS_PER_CALL children) rather than a read and a write per child. Every script that calls
--- tree_set ends with this.
+-- Write the queued changes one level at a time, from the leaves' parents up to the root: one
+-- HMGET and one HSET per interior node (per FIELDS_PER_CALL children) rather than a read and a
+-- write per child. A node's own delta is the XOR of its children's, and is what its parent
+-- gets. Every script that calls tree_set ends with this.
 local function tree_flush()
-  for p = 1, #PENDING_ORDER do
-    local parent = PENDING_ORDER[p]
-    local node = PENDING[parent]
-    local children = {}
-    for child, delta in pairs(node) do
-      if not is_zero(delta) then children[#children + 1] = child end
-    end
-    for first = 1, #children, FIELDS_PER_CALL do
-      local chunk = {unpack(children, first, math.min(#children, first + FIELDS_PER_CALL - 1))}
-      local current = call('HMGET', parent, unpack(chunk))
-      local set, gone = {'HSET', parent}, {'HDEL', parent}
-      for i, child in ipairs(chunk) do
-        local value = store_xor(current[i], node[child])
-        if value then
-          set[#set + 1], set[#set + 2] = child, value
+  local deltas, order = LEAF_DELTA, LEAF_ORDER
+  while #order > 0 do
+    local width = #order[1] - W
+    if width < 0 then break end -- the root: its delta goes to ROOT_KEY below
+    local parents, parent_order, children_of = {}, {}, {}
+    for i = 1, #order do
+      local path = order[i]
+      local delta = deltas[path]
+      if not is_zero(delta) then
+        local parent = sub(path, 1, width)
+        local acc = parents[parent]
+        if acc then
+          acc[1], acc[2], acc[3], acc[4] = bxor(acc[1], delta[1]), bxor(acc[2], delta[2]),
+            bxor(acc[3], delta[3]), bxor(acc[4], delta[4])
+          local kids = children_of[parent]
+          kids[#kids + 1] = path
         else
-          gone[#gone + 1] = child
+          parents[parent] = {delta[1], delta[2], delta[3], delta[4]}
+          parent_order[#parent_order + 1] = parent
+          children_of[parent] = {path}
         end
       end
-      if #set > 2 then call(unpack(set)) end
-      if #gone > 2 then call(unpack(gone)) end
     end
+    for p = 1, #parent_order do
+      local parent = parent_order[p]
+      local hash = MK .. parent
+      local kids = children_of[parent]
+      for first = 1, #kids, FIELDS_PER_CALL do
+        local last = math.min(#kids, first + FIELDS_PER_CALL - 1)
+        local fields = {}
+        for i = first, last do fields[i - first + 1] = sub(kids[i], width + 1) end
+        local current = call('HMGET', hash, unpack(fields))
+        local set, gone = {'HSET', hash}, {'HDEL', hash}
+        for i = 1, #fields do
+          local value = store_xor(current[i], deltas[kids[first + i - 1]])
+          if value then
+            set[#set + 1], set[#set + 2] = fields[i], value
+          else
+            gone[#gone + 1] = fields[i]
+          end
+        end
+        if #set > 2 then call(unpack(set)) end
+        if #gone > 2 then call(unpack(gone)) end
+      end
+    end
+    deltas, order = parents, parent_order
   end
-  if not is_zero(ROOT_DELTA) then
-    local root = store_xor(redis.call('GET', ROOT_KEY), ROOT_DELTA)
-    if root then
-      redis.call('SET', ROOT_KEY, root)
+  local root = deltas['']
+  if root and not is_zero(root) then
+    local value = store_xor(call('GET', ROOT_KEY), root)
+    if value then
+      call('SET', ROOT_KEY, value)
     else
-      redis.call('DEL', ROOT_KEY)
+      call('DEL', ROOT_KEY)
     end
   end
 end
