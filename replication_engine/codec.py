@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
+import orjson
 import xxhash
 import zstandard
 
@@ -92,9 +93,10 @@ def encode_payload(value: bytes) -> bytes:
 def decode_payload(data: bytes, max_size: int = DEFAULT_MAX_PAYLOAD) -> bytes:
     """Inverse of :func:`encode_payload`, refusing to inflate past ``max_size`` bytes.
 
-    Input is fed to the decompressor a little at a time: a small slice of zstd can expand to
-    megabytes, so feeding it whole would let a zstd bomb allocate before any limit is checked.
-    A frame must also end where the data ends: a truncated frame is corruption, not a value.
+    A frame that declares its size is checked against the limit before anything is allocated;
+    one that does not is fed to the decompressor a little at a time, since a small slice of zstd
+    can expand to megabytes. A frame must also end where the data ends: a truncated frame is
+    corruption, not a value.
     """
     if data[:4] != ZSTD_MAGIC:
         if len(data) > max_size:
@@ -111,9 +113,18 @@ def decode_payload(data: bytes, max_size: int = DEFAULT_MAX_PAYLOAD) -> bytes:
             f"compressed payload declares {declared} bytes, over the limit of {max_size}",
             reason="too_large",
         )
-    # With a declared size libzstd refuses to produce more than it, so one step is safe; without
-    # one, feed a few bytes at a time and check the output as it grows.
-    step = len(data) if declared >= 0 else _FEED_BYTES
+    if declared >= 0:
+        # With a declared size (what encode_payload writes) libzstd decodes into a buffer of
+        # exactly that size and refuses to produce more, so one call is safe.
+        try:
+            value = _decompressor.decompress(data, allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"payload is not valid zstd: {exc}", reason="bad_zstd") from None
+        if len(value) != declared:
+            raise CodecError("payload size differs from its zstd header", reason="bad_zstd")
+        return value
+    # Without one, feed a few bytes at a time and check the output as it grows.
+    step = _FEED_BYTES
     parts: list[bytes] = []
     size = 0
     dobj = _decompressor.decompressobj()
@@ -135,8 +146,6 @@ def decode_payload(data: bytes, max_size: int = DEFAULT_MAX_PAYLOAD) -> bytes:
         raise CodecError("payload is a truncated zstd frame", reason="bad_zstd")
     if dobj.unused_data or fed < len(data):
         raise CodecError("payload has bytes after its zstd frame", reason="bad_zstd")
-    if declared >= 0 and size != declared:
-        raise CodecError("payload size differs from its zstd header", reason="bad_zstd")
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
@@ -172,6 +181,20 @@ STREAM_START = StreamId(0, 0)
 def parse_stream_id(raw: str | bytes | StreamId) -> StreamId:
     if isinstance(raw, StreamId):
         return raw
+    if type(raw) is bytes:
+        # What Redis returns: bytes.isdigit() is ASCII-only, so this accepts nothing the
+        # general path below would refuse.
+        ms_raw, dash, seq_raw = raw.partition(b"-")
+        if (
+            dash
+            and ms_raw.isdigit()
+            and seq_raw.isdigit()
+            and len(ms_raw) <= 20
+            and len(seq_raw) <= 20
+        ):
+            ms, seq = int(ms_raw), int(seq_raw)
+            if ms <= _MAX_U64 and seq <= _MAX_U64:
+                return StreamId(ms, seq)
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("ascii")
@@ -337,18 +360,6 @@ def encode_entry(change: Change) -> dict[str, bytes]:
     return fields
 
 
-def _text(fields: Mapping[bytes, bytes], name: str, *, required: bool = True) -> str | None:
-    raw = fields.get(name.encode())
-    if raw is None:
-        if required:
-            raise CodecError(f"entry has no {name!r} field", reason="missing_field")
-        return None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CodecError(f"field {name!r} is not valid UTF-8", reason="bad_encoding") from None
-
-
 def _normalise(fields: Mapping[Any, Any]) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
     for name, value in fields.items():
@@ -370,6 +381,12 @@ def _meta_int(meta: Mapping[str, Any], name: str, default: int) -> int:
 
 
 def _parse_hlc(raw: Any) -> int:
+    if type(raw) is str and len(raw) == 16 and raw.isascii() and raw.isalnum():
+        # The usual form; ASCII letters and digits only, so int() refuses anything not hex.
+        try:
+            return int(raw, 16)
+        except ValueError:
+            pass
     if isinstance(raw, str):
         try:
             return clock.from_hex(raw)
@@ -386,7 +403,7 @@ def decode_meta(raw: bytes | None) -> dict[str, Any]:
     if len(raw) > MAX_META_BYTES:
         raise CodecError(f"meta is {len(raw)} bytes, limit {MAX_META_BYTES}", reason="bad_meta")
     try:
-        meta = json.loads(raw)
+        meta = orjson.loads(raw)
     except (ValueError, RecursionError):
         raise CodecError("meta is not valid JSON", reason="bad_meta") from None
     if not isinstance(meta, dict):
@@ -477,17 +494,52 @@ def decode_entry(
     sid = str(parse_stream_id(stream_id))
     if not isinstance(fields, Mapping):
         raise CodecError("entry fields must be a mapping", reason="malformed")
-    norm = _normalise(fields)
-    op = _text(norm, "op")
-    if op not in (Op.PUT, Op.DEL):
-        raise CodecError(f"unknown op {op!r}"[:100], reason="unknown_op")
-    key = decode_key(norm.get(b"key"))
-    meta = decode_meta(norm.get(b"meta"))
-    tombstone = op == Op.DEL
-    data = norm.get(b"data", b"")
-    hash_hex = "" if tombstone else (_text(norm, "hash") or "")
-    if not tombstone and b"data" not in norm:
-        raise CodecError("PUT entry has no 'data' field", reason="missing_field")
+    # Redis replies name fields in bytes: read the five this format uses straight from them,
+    # and normalise (text names and values, from other callers) only when that is not the case.
+    get = fields.get
+    op_raw, key_raw, meta_raw, data, hash_raw = (
+        get(b"op"),
+        get(b"key"),
+        get(b"meta"),
+        get(b"data"),
+        get(b"hash"),
+    )
+    if not (
+        type(op_raw) is bytes
+        and (key_raw is None or type(key_raw) is bytes)
+        and (meta_raw is None or type(meta_raw) is bytes)
+        and (data is None or type(data) is bytes)
+        and (hash_raw is None or type(hash_raw) is bytes)
+    ):
+        norm = _normalise(fields)
+        op_raw, key_raw, meta_raw, data, hash_raw = (
+            norm.get(b"op"),
+            norm.get(b"key"),
+            norm.get(b"meta"),
+            norm.get(b"data"),
+            norm.get(b"hash"),
+        )
+    if op_raw == b"PUT":
+        tombstone = False
+    elif op_raw == b"DEL":
+        tombstone = True
+    elif op_raw is None:
+        raise CodecError("entry has no 'op' field", reason="missing_field")
+    else:
+        raise CodecError(f"unknown op {op_raw[:40]!r}"[:100], reason="unknown_op")
+    key = decode_key(key_raw)
+    meta = decode_meta(meta_raw)
+    if tombstone:
+        data, hash_hex = b"", ""
+    else:
+        if data is None:
+            raise CodecError("PUT entry has no 'data' field", reason="missing_field")
+        if hash_raw is None:
+            raise CodecError("entry has no 'hash' field", reason="missing_field")
+        try:
+            hash_hex = hash_raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecError("field 'hash' is not valid UTF-8", reason="bad_encoding") from None
     return change_from_parts(
         key,
         tombstone,
