@@ -71,6 +71,12 @@ class Item:
     content_type: str
 
 
+def _digest_words(digest: str) -> list[int]:
+    """A 32-hex digest as the four 32-bit words the apply script XORs."""
+    n = int(digest, 16)
+    return [n >> 96, (n >> 64) & 0xFFFFFFFF, (n >> 32) & 0xFFFFFFFF, n & 0xFFFFFFFF]
+
+
 def _load_script(name: str) -> str:
     scripts = resources.files("replication_engine.store") / "scripts"
     return (scripts / "common.lua").read_text() + "\n" + (scripts / name).read_text()
@@ -285,7 +291,7 @@ class RedisStore:
                     str(c.updated_at),
                     c.trace_parent or "",
                     digest,
-                    [int(digest[i : i + 8], 16) for i in range(0, 32, 8)],
+                    _digest_words(digest),
                 ]
             )
             newest = max(newest, c.hlc)
