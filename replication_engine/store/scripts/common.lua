@@ -200,9 +200,12 @@ local function tree_flush()
   end
 end
 
--- The current version of a key, as the fields write_item and the apply rule need.
+-- The current version of a key, as the fields write_item and the apply rule need. Every
+-- absent key shares one (read-only) table: a batch of new keys then allocates nothing here.
+local ABSENT = {hash = ''}
 local function read_item(key)
   local f = call('HMGET', P .. 'item:' .. key, 'hlc', 'o', 'h', 'del', 'v', 'tp', 'g')
+  if not f[1] then return ABSENT end
   return {hlc = f[1], origin = f[2], hash = f[3] or '', del = f[4], version = f[5], tp = f[6],
           digest = f[7]}
 end
@@ -220,6 +223,14 @@ local function write_item(key, path, tomb, data, hash, hlc, origin, ct, version,
                           cur, digest, digest_words)
   local item = P .. 'item:' .. key
   digest = digest or leaf_digest(key, hlc, hash, tomb)
+  if tomb == '0' and tp == '' and not cur.tp and cur.del ~= '1' then
+    -- The common case (a value over a value or over nothing, no trace) in one call, without
+    -- building and unpacking an argument table.
+    call('HSET', item, 'hlc', hlc, 'o', origin, 'del', tomb, 'v', version, 'ts', updated_at,
+      'g', digest, 'd', data, 'h', hash, 'ct', ct)
+    tree_set(path, key, digest, current_digest(key, cur), digest_words)
+    return
+  end
   local fields = {'HSET', item, 'hlc', hlc, 'o', origin, 'del', tomb, 'v', version,
                   'ts', updated_at, 'g', digest}
   local stale = false
