@@ -80,13 +80,13 @@ async def _engine_process(
     original_prepare = RedisStore.prepare_apply
     original_apply = RedisStore.apply_prepared
 
-    def prepare(self: RedisStore, changes: Any) -> PreparedApply:
-        prepared = original_prepare(self, changes)
+    def prepare(self: RedisStore, changes: Any, **kw: Any) -> PreparedApply:
+        prepared = original_prepare(self, changes, **kw)
         changes_of[id(prepared)] = list(changes)
         return prepared
 
-    async def apply(self: RedisStore, prepared: PreparedApply, **kw: Any) -> list[ApplyStatus]:
-        statuses = await original_apply(self, prepared, **kw)
+    async def apply(self: RedisStore, prepared: PreparedApply) -> list[ApplyStatus]:
+        statuses = await original_apply(self, prepared)
         now = clock.wall_clock_ms()
         for change, status in zip(changes_of.pop(id(prepared), []), statuses, strict=False):
             if status is ApplyStatus.APPLIED:

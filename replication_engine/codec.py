@@ -11,6 +11,7 @@ extra ``meta`` fields, ``hlc`` and ``origin``. ``docs/FORMAT.md`` is the contrac
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -347,12 +348,37 @@ class Change:
         return meta
 
 
+@functools.lru_cache(maxsize=1024)
+def _json_text(text: str) -> bytes:
+    """A JSON string literal; cached, as origins and content types repeat in every entry."""
+    return json.dumps(text).encode()
+
+
+def encode_meta(change: Change) -> bytes:
+    """The ``meta`` field of a CDC entry: :meth:`Change.meta` as compact JSON.
+
+    Formatted directly rather than through a JSON encoder: the apply path builds one per
+    relayed entry, and this is several times cheaper than encoding a fresh dict.
+    """
+    meta = b'{"version":%d,"updated_at":%d,"hlc":"%016x","origin":%s' % (
+        change.version,
+        change.updated_at,
+        change.hlc,
+        _json_text(change.origin),
+    )
+    if not change.tombstone:
+        meta += b',"content_type":' + _json_text(change.content_type)
+    if change.trace_parent:
+        meta += b',"trace_parent":' + json.dumps(change.trace_parent).encode()
+    return meta + b"}"
+
+
 def encode_entry(change: Change) -> dict[str, bytes]:
     """Fields for ``XADD``; the store's Lua scripts write the same shape."""
     fields = {
         "op": change.op.value.encode(),
         "key": change.key.encode("utf-8"),
-        "meta": json.dumps(change.meta(), separators=(",", ":")).encode(),
+        "meta": encode_meta(change),
     }
     if not change.tombstone:
         fields["hash"] = change.content_hash.encode()

@@ -356,7 +356,8 @@ class Tailer:
             return None
         changes, last_id = await self._decode(entries, position)
         self._read_pos = last_id
-        batch = Batch(changes, self.store.prepare_apply(changes) if changes else None)
+        prepared = self.store.prepare_apply(changes, relay=self.settings.relay) if changes else None
+        batch = Batch(changes, prepared)
         return info, requested, len(entries), batch, last_id
 
     async def _commit_prepared(
@@ -517,9 +518,7 @@ class Tailer:
             try:
                 with self.local_breaker.calling():
                     with continue_trace(batch.changes):
-                        statuses = await self.store.apply_prepared(
-                            batch.prepared, relay=self.settings.relay
-                        )
+                        statuses = await self.store.apply_prepared(batch.prepared)
             except pybreaker.CircuitBreakerError:
                 self.mode = "local_store_unavailable"
                 return breaker_remaining(self.local_breaker)

@@ -51,13 +51,15 @@ class PreparedApply:
     accepted: list[int]  # their indexes that go to the script (the rest are REJECTED)
     newest: int  # the greatest HLC among the accepted changes
     packed: bytes
+    relay: bool  # whether the script re-emits applied versions on this node's stream
 
 
+# The apply script returns one status letter per item, as one string.
 _STATUS = {
-    b"a": ApplyStatus.APPLIED,
-    b"d": ApplyStatus.SKIPPED,
-    b"s": ApplyStatus.STALE,
-    b"x": ApplyStatus.EXPIRED,
+    ord("a"): ApplyStatus.APPLIED,
+    ord("d"): ApplyStatus.SKIPPED,
+    ord("s"): ApplyStatus.STALE,
+    ord("x"): ApplyStatus.EXPIRED,
 }
 
 
@@ -69,12 +71,6 @@ class Item:
     hlc: int
     origin: str
     content_type: str
-
-
-def _digest_words(digest: str) -> list[int]:
-    """A 32-hex digest as the four 32-bit words the apply script XORs."""
-    n = int(digest, 16)
-    return [n >> 96, (n >> 64) & 0xFFFFFFFF, (n >> 32) & 0xFFFFFFFF, n & 0xFFFFFFFF]
 
 
 def _load_script(name: str) -> str:
@@ -260,15 +256,20 @@ class RedisStore:
         the dedup. In a full mesh every node tails every origin directly and relaying only
         multiplies stream writes and reads; see docs/TOPOLOGIES.md.
         """
-        return await self.apply_prepared(self.prepare_apply(changes), relay=relay)
+        return await self.apply_prepared(self.prepare_apply(changes, relay=relay))
 
-    def prepare_apply(self, changes: Sequence[Change]) -> PreparedApply:
+    def prepare_apply(self, changes: Sequence[Change], *, relay: bool = True) -> PreparedApply:
         """The client-side half of :meth:`apply_batch`: no I/O, so a pipelined caller can
-        pack batch N+1 while this store's server is still applying batch N."""
+        pack batch N+1 while this store's server is still applying batch N.
+
+        Everything the script would otherwise derive per item is computed here, off the
+        single-threaded server: the leaf path and digest (also as four 32-bit words) and, when
+        relaying, the stream entry's meta JSON.
+        """
         # A version stamped far ahead of our wall clock would drag this store's clock (and so
         # every later local write) into the future, possibly to the end of the HLC range.
         future = self.clock.wall() + self.max_clock_offset_ms
-        items: list[list[str | bytes | list[int]]] = []
+        items: list[list[str | bytes | int]] = []
         accepted: list[int] = []
         newest = 0
         leaf_path = self.geometry.leaf_path
@@ -277,6 +278,7 @@ class RedisStore:
                 continue
             accepted.append(i)
             digest = leaf_digest(c.key, c.hlc, c.content_hash, c.tombstone)
+            n = int(digest, 16)
             items.append(
                 [
                     c.key,
@@ -291,16 +293,18 @@ class RedisStore:
                     str(c.updated_at),
                     c.trace_parent or "",
                     digest,
-                    _digest_words(digest),
+                    n >> 96,
+                    (n >> 64) & 0xFFFFFFFF,
+                    (n >> 32) & 0xFFFFFFFF,
+                    n & 0xFFFFFFFF,
+                    codec.encode_meta(c) if relay else b"",
                 ]
             )
             newest = max(newest, c.hlc)
         packed = msgpack.packb(items, use_bin_type=False) if items else b""
-        return PreparedApply(len(changes), accepted, newest, packed)
+        return PreparedApply(len(changes), accepted, newest, packed, relay)
 
-    async def apply_prepared(
-        self, prepared: PreparedApply, *, relay: bool = True
-    ) -> list[ApplyStatus]:
+    async def apply_prepared(self, prepared: PreparedApply) -> list[ApplyStatus]:
         """The server-side half of :meth:`apply_batch`; statuses in the order of the changes."""
         out = [ApplyStatus.REJECTED] * prepared.size
         if not prepared.accepted:
@@ -311,7 +315,7 @@ class RedisStore:
                 *self._base_args,
                 self.stream_maxlen,
                 horizon,
-                "1" if relay else "0",
+                "1" if prepared.relay else "0",
                 clock.to_hex(prepared.newest),
                 prepared.packed,
             ]

@@ -24,6 +24,7 @@ from replication_engine.codec import (
     decode_entry,
     decode_payload,
     encode_entry,
+    encode_meta,
     encode_payload,
     lag_events,
     lag_ms,
@@ -77,6 +78,12 @@ def test_entry_round_trip(change: Change, sid: StreamId) -> None:
     assert decoded == change
     if not change.tombstone:
         assert decoded.value == change.value
+
+
+@given(changes(), st.text(min_size=1, max_size=30), st.text(max_size=30))
+def test_encoded_meta_is_the_meta_as_json(change: Change, origin: str, content_type: str) -> None:
+    change.origin, change.content_type = origin, content_type  # any text, quotes and all
+    assert json.loads(encode_meta(change)) == change.meta()
 
 
 @given(values)

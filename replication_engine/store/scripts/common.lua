@@ -86,14 +86,14 @@ local LEAF_ORDER = {}
 -- Set (new_digest) or clear (false) one key's leaf and queue the change for every ancestor.
 -- old_digest is the key's current leaf digest (false if none): callers derive it from the item
 -- they already read, which the atomic write path guarantees matches the leaf.
--- new_words, when given, is new_digest as its four 32-bit words (the apply path sends them
+-- w1..w4, when given, are new_digest as its four 32-bit words (the apply path sends them
 -- ready, which saves this single-threaded server eight conversions per item).
-local function tree_set(path, key, new_digest, old, new_words)
+local function tree_set(path, key, new_digest, old, w1, w2, w3, w4)
   local d1, d2, d3, d4 = 0, 0, 0, 0
   if new_digest then
     call('HSET', MK .. path, key, new_digest)
-    if new_words then
-      d1, d2, d3, d4 = new_words[1], new_words[2], new_words[3], new_words[4]
+    if w1 then
+      d1, d2, d3, d4 = w1, w2, w3, w4
     else
       d1, d2 = tonum(sub(new_digest, 1, 8), 16), tonum(sub(new_digest, 9, 16), 16)
       d3, d4 = tonum(sub(new_digest, 17, 24), 16), tonum(sub(new_digest, 25, 32), 16)
@@ -216,11 +216,11 @@ local function current_digest(key, cur)
 end
 
 -- Write one item version over cur (from read_item): the item hash, its tree leaf and the
--- tombstone index. digest (and digest_words, its four 32-bit words) is the version's leaf
--- digest when the caller knows it (the apply path computes it client-side, off this
--- single-threaded server), else nil.
+-- tombstone index. digest (and w1..w4, its four 32-bit words) is the version's leaf digest
+-- when the caller knows it (the apply path computes it client-side, off this single-threaded
+-- server), else nil.
 local function write_item(key, path, tomb, data, hash, hlc, origin, ct, version, updated_at, tp,
-                          cur, digest, digest_words)
+                          cur, digest, w1, w2, w3, w4)
   local item = P .. 'item:' .. key
   digest = digest or leaf_digest(key, hlc, hash, tomb)
   if tomb == '0' and tp == '' and not cur.tp and cur.del ~= '1' then
@@ -228,7 +228,7 @@ local function write_item(key, path, tomb, data, hash, hlc, origin, ct, version,
     -- building and unpacking an argument table.
     call('HSET', item, 'hlc', hlc, 'o', origin, 'del', tomb, 'v', version, 'ts', updated_at,
       'g', digest, 'd', data, 'h', hash, 'ct', ct)
-    tree_set(path, key, digest, current_digest(key, cur), digest_words)
+    tree_set(path, key, digest, current_digest(key, cur), w1, w2, w3, w4)
     return
   end
   local fields = {'HSET', item, 'hlc', hlc, 'o', origin, 'del', tomb, 'v', version,
@@ -250,14 +250,23 @@ local function write_item(key, path, tomb, data, hash, hlc, origin, ct, version,
   end
   if stale then call(unpack(stale)) end
   call(unpack(fields))
-  tree_set(path, key, digest, current_digest(key, cur), digest_words)
+  tree_set(path, key, digest, current_digest(key, cur), w1, w2, w3, w4)
 end
 
--- Append one version to this node's CDC stream; returns the entry id.
-local function emit(maxlen, key, tomb, data, hash, hlc, origin, ct, version, updated_at, tp)
+-- Append one version to this node's CDC stream; returns the entry id. meta is the entry's
+-- meta JSON when the caller built it (the apply path does, client-side), else nil or ''.
+local function emit(maxlen, key, tomb, data, hash, hlc, origin, ct, version, updated_at, tp, meta)
+  if meta and meta ~= '' then
+    if tomb == '1' then
+      return call('XADD', CDC_KEY, 'MAXLEN', '~', maxlen, '*', 'op', 'DEL', 'key', key,
+        'meta', meta)
+    end
+    return call('XADD', CDC_KEY, 'MAXLEN', '~', maxlen, '*',
+      'op', 'PUT', 'key', key, 'hash', hash, 'data', data, 'meta', meta)
+  end
   -- meta is assembled from the decimal strings the caller validated, not Lua numbers: cjson
   -- prints numbers with 14 significant digits, which would corrupt large values.
-  local meta = '{"version":' .. version .. ',"updated_at":' .. updated_at .. ',"hlc":"' .. hlc ..
+  meta = '{"version":' .. version .. ',"updated_at":' .. updated_at .. ',"hlc":"' .. hlc ..
     '","origin":' .. cjson.encode(origin)
   if tp ~= '' then meta = meta .. ',"trace_parent":' .. cjson.encode(tp) end
   if tomb == '1' then
