@@ -94,10 +94,11 @@ def encode_payload(value: bytes) -> bytes:
 def decode_payload(data: bytes, max_size: int = DEFAULT_MAX_PAYLOAD) -> bytes:
     """Inverse of :func:`encode_payload`, refusing to inflate past ``max_size`` bytes.
 
-    A frame that declares its size is checked against the limit before anything is allocated;
-    one that does not is fed to the decompressor a little at a time, since a small slice of zstd
-    can expand to megabytes. A frame must also end where the data ends: a truncated frame is
-    corruption, not a value.
+    Input is fed to the decompressor a little at a time: a small slice of zstd can expand to
+    megabytes, so feeding it whole would let a zstd bomb allocate before any limit is checked.
+    A frame must also end where the data ends: a truncated frame is corruption, not a value.
+    (A one-call ``decompress`` into the declared size is faster, but it returns once the output
+    is full and so accepts a frame whose last block or checksum is missing or corrupt.)
     """
     if data[:4] != ZSTD_MAGIC:
         if len(data) > max_size:
@@ -114,18 +115,9 @@ def decode_payload(data: bytes, max_size: int = DEFAULT_MAX_PAYLOAD) -> bytes:
             f"compressed payload declares {declared} bytes, over the limit of {max_size}",
             reason="too_large",
         )
-    if declared >= 0:
-        # With a declared size (what encode_payload writes) libzstd decodes into a buffer of
-        # exactly that size and refuses to produce more, so one call is safe.
-        try:
-            value = _decompressor.decompress(data, allow_extra_data=False)
-        except zstandard.ZstdError as exc:
-            raise CodecError(f"payload is not valid zstd: {exc}", reason="bad_zstd") from None
-        if len(value) != declared:
-            raise CodecError("payload size differs from its zstd header", reason="bad_zstd")
-        return value
-    # Without one, feed a few bytes at a time and check the output as it grows.
-    step = _FEED_BYTES
+    # With a declared size libzstd refuses to produce more than it, so one step is safe; without
+    # one, feed a few bytes at a time and check the output as it grows.
+    step = len(data) if declared >= 0 else _FEED_BYTES
     parts: list[bytes] = []
     size = 0
     dobj = _decompressor.decompressobj()
@@ -147,6 +139,8 @@ def decode_payload(data: bytes, max_size: int = DEFAULT_MAX_PAYLOAD) -> bytes:
         raise CodecError("payload is a truncated zstd frame", reason="bad_zstd")
     if dobj.unused_data or fed < len(data):
         raise CodecError("payload has bytes after its zstd frame", reason="bad_zstd")
+    if declared >= 0 and size != declared:
+        raise CodecError("payload size differs from its zstd header", reason="bad_zstd")
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
@@ -509,6 +503,23 @@ def change_from_parts(
     )
 
 
+_ENTRY_FIELDS = (b"op", b"key", b"meta", b"data", b"hash")
+_BYTES_OR_NONE = {bytes, type(None)}
+
+
+def _entry_fields(fields: Mapping[Any, Any]) -> tuple[Any, ...]:
+    """op, key, meta, data and hash of an entry, as bytes or None where absent.
+
+    Redis replies name fields in bytes, so they are read straight from the mapping; text names
+    or values (from other callers) are normalised first, which costs a copy.
+    """
+    values = tuple(map(fields.get, _ENTRY_FIELDS))
+    if values[0] is not None and set(map(type, values)) <= _BYTES_OR_NONE:
+        return values
+    norm = _normalise(fields)
+    return tuple(map(norm.get, _ENTRY_FIELDS))
+
+
 def decode_entry(
     stream_id: str | bytes | StreamId,
     fields: Mapping[Any, Any],
@@ -520,31 +531,7 @@ def decode_entry(
     sid = str(parse_stream_id(stream_id))
     if not isinstance(fields, Mapping):
         raise CodecError("entry fields must be a mapping", reason="malformed")
-    # Redis replies name fields in bytes: read the five this format uses straight from them,
-    # and normalise (text names and values, from other callers) only when that is not the case.
-    get = fields.get
-    op_raw, key_raw, meta_raw, data, hash_raw = (
-        get(b"op"),
-        get(b"key"),
-        get(b"meta"),
-        get(b"data"),
-        get(b"hash"),
-    )
-    if not (
-        type(op_raw) is bytes
-        and (key_raw is None or type(key_raw) is bytes)
-        and (meta_raw is None or type(meta_raw) is bytes)
-        and (data is None or type(data) is bytes)
-        and (hash_raw is None or type(hash_raw) is bytes)
-    ):
-        norm = _normalise(fields)
-        op_raw, key_raw, meta_raw, data, hash_raw = (
-            norm.get(b"op"),
-            norm.get(b"key"),
-            norm.get(b"meta"),
-            norm.get(b"data"),
-            norm.get(b"hash"),
-        )
+    op_raw, key_raw, meta_raw, data, hash_raw = _entry_fields(fields)
     if op_raw == b"PUT":
         tombstone = False
     elif op_raw == b"DEL":

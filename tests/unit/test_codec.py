@@ -7,6 +7,7 @@ Every byte a peer sends passes through the codec first, so these tests pin both 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import random
@@ -188,6 +189,17 @@ def test_entry_with_truncated_frame_is_rejected() -> None:
         decode_entry(
             "1-0", _entry(data=ZSTD_MAGIC, hash=content_hash(b"").encode()), default_origin="p"
         )
+
+
+def test_frame_that_fills_its_declared_size_before_its_end_is_rejected() -> None:
+    # From fuzz/fuzz_decompress.py: the frame declares empty content and its block is
+    # corrupt. A one-call decompress into the declared size returned b'' without reading the
+    # block; the frame must be read to its end.
+    frame = base64.b64decode("KLUv/SAADQBpKLUv/XJhdyD9cmF3IHZhbHVldmFsdWU=")
+    assert zstandard.frame_content_size(frame) == 0
+    with pytest.raises(CodecError) as info:
+        decode_payload(frame)
+    assert info.value.reason == "bad_zstd"
 
 
 def test_decode_frame_with_trailing_garbage_is_an_error() -> None:
