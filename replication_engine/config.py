@@ -765,15 +765,43 @@ def _unwrap(document: object, source: str) -> dict[str, Any]:
                 source=source,
             )
         document = inner
-    return typing.cast(dict[str, Any], _to_plain(document))
+    return typing.cast(dict[str, Any], _to_plain(document, source))
 
 
-def _to_plain(value: object) -> object:
-    if isinstance(value, Mapping):
-        return {key: _to_plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_to_plain(item) for item in value]
-    return value
+# Bounds on a document's shape. The real config is a few hundred values a handful of levels
+# deep; YAML aliases can make a short file refer to itself (endless nesting) or expand
+# exponentially ("billion laughs"), and copying either would end in a RecursionError or
+# exhausted memory instead of a message.
+_MAX_CONFIG_VALUES = 100_000
+_MAX_CONFIG_DEPTH = 32
+
+
+def _to_plain(document: object, source: str) -> object:
+    """A copy of ``document`` made of plain dicts and lists, within the bounds above."""
+    budget = _MAX_CONFIG_VALUES
+
+    def copy(value: object, loc: tuple[str | int, ...]) -> object:
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(
+                f"config {source}: more than {_MAX_CONFIG_VALUES:,} values "
+                "(a YAML alias expanding without bound?)",
+                source=source,
+            )
+        if len(loc) > _MAX_CONFIG_DEPTH:
+            raise ConfigError(
+                f"config {source}: {_format_loc(loc[:3])}...: nested more than "
+                f"{_MAX_CONFIG_DEPTH} levels deep (a YAML alias that contains itself?)",
+                source=source,
+            )
+        if isinstance(value, Mapping):
+            return {key: copy(item, (*loc, str(key))) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [copy(item, (*loc, i)) for i, item in enumerate(value)]
+        return value
+
+    return copy(document, ())
 
 
 # --------------------------------------------------------------------------------------------

@@ -835,3 +835,25 @@ def test_peer_config_repr_redacts() -> None:
     peer_config = PeerConfig(node_id="b", redis_url=f"redis://u:{SECRET}@b:1/0")
     assert SECRET not in repr(peer_config)
     assert "redis://u:***@b:1/0" in repr(peer_config)
+
+
+def test_yaml_alias_that_contains_itself_is_an_error(tmp_path: Path) -> None:
+    # Found by fuzz/fuzz_config.py: copying the document recursed until RecursionError.
+    path = write(
+        tmp_path,
+        "base: &b {node_id: *b, redis_url: 'redis://b:0/0'}\n"
+        "replication:\n  local_node_id: a\n  peers: [*b]\n",
+    )
+    with pytest.raises(ConfigError, match=r"peers\[0\]\.node_id.*nested more than") as info:
+        load_config(path, env={})
+    assert str(path) in str(info.value)
+
+
+def test_yaml_aliases_expanding_exponentially_are_an_error(tmp_path: Path) -> None:
+    # Eight levels of ten aliases each: 10**8 values once copied, a few hundred bytes of YAML.
+    lines = ["    l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 9):
+        lines.append(f"    l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 10) + "]")
+    path = write(tmp_path, "local_node_id: a\nlaughs:\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="more than 100,000 values"):
+        load_config(path, env={})
