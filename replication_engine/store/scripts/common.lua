@@ -254,26 +254,22 @@ local function write_item(key, path, tomb, data, hash, hlc, origin, ct, version,
 end
 
 -- Append one version to this node's CDC stream; returns the entry id. meta is the entry's
--- meta JSON when the caller built it (the apply path does, client-side), else nil or ''.
+-- meta JSON when the caller could build it (the apply path does, client-side); a local write
+-- learns its hlc and version only in here, so its meta is built here.
 local function emit(maxlen, key, tomb, data, hash, hlc, origin, ct, version, updated_at, tp, meta)
-  if meta and meta ~= '' then
-    if tomb == '1' then
-      return call('XADD', CDC_KEY, 'MAXLEN', '~', maxlen, '*', 'op', 'DEL', 'key', key,
-        'meta', meta)
-    end
-    return call('XADD', CDC_KEY, 'MAXLEN', '~', maxlen, '*',
-      'op', 'PUT', 'key', key, 'hash', hash, 'data', data, 'meta', meta)
+  if not meta or meta == '' then
+    -- From the decimal strings the caller validated, not Lua numbers: cjson prints numbers
+    -- with 14 significant digits, which would corrupt large values.
+    meta = '{"version":' .. version .. ',"updated_at":' .. updated_at .. ',"hlc":"' .. hlc ..
+      '","origin":' .. cjson.encode(origin)
+    if tp ~= '' then meta = meta .. ',"trace_parent":' .. cjson.encode(tp) end
+    if tomb ~= '1' then meta = meta .. ',"content_type":' .. cjson.encode(ct) end
+    meta = meta .. '}'
   end
-  -- meta is assembled from the decimal strings the caller validated, not Lua numbers: cjson
-  -- prints numbers with 14 significant digits, which would corrupt large values.
-  meta = '{"version":' .. version .. ',"updated_at":' .. updated_at .. ',"hlc":"' .. hlc ..
-    '","origin":' .. cjson.encode(origin)
-  if tp ~= '' then meta = meta .. ',"trace_parent":' .. cjson.encode(tp) end
   if tomb == '1' then
-    return call('XADD', CDC_KEY, 'MAXLEN', '~', maxlen, '*',
-      'op', 'DEL', 'key', key, 'meta', meta .. '}')
+    return call('XADD', CDC_KEY, 'MAXLEN', '~', maxlen, '*', 'op', 'DEL', 'key', key,
+      'meta', meta)
   end
-  meta = meta .. ',"content_type":' .. cjson.encode(ct) .. '}'
   return call('XADD', CDC_KEY, 'MAXLEN', '~', maxlen, '*',
     'op', 'PUT', 'key', key, 'hash', hash, 'data', data, 'meta', meta)
 end
