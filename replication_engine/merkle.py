@@ -96,10 +96,9 @@ class Geometry:
         return out
 
     def leaf_path(self, key: str) -> str:
-        bits = self.fanout.bit_length() - 1
-        bucket = xxhash.xxh3_64_intdigest(key.encode("utf-8")) >> (64 - self.depth * bits)
-        if bits % 4 == 0:  # each level is whole hex digits: the path is the bucket in hex
-            return f"{bucket:0{self.depth * bits // 4}x}"
+        bucket = self.bucket(key)
+        if self.bits_per_level % 4 == 0:  # whole hex digits per level: the bucket in hex
+            return f"{bucket:0{self.depth * self.width}x}"
         return "".join(self.segments(bucket))
 
     def is_leaf(self, path: str) -> bool:

@@ -113,6 +113,7 @@ class RedisStore:
         self._write = redis.register_script(_load_script("write.lua"))
         self._apply = redis.register_script(_load_script("apply.lua"))
         self._gc = redis.register_script(_load_script("gc.lua"))
+        self._discard = redis.register_script(_load_script("discard.lua"))
         self._base_args = [prefix, str(self.geometry.width)]
         self._pressure_checked = 0.0
         self._accepting = True
@@ -439,8 +440,7 @@ class RedisStore:
         args: list[Any] = list(self._base_args)
         for key, hlc, origin in versions:
             args += [key, self.geometry.leaf_path(key), clock.to_hex(hlc), origin]
-        script = self.redis.register_script(_load_script("discard.lua"))
-        return int(await script(args=args))
+        return int(await self._discard(args=args))
 
 
 def _item(change: Change) -> Item:
