@@ -489,7 +489,13 @@ async def test_deleted_cursor_db_rebootstraps_from_snapshots_and_skips_nothing(
         await converge_and_judge(mesh, workload)
         assert a.metric_total("replication_repair_items_fetched_total") > 0, "no bootstrap ran"
         assert set(a.saved_cursors()) == {"b", "c"}
-        assert all(t.mode != "bootstrapping" for t in engine.tailers.values())
+        # A bootstrap saves its cursor a moment before its tailer moves on to tailing.
+        await async_wait_until(
+            lambda: all(t.mode != "bootstrapping" for t in engine.tailers.values()),
+            timeout=RECOVERY_S,
+            interval=0.05,
+            message="a tailer still bootstrapping",
+        )
 
 
 async def test_corrupted_cursor_db_fails_start_with_a_cursor_error_naming_the_file(
