@@ -242,6 +242,10 @@ class ColdPath:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._cycle_lock = asyncio.Lock()
+        # One bootstrap at a time (see bootstrap()); peers with one running or waiting are
+        # left out of repair cycles, which would only fetch what the bootstrap copies anyway.
+        self._bootstrap_lock = asyncio.Lock()
+        self._bootstrapping: set[str] = set()
         self._grace_ms = None if tombstone_grace_sec is None else int(tombstone_grace_sec * 1000)
         self._wall_ms = wall_ms
         self._out_of_mesh: dict[str, str] = {}
@@ -376,6 +380,8 @@ class ColdPath:
         self, peer: Peer, waiting_for_catch_up: bool, requested: set[str]
     ) -> str | None:
         pid = peer.node_id
+        if pid in self._bootstrapping:
+            return "bootstrapping"
         if waiting_for_catch_up and pid not in requested:
             return "catching_up"
         if self.backoff_remaining(pid) > 0:
@@ -742,6 +748,12 @@ class ColdPath:
         items are applied at most ``bootstrap_rate_limit_per_sec`` per second, in batches of
         ``fetch_batch_size``; only bounded reads are made (never a BGSAVE).
 
+        Bootstraps run one at a time. A new node in a mesh bootstraps from every peer; run
+        together, each copy would start from our empty tree and read the whole data set from
+        its peer. Run in turn, the first copies the data and the others read only what
+        differs (the peers' recent writes), at a fraction of the cost. Each peer's tail is
+        recorded when its own copy begins, so what it wrote while waiting is in its tree.
+
         Args:
             peer: the peer to copy from.
             progress: called with (branches done, total branches) as branches finish.
@@ -757,6 +769,14 @@ class ColdPath:
             LocalStoreError: our store failed; likewise resumable.
             CursorError: the cursor store failed.
         """
+        self._bootstrapping.add(peer.node_id)
+        try:
+            async with self._bootstrap_lock:
+                return await self._bootstrap(peer, progress)
+        finally:
+            self._bootstrapping.discard(peer.node_id)
+
+    async def _bootstrap(self, peer: Peer, progress: Callable[[int, int], None] | None) -> StreamId:
         pid = peer.node_id
         await self.check_geometry(peer)
         reason = await self.peer_out_of_mesh(peer)

@@ -628,6 +628,32 @@ async def test_bootstrap_copies_a_peer_and_returns_the_tail_before_the_copy(
     assert await a.merkle_root() == await b.merkle_root()
 
 
+async def test_repair_cycles_leave_out_a_peer_while_it_is_being_bootstrapped(
+    mesh: Mesh, redis_factory: RedisFactory
+) -> None:
+    server_a, server_b = redis_factory(), redis_factory()
+    a, b = await mesh.store(server_a, "a"), await mesh.store(server_b, "b")
+    await populate(seed_changes(2000), a)
+    peer = mesh.peer(server_a, "a")
+    # Slow enough that the bootstrap is still copying when the cycle runs.
+    cold = await mesh.cold(b, [peer], bootstrap_rate_limit_per_sec=200, fetch_batch_size=50)
+    copying = asyncio.Event()
+    bootstrap = asyncio.create_task(cold.bootstrap(peer, progress=lambda *_: copying.set()))
+    try:
+        await asyncio.wait_for(copying.wait(), timeout=10)
+        stats = await cold.repair_once(force=True)
+        assert stats.peers_skipped == {"a": "bootstrapping"}
+        assert stats.items_fetched == 0
+    finally:
+        bootstrap.cancel()
+        await asyncio.gather(bootstrap, return_exceptions=True)
+
+    # Once no bootstrap runs, the peer is repaired by cycles again.
+    stats = await cold.repair_once(force=True)
+    assert stats.peers_skipped == {}
+    assert stats.peers["a"].items_fetched > 0
+
+
 async def test_an_interrupted_bootstrap_resumes_without_rewalking_done_branches(
     mesh: Mesh, redis_factory: RedisFactory
 ) -> None:

@@ -1,5 +1,7 @@
 """Deployment topologies end to end, against real ``redis-server`` processes (docs/TOPOLOGIES.md).
 
+- Full mesh: a node with an empty Redis joins a mesh holding 100k keys while its members keep
+  taking writes; it bootstraps from their data, tails from then on and ends identical.
 - Read replicas: a primary under write load and a tree of followers that bootstrap from their
   upstream's data, refuse local writes, converge, and resume from their cursor after a restart.
 - Hot standby: two nodes replicating both ways; the active one is killed (``kill -9`` of its
@@ -22,6 +24,7 @@ import contextlib
 import functools
 import io
 import random
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +49,8 @@ from integration.mesh import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from replication_engine import ReadOnlyStoreError, ReplicationEngine, codec
-from replication_engine.codec import StreamId
+from replication_engine.clock import HLC
+from replication_engine.codec import Change, StreamId
 from replication_engine.config import EngineConfig, load_config
 from replication_engine.cursor import CursorStore
 from replication_engine.store.redis_store import RedisStore
@@ -281,6 +285,89 @@ def test_example_topologies_are_consistent() -> None:
     assert replica.settings.slo.max_replication_lag_events is not None
     assert replica.http.enabled and replica.http.host == "0.0.0.0"
     assert len(lb["node-a"].peers) >= 2
+
+
+# ------------------------------------------------------------------------------------ full mesh
+
+# Keys the two-node mesh holds before a third node joins it (issue: "a mesh holding 100k keys").
+JOIN_KEYS = 100_000
+# Items per apply call while seeding the mesh.
+JOIN_SEED_CHUNK = 1000
+# Writes a node takes after the newcomer settled, so its hot path is seen carrying them too.
+JOIN_WRITES_AFTER = 100
+
+
+@pytest.mark.slow
+async def test_full_mesh_new_node_joins_100k_keys_while_writes_continue(
+    redis_factory: RedisFactory, tmp_path: Path, record_property: Any
+) -> None:
+    """A node with an empty Redis joins a running mesh: snapshot bootstrap, then tailing.
+
+    The 100k seeded keys are on a and b but in neither stream, so c can only get them by the
+    bootstrap; the writes made meanwhile on a and b reach it through the streams it tails from
+    the tail recorded before the copy. c must end with exactly the last-writer-wins state.
+    """
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        full_mesh(["a", "b", "c"]),
+        common={"settings": {"hot_path": {"relay": False}}},
+        overrides={"c": {"settings": {"cold_path": {"bootstrap_rate_limit_per_sec": 1_000_000}}}},
+        peer_options={"c": {"start_from": "snapshot"}},
+        engines=["a", "b"],
+    ) as mesh:
+        hlc = HLC()
+        seeds = [
+            Write("seed", f"seed:{i:06d}", f"seed-{i}".encode(), hlc.now())
+            for i in range(JOIN_KEYS)
+        ]
+        changes = [Change.put(w.key, w.value or b"", hlc=w.hlc, origin=w.node) for w in seeds]
+        for node_id in ("a", "b"):
+            store = mesh[node_id].store
+            for start in range(0, JOIN_KEYS, JOIN_SEED_CHUNK):
+                await store.apply_batch(changes[start : start + JOIN_SEED_CHUNK], relay=False)
+        assert await mesh["a"].store.merkle_root() == await mesh["b"].store.merkle_root()
+
+        log = WriteLog()
+        rng = random.Random(7)
+        keys = [f"seed:{i:06d}" for i in range(0, JOIN_KEYS, 97)] + [
+            f"live:{i}" for i in range(500)
+        ]
+        writers = [Writer(mesh[n], log, random.Random(rng.random()), keys) for n in ("a", "b")]
+        async with writing(writers[0]), writing(writers[1]):
+            await wait_writes(writers[0], 50)
+            before_join = len(log.writes)
+            started = time.perf_counter()
+            await mesh.start_engine("c")
+            for peer_id in ("a", "b"):
+                await async_wait_until(
+                    functools.partial(tailer_settled, mesh["c"], peer_id),
+                    timeout=BOOTSTRAP_S,
+                    message=f"c bootstrapped from {peer_id}",
+                )
+            bootstrap_sec = time.perf_counter() - started
+            during_join = len(log.writes) - before_join
+            await wait_writes(writers[0], writers[0].written() + JOIN_WRITES_AFTER)
+        assert not writers[0].failures and not writers[1].failures
+        assert during_join > 0, "writes went on while c bootstrapped"
+
+        await mesh.wait_converged(timeout=TREE_CONVERGE_S)
+        assert await snapshot(mesh["c"].store) == expected_snapshot([*seeds, *log.writes])
+        # The live writes reached c through its tailers, not only through the copy.
+        assert mesh["c"].total("applied") > 0
+        # The data set was copied once: bootstraps run in turn, so the second one read only
+        # what differed by then (writes made meanwhile), not the 100k keys again.
+        fetched = [
+            metric(mesh["c"].running(), "replication_repair_items_fetched_total", peer=p)
+            for p in ("a", "b")
+        ]
+        assert JOIN_KEYS <= sum(fetched) <= JOIN_KEYS + len(log.writes), fetched
+        record_property("bootstrap_sec", round(bootstrap_sec, 2))
+        record_property("writes_during_bootstrap", during_join)
+        print(
+            f"\nc joined a 2-node mesh of {JOIN_KEYS:,} keys in {bootstrap_sec:.1f} s "
+            f"while a and b took {during_join} writes; fetched per peer {fetched}"
+        )
 
 
 # ------------------------------------------------------------------------------------ read replicas
