@@ -191,6 +191,9 @@ async def test_missed_writes_converge_fetching_only_divergent_keys(
     await populate(seed_changes(5000), a, b)
     divergent = await diverge(a, new=20, updated=12, deleted=5)
     assert len(divergent) == 37
+    # No hot path ran, and the peer's stream is trimmed to nothing: only the tree is left.
+    await a.redis.xtrim(a.keys.cdc, maxlen=0, approximate=False)
+    assert await a.redis.xlen(a.keys.cdc) == 0
     cold = await mesh.cold(b, [mesh.peer(server_a, "a")])
 
     stats = await cold.repair_once()
