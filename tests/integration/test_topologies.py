@@ -322,10 +322,12 @@ async def test_full_mesh_new_node_joins_100k_keys_while_writes_continue(
             for i in range(JOIN_KEYS)
         ]
         changes = [Change.put(w.key, w.value or b"", hlc=w.hlc, origin=w.node) for w in seeds]
-        for node_id in ("a", "b"):
-            store = mesh[node_id].store
+
+        async def seed(store: RedisStore) -> None:
             for start in range(0, JOIN_KEYS, JOIN_SEED_CHUNK):
                 await store.apply_batch(changes[start : start + JOIN_SEED_CHUNK], relay=False)
+
+        await asyncio.gather(seed(mesh["a"].store), seed(mesh["b"].store))
         assert await mesh["a"].store.merkle_root() == await mesh["b"].store.merkle_root()
 
         log = WriteLog()
