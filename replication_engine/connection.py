@@ -25,6 +25,11 @@ from redis.asyncio.connection import (
 
 from replication_engine.config import redact_url
 
+try:  # redis-py >= 7
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # pragma: no cover - older redis-py sends no such handshake
+    MaintNotificationsConfig = None  # type: ignore[assignment,misc]
+
 __all__ = ["TlsOptions", "make_client", "redact_url"]
 
 
@@ -58,6 +63,11 @@ def make_client(
         "socket_connect_timeout": connect_timeout,
         "health_check_interval": 0,
     }
+    if MaintNotificationsConfig is not None:
+        # redis-py's default ("auto") sends CLIENT MAINT_NOTIFICATIONS on every RESP3 connect,
+        # for cluster endpoints that move. A standalone store has none, and a least-privilege
+        # user may not run it: Redis 6.2 then logs an ACL denial for every connection.
+        kwargs["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
     if client_name:
         kwargs["client_name"] = client_name
     if username:
