@@ -39,12 +39,14 @@ sed -e "s/>CHANGE_ME_REPLICATOR\$/#${replicator_hash}/" \
     -e "s/>CHANGE_ME_ENGINE /#${engine_hash} /" \
     "$template" > "$rendered"
 
-# CLIENT SETINFO, which redis-py 5+ sends on every connect, exists from Redis 7.2 on; older
-# servers refuse to load an ACL file that names it, so the copy leaves it out for them.
+# CLIENT SETINFO, which redis-py 5+ sends on every connect, exists from Redis 7.2 on. Redis 7.0
+# and 7.1 check subcommand names and refuse to load an ACL file that names it, so the copy
+# leaves it out for them. Redis 6.2 accepts the name, and without the grant it would log an
+# ACL denial for every connection.
 version="$(redis-server --version 2>/dev/null | sed -n 's/.* v=\([0-9]*\)\.\([0-9]*\)\..*/\1.\2/p')"
 major="${version%%.*}"
 minor="${version#*.}"
-if [ -z "$version" ] || [ "$major" -lt 7 ] || { [ "$major" -eq 7 ] && [ "$minor" -lt 2 ]; }; then
+if [ -z "$version" ] || { [ "$major" -eq 7 ] && [ "$minor" -lt 2 ]; }; then
     sed -e 's/ +client|setinfo//g' "$rendered" > "$rendered.tmp"
     mv "$rendered.tmp" "$rendered"
 fi

@@ -301,8 +301,8 @@ def rendered_acl(path: Path) -> Path:
     (``#<sha256 hex>`` of the real password), plus an admin user to read ACL LOG."""
     text = ACL_TEMPLATE.read_text()
     assert ">CHANGE_ME_REPLICATOR" in text and ">CHANGE_ME_ENGINE" in text
-    if redis_server_version(find_redis_server()) < (7, 2):
-        # As start-redis.sh does: CLIENT SETINFO exists from 7.2, older servers refuse it.
+    if (7, 0) <= redis_server_version(find_redis_server())[:2] < (7, 2):
+        # As start-redis.sh does: CLIENT SETINFO exists from 7.2, and 7.0/7.1 refuse the name.
         text = text.replace(" +client|setinfo", "")
     for placeholder, password in (
         (">CHANGE_ME_REPLICATOR", REPLICATOR_PASSWORD),
