@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from integration.mesh import CONVERGE_TIMEOUT_S, open_mesh
+from integration.mesh import CONVERGE_TIMEOUT_S, EXACT_STREAM_FACTS, open_mesh
 
 from replication_engine.clock import HLC
 from replication_engine.codec import Change
@@ -394,8 +394,10 @@ async def test_status_url_prints_the_table_of_a_running_sidecar(
         tmp_path,
         {"a": ["b"], "b": []},
         overrides={"a": {"http": {"enabled": True, "listen": "127.0.0.1:0"}}},
+        engines=[],
     ) as mesh:
         await mesh["b"].store.put("k", b"v")
+        await mesh.start_engine("a")  # after the put: its first read finds the entry
         await mesh.wait_converged(["a", "b"])
         await mesh.wait_idle()
         engine = mesh["a"].running()
@@ -410,8 +412,10 @@ async def test_status_url_prints_the_table_of_a_running_sidecar(
     assert lines[0].split()[:4] == ["node", "a", "state", "running"], lines[0]
     assert lines[1].split()[:3] == ["peer", "conn", "circuit"], lines[1]
     row = lines[2].split()
-    # peer conn circuit mode lag-ms lag-ev applied quarantined gaps
-    assert row == ["b", "yes", "closed", "tailing", "0", "0", "1", "0", "0"], lines[2]
+    # peer conn circuit mode lag-ms lag-ev applied quarantined gaps. On Redis 6.2 a first read
+    # from the beginning that finds entries cannot tell whether any were trimmed: one gap.
+    gaps = "0" if EXACT_STREAM_FACTS else "1"
+    assert row == ["b", "yes", "closed", "tailing", "0", "0", "1", "0", gaps], lines[2]
     assert raw.returncode == 0, raw
     assert json.loads(raw.stdout)["peers"]["b"]["events_applied"] == 1
 

@@ -21,6 +21,7 @@ import pytest
 import xxhash
 import zstandard
 from integration.mesh import (
+    EXACT_STREAM_FACTS,
     Mesh,
     MeshNode,
     WriteLog,
@@ -241,7 +242,10 @@ async def test_no_write_applied_twice_and_streams_stop_growing(
             assert set(relayed) <= acknowledged, f"{node.node_id} applied an unknown version"
             lengths[node.node_id] = await node.store.redis.xlen(node.store.keys.cdc)
             assert lengths[node.node_id] == len(own) + applied
-            assert node.total("gaps") == 0, f"{node.node_id} saw a gap in an untrimmed stream"
+            # None in an untrimmed stream. On Redis 6.2, at most one per tailer: at its start,
+            # if its first read from the beginning already found entries.
+            gaps = 0 if EXACT_STREAM_FACTS else len(node.peer_ids)
+            assert node.total("gaps") <= gaps, f"{node.node_id} saw a gap in an untrimmed stream"
 
         # No replication loop: with everyone idle, further reads add nothing to any stream.
         for node in mesh:
@@ -425,6 +429,10 @@ async def test_trimmed_peer_stream_is_reported_as_a_gap(
         await assert_gap_reported(a, "b")
 
 
+@pytest.mark.skipif(
+    not EXACT_STREAM_FACTS,
+    reason="Redis < 7 has no max-deleted-entry-id, so an XDEL ahead of a cursor goes unseen",
+)
 async def test_entries_deleted_from_peer_stream_are_reported_as_a_gap(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
