@@ -35,7 +35,7 @@ import random
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -644,14 +644,17 @@ class ChaosMesh:
 
     async def tailers_at_tails(self) -> bool:
         """Every running tailer has read its peer's stream up to the current tail."""
+        tails: dict[str, StreamId] = {}
+        for node_id, node in self.nodes.items():
+            tail = await node.store.stream_tail()
+            if tail is not None:
+                tails[node_id] = codec.parse_stream_id(tail)
         for node in self.nodes.values():
             if node.engine is None:
                 continue
             for peer_id, tailer in node.engine.tailers.items():
-                tail = await self.nodes[peer_id].store.stream_tail()
-                if tail is None:
-                    continue
-                if tailer.cursor is None or tailer.cursor < codec.parse_stream_id(tail):
+                tail_id = tails.get(peer_id)
+                if tail_id is not None and (tailer.cursor is None or tailer.cursor < tail_id):
                     return False
         return True
 
@@ -662,12 +665,7 @@ class ChaosMesh:
         ones, duplicates) can still wait behind a breaker that has not reset yet.
         """
         try:
-            await async_wait_until(
-                self.tailers_at_tails,
-                timeout=timeout,
-                interval=0.1,
-                ignore=(RedisConnectionError, RedisTimeoutError),
-            )
+            await self._wait(self.tailers_at_tails, timeout)
         except AssertionError:
             return False
         return True
@@ -676,16 +674,20 @@ class ChaosMesh:
         """Wait until :meth:`converged`; returns the seconds it took."""
         started = time.monotonic()
         try:
-            await async_wait_until(
-                self.converged,
-                timeout=timeout,
-                interval=0.1,
-                ignore=(RedisConnectionError, RedisTimeoutError),
-            )
+            await self._wait(self.converged, timeout)
         except AssertionError as exc:
             roots = await self.roots()
             raise AssertionError(f"mesh did not converge within {timeout}s; roots {roots}") from exc
         return time.monotonic() - started
+
+    async def _wait(self, condition: Callable[[], Awaitable[bool]], timeout: float) -> None:
+        # Servers restarted by the last faults may still refuse a connection or two.
+        await async_wait_until(
+            condition,
+            timeout=timeout,
+            interval=0.1,
+            ignore=(RedisConnectionError, RedisTimeoutError),
+        )
 
     # ------------------------------------------------------------------ teardown
 
