@@ -30,6 +30,10 @@ COMPRESS_MIN_BYTES = 64
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
 MAX_KEY_BYTES = 4096
 MAX_META_BYTES = 64 * 1024
+# Largest version or timestamp a peer may send: the store's scripts do arithmetic on versions as
+# Lua numbers (doubles), exact only up to 2^53 - 1; a larger one could turn the next local
+# version negative.
+MAX_META_INT = 2**53 - 1
 _ZSTD_LEVEL = 3
 # Input bytes per step for frames that do not declare their size: even a run of RLE blocks
 # then inflates by well under a megabyte per step.
@@ -395,8 +399,10 @@ def _normalise(fields: Mapping[Any, Any]) -> dict[bytes, bytes]:
 
 def _meta_int(meta: Mapping[str, Any], name: str, default: int) -> int:
     value = meta.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise CodecError(f"meta.{name} must be a non-negative integer, got {value!r}"[:200])
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_META_INT:
+        raise CodecError(
+            f"meta.{name} must be an integer in 0..{MAX_META_INT}, got {value!r}"[:200]
+        )
     return value
 
 

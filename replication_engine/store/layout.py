@@ -39,9 +39,9 @@ class Keyspace:
         return f"{self.prefix}tombs"
 
     @property
-    def mesh(self) -> str:
-        """This node's standing in the mesh: when it was last in contact, whether it is stale."""
-        return f"{self.prefix}mesh"
+    def record(self) -> str:
+        """This store's record: its claims, anchors, membership and state (docs/DELETES.md)."""
+        return f"{self.prefix}node"
 
     def item(self, key: str) -> str:
         return f"{self.prefix}item:{key}"

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from replication_engine import clock
 from replication_engine.codec import DEFAULT_MAX_PAYLOAD, Change, CodecError, change_from_parts
+from replication_engine.knowledge import NodeRecord
 from replication_engine.merkle import ZERO, Geometry, GeometryError
 from replication_engine.store.layout import Keyspace, text
 
@@ -129,12 +130,12 @@ class TreeReader:
                 out.append(exc)
         return out
 
-    async def mesh_record(self) -> dict[str, str]:
-        """The store's standing record (``Pmesh``): empty when no engine has written one.
+    async def node_record(self) -> NodeRecord | None:
+        """The store's record (``Pnode``), or None when it has none (new, or wiped).
 
-        Peers read it before pulling from this store, so a node that was out of the mesh past
-        the tombstone grace cannot hand back values whose deletes were collected meanwhile.
+        Peers read it with every stream read and before every repair: its claims are what
+        they may take over, and what tombstone collection waits for (docs/DELETES.md).
         """
-        raw = await self.redis.hgetall(self.keys.mesh)
+        raw = await self.redis.hgetall(self.keys.record)
         self.counter.round_trips += 1
-        return {text(k): text(v) for k, v in raw.items()}
+        return NodeRecord.from_fields({text(k): text(v) for k, v in raw.items()})

@@ -2,45 +2,128 @@
 
 Every change (a local put or delete, or a remote version applied by the engine) is one script
 call that updates the item, its leaf and every ancestor, and appends the CDC entry; Redis runs a
-script atomically, so the tree, the data and the stream never disagree.
+script atomically, and each script checks every key it will write before its first write, so the
+tree, the data and the stream never disagree. The store's record (``Pnode``: its claims, anchors
+and certification, docs/DELETES.md) changes in the same calls as the data it describes.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, NoReturn
 
 import msgpack
 from redis.asyncio import Redis
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    ExecAbortError,
+    MasterDownError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 
 from replication_engine import clock, codec
 from replication_engine.clock import HLC
 from replication_engine.codec import Change
 from replication_engine.connection import TlsOptions, make_client
+from replication_engine.knowledge import ApplyStatus, NodeRecord, hlc_hex
 from replication_engine.merkle import Geometry, GeometryError, leaf_digest
 from replication_engine.observability.tracing import current_trace_parent
 from replication_engine.store.layout import Keyspace, text
 from replication_engine.store.reader import ReadCounter, TreeReader, item_from_hash
 
+__all__ = [
+    "ApplyResult",
+    "ApplyStatus",
+    "Certification",
+    "InvalidWriteError",
+    "Item",
+    "PreparedApply",
+    "ReadOnlyStoreError",
+    "RedisStore",
+    "StoreKeyError",
+    "StoreUnavailableError",
+    "StreamBatch",
+]
+
 _WALK_CHUNK = 500
 _PRESSURE_TTL_SEC = 1.0
 _GC_BATCH = 500
+# Bytes of item data in one apply call. Redis refuses any single argument over 512 MB
+# (proto-max-bulk-len), and one bounded call keeps the server's pause and memory bounded too.
+DEFAULT_MAX_BATCH_BYTES = 64 * 1024 * 1024
+# Longest content type a peer accepts (codec.change_from_parts): refused at put, not at apply.
+MAX_CONTENT_TYPE_CHARS = 256
+# Prefix of the error a script raises when a store-wide key (clock, root, stream, record,
+# tombstone index) holds the wrong type: no single item is to blame, so nothing is isolated.
+_STORE_KEY_ERROR = "WRONGTYPE store key"
+# Refusals that concern the server or the connection, never one item: not isolated by splitting.
+_STORE_WIDE = (
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    ExecAbortError,
+    MasterDownError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+)
 
 
 class ReadOnlyStoreError(RuntimeError):
     """A local write on a follower: followers only take writes from their upstream."""
 
 
-class ApplyStatus(StrEnum):
-    APPLIED = "applied"
-    SKIPPED = "skipped"  # same content, not newer: a duplicate delivery
-    STALE = "stale"  # older than the version held here
-    EXPIRED = "expired"  # a tombstone past its grace period, already collected here
-    REJECTED = "rejected"  # stamped too far in the future: a peer's clock is wrong
+class StoreUnavailableError(RuntimeError):
+    """Local writes are paused: the store's HLC floor is being restored after it lost its clock.
+
+    Retry after a moment; the engine lifts the pause as soon as the floor is restored.
+    """
+
+
+class InvalidWriteError(ValueError):
+    """A local write no peer would accept (too large, a bad key or content type); nothing
+    was written."""
+
+
+class StoreKeyError(RuntimeError):
+    """A key the store must write holds the wrong type (made by hand under the prefix).
+
+    Attributes:
+        key: the Redis key, when the message names one.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class StreamBatch:
+    """Where a batch came from, so the store can anchor itself in that stream and take the
+    claims it proves (docs/DELETES.md, "Claims", way 2).
+
+    ``first`` and ``last`` are fixed-width stream ids (``knowledge.sid_key``); ``mode`` is
+    ``c`` (read on from the cursor), ``f`` (read from the start of a stream never trimmed) or
+    ``g`` (entries were missed before this batch); ``claims`` are raised only when the store's
+    anchor shows the stream was applied contiguously.
+    """
+
+    peer: str
+    token: str
+    first: str
+    last: str
+    mode: str
+    claims: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +133,29 @@ class PreparedApply:
     size: int  # changes in the batch, accepted or not
     accepted: list[int]  # their indexes that go to the script (the rest are REJECTED)
     newest: int  # the greatest HLC among the accepted changes
-    packed: bytes
+    items: list[list[Any]]  # one script item per accepted change
+    chunks: list[tuple[int, int, bytes]]  # (start, end) into items, packed; bounded in bytes
     relay: bool  # whether the script re-emits applied versions on this node's stream
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """Statuses in the order of the changes, and why each REFUSED one was refused."""
+
+    statuses: list[ApplyStatus]
+    refused: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Certification:
+    """What the certify script found (see :meth:`RedisStore.certify`)."""
+
+    outcome: str  # ok (trusted), moved (may have lost writes), absent (no record)
+    run_id: str
+    recorded_run_id: str
+    cert: int
+    self_claim: int
+    clock: int  # the store clock after the call
 
 
 # The apply script returns one status letter per item, as one string.
@@ -59,7 +163,8 @@ _STATUS = {
     ord("a"): ApplyStatus.APPLIED,
     ord("d"): ApplyStatus.SKIPPED,
     ord("s"): ApplyStatus.STALE,
-    ord("x"): ApplyStatus.EXPIRED,
+    ord("k"): ApplyStatus.KNOWN,
+    ord("w"): ApplyStatus.REFUSED,
 }
 
 
@@ -89,12 +194,12 @@ class RedisStore:
         prefix: str = "",
         geometry: Geometry | None = None,
         stream_maxlen: int = 100_000,
-        tombstone_grace_sec: float = 86_400.0,
         max_memory_ratio: float = 0.9,
         read_only: bool = False,
         hlc: HLC | None = None,
         max_payload: int = codec.DEFAULT_MAX_PAYLOAD,
         max_clock_offset_sec: float = 300.0,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
         if not node_id:
             raise ValueError("node_id must not be empty")
@@ -103,18 +208,25 @@ class RedisStore:
         self.keys = Keyspace(prefix)
         self.geometry = geometry or Geometry()
         self.stream_maxlen = stream_maxlen
-        self.tombstone_grace_ms = int(tombstone_grace_sec * 1000)
         self.max_memory_ratio = max_memory_ratio
         self.read_only = read_only
         self.clock = hlc or HLC()
         self.max_payload = max_payload
         self.max_clock_offset_ms = int(max_clock_offset_sec * 1000)
+        self.max_batch_bytes = max_batch_bytes
+        # Why local writes are paused (the engine restoring the HLC floor), or None.
+        self.writes_paused: str | None = None
         self.reader = TreeReader(redis, self.keys, counter=ReadCounter(), max_payload=max_payload)
         self._write = redis.register_script(_load_script("write.lua"))
         self._apply = redis.register_script(_load_script("apply.lua"))
         self._gc = redis.register_script(_load_script("gc.lua"))
         self._discard = redis.register_script(_load_script("discard.lua"))
-        self._base_args = [prefix, str(self.geometry.width)]
+        self._inherit = redis.register_script(_load_script("inherit.lua"))
+        self._certify = redis.register_script(_load_script("certify.lua"))
+        self._open = redis.register_script(_load_script("open.lua"))
+        self._clock = redis.register_script(_load_script("clock.lua"))
+        self._members = redis.register_script(_load_script("members.lua"))
+        self._base_args = [prefix, str(self.geometry.width), node_id]
         self._pressure_checked = 0.0
         self._accepting = True
 
@@ -170,9 +282,16 @@ class RedisStore:
     # ------------------------------------------------------------------------ local writes
 
     async def put(self, key: str, value: bytes | str, content_type: str = "binary") -> int:
-        """Write ``value`` under ``key``; returns the write's HLC."""
-        if isinstance(value, str):
-            value = value.encode("utf-8")
+        """Write ``value`` under ``key``; returns the write's HLC.
+
+        Raises:
+            InvalidWriteError: a value over ``max_payload``, a key no peer would accept
+                (empty, over 4096 bytes), or a content type over 256 characters.
+            ReadOnlyStoreError: the store is a follower's.
+            StoreUnavailableError: writes are paused while the HLC floor is restored.
+            StoreKeyError: a key the write needs holds the wrong type.
+        """
+        value = self._checked_value(value, content_type)
         return await self._local_write(
             key, False, codec.encode_payload(value), codec.content_hash(value), content_type
         )
@@ -181,23 +300,27 @@ class RedisStore:
         """Several ``(key, value, content_type)`` puts in one round trip; their HLCs, in order.
 
         Each write is its own atomic write (as :meth:`put`), not a transaction over all of
-        them: a failure part way leaves the earlier ones written, and raises.
+        them: a failure part way leaves the earlier ones written, and raises. Every write is
+        checked (as :meth:`put`) before any is sent.
         """
-        if self.read_only:
-            self._refuse_local_write()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, value, content_type in writes:
-                if isinstance(value, str):
-                    value = value.encode("utf-8")
-                args = self._local_write_args(
-                    key,
-                    False,
-                    codec.encode_payload(value),
-                    codec.content_hash(value),
-                    content_type,
+        self._check_writable()
+        args_list = []
+        for key, value, content_type in writes:
+            data = self._checked_value(value, content_type)
+            args_list.append(
+                self._local_write_args(
+                    key, False, codec.encode_payload(data), codec.content_hash(data), content_type
                 )
+            )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for args in args_list:
                 await self._write(args=args, client=pipe)
-            replies = await pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, ResponseError) and _is_refusal(reply):
+                raise _store_error(reply) from reply
+            if isinstance(reply, BaseException):
+                raise reply
         hlcs = [clock.from_hex(hlc_hex) for hlc_hex, _sid in replies]
         if hlcs:
             self.clock.observe(max(hlcs))
@@ -207,16 +330,43 @@ class RedisStore:
         """Write a tombstone (deletes replicate like values); returns its HLC."""
         return await self._local_write(key, True, b"", "", "")
 
+    def _checked_value(self, value: bytes | str, content_type: str) -> bytes:
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        if len(value) > self.max_payload:
+            raise InvalidWriteError(
+                f"value of {len(value)} bytes is over the payload limit of {self.max_payload} "
+                f"bytes that every peer enforces; nothing was written"
+            )
+        if not isinstance(content_type, str) or len(content_type) > MAX_CONTENT_TYPE_CHARS:
+            raise InvalidWriteError(
+                f"content_type must be a string of at most {MAX_CONTENT_TYPE_CHARS} characters; "
+                f"nothing was written"
+            )
+        return value
+
     async def _local_write(
         self, key: str, tombstone: bool, data: bytes, content_hash: str, content_type: str
     ) -> int:
-        if self.read_only:
-            self._refuse_local_write()
+        self._check_writable()
         args = self._local_write_args(key, tombstone, data, content_hash, content_type)
-        hlc_hex, _sid = await self._write(args=args)
+        try:
+            hlc_hex, _sid = await self._write(args=args)
+        except ResponseError as exc:
+            if _is_refusal(exc):
+                raise _store_error(exc) from exc
+            raise
         hlc = clock.from_hex(hlc_hex)
         self.clock.observe(hlc)
         return hlc
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            self._refuse_local_write()
+        if self.writes_paused is not None:
+            raise StoreUnavailableError(
+                f"node {self.node_id!r}: local writes are paused: {self.writes_paused}"
+            )
 
     def _refuse_local_write(self) -> NoReturn:
         raise ReadOnlyStoreError(
@@ -227,7 +377,10 @@ class RedisStore:
     def _local_write_args(
         self, key: str, tombstone: bool, data: bytes, content_hash: str, content_type: str
     ) -> list[Any]:
-        codec.decode_key(key.encode("utf-8"))
+        try:
+            codec.decode_key(key.encode("utf-8"))
+        except codec.CodecError as exc:
+            raise InvalidWriteError(f"{exc}; nothing was written") from None
         proposed = self.clock.now()
         return [
             *self._base_args,
@@ -251,13 +404,15 @@ class RedisStore:
     ) -> list[ApplyStatus]:
         """Apply remote versions in one round trip, each atomically, last-writer-wins.
 
-        Duplicates and older versions are skipped. With ``relay``, an applied version is
-        re-emitted on this node's stream with its original origin and HLC, so that a node
-        tailing only this one (a chain, a tree of followers) gets it too, and loops die out at
-        the dedup. In a full mesh every node tails every origin directly and relaying only
-        multiplies stream writes and reads; see docs/TOPOLOGIES.md.
+        Duplicates, older versions and versions at or below this store's claim for their
+        origin are skipped. With ``relay``, an applied version is re-emitted on this node's
+        stream with its original origin and HLC, so that a node tailing only this one (a
+        chain, a tree of followers) gets it too, and loops die out at the dedup. In a full
+        mesh every node tails every origin directly and relaying only multiplies stream
+        writes and reads; see docs/TOPOLOGIES.md.
         """
-        return await self.apply_prepared(self.prepare_apply(changes, relay=relay))
+        result = await self.apply_prepared(self.prepare_apply(changes, relay=relay))
+        return result.statuses
 
     def prepare_apply(self, changes: Sequence[Change], *, relay: bool = True) -> PreparedApply:
         """The client-side half of :meth:`apply_batch`: no I/O, so a pipelined caller can
@@ -265,12 +420,13 @@ class RedisStore:
 
         Everything the script would otherwise derive per item is computed here, off the
         single-threaded server: the leaf path and digest (also as four 32-bit words) and, when
-        relaying, the stream entry's meta JSON.
+        relaying, the stream entry's meta JSON. The batch is packed in chunks of at most
+        ``max_batch_bytes`` of data, one script call each.
         """
         # A version stamped far ahead of our wall clock would drag this store's clock (and so
         # every later local write) into the future, possibly to the end of the HLC range.
         future = self.clock.wall() + self.max_clock_offset_ms
-        items: list[list[str | bytes | int]] = []
+        items: list[list[Any]] = []
         accepted: list[int] = []
         newest = 0
         leaf_path = self.geometry.leaf_path
@@ -302,29 +458,114 @@ class RedisStore:
                 ]
             )
             newest = max(newest, c.hlc)
-        packed = msgpack.packb(items, use_bin_type=False) if items else b""
-        return PreparedApply(len(changes), accepted, newest, packed, relay)
+        chunks = [(start, end, _pack(items[start:end])) for start, end in self._chunk(items)]
+        return PreparedApply(len(changes), accepted, newest, items, chunks, relay)
 
-    async def apply_prepared(self, prepared: PreparedApply) -> list[ApplyStatus]:
-        """The server-side half of :meth:`apply_batch`; statuses in the order of the changes."""
-        out = [ApplyStatus.REJECTED] * prepared.size
-        if not prepared.accepted:
-            return out
-        horizon = self.clock.wall() - self.tombstone_grace_ms
-        statuses = await self._apply(
-            args=[
-                *self._base_args,
-                self.stream_maxlen,
-                horizon,
-                "1" if prepared.relay else "0",
-                clock.to_hex(prepared.newest),
-                prepared.packed,
-            ]
-        )
-        self.clock.observe(prepared.newest)
-        for i, s in zip(prepared.accepted, statuses, strict=True):
-            out[i] = _STATUS[s]
-        return out
+    def _chunk(self, items: list[list[Any]]) -> list[tuple[int, int]]:
+        """Consecutive ranges of ``items`` holding at most ``max_batch_bytes`` of data each."""
+        ranges: list[tuple[int, int]] = []
+        start, size = 0, 0
+        for i, item in enumerate(items):
+            weight = len(item[3]) + len(item[16]) + len(item[0]) + 256
+            if i > start and size + weight > self.max_batch_bytes:
+                ranges.append((start, i))
+                start, size = i, 0
+            size += weight
+        if start < len(items):
+            ranges.append((start, len(items)))
+        return ranges
+
+    async def apply_prepared(
+        self, prepared: PreparedApply, source: StreamBatch | None = None
+    ) -> ApplyResult:
+        """The server-side half of :meth:`apply_batch`, in order of the changes.
+
+        A chunk the script fails on (an error no check foresaw) is split in halves until the
+        failing item is alone; that item is REFUSED with Redis's message and the rest applies.
+        ``source`` (a tailer's batch) is anchored and its claims taken with the last chunk, so
+        a failure part way leaves the anchor where it was and the whole batch is retried.
+
+        Raises:
+            StoreKeyError: a store-wide key (clock, root, stream, record, tombstone index)
+                holds the wrong type; nothing was applied by the failing call.
+        """
+        result = ApplyResult([ApplyStatus.REJECTED] * prepared.size)
+        statuses: list[ApplyStatus] = []
+        refused: dict[int, str] = {}
+        chunks = prepared.chunks or ([(0, 0, b"")] if source is not None else [])
+        for n, (start, end, packed) in enumerate(chunks):
+            last = n == len(chunks) - 1
+            await self._apply_range(
+                prepared, start, end, packed, source if last else None, statuses, refused
+            )
+        if prepared.newest:
+            self.clock.observe(prepared.newest)
+        for position, status in enumerate(statuses):
+            index = prepared.accepted[position]
+            result.statuses[index] = status
+            if position in refused:
+                result.refused[index] = refused[position]
+        return result
+
+    async def _apply_range(
+        self,
+        prepared: PreparedApply,
+        start: int,
+        end: int,
+        packed: bytes | None,
+        source: StreamBatch | None,
+        statuses: list[ApplyStatus],
+        refused: dict[int, str],
+    ) -> None:
+        if packed is None:
+            packed = _pack(prepared.items[start:end])
+        if source is not None and refused:
+            # An item of this batch was refused: it is not held here, so the batch proves
+            # nothing about its origin. The anchor still moves (the stream was read on).
+            source = replace(source, claims={})
+        try:
+            reply = await self._apply(args=self._apply_args(prepared, packed, source))
+        except ResponseError as exc:
+            if isinstance(exc, _STORE_WIDE):
+                raise
+            if str(exc).startswith(_STORE_KEY_ERROR) or start == end:
+                raise _store_error(exc) from exc
+            if end - start > 1:
+                middle = (start + end) // 2
+                await self._apply_range(prepared, start, middle, None, None, statuses, refused)
+                await self._apply_range(prepared, middle, end, None, source, statuses, refused)
+                return
+            statuses.append(ApplyStatus.REFUSED)
+            refused[len(statuses) - 1] = _describe(exc)
+            if source is not None:
+                await self._apply_range(prepared, end, end, b"", source, statuses, refused)
+            return
+        for letter in reply[0]:
+            statuses.append(_STATUS[letter])
+        for i in range(1, len(reply) - 1, 2):
+            refused[start + int(reply[i]) - 1] = text(reply[i + 1])
+
+    def _apply_args(
+        self, prepared: PreparedApply, packed: bytes, source: StreamBatch | None
+    ) -> list[Any]:
+        args: list[Any] = [
+            *self._base_args,
+            self.stream_maxlen,
+            "1" if prepared.relay else "0",
+            clock.to_hex(prepared.newest),
+            packed,
+        ]
+        if source is None:
+            return [*args, "", "", "", "", ""]
+        args += [source.peer, source.token, source.first, source.last, source.mode]
+        for origin, hlc in sorted(source.claims.items()):
+            args += [origin, hlc_hex(hlc)]
+        return args
+
+    async def take_stream_claims(self, source: StreamBatch) -> None:
+        """Anchor and claim for a read that brought no entries (the head of an idle stream)."""
+        empty = PreparedApply(0, [], 0, [], [], False)
+        await self.apply_prepared(empty, source)
 
     # ------------------------------------------------------------------------ reads
 
@@ -379,21 +620,161 @@ class RedisStore:
         entries = await self.redis.xrevrange(self.keys.cdc, count=1)
         return text(entries[0][0]) if entries else None
 
+    # ------------------------------------------------------------------------ the record
+
+    async def record(self) -> NodeRecord | None:
+        """This store's record (docs/DELETES.md), or None when it has none yet."""
+        return await self.reader.node_record()
+
+    async def open_record(self, *, mode: str, relay: bool) -> tuple[str, str, str]:
+        """Create the record if there is none, or open it: ``(outcome, incarnation, epoch)``.
+
+        ``outcome`` is ``created`` for a store without a record (new, or wiped). A changed
+        relay setting starts a new epoch.
+
+        Raises:
+            StoreKeyError: the record belongs to another node, or is not a hash.
+        """
+        try:
+            outcome, inc, epoch = await self._open(
+                args=[*self._base_args, mode, "1" if relay else "0", _token(16), _token(8)]
+            )
+        except ResponseError as exc:
+            raise _store_error(exc) from exc
+        return text(outcome), text(inc), text(epoch)
+
+    async def certify(
+        self,
+        *,
+        expected_run: str,
+        expected_nonces: Sequence[str],
+        nonce: str,
+        advance: bool,
+        new_epoch: str = "",
+        state: str,
+        reason: str = "",
+    ) -> Certification:
+        """Run the certify script (see ``scripts/certify.lua`` and docs/DELETES.md)."""
+        known = [n for n in expected_nonces if n][:2]
+        nonces = [*known, "", ""][:2]
+        try:
+            raw = await self._certify(
+                args=[
+                    *self._base_args,
+                    expected_run,
+                    nonces[0],
+                    nonces[1] or nonces[0],
+                    nonce,
+                    "1" if advance else "0",
+                    new_epoch,
+                    state,
+                    reason[:500],
+                    clock.to_hex(self.clock.now()),
+                ]
+            )
+        except ResponseError as exc:
+            raise _store_error(exc) from exc
+        outcome, run, recorded, cert, self_claim, store_clock = (text(part) for part in raw)
+        return Certification(
+            outcome,
+            run,
+            recorded,
+            int(cert),
+            int(self_claim, 16) if len(self_claim) == 16 else 0,
+            int(store_clock, 16) if len(store_clock) == 16 else 0,
+        )
+
+    async def raise_clock(self, hlc: int) -> int:
+        """Raise the store clock to at least ``hlc``; returns the store clock after."""
+        try:
+            raw = await self._clock(args=[*self._base_args, clock.to_hex(hlc)])
+        except ResponseError as exc:
+            raise _store_error(exc) from exc
+        self.clock.observe(hlc)
+        return clock.from_hex(raw) if raw else 0
+
+    async def inherit(
+        self,
+        *,
+        peer: str,
+        token: str,
+        tail: str,
+        incarnation: str,
+        cert: int,
+        claims: Mapping[str, int],
+    ) -> bool:
+        """Take ``peer``'s claims after a complete repair from it; False when this store's
+        record went back meanwhile (nothing done)."""
+        args: list[Any] = [*self._base_args, peer, token, tail, incarnation, cert]
+        for origin, hlc in sorted(claims.items()):
+            args += [origin, hlc_hex(hlc)]
+        try:
+            return int(await self._inherit(args=args)) == 1
+        except ResponseError as exc:
+            raise _store_error(exc) from exc
+
+    async def add_to_record(
+        self, *, members: Iterable[str] = (), forgotten: Iterable[str] = ()
+    ) -> tuple[frozenset[str], frozenset[str]]:
+        """Add to the record's member and forgotten lists (they only grow); returns both."""
+        try:
+            raw = await self._members(
+                args=[*self._base_args, ",".join(sorted(members)), ",".join(sorted(forgotten))]
+            )
+        except ResponseError as exc:
+            raise _store_error(exc) from exc
+        listed, gone = (text(part) for part in raw)
+        return frozenset(filter(None, listed.split(","))), frozenset(filter(None, gone.split(",")))
+
     # ------------------------------------------------------------------------ upkeep
 
-    async def collect_tombstones(self, limit: int = _GC_BATCH) -> int:
-        """Drop tombstones past the grace period; bounded work per call. Returns how many."""
-        horizon = self.clock.wall() - self.tombstone_grace_ms
+    async def tombstone_count(self) -> int:
+        return int(await self.redis.zcard(self.keys.tombs))
+
+    async def oldest_tombstone_ms(self) -> int | None:
+        """Wall-clock ms of the oldest tombstone's HLC, or None without tombstones."""
+        oldest = await self.redis.zrange(self.keys.tombs, 0, 0, withscores=True)
+        return int(oldest[0][1]) if oldest else None
+
+    async def collect_tombstones(
+        self, stable: int, *, incarnation: str, cert: int, limit: int = _GC_BATCH
+    ) -> int:
+        """Collect up to ``limit`` tombstones at or below the stable frontier ``stable``.
+
+        Returns how many were collected; -1 when this store's record went back since
+        ``incarnation`` and ``cert`` were read (nothing done).
+        """
         keys = await self.redis.zrangebyscore(
-            self.keys.tombs, "-inf", f"({horizon}", start=0, num=limit
+            self.keys.tombs, "-inf", clock.physical_ms(stable), start=0, num=limit
         )
-        if not keys:
-            return 0
-        args: list[Any] = [*self._base_args, horizon]
+        args: list[Any] = [*self._base_args, clock.to_hex(stable), incarnation, cert]
         for raw in keys:
             key = text(raw)
             args += [key, self.geometry.leaf_path(key)]
-        return int(await self._gc(args=args))
+        try:
+            return int(await self._gc(args=args))
+        except ResponseError as exc:
+            raise _store_error(exc) from exc
+
+    async def discard_versions(
+        self, versions: Sequence[tuple[str, int, str]], *, incarnation: str, cert: int
+    ) -> int:
+        """Remove ``(key, hlc, origin)`` versions from this store only; returns how many went.
+
+        No tombstone and no CDC entry are written: the versions are dead by a peer's claims
+        (docs/DELETES.md, "Absence by knowledge"), and telling peers anything would be wrong.
+        A key whose version is no longer the given one is left alone. -1 when this store's
+        record went back since ``incarnation`` and ``cert`` were read (nothing done).
+        """
+        if not versions:
+            return 0
+        args: list[Any] = [*self._base_args, incarnation, cert]
+        for key, hlc, origin in versions:
+            args += [key, self.geometry.leaf_path(key), clock.to_hex(hlc), origin]
+        try:
+            return int(await self._discard(args=args))
+        except ResponseError as exc:
+            raise _store_error(exc) from exc
 
     async def should_accept_writes(self) -> bool:
         """False while Redis memory use is above ``max_memory_ratio`` of ``maxmemory``.
@@ -410,37 +791,39 @@ class RedisStore:
         self._accepting = limit <= 0 or used < limit * self.max_memory_ratio
         return self._accepting
 
-    # ------------------------------------------------------------------------ mesh standing
 
-    async def write_mesh_record(
-        self, fields: Mapping[str, str], *, clear: Sequence[str] = ()
-    ) -> None:
-        """Set (and drop ``clear``) fields of this node's standing record, in one transaction.
+def _pack(items: Iterable[list[Any]]) -> bytes:
+    listed = list(items)
+    return msgpack.packb(listed, use_bin_type=False) if listed else b""
 
-        Peers read the record (``TreeReader.mesh_record``) before pulling from this store; see
-        ``replication_engine/rebootstrap.py``.
-        """
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if fields:
-                pipe.hset(self.keys.mesh, mapping=dict[Any, Any](fields))
-            if clear:
-                pipe.hdel(self.keys.mesh, *clear)
-            await pipe.execute()
 
-    async def discard_versions(self, versions: Sequence[tuple[str, int, str]]) -> int:
-        """Remove ``(key, hlc, origin)`` versions from this store only; returns how many went.
+def _token(chars: int) -> str:
+    import secrets
 
-        No tombstone and no CDC entry are written: a re-bootstrap drops values that peers
-        deleted and collected, and telling peers anything would be wrong (a tombstone would
-        delete a copy some other peer may rightly hold). A key whose version is no longer the
-        given one is left alone.
-        """
-        if not versions:
-            return 0
-        args: list[Any] = list(self._base_args)
-        for key, hlc, origin in versions:
-            args += [key, self.geometry.leaf_path(key), clock.to_hex(hlc), origin]
-        return int(await self._discard(args=args))
+    return secrets.token_hex(chars // 2)
+
+
+def _describe(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__)[:500]
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """A script's own refusal (a wrong-typed key, the clock at its end), not a server state."""
+    message = str(exc)
+    return message.startswith(("WRONGTYPE", "ERR HLC exhausted", "HLC exhausted")) or (
+        "(key " in message
+    )
+
+
+def _store_error(exc: BaseException) -> StoreKeyError:
+    message = _describe(exc)
+    key = None
+    marker = "(key "
+    if marker in message and message.endswith(")"):
+        key = message[message.rindex(marker) + len(marker) : -1]
+    elif message.startswith(_STORE_KEY_ERROR):
+        key = message[len(_STORE_KEY_ERROR) :].strip().split(" ", 1)[0]
+    return StoreKeyError(f"local store refused the write: {message}", key)
 
 
 def _item(change: Change) -> Item:

@@ -1,33 +1,50 @@
 -- The one apply path for remote versions (hot path and cold path alike).
--- ARGV[3] = stream maxlen, ARGV[4] = tombstone horizon (ms; older tombstones for keys we do not
--- hold are already collected here and must not come back), ARGV[5] = relay ('1': re-emit each
--- applied version on this node's stream, so nodes that tail only this one get it too),
--- ARGV[6] = the greatest HLC in the batch (the store clock observes it once any item applies),
--- ARGV[7] = the items, one MessagePack array (old-spec raw strings and unsigned integers only)
--- of 17-element arrays: key, leaf path, tombstone flag, data, content hash, hlc, origin,
--- content type, version, updated_at, trace parent, leaf digest, the leaf digest again as its
--- four 32-bit words (the script XORs words; converting here costs the server more), and the
--- stream entry's meta JSON when relaying (else '').
+-- ARGV[4] = stream maxlen, ARGV[5] = relay ('1': re-emit each applied version on this node's
+-- stream, so nodes that tail only this one get it too), ARGV[6] = the greatest HLC in the batch
+-- (the store clock observes it once any item applies), ARGV[7] = the items, one MessagePack
+-- array (old-spec raw strings and unsigned integers only) of 17-element arrays: key, leaf
+-- path, tombstone flag, data, content hash, hlc, origin, content type, version, updated_at,
+-- trace parent, leaf digest, the leaf digest again as its four 32-bit words (the script XORs
+-- words; converting here costs the server more), and the stream entry's meta JSON when
+-- relaying (else '').
 -- One packed argument instead of 17 per item: packing and unpacking run in C on both sides,
 -- where building and parsing 17,000 separate arguments cost more than the script itself.
--- Returns one status letter per item, as one string: 'a' applied, 'd' duplicate (same
--- content, not newer), 's' stale (older than what we hold), 'x' expired tombstone.
-local maxlen, horizon, relay = ARGV[3], tonumber(ARGV[4]), ARGV[5] == '1'
-local items = cmsgpack.unpack(ARGV[7])
-local out = {}
+--
+-- A tailer also says where the batch came from, so the store can record how far it has applied
+-- that peer's stream and take the claims the stream proves (docs/DELETES.md, "Claims"):
+-- ARGV[8] = the peer ('' for none: a cold-path batch), ARGV[9] = the peer stream's token,
+-- ARGV[10] and ARGV[11] = the batch's first exclusive and last stream ids (fixed width),
+-- ARGV[12] = 'c' (read on from the cursor), 'f' (read from the start of a stream that was never
+-- trimmed) or 'g' (entries were missed before this batch), then origin, hlc pairs to claim when
+-- the batch is applied contiguously.
+--
+-- Returns {statuses, index, error, index, error, ...}: one status letter per item as one
+-- string ('a' applied, 'd' duplicate, 's' stale, 'k' known: at or below this store's claim for
+-- its origin, 'w' refused: the item's key, leaf or an ancestor holds the wrong type), then the
+-- refused items' positions (1-based) and Redis's message for each.
+local maxlen, relay, src = ARGV[4], ARGV[5] == '1', ARGV[8]
+local problem = check_store_keys({HLC_KEY, 'string', ROOT_KEY, 'string', TOMBS_KEY, 'zset',
+  CDC_KEY, 'stream', REC, 'hash'})
+if problem then return problem end
+local items = ARGV[7] ~= '' and cmsgpack.unpack(ARGV[7]) or {}
+local out, errors = {}, {}
 local applied = false
 for n = 1, #items do
   local it = items[n]
   local key, tomb, hash, hlc, origin = it[1], it[3], it[5], it[6], it[7]
-  local cur = read_item(key)
+  local cur, why = read_checked(key, it[2])
   local status = 'a'
-  if cur.hlc then
-    local newer = hlc_gt(hlc, cur.hlc) or (hlc == cur.hlc and bytes_gt(origin, cur.origin or ''))
-    if not newer then
+  if not cur then
+    status = 'w'
+    errors[#errors + 1], errors[#errors + 2] = n, why
+  else
+    local claim = claim_of(origin)
+    if claim and not hlc_gt(hlc, claim) then
+      status = 'k'
+    elseif cur.hlc and not newer(hlc, origin, tomb, hash, cur.hlc, cur.origin or '',
+        cur.del or '0', cur.hash) then
       if cur.hash == hash and cur.del == tomb then status = 'd' else status = 's' end
     end
-  elseif tomb == '1' and hlc_ms(hlc) < horizon then
-    status = 'x'
   end
   if status == 'a' then
     applied = true
@@ -41,4 +58,17 @@ for n = 1, #items do
 end
 tree_flush()
 if applied then hlc_observe(ARGV[6]) end
-return table.concat(out)
+if src ~= '' then
+  local token, first, last, mode = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
+  local cur = read_anchor(src)
+  local same = cur ~= nil and cur.token == token
+  local anchored = mode == 'f' or
+    (mode == 'c' and same and cur.anchored and not bytes_gt(first, cur.pos))
+  local pos = last
+  if same and bytes_gt(cur.pos, last) then pos = cur.pos end
+  write_anchor(src, token, pos, anchored)
+  if anchored and #errors == 0 then raise_claims(13) end
+end
+local reply = {table.concat(out)}
+for i = 1, #errors do reply[i + 1] = errors[i] end
+return reply

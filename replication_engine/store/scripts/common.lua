@@ -1,20 +1,33 @@
--- Shared by every script: key layout, HLC arithmetic and the incremental Merkle update.
--- ARGV[1] = key prefix, ARGV[2] = hex characters per tree level. See docs/FORMAT.md.
+-- Shared by every script: key layout, HLC arithmetic, the version order, the checks every
+-- script makes before its first write, and the incremental Merkle update.
+-- ARGV[1] = key prefix, ARGV[2] = hex characters per tree level, ARGV[3] = this node's id.
+-- See docs/FORMAT.md and docs/DELETES.md.
 --
 -- HLCs are 16-hex strings and digests 32-hex strings. Strings are compared byte by byte here,
 -- never with Lua's < (which uses strcoll and so depends on the server's locale).
+--
+-- Redis does not roll a script back when it fails part way, so every script first checks
+-- everything it can fail on (the type of each key it will write) and writes nothing when a
+-- check fails: a store-wide key of the wrong type fails the whole call with Redis's own
+-- message and the key's name; an item (or its leaf bucket or an ancestor) of the wrong type
+-- fails that item alone.
 local P = ARGV[1]
 local W = tonumber(ARGV[2])
+local SELF = ARGV[3]
 local HLC_KEY = P .. 'hlc'
 local ROOT_KEY = P .. 'mk:root'
 local TOMBS_KEY = P .. 'tombs'
 local CDC_KEY = P .. 'cdc'
+local REC = P .. 'node'
 local MK = P .. 'mk:'
+-- Local versions count writes on their origin; Lua numbers are exact only up to 2^53 - 1.
+local MAX_VERSION = 9007199254740991
+local MAX_MS = 281474976710655 -- 2^48 - 1: the HLC's millisecond part
 
 -- Locals for what runs per item: Lua 5.1 looks a global (and each table field) up by hash on
 -- every use, which costs more than the operation itself in these loops.
-local call, sub, byte, tonum, bxor, fmt = redis.call, string.sub, string.byte, tonumber,
-  bit.bxor, string.format
+local call, pcall_, sub, byte, tonum, bxor, fmt = redis.call, redis.pcall, string.sub,
+  string.byte, tonumber, bit.bxor, string.format
 
 local function bytes_gt(a, b)
   if a == b then return false end
@@ -35,6 +48,15 @@ local function hlc_gt(a, b)
   return tonum(sub(a, 13, 16), 16) > tonum(sub(b, 13, 16), 16)
 end
 
+-- The total order of two versions (docs/DELETES.md, "Total order"): HLC, then origin, then a
+-- tombstone over a value, then the greater content hash. True when a is newer than b.
+local function newer(a_hlc, a_origin, a_tomb, a_hash, b_hlc, b_origin, b_tomb, b_hash)
+  if a_hlc ~= b_hlc then return hlc_gt(a_hlc, b_hlc) end
+  if a_origin ~= b_origin then return bytes_gt(a_origin, b_origin) end
+  if a_tomb ~= b_tomb then return a_tomb == '1' end
+  return bytes_gt(a_hash, b_hash)
+end
+
 local function leaf_digest(key, hlc, hash, tomb)
   local text = #key .. ':' .. key .. '|' .. hlc .. '|' .. tomb .. '|' .. hash
   return string.sub(redis.sha1hex(text), 1, 32)
@@ -44,9 +66,11 @@ local function hlc_ms(hlc)
   return tonumber(string.sub(hlc, 1, 12), 16)
 end
 
+-- The next HLC after hlc, or nil at the end of the range (the caller refuses the write).
 local function hlc_successor(hlc)
   local ms, counter = hlc_ms(hlc), tonumber(string.sub(hlc, 13, 16), 16)
   if counter >= 65535 then
+    if ms >= MAX_MS then return nil end
     ms, counter = ms + 1, 0
   else
     counter = counter + 1
@@ -56,24 +80,131 @@ end
 
 -- Advance the store clock past a timestamp applied from elsewhere.
 local function hlc_observe(hlc)
-  local last = redis.call('GET', HLC_KEY)
+  local last = call('GET', HLC_KEY)
   if not last or bytes_gt(hlc, last) then
-    redis.call('SET', HLC_KEY, hlc)
+    call('SET', HLC_KEY, hlc)
   end
 end
 
--- The timestamp for a local write: the proposal from the client's clock, or the successor of
--- the last one issued when the proposal is not newer (a clock that went backwards, or two
--- writers racing). Kept in Redis so every writer process and every restart shares one clock.
-local function hlc_issue(proposed)
-  local last = redis.call('GET', HLC_KEY)
-  local hlc = proposed
-  if last and not bytes_gt(proposed, last) then
-    hlc = hlc_successor(last)
-  end
-  redis.call('SET', HLC_KEY, hlc)
-  return hlc
+-- ------------------------------------------------------------------------ checks before writing
+
+local function fail(key, message)
+  return redis.error_reply(message .. ' (key ' .. key .. ')')
 end
+
+-- nil when key is absent or of one of the allowed types, else Redis's own complaint.
+local function bad_type(key, allowed)
+  local t = call('TYPE', key)
+  t = t.ok or t
+  if t == 'none' or t == allowed then return nil end
+  return 'WRONGTYPE Operation against a key holding the wrong kind of value: ' .. key ..
+    ' is a ' .. t .. ', expected a ' .. allowed
+end
+
+-- The store-wide keys a script writes: (key, type) pairs. Returns an error reply or nil.
+-- The message starts 'WRONGTYPE store key', which tells the client that no item is to blame.
+local function check_store_keys(keys)
+  for i = 1, #keys, 2 do
+    local problem = bad_type(keys[i], keys[i + 1])
+    if problem then
+      return redis.error_reply('WRONGTYPE store key ' .. string.sub(problem, 68))
+    end
+  end
+  return nil
+end
+
+-- Ancestors of leaf buckets, checked once each per call: path -> error text or false.
+local ANCESTOR_OK = {}
+local function ancestors_problem(path)
+  local depth = #path / W
+  for level = 0, depth - 1 do
+    local node = sub(path, 1, level * W)
+    local known = ANCESTOR_OK[node]
+    if known == nil then
+      known = bad_type(MK .. node, 'hash') or false
+      ANCESTOR_OK[node] = known
+    end
+    if known then return known end
+  end
+  return nil
+end
+
+-- The current version of a key, as the fields write_item and the apply rule need, or
+-- (nil, error text) when the key holds something other than a hash. Every absent key shares
+-- one (read-only) table: a batch of new keys then allocates nothing here.
+local ABSENT = {hash = ''}
+local function read_item(key)
+  local f = pcall_('HMGET', P .. 'item:' .. key, 'hlc', 'o', 'h', 'del', 'v', 'tp', 'g')
+  if f.err then return nil, f.err end
+  if not f[1] then return ABSENT end
+  return {hlc = f[1], origin = f[2], hash = f[3] or '', del = f[4], version = f[5], tp = f[6],
+          digest = f[7]}
+end
+
+-- Everything that can make writing one item fail: the item key, its leaf bucket and the
+-- bucket's ancestors. Returns the current version, or (nil, error text).
+local function read_checked(key, path)
+  local cur, problem = read_item(key)
+  if not cur then return nil, problem end
+  problem = ancestors_problem(path)
+  if not problem then
+    problem = ANCESTOR_OK[path]
+    if problem == nil then
+      problem = bad_type(MK .. path, 'hash') or false
+      ANCESTOR_OK[path] = problem
+    end
+  end
+  if problem then return nil, problem end
+  return cur
+end
+
+-- ------------------------------------------------------------------------ claims
+
+-- This store's claims, read once per origin per call (docs/DELETES.md, "Claims").
+local CLAIMS = {}
+local function claim_of(origin)
+  local c = CLAIMS[origin]
+  if c == nil then
+    c = call('HGET', REC, origin == SELF and 'self' or ('c:' .. origin)) or false
+    CLAIMS[origin] = c
+  end
+  return c
+end
+
+-- Raise claims from a flat list of origin, hlc pairs starting at ARGV[first]. A claim about
+-- this node's own writes is never taken from elsewhere: only certification sets it.
+local function raise_claims(first)
+  for i = first, #ARGV, 2 do
+    local origin, hlc = ARGV[i], ARGV[i + 1]
+    if origin ~= SELF and #hlc == 16 then
+      local field = 'c:' .. origin
+      local cur = call('HGET', REC, field)
+      if not cur or hlc_gt(hlc, cur) then call('HSET', REC, field, hlc) end
+    end
+  end
+end
+
+-- An anchor field ('p:<peer>'): token, fixed-width position, anchored flag.
+local function read_anchor(src)
+  local raw = call('HGET', REC, 'p:' .. src)
+  if not raw then return nil end
+  local token, pos, flag = string.match(raw, '^([^|]*)|([^|]*)|([01])$')
+  if not token then return nil end
+  return {token = token, pos = pos, anchored = flag == '1'}
+end
+
+local function write_anchor(src, token, pos, anchored)
+  call('HSET', REC, 'p:' .. src, token .. '|' .. pos .. '|' .. (anchored and '1' or '0'))
+end
+
+-- This store's own record has not gone back since the caller read it: same incarnation, and
+-- a certification count at least the one read.
+local function record_unmoved(inc, cert)
+  local f = call('HMGET', REC, 'inc', 'cert')
+  return f[1] == inc and (tonumber(f[2]) or 0) >= (tonumber(cert) or 0)
+end
+
+-- ------------------------------------------------------------------------ the Merkle tree
 
 -- Ancestor updates are accumulated per script call and written once by tree_flush(): a batch
 -- of 1,000 items touches the root and the upper levels once, not 1,000 times. XOR commutes, so
@@ -84,8 +215,8 @@ local LEAF_DELTA = {}
 local LEAF_ORDER = {}
 
 -- Set (new_digest) or clear (false) one key's leaf and queue the change for every ancestor.
--- old_digest is the key's current leaf digest (false if none): callers derive it from the item
--- they already read, which the atomic write path guarantees matches the leaf.
+-- old is the key's current leaf digest (false if none): callers derive it from the item they
+-- already read, which the atomic write path guarantees matches the leaf.
 -- w1..w4, when given, are new_digest as its four 32-bit words (the apply path sends them
 -- ready, which saves this single-threaded server eight conversions per item).
 local function tree_set(path, key, new_digest, old, w1, w2, w3, w4)
@@ -140,7 +271,8 @@ local FIELDS_PER_CALL = 1000
 -- Write the queued changes one level at a time, from the leaves' parents up to the root: one
 -- HMGET and one HSET per interior node (per FIELDS_PER_CALL children) rather than a read and a
 -- write per child. A node's own delta is the XOR of its children's, and is what its parent
--- gets. Every script that calls tree_set ends with this.
+-- gets. Every script that calls tree_set ends with this; read_checked has checked every node it
+-- writes.
 local function tree_flush()
   local deltas, order = LEAF_DELTA, LEAF_ORDER
   while #order > 0 do
@@ -200,22 +332,12 @@ local function tree_flush()
   end
 end
 
--- The current version of a key, as the fields write_item and the apply rule need. Every
--- absent key shares one (read-only) table: a batch of new keys then allocates nothing here.
-local ABSENT = {hash = ''}
-local function read_item(key)
-  local f = call('HMGET', P .. 'item:' .. key, 'hlc', 'o', 'h', 'del', 'v', 'tp', 'g')
-  if not f[1] then return ABSENT end
-  return {hlc = f[1], origin = f[2], hash = f[3] or '', del = f[4], version = f[5], tp = f[6],
-          digest = f[7]}
-end
-
 local function current_digest(key, cur)
   if not cur.hlc then return false end
   return cur.digest or leaf_digest(key, cur.hlc, cur.hash, cur.del)
 end
 
--- Write one item version over cur (from read_item): the item hash, its tree leaf and the
+-- Write one item version over cur (from read_checked): the item hash, its tree leaf and the
 -- tombstone index. digest (and w1..w4, its four 32-bit words) is the version's leaf digest
 -- when the caller knows it (the apply path computes it client-side, off this single-threaded
 -- server), else nil.
@@ -251,6 +373,13 @@ local function write_item(key, path, tomb, data, hash, hlc, origin, ct, version,
   if stale then call(unpack(stale)) end
   call(unpack(fields))
   tree_set(path, key, digest, current_digest(key, cur), w1, w2, w3, w4)
+end
+
+-- Remove one key's version (collected or dropped): the item, its leaf, its tombstone entry.
+local function remove_item(key, path, cur)
+  call('DEL', P .. 'item:' .. key)
+  tree_set(path, key, false, current_digest(key, cur))
+  if cur.del == '1' then call('ZREM', TOMBS_KEY, key) end
 end
 
 -- Append one version to this node's CDC stream; returns the entry id. meta is the entry's

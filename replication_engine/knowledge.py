@@ -1,0 +1,349 @@
+"""What each node knows about the mesh's writes, and the rules that act on it (pure, no I/O).
+
+docs/DELETES.md is the design; this module is its executable form, the specification the Lua
+scripts and the engine are tested against (as :class:`replication_engine.merkle.MerkleModel` is
+for the tree). It decides; :mod:`replication_engine.membership`, the tailers and the cold path
+read and write Redis.
+
+- :func:`order` is the total order of two versions of a key (last-writer-wins with a
+  deterministic tiebreak), and :func:`decide` the apply rule built on it.
+- :class:`NodeRecord` is a store's ``Pnode`` hash: its claims, anchors, membership and state.
+- :func:`frontier`, :func:`stable_frontier` and :func:`derive_members` compute what tombstone
+  collection waits for; :func:`is_dead_by_absence` is the rule that drops a version a peer
+  proves dead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+__all__ = [
+    "RECOVERING",
+    "SERVING",
+    "Anchor",
+    "ApplyStatus",
+    "NodeRecord",
+    "decide",
+    "derive_members",
+    "frontier",
+    "hlc_hex",
+    "is_dead_by_absence",
+    "order",
+    "parse_hlc_hex",
+    "sid_key",
+    "stable_frontier",
+]
+
+# Record states: serving (claims certified) or recovering (the store may have lost writes).
+SERVING = "ok"
+RECOVERING = "recovering"
+# Separators in the record's list and anchor fields: node ids never contain them (config
+# restricts ids to A-Z a-z 0-9 . _ -).
+_LIST_SEP = ","
+_ANCHOR_SEP = "|"
+
+
+class ApplyStatus(StrEnum):
+    """What the apply path did with one remote version."""
+
+    APPLIED = "applied"
+    SKIPPED = "skipped"  # the same version is held here: a duplicate delivery
+    STALE = "stale"  # older than the version held here
+    KNOWN = "known"  # at or below this store's claim for its origin: held, superseded or dead
+    REJECTED = "rejected"  # stamped too far in the future: the origin's clock is wrong
+    REFUSED = "refused"  # the store refused it (a wrong-typed key, an oversized batch)
+
+
+# ---------------------------------------------------------------------------- versions
+
+
+def order(hlc: int, origin: str, tombstone: bool, content_hash: str) -> tuple[int, bytes, int, str]:
+    """The last-writer-wins key of a version: greater wins.
+
+    HLC first, then origin (byte-wise, as the Lua compares it), then a tombstone over a value,
+    then the greater content hash. The last two only matter for two versions with the same HLC
+    and origin, which one store never issues twice, but a wiped store or a hostile writer can:
+    every node must still pick the same one.
+    """
+    return (hlc, origin.encode("utf-8"), 1 if tombstone else 0, content_hash)
+
+
+def decide(
+    local: tuple[int, str, bool, str] | None,
+    remote: tuple[int, str, bool, str],
+    claim: int,
+) -> ApplyStatus:
+    """The apply rule for one remote version against the version held here.
+
+    Args:
+        local: ``(hlc, origin, tombstone, content_hash)`` held here, or None.
+        remote: the same for the arriving version.
+        claim: this store's claim about the remote version's origin (0 when it has none).
+
+    Returns:
+        APPLIED, SKIPPED (the same version), STALE (older than what is held) or KNOWN (at or
+        below the claim: already held, superseded, or deleted and collected; applying it
+        could only bring a dead value back).
+    """
+    if remote[0] <= claim:
+        return ApplyStatus.KNOWN
+    if local is None:
+        return ApplyStatus.APPLIED
+    theirs, ours = order(*remote), order(*local)
+    if theirs > ours:
+        return ApplyStatus.APPLIED
+    return ApplyStatus.SKIPPED if theirs == ours else ApplyStatus.STALE
+
+
+# ---------------------------------------------------------------------------- wire forms
+
+
+def hlc_hex(hlc: int) -> str:
+    return f"{hlc:016x}"
+
+
+def parse_hlc_hex(raw: str | None) -> int:
+    """A 16-hex HLC field; 0 when absent or unreadable (a claim of nothing)."""
+    if not raw or len(raw) != 16:
+        return 0
+    try:
+        return int(raw, 16)
+    except ValueError:
+        return 0
+
+
+def sid_key(ms: int, seq: int) -> str:
+    """A stream id as fixed-width text, so the Lua can order two ids byte by byte."""
+    return f"{ms:020d}-{seq:020d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    """Where a store stands in one peer's stream (the record's ``p:<peer>`` field).
+
+    ``position`` is the last entry applied (fixed width, see :func:`sid_key`); ``anchored``
+    says whether everything up to it was applied contiguously from a known start, under the
+    stream ``token``, so that the stream's claims may be taken.
+    """
+
+    token: str
+    position: str
+    anchored: bool
+
+    @classmethod
+    def parse(cls, raw: str | None) -> Anchor | None:
+        if not raw:
+            return None
+        parts = raw.split(_ANCHOR_SEP)
+        if len(parts) != 3:
+            return None
+        return cls(parts[0], parts[1], parts[2] == "1")
+
+    def render(self) -> str:
+        return _ANCHOR_SEP.join((self.token, self.position, "1" if self.anchored else "0"))
+
+    @property
+    def stream_id(self) -> tuple[int, int]:
+        ms, _, seq = self.position.partition("-")
+        return int(ms), int(seq)
+
+
+# ---------------------------------------------------------------------------- the record
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """A store's ``Pnode`` hash, as peers and its own engine read it (docs/FORMAT.md)."""
+
+    node_id: str = ""
+    mode: str = "mesh"
+    relay: bool = False
+    incarnation: str = ""
+    epoch: str = ""
+    run_id: str = ""
+    nonce: str = ""
+    cert: int = 0
+    self_claim: int = 0
+    claims: Mapping[str, int] = field(default_factory=dict)
+    anchors: Mapping[str, Anchor] = field(default_factory=dict)
+    collected: int = 0
+    members: frozenset[str] = frozenset()
+    forgotten: frozenset[str] = frozenset()
+    state: str = SERVING
+    reason: str = ""
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, str]) -> NodeRecord | None:
+        """None for an absent record (a new store, or one whose Redis was wiped)."""
+        if not fields.get("inc"):
+            return None
+        claims: dict[str, int] = {}
+        anchors: dict[str, Anchor] = {}
+        for name, value in fields.items():
+            if name.startswith("c:"):
+                claims[name[2:]] = parse_hlc_hex(value)
+            elif name.startswith("p:"):
+                anchor = Anchor.parse(value)
+                if anchor is not None:
+                    anchors[name[2:]] = anchor
+        return cls(
+            node_id=fields.get("id", ""),
+            mode=fields.get("mode", "mesh"),
+            relay=fields.get("relay") == "1",
+            incarnation=fields.get("inc", ""),
+            epoch=fields.get("epoch", ""),
+            run_id=fields.get("run", ""),
+            nonce=fields.get("nonce", ""),
+            cert=_int(fields.get("cert")),
+            self_claim=parse_hlc_hex(fields.get("self")),
+            claims=claims,
+            anchors=anchors,
+            collected=parse_hlc_hex(fields.get("collected")),
+            members=_ids(fields.get("members")),
+            forgotten=_ids(fields.get("forgotten")),
+            state=fields.get("state") or SERVING,
+            reason=fields.get("reason", ""),
+        )
+
+    @property
+    def token(self) -> str:
+        """Identifies the stream a reader is anchored in: a new incarnation (a wiped store),
+        a new epoch (recovery finished) or a relay change each start a new one."""
+        return f"{self.incarnation}.{self.epoch}.{1 if self.relay else 0}"
+
+    @property
+    def recovering(self) -> bool:
+        return self.state != SERVING
+
+    def claim(self, origin: str) -> int:
+        """This store's claim about ``origin``'s writes (its certified ``self`` for itself)."""
+        if origin == self.node_id:
+            return self.self_claim
+        return self.claims.get(origin, 0)
+
+    def stream_claims(self) -> dict[str, int]:
+        """What a reader that applied this store's whole stream may claim from it.
+
+        The store's own writes are all in its stream. Everything else it holds is there too
+        only when it relays what it applies; then its claims about other origins carry over.
+        """
+        claims = dict(self.claims) if self.relay else {}
+        claims[self.node_id] = self.self_claim
+        return claims
+
+    def all_claims(self) -> dict[str, int]:
+        """What a store that holds everything this one holds may claim (a complete repair)."""
+        claims = dict(self.claims)
+        claims[self.node_id] = self.self_claim
+        return claims
+
+
+def _int(raw: str | None) -> int:
+    try:
+        return int(raw) if raw else 0
+    except ValueError:
+        return 0
+
+
+def _ids(raw: str | None) -> frozenset[str]:
+    return frozenset(part for part in (raw or "").split(_LIST_SEP) if part)
+
+
+def render_ids(ids: Iterable[str]) -> str:
+    return _LIST_SEP.join(sorted(set(ids)))
+
+
+# ---------------------------------------------------------------------------- membership
+
+
+def derive_members(
+    *,
+    node_id: str,
+    mode: str,
+    peers: Iterable[str],
+    own: NodeRecord | None,
+    records: Mapping[str, NodeRecord | None],
+    forgotten: Iterable[str] = (),
+) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """The member set this node publishes, the set collection waits for, and the forgotten.
+
+    A member, once seen, stays until it is forgotten: the published set is this node's own
+    (if it is a mesh node), its peers whose records say ``mode: mesh``, every member its peers
+    publish, and the members its own record already lists. Collection also waits for a
+    configured mesh node's peer whose record is not readable yet: it may be a member.
+
+    Args:
+        node_id, mode: this node.
+        peers: the configured peers.
+        own: this store's record (its sticky ``members`` and ``forgotten``).
+        records: each peer's record as last read (None: not read yet, or absent).
+        forgotten: ids forgotten here (operator verb) and not yet in ``own``.
+
+    Returns:
+        ``(published, waited_for, forgotten)``.
+    """
+    gone = set(forgotten)
+    known: set[str] = set()
+    if own is not None:
+        gone |= own.forgotten
+        known |= own.members
+    if mode == "mesh":
+        known.add(node_id)
+    unknown: set[str] = set()
+    for peer in peers:
+        record = records.get(peer)
+        if record is None:
+            if mode == "mesh":
+                unknown.add(peer)
+            continue
+        gone |= record.forgotten
+        known |= record.members
+        if record.mode == "mesh":
+            known.add(peer)
+    published = frozenset(known - gone)
+    return published, frozenset((known | unknown) - gone), frozenset(gone)
+
+
+def frontier(record: NodeRecord | None, members: Iterable[str]) -> int:
+    """The HLC up to which ``record``'s store holds every member's writes (0 for no record)."""
+    if record is None:
+        return 0
+    return min((record.claim(member) for member in members), default=record.self_claim)
+
+
+def stable_frontier(
+    members: Iterable[str], records: Mapping[str, NodeRecord | None]
+) -> tuple[int, str | None]:
+    """The mesh's stable frontier and the member that holds it lowest.
+
+    Every member's frontier is computed here from its own claims and *this* node's member
+    set, so a member that has not yet heard of a newcomer cannot make collection run ahead of
+    the newcomer's writes. A member without a readable record holds it at 0.
+
+    Returns:
+        ``(S, member)``: tombstones at or below ``S`` may be collected; ``member`` is the one
+        whose frontier is ``S`` (None for an empty member set).
+    """
+    names = sorted(members)
+    lowest: tuple[int, str | None] = (0, None)
+    for i, member in enumerate(names):
+        value = frontier(records.get(member), names)
+        if i == 0 or value < lowest[0]:
+            lowest = (value, member)
+    return lowest
+
+
+def is_dead_by_absence(version: tuple[int, str], authority: NodeRecord | None) -> bool:
+    """Whether a version held here is dead because ``authority``'s store lacks its key.
+
+    The authority's claim about the version's origin covers the version: it applied it or a
+    newer version of the key, and a store loses a key only to a collection of a newer
+    tombstone (or to this same rule), so the key was deleted and collected. A store without a
+    record (new, wiped) claims nothing, and a recovering one is never asked.
+    """
+    if authority is None or authority.recovering:
+        return False
+    hlc, origin = version
+    return authority.claim(origin) >= hlc
