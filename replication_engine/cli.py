@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--config", help="config file (for --mesh)")
 
+    forget = sub.add_parser(
+        "forget", help="forget a member gone for good (tombstone collection stops waiting)"
+    )
+    forget.add_argument("node", help="the member's node id")
+    forget.add_argument("--config", required=True, help="this node's config file")
+
     verify = sub.add_parser("verify", help="compare Merkle roots with every peer")
     verify.add_argument("--config", required=True)
     verify.add_argument("--limit", type=int, default=20, help="divergent keys to list per peer")
@@ -86,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             from replication_engine.tools import verify
 
             return asyncio.run(verify(load_config(args.config), limit=args.limit))
+        if args.command == "forget":
+            from replication_engine.tools import forget
+
+            return asyncio.run(forget(load_config(args.config), args.node))
     except ConfigError as exc:
         print(f"configuration error:\n{exc}", file=sys.stderr)
         return 2
@@ -149,12 +159,11 @@ def _status(url: str, *, raw: bool) -> int:
         f"node {body['node_id']}  state {body['state']}  mode {body['mode']}  "
         f"local circuit {body['local_circuit']}"
     )
-    standing = body.get("standing") or {}
-    if standing.get("state") not in (None, "in_mesh"):
-        # Out of the mesh past the tombstone grace: the one line an operator must not miss.
-        print(f"STANDING {standing['state']}: {standing.get('reason') or '-'}")
-        if standing.get("error"):
-            print(f"  {standing['error']}")
+    membership = body.get("membership") or {}
+    if membership.get("state") not in (None, "ok"):
+        # A store that may have lost writes: the one line an operator must not miss.
+        print(f"RECOVERING: {membership.get('reason') or '-'}")
+        print(f"  waiting for a complete repair from: {membership.get('recovery_pending')}")
     print(
         f"{'peer':<16} {'conn':<5} {'circuit':<10} {'mode':<14} {'lag ms':>8} "
         f"{'lag ev':>7} {'applied':>8} {'quarant.':>8} {'gaps':>5}"
@@ -165,6 +174,14 @@ def _status(url: str, *, raw: bool) -> int:
             f"{p.get('mode', '-'):<14} {_dash(p.get('lag_ms')):>8} "
             f"{_dash(p.get('lag_events')):>7} {p.get('events_applied', 0):>8} "
             f"{p.get('events_quarantined', 0):>8} {p.get('events_gaps', 0):>5}"
+        )
+    if membership:
+        held = membership.get("held_back_by")
+        behind = membership.get("stable_frontier_age_sec")
+        print(
+            f"tombstones {membership.get('tombstones')}  collected {membership.get('collected')}"
+            f"  stable frontier {_dash(behind)}{'s' if behind is not None else ''} behind now"
+            + (f"  HELD BACK BY {held}" if held else "")
         )
     return 0
 

@@ -31,18 +31,17 @@ from typing import Any, TypeVar
 
 import pybreaker
 
-from replication_engine import merkle
-from replication_engine.clock import wall_clock_ms
+from replication_engine import codec, merkle
 from replication_engine.codec import STREAM_START, Change, CodecError, StreamId, parse_stream_id
 from replication_engine.config import ColdPathConfig
 from replication_engine.cursor import CursorStore
+from replication_engine.knowledge import ApplyStatus, NodeRecord, is_dead_by_absence, sid_key
 from replication_engine.merkle import GeometryError
 from replication_engine.observability.metrics import Metrics
-from replication_engine.peer import Peer, PeerUnavailable
+from replication_engine.peer import Peer, PeerUnavailable, StreamInfo
 from replication_engine.resilience import Backoff, EventRateLimiter
-from replication_engine.standing import Standing, out_of_mesh_reason
 from replication_engine.store.protocol import Store
-from replication_engine.store.redis_store import ApplyStatus
+from replication_engine.store.redis_store import ApplyResult
 
 __all__ = ["ColdPath", "LocalStoreError", "PeerRepair", "RepairStats"]
 
@@ -57,6 +56,10 @@ NODE_CHUNK_PATHS = 256
 REQUESTED_KEYS_MAX = 10_000
 # Corrupt keys named in one warning, so a bad batch is one readable log line.
 CORRUPT_KEYS_LOGGED = 5
+# Quarantine reason of a version dropped because a peer's claims prove it dead.
+ABSENT_REASON = "absent_on_peer"
+# Cursor database meta entry holding the peer's stream token when its bootstrap began.
+_BOOTSTRAP_TOKEN = "bootstrap_token:"
 
 
 class LocalStoreError(RuntimeError):
@@ -83,7 +86,10 @@ class PeerRepair:
     duration_sec: float = 0.0
     items_corrupt: int = 0  # fetched items the peer stores unreadably: skipped, logged
     items_missing: int = 0  # keys the peer no longer held when fetched
-    out_of_mesh: str | None = None  # why nothing was pulled: the peer's standing record
+    items_refused: int = 0  # refused by our store (a wrong-typed key) or our clock: kept pending
+    # Everything the peer held when the repair began is held here now: its claims were taken.
+    complete: bool = False
+    discarded: int = 0  # versions here that the peer's claims prove dead: dropped
 
 
 @dataclass(slots=True)
@@ -111,6 +117,22 @@ class RepairStats:
         self.items_applied += repair.items_applied
         self.bytes_read += repair.bytes_read
         self.round_trips += repair.round_trips
+
+
+@dataclass(frozen=True, slots=True)
+class PeerFacts:
+    """What a repair that starts now may claim once complete: the peer's record, stream facts
+    and root, read in that order (``Peer.snapshot_facts``)."""
+
+    record: NodeRecord | None
+    stream: StreamInfo
+    root: bytes
+    read_at: float  # monotonic
+
+    @property
+    def tail(self) -> str:
+        last = self.stream.last or STREAM_START
+        return sid_key(last.ms, last.seq)
 
 
 @dataclass(slots=True)
@@ -189,18 +211,21 @@ class ColdPath:
         local_breaker: wraps every apply on our store, so a failing local Redis trips the same
             breaker the hot path uses.
         clock: monotonic seconds for backoff and root-cache ages; tests inject a fake one.
-        tombstone_grace_sec: the mesh's tombstone grace. With it, nothing is pulled from a peer
-            whose standing record says it is stale or was out of contact for longer (see
-            :mod:`replication_engine.standing`); None skips that check.
-        wall_ms: wall-clock milliseconds, to age peers' standing records.
+        is_forgotten: True for a peer forgotten by an operator: never read or pulled from.
+        on_complete: called with a peer's id after every complete repair from it (its claims
+            taken, or it has no record to take them from): a recovering node counts them.
+
+    Claims (docs/DELETES.md): a repair reads the peer's record, stream facts and root first.
+    When it fetched and applied everything that differed, with nothing left over, corrupt or
+    refused, this store holds everything the peer held then, and takes the peer's claims and an
+    anchor in its stream. The same drill lists the keys only this store holds: a version there
+    that the peer's claims cover is dead (deleted and collected), and is dropped here.
 
     Error handling: :meth:`run` never raises for a peer's failure. A failing peer is backed off
     (exponential, jittered, reset by the next success) and skipped until its backoff passes or
     while its breaker is open. A geometry mismatch is reported on the peer's repair and in
     :meth:`status`, logged once at ERROR, and the peer is never drilled. A failure of our own
-    store ends the cycle without backing any peer off. A peer out of the mesh past the
-    tombstone grace is compared but never pulled from (its repair and :meth:`status` say why,
-    a WARNING is logged once per change, its repair requests stay pending).
+    store ends the cycle without backing any peer off.
     """
 
     def __init__(
@@ -214,9 +239,9 @@ class ColdPath:
         is_catching_up: Callable[[], bool] = lambda: False,
         local_breaker: pybreaker.CircuitBreaker | None = None,
         clock: Callable[[], float] = time.monotonic,
-        tombstone_grace_sec: float | None = None,
-        wall_ms: Callable[[], int] = wall_clock_ms,
         relay: bool = True,
+        is_forgotten: Callable[[str], bool] = lambda peer_id: False,
+        on_complete: Callable[[str], None] = lambda peer_id: None,
     ) -> None:
         self.store = store
         self.relay = relay  # re-emit repaired versions on our stream (see apply_batch)
@@ -234,7 +259,8 @@ class ColdPath:
             for p in self.peers
         }
         self._retry_at: dict[str, float] = {}
-        self._root_cache: dict[str, tuple[bytes, float]] = {}
+        self._facts_cache: dict[str, PeerFacts] = {}
+        self.last_complete: dict[str, float] = {}  # peer -> wall time of its last complete repair
         self._geometry_ok: set[str] = set()
         self._geometry_errors: dict[str, str] = {}
         self._requests: dict[str, set[str]] = {}
@@ -246,11 +272,18 @@ class ColdPath:
         # left out of repair cycles, which would only fetch what the bootstrap copies anyway.
         self._bootstrap_lock = asyncio.Lock()
         self._bootstrapping: set[str] = set()
-        self._grace_ms = None if tombstone_grace_sec is None else int(tombstone_grace_sec * 1000)
-        self._wall_ms = wall_ms
-        self._out_of_mesh: dict[str, str] = {}
+        self.is_forgotten = is_forgotten
+        self.on_complete = on_complete
 
     # ------------------------------------------------------------------------ control
+
+    def has_pending(self, peer_id: str) -> bool:
+        """True while keys set aside from ``peer_id``'s stream wait for their repair: until
+        then the stream proves nothing about them (see hot_path.Tailer)."""
+        reasons = self._requests.get(peer_id, ())
+        return bool(self._requested_keys.get(peer_id)) or any(
+            reason in reasons for reason in ("quarantine", "clock_skew", "refused")
+        )
 
     def request_repair(self, peer_id: str, *, reason: str, keys: Iterable[str] = ()) -> None:
         """Ask for a repair from ``peer_id`` now (a gap in its stream, or quarantined entries).
@@ -279,7 +312,7 @@ class ColdPath:
                 REQUESTED_KEYS_MAX,
             )
         # The peer changed in a way the stream did not deliver: a cached root is no evidence.
-        self._root_cache.pop(peer_id, None)
+        self._facts_cache.pop(peer_id, None)
         log.info("repair.requested peer=%s reason=%s keys=%d", peer_id, reason, len(pending))
         self._wake.set()
 
@@ -338,7 +371,7 @@ class ColdPath:
         local_failed = False
         for peer in sorted(self.peers, key=lambda p: p.priority):
             pid = peer.node_id
-            reason = self._skip_reason(peer, catching_up and not force, requested)
+            reason = self._skip_reason(peer, catching_up and not force, requested, force)
             if local_failed:
                 reason = "local_store_failed"
             if reason is not None:
@@ -347,8 +380,6 @@ class ColdPath:
             repair, local_error = await self._repair_peer(peer, budget, force or pid in requested)
             budget = max(0, budget - repair.items_fetched)
             stats.add(repair)
-            if repair.out_of_mesh is not None:
-                stats.peers_skipped[pid] = "out_of_mesh"
             self.last_repair[pid] = repair
             failed = failed or repair.error is not None
             local_failed = local_error
@@ -377,11 +408,15 @@ class ColdPath:
         return stats
 
     def _skip_reason(
-        self, peer: Peer, waiting_for_catch_up: bool, requested: set[str]
+        self, peer: Peer, waiting_for_catch_up: bool, requested: set[str], force: bool = False
     ) -> str | None:
         pid = peer.node_id
+        if self.is_forgotten(pid):
+            return "forgotten"
         if pid in self._bootstrapping:
             return "bootstrapping"
+        if not self.settings.enabled and not force and pid not in requested:
+            return "disabled"
         if waiting_for_catch_up and pid not in requested:
             return "catching_up"
         if self.backoff_remaining(pid) > 0:
@@ -404,27 +439,32 @@ class ColdPath:
         started = time.perf_counter()
         local_failed = False
         taken: list[str] = []
+        has_record = True
         try:
+            own = await self._local("read record", self.store.record())
             taken = list(self._requested_keys.get(pid, {}))[:budget]
-            if taken and await self._held_back(peer, repair):
-                taken = []
-            elif taken:
+            if taken:
                 await self._fetch_and_apply(peer, repair, None, lambda batcher: batcher.add(taken))
                 budget -= len(taken)
+            facts, fresh = await self._peer_facts(peer, fresh=fresh_root)
+            has_record = facts.record is not None
             local_root = await self._local("read root", self.store.reader.root())
-            remote_root = await self._peer_root(peer, fresh=fresh_root)
-            if local_root == remote_root:
+            absent: list[str] = []
+            if local_root == facts.root:
                 repair.in_sync = True
             else:
                 self.metrics.merkle_divergences.labels(pid).inc()
                 # A divergent peer's root is about to change under us or under it.
-                self._root_cache.pop(pid, None)
+                self._facts_cache.pop(pid, None)
+                fresh = True  # the drill below reads the peer's tree after these facts
                 if pid not in self._geometry_ok:
                     await self.check_geometry(peer)
                 if budget <= 0:
                     repair.remaining = True
-                elif repair.out_of_mesh is None and not await self._held_back(peer, repair):
-                    await self._drill_and_repair(peer, [""], repair, limit=budget)
+                else:
+                    await self._drill_and_repair(peer, [""], repair, limit=budget, absent=absent)
+            complete = fresh and self._is_complete(repair)
+            await self._conclude(peer, facts, own, repair, absent, complete)
         except GeometryError as exc:
             repair.error = str(exc)
             if self._geometry_errors.get(pid) != repair.error:
@@ -449,10 +489,18 @@ class ColdPath:
                 self._backoff[pid].reset()
             self._retry_at.pop(pid, None)
             pending = self._requested_keys.get(pid)
-            if pending:
+            if pending and not repair.items_refused and not repair.items_corrupt:
                 for key in taken:
                     pending.pop(key, None)
-            if not repair.remaining and not pending:
+            # A request stands until its peer's claims were taken, or until nothing more can be
+            # had from it (a peer without a record: an engine that predates records), except a
+            # recovery's: it needs the claims, and a peer whose engine starts gets a record.
+            conclusive = repair.complete or (
+                self._is_complete(repair)
+                and not has_record
+                and "recovery" not in self._requests.get(pid, ())
+            )
+            if not pending and conclusive:
                 self._requests.pop(pid, None)
                 self._requested_keys.pop(pid, None)
         finally:
@@ -461,62 +509,139 @@ class ColdPath:
             repair.duration_sec = time.perf_counter() - started
         return repair, local_failed
 
-    async def _held_back(self, peer: Peer, repair: PeerRepair) -> bool:
-        """True (and the repair marked unfinished) when nothing may be pulled from ``peer``."""
-        reason = await self.peer_out_of_mesh(peer)
-        if reason is None:
-            return False
-        repair.out_of_mesh = reason
-        repair.remaining = True  # keeps the peer's repair requests for when it is back
-        return True
+    @staticmethod
+    def _is_complete(repair: PeerRepair) -> bool:
+        return (
+            repair.error is None
+            and not repair.remaining
+            and not repair.items_corrupt
+            and not repair.items_refused
+        )
 
-    async def peer_standing(self, peer: Peer) -> Standing | None:
-        """The peer's standing record, read now (None: it has none).
-
-        Raises:
-            PeerUnavailable: the peer did not answer.
-        """
-        fields = await peer.call(peer.reader.mesh_record, what="mesh_record")
-        return Standing.from_fields(fields)
-
-    async def peer_out_of_mesh(self, peer: Peer) -> str | None:
-        """Why nothing may be pulled from ``peer`` now, or None; tracked for status and logs.
-
-        Raises:
-            PeerUnavailable: the peer did not answer.
-        """
-        if self._grace_ms is None:
-            return None
-        pid = peer.node_id
-        standing = await self.peer_standing(peer)
-        reason = out_of_mesh_reason(standing, self._wall_ms(), self._grace_ms)
-        before = self._out_of_mesh.get(pid)
-        if reason is None:
-            if before is not None:
-                log.info("repair.peer_back_in_mesh peer=%s", pid)
-                self._out_of_mesh.pop(pid, None)
-                self.metrics.peer_out_of_mesh.labels(pid).set(0)
-            return None
-        if before is None:
-            log.warning(
-                "repair.peer_out_of_mesh peer=%s reason=%s: not pulling from it until it is "
-                "back (a value it kept could be one the mesh deleted and collected)",
-                pid,
-                reason,
-            )
-            self.metrics.peer_out_of_mesh.labels(pid).set(1)
-        self._out_of_mesh[pid] = reason
-        return reason
-
-    async def _peer_root(self, peer: Peer, *, fresh: bool) -> bytes:
+    async def _peer_facts(self, peer: Peer, *, fresh: bool) -> tuple[PeerFacts, bool]:
+        """The peer's facts, and whether they were read now (a cached copy, within
+        ``root_cache_ttl_sec``, answers "in sync?" but proves nothing about claims)."""
         pid = peer.node_id
         now = self._clock()
-        cached = self._root_cache.get(pid)
-        if not fresh and cached is not None and now - cached[1] < self.settings.root_cache_ttl_sec:
-            return cached[0]
-        root = await peer.call(peer.reader.root, what="merkle_root")
-        self._root_cache[pid] = (root, now)
-        return root
+        cached = self._facts_cache.get(pid)
+        ttl = self.settings.root_cache_ttl_sec
+        if not fresh and cached is not None and now - cached.read_at < ttl:
+            return cached, False
+        record, stream, root = await peer.snapshot_facts()
+        facts = PeerFacts(record, stream, root, now)
+        self._facts_cache[pid] = facts
+        return facts, True
+
+    async def _conclude(
+        self,
+        peer: Peer,
+        facts: PeerFacts,
+        own: NodeRecord | None,
+        repair: PeerRepair,
+        absent: list[str],
+        complete: bool,
+    ) -> None:
+        """After the drill: drop what the peer proves dead, then, if the repair was
+        ``complete``, take its claims (and set ``repair.complete``).
+
+        Both rest on the peer's record as read before the drill. If that record went back
+        meanwhile (the peer's Redis restored or wiped mid-repair), neither is done.
+        """
+        record = facts.record
+        if record is None and complete:
+            # A peer that never ran an engine (or whose record is gone) claims nothing, and so
+            # can hold none of this node's writes that a recovery waits for.
+            self.on_complete(peer.node_id)
+        if record is None or own is None or not (complete or absent):
+            return
+        now = await peer.record()
+        if (
+            now is None
+            or now.incarnation != record.incarnation
+            or now.epoch != record.epoch
+            or now.cert < record.cert
+        ):
+            log.warning(
+                "repair.peer_record_moved peer=%s: the peer's record changed during the repair; "
+                "nothing is concluded from it this cycle",
+                peer.node_id,
+            )
+            return
+        if absent and not record.recovering:
+            repair.discarded = await self._drop_dead(peer, record, own, absent)
+        if not complete:
+            return
+        taken = await self._local(
+            "take claims",
+            self.store.inherit(
+                peer=peer.node_id,
+                token=record.token,
+                tail=facts.tail,
+                incarnation=own.incarnation,
+                cert=own.cert,
+                claims=record.all_claims(),
+            ),
+        )
+        if not taken:
+            return
+        repair.complete = True
+        self.last_complete[peer.node_id] = time.time()
+        self.on_complete(peer.node_id)
+
+    async def _drop_dead(
+        self, peer: Peer, record: NodeRecord, own: NodeRecord, keys: list[str]
+    ) -> int:
+        """Drop the versions held here under ``keys`` (which ``peer`` lacks) that its claims
+        cover: the peer applied them or newer and lost them only to a collection."""
+        dropped = 0
+        sample: list[str] = []
+        for start in range(0, len(keys), self.settings.fetch_batch_size):
+            batch = keys[start : start + self.settings.fetch_batch_size]
+            held = await self._local("read items", self.store.reader.items(batch))
+            dead: list[Change] = [
+                version
+                for version in held
+                if isinstance(version, Change)
+                and is_dead_by_absence((version.hlc, version.origin), record)
+            ]
+            if not dead:
+                continue
+            for version in dead:
+                if not version.tombstone:
+                    await self.cursors.quarantine_add(
+                        self.store.node_id,
+                        "0-0",
+                        version.key,
+                        f"{ABSENT_REASON}: peer {peer.node_id} lacks the key and its claim "
+                        f"about {version.origin}'s writes covers this version (deleted and "
+                        f"collected)",
+                        codec.encode_entry(version),
+                    )
+            done = await self._local(
+                "drop dead versions",
+                self.store.discard_versions(
+                    [(v.key, v.hlc, v.origin) for v in dead],
+                    incarnation=own.incarnation,
+                    cert=own.cert,
+                ),
+            )
+            if done < 0:
+                break  # our own record went back: nothing concluded
+            dropped += done
+            sample.extend(v.key for v in dead[: CORRUPT_KEYS_LOGGED - len(sample)])
+        if dropped:
+            self.metrics.quarantine_evicted.set(self.cursors.evicted)
+            self.metrics.absence_drops.labels(peer.node_id).inc(dropped)
+            log.warning(
+                "repair.dropped_dead peer=%s count=%d keys=%r: versions here that the peer "
+                "lacks while its claims cover them (deleted and collected); values are kept "
+                "in the quarantine (reason %s)",
+                peer.node_id,
+                dropped,
+                sample,
+                ABSENT_REASON,
+            )
+        return dropped
 
     async def check_geometry(self, peer: Peer) -> None:
         """Refuse to compare trees of different shapes.
@@ -555,12 +680,15 @@ class ColdPath:
         *,
         limit: int | None,
         limiter: EventRateLimiter | None = None,
+        absent: list[str] | None = None,
     ) -> None:
         await self._fetch_and_apply(
             peer,
             repair,
             limiter,
-            lambda batcher: self._drill(peer, starts, repair, limit=limit, on_keys=batcher.add),
+            lambda batcher: self._drill(
+                peer, starts, repair, limit=limit, on_keys=batcher.add, absent=absent
+            ),
         )
 
     async def _fetch_and_apply(
@@ -590,12 +718,13 @@ class ColdPath:
         *,
         limit: int | None,
         on_keys: Callable[[list[str]], Awaitable[None]],
-        select: Callable[[dict[str, str], dict[str, str]], list[str]] = merkle.diff_leaf,
+        absent: list[str] | None = None,
     ) -> None:
         """Walk the branches under ``starts`` that differ, handing differing leaf keys on.
 
-        ``select`` picks the keys of a differing leaf bucket (ours, the peer's): by default the
-        ones to fetch from the peer.
+        The keys of a differing leaf bucket that the peer holds with another digest go to
+        ``on_keys`` (to fetch); those only this store holds are appended to ``absent``, when
+        given, up to ``max_items_per_cycle`` of them (absence by knowledge decides on them).
 
         Deeper levels are read first, so leaf keys (and their fetches) start flowing early and
         the queue of pending paths stays small. Stops once ``limit`` keys are found, setting
@@ -641,8 +770,19 @@ class ColdPath:
                         keys = [
                             key
                             for local, remote in zip(compared.local, compared.remote, strict=True)
-                            for key in select(local, remote)
+                            for key in merkle.diff_leaf(local, remote)
                         ]
+                        if absent is not None:
+                            room = self.settings.max_items_per_cycle - len(absent)
+                            only_here = [
+                                key
+                                for local, remote in zip(
+                                    compared.local, compared.remote, strict=True
+                                )
+                                for key in local
+                                if key not in remote
+                            ]
+                            absent.extend(only_here[: max(0, room)])
                         if limit is not None and found + len(keys) > limit:
                             keys = keys[: limit - found]
                             repair.remaining = True
@@ -700,6 +840,7 @@ class ColdPath:
                 changes.append(got)
         if corrupt:
             repair.items_corrupt += len(corrupt)
+            self.metrics.repair_items_corrupt.labels(pid).inc(len(corrupt))
             log.warning(
                 "repair.corrupt_items peer=%s count=%d keys=%r reasons=%s",
                 pid,
@@ -710,17 +851,36 @@ class ColdPath:
         return changes
 
     async def _apply_counted(self, peer: Peer, changes: list[Change], repair: PeerRepair) -> None:
-        statuses = await self._apply(changes)
-        applied = sum(1 for status in statuses if status is ApplyStatus.APPLIED)
+        result = await self._apply(changes)
+        applied = sum(1 for status in result.statuses if status is ApplyStatus.APPLIED)
         repair.items_applied += applied
         self.metrics.repair_items_applied.labels(peer.node_id).inc(applied)
+        for index, status in enumerate(result.statuses):
+            if status not in (ApplyStatus.REFUSED, ApplyStatus.REJECTED):
+                continue
+            # Not held here: the repair is not complete, and the request for it stays.
+            repair.items_refused += 1
+            change = changes[index]
+            why = result.refused.get(index, "stamped beyond the allowed clock offset")
+            log.error(
+                "repair.item_refused peer=%s key=%r error=%s", peer.node_id, change.key, why[:300]
+            )
+            await self.cursors.quarantine_add(
+                peer.node_id,
+                "0-0",
+                change.key,
+                f"{'refused' if status is ApplyStatus.REFUSED else 'clock_skew'}: {why}",
+                codec.encode_entry(change),
+            )
+            self._requested_keys.setdefault(peer.node_id, {})[change.key] = None
 
-    async def _apply(self, changes: list[Change]) -> list[ApplyStatus]:
+    async def _apply(self, changes: list[Change]) -> ApplyResult:
+        prepared = self.store.prepare_apply(changes, relay=self.relay)
         if self.local_breaker is None:
-            return await self._local("apply", self.store.apply_batch(changes, relay=self.relay))
+            return await self._local("apply", self.store.apply_prepared(prepared))
         try:
             with self.local_breaker.calling():
-                return await self.store.apply_batch(changes, relay=self.relay)
+                return await self.store.apply_prepared(prepared)
         except pybreaker.CircuitBreakerError as exc:
             raise LocalStoreError(f"local store: breaker open: {exc}") from exc
         except Exception as exc:
@@ -779,14 +939,18 @@ class ColdPath:
     async def _bootstrap(self, peer: Peer, progress: Callable[[int, int], None] | None) -> StreamId:
         pid = peer.node_id
         await self.check_geometry(peer)
-        reason = await self.peer_out_of_mesh(peer)
-        if reason is not None:
-            # The tailer waits and retries: copying from it could bring back collected deletes.
-            raise PeerUnavailable(f"peer {pid}: out of the mesh ({reason})")
+        if self.is_forgotten(pid):
+            raise PeerUnavailable(f"peer {pid}: forgotten by an operator; nothing is copied")
+        own = await self._local("read record", self.store.record())
+        facts, _ = await self._peer_facts(peer, fresh=True)
+        record = facts.record
         state = await self.cursors.bootstrap_state(pid)
+        resumed = state is not None
         if state is None:
-            info = await peer.stream_info()
+            info = facts.stream
             await self.cursors.bootstrap_begin(pid, str(info.last or STREAM_START))
+            if record is not None:
+                await self.cursors.meta_set(_BOOTSTRAP_TOKEN + pid, record.token)
             state = await self.cursors.bootstrap_state(pid)
             if state is None:
                 raise RuntimeError(f"bootstrap of peer {pid!r} was not recorded")
@@ -811,61 +975,50 @@ class ColdPath:
         limiter = EventRateLimiter(
             self.settings.bootstrap_rate_limit_per_sec, burst=self.settings.fetch_batch_size
         )
+        absent: list[str] = []
         for branch in branches:
             if branch in done:
                 continue
-            await self._drill_and_repair(peer, [branch], repair, limit=None, limiter=limiter)
+            await self._drill_and_repair(
+                peer, [branch], repair, limit=None, limiter=limiter, absent=absent
+            )
             await self.cursors.bootstrap_mark_done(pid, [branch])
             done.add(branch)
             if progress is not None:
                 progress(len(done), total)
+        # Everything the peer held when the copy began is here (for a resumed copy, when the
+        # first attempt began): anchor the tailer there. Claims are only taken from the record
+        # read at that same moment, which a resumed copy no longer has; its next repair cycle
+        # takes them.
+        saved_token = await self.cursors.meta_get(_BOOTSTRAP_TOKEN + pid)
+        complete = self._is_complete(repair) and record is not None
+        if resumed and (record is None or saved_token != record.token):
+            complete = False
+        if resumed and complete and record is not None:
+            record = NodeRecord(
+                node_id=record.node_id,
+                relay=record.relay,
+                incarnation=record.incarnation,
+                epoch=record.epoch,
+                cert=record.cert,
+                state=record.state,
+            )
+        if record is not None:
+            tail_facts = PeerFacts(record, StreamInfo(0, None, tail), facts.root, facts.read_at)
+            await self._conclude(peer, tail_facts, own, repair, absent, complete)
         await self.cursors.bootstrap_finish(pid, str(tail))
         log.info(
-            "bootstrap.complete peer=%s tail_id=%s fetched=%d applied=%d corrupt=%d seconds=%.1f",
+            "bootstrap.complete peer=%s tail_id=%s fetched=%d applied=%d corrupt=%d "
+            "anchored=%s seconds=%.1f",
             pid,
             tail,
             repair.items_fetched,
             repair.items_applied,
             repair.items_corrupt,
+            repair.complete,
             time.perf_counter() - started,
         )
         return tail
-
-    # ------------------------------------------------------------------------ re-bootstrap
-
-    async def copy_from(self, peer: Peer) -> PeerRepair:
-        """Fetch and apply everything ``peer`` holds that differs here: a repair with no budget.
-
-        Used by a re-bootstrap (:mod:`replication_engine.rebootstrap`). Unlike
-        :meth:`bootstrap` it keeps no progress and moves no cursor, so it can run while the
-        peer's tailer runs. A repeat after an interruption visits only what still differs.
-        Items are applied at most ``bootstrap_rate_limit_per_sec`` per second.
-
-        Raises:
-            GeometryError, PeerUnavailable, LocalStoreError: as for :meth:`bootstrap`.
-        """
-        repair = PeerRepair(peer=peer.node_id)
-        limiter = EventRateLimiter(
-            self.settings.bootstrap_rate_limit_per_sec, burst=self.settings.fetch_batch_size
-        )
-        async with self._cycle_lock:
-            await self.check_geometry(peer)
-            await self._drill_and_repair(peer, [""], repair, limit=None, limiter=limiter)
-        return repair
-
-    async def local_only_keys(
-        self, peer: Peer, on_keys: Callable[[list[str]], Awaitable[None]]
-    ) -> None:
-        """Hand ``on_keys`` every key we hold and ``peer`` does not, in batches.
-
-        Normal repair never acts on such keys: absence on a peer is not a delete. A
-        re-bootstrap does: see :mod:`replication_engine.rebootstrap`. Only differing branches
-        are read, so the cost follows the difference.
-        """
-        repair = PeerRepair(peer=peer.node_id)
-        async with self._cycle_lock:
-            await self.check_geometry(peer)
-            await self._drill(peer, [""], repair, limit=None, on_keys=on_keys, select=_local_only)
 
     # ------------------------------------------------------------------------ status
 
@@ -883,7 +1036,8 @@ class ColdPath:
                 "geometry_error": self._geometry_errors.get(pid),
                 "repair_requested": sorted(self._requests.get(pid, ())),
                 "requested_keys": len(self._requested_keys.get(pid, {})),
-                "out_of_mesh": self._out_of_mesh.get(pid),
+                "forgotten": self.is_forgotten(pid),
+                "last_complete_repair": self.last_complete.get(pid),
                 "last_repair": asdict(last) if last is not None else None,
             }
         cycle = self.last_stats
@@ -902,10 +1056,6 @@ class ColdPath:
             },
             "peers": peers,
         }
-
-
-def _local_only(local: dict[str, str], remote: dict[str, str]) -> list[str]:
-    return sorted(key for key in local if key not in remote)
 
 
 def _describe(exc: BaseException) -> str:

@@ -23,10 +23,10 @@ from replication_engine.config import EngineConfig
 from replication_engine.connection import TlsOptions, redact_url
 from replication_engine.cursor import CursorStore
 from replication_engine.hot_path import CursorSaveFailed, Tailer, TailerSettings
+from replication_engine.membership import Membership
 from replication_engine.merkle import Geometry, GeometryError
 from replication_engine.observability.metrics import CIRCUIT_STATES, ENGINE_STATES, Metrics
 from replication_engine.peer import Peer
-from replication_engine.rebootstrap import Membership, discard_limit
 from replication_engine.resilience import Backoff, breaker_state, sleep_or_stop
 from replication_engine.store.protocol import Store
 from replication_engine.store.redis_store import RedisStore
@@ -127,9 +127,9 @@ class ReplicationEngine:
                     fanout=geometry.fanout,
                     depth=geometry.depth,
                     stream_maxlen=cfg.local.stream_maxlen,
-                    tombstone_grace_sec=cfg.local.tombstone_grace_sec,
                     max_memory_ratio=cfg.local.max_memory_ratio,
                     max_clock_offset_sec=cfg.local.max_clock_offset_sec,
+                    max_batch_bytes=cfg.settings.hot_path.max_batch_bytes,
                     read_only=cfg.mode == "follower",
                     hlc=self._clock,
                 )
@@ -152,10 +152,13 @@ class ReplicationEngine:
                     f"depth={self.store.geometry.depth} differs from settings.merkle "
                     f"fanout={geometry.fanout} depth={geometry.depth}"
                 )
-        if cfg.mode == "follower" and isinstance(self.store, RedisStore):
+        if not isinstance(self.store, RedisStore):
+            raise EngineError(
+                f"the engine needs a RedisStore (its record, claims and certification; "
+                f"docs/DELETES.md), got {type(self.store).__name__}"
+            )
+        if cfg.mode == "follower":
             self.store.read_only = True  # a follower takes writes only from its upstream
-        elif cfg.mode == "follower" and not getattr(self.store, "read_only", False):
-            raise EngineError("mode is follower, but the store given is not read-only")
         try:
             self.cursors = await CursorStore.open(
                 cfg.cursor.sqlite_path,
@@ -187,8 +190,14 @@ class ReplicationEngine:
                 block_timeout_sec=hot.block_timeout,
                 start_from=peer_cfg.start_from,
             )
-        if cfg.settings.cold_path.enabled or any(p.start_from == "snapshot" for p in cfg.peers):
-            self.cold_path = self._new_cold_path()
+        # Always: with cold_path.enabled false it still runs the repairs that are requested
+        # (quarantined entries, gaps, a recovery), just no periodic cycles.
+        self.cold_path = self._new_cold_path()
+        if not cfg.settings.cold_path.enabled:
+            log.info(
+                "cold path: periodic repair cycles are off (settings.cold_path.enabled); "
+                "requested repairs (quarantined entries, stream gaps, a recovery) still run"
+            )
         await self._open_membership()
         if cfg.http.enabled:
             from replication_engine.observability.http import HttpServer
@@ -211,57 +220,65 @@ class ReplicationEngine:
             self.metrics,
             is_catching_up=self._any_catching_up,
             local_breaker=self.local_breaker,
-            tombstone_grace_sec=self.config.local.tombstone_grace_sec,
-            wall_ms=self._wall_ms(),
             relay=self.config.settings.hot_path.relay,
+            is_forgotten=self._is_forgotten,
+            on_complete=self._on_repair_complete,
         )
 
     def _wall_ms(self) -> Callable[[], int]:
-        # The store's clock, so that ages of records and cursors match its tombstone horizon.
+        # The store's clock, so that "too far ahead" is judged as its writes are stamped.
         if isinstance(self.store, RedisStore):
             return self.store.clock.wall
         return wall_clock_ms
 
-    async def _open_membership(self) -> None:
-        """Decide before anything runs whether this node is back from too long an absence.
+    def _is_forgotten(self, peer_id: str) -> bool:
+        return self.membership is not None and self.membership.is_forgotten(peer_id)
 
-        DESIGN.md invariant 3; see :mod:`replication_engine.rebootstrap`. Done in start(), so
-        a stale node is marked stale before a peer can pull from it and before it is ready.
+    def _on_repair_complete(self, peer_id: str) -> None:
+        if self.membership is not None:
+            self.membership.on_repair_complete(peer_id)
+
+    async def _open_membership(self) -> None:
+        """Open this store's record and certify it before anything runs (docs/DELETES.md).
+
+        A store that may have lost writes (restored, wiped, new) goes into recovery here, and
+        the HLC floor is restored before start() returns.
         """
         cfg = self.config
-        assert self.store is not None and self.cursors is not None
+        assert isinstance(self.store, RedisStore) and self.cursors is not None
+        cold_path = self.cold_path
+        assert cold_path is not None
         self.membership = Membership(
             node_id=self.node_id,
+            mode=cfg.mode,
+            relay=cfg.settings.hot_path.relay,
             store=self.store,
             cursors=self.cursors,
             peers=list(self.peers.values()),
-            # Without a cold path of its own the engine still needs one to re-bootstrap.
-            cold_path=self.cold_path or self._new_cold_path(),
-            tailers=self.tailers,
             metrics=self.metrics,
-            grace_sec=cfg.local.tombstone_grace_sec,
-            max_discard_items=discard_limit(cfg),
-            fetch_batch_size=cfg.settings.cold_path.fetch_batch_size,
-            hot_path_enabled=cfg.settings.hot_path.enabled,
-            stall_after_sec=2 * cfg.settings.peer_health.ping_interval_sec,
-            wall_ms=self._wall_ms(),
+            interval_sec=cfg.settings.membership.interval_sec,
+            gc_batch=cfg.settings.membership.gc_batch,
+            request_repair=lambda peer_id, reason: cold_path.request_repair(peer_id, reason=reason),
+            on_forgotten=self._on_forgotten,
         )
         try:
             await self.membership.open()
         except Exception as exc:
             raise EngineError(
-                f"reading this node's standing (local store and {cfg.cursor.sqlite_path}) "
-                f"failed: {type(exc).__name__}: {_redacted(str(exc))}"
+                f"opening this node's record in the local store failed: "
+                f"{type(exc).__name__}: {_redacted(str(exc))}"
             ) from exc
 
     def _spawn_tasks(self) -> None:
         cfg = self.config
         if cfg.settings.hot_path.enabled:
             for peer_id in self.peers:
+                if self._is_forgotten(peer_id):
+                    continue
                 self._tasks[f"tailer:{peer_id}"] = asyncio.create_task(
                     self._supervise_tailer(peer_id), name=f"re-tailer-{peer_id}"
                 )
-        if self.cold_path is not None and cfg.settings.cold_path.enabled:
+        if self.cold_path is not None:
             self._tasks["cold_path"] = asyncio.create_task(
                 self._supervise("cold_path", self.cold_path.run), name="re-cold-path"
             )
@@ -270,14 +287,11 @@ class ReplicationEngine:
                 self._tasks[f"health:{peer_id}"] = asyncio.create_task(
                     self._health_loop(self.peers[peer_id]), name=f"re-health-{peer_id}"
                 )
-        if isinstance(self.store, RedisStore):
-            self._tasks["gc"] = asyncio.create_task(
-                self._supervise("gc", self._gc_loop), name="re-gc"
-            )
         if self.membership is not None:
             membership = self.membership
-            self._tasks["standing"] = asyncio.create_task(
-                self._supervise("standing", lambda: membership.run(self._stop)), name="re-standing"
+            self._tasks["membership"] = asyncio.create_task(
+                self._supervise("membership", lambda: membership.run(self._stop)),
+                name="re-membership",
             )
 
     # ------------------------------------------------------------------------ tasks
@@ -298,6 +312,8 @@ class ReplicationEngine:
             shutdown_timeout_sec=hot.shutdown_timeout,
             relay=hot.relay,
             min_read_interval_sec=hot.min_read_interval,
+            max_batch_bytes=hot.max_batch_bytes,
+            max_clock_offset_ms=int(self.config.local.max_clock_offset_sec * 1000),
         )
 
     def _new_tailer(self, peer_id: str) -> Tailer:
@@ -313,7 +329,9 @@ class ReplicationEngine:
             local_breaker=self.local_breaker,
             on_gap=self._on_gap,
             on_quarantine=self._on_quarantine,
+            repair_pending=cold.has_pending if cold is not None else (lambda peer_id: False),
             bootstrap=self._bootstrap if cold is not None else None,
+            wall_ms=self._wall_ms(),
         )
         self.tailers[peer_id] = tailer
         return tailer
@@ -376,33 +394,28 @@ class ReplicationEngine:
             if await sleep_or_stop(self._stop, interval):
                 return
 
-    async def _gc_loop(self) -> None:
-        assert isinstance(self.store, RedisStore)
-        while not await sleep_or_stop(self._stop, self.config.local.tombstone_gc_interval_sec):
-            with contextlib.suppress(Exception):
-                await self.store.collect_tombstones()
-
     def _any_catching_up(self) -> bool:
         return any(t.catching_up and t.mode == "catching_up" for t in self.tailers.values())
 
     def _on_gap(self, peer_id: str) -> None:
-        tailer = self.tailers.get(peer_id)
-        if self.membership is not None and tailer is not None:
-            self.membership.on_gap(peer_id, tailer.cursor)
         if self.cold_path is not None:
             self.cold_path.request_repair(peer_id, reason="gap")
 
-    def _on_quarantine(self, peer_id: str, keys: Sequence[str]) -> None:
+    def _on_quarantine(self, peer_id: str, keys: Sequence[str], reason: str) -> None:
         if self.cold_path is not None:
-            self.cold_path.request_repair(peer_id, reason="quarantine", keys=keys)
+            self.cold_path.request_repair(peer_id, reason=reason, keys=keys)
+
+    def _on_forgotten(self, peer_id: str) -> None:
+        """A configured peer became forgotten: stop reading it (its task ends on its own)."""
+        tailer = self.tailers.get(peer_id)
+        if tailer is not None:
+            tailer.stop()
 
     async def _bootstrap(self, peer: Peer) -> StreamId:
         assert self.cold_path is not None
         log.info("bootstrapping from peer snapshot", extra={"peer": peer.node_id})
         tail = await self.cold_path.bootstrap(peer)
         log.info("bootstrap complete", extra={"peer": peer.node_id, "cursor": str(tail)})
-        if self.membership is not None:
-            await self.membership.record_contact()
         return tail
 
     # ------------------------------------------------------------------------ operations
@@ -414,9 +427,28 @@ class ReplicationEngine:
         return await self.cold_path.repair_once(force=True)
 
     async def reset_peer(self, peer_id: str) -> None:
-        """Forget a peer's cursor so its next start re-bootstraps (operator request)."""
+        """Forget a peer's cursor so its next start re-bootstraps (operator request).
+
+        The store keeps its own position in the peer's stream (docs/DELETES.md), so the next
+        start resumes there unless the store has none; a copy is a repair and removes nothing.
+        """
         assert self.cursors is not None
         await self.cursors.delete(peer_id)
+
+    async def forget(self, node_id: str) -> None:
+        """Forget a member gone for good: collection stops waiting for it, nothing is read
+        from it any more (docs/DELETES.md, "Membership"). Spreads to every node through the
+        records; to bring the machine back, wipe its store and give it a new node id.
+
+        Raises:
+            EngineError: the engine is not running, or ``node_id`` is this node.
+        """
+        if self.membership is None or self._state != "running":
+            raise EngineError(f"forget({node_id!r}) needs a running engine")
+        try:
+            await self.membership.forget(node_id)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
 
     # ------------------------------------------------------------------------ shutdown
 
@@ -431,11 +463,6 @@ class ReplicationEngine:
                 if timeout is not None
                 else (self.config.settings.hot_path.shutdown_timeout + 5.0)
             )
-            if self.membership is not None:
-                # While the tailers still read: the last moment this node was in contact.
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(bound):
-                        await self.membership.close()
             self._stop.set()
             for tailer in self.tailers.values():
                 tailer.stop()
@@ -532,8 +559,8 @@ class ReplicationEngine:
             "mode": self.config.mode,
             "uptime_sec": _round(time.monotonic() - self._started_at) if self._started_at else 0,
             "local_circuit": breaker_state(self.local_breaker),
-            # needs_rebootstrap / rebootstrapping after an absence past the tombstone grace.
-            "standing": self.membership.status() if self.membership is not None else None,
+            # Certification, recovery, members and tombstone collection (docs/DELETES.md).
+            "membership": self.membership.status() if self.membership is not None else None,
             "hot_path": self.config.settings.hot_path.enabled,
             "cold_path": self.config.settings.cold_path.enabled,
             "max_replication_lag_sec": slo.max_replication_lag_sec,
@@ -549,9 +576,9 @@ class ReplicationEngine:
         status = self.status()
         peers = status["peers"]
         slo = self.config.settings.slo
-        standing = self.membership.not_ready_reason() if self.membership is not None else None
-        if standing is not None:
-            reasons.append(standing)
+        recovering = self.membership.not_ready_reason() if self.membership is not None else None
+        if recovering is not None:
+            reasons.append(recovering)
         if peers and not any(p["connected"] for p in peers.values()):
             reasons.append("all peers are disconnected")
         for peer_id, p in peers.items():

@@ -18,9 +18,10 @@ from typing import Any
 
 import pybreaker
 
-from replication_engine import codec
+from replication_engine import clock, codec
 from replication_engine.codec import Change, CodecError, StreamId
 from replication_engine.cursor import CursorError, CursorStore
+from replication_engine.knowledge import ApplyStatus, NodeRecord, sid_key
 from replication_engine.observability.metrics import Metrics
 from replication_engine.observability.tracing import continue_trace
 from replication_engine.peer import Entry, Peer, PeerUnavailable, StreamInfo
@@ -32,13 +33,20 @@ from replication_engine.resilience import (
     sleep_or_stop,
 )
 from replication_engine.store.protocol import Store
-from replication_engine.store.redis_store import ApplyStatus, PreparedApply
+from replication_engine.store.redis_store import (
+    DEFAULT_MAX_BATCH_BYTES,
+    PreparedApply,
+    StoreKeyError,
+    StreamBatch,
+)
 
 log = logging.getLogger("replication_engine.hot_path")
 
 _PRESSURE_POLL_SEC = 0.5
 # Entries decoded between yields to the event loop (see Tailer._decode).
 _DECODE_SLICE = 64
+# Weight of the newest batch in the running mean of entry sizes that bounds reads in bytes.
+_ENTRY_SIZE_WEIGHT = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +68,11 @@ class TailerSettings:
     relay: bool = True
     # At the head of the stream, the least time between the starts of two reads (see _read).
     min_read_interval_sec: float = 0.0
+    # Bytes of entries one read aims at (the read count shrinks for big entries) and one apply
+    # call carries at most (the store splits a bigger batch).
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    # Versions stamped further ahead of this node's wall clock are refused (clock skew).
+    max_clock_offset_ms: int = 300_000
 
 
 @dataclass(slots=True)
@@ -73,22 +86,26 @@ class TailerStats:
     gaps: int = 0
     apply_failures: int = 0
     backpressure_pauses: int = 0
+    known: int = 0  # at or below this store's claim for their origin (replays, copies)
+    refused: int = 0  # the store refused them (a wrong-typed key): quarantined
 
 
 @dataclass(frozen=True, slots=True)
 class _Read:
     """A read started ahead of its turn, and the count it asked for."""
 
-    task: asyncio.Task[tuple[StreamInfo, list[Entry]]]
+    task: asyncio.Task[tuple[NodeRecord | None, StreamInfo, list[Entry]]]
     count: int
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Decoded changes, coalesced per key, and the same packed for the store (None if empty)."""
+    """Decoded changes, coalesced per key, the same packed for the store (None if empty), and
+    where in the peer's stream they came from (None: nothing to record)."""
 
     changes: list[Change]
     prepared: PreparedApply | None
+    source: StreamBatch | None = None
 
 
 class CursorSaveFailed(RuntimeError):
@@ -98,7 +115,21 @@ class CursorSaveFailed(RuntimeError):
 Bootstrap = Callable[[Peer], Awaitable[StreamId]]
 
 
+# Called with (peer, keys, reason) when entries had to be set aside: the cold path repairs the
+# keys from the peer's stored items.
+RepairRequest = Callable[[str, Sequence[str], str], None]
+
+
 class Tailer:
+    """One peer's stream, applied here in order.
+
+    Besides the data, each batch carries what it proves (docs/DELETES.md, "Claims"): where
+    this store now stands in the peer's stream, and, for a read that reached the stream's end,
+    the claims the peer's record makes about what its stream holds. The store takes them only
+    when it has applied the stream contiguously. While an entry it set aside (quarantined,
+    clock-skewed or refused) waits for its repair, the tailer claims nothing.
+    """
+
     def __init__(
         self,
         peer: Peer,
@@ -110,8 +141,10 @@ class Tailer:
         metrics: Metrics,
         local_breaker: pybreaker.CircuitBreaker,
         on_gap: Callable[[str], None] = lambda peer_id: None,
-        on_quarantine: Callable[[str, Sequence[str]], None] = lambda peer_id, keys: None,
+        on_quarantine: RepairRequest = lambda peer_id, keys, reason: None,
+        repair_pending: Callable[[str], bool] = lambda peer_id: False,
         bootstrap: Bootstrap | None = None,
+        wall_ms: Callable[[], int] = clock.wall_clock_ms,
     ) -> None:
         self.peer = peer
         self.store = store
@@ -122,7 +155,9 @@ class Tailer:
         self.local_breaker = local_breaker
         self.on_gap = on_gap
         self.on_quarantine = on_quarantine
+        self.repair_pending = repair_pending
         self.bootstrap = bootstrap
+        self._wall_ms = wall_ms  # the store's wall clock: what "too far ahead" is judged by
         self.sizer = AimdBatchSizer(
             settings.batch_size,
             settings.min_batch_size,
@@ -147,8 +182,10 @@ class Tailer:
         self.last_gap_at: float | None = None
         self.growth_per_sec: float | None = None
         self.last_read_at: float | None = None
+        self.record: NodeRecord | None = None  # the peer's record, as of the last read
         self._growth_mark: tuple[float, int] | None = None
         self._gap_seen: tuple[StreamId | None, StreamId | None] | None = None
+        self._entry_bytes: float | None = None  # running mean size of one entry
         self._stop = asyncio.Event()
         self._retry = Backoff(settings.retry_base_sec, settings.retry_max_sec)
         self._peer_id = peer.node_id
@@ -190,20 +227,20 @@ class Tailer:
                     ahead = None
                     if read is None:
                         continue
-                    info, entries, requested = read
+                    record, info, entries, requested = read
                     full = len(entries) >= requested
                     if full:
                         # More is waiting: read the next batch while this one is decoded and
                         # applied (the peer's Redis, this process and ours work in parallel).
                         after = codec.parse_stream_id(entries[-1][0])
-                        count = self.sizer.size
+                        count = self._read_count()
                         ahead = _Read(
                             asyncio.ensure_future(
                                 self.peer.read_batch(after, count, block_ms=None)
                             ),
                             count,
                         )
-                    prepared = await self._prepare(info, entries, requested)
+                    prepared = await self._prepare(record, info, entries, requested)
                     if committing is not None:
                         finished, committing = committing, None
                         if not await finished:
@@ -239,10 +276,32 @@ class Tailer:
     # ------------------------------------------------------------------------ start position
 
     async def _initial_cursor(self) -> StreamId | None:
+        """Where to read from: the saved cursor, or the store's own position when it is older.
+
+        The store records how far it applied the peer's stream in the same step as the data
+        (its anchor). A store restored from a backup, or a cursor database newer than the
+        store, leaves the anchor behind the cursor: re-reading from the anchor applies what
+        the store lost (what was trimmed meanwhile is a gap the cold path repairs).
+        """
         saved = await self.cursors.get(self._peer_id)
+        stored = await self._stored_position()
         if saved is not None:
+            cursor = codec.parse_stream_id(saved)
+            if stored is not None and stored < cursor:
+                log.warning(
+                    "store.behind_cursor: resuming from the store's position, older than the "
+                    "cursor database's (the store went back, or lost writes)",
+                    extra={"peer": self._peer_id, "cursor": saved, "store_position": str(stored)},
+                )
+                return stored
             log.info("resuming from cursor", extra={"peer": self._peer_id, "cursor": saved})
-            return codec.parse_stream_id(saved)
+            return cursor
+        if stored is not None:
+            log.info(
+                "resuming from the store's position (no saved cursor)",
+                extra={"peer": self._peer_id, "cursor": str(stored)},
+            )
+            return stored
         start_from = self.peer.start_from
         if start_from == "snapshot" and self.bootstrap is not None:
             self.mode = "bootstrapping"
@@ -262,11 +321,39 @@ class Tailer:
             return None
         return codec.STREAM_START
 
+    async def _stored_position(self) -> StreamId | None:
+        """The store's position in the peer's stream (None: none, or the store is down).
+
+        With the store down the saved cursor is used: nothing can be applied until it is back,
+        and a store that comes back having lost writes is found by its certification, while
+        the anchor keeps the batches read meanwhile from claiming anything.
+        """
+        try:
+            record = await self.store.record()
+        except Exception as exc:
+            log.warning(
+                "local store unreadable at start; resuming from the saved cursor",
+                extra={"peer": self._peer_id, "error": f"{type(exc).__name__}: {exc}"[:200]},
+            )
+            return None
+        anchor = record.anchors.get(self._peer_id) if record is not None else None
+        return None if anchor is None else StreamId(*anchor.stream_id)
+
     # ------------------------------------------------------------------------ reading
 
-    async def _read(self, ahead: _Read | None = None) -> tuple[StreamInfo, list[Entry], int] | None:
+    def _read_count(self) -> int:
+        """The AIMD batch size, cut so one read stays near ``max_batch_bytes``."""
+        count = self.sizer.size
+        if self._entry_bytes:
+            count = min(count, max(1, int(self.settings.max_batch_bytes // self._entry_bytes)))
+        return count
+
+    async def _read(
+        self, ahead: _Read | None = None
+    ) -> tuple[NodeRecord | None, StreamInfo, list[Entry], int] | None:
         """The next batch after the cursor (or the read already started ahead of it), with the
-        count it asked for (a full batch means more is waiting)."""
+        peer's record read just before it and the count it asked for (a full batch means more
+        is waiting)."""
         assert self.cursor is not None
         block_ms = None if self.catching_up else max(1, int(self.settings.block_timeout_sec * 1000))
         self.mode = "catching_up" if self.catching_up else "tailing"
@@ -274,7 +361,7 @@ class Tailer:
             self._read_pos = None  # nothing in flight: this read starts at the saved cursor
             if block_ms is not None and await self._linger():
                 return None
-            count = self.sizer.size
+            count = self._read_count()
             read = asyncio.ensure_future(
                 self.peer.read_batch(self.cursor, count, block_ms=block_ms)
             )
@@ -302,8 +389,8 @@ class Tailer:
         if block_ms is None and time.perf_counter() - started > self.settings.read_slo_sec:
             self.metrics.slo_breaches.labels("stream_read_latency").inc()
         self._retry.reset()
-        info, entries = result
-        return info, entries, count
+        record, info, entries = result
+        return record, info, entries, count
 
     async def _linger(self) -> bool:
         """Space reads at the head ``min_read_interval_sec`` apart; True when stopped meanwhile.
@@ -335,30 +422,72 @@ class Tailer:
     # ------------------------------------------------------------------------ one batch
 
     async def _prepare(
-        self, info: StreamInfo, entries: list[Entry], requested: int
+        self, record: NodeRecord | None, info: StreamInfo, entries: list[Entry], requested: int
     ) -> tuple[StreamInfo, int, int, Batch, StreamId] | None:
         """Gap check, decode and quarantine: everything before the apply.
 
-        Returns what ``_commit_prepared`` needs, or None for an empty read (at the head).
+        Returns what ``_commit_prepared`` needs, or None when there is nothing to apply or
+        record (an empty read whose claims the store already has).
         """
         position = self.cursor if self._read_pos is None else self._read_pos
         assert position is not None
         self.tail = info.last
+        self.record = record
         self._publish_lag(info)  # before applying: a batch that cannot be applied still counts
-        if info.trimmed_past(position) and (info.first, info.max_deleted) != self._gap_seen:
+        gap = info.trimmed_past(position)
+        if gap and (info.first, info.max_deleted) != self._gap_seen:
             self._gap_seen = (info.first, info.max_deleted)  # one gap, however many batches
             self._report_gap(info)
-        if not entries:
+        if entries:
+            changes, last_id, set_aside = await self._decode(entries, position)
+        else:
+            changes, last_id, set_aside = [], position, False
             self.catching_up = False
             self.sizer.observe(0)
             self._publish_lag(info)
             self.metrics.batch_size.labels(self._peer_id).set(self.sizer.size)
-            return None
-        changes, last_id = await self._decode(entries, position)
         self._read_pos = last_id
         prepared = self.store.prepare_apply(changes, relay=self.settings.relay) if changes else None
-        batch = Batch(changes, prepared)
+        rejected = prepared is not None and len(prepared.accepted) < prepared.size
+        reached_end = len(entries) < requested
+        source = self._source(
+            record, position, last_id, gap, reached_end and not (set_aside or rejected)
+        )
+        if not entries and source is None:
+            return None
+        batch = Batch(changes, prepared, source)
         return info, requested, len(entries), batch, last_id
+
+    def _source(
+        self,
+        record: NodeRecord | None,
+        first: StreamId,
+        last: StreamId,
+        gap: bool,
+        may_claim: bool,
+    ) -> StreamBatch | None:
+        """What this batch tells the store about the peer's stream (None: nothing new)."""
+        if record is None:
+            return None  # a peer without a record (an engine that predates records)
+        if gap:
+            mode = "g"
+        elif first == codec.STREAM_START:
+            mode = "f"  # from the start of a stream nothing was ever trimmed from
+        else:
+            mode = "c"
+        claims: dict[str, int] = {}
+        if may_claim and not self.repair_pending(self._peer_id):
+            claims = record.stream_claims()
+        if first == last and mode != "f" and not claims:
+            return None  # an empty read: worth a call only to anchor or to raise claims
+        return StreamBatch(
+            self._peer_id,
+            record.token,
+            sid_key(first.ms, first.seq),
+            sid_key(last.ms, last.seq),
+            mode,
+            claims,
+        )
 
     async def _commit_prepared(
         self, info: StreamInfo, requested: int, read: int, batch: Batch, last_id: StreamId
@@ -370,12 +499,13 @@ class Tailer:
             return False
         flush = time.perf_counter() - flush_started
         self.catching_up = read >= requested
-        self.sizer.observe(
-            read,
-            requested=requested,
-            flush_seconds=flush,
-            flush_slo_seconds=self.settings.flush_slo_sec,
-        )
+        if read:
+            self.sizer.observe(
+                read,
+                requested=requested,
+                flush_seconds=flush,
+                flush_slo_seconds=self.settings.flush_slo_sec,
+            )
         self.metrics.batch_size.labels(self._peer_id).set(self.sizer.size)
         self._publish_lag(info)
         return True
@@ -398,19 +528,27 @@ class Tailer:
 
     async def _decode(
         self, entries: list[Entry], position: StreamId
-    ) -> tuple[list[Change], StreamId]:
+    ) -> tuple[list[Change], StreamId, bool]:
         """Decode, verify and coalesce a batch, yielding to the event loop as it goes.
 
         A batch takes milliseconds of CPU; yielding every ``_DECODE_SLICE`` entries lets the
         apply of the previous batch go out (and its reply come back) meanwhile, so the local
         Redis is not left idle, and keeps other peers' tailers and the HTTP server responsive.
+
+        An entry stamped too far ahead of this node's clock is set aside before coalescing, so
+        that it cannot displace an earlier valid version of its key from the batch. Returns the
+        changes, the last id read, and whether anything was set aside (quarantined).
         """
         coalesced: dict[str, Change] = {}
         rejected: list[str] = []
+        skewed: list[str] = []
         last_id = position
+        size = 0
+        future = self._wall_ms() + self.settings.max_clock_offset_ms
         for n, (raw_id, fields) in enumerate(entries):
             if n and n % _DECODE_SLICE == 0:
                 await asyncio.sleep(0)
+            size += sum(len(k) + len(v) for k, v in fields.items()) if fields else 0
             try:
                 sid = codec.parse_stream_id(raw_id)
             except CodecError:  # ids come from Redis itself; keep the cursor where it was
@@ -423,21 +561,42 @@ class Tailer:
             except CodecError as exc:
                 key = codec.key_hint(fields)
                 await self._quarantine(sid, key, exc, fields)
-                if key is not None:
-                    rejected.append(key)
+                rejected.append(key or "")
                 continue
             if change.origin == self.local_node_id:
                 self.stats.echoes += 1
                 self.metrics.echoes.labels(self._peer_id).inc()
+                continue
+            if clock.physical_ms(change.hlc) > future:
+                await self._quarantine(
+                    sid,
+                    change.key,
+                    CodecError(
+                        f"HLC {change.hlc:016x} is beyond the allowed clock offset: "
+                        "the origin's clock is ahead",
+                        reason="clock_skew",
+                    ),
+                    fields,
+                )
+                skewed.append(change.key)
                 continue
             change.value = None  # verified; only the wire bytes are applied, keep memory bounded
             coalesced.pop(change.key, None)
             coalesced[change.key] = change
         self.stats.read += len(entries)
         self.metrics.events_read.labels(self._peer_id).inc(len(entries))
+        if entries:
+            mean = size / len(entries)
+            self._entry_bytes = (
+                mean
+                if self._entry_bytes is None
+                else (1 - _ENTRY_SIZE_WEIGHT) * self._entry_bytes + _ENTRY_SIZE_WEIGHT * mean
+            )
         if rejected:
-            self.on_quarantine(self._peer_id, rejected)
-        return list(coalesced.values()), last_id
+            self.on_quarantine(self._peer_id, [k for k in rejected if k], "quarantine")
+        if skewed:
+            self.on_quarantine(self._peer_id, skewed, "clock_skew")
+        return list(coalesced.values()), last_id, bool(rejected or skewed)
 
     async def _quarantine(
         self, sid: StreamId, key: str | None, exc: CodecError, fields: Mapping[Any, Any]
@@ -514,40 +673,26 @@ class Tailer:
     async def _apply_and_save(self, batch: Batch, last_id: StreamId) -> float | None:
         """One attempt. None on success, else seconds to wait before the next attempt."""
         started = time.perf_counter()
-        if batch.prepared is not None:
+        prepared = batch.prepared
+        if prepared is None and batch.source is not None:
+            prepared = self.store.prepare_apply([], relay=self.settings.relay)
+        if prepared is not None:
             try:
                 with self.local_breaker.calling():
                     with continue_trace(batch.changes):
-                        statuses = await self.store.apply_prepared(batch.prepared)
+                        result = await self.store.apply_prepared(prepared, batch.source)
             except pybreaker.CircuitBreakerError:
                 self.mode = "local_store_unavailable"
                 return breaker_remaining(self.local_breaker)
             except Exception as exc:
-                log.warning(
+                level = logging.ERROR if isinstance(exc, StoreKeyError) else logging.WARNING
+                log.log(
+                    level,
                     "apply failed; batch kept and retried, cursor not advanced",
                     extra={"peer": self._peer_id, "error": f"{type(exc).__name__}: {exc}"[:300]},
                 )
                 return 0.0
-            applied = sum(1 for s in statuses if s is ApplyStatus.APPLIED)
-            rejected = [
-                c for c, s in zip(batch.changes, statuses, strict=True) if s is ApplyStatus.REJECTED
-            ]
-            deduped = len(statuses) - applied - len(rejected)
-            self.stats.applied += applied
-            self.stats.deduped += deduped
-            self.metrics.events_applied.labels(self._peer_id).inc(applied)
-            self.metrics.events_deduped.labels(self._peer_id).inc(deduped)
-            for change in rejected:
-                await self._quarantine(
-                    codec.parse_stream_id(change.stream_id or "0-0"),
-                    change.key,
-                    CodecError(
-                        f"HLC {change.hlc:016x} is beyond the allowed clock offset: "
-                        "the origin's clock is ahead",
-                        reason="clock_skew",
-                    ),
-                    codec.encode_entry(change),
-                )
+            await self._count(batch.changes, result.statuses, result.refused)
         try:
             await self.cursors.save(self._peer_id, str(last_id))
         except CursorError as exc:
@@ -564,6 +709,50 @@ class Tailer:
         if flush > self.settings.flush_slo_sec:
             self.metrics.slo_breaches.labels("batch_flush_latency").inc()
         return None
+
+    async def _count(
+        self, changes: list[Change], statuses: list[ApplyStatus], refused: Mapping[int, str]
+    ) -> None:
+        """Count what the apply did; quarantine what the store refused and ask for a repair."""
+        applied = known = 0
+        for status in statuses:
+            if status is ApplyStatus.APPLIED:
+                applied += 1
+            elif status is ApplyStatus.KNOWN:
+                known += 1
+        skewed = [i for i, status in enumerate(statuses) if status is ApplyStatus.REJECTED]
+        deduped = len(statuses) - applied - len(refused) - len(skewed)
+        self.stats.applied += applied
+        self.stats.deduped += deduped
+        self.stats.known += known
+        self.metrics.events_applied.labels(self._peer_id).inc(applied)
+        self.metrics.events_deduped.labels(self._peer_id).inc(deduped)
+        set_aside = [(i, "refused", f"local store refused it: {why}") for i, why in refused.items()]
+        set_aside += [
+            (i, "clock_skew", "HLC is beyond the allowed clock offset: the origin's clock is ahead")
+            for i in skewed
+        ]
+        for reason in ("refused", "clock_skew"):
+            keys = []
+            for index, why, message in set_aside:
+                if why != reason:
+                    continue
+                change = changes[index]
+                keys.append(change.key)
+                if reason == "refused":
+                    self.stats.refused += 1
+                    log.error(
+                        "store refused an entry; quarantined, repair requested",
+                        extra={"peer": self._peer_id, "key": change.key, "error": message[:300]},
+                    )
+                await self._quarantine(
+                    codec.parse_stream_id(change.stream_id or "0-0"),
+                    change.key,
+                    CodecError(message, reason=reason),
+                    codec.encode_entry(change),
+                )
+            if keys:
+                self.on_quarantine(self._peer_id, keys, reason)
 
     # ------------------------------------------------------------------------ lag
 

@@ -21,11 +21,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from replication_engine import clock
 from replication_engine.codec import StreamId, parse_stream_id
 from replication_engine.connection import TlsOptions, make_client, redact_url
+from replication_engine.knowledge import NodeRecord
+from replication_engine.merkle import ZERO
 from replication_engine.observability.metrics import CIRCUIT_STATES, Metrics
 from replication_engine.resilience import breaker_remaining, breaker_state
-from replication_engine.store.layout import Keyspace
+from replication_engine.store.layout import Keyspace, text
 from replication_engine.store.reader import ReadCounter, TreeReader
 
 log = logging.getLogger("replication_engine.peer")
@@ -64,6 +67,12 @@ class StreamInfo:
         if self.first is None or self.first <= cursor.next():
             return False
         return self.entries_added is None or self.entries_added > self.length
+
+
+def _record(raw: Any) -> NodeRecord | None:
+    if isinstance(raw, BaseException):
+        raise raw
+    return NodeRecord.from_fields({text(k): text(v) for k, v in (raw or {}).items()})
 
 
 def parse_stream_info(raw: Any) -> StreamInfo:
@@ -224,32 +233,67 @@ class Peer:
 
     async def read_batch(
         self, cursor: StreamId, count: int, *, block_ms: int | None
-    ) -> tuple[StreamInfo, list[Entry]]:
-        """The stream's facts and up to ``count`` entries after ``cursor``, in one round trip.
+    ) -> tuple[NodeRecord | None, StreamInfo, list[Entry]]:
+        """The peer's record, its stream's facts and up to ``count`` entries after ``cursor``,
+        in one round trip.
 
-        ``block_ms=None`` reads with XRANGE (catching up, returns at once); otherwise XREAD
-        BLOCK waits for new entries at the head.
+        The record is read first, in the same pipeline: whatever it claims was in the stream
+        before the entries were read (docs/DELETES.md, "Claims", way 2). ``block_ms=None`` reads
+        with XRANGE (catching up, returns at once); otherwise XREAD BLOCK waits for new entries
+        at the head.
         """
 
-        async def run() -> tuple[StreamInfo, list[Entry]]:
+        async def run() -> tuple[NodeRecord | None, StreamInfo, list[Entry]]:
             client = self.query if block_ms is None else self.stream
             async with client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self.keys.record)
                 pipe.xinfo_stream(self.keys.cdc)
                 if block_ms is None:
                     pipe.xrange(self.keys.cdc, min=f"({cursor}", max="+", count=count)
                 else:
                     pipe.xread({self.keys.cdc: str(cursor)}, count=count, block=block_ms)
-                info_raw, entries_raw = await pipe.execute(raise_on_error=False)
+                record_raw, info_raw, entries_raw = await pipe.execute(raise_on_error=False)
             if isinstance(entries_raw, BaseException):
                 raise entries_raw
+            record = _record(record_raw)
             info = parse_stream_info(info_raw)
             if block_ms is None:
                 entries = entries_raw or []
             else:
                 entries = entries_raw[0][1] if entries_raw else []
-            return info, entries
+            return record, info, entries
 
         return await self.call(run, what="xrange" if block_ms is None else "xread")
+
+    async def snapshot_facts(self) -> tuple[NodeRecord | None, StreamInfo, bytes]:
+        """The peer's record, stream facts and Merkle root, read in that order in one round
+        trip: what a repair that starts now may claim once it is complete."""
+
+        async def run() -> tuple[NodeRecord | None, StreamInfo, bytes]:
+            async with self.query.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self.keys.record)
+                pipe.xinfo_stream(self.keys.cdc)
+                pipe.get(self.keys.root)
+                record_raw, info_raw, root_raw = await pipe.execute(raise_on_error=False)
+            if isinstance(root_raw, BaseException):
+                raise root_raw
+            self.counter.round_trips += 1
+            root = ZERO if root_raw is None else bytes.fromhex(root_raw.decode("ascii"))
+            return _record(record_raw), parse_stream_info(info_raw), root
+
+        return await self.call(run, what="snapshot_facts")
+
+    async def record(self) -> NodeRecord | None:
+        return await self.call(self.reader.node_record, what="record")
+
+    async def clock(self) -> int:
+        """The peer store's HLC (0 when it has none): a floor for a store that lost its own."""
+
+        async def run() -> int:
+            raw = await self.query.get(self.keys.hlc)
+            return clock.from_hex(raw) if raw else 0
+
+        return await self.call(run, what="clock")
 
     async def stream_info(self) -> StreamInfo:
         async def run() -> StreamInfo:

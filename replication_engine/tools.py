@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from replication_engine import codec
+from replication_engine import clock, codec
 from replication_engine.config import EngineConfig
 from replication_engine.connection import TlsOptions, make_client, redact_url
 from replication_engine.cursor import CursorStore
+from replication_engine.knowledge import NodeRecord, frontier
 from replication_engine.merkle import Geometry, diff_children
 from replication_engine.peer import parse_stream_info
-from replication_engine.standing import Standing, out_of_mesh_reason
 from replication_engine.store.layout import Keyspace
 from replication_engine.store.reader import TreeReader
 
@@ -152,11 +152,11 @@ async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
         cursors = await store.all()
         await store.close()
     max_lag_ms = config.settings.slo.max_replication_lag_sec * 1000
-    grace_ms = int(config.local.tombstone_grace_sec * 1000)
     nodes = [(config.local_node_id, _local_reader(config))]
     nodes += [_peer_client(config, i) for i in range(len(config.peers))]
     rows = []
     roots: dict[str, str] = {}
+    records: dict[str, NodeRecord] = {}
     try:
         for node_id, reader in nodes:
             try:
@@ -173,12 +173,11 @@ async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
             lag = "-"
             marks = []
             with contextlib.suppress(Exception):
-                standing = Standing.from_fields(await reader.mesh_record())
-                now_ms = int(time.time() * 1000)
-                if out_of_mesh_reason(standing, now_ms, grace_ms) is not None:
-                    # Stale past the tombstone grace: peers do not pull from it.
-                    state = standing.state if standing is not None else "silent"
-                    marks.append(f"OUT-OF-MESH({'silent' if state == 'in_mesh' else state})")
+                record = await reader.node_record()
+                if record is not None and record.recovering:
+                    marks.append("RECOVERING")
+                if record is not None:
+                    records[node_id] = record
             if node_id != config.local_node_id:
                 saved = cursors.get(node_id)
                 if saved:  # no cursor: this node never read that peer, so no lag to show
@@ -210,4 +209,48 @@ async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
             flags = (flags + " DIVERGENT").strip()
         bad = bad or bool(flags)
         print(f"{node_id:<20} {root:<17} {head_age:<16} {lag:<24} {flags}", file=out)
+    members = {m for record in records.values() for m in record.members} | set(records)
+    members -= {f for record in records.values() for f in record.forgotten}
+    members = {m for m in members if m in records}
+    if members:
+        # Who holds tombstone collection back: the member whose frontier is lowest.
+        lowest = min(members, key=lambda n: frontier(records[n], members))
+        behind = time.time() - clock.physical_ms(frontier(records[lowest], members)) / 1000
+        print(
+            f"\nstable frontier: {behind:.1f}s behind now, held lowest by {lowest}", file=out
+        )
     return 1 if bad else 0
+
+
+async def forget(config: EngineConfig, node_id: str, *, out: TextIO = sys.stdout) -> int:
+    """Add ``node_id`` to the local store's forgotten list (docs/DELETES.md, "Membership").
+
+    Works with or without a running sidecar: the engine reads the list at its next tick and
+    every node learns it from this one's record. Returns 0, or 2 for this node's own id.
+    """
+    from replication_engine.store.redis_store import RedisStore
+
+    if node_id == config.local_node_id:
+        print(f"{node_id} is this node: a node cannot forget itself", file=out)
+        return 2
+    local = config.local
+    store = await RedisStore.connect(
+        local.redis_url,
+        node_id=config.local_node_id,
+        prefix=local.prefix,
+        username=local.username,
+        password=local.password.get_secret_value() if local.password else None,
+        fanout=config.settings.merkle.fanout,
+        depth=config.settings.merkle.depth,
+    )
+    try:
+        members, forgotten = await store.add_to_record(forgotten=[node_id])
+    finally:
+        await store.close()
+    print(
+        f"forgot {node_id}: tombstone collection no longer waits for it, and no node reads from "
+        f"it once it has read this node's record. members now: {', '.join(sorted(members))}; "
+        f"forgotten: {', '.join(sorted(forgotten))}",
+        file=out,
+    )
+    return 0

@@ -368,6 +368,28 @@ def _expectation(error: Mapping[str, Any]) -> str:
     return message[:1].lower() + message[1:]
 
 
+# Fields an older engine had, and why they went: an operator upgrading gets the reason, not
+# "unknown field".
+_REMOVED_FIELDS = {
+    ("local", "tombstone_grace_sec"): (
+        "removed: tombstones are collected once every member is known to hold them, not after a "
+        "grace period (docs/DELETES.md); delete the line"
+    ),
+    ("local", "tombstone_gc_interval_sec"): (
+        "removed: collection runs every settings.membership.interval_sec; delete the line"
+    ),
+    ("settings", "rebootstrap"): (
+        'removed: a node that went back in time recovers by itself (docs/DELETES.md, "Stores '
+        'that go back in time"); delete the section'
+    ),
+}
+
+
+def _removed(loc: tuple[str | int, ...]) -> str | None:
+    names = [part for part in loc if isinstance(part, str)]
+    return _REMOVED_FIELDS.get((names[-2], names[-1])) if len(names) >= 2 else None
+
+
 def _unknown_field_hint(loc: tuple[str | int, ...]) -> str:
     parent = _unwrap_optional(_annotation_at(loc[:-1]))
     if not (isinstance(parent, type) and issubclass(parent, BaseModel)):
@@ -401,6 +423,8 @@ def _describe(exc: ValidationError, env_paths: Mapping[tuple[str | int, ...], st
         note = _origin_note(loc, env_paths)
         if error["type"] == "missing":
             lines.append(f"{_format_loc(loc)}: required field is missing{note}")
+        elif error["type"] == "extra_forbidden" and _removed(loc):
+            lines.append(f"{_format_loc(loc)}: {_removed(loc)}{note}")
         elif error["type"] == "extra_forbidden":
             hint = _unknown_field_hint(loc)
             got = _safe_repr(error["input"], loc)

@@ -34,6 +34,9 @@ _URL_EXPECTED = "expected a redis://, rediss:// or unix:// URL"
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_PART_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)\s*", re.IGNORECASE)
 _DURATION_EXPECTED = "expected a duration like '5s', '100ms', '2m', '1h' or a number of seconds"
+# scheme://user:password@ anywhere in a text, and user:password@host as the whole text.
+_URL_CREDENTIALS_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*):(\S*)@")
+_BARE_CREDENTIALS_RE = re.compile(r"^([^\s:/@]*):(\S*)@(\S+)$")
 _QUERY_SECRET_RE = re.compile(r"(?i)([?&;](?:password|pass|pwd|auth|token|secret)=)[^&#;]*")
 
 
@@ -109,16 +112,13 @@ def redact_url(url: str) -> str:
 
 
 def _redact(url: str) -> str:
-    scheme_end = url.find("://")
-    start = scheme_end + 3 if scheme_end >= 0 else 0
-    # The last '@' rather than the first one after the host: an operator may leave '@', '/',
-    # '?' or '#' unescaped in a password, and hiding too much beats printing part of a secret.
-    at = url.rfind("@", start)
-    if at != -1:
-        userinfo = url[start:at]
-        colon = userinfo.find(":")
-        if colon != -1:
-            url = f"{url[:start]}{userinfo[:colon]}:***{url[at:]}"
+    # Greedy up to the last '@' of the run of non-blank characters: an operator may leave '@',
+    # '/', '?' or '#' unescaped in a password, and hiding too much beats printing part of a
+    # secret. Only a URL's userinfo is touched, so text around it (a Lua error's
+    # "@user_script:12", an address) keeps every byte.
+    url = _URL_CREDENTIALS_RE.sub(r"\1:***@", url)
+    if "://" not in url:
+        url = _BARE_CREDENTIALS_RE.sub(r"\1:***@\3", url)
     return _QUERY_SECRET_RE.sub(r"\1***", url)
 
 
@@ -188,8 +188,10 @@ ListenAddress = Annotated[str, AfterValidator(_check_listen)]
 
 class _Section(BaseModel):
     # Frozen so a component cannot change a setting another component already read; forbid so a
-    # misspelt option is an error instead of a silently ignored line.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # misspelt option is an error instead of a silently ignored line; inputs hidden from
+    # pydantic's own messages, which would quote a URL's password (ConfigError quotes values
+    # itself, masked).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 def _redacted_repr_args(model: BaseModel) -> Iterator[tuple[str | None, Any]]:
@@ -214,9 +216,6 @@ class LocalConfig(_Section):
         default=None, description="Password; overrides one in redis_url."
     )
     stream_maxlen: int = Field(default=100_000, ge=1, description="Local CDC stream MAXLEN.")
-    tombstone_grace_sec: float = Field(
-        default=86_400.0, gt=0, description="Tombstone lifetime; longer outages re-bootstrap."
-    )
     max_clock_offset_sec: float = Field(
         default=300.0,
         gt=0,
@@ -224,11 +223,6 @@ class LocalConfig(_Section):
     )
     max_memory_ratio: float = Field(
         default=0.9, gt=0, le=1, description="Share of Redis maxmemory above which applies wait."
-    )
-    tombstone_gc_interval_sec: float = Field(
-        default=60.0,
-        gt=0,
-        description="Seconds between passes that collect tombstones older than the grace.",
     )
     circuit_failure_threshold: int = Field(
         default=5,
@@ -261,6 +255,15 @@ class HotPathConfig(_Section):
         description=(
             "At the head of a peer's stream, the least time between two reads: writes arriving "
             "within it are applied together (adds at most this much lag; 0 reads at once)."
+        ),
+    )
+    max_batch_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        le=256 * 1024 * 1024,
+        description=(
+            "Bytes of entries one read aims at and one apply call carries at most (Redis "
+            "refuses a single argument over 512 MB)."
         ),
     )
     relay: bool = Field(
@@ -353,16 +356,19 @@ class MerkleConfig(_Section):
         return _FieldProblems.check(self, problems)
 
 
-class RebootstrapConfig(_Section):
-    """What a node back from an absence longer than the tombstone grace may do by itself."""
+class MembershipConfig(_Section):
+    """Certification, membership and tombstone collection (docs/DELETES.md)."""
 
-    max_discard_items: int = Field(
-        default=10_000,
-        ge=0,
+    interval_sec: float = Field(
+        default=2.0,
+        gt=0,
         description=(
-            "Most local versions a re-bootstrap may discard (values older than the grace that "
-            "no peer in the mesh holds); above it the node waits for an operator. 0 = never."
+            "Seconds between ticks: certify this store's own writes, read the members' "
+            "records, collect the tombstones every member is known to hold."
         ),
+    )
+    gc_batch: int = Field(
+        default=500, ge=1, le=10_000, description="Tombstones collected per script call."
     )
 
 
@@ -374,7 +380,7 @@ class SettingsConfig(_Section):
     peer_health: PeerHealthConfig = Field(default_factory=PeerHealthConfig)
     slo: SloConfig = Field(default_factory=SloConfig)
     merkle: MerkleConfig = Field(default_factory=MerkleConfig)
-    rebootstrap: RebootstrapConfig = Field(default_factory=RebootstrapConfig)
+    membership: MembershipConfig = Field(default_factory=MembershipConfig)
 
 
 class TlsConfig(_Section):
@@ -489,9 +495,25 @@ class EngineConfig(_Section):
             else:
                 seen_ids[peer.node_id] = index
             source = (peer.redis_url, peer.effective_prefix(self.local.prefix))
+            overlap = next(
+                (
+                    name
+                    for (url, prefix), name in seen_sources.items()
+                    if url == source[0]
+                    and prefix != source[1]
+                    and (prefix.startswith(source[1]) or source[1].startswith(prefix))
+                ),
+                None,
+            )
             if source in seen_sources:
                 expected = f"must not read the same Redis and prefix as {seen_sources[source]}"
                 problems.append(_Problem(("peers", index, "redis_url"), expected, peer.display_url))
+            elif overlap is not None:
+                expected = (
+                    f"prefix {source[1]!r} overlaps the prefix of {overlap} on the same Redis "
+                    f"(one begins with the other, so their keys would collide)"
+                )
+                problems.append(_Problem(("peers", index, "prefix"), expected, source[1]))
             else:
                 seen_sources[source] = f"peers[{index}]"
         return _FieldProblems.check(self, problems)

@@ -10,8 +10,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 ENGINE_STATES = {"stopped": 0, "starting": 1, "running": 2, "stopping": 3}
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
-# This node's standing in the mesh (replication_engine/rebootstrap.py).
-STANDING_STATES = {"in_mesh": 0, "verifying": 1, "needs_rebootstrap": 2, "rebootstrapping": 3}
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _REPAIR_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
@@ -146,34 +144,46 @@ class Metrics:
             registry=r,
         )
 
-        self.standing_state = Gauge(
-            "replication_standing_state",
-            "This node's standing: 0 in the mesh, 1 verifying after an absence longer than the "
-            "tombstone grace, 2 needs re-bootstrap, 3 re-bootstrapping",
+        # Deletes by knowledge (docs/DELETES.md).
+        self.tombstones = Gauge(
+            "replication_tombstones",
+            "Tombstones held in the local store (collected once every member holds them)",
             registry=r,
         )
-        self.standing_changes = Counter(
-            "replication_standing_changes",
-            "Changes of this node's standing, by the state entered",
-            ["state"],
+        self.tombstones_collected = Counter(
+            "replication_tombstones_collected",
+            "Tombstones collected here, below the mesh's stable frontier",
             registry=r,
         )
-        self.rebootstraps = Counter(
-            "replication_rebootstraps",
-            "Re-bootstraps after an absence longer than the tombstone grace, by outcome",
-            ["outcome"],
+        self.members = Gauge(
+            "replication_members", "Members of the mesh this node knows of", registry=r
+        )
+        self.stable_frontier_age = Gauge(
+            "replication_stable_frontier_age_seconds",
+            "How far behind now the mesh's stable frontier is: every member is known to hold "
+            "every write older than this",
             registry=r,
         )
-        self.rebootstrap_discarded = Counter(
-            "replication_rebootstrap_discarded",
-            "Local versions older than the tombstone grace that no peer in the mesh held, "
-            "discarded by a re-bootstrap (copies are kept in the quarantine)",
+        self.member_holding = Gauge(
+            "replication_member_holding_collection_seconds",
+            "For how long this member has been the one whose knowledge holds the oldest "
+            "tombstone back from collection (0: it is not)",
+            ["member"],
             registry=r,
         )
-        self.peer_out_of_mesh = Gauge(
-            "replication_peer_out_of_mesh",
-            "1 while a peer's standing record says it is stale, so the cold path does not pull "
-            "from it",
+        self.recovering = Gauge(
+            "replication_recovering",
+            "1 while this node recovers a store that may have lost writes (restored, wiped, "
+            "restarted without its data)",
+            registry=r,
+        )
+        self.recoveries = Counter(
+            "replication_recoveries", "Recoveries entered by this node", registry=r
+        )
+        self.absence_drops = Counter(
+            "replication_absence_drops",
+            "Versions dropped here because a peer lacks them while its claims cover them "
+            "(deleted and collected while this store was behind)",
             peer,
             registry=r,
         )

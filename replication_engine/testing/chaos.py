@@ -32,6 +32,7 @@ import copy
 import functools
 import itertools
 import random
+import shutil
 import sqlite3
 import time
 from collections import Counter
@@ -138,6 +139,8 @@ CHAOS_SETTINGS: dict[str, Any] = {
     # Peer op timeout is max(1 s, 10 x this).
     "slo": {"max_peer_op_latency_ms": 100},
     "peer_health": {"ping_interval_sec": 1.0, "idle_threshold_sec": 1.0},
+    # Certify, read the members' records and collect tombstones five times a second.
+    "membership": {"interval_sec": 0.2},
 }
 CHAOS_PEER_OPTIONS: dict[str, Any] = {
     "circuit_failure_threshold": 2,
@@ -209,9 +212,12 @@ def judge(
     Every node must hold the same version of every key. That version must be the
     last-writer-wins winner (max ``(hlc, origin)``) of the acknowledged writes of the key, or a
     newer version that an unacknowledged write of the same origin, key and value explains (a
-    write whose reply was lost to a kill can still have landed). An acknowledged write is
-    *lost* when the final version orders before it (or the key is gone); a *resurrection* is a
-    key whose acknowledged winner is a delete but which holds an older value.
+    write whose reply was lost to a kill can still have landed). A key may also be gone from
+    every node when that winner is a delete: its tombstone was collected (docs/DELETES.md). An
+    acknowledged write is *lost* when the final version orders before it, or the key is gone
+    while the winner is a value that no unacknowledged delete can have superseded; a
+    *resurrection* is a key whose acknowledged winner is a delete but which holds an older
+    value.
     """
     by_key: dict[str, list[Write]] = {}
     for write in writes:
@@ -248,7 +254,15 @@ def judge(
                 landed += 1
             else:
                 phantoms.append(f"{key}: holds {_show(final)}, which no write explains")
+        collected = final is None and (winner is None or winner.value is None)
+        if final is None and not collected and any(
+            u.key == key and u.value is None for u in unacknowledged
+        ):
+            landed += 1  # a delete whose reply was lost landed, and was collected since
+            collected = True
         for write in acked:
+            if collected:
+                break
             if final is None or _order(final) < write.order:
                 lost.append(f"{key}: {_show(write.version)} lost; holds {_show(final)}")
         if (
@@ -351,16 +365,11 @@ class ChaosNode:
     def saved_cursor(self, peer_id: str) -> StreamId | None:
         return self.saved_cursors().get(peer_id)
 
-    async def wait_holding_off(self, peer_id: str, timeout: float, message: str) -> None:
-        """Until this node's cold path refuses to pull from ``peer_id`` (out of the mesh)."""
-        cold = self.running().cold_path
-        assert cold is not None, f"{self.node_id} has no cold path"
-        await async_wait_until(
-            lambda: cold.status()["peers"][peer_id]["out_of_mesh"] is not None,
-            timeout=timeout,
-            interval=0.05,
-            message=message,
-        )
+    def membership(self) -> dict[str, Any]:
+        """The running engine's membership status (docs/DELETES.md)."""
+        status = self.running().status()["membership"]
+        assert status is not None
+        return cast(dict[str, Any], status)
 
     def quarantined(self) -> list[tuple[str, str, str]]:
         """(peer, stream id, reason) of every quarantine row kept on disk."""
@@ -369,6 +378,36 @@ class ChaosNode:
         with contextlib.closing(sqlite3.connect(self.cursor_path)) as db:
             rows = db.execute("SELECT peer_id, stream_id, reason FROM quarantine").fetchall()
         return [(str(p), str(s), str(r)) for p, s, r in rows]
+
+
+# Files a Redis keeps its data in: the RDB, the AOF of 6.2 and the AOF directory of 7.x.
+_DATA_FILES = ("dump.rdb", "appendonly.aof", "appendonlydir")
+
+
+def _data_dir(server: RedisHandle) -> Path:
+    data_dir = getattr(server, "data_dir", None)
+    if data_dir is None:
+        raise AssertionError(f"{server!r} keeps no data directory here (a docker server?)")
+    return Path(data_dir)
+
+
+def _remove_data_files(data_dir: Path) -> None:
+    for name in _DATA_FILES:
+        path = data_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _copy_data_files(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in _DATA_FILES:
+        path = source / name
+        if path.is_dir():
+            shutil.copytree(path, target / name, dirs_exist_ok=True)
+        elif path.exists():
+            shutil.copy2(path, target / name)
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -455,7 +494,6 @@ class ChaosMesh:
                     fanout=engine_config.settings.merkle.fanout,
                     depth=engine_config.settings.merkle.depth,
                     stream_maxlen=engine_config.local.stream_maxlen,
-                    tombstone_grace_sec=engine_config.local.tombstone_grace_sec,
                     max_clock_offset_sec=engine_config.local.max_clock_offset_sec,
                     hlc=HLC(clock),
                 )
@@ -564,6 +602,34 @@ class ChaosMesh:
             message=f"{node_id}'s Redis answering after restart",
         )
 
+    async def backup_redis(self, node_id: str, to: Path) -> None:
+        """Copy the node's Redis data files (its AOF, and RDB if any) to ``to``, as an operator's
+        backup would: the server is paused meanwhile, so the copy is of one moment."""
+        server = self.nodes[node_id].server
+        data_dir = _data_dir(server)
+        server.pause()
+        try:
+            await asyncio.to_thread(_copy_data_files, data_dir, to)
+        finally:
+            server.resume()
+
+    async def restore_redis(self, node_id: str, backup: Path) -> None:
+        """Stop the node's Redis, replace its data files with ``backup``'s, start it again."""
+        node = self.nodes[node_id]
+        data_dir = _data_dir(node.server)
+        node.server.kill()
+        await asyncio.to_thread(_remove_data_files, data_dir)
+        await asyncio.to_thread(_copy_data_files, backup, data_dir)
+        await self.restart_redis(node_id)
+
+    async def wipe_redis(self, node_id: str) -> None:
+        """Restart the node's Redis with no data at all (a restart without persistence)."""
+        node = self.nodes[node_id]
+        data_dir = _data_dir(node.server)
+        node.server.kill()
+        await asyncio.to_thread(_remove_data_files, data_dir)
+        await self.restart_redis(node_id)
+
     def pause_redis(self, node_id: str) -> None:
         self.nodes[node_id].server.pause()
 
@@ -586,6 +652,19 @@ class ChaosMesh:
                 proxy.blackhole()
             else:
                 raise ValueError(f"how={how!r}: expected 'cut' or 'blackhole'")
+
+    def partition_one_way(self, reader: str, source: str, *, how: str = "cut") -> None:
+        """Break only ``reader``'s link to ``source``: ``source`` still reads ``reader``."""
+        proxy = self.nodes[reader].proxies[source]
+        if how == "cut":
+            proxy.cut()
+        elif how == "blackhole":
+            proxy.blackhole()
+        else:
+            raise ValueError(f"how={how!r}: expected 'cut' or 'blackhole'")
+
+    def heal_one_way(self, reader: str, source: str) -> None:
+        self.nodes[reader].proxies[source].heal()
 
     def heal(self, a: str, b: str) -> None:
         for proxy in self._links(a, b):
@@ -669,6 +748,28 @@ class ChaosMesh:
         except AssertionError:
             return False
         return True
+
+    async def tombstones(self) -> dict[str, int]:
+        """Tombstones each node still holds (collected once every member holds them)."""
+        return {n: await node.store.tombstone_count() for n, node in self.nodes.items()}
+
+    async def settled(self) -> bool:
+        """Converged, with every tombstone collected everywhere: with writes stopped and
+        every member up, collection reaches every delete (docs/DELETES.md)."""
+        return not any((await self.tombstones()).values()) and await self.converged()
+
+    async def wait_settled(self, timeout: float) -> float:
+        """Wait until :meth:`settled`; returns the seconds it took."""
+        started = time.monotonic()
+        try:
+            await self._wait(self.settled, timeout)
+        except AssertionError as exc:
+            held = await self.tombstones()
+            raise AssertionError(
+                f"tombstones not all collected within {timeout}s: {held}; roots "
+                f"{await self.roots()}"
+            ) from exc
+        return time.monotonic() - started
 
     async def wait_converged(self, timeout: float) -> float:
         """Wait until :meth:`converged`; returns the seconds it took."""
@@ -1125,6 +1226,7 @@ class ChaosReport:
     faults: list[Fault]
     judgement: Judgement | None = None
     converge_s: float | None = None
+    settled_s: float | None = None  # until every tombstone was collected everywhere
     failures: list[str] = field(default_factory=list)
     gaps_total: float = 0.0
     quarantined_metric: float = 0.0
@@ -1170,6 +1272,9 @@ class ChaosReport:
             "cancel_retries": self.cancel_retries,
             "converge_after_last_fault_s": (
                 None if self.converge_s is None else round(self.converge_s, 2)
+            ),
+            "all_tombstones_collected_after_last_fault_s": (
+                None if self.settled_s is None else round(self.settled_s, 2)
             ),
         }
 
@@ -1253,6 +1358,13 @@ async def run_chaos(
         # The quarantine check asks every tailer about entries up to its peer's tail; one that
         # has still not got there by the deadline is reported by that check, with its state.
         await mesh.wait_tailers_at_tails(converge_timeout_s)
+        # Every member up and the writers stopped: every delete is collected everywhere, and
+        # the states are judged once nothing changes any more.
+        try:
+            await mesh.wait_settled(converge_timeout_s)
+            report.settled_s = time.monotonic() - last
+        except AssertionError as exc:
+            report.failures.append(str(exc))
         await _check(report, mesh, workload, runner)
     finally:
         with contextlib.suppress(BaseException):

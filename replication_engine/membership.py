@@ -1,0 +1,531 @@
+"""This node's part in deletes by knowledge: certification, recovery, members and collection.
+
+docs/DELETES.md is the design and :mod:`replication_engine.knowledge` its rules; this module
+carries them out against Redis, once per tick (``settings.membership.interval_sec``):
+
+1. **Certify** the store's claim about its own writes. The certify script refuses to advance it
+   when the Redis process changed or the record's nonce is not the one this engine wrote last:
+   the store may have lost writes, and the node goes into **recovery**.
+2. **Read** every peer's record, derive the member set, publish it (with the forgotten set).
+3. **Collect** the tombstones at or below the stable frontier, in bounded batches.
+4. **Publish** what holds collection back, for status, metrics and alerts.
+
+Recovery: local writes through the engine's store pause while the HLC floor is restored; every
+peer is asked for a repair; once each has given a complete repair (the cold path calls
+:meth:`Membership.on_repair_complete`), the store's own claim is certified again under a new
+epoch and the node is serving again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from replication_engine import clock
+from replication_engine.cursor import CursorStore
+from replication_engine.knowledge import (
+    RECOVERING,
+    SERVING,
+    NodeRecord,
+    derive_members,
+    frontier,
+    stable_frontier,
+)
+from replication_engine.observability.metrics import Metrics
+from replication_engine.peer import Peer
+
+if TYPE_CHECKING:
+    from replication_engine.store.redis_store import RedisStore
+
+__all__ = ["Membership"]
+
+log = logging.getLogger(__name__)
+
+# Cursor database meta entries: the Redis run_id and nonce this engine certified with last (and
+# the nonce it was about to write, in case it stopped between the two writes), and the HLC
+# floor (the highest store clock seen), a second opinion when the store loses its clock.
+META_RUN = "store_run_id"
+META_NONCE = "store_nonce"
+META_NONCE_PENDING = "store_nonce_pending"
+META_FLOOR = "hlc_floor"
+# Batches of tombstones collected per tick at most: bounded work, the rest next tick.
+GC_BATCHES_PER_TICK = 8
+# Seconds a peer's clock read may take while the HLC floor is restored.
+FLOOR_READ_TIMEOUT_SEC = 2.0
+
+
+class Membership:
+    """Certification, recovery, the member set and tombstone collection of one node.
+
+    Args:
+        node_id, mode, relay: this node (``relay`` is recorded: it decides what a reader of
+            its stream may claim).
+        store: our store.
+        cursors: the cursor database (certification memory, HLC floor).
+        peers: the configured peers.
+        metrics: the engine's metrics.
+        interval_sec: seconds between ticks.
+        gc_batch: tombstones collected per script call.
+        request_repair: asks the cold path for a repair from a peer (recovery).
+        on_forgotten: called with a configured peer's id when it becomes forgotten.
+
+    Error handling: :meth:`run` never raises for a peer or store failure; a failed tick is
+    logged and the next one tries again. :meth:`open` raises when the store cannot be opened.
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        mode: str,
+        relay: bool,
+        store: RedisStore,
+        cursors: CursorStore,
+        peers: Sequence[Peer],
+        metrics: Metrics,
+        interval_sec: float,
+        gc_batch: int,
+        request_repair: Callable[[str, str], None],
+        on_forgotten: Callable[[str], None] = lambda peer_id: None,
+    ) -> None:
+        self.node_id = node_id
+        self.mode = mode
+        self.relay = relay
+        self.store = store
+        self.cursors = cursors
+        self.peers = list(peers)
+        self.metrics = metrics
+        self.interval_sec = interval_sec
+        self.gc_batch = gc_batch
+        self.request_repair = request_repair
+        self.on_forgotten = on_forgotten
+        self.state = SERVING
+        self.reason = ""
+        self.since_ms: int | None = None
+        self.recovery_pending: set[str] = set()  # peers still owing a complete repair
+        self.members: frozenset[str] = frozenset()
+        self.waited_for: frozenset[str] = frozenset()
+        self.forgotten: frozenset[str] = frozenset()
+        self.records: dict[str, NodeRecord | None] = {}  # peers' records as last read
+        self.own: NodeRecord | None = None
+        self.stable = 0
+        self.holder: str | None = None
+        self.tombstones = 0
+        self.oldest_tombstone_ms: int | None = None
+        self.collected = 0  # tombstones collected by this engine
+        self.ticks = 0  # ticks begun: what tests and status count time in
+        self._holding_since: dict[str, float] = {}
+        self._run = ""
+        self._nonces: list[str] = []
+        self._floor = 0
+        self._certified_since_recovery = False
+        self._opened = False
+        self._tick_error: str | None = None
+        self._wake = asyncio.Event()
+
+    # ------------------------------------------------------------------------ start
+
+    async def open(self) -> None:
+        """At engine start, before any tailer: open the record, certify, maybe recover.
+
+        Returns with the HLC floor restored, so local writes through the store can go on. A
+        local store that does not answer (or refuses the record) does not stop the engine from
+        starting: the node counts as recovering, and every tick tries again.
+        """
+        try:
+            await self._open()
+        except Exception as exc:
+            self._opened = False
+            self.state = RECOVERING
+            self.reason = f"the local store could not be opened: {_describe(exc)}"
+            self.since_ms = clock.wall_clock_ms()
+            self.metrics.recovering.set(1)
+            log.warning("membership.open_failed node=%s error=%s", self.node_id, _describe(exc))
+
+    async def _open(self) -> None:
+        self._run = await self.cursors.meta_get(META_RUN) or ""
+        self._nonces = [
+            n
+            for n in (
+                await self.cursors.meta_get(META_NONCE),
+                await self.cursors.meta_get(META_NONCE_PENDING),
+            )
+            if n
+        ]
+        self._floor = int(await self.cursors.meta_get(META_FLOOR) or 0)
+        outcome, _inc, _epoch = await self.store.open_record(mode=self.mode, relay=self.relay)
+        own = await self.store.record()
+        if outcome == "created":
+            known_by = await self._known_by()
+            if known_by:
+                await self._enter_recovery(
+                    f"the store has no record, but {known_by} knows this node's writes: its "
+                    f"Redis was wiped or replaced"
+                )
+            else:
+                # Nobody has seen a write of this node: a new store, with nothing to recover.
+                # Its first certification must not be mistaken for a store that moved.
+                self._run = ""
+                self._nonces = []
+                log.info("membership.new_store node=%s", self.node_id)
+        elif own is not None and own.recovering:
+            await self._enter_recovery(own.reason or "a recovery was left unfinished")
+        await self._certify()
+        self.own = await self.store.record()
+        await self._publish_members()
+        self._opened = True
+
+    # ------------------------------------------------------------------------ loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one bad tick must not end the loop
+                message = _describe(exc)
+                if message != self._tick_error:  # once per distinct failure, not every tick
+                    log.warning("membership.tick_failed node=%s error=%s", self.node_id, message)
+                self._tick_error = message
+            else:
+                self._tick_error = None
+            if await _wait(stop, self._wake, self.interval_sec):
+                return
+            self._wake.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def tick(self) -> None:
+        self.ticks += 1
+        if not self._opened:
+            self.state = SERVING  # decided afresh by the open
+            await self._open()
+            return
+        await self._certify()
+        await self._read_peers()
+        await self._publish_members()
+        self.own = await self.store.record()
+        await self._collect()
+        self._publish_metrics()
+
+    # ------------------------------------------------------------------------ certification
+
+    async def _certify(self) -> None:
+        if self.state == RECOVERING and not self.recovery_pending and not self.store.writes_paused:
+            await self._finish_recovery()
+            return
+        nonce = secrets.token_hex(8)
+        await self.cursors.meta_set(META_NONCE_PENDING, nonce)
+        result = await self.store.certify(
+            expected_run=self._run,
+            expected_nonces=self._nonces,
+            nonce=nonce,
+            advance=self.state == SERVING,
+            state=self.state,
+            reason=self.reason,
+        )
+        if result.outcome == "absent":
+            await self.store.open_record(mode=self.mode, relay=self.relay)
+            await self._enter_recovery("the store's record vanished: its Redis was wiped")
+            await self._certify()
+            return
+        await self._remember(result.run_id, nonce, result.clock)
+        expected = self.state == RECOVERING and not self._certified_since_recovery
+        self._certified_since_recovery = True
+        if result.outcome == "moved" and not expected:
+            if result.recorded_run_id != result.run_id:
+                why = (
+                    f"the store's Redis restarted or was replaced (run_id "
+                    f"{result.recorded_run_id[:8] or '-'} -> {result.run_id[:8]}): writes not "
+                    f"yet persisted may be lost"
+                )
+            else:
+                why = (
+                    "the store's record does not hold the nonce this engine wrote last: it was "
+                    "restored or rewritten"
+                )
+            if self.state == RECOVERING:
+                why = f"{why} (again, during its recovery: starting it over)"
+            await self._enter_recovery(why)
+            await self._certify()  # publish the state
+
+    async def _remember(self, run_id: str, nonce: str, store_clock: int) -> None:
+        self._run = run_id
+        self._nonces = [nonce]
+        await self.cursors.meta_set(META_RUN, run_id)
+        await self.cursors.meta_set(META_NONCE, nonce)
+        floor = max(self._floor, store_clock, self.store.clock.last)
+        if floor > self._floor:
+            self._floor = floor
+            await self.cursors.meta_set(META_FLOOR, str(floor))
+
+    # ------------------------------------------------------------------------ recovery
+
+    async def _known_by(self) -> str | None:
+        """Who knows that this node wrote before: its engine's memory, or a peer that claims
+        or anchors on its writes (None: a new store). An unreachable peer might."""
+        if self._run or self._nonces:
+            return "this engine's cursor database"
+        for peer in self.peers:
+            try:
+                async with asyncio.timeout(FLOOR_READ_TIMEOUT_SEC):
+                    record = await peer.record()
+            except Exception:
+                return f"unreachable peer {peer.node_id} (it cannot be asked, so it may)"
+            self.records[peer.node_id] = record
+            if record is not None and (
+                record.claims.get(self.node_id, 0) > 0 or self.node_id in record.anchors
+            ):
+                return f"peer {peer.node_id}"
+        return None
+
+    async def _enter_recovery(self, reason: str) -> None:
+        first = self.state != RECOVERING
+        self.state = RECOVERING
+        # The first certification of a recovery finds the store "moved": that is what started
+        # it. A later one means the store moved again.
+        self._certified_since_recovery = False
+        self.reason = reason
+        self.recovery_pending = {p.node_id for p in self.peers if p.node_id not in self.forgotten}
+        if first:
+            self.since_ms = clock.wall_clock_ms()
+            self.metrics.recoveries.inc()
+            log.warning(
+                "membership.recovering node=%s reason=%s: restoring the HLC floor and asking "
+                "every peer for a complete repair before claiming its own writes again",
+                self.node_id,
+                reason,
+            )
+        self.metrics.recovering.set(1)
+        await self._restore_floor()
+        for peer_id in sorted(self.recovery_pending):
+            self.request_repair(peer_id, "recovery")
+
+    async def _restore_floor(self) -> None:
+        """Raise the store clock above every HLC it may have issued before it lost its clock.
+
+        Local writes through the store pause meanwhile: a write stamped below one this node
+        already issued would lose to it everywhere, silently.
+        """
+        self.store.writes_paused = "restoring the HLC floor after the store lost its clock"
+        try:
+            floor = max(self._floor, self.store.clock.last)
+            for peer in self.peers:
+                try:
+                    async with asyncio.timeout(FLOOR_READ_TIMEOUT_SEC):
+                        floor = max(floor, await peer.clock())
+                except Exception:  # an unreachable peer cannot help; the others still do
+                    continue
+            if floor:
+                await self.store.raise_clock(floor)
+        finally:
+            self.store.writes_paused = None
+
+    def on_repair_complete(self, peer_id: str) -> None:
+        """The cold path took ``peer_id``'s claims (a complete repair)."""
+        if peer_id in self.recovery_pending:
+            self.recovery_pending.discard(peer_id)
+            log.info(
+                "membership.recovery_progress node=%s peer=%s pending=%s",
+                self.node_id,
+                peer_id,
+                sorted(self.recovery_pending),
+            )
+            if not self.recovery_pending:
+                self._wake.set()
+
+    async def _finish_recovery(self) -> None:
+        nonce = secrets.token_hex(8)
+        await self.cursors.meta_set(META_NONCE_PENDING, nonce)
+        result = await self.store.certify(
+            expected_run=self._run,
+            expected_nonces=self._nonces,
+            nonce=nonce,
+            advance=True,
+            new_epoch=secrets.token_hex(4),
+            state=SERVING,
+        )
+        await self._remember(result.run_id, nonce, result.clock)
+        if result.outcome != "ok":
+            # The store moved again during the recovery: start it over.
+            self.state = SERVING
+            await self._enter_recovery("the store changed again during its recovery")
+            return
+        self.state = SERVING
+        self.reason = ""
+        self.since_ms = clock.wall_clock_ms()
+        self.metrics.recovering.set(0)
+        log.info(
+            "membership.recovered node=%s: every peer gave a complete repair; its own writes "
+            "are certified again under a new epoch",
+            self.node_id,
+        )
+
+    # ------------------------------------------------------------------------ members
+
+    async def _read_peers(self) -> None:
+        for peer in self.peers:
+            try:
+                self.records[peer.node_id] = await peer.record()
+            except Exception:  # keep the last record read: claims only grow
+                continue
+
+    async def _publish_members(self) -> None:
+        own = await self.store.record()
+        published, waited, gone = derive_members(
+            node_id=self.node_id,
+            mode=self.mode,
+            peers=[p.node_id for p in self.peers],
+            own=own,
+            records=self.records,
+        )
+        if own is None or published - own.members or gone - own.forgotten:
+            published, gone = await self.store.add_to_record(members=published, forgotten=gone)
+        newly = gone - self.forgotten
+        self.members, self.waited_for, self.forgotten = published, waited - gone, gone
+        for peer in self.peers:
+            if peer.node_id in newly:
+                log.warning(
+                    "membership.peer_forgotten node=%s peer=%s: nothing is read or pulled from "
+                    "it any more; collection no longer waits for it",
+                    self.node_id,
+                    peer.node_id,
+                )
+                self.recovery_pending.discard(peer.node_id)
+                self.on_forgotten(peer.node_id)
+
+    def is_forgotten(self, node_id: str) -> bool:
+        return node_id in self.forgotten
+
+    async def forget(self, node_id: str) -> None:
+        """Forget a member gone for good (the operator verb; see docs/DELETES.md).
+
+        Raises:
+            ValueError: ``node_id`` is this node.
+        """
+        if node_id == self.node_id:
+            raise ValueError(f"node {node_id!r} cannot forget itself")
+        await self.store.add_to_record(forgotten=[node_id])
+        log.warning("membership.forget node=%s forgotten=%s", self.node_id, node_id)
+        await self._publish_members()
+        self._wake.set()
+
+    # ------------------------------------------------------------------------ collection
+
+    async def _collect(self) -> None:
+        own = self.own
+        records: dict[str, NodeRecord | None] = dict(self.records)
+        records[self.node_id] = own
+        if self.mode == "mesh":
+            self.stable, self.holder = stable_frontier(self.waited_for, records)
+        else:
+            # A follower mirrors its upstream: members never wait for it, and it waits only
+            # for its own knowledge (docs/DELETES.md, "Followers").
+            self.stable, self.holder = frontier(own, self.waited_for), self.node_id
+        self.tombstones = await self.store.tombstone_count()
+        self.oldest_tombstone_ms = await self.store.oldest_tombstone_ms()
+        if own is None or self.stable <= 0:
+            return
+        for _ in range(GC_BATCHES_PER_TICK):
+            done = await self.store.collect_tombstones(
+                self.stable, incarnation=own.incarnation, cert=own.cert, limit=self.gc_batch
+            )
+            if done > 0:
+                self.collected += done
+                self.metrics.tombstones_collected.inc(done)
+            if done < self.gc_batch:
+                break
+        self.tombstones = await self.store.tombstone_count()
+        self.oldest_tombstone_ms = await self.store.oldest_tombstone_ms()
+
+    def _publish_metrics(self) -> None:
+        now = time.monotonic()
+        self.metrics.tombstones.set(self.tombstones)
+        self.metrics.members.set(len(self.members))
+        wall = clock.wall_clock_ms()
+        if self.stable:
+            behind = (wall - clock.physical_ms(self.stable)) / 1000
+            self.metrics.stable_frontier_age.set(max(0.0, behind))
+        held = (
+            self.oldest_tombstone_ms is not None
+            and clock.physical_ms(self.stable) < self.oldest_tombstone_ms
+        )
+        holder = self.holder if held else None
+        for member in set(self._holding_since) | ({holder} if holder else set()):
+            if member == holder:
+                since = self._holding_since.setdefault(member, now)
+                self.metrics.member_holding.labels(member).set(now - since)
+            else:
+                self._holding_since.pop(member, None)
+                self.metrics.member_holding.labels(member).set(0)
+
+    # ------------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        wall = clock.wall_clock_ms()
+
+        def age(hlc: int) -> float | None:
+            return round((wall - clock.physical_ms(hlc)) / 1000, 3) if hlc else None
+
+        records: dict[str, NodeRecord | None] = dict(self.records)
+        records[self.node_id] = self.own
+        members = {
+            member: {
+                "frontier_age_sec": age(frontier(records.get(member), self.waited_for)),
+                "recovering": bool(records.get(member) and records[member].recovering),  # type: ignore[union-attr]
+                "readable": records.get(member) is not None,
+            }
+            for member in sorted(self.waited_for)
+        }
+        held = (
+            self.oldest_tombstone_ms is not None
+            and clock.physical_ms(self.stable) < self.oldest_tombstone_ms
+        )
+        return {
+            "state": self.state,
+            "reason": self.reason or None,
+            "since_ms": self.since_ms,
+            "recovery_pending": sorted(self.recovery_pending),
+            "members": members,
+            "forgotten": sorted(self.forgotten),
+            "stable_frontier_age_sec": age(self.stable),
+            "held_back_by": self.holder if held else None,
+            "tombstones": self.tombstones,
+            "oldest_tombstone_age_sec": (
+                None
+                if self.oldest_tombstone_ms is None
+                else round((wall - self.oldest_tombstone_ms) / 1000, 3)
+            ),
+            "collected": self.collected,
+            "ticks": self.ticks,
+        }
+
+    def not_ready_reason(self) -> str | None:
+        if self.state == SERVING:
+            return None
+        pending = ", ".join(sorted(self.recovery_pending)) or "-"
+        return f"recovering: {self.reason}; waiting for a complete repair from {pending}"
+
+
+async def _wait(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``stop``, ``wake`` or ``timeout``, whichever comes first; True when stopping."""
+    waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+    return stop.is_set()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
