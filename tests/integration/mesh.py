@@ -540,7 +540,6 @@ async def open_mesh(
                 fanout=config.settings.merkle.fanout,
                 depth=config.settings.merkle.depth,
                 stream_maxlen=config.local.stream_maxlen,
-                tombstone_grace_sec=config.local.tombstone_grace_sec,
                 max_memory_ratio=config.local.max_memory_ratio,
             )
             nodes[node_id] = MeshNode(node_id, servers[node_id], store, config)

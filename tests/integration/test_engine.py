@@ -448,7 +448,7 @@ async def test_crashed_tailer_is_logged_counted_and_restarted(
         assert engine.state == "running"
 
 
-async def test_no_tailer_or_cold_path_tasks_when_both_paths_are_disabled(
+async def test_no_tailer_and_no_periodic_repair_when_both_paths_are_disabled(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
     async with open_mesh(
@@ -457,14 +457,21 @@ async def test_no_tailer_or_cold_path_tasks_when_both_paths_are_disabled(
         {"a": ["b"], "b": []},
         common={"settings": {"hot_path": {"enabled": False}, "cold_path": {"enabled": False}}},
     ) as mesh:
+        await mesh["b"].store.put("k", b"only on b")
         engine = mesh["a"].running()
         assert engine.state == "running"
         assert engine.tailers == {}
-        assert engine.cold_path is None
         names = engine_tasks()
-        assert not [n for n in names if n.startswith(("re-tailer", "re-cold"))], names
+        assert not [n for n in names if n.startswith("re-tailer")], names
         assert "re-health-b" in names
         assert "mode" not in engine.status()["peers"]["b"]
+        # The cold path runs only the repairs that are asked for (quarantined entries, gaps, a
+        # recovery): none here, so nothing is pulled.
+        assert "re-cold-path" in names
+        assert engine.cold_path is not None and engine.cold_path.last_stats is None
+        assert await mesh["a"].store.get("k") is None
+        stats = await engine.repair_once()  # an operator's explicit request still runs
+        assert stats.items_applied == 1 and await mesh["a"].store.get("k") is not None
 
 
 # ------------------------------------------------------------------------------------ readiness

@@ -21,13 +21,16 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from replication_engine import clock
 from replication_engine.clock import HLC
-from replication_engine.codec import Change, decode_entry, encode_entry, encode_payload
+from replication_engine.codec import Change, CodecError, decode_entry, encode_entry, encode_payload
 from replication_engine.connection import make_client
+from replication_engine.knowledge import order
 from replication_engine.merkle import ZERO, Geometry, GeometryError, MerkleModel, leaf_digest
 from replication_engine.store.redis_store import (
     ApplyStatus,
+    InvalidWriteError,
     ReadOnlyStoreError,
     RedisStore,
+    StoreKeyError,
 )
 from replication_engine.testing import RedisFactory, RedisHandle, async_wait_until
 
@@ -123,6 +126,31 @@ async def items_of(store: RedisStore) -> dict[str, tuple[bytes, str, int, str]]:
 
 async def cdc_entries(store: RedisStore) -> list[tuple[bytes, dict[bytes, bytes]]]:
     return list(await store.redis.xrange(store.keys.cdc))
+
+
+async def claim(store: RedisStore, claims: dict[str, int]) -> None:
+    """Give the store claims (docs/DELETES.md) as a complete repair from a peer would."""
+    await store.open_record(mode="mesh", relay=False)
+    record = await store.record()
+    assert record is not None
+    assert await store.inherit(
+        peer="node-z",
+        token="t",
+        tail="0-0",
+        incarnation=record.incarnation,
+        cert=record.cert,
+        claims=claims,
+    )
+
+
+async def collect(store: RedisStore, stable: int, limit: int = 500) -> int:
+    """Collect the store's tombstones at or below the stable frontier ``stable``."""
+    await store.open_record(mode="mesh", relay=False)
+    record = await store.record()
+    assert record is not None
+    return await store.collect_tombstones(
+        stable, incarnation=record.incarnation, cert=record.cert, limit=limit
+    )
 
 
 def put(key: str, value: bytes, ms_offset: int, origin: str = "node-b", counter: int = 0) -> Change:
@@ -426,10 +454,14 @@ async def test_apply_statuses(redis_server: RedisHandle, open_store: StoreFactor
         ApplyStatus.STALE,
         ApplyStatus.STALE,
     ]
-    # A tombstone past the grace period for a key we do not hold was already collected here.
-    ancient = Change.delete("gone", hlc=clock.pack(1_000, 0), origin="node-b")
-    assert await store.apply_batch([ancient]) == [ApplyStatus.EXPIRED]
+    # A version at or below this store's claim about its origin is known here: held, superseded,
+    # or deleted and collected. It is never applied, so a replay cannot bring a dead value back.
+    await claim(store, {"node-b": clock.pack(NOW_MS + 30, 0)})
+    ancient = put("gone", b"deleted and collected long ago", 25)
+    assert await store.apply_batch([ancient]) == [ApplyStatus.KNOWN]
     assert await store.get_version("gone") is None
+    fresh = put("new", b"after the claim", 31)
+    assert await store.apply_batch([fresh]) == [ApplyStatus.APPLIED]
     assert await store.apply_batch([]) == []
     item = await store.get("k")
     assert item is not None and item.value == b"v2" and item.hlc == current.hlc
@@ -458,11 +490,12 @@ async def test_apply_emits_cdc_entry_only_when_applied(
     assert (decoded.version, decoded.updated_at) == (7, change.updated_at)
     assert decoded.trace_parent == TRACE_PARENT
 
+    await claim(store, {"node-b": clock.pack(2_000, 0)})
     await store.apply_batch(
         [
             change,
             put("k", b"older", 1),
-            Change.delete("gone", hlc=clock.pack(1_000, 0), origin="node-b"),
+            Change.delete("gone", hlc=clock.pack(1_000, 0), origin="node-b"),  # known here
         ]
     )
     assert len(await cdc_entries(store)) == 1
@@ -625,9 +658,10 @@ async def test_glob_characters_in_prefix_do_not_leak_other_stores(
 # ---------------------------------------------------------------------------- upkeep
 
 
-async def test_collect_tombstones(redis_server: RedisHandle, open_store: StoreFactory) -> None:
-    wall = ManualClock(NOW_MS)
-    store = await open_store(redis_server.url, hlc=HLC(wall), tombstone_grace_sec=0.001)
+async def test_collect_tombstones_takes_exactly_those_at_or_below_the_stable_frontier(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url)
     for i in range(20):
         await store.put(f"k{i}", b"v")
     deleted = {f"k{i}" for i in range(0, 20, 2)}
@@ -636,38 +670,54 @@ async def test_collect_tombstones(redis_server: RedisHandle, open_store: StoreFa
     await store.delete("k0")  # deleted twice: still one tombstone
     await store.put("k2", b"revived")  # a put after the delete is not a tombstone any more
     deleted.discard("k2")
-    gone = await store.get_version("k4")
-    assert gone is not None
-    old_tombstone = Change.delete("k4", hlc=gone.hlc, origin="node-a")
+    stable = max([(await store.get_version(k)).hlc for k in deleted])  # type: ignore[union-attr]
+    await store.delete("later")  # after the stable frontier: every member may not hold it
 
-    # Within the grace period nothing goes.
-    assert await store.collect_tombstones() == 0
+    assert await collect(store, stable) == len(deleted)
 
-    wall.ms = NOW_MS + 10_000
-    assert await store.collect_tombstones() == len(deleted)
     for key in deleted:
         assert await store.get_version(key) is None
-    assert await store.redis.zcard(store.keys.tombs) == 0
+    later = await store.get_version("later")
+    assert later is not None and later.tombstone
+    assert await store.redis.zcard(store.keys.tombs) == 1
     assert set((await items_of(store)).keys()) == {f"k{i}" for i in range(20)} - deleted
     await assert_tree_matches_model(store)
-    assert await store.collect_tombstones() == 0
-    # The collected tombstone, delivered again, must not come back.
-    assert await store.apply_batch([old_tombstone]) == [ApplyStatus.EXPIRED]
-    await assert_tree_matches_model(store)
+    assert await collect(store, stable) == 0
+    record = await store.record()
+    assert record is not None and record.collected == stable  # the collected horizon
 
 
 async def test_collect_tombstones_is_bounded_per_call(
     redis_server: RedisHandle, open_store: StoreFactory
 ) -> None:
-    wall = ManualClock(NOW_MS)
-    store = await open_store(redis_server.url, hlc=HLC(wall), tombstone_grace_sec=0.001)
+    store = await open_store(redis_server.url)
     for i in range(12):
         await store.delete(f"k{i}")
-    wall.ms = NOW_MS + 10_000
-    assert await store.collect_tombstones(limit=5) == 5
-    assert await store.collect_tombstones(limit=5) == 5
-    assert await store.collect_tombstones(limit=5) == 2
+    stable = store.clock.last
+    assert await collect(store, stable, limit=5) == 5
+    assert await collect(store, stable, limit=5) == 5
+    assert await collect(store, stable, limit=5) == 2
     await assert_tree_matches_model(store)
+
+
+async def test_collection_does_nothing_when_the_store_went_back_since_the_frontier_was_read(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url)
+    await store.open_record(mode="mesh", relay=False)
+    await store.delete("k")
+    record = await store.record()
+    assert record is not None
+    # The record is replaced (a restore, a wipe and re-creation): another incarnation.
+    await store.redis.delete(store.keys.record)
+    await store.open_record(mode="mesh", relay=False)
+
+    done = await store.collect_tombstones(
+        store.clock.last, incarnation=record.incarnation, cert=record.cert
+    )
+
+    assert done == -1
+    assert (await store.get_version("k")) is not None
 
 
 async def test_should_accept_writes_turns_false_under_memory_pressure(
@@ -804,17 +854,19 @@ async def test_far_future_remote_clock_does_not_brick_local_writes(
         await store.put(f"k{i}", b"still writable")
 
 
-async def test_skewed_peer_clock_does_not_expire_fresh_tombstones(
+async def test_a_skewed_peer_clock_cannot_make_tombstones_collectable(
     redis_server: RedisHandle, open_store: StoreFactory
 ) -> None:
     year_ms = 365 * 86_400_000
-    store = await open_store(
-        redis_server.url, tombstone_grace_sec=3600, max_clock_offset_sec=2 * year_ms / 1000
-    )
+    store = await open_store(redis_server.url, max_clock_offset_sec=2 * year_ms / 1000)
     await store.delete("fresh")
     skewed = Change.put("y", b"v", hlc=clock.pack(NOW_MS + year_ms, 0), origin="skewed-peer")
     assert await store.apply_batch([skewed]) == [ApplyStatus.APPLIED]
-    assert await store.collect_tombstones() == 0
+    # Only knowledge makes a tombstone collectable: a frontier below it collects nothing,
+    # however far the store clock was dragged.
+    fresh = await store.get_version("fresh")
+    assert fresh is not None
+    assert await collect(store, fresh.hlc - 1) == 0
     version = await store.get_version("fresh")
     assert version is not None and version.tombstone
 
@@ -830,3 +882,185 @@ async def test_version_stamped_beyond_the_clock_offset_is_rejected(
     assert await store.apply_batch([ahead, fine]) == [ApplyStatus.REJECTED, ApplyStatus.APPLIED]
     assert await store.get("k") is None
     assert clock.physical_ms(await store.put("mine", b"v")) < NOW_MS + 3_600_000
+
+
+# ---------------------------------------------------------------------------- nothing can wedge
+
+
+async def test_an_item_whose_key_or_leaf_holds_the_wrong_type_is_refused_alone(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url, prefix="w:")
+    # Made by hand under the prefix: an item key and a leaf bucket of the wrong type.
+    await store.redis.set(store.keys.item("bad-item"), b"somestring")
+    bad_leaf = store.geometry.leaf_path("bad-leaf")
+    await store.redis.set(store.keys.node(bad_leaf), b"not a hash")
+    batch = [
+        put("before", b"1", 10),
+        put("bad-item", b"2", 10),
+        put("middle", b"3", 10),
+        put("bad-leaf", b"4", 10),
+        put("after", b"5", 10),
+    ]
+
+    result = await store.apply_prepared(store.prepare_apply(batch))
+
+    assert result.statuses == [
+        ApplyStatus.APPLIED,
+        ApplyStatus.REFUSED,
+        ApplyStatus.APPLIED,
+        ApplyStatus.REFUSED,
+        ApplyStatus.APPLIED,
+    ]
+    assert "WRONGTYPE" in result.refused[1]
+    assert f"w:mk:{bad_leaf}" in result.refused[3] and "is a string" in result.refused[3]
+    assert set((await items_of(store)).keys()) == {"before", "middle", "after"}
+    assert len(await cdc_entries(store)) == 3
+    # Nothing of a refused item was written: the tree equals one rebuilt from its leaves.
+    await store.redis.delete(store.keys.item("bad-item"), store.keys.node(bad_leaf))
+    await assert_tree_matches_model(store)
+
+
+async def test_a_local_write_over_a_wrong_typed_key_fails_naming_the_key_and_writes_nothing(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url, prefix="w:")
+    await store.put("fine", b"v")
+    await store.redis.set(store.keys.item("x"), b"somestring")
+    root = await store.merkle_root()
+
+    with pytest.raises(StoreKeyError, match="WRONGTYPE") as refused:
+        await store.put("x", b"v")
+
+    assert refused.value.key == "w:item:x"
+    assert await store.merkle_root() == root and len(await cdc_entries(store)) == 1
+    await assert_tree_matches_model(store)
+
+
+async def test_a_store_wide_key_of_the_wrong_type_fails_the_whole_call_before_any_write(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url, prefix="w:")
+    await store.redis.hset(store.keys.cdc, "not", "a stream")
+
+    with pytest.raises(StoreKeyError, match="store key w:cdc") as refused:
+        await store.apply_batch([put("k", b"v", 10)])
+
+    assert refused.value.key == "w:cdc"
+    assert await store.get_version("k") is None
+    assert await store.merkle_root() == ZERO
+
+
+async def test_a_batch_is_cut_into_calls_of_bounded_bytes(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    # Redis refuses any single argument over proto-max-bulk-len (512 MB by default, 1 MB here):
+    # a batch of values each well under it but together over it must still apply.
+    client = make_client(redis_server.url)
+    await client.config_set("proto-max-bulk-len", str(1024 * 1024))
+    await client.aclose()
+    store = await open_store(redis_server.url, max_batch_bytes=256 * 1024)
+    values = [random.Random(i).randbytes(150_000) for i in range(12)]
+    batch = [put(f"big:{i}", value, 10) for i, value in enumerate(values)]
+
+    prepared = store.prepare_apply(batch)
+
+    assert len(prepared.chunks) >= 6
+    assert all(len(packed) <= 1024 * 1024 for _s, _e, packed in prepared.chunks)
+    result = await store.apply_prepared(prepared)
+    assert result.statuses == [ApplyStatus.APPLIED] * 12
+    for i, value in enumerate(values):
+        item = await store.get(f"big:{i}")
+        assert item is not None and item.value == value
+    await assert_tree_matches_model(store)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "content_type", "expected"),
+    [
+        ("big", b"x" * 2049, "binary", "over the payload limit"),
+        ("k" * 4097, b"v", "binary", "limit 4096"),
+        ("", b"v", "binary", "key is empty"),
+        ("k", b"v", "t" * 257, "content_type"),
+    ],
+)
+async def test_a_local_write_no_peer_would_accept_is_refused_and_nothing_is_written(
+    redis_server: RedisHandle,
+    open_store: StoreFactory,
+    key: str,
+    value: bytes,
+    content_type: str,
+    expected: str,
+) -> None:
+    store = await open_store(redis_server.url, max_payload=2048)
+
+    with pytest.raises(InvalidWriteError, match=expected):
+        await store.put(key, value, content_type)
+    with pytest.raises(InvalidWriteError, match=expected):
+        await store.put_many([("ok", b"fine", "binary"), (key, value, content_type)])
+
+    assert await store.merkle_root() == ZERO
+    assert await cdc_entries(store) == []
+
+
+async def test_a_peer_version_near_the_top_of_the_range_cannot_overflow_local_versions(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url)
+    top = 2**53 - 1
+    huge = Change.put("k", b"v", hlc=clock.pack(NOW_MS, 0), origin="peer", version=top)
+    assert await store.apply_batch([huge]) == [ApplyStatus.APPLIED]
+
+    await store.put("k", b"mine")
+
+    version = await store.get_version("k")
+    assert version is not None and version.version == top  # held at the top, never negative
+    # A peer's entry beyond it is refused on decode (and so quarantined by a tailer).
+    fields = encode_entry(Change.put("j", b"v", hlc=clock.pack(NOW_MS, 0), origin="p"))
+    fields["meta"] = fields["meta"].replace(b'"version":1', b'"version":9223372036854775807')
+    with pytest.raises(CodecError, match=r"meta\.version"):
+        decode_entry("1-0", fields, default_origin="p")
+
+
+async def test_a_write_with_the_clock_at_the_end_of_its_range_fails_cleanly(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url)
+    await store.put("k", b"v")
+    await store.redis.set(store.keys.hlc, b"ffffffffffffffff")
+    root = await store.merkle_root()
+
+    with pytest.raises(StoreKeyError, match="HLC exhausted"):
+        await store.put("j", b"v")
+
+    assert await store.redis.get(store.keys.hlc) == b"ffffffffffffffff"
+    assert await store.merkle_root() == root
+    assert await store.get_version("j") is None
+
+
+@pytest.mark.parametrize("tombstone_second", [False, True])
+async def test_versions_tied_on_hlc_and_origin_converge_in_any_order(
+    redis_server: RedisHandle, open_store: StoreFactory, tombstone_second: bool
+) -> None:
+    hlc = clock.pack(NOW_MS, 7)
+    first = Change.put("k", b"one content", hlc=hlc, origin="twin")
+    second = (
+        Change.delete("k", hlc=hlc, origin="twin")
+        if tombstone_second
+        else Change.put("k", b"another content", hlc=hlc, origin="twin")
+    )
+    forward = await open_store(redis_server.url, prefix="f:")
+    backward = await open_store(redis_server.url, prefix="b:")
+
+    await forward.apply_batch([first])
+    await forward.apply_batch([second])
+    await backward.apply_batch([second])
+    await backward.apply_batch([first])
+
+    assert await forward.merkle_root() == await backward.merkle_root()
+    held = await forward.get_version("k")
+    assert held is not None
+    winner = max((first, second), key=lambda c: order(c.hlc, c.origin, c.tombstone, c.content_hash))
+    assert (held.tombstone, held.content_hash) == (winner.tombstone, winner.content_hash)
+    if tombstone_second:
+        assert held.tombstone, "at equal (hlc, origin) a tombstone wins"

@@ -55,7 +55,10 @@ def test_minimal_config_takes_every_default() -> None:
     assert config.local.redis_url == "redis://127.0.0.1:6379/0"
     assert config.local.prefix == ""
     assert config.local.stream_maxlen == 100_000
-    assert config.local.tombstone_grace_sec == 86_400
+    assert (config.settings.membership.interval_sec, config.settings.membership.gc_batch) == (
+        2.0,
+        500,
+    )
     assert config.local.max_memory_ratio == 0.9
     hot = config.settings.hot_path
     assert (hot.enabled, hot.batch_size, hot.block_timeout) == (True, 100, 5.0)

@@ -75,11 +75,14 @@ KNOWN_LABELS: dict[str, frozenset[str]] = {
     "replication_tailer_restarts_total": _PEER,
     "replication_local_circuit_state": frozenset(),
     "replication_peer_stalled": _PEER,
-    "replication_standing_state": frozenset(),
-    "replication_standing_changes_total": frozenset({"state"}),
-    "replication_rebootstraps_total": frozenset({"outcome"}),
-    "replication_rebootstrap_discarded_total": frozenset(),
-    "replication_peer_out_of_mesh": _PEER,
+    "replication_tombstones": frozenset(),
+    "replication_tombstones_collected_total": frozenset(),
+    "replication_members": frozenset(),
+    "replication_stable_frontier_age_seconds": frozenset(),
+    "replication_member_holding_collection_seconds": frozenset({"member"}),
+    "replication_recovering": frozenset(),
+    "replication_recoveries_total": frozenset(),
+    "replication_absence_drops_total": _PEER,
 }
 KNOWN_METRICS = frozenset(KNOWN_LABELS)
 HISTOGRAMS = frozenset(

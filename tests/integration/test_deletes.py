@@ -1,0 +1,364 @@
+"""Deletes by knowledge (docs/DELETES.md), on real redis-server processes through the public API.
+
+One test per way an outside audit made a deleted key come back, or made a node discard the only
+copy of its data, under the collection-by-clock design this replaced: a one-way link down for
+long, a member added while another node was away, a Redis restored from an old backup, a peer's
+Redis restarted without persistence, and an empty peer deciding what is removed. Then what an
+operator sees: collection held back by a stopped member, and resumed by ``forget``.
+
+Every node reaches every peer through its own proxy (``testing.chaos.ChaosMesh``), so a link can
+be cut one way only. Relaying is off, as a full mesh runs it, so a write reaches a node only from
+its origin's stream or through a repair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from replication_engine.codec import Change
+from replication_engine.config import EngineConfig
+from replication_engine.knowledge import NodeRecord
+from replication_engine.testing import RedisFactory, async_wait_until
+from replication_engine.testing.chaos import ChaosMesh, ChaosNode, Workload
+
+# Deadline for a mesh to converge, a node to recover, a tombstone to be collected.
+SETTLE_S = 60.0
+# Membership ticks (certify, read records, collect) per second in these tests.
+TICK_S = 0.1
+# Ticks a condition must keep holding to count as "held for a while" (collection waiting).
+HOLD_TICKS = 15
+# Cold-path cycles: often, so a repair follows a fault within a second.
+SETTINGS: dict[str, Any] = {
+    "hot_path": {"relay": False},
+    "cold_path": {"interval_sec": 0.5},
+    "membership": {"interval_sec": TICK_S},
+}
+
+
+@contextlib.asynccontextmanager
+async def deletes_mesh(
+    redis_factory: RedisFactory,
+    tmp_path: Path,
+    ids: Sequence[str] = ("a", "b", "c"),
+    **options: Any,
+) -> AsyncIterator[ChaosMesh]:
+    options.setdefault("settings", SETTINGS)
+    mesh = await ChaosMesh.open(list(ids), tmp_path / "mesh", redis_factory, **options)
+    try:
+        yield mesh
+    except BaseException:
+        await mesh.aclose()
+        raise
+    errors = await mesh.aclose()
+    if errors:
+        raise errors[0]
+
+
+async def version(node: ChaosNode, key: str) -> Change | None:
+    return await node.store.get_version(key)
+
+
+async def holds_value(node: ChaosNode, key: str) -> bool:
+    held = await version(node, key)
+    return held is not None and not held.tombstone
+
+
+async def wait_collected(mesh: ChaosMesh, key: str, nodes: Sequence[str]) -> None:
+    """Until no node of ``nodes`` holds any version of ``key``: its tombstone was collected."""
+
+    async def gone() -> bool:
+        return all([await version(mesh[n], key) is None for n in nodes])
+
+    await async_wait_until(gone, timeout=SETTLE_S, interval=0.05, message=f"{key} collected")
+
+
+async def hold(node: ChaosNode, condition: Callable[[], Awaitable[bool]], message: str) -> None:
+    """Assert ``condition`` throughout ``HOLD_TICKS`` membership ticks of ``node``: a state
+    that must last (a tombstone waiting), judged on the node's own collection rounds."""
+    until = node.membership()["ticks"] + HOLD_TICKS
+
+    async def ticked() -> bool:
+        assert await condition(), message
+        return bool(node.membership()["ticks"] >= until)
+
+    await async_wait_until(ticked, timeout=SETTLE_S, interval=TICK_S / 2, message=message)
+
+
+async def record(node: ChaosNode) -> NodeRecord:
+    held = await node.store.record()
+    assert held is not None
+    return held
+
+
+async def assert_no_value_anywhere(mesh: ChaosMesh, key: str) -> None:
+    for node in mesh:
+        assert not await holds_value(node, key), f"{key} came back on {node.node_id}"
+
+
+# ------------------------------------------------------------------------------------ scenario 1
+
+
+async def test_a_delete_is_not_undone_when_a_one_way_link_down_past_its_collection_heals(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with deletes_mesh(redis_factory, tmp_path) as mesh:
+        workload = Workload(mesh, seed=1, keys=5)
+        assert await workload.write("a", "k", b"put on a, then deleted") is not None
+        await mesh.wait_converged(SETTLE_S)
+        # Only c's link to a fails: c still reads b, and a and b still read c.
+        mesh.partition_one_way("c", "a")
+        assert await workload.write("a", "k", None) is not None
+
+        # c learns the delete through its repairs from b, and with it b's knowledge of a's
+        # writes: every member then holds the delete, and it is collected while the link is
+        # still down (the old design collected it by clock, with c holding the value).
+        await wait_collected(mesh, "k", ("a", "b", "c"))
+        mesh.heal_one_way("c", "a")
+        # c's tailer now reads a's old PUT and the DEL from a's stream: both are at or below
+        # what c already claims about a's writes, so neither is applied.
+        assert await mesh.wait_tailers_at_tails(SETTLE_S)
+        await mesh.wait_converged(SETTLE_S)
+
+        await assert_no_value_anywhere(mesh, "k")
+        tailer = mesh["c"].running().tailers["a"]
+        assert tailer.stats.known >= 1, "c read the old PUT and knew it"
+
+
+async def test_collection_waits_for_a_member_that_cannot_learn_the_delete(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # c's cold path is off: cut off from a, it cannot learn a's delete at all.
+    settings = {**SETTINGS, "cold_path": {"enabled": False}}
+    async with deletes_mesh(redis_factory, tmp_path, settings=settings) as mesh:
+        workload = Workload(mesh, seed=2, keys=5)
+        assert await workload.write("a", "k", b"put on a, then deleted") is not None
+        await mesh.wait_converged(SETTLE_S)
+        mesh.partition_one_way("c", "a")
+        assert await workload.write("a", "k", None) is not None
+
+        async def waiting() -> bool:
+            held = await version(mesh["a"], "k")
+            return held is not None and held.tombstone and await holds_value(mesh["c"], "k")
+
+        await async_wait_until(waiting, timeout=SETTLE_S, message="a holds the tombstone")
+        await hold(mesh["a"], waiting, "a's tombstone stays while c has not applied it")
+        membership = mesh["a"].membership()
+        assert membership["held_back_by"] == "c", membership
+        assert membership["tombstones"] == 1
+
+        mesh.heal_one_way("c", "a")
+        await wait_collected(mesh, "k", ("a", "b", "c"))
+        await assert_no_value_anywhere(mesh, "k")
+
+
+# ------------------------------------------------------------------------------------ scenario 2
+
+
+async def test_a_member_added_while_another_node_was_away_does_not_see_its_deletes_undone(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with deletes_mesh(redis_factory, tmp_path, start_engines=False) as mesh:
+        # b's operator has not added c yet: b reads only a. a and c read everyone.
+        full = mesh["b"].config
+        data = full.model_dump()
+        data["peers"] = [p for p in data["peers"] if p["node_id"] == "a"]
+        mesh["b"].config = EngineConfig.model_validate(data)
+        for node in ("a", "b", "c"):
+            await mesh.start_engine(node)
+        workload = Workload(mesh, seed=3, keys=5)
+        assert await workload.write("c", "k", b"written on c") is not None
+        await mesh.wait_converged(SETTLE_S)
+        await mesh.stop_engine("b")  # its Redis stays up: its claims stay readable, unchanged
+
+        assert await workload.write("c", "k", None) is not None
+
+        async def waiting() -> bool:
+            held = await version(mesh["c"], "k")
+            return held is not None and held.tombstone
+
+        # b is a member (a lists it): collection waits for it, visibly.
+        await async_wait_until(waiting, timeout=SETTLE_S, message="c holds the tombstone")
+        await hold(mesh["c"], waiting, "c's tombstone waits for b")
+        assert mesh["c"].membership()["held_back_by"] == "b"
+
+        # b comes back with c in its peer list now.
+        mesh["b"].config = full
+        await mesh.start_engine("b")
+        await mesh.wait_converged(SETTLE_S)
+        await wait_collected(mesh, "k", ("a", "b", "c"))
+        await assert_no_value_anywhere(mesh, "k")
+        assert "c" in (await record(mesh["b"])).members
+
+
+# ------------------------------------------------------------------------------------ scenario 3
+
+
+async def test_a_redis_restored_from_a_backup_older_than_a_collection_brings_nothing_back(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with deletes_mesh(redis_factory, tmp_path) as mesh:
+        workload = Workload(mesh, seed=4, keys=5)
+        for i in range(5):
+            assert await workload.write("a", f"doomed:{i}", b"deleted after the backup") is not None
+        await mesh.wait_converged(SETTLE_S)
+        await mesh.backup_redis("b", tmp_path / "backup-b")
+        for i in range(5):
+            assert await workload.write("a", f"doomed:{i}", None) is not None
+        assert await workload.write("c", "later", b"written after the backup") is not None
+        assert await workload.write("b", "mine", b"b's write after the backup") is not None
+        await mesh.wait_converged(SETTLE_S)
+        await wait_collected(mesh, "doomed:0", ("a", "b", "c"))
+
+        await mesh.restore_redis("b", tmp_path / "backup-b")  # b's engine keeps running
+        assert await holds_value(mesh["b"], "doomed:0"), "the backup holds the old value"
+
+        async def recovered() -> bool:
+            membership = mesh["b"].membership()
+            return bool(
+                membership["state"] == "ok"
+                and mesh["b"].metric_total("replication_recoveries_total") >= 1
+            )
+
+        await async_wait_until(recovered, timeout=SETTLE_S, message="b recovered")
+        await mesh.wait_converged(SETTLE_S)
+
+        for i in range(5):
+            await assert_no_value_anywhere(mesh, f"doomed:{i}")
+        # Nothing held elsewhere was lost: b got back what it wrote and what others wrote.
+        for key in ("later", "mine"):
+            assert await holds_value(mesh["b"], key), key
+        reasons = [reason for _p, _s, reason in mesh["b"].quarantined()]
+        assert sum(r.startswith("absent_on_peer") for r in reasons) == 5, reasons
+
+
+# ------------------------------------------------------------------------------------ scenario 4
+
+
+async def test_a_peer_redis_restarted_without_persistence_does_not_bring_its_deletes_back(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with deletes_mesh(redis_factory, tmp_path) as mesh:
+        workload = Workload(mesh, seed=5, keys=5)
+        assert await workload.write("b", "k", b"put on b, deleted by b") is not None
+        await mesh.wait_converged(SETTLE_S)
+        await mesh.stop_engine("c")  # c holds the value and is away
+        assert await workload.write("b", "k", None) is not None
+
+        async def a_holds_the_tombstone() -> bool:
+            held = await version(mesh["a"], "k")
+            return held is not None and held.tombstone
+
+        await async_wait_until(a_holds_the_tombstone, timeout=SETTLE_S, message="delete at a")
+        await mesh.wipe_redis("b")  # b's stream, its DEL entry and its tombstone are gone
+        await hold(mesh["a"], a_holds_the_tombstone, "a keeps the tombstone: c has not applied it")
+
+        await mesh.start_engine("c")
+        await mesh.wait_converged(SETTLE_S)
+        await wait_collected(mesh, "k", ("a", "b", "c"))
+        await assert_no_value_anywhere(mesh, "k")
+
+
+# ------------------------------------------------------------------------------------ scenario 5
+
+
+async def test_an_empty_peer_never_makes_another_node_drop_its_data(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with deletes_mesh(redis_factory, tmp_path, ("a", "b")) as mesh:
+        workload = Workload(mesh, seed=6, keys=20)
+        keys = [f"only:{i}" for i in range(20)]
+        for key in keys:
+            assert await workload.write("a", key, b"the only copy, on a") is not None
+        await mesh.wait_converged(SETTLE_S)
+        # b's Redis restarts empty while its engine runs: the one copy left is a's.
+        await mesh.wipe_redis("b")
+        # a's repair cycles compare with an empty b many times: absence there proves nothing.
+        for _ in range(3):
+            await mesh["a"].running().repair_once()
+        for key in keys:
+            assert await holds_value(mesh["a"], key), key
+        await mesh.wait_converged(SETTLE_S)
+        for key in keys:
+            assert await holds_value(mesh["b"], key), key
+        assert mesh["a"].metric_total("replication_absence_drops_total") == 0
+
+
+async def test_a_new_node_starting_from_latest_never_makes_a_member_drop_its_data(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with deletes_mesh(redis_factory, tmp_path, start_engines=False) as mesh:
+        workload = Workload(mesh, seed=7, keys=20)
+        for i in range(20):
+            assert await workload.write("a", f"old:{i}", b"written before c joined") is not None
+        await mesh.start_engine("a")
+        await mesh.start_engine("b")
+
+        async def b_has_a_copy() -> bool:
+            return await mesh["b"].store.merkle_root() == await mesh["a"].store.merkle_root()
+
+        await async_wait_until(b_has_a_copy, timeout=SETTLE_S, message="b copied a")
+        data = mesh["c"].config.model_dump()
+        for peer in data["peers"]:
+            peer["start_from"] = "latest"
+        mesh["c"].config = EngineConfig.model_validate(data)
+        await mesh.start_engine("c")  # empty, reading only what is written from now on
+        for node in ("a", "b"):
+            for _ in range(2):
+                await mesh[node].running().repair_once()
+        await mesh.wait_converged(SETTLE_S)
+        for node in mesh:
+            for i in range(20):
+                assert await holds_value(node, f"old:{i}"), (node.node_id, i)
+        for node in mesh:
+            assert node.metric_total("replication_absence_drops_total") == 0
+
+
+# ------------------------------------------------------------------------------------ operator
+
+
+async def test_a_stopped_member_holds_collection_back_until_it_returns_or_is_forgotten(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with deletes_mesh(redis_factory, tmp_path) as mesh:
+        workload = Workload(mesh, seed=8, keys=50)
+        for i in range(30):
+            assert await workload.write("a", f"k:{i}", b"v") is not None
+        await mesh.wait_converged(SETTLE_S)
+        for i in range(10):
+            assert await workload.write("a", f"k:{i}", None) is not None
+        await wait_collected(mesh, "k:9", ("a", "b", "c"))
+        assert mesh["a"].membership()["tombstones"] == 0
+
+        # c's engine stops and its Redis goes away too: nobody can learn what it holds.
+        await mesh.stop_engine("c")
+        mesh.kill_redis("c")
+        for i in range(10, 20):
+            assert await workload.write("a", f"k:{i}", None) is not None
+
+        async def held_back() -> bool:
+            membership = mesh["a"].membership()
+            return bool(membership["tombstones"] == 10 and membership["held_back_by"] == "c")
+
+        await async_wait_until(held_back, timeout=SETTLE_S, message="tombstones held for c")
+        await hold(mesh["a"], held_back, "tombstones keep waiting for c")
+
+        async def holding_metric() -> bool:
+            return (
+                mesh["a"].metric_total("replication_member_holding_collection_seconds", member="c")
+                > 0
+            )
+
+        await async_wait_until(holding_metric, timeout=SETTLE_S, message="metric for c")
+
+        await mesh["a"].running().forget("c")
+        await wait_collected(mesh, "k:19", ("a", "b"))
+        for node in ("a", "b"):
+            membership = mesh[node].membership()
+            assert membership["tombstones"] == 0, (node, membership)
+            assert "c" in membership["forgotten"] and "c" not in membership["members"]
+        assert (
+            mesh["a"].metric_total("replication_member_holding_collection_seconds", member="c") == 0
+        )
