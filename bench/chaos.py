@@ -46,10 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         help="local.stream_maxlen of every node (small: streams trim under load)",
     )
     parser.add_argument(
-        "--tombstone-grace",
-        type=float,
-        default=None,
-        help="local.tombstone_grace_sec of every node",
+        "--no-membership",
+        action="store_true",
+        help="no node joining from latest at the start, and none forgotten at the end",
     )
     parser.add_argument(
         "--workdir",
@@ -74,8 +73,6 @@ async def _run(args: argparse.Namespace, workdir: Path) -> ChaosReport:
     local: dict[str, Any] = {}
     if args.stream_maxlen is not None:
         local["stream_maxlen"] = args.stream_maxlen
-    if args.tombstone_grace is not None:
-        local["tombstone_grace_sec"] = args.tombstone_grace
     started = time.monotonic()
 
     def say(message: str) -> None:
@@ -95,6 +92,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> ChaosReport:
             converge_timeout_s=args.converge_timeout,
             config={"local": local} if local else None,
             progress=say,
+            membership=not args.no_membership,
         )
     finally:
         for server in servers:

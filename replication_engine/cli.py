@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="compare Merkle roots with every peer")
     verify.add_argument("--config", required=True)
     verify.add_argument("--limit", type=int, default=20, help="divergent keys to list per peer")
+    verify.add_argument(
+        "--tree",
+        choices=["check", "repair"],
+        help="also check the local Merkle tree against its leaves (repair: rebuild what differs)",
+    )
     return parser
 
 
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             from replication_engine.tools import verify
 
-            return asyncio.run(verify(load_config(args.config), limit=args.limit))
+            return asyncio.run(verify(load_config(args.config), limit=args.limit, tree=args.tree))
         if args.command == "forget":
             from replication_engine.tools import forget
 

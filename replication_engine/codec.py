@@ -30,10 +30,10 @@ COMPRESS_MIN_BYTES = 64
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
 MAX_KEY_BYTES = 4096
 MAX_META_BYTES = 64 * 1024
-# Largest version or timestamp a peer may send: the store's scripts do arithmetic on versions as
-# Lua numbers (doubles), exact only up to 2^53 - 1; a larger one could turn the next local
-# version negative.
-MAX_META_INT = 2**53 - 1
+# Largest version a peer may send: the store's scripts count local writes on top of it as Lua
+# numbers (doubles), exact only up to 2^53 - 1; a larger one could turn the next local version
+# negative.
+MAX_VERSION = 2**53 - 1
 _ZSTD_LEVEL = 3
 # Input bytes per step for frames that do not declare their size: even a run of RLE blocks
 # then inflates by well under a megabyte per step.
@@ -397,12 +397,10 @@ def _normalise(fields: Mapping[Any, Any]) -> dict[bytes, bytes]:
     return out
 
 
-def _meta_int(meta: Mapping[str, Any], name: str, default: int) -> int:
+def _meta_int(meta: Mapping[str, Any], name: str, default: int, top: int = clock.MAX_HLC) -> int:
     value = meta.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_META_INT:
-        raise CodecError(
-            f"meta.{name} must be an integer in 0..{MAX_META_INT}, got {value!r}"[:200]
-        )
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+        raise CodecError(f"meta.{name} must be an integer in 0..{top}, got {value!r}"[:200])
     return value
 
 
@@ -463,7 +461,7 @@ def change_from_parts(
 ) -> Change:
     """Validate one item version, from a stream entry or a fetched item hash alike."""
     try:
-        version = _meta_int(meta, "version", 0)
+        version = _meta_int(meta, "version", 0, MAX_VERSION)
         updated_at = _meta_int(meta, "updated_at", 0)
     except CodecError as exc:
         exc.reason = "bad_meta"

@@ -274,6 +274,7 @@ class ColdPath:
         self._bootstrapping: set[str] = set()
         self.is_forgotten = is_forgotten
         self.on_complete = on_complete
+        self._refused: dict[str, set[str]] = {}  # peer -> keys our store refuses (logged once)
 
     # ------------------------------------------------------------------------ control
 
@@ -495,7 +496,7 @@ class ColdPath:
             # A request stands until its peer's claims were taken, or until nothing more can be
             # had from it (a peer without a record: an engine that predates records), except a
             # recovery's: it needs the claims, and a peer whose engine starts gets a record.
-            conclusive = repair.complete or (
+            conclusive = (repair.complete and "anchor" not in self._requests.get(pid, ())) or (
                 self._is_complete(repair)
                 and not has_record
                 and "recovery" not in self._requests.get(pid, ())
@@ -584,6 +585,12 @@ class ColdPath:
         )
         if not taken:
             return
+        if taken == 1:
+            # The peer's tailer here read on past a gap the repair began before: one more
+            # repair, beginning now, anchors it (and until then its stream proves nothing).
+            self._requests.setdefault(peer.node_id, set()).add("anchor")
+        else:
+            self._requests.get(peer.node_id, set()).discard("anchor")
         repair.complete = True
         self.last_complete[peer.node_id] = time.time()
         self.on_complete(peer.node_id)
@@ -855,24 +862,26 @@ class ColdPath:
         applied = sum(1 for status in result.statuses if status is ApplyStatus.APPLIED)
         repair.items_applied += applied
         self.metrics.repair_items_applied.labels(peer.node_id).inc(applied)
+        refused = self._refused.setdefault(peer.node_id, set())
         for index, status in enumerate(result.statuses):
-            if status not in (ApplyStatus.REFUSED, ApplyStatus.REJECTED):
-                continue
-            # Not held here: the repair is not complete, and the request for it stays.
-            repair.items_refused += 1
             change = changes[index]
-            why = result.refused.get(index, "stamped beyond the allowed clock offset")
-            log.error(
-                "repair.item_refused peer=%s key=%r error=%s", peer.node_id, change.key, why[:300]
-            )
-            await self.cursors.quarantine_add(
-                peer.node_id,
-                "0-0",
-                change.key,
-                f"{'refused' if status is ApplyStatus.REFUSED else 'clock_skew'}: {why}",
-                codec.encode_entry(change),
-            )
+            if status not in (ApplyStatus.REFUSED, ApplyStatus.REJECTED):
+                refused.discard(change.key)
+                continue
+            # Not held here: the repair is not complete, and the request for it stays. The hot
+            # path quarantined the entry; this says once per key why the repair cannot land.
+            repair.items_refused += 1
             self._requested_keys.setdefault(peer.node_id, {})[change.key] = None
+            if change.key not in refused:
+                refused.add(change.key)
+                why = result.refused.get(index, "stamped beyond the allowed clock offset")
+                log.error(
+                    "repair.item_refused peer=%s key=%r error=%s: kept pending until the local "
+                    "store accepts it",
+                    peer.node_id,
+                    change.key,
+                    why[:300],
+                )
 
     async def _apply(self, changes: list[Change]) -> ApplyResult:
         prepared = self.store.prepare_apply(changes, relay=self.relay)

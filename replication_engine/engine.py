@@ -108,6 +108,8 @@ class ReplicationEngine:
             raise
         self._started_at = time.monotonic()
         self._spawn_tasks()
+        # One turn of the loop: every task has begun (tailers exist) when start() returns.
+        await asyncio.sleep(0)
         self._set_state("running")
         log.info("engine running", extra={"node": self.node_id, "peers": list(self.peers)})
 
@@ -159,6 +161,10 @@ class ReplicationEngine:
             )
         if cfg.mode == "follower":
             self.store.read_only = True  # a follower takes writes only from its upstream
+        # A store handed in by a parent daemon applies in calls no bigger than configured.
+        self.store.max_batch_bytes = min(
+            self.store.max_batch_bytes, cfg.settings.hot_path.max_batch_bytes
+        )
         try:
             self.cursors = await CursorStore.open(
                 cfg.cursor.sqlite_path,
@@ -258,6 +264,7 @@ class ReplicationEngine:
             metrics=self.metrics,
             interval_sec=cfg.settings.membership.interval_sec,
             gc_batch=cfg.settings.membership.gc_batch,
+            scrub_per_tick=cfg.settings.membership.scrub_per_tick,
             request_repair=lambda peer_id, reason: cold_path.request_repair(peer_id, reason=reason),
             on_forgotten=self._on_forgotten,
         )

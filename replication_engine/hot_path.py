@@ -106,6 +106,7 @@ class Batch:
     changes: list[Change]
     prepared: PreparedApply | None
     source: StreamBatch | None = None
+    gap: bool = False  # entries were missed before this batch: ask for a repair once applied
 
 
 class CursorSaveFailed(RuntimeError):
@@ -435,7 +436,8 @@ class Tailer:
         self.record = record
         self._publish_lag(info)  # before applying: a batch that cannot be applied still counts
         gap = info.trimmed_past(position)
-        if gap and (info.first, info.max_deleted) != self._gap_seen:
+        new_gap = gap and (info.first, info.max_deleted) != self._gap_seen
+        if new_gap:
             self._gap_seen = (info.first, info.max_deleted)  # one gap, however many batches
             self._report_gap(info)
         if entries:
@@ -455,7 +457,7 @@ class Tailer:
         )
         if not entries and source is None:
             return None
-        batch = Batch(changes, prepared, source)
+        batch = Batch(changes, prepared, source, new_gap)
         return info, requested, len(entries), batch, last_id
 
     def _source(
@@ -498,6 +500,10 @@ class Tailer:
             self._read_pos = None  # the next read goes from the saved cursor
             return False
         flush = time.perf_counter() - flush_started
+        if batch.gap:
+            # Asked only now: a repair that begins after this batch is applied covers both the
+            # entries missed and this batch, and so lets the store anchor here again.
+            self.on_gap(self._peer_id)
         self.catching_up = read >= requested
         if read:
             self.sizer.observe(
@@ -515,8 +521,8 @@ class Tailer:
         self.last_gap_at = time.time()
         self.metrics.stream_gaps.labels(self._peer_id).inc()
         log.warning(
-            "peer stream trimmed past our cursor: entries were missed, asking the cold path to "
-            "repair",
+            "peer stream trimmed past our cursor: entries were missed; the cold path repairs "
+            "them once this batch is applied",
             extra={
                 "peer": self._peer_id,
                 "cursor": str(self.cursor),
@@ -524,7 +530,6 @@ class Tailer:
                 "max_deleted": str(info.max_deleted),
             },
         )
-        self.on_gap(self._peer_id)
 
     async def _decode(
         self, entries: list[Entry], position: StreamId
@@ -727,7 +732,9 @@ class Tailer:
         self.stats.known += known
         self.metrics.events_applied.labels(self._peer_id).inc(applied)
         self.metrics.events_deduped.labels(self._peer_id).inc(deduped)
-        set_aside = [(i, "refused", f"local store refused it: {why}") for i, why in refused.items()]
+        set_aside = [
+            (i, "refused", f"refused by the local store: {why}") for i, why in refused.items()
+        ]
         set_aside += [
             (i, "clock_skew", "HLC is beyond the allowed clock offset: the origin's clock is ahead")
             for i in skewed

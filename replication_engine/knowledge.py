@@ -131,18 +131,21 @@ class Anchor:
     token: str
     position: str
     anchored: bool
+    since: str = ""  # unanchored: applied contiguously again from this position on
 
     @classmethod
     def parse(cls, raw: str | None) -> Anchor | None:
         if not raw:
             return None
         parts = raw.split(_ANCHOR_SEP)
-        if len(parts) != 3:
+        if len(parts) not in (3, 4):
             return None
-        return cls(parts[0], parts[1], parts[2] == "1")
+        return cls(parts[0], parts[1], parts[2] == "1", parts[3] if len(parts) == 4 else "")
 
     def render(self) -> str:
-        return _ANCHOR_SEP.join((self.token, self.position, "1" if self.anchored else "0"))
+        flag = "1" if self.anchored else "0"
+        parts = (self.token, self.position, flag) + (() if self.anchored else (self.since,))
+        return _ANCHOR_SEP.join(parts)
 
     @property
     def stream_id(self) -> tuple[int, int]:
@@ -314,25 +317,43 @@ def frontier(record: NodeRecord | None, members: Iterable[str]) -> int:
 
 
 def stable_frontier(
-    members: Iterable[str], records: Mapping[str, NodeRecord | None]
+    members: Iterable[str],
+    records: Mapping[str, NodeRecord | None],
+    unreadable: Iterable[str] = (),
 ) -> tuple[int, str | None]:
-    """The mesh's stable frontier and the member that holds it lowest.
+    """The mesh's stable frontier, and the member to blame for where it stands.
 
     Every member's frontier is computed here from its own claims and *this* node's member
     set, so a member that has not yet heard of a newcomer cannot make collection run ahead of
     the newcomer's writes. A member without a readable record holds it at 0.
 
+    The blame goes to the member an operator must look at. The frontier is the lowest claim of
+    some member ``Y`` about some origin ``X``: ``X`` is blamed when its record cannot be read
+    now (stopped Redis, cut link) or when ``Y`` already knows everything ``X`` certified (``X``
+    is what stopped moving); otherwise ``Y`` is, as it is behind on ``X``'s writes.
+
     Returns:
         ``(S, member)``: tombstones at or below ``S`` may be collected; ``member`` is the one
-        whose frontier is ``S`` (None for an empty member set).
+        to blame (None for an empty member set).
     """
     names = sorted(members)
-    lowest: tuple[int, str | None] = (0, None)
-    for i, member in enumerate(names):
-        value = frontier(records.get(member), names)
-        if i == 0 or value < lowest[0]:
-            lowest = (value, member)
-    return lowest
+    down = set(unreadable)
+    lowest: tuple[int, str, str] | None = None  # (claim, claimant, origin)
+    for claimant in names:
+        record = records.get(claimant)
+        for origin in names:
+            value = 0 if record is None else record.claim(origin)
+            if lowest is None or value < lowest[0]:
+                lowest = (value, claimant, origin)
+    if lowest is None:
+        return 0, None
+    value, claimant, origin = lowest
+    if claimant in down or records.get(claimant) is None:
+        return value, claimant
+    source = records.get(origin)
+    if origin in down or source is None or origin == claimant or value >= source.self_claim:
+        return value, origin
+    return value, claimant
 
 
 def is_dead_by_absence(version: tuple[int, str], authority: NodeRecord | None) -> bool:

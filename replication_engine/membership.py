@@ -89,6 +89,7 @@ class Membership:
         metrics: Metrics,
         interval_sec: float,
         gc_batch: int,
+        scrub_per_tick: int = 1,
         request_repair: Callable[[str, str], None],
         on_forgotten: Callable[[str], None] = lambda peer_id: None,
     ) -> None:
@@ -101,6 +102,9 @@ class Membership:
         self.metrics = metrics
         self.interval_sec = interval_sec
         self.gc_batch = gc_batch
+        self.scrub_per_tick = scrub_per_tick
+        self._scrub_at = 0  # the next parent of leaf buckets to check
+        self.tree_repairs = 0
         self.request_repair = request_repair
         self.on_forgotten = on_forgotten
         self.state = SERVING
@@ -111,6 +115,7 @@ class Membership:
         self.waited_for: frozenset[str] = frozenset()
         self.forgotten: frozenset[str] = frozenset()
         self.records: dict[str, NodeRecord | None] = {}  # peers' records as last read
+        self.unreadable: set[str] = set()  # peers whose record the last tick could not read
         self.own: NodeRecord | None = None
         self.stable = 0
         self.holder: str | None = None
@@ -213,6 +218,7 @@ class Membership:
         await self._publish_members()
         self.own = await self.store.record()
         await self._collect()
+        await self._scrub()
         self._publish_metrics()
 
     # ------------------------------------------------------------------------ certification
@@ -371,11 +377,12 @@ class Membership:
     # ------------------------------------------------------------------------ members
 
     async def _read_peers(self) -> None:
+        self.unreadable = set()
         for peer in self.peers:
             try:
                 self.records[peer.node_id] = await peer.record()
             except Exception:  # keep the last record read: claims only grow
-                continue
+                self.unreadable.add(peer.node_id)
 
     async def _publish_members(self) -> None:
         own = await self.store.record()
@@ -424,7 +431,7 @@ class Membership:
         records: dict[str, NodeRecord | None] = dict(self.records)
         records[self.node_id] = own
         if self.mode == "mesh":
-            self.stable, self.holder = stable_frontier(self.waited_for, records)
+            self.stable, self.holder = stable_frontier(self.waited_for, records, self.unreadable)
         else:
             # A follower mirrors its upstream: members never wait for it, and it waits only
             # for its own knowledge (docs/DELETES.md, "Followers").
@@ -444,6 +451,26 @@ class Membership:
                 break
         self.tombstones = await self.store.tombstone_count()
         self.oldest_tombstone_ms = await self.store.oldest_tombstone_ms()
+
+    async def _scrub(self) -> None:
+        """Check a few parents of leaf buckets against their leaves, round robin."""
+        if not self.scrub_per_tick:
+            return
+        parents = self.store.leaf_parents()
+        for _ in range(min(self.scrub_per_tick, len(parents))):
+            parent = parents[self._scrub_at % len(parents)]
+            self._scrub_at += 1
+            fixed = await self.store.scrub(parent, fix=True)
+            if fixed:
+                self.tree_repairs += fixed
+                self.metrics.tree_repairs.inc(fixed)
+                log.warning(
+                    "membership.tree_rebuilt node=%s parent=%r nodes=%d: tree nodes disagreed "
+                    "with their children and were rebuilt from the leaves",
+                    self.node_id,
+                    parent,
+                    fixed,
+                )
 
     def _publish_metrics(self) -> None:
         now = time.monotonic()

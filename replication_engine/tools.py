@@ -22,6 +22,7 @@ from replication_engine.merkle import Geometry, diff_children
 from replication_engine.peer import parse_stream_info
 from replication_engine.store.layout import Keyspace
 from replication_engine.store.reader import TreeReader
+from replication_engine.store.redis_store import RedisStore
 
 
 @dataclass
@@ -95,8 +96,38 @@ def _peer_client(config: EngineConfig, index: int) -> tuple[str, TreeReader]:
     return peer.node_id, TreeReader(client, Keyspace(peer.effective_prefix(config.local.prefix)))
 
 
-async def verify(config: EngineConfig, *, limit: int = 20, out: TextIO = sys.stdout) -> int:
-    """Compare the local root with every peer's; 0 when all equal, 1 otherwise."""
+async def check_tree(config: EngineConfig, *, repair: bool, out: TextIO = sys.stdout) -> int:
+    """Check every node of the local Merkle tree against its children; 0 when consistent.
+
+    With ``repair``, nodes that disagree are rebuilt from the leaves (one parent of leaf
+    buckets per script call, so writes go on meanwhile).
+    """
+    store = await _local_store(config)
+    wrong = 0
+    try:
+        for parent in store.leaf_parents():
+            wrong += await store.scrub(parent, fix=repair)
+    finally:
+        await store.close()
+    if not wrong:
+        print(f"{config.local_node_id:<20} tree consistent with its leaves", file=out)
+        return 0
+    what = "rebuilt" if repair else "disagree with their children"
+    print(f"{config.local_node_id:<20} TREE: {wrong} nodes {what}", file=out)
+    return 0 if repair else 1
+
+
+async def verify(
+    config: EngineConfig, *, limit: int = 20, tree: str | None = None, out: TextIO = sys.stdout
+) -> int:
+    """Compare the local root with every peer's; 0 when all equal, 1 otherwise.
+
+    ``tree``: ``check`` (or ``repair``) the local tree against its leaves first.
+    """
+    if tree is not None:
+        checked = await check_tree(config, repair=tree == "repair", out=out)
+        if checked:
+            return checked
     geometry = Geometry(config.settings.merkle.fanout, config.settings.merkle.depth)
     local = _local_reader(config)
     readers = [_peer_client(config, i) for i in range(len(config.peers))]
@@ -216,25 +247,13 @@ async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
         # Who holds tombstone collection back: the member whose frontier is lowest.
         lowest = min(members, key=lambda n: frontier(records[n], members))
         behind = time.time() - clock.physical_ms(frontier(records[lowest], members)) / 1000
-        print(
-            f"\nstable frontier: {behind:.1f}s behind now, held lowest by {lowest}", file=out
-        )
+        print(f"\nstable frontier: {behind:.1f}s behind now, held lowest by {lowest}", file=out)
     return 1 if bad else 0
 
 
-async def forget(config: EngineConfig, node_id: str, *, out: TextIO = sys.stdout) -> int:
-    """Add ``node_id`` to the local store's forgotten list (docs/DELETES.md, "Membership").
-
-    Works with or without a running sidecar: the engine reads the list at its next tick and
-    every node learns it from this one's record. Returns 0, or 2 for this node's own id.
-    """
-    from replication_engine.store.redis_store import RedisStore
-
-    if node_id == config.local_node_id:
-        print(f"{node_id} is this node: a node cannot forget itself", file=out)
-        return 2
+async def _local_store(config: EngineConfig) -> RedisStore:
     local = config.local
-    store = await RedisStore.connect(
+    return await RedisStore.connect(
         local.redis_url,
         node_id=config.local_node_id,
         prefix=local.prefix,
@@ -243,6 +262,18 @@ async def forget(config: EngineConfig, node_id: str, *, out: TextIO = sys.stdout
         fanout=config.settings.merkle.fanout,
         depth=config.settings.merkle.depth,
     )
+
+
+async def forget(config: EngineConfig, node_id: str, *, out: TextIO = sys.stdout) -> int:
+    """Add ``node_id`` to the local store's forgotten list (docs/DELETES.md, "Membership").
+
+    Works with or without a running sidecar: the engine reads the list at its next tick and
+    every node learns it from this one's record. Returns 0, or 2 for this node's own id.
+    """
+    if node_id == config.local_node_id:
+        print(f"{node_id} is this node: a node cannot forget itself", file=out)
+        return 2
+    store = await _local_store(config)
     try:
         members, forgotten = await store.add_to_record(forgotten=[node_id])
     finally:

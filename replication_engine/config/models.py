@@ -370,6 +370,15 @@ class MembershipConfig(_Section):
     gc_batch: int = Field(
         default=500, ge=1, le=10_000, description="Tombstones collected per script call."
     )
+    scrub_per_tick: int = Field(
+        default=1,
+        ge=0,
+        le=256,
+        description=(
+            "Parents of leaf buckets checked against their leaves per tick, and rebuilt if they "
+            "disagree (0 = never): defence in depth for the Merkle tree."
+        ),
+    )
 
 
 class SettingsConfig(_Section):

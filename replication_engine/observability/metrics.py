@@ -180,6 +180,11 @@ class Metrics:
         self.recoveries = Counter(
             "replication_recoveries", "Recoveries entered by this node", registry=r
         )
+        self.tree_repairs = Counter(
+            "replication_tree_repairs",
+            "Merkle tree nodes found disagreeing with their children and rebuilt by the scrub",
+            registry=r,
+        )
         self.absence_drops = Counter(
             "replication_absence_drops",
             "Versions dropped here because a peer lacks them while its claims cover them "

@@ -226,6 +226,7 @@ class RedisStore:
         self._open = redis.register_script(_load_script("open.lua"))
         self._clock = redis.register_script(_load_script("clock.lua"))
         self._members = redis.register_script(_load_script("members.lua"))
+        self._scrub = redis.register_script(_load_script("scrub.lua"))
         self._base_args = [prefix, str(self.geometry.width), node_id]
         self._pressure_checked = 0.0
         self._accepting = True
@@ -702,14 +703,18 @@ class RedisStore:
         incarnation: str,
         cert: int,
         claims: Mapping[str, int],
-    ) -> bool:
-        """Take ``peer``'s claims after a complete repair from it; False when this store's
-        record went back meanwhile (nothing done)."""
+    ) -> int:
+        """Take ``peer``'s claims after a complete repair from it.
+
+        Returns 2 (taken, and this store is anchored in the peer's stream), 1 (taken, but a
+        tailer ahead of the repair stays unanchored until a later repair) or 0 (nothing done:
+        this store's record went back meanwhile).
+        """
         args: list[Any] = [*self._base_args, peer, token, tail, incarnation, cert]
         for origin, hlc in sorted(claims.items()):
             args += [origin, hlc_hex(hlc)]
         try:
-            return int(await self._inherit(args=args)) == 1
+            return int(await self._inherit(args=args))
         except ResponseError as exc:
             raise _store_error(exc) from exc
 
@@ -773,6 +778,30 @@ class RedisStore:
             args += [key, self.geometry.leaf_path(key), clock.to_hex(hlc), origin]
         try:
             return int(await self._discard(args=args))
+        except ResponseError as exc:
+            raise _store_error(exc) from exc
+
+    def leaf_parents(self) -> list[str]:
+        """Paths of the tree nodes whose children are leaf buckets, in order (what
+        :meth:`scrub` checks one at a time)."""
+        parents = [""]
+        for _level in range(self.geometry.depth - 1):
+            parents = [p + child for p in parents for child in self.geometry.all_children()]
+        return parents
+
+    async def scrub(self, parent: str, *, fix: bool) -> int:
+        """Check one parent of leaf buckets, and its ancestors and the root, against their
+        children; with ``fix``, rebuild what disagrees. Returns how many nodes disagreed.
+
+        Every script keeps the tree consistent by itself; this is defence in depth against a
+        tree left inconsistent by a failure no check foresaw, or by a hand edit.
+        """
+        try:
+            return int(
+                await self._scrub(
+                    args=[*self._base_args, parent, self.geometry.fanout, "1" if fix else "0"]
+                )
+            )
         except ResponseError as exc:
             raise _store_error(exc) from exc
 

@@ -36,7 +36,7 @@ import shutil
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -75,11 +75,17 @@ FAULT_KINDS = (
     "redis_pause",
     "partition_cut",
     "partition_blackhole",
+    "link_one_way",
     "trim",
     "corrupt",
     "clock_skew",
     "cursor_loss",
+    "redis_restore",
+    "redis_wipe",
 )
+# Faults of the mesh's membership, each planned once per run (run_chaos(membership=True)): a
+# node added with start_from latest, a node forgotten for good at the end.
+MEMBERSHIP_KINDS = ("member_join", "member_forget")
 # Seconds each kind of fault lasts (drawn uniformly). A pause outlasts the peer op timeout
 # (1 s) plus the circuit reset (1 s), so breakers open during it and half-open after it.
 FAULT_SECONDS: dict[str, tuple[float, float]] = {
@@ -92,6 +98,13 @@ FAULT_SECONDS: dict[str, tuple[float, float]] = {
     "corrupt": (0.2, 0.5),
     "clock_skew": (2.0, 6.0),
     "cursor_loss": (0.2, 1.5),
+    # Longer than many collection ticks (0.2 s here): the one-way link holds collection back.
+    "link_one_way": (1.5, 4.0),
+    # Writes taken between the backup and the restore (or before the wipe) go with it.
+    "redis_restore": (1.0, 3.0),
+    "redis_wipe": (0.2, 1.0),
+    "member_join": (0.1, 0.1),
+    "member_forget": (0.1, 0.1),
 }
 # Quiet time between two faults (seconds).
 FAULT_GAP_S = (0.3, 1.5)
@@ -206,6 +219,7 @@ def judge(
     states: Mapping[str, Mapping[str, Version]],
     writes: Sequence[Write],
     unacknowledged: Sequence[Unacknowledged] = (),
+    lost_to_operator: Collection[tuple[str, int, str]] = (),
 ) -> Judgement:
     """Check final per-node states (tombstones included) against the writes made.
 
@@ -218,10 +232,16 @@ def judge(
     while the winner is a value that no unacknowledged delete can have superseded; a
     *resurrection* is a key whose acknowledged winner is a delete but which holds an older
     value.
+
+    ``lost_to_operator`` lists ``(key, hlc, origin)`` of acknowledged writes that only their
+    origin's Redis held when an operator restored it from a backup, wiped it or removed the
+    node for good: they may be gone, and the winner is judged among the other writes.
     """
+    excused = set(lost_to_operator)
     by_key: dict[str, list[Write]] = {}
     for write in writes:
-        by_key.setdefault(write.key, []).append(write)
+        if (write.key, write.hlc, write.node) not in excused:
+            by_key.setdefault(write.key, []).append(write)
     maybe: set[tuple[str, str, bytes | None]] = {(u.node, u.key, u.value) for u in unacknowledged}
     acked_versions = {(w.key, w.node, w.hlc): w.value for w in writes}
     nodes = sorted(states)
@@ -255,8 +275,10 @@ def judge(
             else:
                 phantoms.append(f"{key}: holds {_show(final)}, which no write explains")
         collected = final is None and (winner is None or winner.value is None)
-        if final is None and not collected and any(
-            u.key == key and u.value is None for u in unacknowledged
+        if (
+            final is None
+            and not collected
+            and any(u.key == key and u.value is None for u in unacknowledged)
         ):
             landed += 1  # a delete whose reply was lost landed, and was collected since
             collected = True
@@ -429,6 +451,7 @@ class ChaosMesh:
     def __init__(self, nodes: dict[str, ChaosNode]) -> None:
         self.nodes = nodes
         self.cancel_retries = 0  # extra cancel rounds needed by engine kills (see CANCEL_ROUND_S)
+        self.forgotten: set[str] = set()  # nodes removed for good: out of every check
 
     def __getitem__(self, node_id: str) -> ChaosNode:
         return self.nodes[node_id]
@@ -439,6 +462,11 @@ class ChaosMesh:
     @property
     def ids(self) -> list[str]:
         return list(self.nodes)
+
+    @property
+    def live(self) -> list[ChaosNode]:
+        """Nodes not forgotten: what convergence and every final check are about."""
+        return [n for n in self.nodes.values() if n.node_id not in self.forgotten]
 
     @classmethod
     async def open(
@@ -698,12 +726,12 @@ class ChaosMesh:
     # ------------------------------------------------------------------ state
 
     async def roots(self) -> dict[str, str]:
-        return {n.node_id: (await n.store.merkle_root()).hex() for n in self.nodes.values()}
+        return {n.node_id: (await n.store.merkle_root()).hex() for n in self.live}
 
     async def states(self) -> dict[str, dict[str, Version]]:
-        """Every node's versions, tombstones included."""
+        """Every live node's versions, tombstones included."""
         out: dict[str, dict[str, Version]] = {}
-        for node in self.nodes.values():
+        for node in self.live:
             state: dict[str, Version] = {}
             async for change in node.store.versions():
                 state[change.key] = (
@@ -724,14 +752,16 @@ class ChaosMesh:
     async def tailers_at_tails(self) -> bool:
         """Every running tailer has read its peer's stream up to the current tail."""
         tails: dict[str, StreamId] = {}
-        for node_id, node in self.nodes.items():
+        for node in self.live:
             tail = await node.store.stream_tail()
             if tail is not None:
-                tails[node_id] = codec.parse_stream_id(tail)
-        for node in self.nodes.values():
+                tails[node.node_id] = codec.parse_stream_id(tail)
+        for node in self.live:
             if node.engine is None:
                 continue
             for peer_id, tailer in node.engine.tailers.items():
+                if peer_id in self.forgotten:
+                    continue
                 tail_id = tails.get(peer_id)
                 if tail_id is not None and (tailer.cursor is None or tailer.cursor < tail_id):
                     return False
@@ -751,7 +781,7 @@ class ChaosMesh:
 
     async def tombstones(self) -> dict[str, int]:
         """Tombstones each node still holds (collected once every member holds them)."""
-        return {n: await node.store.tombstone_count() for n, node in self.nodes.items()}
+        return {node.node_id: await node.store.tombstone_count() for node in self.live}
 
     async def settled(self) -> bool:
         """Converged, with every tombstone collected everywhere: with writes stopped and
@@ -877,6 +907,9 @@ class Workload:
         self._seq = itertools.count()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._node_stop: dict[str, asyncio.Event] = {}
+        self._node_tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self.idle: set[str] = set()  # nodes nobody writes to (not joined yet, or forgotten)
 
     async def write(self, node_id: str, key: str, value: bytes | None) -> Write | None:
         """One put (or delete, with ``value`` None), recorded as acknowledged or not."""
@@ -901,7 +934,8 @@ class Workload:
 
     async def _writer(self, node_id: str, rng: random.Random) -> None:
         mean_gap_s = self.writers_per_node / self.rate_per_node
-        while not self._stop.is_set():
+        mine = self._node_stop[node_id]
+        while not self._stop.is_set() and not mine.is_set():
             key = rng.choice(self.keys)
             value = None if rng.random() < self.delete_ratio else self.value(node_id, rng)
             await self.write(node_id, key, value)
@@ -910,18 +944,36 @@ class Workload:
 
     def start(self) -> None:
         self._stop.clear()
-        for index, node_id in enumerate(self.mesh.ids):
-            for writer in range(self.writers_per_node):
-                rng = random.Random(f"{self.seed}/{index}/{writer}")
-                self._tasks.append(
-                    asyncio.create_task(
-                        self._writer(node_id, rng), name=f"chaos.writer[{node_id}/{writer}]"
-                    )
-                )
+        for node_id in self.mesh.ids:
+            if node_id not in self.idle:
+                self.start_node(node_id)
+
+    def start_node(self, node_id: str) -> None:
+        """Writers for one node (a node that joins late)."""
+        self.idle.discard(node_id)
+        self._node_stop[node_id] = asyncio.Event()
+        index = self.mesh.ids.index(node_id)
+        for writer in range(self.writers_per_node):
+            rng = random.Random(f"{self.seed}/{index}/{writer}")
+            task = asyncio.create_task(
+                self._writer(node_id, rng), name=f"chaos.writer[{node_id}/{writer}]"
+            )
+            self._tasks.append(task)
+            self._node_tasks.setdefault(node_id, []).append(task)
+
+    async def stop_node(self, node_id: str) -> None:
+        """No more writes to one node (a node about to be forgotten)."""
+        self.idle.add(node_id)
+        if node_id in self._node_stop:
+            self._node_stop[node_id].set()
+        tasks = self._node_tasks.pop(node_id, [])
+        if tasks:
+            await asyncio.gather(*tasks)
 
     async def stop(self) -> None:
         self._stop.set()
         tasks, self._tasks = self._tasks, []
+        self._node_tasks.clear()
         if tasks:
             await asyncio.gather(*tasks)
 
@@ -962,6 +1014,11 @@ class Fault:
             "corrupt": f"{self.count} corrupt entries into the stream of {self.node}",
             "clock_skew": f"clock of {self.node} {self.skew_ms:+d} ms",
             "cursor_loss": f"delete the cursor db of {self.node} (engine stopped), restart",
+            "link_one_way": f"cut only {self.node}'s link to {self.other}",
+            "redis_restore": f"restore redis of {self.node} from a backup taken at the start",
+            "redis_wipe": f"restart redis of {self.node} without its data",
+            "member_join": f"{self.node} joins with start_from latest",
+            "member_forget": f"{self.node} gone for good, forgotten by {self.other}",
         }[self.kind]
         outcome = f" -> {self.outcome}" if self.outcome else ""
         return f"t={self.start_s:6.2f}s {self.duration_s:4.1f}s {what}{outcome}"
@@ -1047,9 +1104,15 @@ class FaultRunner:
     trims), so overlapping faults act on disjoint nodes.
     """
 
-    def __init__(self, mesh: ChaosMesh, workload: Workload, seed: int) -> None:
+    def __init__(
+        self, mesh: ChaosMesh, workload: Workload, seed: int, workdir: Path | None = None
+    ) -> None:
         self.mesh = mesh
         self.workload = workload
+        self.workdir = workdir or Path(".")
+        # (key, hlc, origin) of acknowledged writes an operator's action may have taken away.
+        self.lost_to_operator: set[tuple[str, int, str]] = set()
+        self.backups = 0
         self.rng = random.Random(f"runner/{seed}")
         self.injected: dict[str, set[StreamId]] = {n: set() for n in mesh.ids}
         self.trimmed_injected: dict[str, set[StreamId]] = {n: set() for n in mesh.ids}
@@ -1061,7 +1124,11 @@ class FaultRunner:
         self.epoch = time.monotonic()  # start of the fault phase, for outcome times
 
     def touches(self, fault: Fault) -> list[str]:
-        both = fault.kind.startswith("partition") or fault.kind == "trim"
+        both = fault.kind.startswith("partition") or fault.kind in (
+            "trim",
+            "link_one_way",
+            "member_forget",
+        )
         return sorted({fault.node, fault.other} if both else {fault.node})
 
     async def run(self, fault: Fault) -> None:
@@ -1176,32 +1243,107 @@ class FaultRunner:
             node.skew_ms = 0
 
     async def _cursor_loss(self, fault: Fault) -> None:
-        """Stop the engine, delete its cursor database, start again: it must re-bootstrap."""
+        """Stop the engine, delete its cursor database, start again: it must resume from the
+        positions its store recorded (or bootstrap, where it has none)."""
         node = self.mesh[fault.node]
         await self.mesh.stop_engine(fault.node)
         node.delete_cursor_db()
         await self._hold(fault.duration_s)
         await self.mesh.start_engine(fault.node)
-        # The new engine bootstraps from each peer and tails from the peer's tail at that
-        # moment: corrupt entries up to there are never read again (and rows quarantined by the
-        # old database are gone with it), so they are excused from the quarantine check.
+        # The new engine reads on from its store's position in each peer's stream: corrupt
+        # entries before its first saved cursor were quarantined in the old database, gone with
+        # it, so they are excused from the quarantine check.
         for peer_id in node.proxies:
             saved = cast(Callable[[], StreamId], functools.partial(node.saved_cursor, peer_id))
             cursor: StreamId = await async_wait_until(
                 saved,
                 timeout=BOOTSTRAP_DEADLINE_S,
                 interval=0.05,
-                message=f"{fault.node} re-bootstrapped from {peer_id}",
+                message=f"{fault.node} resumed reading {peer_id}",
             )
             self.excused[fault.node][peer_id] = cursor
         fault.outcome["bootstrapped_to"] = {p: str(c) for p, c in self.excused[fault.node].items()}
 
+    async def _link_one_way(self, fault: Fault) -> None:
+        self.mesh.partition_one_way(fault.node, fault.other)
+        await self._hold(fault.duration_s)
+        self.mesh.heal_one_way(fault.node, fault.other)
+
+    async def _redis_restore(self, fault: Fault) -> None:
+        """Back the node's Redis up, let it take writes, restore the backup (its engine runs)."""
+        self.backups += 1
+        backup = self.workdir / f"backup-{fault.node}-{self.backups}"
+        mark = len(self.workload.writes)
+        taken_ms = wall_clock_ms()
+        await self.mesh.backup_redis(fault.node, backup)
+        await self._hold(fault.duration_s)
+        await self._take_away(
+            fault, mark, taken_ms, lambda: self.mesh.restore_redis(fault.node, backup)
+        )
+
+    async def _redis_wipe(self, fault: Fault) -> None:
+        """Restart the node's Redis without its data (no persistence), its engine running."""
+        await self._take_away(fault, 0, 0, lambda: self.mesh.wipe_redis(fault.node))
+        await self._hold(fault.duration_s)
+
+    async def _take_away(
+        self, fault: Fault, mark: int, since_ms: int, act: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Do ``act`` (which loses the node's data since ``mark`` / ``since_ms``) with the
+        node's writers paused, first noting which of its writes only it held: an operator's
+        restore or wipe may rightly lose those (the checker excuses them)."""
+        node_id = fault.node
+        await self.workload.stop_node(node_id)
+        others = {n: s for n, s in (await self.mesh.states()).items() if n != node_id}
+        excused = 0
+        for write in self.workload.writes[mark:]:
+            if write.node != node_id:
+                continue
+            held = [state.get(write.key) for state in others.values()]
+            if not any(v is not None and _order(v) >= write.order for v in held):
+                self.lost_to_operator.add((write.key, write.hlc, write.node))
+                excused += 1
+        gone = {sid for sid in self.injected[node_id] if sid.ms >= since_ms}
+        self.trimmed_injected[node_id] |= gone
+        await act()
+        fault.outcome.update(writes_only_there=excused, corrupt_entries_gone=len(gone))
+        self.workload.start_node(node_id)
+
+    async def _member_join(self, fault: Fault) -> None:
+        """A new, empty node whose peers read from the latest entry on (docs/DELETES.md)."""
+        node = self.mesh[fault.node]
+        data = node.config.model_dump()
+        for peer in data["peers"]:
+            peer["start_from"] = "latest"
+        node.config = EngineConfig.model_validate(data)
+        engine = await self.mesh.start_engine(fault.node)
+        fault.outcome["membership"] = engine.status()["membership"]["state"]
+        self.workload.start_node(fault.node)
+
+    async def _member_forget(self, fault: Fault) -> None:
+        """The node is gone for good (engine and Redis), and ``other`` forgets it."""
+        node_id = fault.node
+        await self.workload.stop_node(node_id)
+        others = {n: s for n, s in (await self.mesh.states()).items() if n != node_id}
+        for write in self.workload.writes:
+            if write.node == node_id and not any(
+                (v := s.get(write.key)) is not None and _order(v) >= write.order
+                for s in others.values()
+            ):
+                self.lost_to_operator.add((write.key, write.hlc, write.node))
+        if self.mesh[node_id].engine is not None:
+            await self.mesh.stop_engine(node_id)
+        self.mesh.kill_redis(node_id)
+        self.mesh.forgotten.add(node_id)
+        await self.mesh[fault.other].running().forget(node_id)
+
     async def restore(self, node_ids: Iterable[str] | None = None) -> None:
         """Undo whatever faults left on ``node_ids`` (default all): up, linked, running."""
-        nodes = [self.mesh[n] for n in (self.mesh.ids if node_ids is None else node_ids)]
+        chosen = self.mesh.ids if node_ids is None else list(node_ids)
+        nodes = [self.mesh[n] for n in chosen if n not in self.mesh.forgotten]
         for node in nodes:
             for peer_id in self.mesh.ids:
-                if peer_id != node.node_id:
+                if peer_id != node.node_id and peer_id not in self.mesh.forgotten:
                     self.mesh.heal(node.node_id, peer_id)
             node.skew_ms = 0
             if node.server.is_running():
@@ -1209,7 +1351,7 @@ class FaultRunner:
             else:
                 await self.mesh.restart_redis(node.node_id)
         for node in nodes:
-            if node.engine is None and node.config.peers:
+            if node.engine is None and node.config.peers and node.node_id not in self.workload.idle:
                 await self.mesh.start_engine(node.node_id)
 
 
@@ -1227,6 +1369,8 @@ class ChaosReport:
     judgement: Judgement | None = None
     converge_s: float | None = None
     settled_s: float | None = None  # until every tombstone was collected everywhere
+    lost_to_operator: int = 0  # writes only a restored, wiped or forgotten node held
+    absence_drops: float = 0.0  # versions dropped as proven dead by a peer's claims
     failures: list[str] = field(default_factory=list)
     gaps_total: float = 0.0
     quarantined_metric: float = 0.0
@@ -1242,7 +1386,7 @@ class ChaosReport:
 
     def faults_by_kind(self) -> dict[str, int]:
         counts = Counter(f.kind for f in self.faults)
-        return {kind: counts[kind] for kind in FAULT_KINDS if counts[kind]}
+        return {kind: counts[kind] for kind in FAULT_KINDS + MEMBERSHIP_KINDS if counts[kind]}
 
     def summary(self) -> dict[str, Any]:
         j = self.judgement
@@ -1257,6 +1401,8 @@ class ChaosReport:
             "writes_unacknowledged": j.unacknowledged if j else None,
             "unacknowledged_that_landed": j.unacknowledged_landed if j else None,
             "writes_lost": len(j.lost) if j else None,
+            "writes_lost_to_operator_action": self.lost_to_operator,
+            "absence_drops": self.absence_drops,
             "resurrections": len(j.resurrections) if j else None,
             "phantom_versions": len(j.phantoms) if j else None,
             "divergent_keys": len(j.divergent) if j else None,
@@ -1309,11 +1455,17 @@ async def run_chaos(
     converge_timeout_s: float = 120.0,
     config: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    membership: bool = True,
 ) -> ChaosReport:
     """One seeded run: mesh up, workload and faults for ``duration_s``, quiesce, judge.
 
     ``config`` is deep-merged into every node's engine configuration (e.g.
     ``{"local": {"stream_maxlen": 50}}`` for streams that trim themselves under load).
+
+    With ``membership`` (and at least 3 nodes) one more node, configured in every peer list
+    from the start, joins with ``start_from: latest`` at the start of the fault phase (until
+    then it holds collection back, as a configured member that has not started does), and
+    after the last fault one node other than it is gone for good and forgotten.
 
     Never raises for a failed check: the report lists failures (with the seed and the
     schedule in :meth:`ChaosReport.render`). Raises only when the harness itself breaks.
@@ -1322,12 +1474,28 @@ async def run_chaos(
         raise ValueError(f"nodes={nodes}: expected 2..26")
     started = time.monotonic()
     node_ids = [chr(ord("a") + i) for i in range(nodes)]
+    joiner = chr(ord("a") + nodes) if membership and nodes >= 3 and nodes < 26 else None
     faults = plan_faults(seed, node_ids, duration_s, kinds)
+    if joiner is not None:
+        faults = _with_membership_faults(seed, node_ids, joiner, faults)
     report = ChaosReport(seed=seed, nodes=nodes, fault_phase_s=duration_s, faults=faults)
     say = progress or (lambda _message: None)
-    mesh = await ChaosMesh.open(node_ids, workdir, make_server, config=config)
+    everyone = [*node_ids, joiner] if joiner is not None else node_ids
+    mesh = await ChaosMesh.open(
+        everyone, workdir, make_server, config=config, start_engines=joiner is None
+    )
+    if joiner is not None:
+        try:
+            for node_id in node_ids:
+                await mesh.start_engine(node_id)
+            await mesh.wait_bootstrapped()
+        except BaseException:
+            await mesh.aclose()
+            raise
     workload = Workload(mesh, seed, keys=keys, rate_per_node=rate_per_node)
-    runner = FaultRunner(mesh, workload, seed)
+    if joiner is not None:
+        workload.idle.add(joiner)
+    runner = FaultRunner(mesh, workload, seed, workdir)
 
     async def carry_out(fault: Fault) -> None:
         say(f"start {fault.describe()}")
@@ -1366,6 +1534,10 @@ async def run_chaos(
         except AssertionError as exc:
             report.failures.append(str(exc))
         await _check(report, mesh, workload, runner)
+        report.lost_to_operator = len(runner.lost_to_operator)
+        report.absence_drops = sum(
+            n.metric_total("replication_absence_drops_total") for n in mesh.live
+        )
     finally:
         with contextlib.suppress(BaseException):
             await workload.stop()
@@ -1375,6 +1547,24 @@ async def run_chaos(
     return report
 
 
+def _with_membership_faults(
+    seed: int, node_ids: Sequence[str], joiner: str, faults: list[Fault]
+) -> list[Fault]:
+    """``faults`` with a join of ``joiner`` before them and a forget after them all."""
+    rng = random.Random(f"membership/{seed}")
+    join = Fault("member_join", joiner, joiner, 0.1, FAULT_SECONDS["member_join"][0])
+    end = max((f.start_s + f.duration_s for f in faults), default=0.0)
+    gone, by = rng.sample(list(node_ids), 2)
+    forget = Fault(
+        "member_forget",
+        gone,
+        by,
+        round(end + rng.uniform(*FAULT_GAP_S), 3),
+        FAULT_SECONDS["member_forget"][0],
+    )
+    return [join, *faults, forget]
+
+
 async def _check(
     report: ChaosReport, mesh: ChaosMesh, workload: Workload, runner: FaultRunner
 ) -> None:
@@ -1382,7 +1572,7 @@ async def _check(
     report.roots = await mesh.roots()
     if len(set(report.roots.values())) != 1:
         report.failures.append(f"merkle roots differ: {report.roots}")
-    judgement = judge(states, workload.writes, workload.unacknowledged)
+    judgement = judge(states, workload.writes, workload.unacknowledged, runner.lost_to_operator)
     report.judgement = judgement
     for label, problems in (
         ("lost", judgement.lost),
@@ -1395,7 +1585,9 @@ async def _check(
         if not fault.outcome.get("gap_reported"):
             report.failures.append(f"no gap reported for: {fault.describe()}")
     report.gaps_total = sum(
-        n.metric_total("replication_stream_gaps_total", peer=p) for n in mesh for p in n.proxies
+        n.metric_total("replication_stream_gaps_total", peer=p)
+        for n in mesh.live
+        for p in n.proxies
     )
     report.cancel_retries = mesh.cancel_retries
     report.injected_corrupt = sum(len(ids) for ids in runner.injected.values())
@@ -1403,7 +1595,7 @@ async def _check(
     # read them cannot be asked of it.
     gone: dict[str, set[StreamId]] = {}
     oldest_of: dict[str, StreamId | None] = {}
-    for peer in mesh:
+    for peer in mesh.live:
         first = cast(
             list[tuple[bytes, Any]], await peer.store.redis.xrange(peer.store.keys.cdc, count=1)
         )
@@ -1412,11 +1604,13 @@ async def _check(
         gone[peer.node_id] = runner.trimmed_injected[peer.node_id] | {
             sid for sid in runner.injected[peer.node_id] if oldest is None or sid < oldest
         }
-    for node in mesh:
+    for node in mesh.live:
         rows = node.quarantined()
         report.quarantined_rows += len(rows)
         report.quarantined_metric += node.metric_total("replication_cdc_events_quarantined_total")
         for peer_id in node.proxies:
+            if peer_id in mesh.forgotten:
+                continue
             got = {codec.parse_stream_id(sid) for p, sid, _ in rows if p == peer_id}
             injected = runner.injected[peer_id]
             unexpected = got - injected

@@ -333,6 +333,59 @@ async def test_verify_exits_0_when_roots_match_and_1_listing_divergent_keys(
     }, differ.stdout
 
 
+async def test_verify_tree_finds_an_inconsistent_tree_and_repair_rebuilds_it(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    local = redis_factory()
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": local.url, "prefix": PREFIX},
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+        },
+    )
+    async with stores(("a", local.url)) as (store,):
+        await store.apply_batch(shared_changes(50))
+        root = await store.merkle_root()
+        clean = await run_cli(["verify", "--tree", "check", "--config", str(config)], cwd=tmp_path)
+        assert clean.returncode == 0 and "tree consistent" in clean.stdout, clean
+        # An interior node no longer the XOR of its children: a hand edit, or a failure part way.
+        parent = store.keys.node(store.geometry.leaf_path("shared:1")[: store.geometry.width])
+        child = next(iter(await store.redis.hkeys(parent)))
+        await store.redis.hset(parent, child, "0" * 31 + "1")
+
+        found = await run_cli(["verify", "--tree", "check", "--config", str(config)], cwd=tmp_path)
+        assert found.returncode == 1 and "TREE:" in found.stdout, found
+        fixed = await run_cli(["verify", "--tree", "repair", "--config", str(config)], cwd=tmp_path)
+        assert fixed.returncode == 0 and "rebuilt" in fixed.stdout, fixed
+        assert await store.merkle_root() == root
+
+
+async def test_forget_adds_a_member_to_the_forgotten_list_of_the_local_store(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    local = redis_factory()
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": local.url, "prefix": PREFIX},
+            "peers": [{"node_id": "b", "redis_url": local.url, "prefix": "other:"}],
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+        },
+    )
+    async with stores(("a", local.url)) as (store,):
+        await store.add_to_record(members=["a", "b", "gone"])
+        result = await run_cli(["forget", "gone", "--config", str(config)], cwd=tmp_path)
+        assert result.returncode == 0, result
+        assert "forgot gone" in result.stdout
+        members, forgotten = await store.add_to_record()
+        assert forgotten == {"gone"} and members == {"a", "b"}
+        itself = await run_cli(["forget", "a", "--config", str(config)], cwd=tmp_path)
+        assert itself.returncode == 2 and "cannot forget itself" in itself.stdout
+
+
 @asynccontextmanager
 async def password_protected_local(
     redis_factory: RedisFactory, tmp_path: Path

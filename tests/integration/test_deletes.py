@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from replication_engine.clock import wall_clock_ms as clock_ms
 from replication_engine.codec import Change
 from replication_engine.config import EngineConfig
 from replication_engine.knowledge import NodeRecord
@@ -81,7 +82,8 @@ async def hold(node: ChaosNode, condition: Callable[[], Awaitable[bool]], messag
     until = node.membership()["ticks"] + HOLD_TICKS
 
     async def ticked() -> bool:
-        assert await condition(), message
+        if not await condition():
+            raise AssertionError(f"{message}; {node.node_id}'s membership: {node.membership()}")
         return bool(node.membership()["ticks"] >= until)
 
     await async_wait_until(ticked, timeout=SETTLE_S, interval=TICK_S / 2, message=message)
@@ -130,13 +132,13 @@ async def test_a_delete_is_not_undone_when_a_one_way_link_down_past_its_collecti
 async def test_collection_waits_for_a_member_that_cannot_learn_the_delete(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    # c's cold path is off: cut off from a, it cannot learn a's delete at all.
-    settings = {**SETTINGS, "cold_path": {"enabled": False}}
-    async with deletes_mesh(redis_factory, tmp_path, settings=settings) as mesh:
+    async with deletes_mesh(redis_factory, tmp_path) as mesh:
         workload = Workload(mesh, seed=2, keys=5)
         assert await workload.write("a", "k", b"put on a, then deleted") is not None
         await mesh.wait_converged(SETTLE_S)
+        # c can read nobody (a and b still read c): nothing can teach it the delete.
         mesh.partition_one_way("c", "a")
+        mesh.partition_one_way("c", "b")
         assert await workload.write("a", "k", None) is not None
 
         async def waiting() -> bool:
@@ -150,6 +152,7 @@ async def test_collection_waits_for_a_member_that_cannot_learn_the_delete(
         assert membership["tombstones"] == 1
 
         mesh.heal_one_way("c", "a")
+        mesh.heal_one_way("c", "b")
         await wait_collected(mesh, "k", ("a", "b", "c"))
         await assert_no_value_anywhere(mesh, "k")
 
@@ -362,3 +365,30 @@ async def test_a_stopped_member_holds_collection_back_until_it_returns_or_is_for
         assert (
             mesh["a"].metric_total("replication_member_holding_collection_seconds", member="c") == 0
         )
+
+
+# ------------------------------------------------------------------------------------ HLC floor
+
+
+async def test_a_wiped_store_never_issues_an_hlc_below_one_it_already_used(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with deletes_mesh(redis_factory, tmp_path, ("a", "b")) as mesh:
+        a = mesh["a"]
+        first = await a.store.put("k", b"written before the wipe")
+        await mesh.wait_converged(SETTLE_S)
+        await mesh.stop_engine("a")
+        await mesh.wipe_redis("a")
+        # The writer process restarts too (its clock is gone), and the machine's wall clock
+        # now runs a minute behind the HLCs it issued.
+        a.store.clock = type(a.store.clock)(lambda: clock_ms() - 60_000)
+        engine = await mesh.start_engine("a")
+        assert engine.status()["membership"]["state"] == "recovering"
+
+        second = await a.store.put("k", b"written after the wipe")
+
+        assert second > first, "the floor was restored before local writes went on"
+        await mesh.wait_converged(SETTLE_S)
+        for node in mesh:
+            item = await node.store.get("k")
+            assert item is not None and item.value == b"written after the wipe", node.node_id

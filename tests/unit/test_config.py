@@ -860,3 +860,55 @@ def test_yaml_aliases_expanding_exponentially_are_an_error(tmp_path: Path) -> No
     path = write(tmp_path, "local_node_id: a\nlaughs:\n" + "\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match="more than 100,000 values"):
         load_config(path, env={})
+
+
+# ------------------------------------------------------------------------------------------------
+# Defects found with the deletes audit
+
+
+def test_model_validate_never_quotes_a_password_in_its_errors() -> None:
+    bad = {
+        "local_node_id": "a",
+        "local": {"redis_url": f"redis://:{SECRET}@host:notaport/0"},
+        "peers": [{"node_id": "a", "redis_url": f"redis://:{SECRET}@peer:6379/0"}],
+    }
+    with pytest.raises(ValidationError) as raised:
+        EngineConfig.model_validate(bad)
+    assert SECRET not in str(raised.value)
+    assert SECRET not in repr(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("local_prefix", "peer_prefix"), [("", "item:"), ("app:", "app:b:"), ("app:b:", "app:")]
+)
+def test_two_prefixes_on_one_redis_that_overlap_are_refused(
+    local_prefix: str, peer_prefix: str
+) -> None:
+    url = "redis://127.0.0.1:6379/0"
+    with pytest.raises(ConfigError, match="overlaps the prefix of local.redis_url") as raised:
+        EngineConfig.from_mapping(
+            {
+                "local_node_id": "a",
+                "local": {"redis_url": url, "prefix": local_prefix},
+                "peers": [{"node_id": "b", "redis_url": url, "prefix": peer_prefix}],
+            },
+            env={},
+        )
+    assert "peers[0].prefix" in str(raised.value)
+
+
+def test_a_field_removed_with_collection_by_clock_says_why() -> None:
+    with pytest.raises(ConfigError) as raised:
+        EngineConfig.from_mapping(
+            {
+                "local_node_id": "a",
+                "local": {"tombstone_grace_sec": 86400},
+                "settings": {"rebootstrap": {"max_discard_items": 10}},
+            },
+            env={},
+        )
+    message = str(raised.value)
+    assert "local.tombstone_grace_sec: removed: tombstones are collected once every member" in (
+        message
+    )
+    assert "settings.rebootstrap: removed" in message

@@ -62,11 +62,14 @@ if src ~= '' then
   local token, first, last, mode = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
   local cur = read_anchor(src)
   local same = cur ~= nil and cur.token == token
-  local anchored = mode == 'f' or
-    (mode == 'c' and same and cur.anchored and not bytes_gt(first, cur.pos))
+  local contiguous = mode == 'c' and same and not bytes_gt(first, cur.pos)
+  local anchored = mode == 'f' or (contiguous and cur.anchored)
   local pos = last
   if same and bytes_gt(cur.pos, last) then pos = cur.pos end
-  write_anchor(src, token, pos, anchored)
+  -- Unanchored: contiguous again from this batch's end, or from where it already was.
+  local since = last
+  if contiguous and not cur.anchored and cur.since ~= '' then since = cur.since end
+  write_anchor(src, token, pos, anchored, since)
   if anchored and #errors == 0 then raise_claims(13) end
 end
 local reply = {table.concat(out)}

@@ -184,17 +184,21 @@ local function raise_claims(first)
   end
 end
 
--- An anchor field ('p:<peer>'): token, fixed-width position, anchored flag.
+-- An anchor field ('p:<peer>'): token, fixed-width position, anchored flag, and for an
+-- unanchored one the position from which the stream was applied contiguously again (a repair
+-- that began at or after it covers the gap before it).
 local function read_anchor(src)
   local raw = call('HGET', REC, 'p:' .. src)
   if not raw then return nil end
-  local token, pos, flag = string.match(raw, '^([^|]*)|([^|]*)|([01])$')
+  local token, pos, flag, since = string.match(raw, '^([^|]*)|([^|]*)|([01])|?([^|]*)$')
   if not token then return nil end
-  return {token = token, pos = pos, anchored = flag == '1'}
+  return {token = token, pos = pos, anchored = flag == '1', since = since}
 end
 
-local function write_anchor(src, token, pos, anchored)
-  call('HSET', REC, 'p:' .. src, token .. '|' .. pos .. '|' .. (anchored and '1' or '0'))
+local function write_anchor(src, token, pos, anchored, since)
+  local raw = token .. '|' .. pos .. '|' .. (anchored and '1' or '0')
+  if not anchored then raw = raw .. '|' .. (since or pos) end
+  call('HSET', REC, 'p:' .. src, raw)
 end
 
 -- This store's own record has not gone back since the caller read it: same incarnation, and

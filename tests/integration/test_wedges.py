@@ -1,0 +1,131 @@
+"""Nothing an entry or a key holds can wedge a stream (DESIGN.md invariant 7), end to end.
+
+Under the old apply path each of these stopped a tailer for good: a batch of big values over
+Redis's limit on one argument, a key of the wrong type made by hand under the prefix, and a
+batch whose last entry for a key was refused for clock skew (dropping an earlier valid one).
+Every test runs real engines against real ``redis-server`` processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import pytest
+from integration.mesh import WriteLog, append_raw, metric, open_mesh
+
+from replication_engine import clock
+from replication_engine.codec import Change, encode_entry
+from replication_engine.testing import RedisFactory, async_wait_until
+
+# Deadline for an entry to be applied or a repair to land.
+DEADLINE_S = 30.0
+# Bytes per argument this file's local Redis accepts (Redis's own default is 512 MB): small, so
+# a batch of a few megabytes stands in for the 500 MB batches that wedged a tailer.
+PROTO_MAX_BULK = 1024 * 1024
+
+
+async def test_a_batch_of_big_values_over_the_argument_limit_applies_in_bounded_calls(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        engines=[],
+        overrides={"a": {"settings": {"hot_path": {"max_batch_bytes": 256 * 1024}}}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        await a.store.redis.config_set("proto-max-bulk-len", str(PROTO_MAX_BULK))
+        log = WriteLog()
+        rng = random.Random(5)
+        # 24 values of 200 KB: 4.8 MB in one read, each value far under the limit.
+        for i in range(24):
+            await log.put(b, f"big:{i}", rng.randbytes(200_000))
+        engine = await mesh.start_engine("a")
+
+        async def all_applied() -> bool:
+            return all([await a.store.get(f"big:{i}") is not None for i in range(24)])
+
+        await async_wait_until(all_applied, timeout=DEADLINE_S, message="every big value applied")
+        assert a.stat("b", "apply_failures") == 0
+        assert engine.local_breaker.current_state == "closed"
+        for write in log.writes:
+            item = await a.store.get(write.key)
+            assert item is not None and item.value == write.value
+
+
+async def test_a_wrong_typed_key_costs_one_quarantined_item_and_a_log_line_naming_it(
+    redis_factory: RedisFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="replication_engine")
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b"], "b": []}, engines=[]) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        # Made by hand on a, under the prefix: the item key of "x" holds a string.
+        await a.store.redis.set(a.store.keys.item("x"), b"somestring")
+        log = WriteLog()
+        for key in ("before", "x", "after"):
+            await log.put(b, key, f"value of {key}".encode())
+        engine = await mesh.start_engine("a")
+        await mesh.wait_idle()
+
+        assert await a.store.get("before") is not None and await a.store.get("after") is not None
+        tailer = a.tailer("b")
+        assert tailer.stats.refused == 1 and tailer.stats.apply_failures == 0
+        assert engine.local_breaker.current_state == "closed"
+        assert (
+            metric(engine, "replication_cdc_events_quarantined_total", peer="b", reason="refused")
+            == 1
+        )
+        rows = await engine.cursors.quarantine_list() if engine.cursors else []
+        assert [row.key for row in rows] == ["x"], "quarantined once, however often repaired"
+        assert rows[0].reason.startswith("refused by the local store: WRONGTYPE")
+        lines = [r for r in caplog.records if r.getMessage().startswith("store refused an entry")]
+        assert lines and getattr(lines[0], "key", None) == "x"
+        assert "WRONGTYPE" in getattr(lines[0], "error", "")
+        # The key stays requested for repair: once an operator removes the stray key, it heals.
+        assert engine.cold_path is not None and engine.cold_path.has_pending("b")
+        await a.store.redis.delete(a.store.keys.item("x"))
+        await engine.repair_once()
+
+        async def healed() -> bool:
+            return await a.store.get("x") is not None
+
+        await async_wait_until(healed, timeout=DEADLINE_S, message="x repaired")
+
+
+async def test_a_clock_skewed_entry_is_set_aside_without_dropping_an_earlier_valid_one(
+    redis_factory: RedisFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="replication_engine.cold_path")
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        engines=[],
+        common={"local": {"max_clock_offset_sec": 60}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        now = clock.wall_clock_ms()
+        valid = Change.put("k", b"valid", hlc=clock.pack(now, 0), origin="b")
+        ahead = Change.put(
+            "k", b"from an hour ahead", hlc=clock.pack(now + 3_600_000, 0), origin="b"
+        )
+        # Both in one batch, the skewed one last: coalescing must not let it hide the valid one.
+        await append_raw(b.store, encode_entry(valid))
+        await append_raw(b.store, encode_entry(ahead))
+        engine = await mesh.start_engine("a")
+        await mesh.wait_idle()
+
+        item = await a.store.get("k")
+        assert item is not None and item.value == b"valid"
+        assert (
+            metric(
+                engine, "replication_cdc_events_quarantined_total", peer="b", reason="clock_skew"
+            )
+            == 1
+        )
+        # And a repair of k is requested (it heals once the origin's clock is right).
+        requests = [r.getMessage() for r in caplog.records if "repair.requested" in r.getMessage()]
+        assert "repair.requested peer=b reason=clock_skew keys=1" in requests, requests
