@@ -36,7 +36,13 @@ from replication_engine import clock
 from replication_engine.codec import Change
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
-from replication_engine.store.redis_store import ApplyStatus, PreparedApply, RedisStore
+from replication_engine.store.redis_store import (
+    ApplyResult,
+    ApplyStatus,
+    PreparedApply,
+    RedisStore,
+    StreamBatch,
+)
 
 NODES = ("a", "b", "c")
 KEYS = 10_000
@@ -85,13 +91,15 @@ async def _engine_process(
         changes_of[id(prepared)] = list(changes)
         return prepared
 
-    async def apply(self: RedisStore, prepared: PreparedApply) -> list[ApplyStatus]:
-        statuses = await original_apply(self, prepared)
+    async def apply(
+        self: RedisStore, prepared: PreparedApply, source: StreamBatch | None = None
+    ) -> ApplyResult:
+        result = await original_apply(self, prepared, source)
         now = clock.wall_clock_ms()
-        for change, status in zip(changes_of.pop(id(prepared), []), statuses, strict=False):
+        for change, status in zip(changes_of.pop(id(prepared), []), result.statuses, strict=False):
             if status is ApplyStatus.APPLIED:
                 samples.append(now - change.updated_at)
-        return statuses
+        return result
 
     RedisStore.prepare_apply = prepare  # type: ignore[method-assign]
     RedisStore.apply_prepared = apply  # type: ignore[method-assign]

@@ -47,11 +47,16 @@ for n = 1, #items do
     end
   end
   if status == 'a' then
-    applied = true
-    write_item(key, it[2], tomb, it[4], hash, hlc, origin, it[8], it[9], it[10], it[11], cur,
-      it[12], it[13], it[14], it[15], it[16])
-    if relay then
-      emit(maxlen, key, tomb, it[4], hash, hlc, origin, it[8], it[9], it[10], it[11], it[17])
+    local refused = write_item(key, it[2], tomb, it[4], hash, hlc, origin, it[8], it[9], it[10],
+      it[11], cur, it[12], it[13], it[14], it[15], it[16])
+    if refused then
+      status = 'w'
+      errors[#errors + 1], errors[#errors + 2] = n, refused .. ' (key ' .. MK .. it[2] .. ')'
+    else
+      applied = true
+      if relay then
+        emit(maxlen, key, tomb, it[4], hash, hlc, origin, it[8], it[9], it[10], it[11], it[17])
+      end
     end
   end
   out[n] = status

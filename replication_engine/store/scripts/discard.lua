@@ -10,7 +10,7 @@ if not record_unmoved(ARGV[4], ARGV[5]) then return -1 end
 local n = 0
 for i = 6, #ARGV, 4 do
   local key, path, hlc, origin = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local cur = read_checked(key, path)
+  local cur = read_checked_leaf(key, path)
   if cur and cur.hlc == hlc and cur.origin == origin then
     remove_item(key, path, cur)
     n = n + 1

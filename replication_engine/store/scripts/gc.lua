@@ -13,7 +13,7 @@ if not collected or hlc_gt(stable, collected) then call('HSET', REC, 'collected'
 local n = 0
 for i = 7, #ARGV, 2 do
   local key, path = ARGV[i], ARGV[i + 1]
-  local cur = read_checked(key, path)
+  local cur = read_checked_leaf(key, path)
   if cur then
     local expired = cur.del == '1' and not hlc_gt(cur.hlc, stable)
     if expired then

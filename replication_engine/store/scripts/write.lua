@@ -6,7 +6,7 @@ local key, path, tomb = ARGV[5], ARGV[6], ARGV[7]
 local problem = check_store_keys({HLC_KEY, 'string', ROOT_KEY, 'string', TOMBS_KEY, 'zset',
   CDC_KEY, 'stream'})
 if problem then return problem end
-local cur, why = read_checked(key, path)
+local cur, why = read_checked_leaf(key, path)
 if not cur then return fail(P .. 'item:' .. key, why) end
 -- The timestamp: the proposal from the client's clock, or the successor of the last one issued
 -- when the proposal is not newer (a clock that went backwards, or two writers racing). Kept in
@@ -29,7 +29,8 @@ local version = string.format('%d', previous + 1)
 local data, hash, origin, ct, updated_at, tp = ARGV[8], ARGV[9], ARGV[11], ARGV[12], ARGV[13],
   ARGV[14]
 call('SET', HLC_KEY, hlc)
-write_item(key, path, tomb, data, hash, hlc, origin, ct, version, updated_at, tp, cur)
+why = write_item(key, path, tomb, data, hash, hlc, origin, ct, version, updated_at, tp, cur)
+if why then return fail(MK .. path, why) end
 local sid = emit(ARGV[4], key, tomb, data, hash, hlc, origin, ct, version, updated_at, tp)
 tree_flush()
 return {hlc, sid}
