@@ -119,6 +119,11 @@ async def test_a_delete_is_not_undone_when_a_one_way_link_down_past_its_collecti
         # still down (the old design collected it by clock, with c holding the value).
         await wait_collected(mesh, "k", ("a", "b", "c"))
         mesh.heal_one_way("c", "a")
+        # a and b compare with c at once, before c's tailer (its breaker for a still open) reads
+        # a's stream: under collection by clock this pulled c's copy back everywhere.
+        await mesh["a"].running().repair_once()
+        await mesh["b"].running().repair_once()
+        await assert_no_value_anywhere(mesh, "k")
         # c's tailer now reads a's old PUT and the DEL from a's stream: both are at or below
         # what c already claims about a's writes, so neither is applied.
         assert await mesh.wait_tailers_at_tails(SETTLE_S)
