@@ -15,11 +15,15 @@ read and write Redis.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from replication_engine.clock import MAX_HLC
+
 __all__ = [
+    "ALL_WRITES",
     "RECOVERING",
     "SERVING",
     "Anchor",
@@ -39,10 +43,17 @@ __all__ = [
 # Record states: serving (claims certified) or recovering (the store may have lost writes).
 SERVING = "ok"
 RECOVERING = "recovering"
+# A claim about every write of a node: what a store claims about a forgotten node once it has
+# had a complete repair from every peer since it learned of the forget.
+ALL_WRITES = MAX_HLC
 # Separators in the record's list and anchor fields: node ids never contain them (config
 # restricts ids to A-Z a-z 0-9 . _ -).
 _LIST_SEP = ","
 _ANCHOR_SEP = "|"
+# Fields as the scripts write them: an HLC as 16 lowercase hex digits, a stream id as two
+# 20-digit numbers (see sid_key).
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+_SID = re.compile(r"[0-9]{20}-[0-9]{20}")
 
 
 class ApplyStatus(StrEnum):
@@ -83,18 +94,20 @@ def decide(
         claim: this store's claim about the remote version's origin (0 when it has none).
 
     Returns:
-        APPLIED, SKIPPED (the same version), STALE (older than what is held) or KNOWN (at or
-        below the claim: already held, superseded, or deleted and collected; applying it
-        could only bring a dead value back).
+        APPLIED; SKIPPED (not newer, and the same content and tombstone flag are held here:
+        a duplicate delivery, or the same content written again); STALE (older than what is
+        held, with other content); or KNOWN (at or below the claim: already held, superseded,
+        or deleted and collected; applying it could only bring a dead value back). A claim
+        of 0 is no claim, as an absent ``c:`` field is to the scripts.
     """
-    if remote[0] <= claim:
+    if claim and remote[0] <= claim:
         return ApplyStatus.KNOWN
     if local is None:
         return ApplyStatus.APPLIED
-    theirs, ours = order(*remote), order(*local)
-    if theirs > ours:
+    if order(*remote) > order(*local):
         return ApplyStatus.APPLIED
-    return ApplyStatus.SKIPPED if theirs == ours else ApplyStatus.STALE
+    same = (remote[2], remote[3]) == (local[2], local[3])
+    return ApplyStatus.SKIPPED if same else ApplyStatus.STALE
 
 
 # ---------------------------------------------------------------------------- wire forms
@@ -105,13 +118,12 @@ def hlc_hex(hlc: int) -> str:
 
 
 def parse_hlc_hex(raw: str | None) -> int:
-    """A 16-hex HLC field; 0 when absent or unreadable (a claim of nothing)."""
-    if not raw or len(raw) != 16:
+    """A 16-hex HLC field, as the scripts write and compare it (lowercase, fixed width); 0
+    when absent or unreadable (a claim of nothing). ``int(raw, 16)`` alone would also take a
+    sign, ``0x`` or underscores, which the scripts would compare byte-wise differently."""
+    if not raw or not _HEX16.fullmatch(raw):
         return 0
-    try:
-        return int(raw, 16)
-    except ValueError:
-        return 0
+    return int(raw, 16)
 
 
 def sid_key(ms: int, seq: int) -> str:
@@ -135,10 +147,15 @@ class Anchor:
 
     @classmethod
     def parse(cls, raw: str | None) -> Anchor | None:
+        """None for an absent or unreadable field (as ``read_anchor`` in the scripts)."""
         if not raw:
             return None
         parts = raw.split(_ANCHOR_SEP)
-        if len(parts) not in (3, 4):
+        if len(parts) not in (3, 4) or parts[2] not in ("0", "1"):
+            return None
+        if not _SID.fullmatch(parts[1]) or (
+            len(parts) == 4 and parts[3] and not _SID.fullmatch(parts[3])
+        ):
             return None
         return cls(parts[0], parts[1], parts[2] == "1", parts[3] if len(parts) == 4 else "")
 
@@ -165,6 +182,7 @@ class NodeRecord:
     relay: bool = False
     incarnation: str = ""
     epoch: str = ""
+    genesis: str = ""
     run_id: str = ""
     nonce: str = ""
     cert: int = 0
@@ -197,6 +215,7 @@ class NodeRecord:
             relay=fields.get("relay") == "1",
             incarnation=fields.get("inc", ""),
             epoch=fields.get("epoch", ""),
+            genesis=fields.get("genesis", ""),
             run_id=fields.get("run", ""),
             nonce=fields.get("nonce", ""),
             cert=_int(fields.get("cert")),
@@ -215,6 +234,17 @@ class NodeRecord:
         """Identifies the stream a reader is anchored in: a new incarnation (a wiped store),
         a new epoch (recovery finished) or a relay change each start a new one."""
         return f"{self.incarnation}.{self.epoch}.{1 if self.relay else 0}"
+
+    @property
+    def holds_whole_stream(self) -> bool:
+        """Whether the stream holds everything :meth:`stream_claims` covers from its first
+        entry on, so that a reader from its start may take them (``apply.lua`` mode ``f``).
+
+        True only in the epoch the store's record was created in. A recovery fetches writes
+        back without emitting them, and while relay was off applied versions were not
+        emitted: after either (each starts a new epoch), the stream's start proves nothing.
+        """
+        return bool(self.genesis) and self.genesis == self.epoch
 
     @property
     def recovering(self) -> bool:
@@ -309,23 +339,33 @@ def derive_members(
     return published, frozenset((known | unknown) - gone), frozenset(gone)
 
 
-def frontier(record: NodeRecord | None, members: Iterable[str]) -> int:
-    """The HLC up to which ``record``'s store holds every member's writes (0 for no record)."""
+def frontier(
+    record: NodeRecord | None, members: Iterable[str], forgotten: Iterable[str] = ()
+) -> int:
+    """The HLC up to which ``record``'s store holds every member's writes, and every forgotten
+    node's (0 for no record)."""
     if record is None:
         return 0
-    return min((record.claim(member) for member in members), default=record.self_claim)
+    writers = [*members, *forgotten]
+    return min((record.claim(writer) for writer in writers), default=record.self_claim)
 
 
 def stable_frontier(
     members: Iterable[str],
     records: Mapping[str, NodeRecord | None],
     unreadable: Iterable[str] = (),
+    forgotten: Iterable[str] = (),
 ) -> tuple[int, str | None]:
     """The mesh's stable frontier, and the member to blame for where it stands.
 
     Every member's frontier is computed here from its own claims and *this* node's member
     set, so a member that has not yet heard of a newcomer cannot make collection run ahead of
     the newcomer's writes. A member without a readable record holds it at 0.
+
+    Writes of a ``forgotten`` node count too: until every member claims all of them (it does
+    once it has had a complete repair from every peer since it learned of the forget, see
+    docs/DELETES.md, "Forgetting a member"), a member may still hold an old value of one that
+    only a tombstone here supersedes. A member behind on a forgotten node is blamed itself.
 
     The blame goes to the member an operator must look at. The frontier is the lowest claim of
     some member ``Y`` about some origin ``X``: ``X`` is blamed when its record cannot be read
@@ -337,18 +377,19 @@ def stable_frontier(
         to blame (None for an empty member set).
     """
     names = sorted(members)
+    gone = sorted(set(forgotten) - set(names))
     down = set(unreadable)
     lowest: tuple[int, str, str] | None = None  # (claim, claimant, origin)
     for claimant in names:
         record = records.get(claimant)
-        for origin in names:
+        for origin in names + gone:
             value = 0 if record is None else record.claim(origin)
             if lowest is None or value < lowest[0]:
                 lowest = (value, claimant, origin)
     if lowest is None:
         return 0, None
     value, claimant, origin = lowest
-    if claimant in down or records.get(claimant) is None:
+    if claimant in down or records.get(claimant) is None or origin in gone:
         return value, claimant
     source = records.get(origin)
     if origin in down or source is None or origin == claimant or value >= source.self_claim:
@@ -357,14 +398,18 @@ def stable_frontier(
 
 
 def is_dead_by_absence(version: tuple[int, str], authority: NodeRecord | None) -> bool:
-    """Whether a version held here is dead because ``authority``'s store lacks its key.
+    """Whether a version held here is dead because ``authority``'s store holds nothing newer.
 
     The authority's claim about the version's origin covers the version: it applied it or a
-    newer version of the key, and a store loses a key only to a collection of a newer
-    tombstone (or to this same rule), so the key was deleted and collected. A store without a
-    record (new, wiped) claims nothing, and a recovering one is never asked.
+    newer version of the key. So when it lacks the key, it lost it only to a collection of a
+    newer tombstone (or to this same rule): the key was deleted and collected. And when it
+    holds an *older* version, the version here was written off: lost by a store that
+    recovered, and brought back by a restore after the mesh had certified past it (see
+    docs/DELETES.md, "Written off"). A store without a record (new, wiped) claims nothing,
+    and a recovering one is never asked.
     """
     if authority is None or authority.recovering:
         return False
     hlc, origin = version
-    return authority.claim(origin) >= hlc
+    claim = authority.claim(origin)
+    return claim > 0 and claim >= hlc

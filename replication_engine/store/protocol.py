@@ -41,7 +41,13 @@ class Store(Protocol):
     async def apply_batch(
         self, changes: Sequence[Change], *, relay: bool = True
     ) -> list[ApplyStatus]: ...
-    def prepare_apply(self, changes: Sequence[Change], *, relay: bool = True) -> PreparedApply: ...
+    def prepare_apply(
+        self,
+        changes: Sequence[Change],
+        *,
+        relay: bool = True,
+        replaces: Mapping[int, tuple[int, str]] | None = None,
+    ) -> PreparedApply: ...
     async def apply_prepared(
         self, prepared: PreparedApply, source: StreamBatch | None = None
     ) -> ApplyResult: ...

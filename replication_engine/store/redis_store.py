@@ -415,9 +415,18 @@ class RedisStore:
         result = await self.apply_prepared(self.prepare_apply(changes, relay=relay))
         return result.statuses
 
-    def prepare_apply(self, changes: Sequence[Change], *, relay: bool = True) -> PreparedApply:
+    def prepare_apply(
+        self,
+        changes: Sequence[Change],
+        *,
+        relay: bool = True,
+        replaces: Mapping[int, tuple[int, str]] | None = None,
+    ) -> PreparedApply:
         """The client-side half of :meth:`apply_batch`: no I/O, so a pipelined caller can
         pack batch N+1 while this store's server is still applying batch N.
+
+        ``replaces`` maps the position of a change to the ``(hlc, origin)`` of a written-off
+        version held here that it replaces outright (the cold path's rule, docs/DELETES.md).
 
         Everything the script would otherwise derive per item is computed here, off the
         single-threaded server: the leaf path and digest (also as four 32-bit words) and, when
@@ -458,6 +467,9 @@ class RedisStore:
                     codec.encode_meta(c) if relay else b"",
                 ]
             )
+            if replaces and i in replaces:
+                held_hlc, held_origin = replaces[i]
+                items[-1] += [clock.to_hex(held_hlc), held_origin]
             newest = max(newest, c.hlc)
         chunks = [(start, end, _pack(items[start:end])) for start, end in self._chunk(items)]
         return PreparedApply(len(changes), accepted, newest, items, chunks, relay)
@@ -722,14 +734,41 @@ class RedisStore:
         self, *, members: Iterable[str] = (), forgotten: Iterable[str] = ()
     ) -> tuple[frozenset[str], frozenset[str]]:
         """Add to the record's member and forgotten lists (they only grow); returns both."""
+        listed, gone, _ = await self._run_members(members, forgotten, [])
+        return listed, gone
+
+    async def claim_all_writes(
+        self, origins: Iterable[str], *, incarnation: str, cert: int
+    ) -> bool:
+        """Claim every write of ``origins`` (forgotten nodes whose forget barrier closed).
+
+        False (nothing done) when this store's record went back since ``incarnation`` and
+        ``cert`` were read.
+        """
+        extra = [incarnation, cert, *sorted(origins)]
+        _, _, claimed = await self._run_members((), (), extra)
+        return claimed
+
+    async def _run_members(
+        self, members: Iterable[str], forgotten: Iterable[str], extra: list[Any]
+    ) -> tuple[frozenset[str], frozenset[str], bool]:
         try:
             raw = await self._members(
-                args=[*self._base_args, ",".join(sorted(members)), ",".join(sorted(forgotten))]
+                args=[
+                    *self._base_args,
+                    ",".join(sorted(members)),
+                    ",".join(sorted(forgotten)),
+                    *extra,
+                ]
             )
         except ResponseError as exc:
             raise _store_error(exc) from exc
-        listed, gone = (text(part) for part in raw)
-        return frozenset(filter(None, listed.split(","))), frozenset(filter(None, gone.split(",")))
+        listed, gone, claimed = (text(part) for part in raw)
+        return (
+            frozenset(filter(None, listed.split(","))),
+            frozenset(filter(None, gone.split(","))),
+            claimed == "1",
+        )
 
     # ------------------------------------------------------------------------ upkeep
 

@@ -6,7 +6,10 @@
 -- path, tombstone flag, data, content hash, hlc, origin, content type, version, updated_at,
 -- trace parent, leaf digest, the leaf digest again as its four 32-bit words (the script XORs
 -- words; converting here costs the server more), and the stream entry's meta JSON when
--- relaying (else '').
+-- relaying (else ''). A cold-path item that replaces a written-off version (docs/DELETES.md,
+-- "Written off") carries two more: the held version's hlc and origin. It replaces exactly that
+-- version, whatever the order and this store's claims say; if the key holds anything else by
+-- now, it is applied as any other item.
 -- One packed argument instead of 17 per item: packing and unpacking run in C on both sides,
 -- where building and parsing 17,000 separate arguments cost more than the script itself.
 --
@@ -14,9 +17,10 @@
 -- that peer's stream and take the claims the stream proves (docs/DELETES.md, "Claims"):
 -- ARGV[8] = the peer ('' for none: a cold-path batch), ARGV[9] = the peer stream's token,
 -- ARGV[10] and ARGV[11] = the batch's first exclusive and last stream ids (fixed width),
--- ARGV[12] = 'c' (read on from the cursor), 'f' (read from the start of a stream that was never
--- trimmed) or 'g' (entries were missed before this batch), then origin, hlc pairs to claim when
--- the batch is applied contiguously.
+-- ARGV[12] = 'c' (read on from the cursor), 'f' (read from the start of a stream that holds
+-- every write its claims cover: never trimmed, in the epoch its record was created in) or 'g'
+-- (entries were missed before this batch), then origin, hlc pairs to claim when the batch is
+-- applied contiguously.
 --
 -- Returns {statuses, index, error, index, error, ...}: one status letter per item as one
 -- string ('a' applied, 'd' duplicate, 's' stale, 'k' known: at or below this store's claim for
@@ -37,6 +41,8 @@ for n = 1, #items do
   if not cur then
     status = 'w'
     errors[#errors + 1], errors[#errors + 2] = n, why
+  elseif it[18] and cur.hlc == it[18] and cur.origin == it[19] then
+    status = 'a'
   else
     local claim = claim_of(origin)
     if claim and not hlc_gt(hlc, claim) then

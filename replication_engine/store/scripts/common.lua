@@ -184,7 +184,7 @@ end
 local function raise_claims(first)
   for i = first, #ARGV, 2 do
     local origin, hlc = ARGV[i], ARGV[i + 1]
-    if origin ~= SELF and #hlc == 16 then
+    if origin ~= SELF and #hlc == 16 and hlc ~= '0000000000000000' then
       local field = 'c:' .. origin
       local cur = call('HGET', REC, field)
       if not cur or hlc_gt(hlc, cur) then call('HSET', REC, field, hlc) end
@@ -198,8 +198,8 @@ end
 local function read_anchor(src)
   local raw = call('HGET', REC, 'p:' .. src)
   if not raw then return nil end
-  local token, pos, flag, since = string.match(raw, '^([^|]*)|([^|]*)|([01])|?([^|]*)$')
-  if not token then return nil end
+  local token, pos, flag, since = string.match(raw, '^([^|]*)|(%d+%-%d+)|([01])|?([^|]*)$')
+  if not token or #pos ~= 41 then return nil end
   return {token = token, pos = pos, anchored = flag == '1', since = since}
 end
 
