@@ -35,7 +35,13 @@ from replication_engine import codec, merkle
 from replication_engine.codec import STREAM_START, Change, CodecError, StreamId, parse_stream_id
 from replication_engine.config import ColdPathConfig
 from replication_engine.cursor import CursorStore
-from replication_engine.knowledge import ApplyStatus, NodeRecord, is_dead_by_absence, sid_key
+from replication_engine.knowledge import (
+    ApplyStatus,
+    NodeRecord,
+    is_dead_by_absence,
+    order,
+    sid_key,
+)
 from replication_engine.merkle import GeometryError
 from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer, PeerUnavailable, StreamInfo
@@ -58,6 +64,7 @@ REQUESTED_KEYS_MAX = 10_000
 CORRUPT_KEYS_LOGGED = 5
 # Quarantine reason of a version dropped because a peer's claims prove it dead.
 ABSENT_REASON = "absent_on_peer"
+WRITTEN_OFF_REASON = "written_off"
 # Cursor database meta entry holding the peer's stream token when its bootstrap began.
 _BOOTSTRAP_TOKEN = "bootstrap_token:"
 
@@ -90,6 +97,7 @@ class PeerRepair:
     # Everything the peer held when the repair began is held here now: its claims were taken.
     complete: bool = False
     discarded: int = 0  # versions here that the peer's claims prove dead: dropped
+    written_off: int = 0  # versions here the peer's claims cover while it holds older ones
 
 
 @dataclass(slots=True)
@@ -212,8 +220,9 @@ class ColdPath:
             breaker the hot path uses.
         clock: monotonic seconds for backoff and root-cache ages; tests inject a fake one.
         is_forgotten: True for a peer forgotten by an operator: never read or pulled from.
-        on_complete: called with a peer's id after every complete repair from it (its claims
-            taken, or it has no record to take them from): a recovering node counts them.
+        on_complete: called with a peer's id and the monotonic time its repair began, after
+            every complete repair from it (its claims taken, or it has no record to take them
+            from): a recovering node and a forget barrier count them.
 
     Claims (docs/DELETES.md): a repair reads the peer's record, stream facts and root first.
     When it fetched and applied everything that differed, with nothing left over, corrupt or
@@ -241,7 +250,7 @@ class ColdPath:
         clock: Callable[[], float] = time.monotonic,
         relay: bool = True,
         is_forgotten: Callable[[str], bool] = lambda peer_id: False,
-        on_complete: Callable[[str], None] = lambda peer_id: None,
+        on_complete: Callable[[str, float], None] = lambda peer_id, began: None,
     ) -> None:
         self.store = store
         self.relay = relay  # re-emit repaired versions on our stream (see apply_batch)
@@ -263,7 +272,9 @@ class ColdPath:
         self.last_complete: dict[str, float] = {}  # peer -> wall time of its last complete repair
         self._geometry_ok: set[str] = set()
         self._geometry_errors: dict[str, str] = {}
-        self._requests: dict[str, set[str]] = {}
+        # peer -> reason -> monotonic time of the latest request: a repair that began before
+        # a request does not answer it (a recovery or a forget barrier waits for a later one).
+        self._requests: dict[str, dict[str, float]] = {}
         self._requested_keys: dict[str, dict[str, None]] = {}
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -275,6 +286,9 @@ class ColdPath:
         self.is_forgotten = is_forgotten
         self.on_complete = on_complete
         self._refused: dict[str, set[str]] = {}  # peer -> keys our store refuses (logged once)
+        # peer -> its versions this cycle that ours outrank (STALE, SKIPPED): written off, if
+        # its record, read again after the fetch, covers ours (see _write_off).
+        self._behind: dict[str, dict[str, Change]] = {}
 
     # ------------------------------------------------------------------------ control
 
@@ -297,7 +311,7 @@ class ColdPath:
                 "repair.request_ignored peer=%s reason=%s: not a configured peer", peer_id, reason
             )
             return
-        self._requests.setdefault(peer_id, set()).add(reason)
+        self._requests.setdefault(peer_id, {})[reason] = time.monotonic()
         pending = self._requested_keys.setdefault(peer_id, {})
         dropped = 0
         for key in keys:
@@ -441,6 +455,8 @@ class ColdPath:
         local_failed = False
         taken: list[str] = []
         has_record = True
+        self._behind[pid] = {}
+        began = time.monotonic()
         try:
             own = await self._local("read record", self.store.record())
             taken = list(self._requested_keys.get(pid, {}))[:budget]
@@ -465,7 +481,7 @@ class ColdPath:
                 else:
                     await self._drill_and_repair(peer, [""], repair, limit=budget, absent=absent)
             complete = fresh and self._is_complete(repair)
-            await self._conclude(peer, facts, own, repair, absent, complete)
+            await self._conclude(peer, facts, own, repair, absent, complete, began)
         except GeometryError as exc:
             repair.error = str(exc)
             if self._geometry_errors.get(pid) != repair.error:
@@ -502,8 +518,12 @@ class ColdPath:
                 and "recovery" not in self._requests.get(pid, ())
             )
             if not pending and conclusive:
-                self._requests.pop(pid, None)
                 self._requested_keys.pop(pid, None)
+                reasons = self._requests.get(pid, {})
+                for reason in [r for r, at in reasons.items() if at <= began]:
+                    del reasons[reason]
+                if not reasons:
+                    self._requests.pop(pid, None)
         finally:
             repair.round_trips = peer.counter.round_trips - trips
             repair.bytes_read = peer.counter.bytes_read - read
@@ -541,9 +561,12 @@ class ColdPath:
         repair: PeerRepair,
         absent: list[str],
         complete: bool,
+        began: float,
     ) -> None:
-        """After the drill: drop what the peer proves dead, then, if the repair was
-        ``complete``, take its claims (and set ``repair.complete``).
+        """After the drill: drop what the peer proves dead, replace what it proves written
+        off, then, if the repair was ``complete``, take its claims (and set
+        ``repair.complete``). ``began`` (monotonic seconds) is when the repair read our
+        record: what waits for a repair that began after some event compares it.
 
         Both rest on the peer's record as read before the drill. If that record went back
         meanwhile (the peer's Redis restored or wiped mid-repair), neither is done.
@@ -552,8 +575,9 @@ class ColdPath:
         if record is None and complete:
             # A peer that never ran an engine (or whose record is gone) claims nothing, and so
             # can hold none of this node's writes that a recovery waits for.
-            self.on_complete(peer.node_id)
-        if record is None or own is None or not (complete or absent):
+            self.on_complete(peer.node_id, began)
+        behind = list(self._behind.pop(peer.node_id, {}).values())
+        if record is None or own is None or not (complete or absent or behind):
             return
         now = await peer.record()
         if (
@@ -570,6 +594,8 @@ class ColdPath:
             return
         if absent and not record.recovering:
             repair.discarded = await self._drop_dead(peer, record, own, absent)
+        if behind and not record.recovering:
+            repair.written_off = await self._write_off(peer, record, behind)
         if not complete:
             return
         taken = await self._local(
@@ -588,12 +614,12 @@ class ColdPath:
         if taken == 1:
             # The peer's tailer here read on past a gap the repair began before: one more
             # repair, beginning now, anchors it (and until then its stream proves nothing).
-            self._requests.setdefault(peer.node_id, set()).add("anchor")
+            self._requests.setdefault(peer.node_id, {})["anchor"] = time.monotonic()
         else:
-            self._requests.get(peer.node_id, set()).discard("anchor")
+            self._requests.get(peer.node_id, {}).pop("anchor", None)
         repair.complete = True
         self.last_complete[peer.node_id] = time.time()
-        self.on_complete(peer.node_id)
+        self.on_complete(peer.node_id, began)
 
     async def _drop_dead(
         self, peer: Peer, record: NodeRecord, own: NodeRecord, keys: list[str]
@@ -649,6 +675,60 @@ class ColdPath:
                 ABSENT_REASON,
             )
         return dropped
+
+    async def _write_off(self, peer: Peer, record: NodeRecord, theirs: list[Change]) -> int:
+        """Replace the versions held here that ``peer``'s claims cover while it holds an older
+        version of the key (docs/DELETES.md, "Written off").
+
+        The peer applied ours or newer, and a store loses a version only to a newer one, to a
+        collection, or to an operator: holding an older one, it lost ours to a recovery that
+        wrote it off (certified past it), and a restore brought it back here. Every store
+        whose claims cover it refuses it, so the mesh would stay split for good; the peer's
+        version replaces it, whatever this store's own claims say (they may cover the peer's
+        version only because ours superseded it). The version replaced is quarantined.
+        """
+        replaced = 0
+        for start in range(0, len(theirs), self.settings.fetch_batch_size):
+            batch = theirs[start : start + self.settings.fetch_batch_size]
+            held = await self._local("read items", self.store.reader.items([c.key for c in batch]))
+            chosen: list[Change] = []
+            replaces: dict[int, tuple[int, str]] = {}
+            for change, ours in zip(batch, held, strict=True):
+                if (
+                    isinstance(ours, Change)
+                    and order(ours.hlc, ours.origin, ours.tombstone, ours.content_hash)
+                    > order(change.hlc, change.origin, change.tombstone, change.content_hash)
+                    and is_dead_by_absence((ours.hlc, ours.origin), record)
+                ):
+                    replaces[len(chosen)] = (ours.hlc, ours.origin)
+                    chosen.append(change)
+                    await self.cursors.quarantine_add(
+                        self.store.node_id,
+                        "0-0",
+                        ours.key,
+                        f"{WRITTEN_OFF_REASON}: peer {peer.node_id} holds an older version while "
+                        f"its claim about {ours.origin}'s writes covers this one (lost to a "
+                        f"recovery, brought back by a restore)",
+                        codec.encode_entry(ours),
+                    )
+            if not chosen:
+                continue
+            result = await self._apply(chosen, replaces)
+            done = sum(1 for status in result.statuses if status is ApplyStatus.APPLIED)
+            replaced += done
+            log.warning(
+                "repair.written_off peer=%s count=%d keys=%r: versions here that the peer's "
+                "claims cover while it holds older ones were replaced by the peer's; they are "
+                "kept in the quarantine (reason %s)",
+                peer.node_id,
+                done,
+                [c.key for c in chosen[:CORRUPT_KEYS_LOGGED]],
+                WRITTEN_OFF_REASON,
+            )
+        if replaced:
+            self.metrics.quarantine_evicted.set(self.cursors.evicted)
+            self.metrics.written_off.labels(peer.node_id).inc(replaced)
+        return replaced
 
     async def check_geometry(self, peer: Peer) -> None:
         """Refuse to compare trees of different shapes.
@@ -863,8 +943,12 @@ class ColdPath:
         repair.items_applied += applied
         self.metrics.repair_items_applied.labels(peer.node_id).inc(applied)
         refused = self._refused.setdefault(peer.node_id, set())
+        behind = self._behind.setdefault(peer.node_id, {})
         for index, status in enumerate(result.statuses):
             change = changes[index]
+            if status in (ApplyStatus.STALE, ApplyStatus.SKIPPED):
+                if len(behind) < self.settings.max_items_per_cycle:
+                    behind[change.key] = change
             if status not in (ApplyStatus.REFUSED, ApplyStatus.REJECTED):
                 refused.discard(change.key)
                 continue
@@ -883,8 +967,10 @@ class ColdPath:
                     why[:300],
                 )
 
-    async def _apply(self, changes: list[Change]) -> ApplyResult:
-        prepared = self.store.prepare_apply(changes, relay=self.relay)
+    async def _apply(
+        self, changes: list[Change], replaces: dict[int, tuple[int, str]] | None = None
+    ) -> ApplyResult:
+        prepared = self.store.prepare_apply(changes, relay=self.relay, replaces=replaces)
         if self.local_breaker is None:
             return await self._local("apply", self.store.apply_prepared(prepared))
         try:
@@ -950,6 +1036,8 @@ class ColdPath:
         await self.check_geometry(peer)
         if self.is_forgotten(pid):
             raise PeerUnavailable(f"peer {pid}: forgotten by an operator; nothing is copied")
+        began = time.monotonic()
+        self._behind[pid] = {}
         own = await self._local("read record", self.store.record())
         facts, _ = await self._peer_facts(peer, fresh=True)
         record = facts.record
@@ -1014,7 +1102,7 @@ class ColdPath:
             )
         if record is not None:
             tail_facts = PeerFacts(record, StreamInfo(0, None, tail), facts.root, facts.read_at)
-            await self._conclude(peer, tail_facts, own, repair, absent, complete)
+            await self._conclude(peer, tail_facts, own, repair, absent, complete, began)
         await self.cursors.bootstrap_finish(pid, str(tail))
         log.info(
             "bootstrap.complete peer=%s tail_id=%s fetched=%d applied=%d corrupt=%d "

@@ -240,9 +240,9 @@ class ReplicationEngine:
     def _is_forgotten(self, peer_id: str) -> bool:
         return self.membership is not None and self.membership.is_forgotten(peer_id)
 
-    def _on_repair_complete(self, peer_id: str) -> None:
+    def _on_repair_complete(self, peer_id: str, began: float) -> None:
         if self.membership is not None:
-            self.membership.on_repair_complete(peer_id)
+            self.membership.on_repair_complete(peer_id, began)
 
     async def _open_membership(self) -> None:
         """Open this store's record and certify it before anything runs (docs/DELETES.md).

@@ -473,8 +473,8 @@ class Tailer:
             return None  # a peer without a record (an engine that predates records)
         if gap:
             mode = "g"
-        elif first == codec.STREAM_START:
-            mode = "f"  # from the start of a stream nothing was ever trimmed from
+        elif first == codec.STREAM_START and record.holds_whole_stream:
+            mode = "f"  # from the start of a stream that holds every write its claims cover
         else:
             mode = "c"
         claims: dict[str, int] = {}

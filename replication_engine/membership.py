@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from replication_engine import clock
 from replication_engine.cursor import CursorStore
 from replication_engine.knowledge import (
+    ALL_WRITES,
     RECOVERING,
     SERVING,
     NodeRecord,
@@ -111,6 +112,10 @@ class Membership:
         self.reason = ""
         self.since_ms: int | None = None
         self.recovery_pending: set[str] = set()  # peers still owing a complete repair
+        self._recovery_began = 0.0  # monotonic: a repair that began before does not count
+        # Forget barriers: forgotten id -> (monotonic start, incarnation and cert of our
+        # record then, peers still owing a complete repair begun since).
+        self.barriers: dict[str, tuple[float, str, int, set[str]]] = {}
         self.members: frozenset[str] = frozenset()
         self.waited_for: frozenset[str] = frozenset()
         self.forgotten: frozenset[str] = frozenset()
@@ -173,9 +178,13 @@ class Membership:
                 )
             else:
                 # Nobody has seen a write of this node: a new store, with nothing to recover.
-                # Its first certification must not be mistaken for a store that moved.
+                # Its first certification must not be mistaken for a store that moved. Its
+                # clock still starts above its peers': a first write stamped below a tombstone
+                # the mesh collected before it joined would be ordered before that delete
+                # while nothing is left to say so.
                 self._run = ""
                 self._nonces = []
+                await self._restore_floor()
                 log.info("membership.new_store node=%s", self.node_id)
         elif own is not None and own.recovering:
             await self._enter_recovery(own.reason or "a recovery was left unfinished")
@@ -216,6 +225,7 @@ class Membership:
         await self._certify()
         await self._read_peers()
         await self._publish_members()
+        await self._close_barriers()
         self.own = await self.store.record()
         await self._collect()
         await self._scrub()
@@ -300,6 +310,9 @@ class Membership:
         self._certified_since_recovery = False
         self.reason = reason
         self.recovery_pending = {p.node_id for p in self.peers if p.node_id not in self.forgotten}
+        self._recovery_began = time.monotonic()
+        # The store may have lost what a barrier's repairs brought: they begin again.
+        self.barriers.clear()
         if first:
             self.since_ms = clock.wall_clock_ms()
             self.metrics.recoveries.inc()
@@ -315,7 +328,8 @@ class Membership:
             self.request_repair(peer_id, "recovery")
 
     async def _restore_floor(self) -> None:
-        """Raise the store clock above every HLC it may have issued before it lost its clock.
+        """Raise the store clock above every HLC it may have issued before it lost its clock,
+        and above every peer's (each read at once, for at most ``FLOOR_READ_TIMEOUT_SEC``).
 
         Local writes through the store pause meanwhile: a write stamped below one this node
         already issued would lose to it everywhere, silently.
@@ -323,20 +337,29 @@ class Membership:
         self.store.writes_paused = "restoring the HLC floor after the store lost its clock"
         try:
             floor = max(self._floor, self.store.clock.last)
-            for peer in self.peers:
-                try:
-                    async with asyncio.timeout(FLOOR_READ_TIMEOUT_SEC):
-                        floor = max(floor, await peer.clock())
-                except Exception:  # an unreachable peer cannot help; the others still do
-                    continue
+            reachable = [p for p in self.peers if not self.is_forgotten(p.node_id)]
+            clocks = await asyncio.gather(*(self._peer_clock(peer) for peer in reachable))
+            floor = max([floor, *clocks])
             if floor:
                 await self.store.raise_clock(floor)
         finally:
             self.store.writes_paused = None
 
-    def on_repair_complete(self, peer_id: str) -> None:
-        """The cold path took ``peer_id``'s claims (a complete repair)."""
-        if peer_id in self.recovery_pending:
+    @staticmethod
+    async def _peer_clock(peer: Peer) -> int:
+        try:
+            async with asyncio.timeout(FLOOR_READ_TIMEOUT_SEC):
+                return await peer.clock()
+        except Exception:  # an unreachable peer cannot help; the others still do
+            return 0
+
+    def on_repair_complete(self, peer_id: str, began: float) -> None:
+        """The cold path took ``peer_id``'s claims (a complete repair that began at the
+        monotonic time ``began``)."""
+        for barrier in self.barriers.values():
+            if began >= barrier[0]:
+                barrier[3].discard(peer_id)
+        if peer_id in self.recovery_pending and began >= self._recovery_began:
             self.recovery_pending.discard(peer_id)
             log.info(
                 "membership.recovery_progress node=%s peer=%s pending=%s",
@@ -397,6 +420,7 @@ class Membership:
             published, gone = await self.store.add_to_record(members=published, forgotten=gone)
         newly = gone - self.forgotten
         self.members, self.waited_for, self.forgotten = published, waited - gone, gone
+        self._open_barriers(own)
         for peer in self.peers:
             if peer.node_id in newly:
                 log.warning(
@@ -407,6 +431,48 @@ class Membership:
                 )
                 self.recovery_pending.discard(peer.node_id)
                 self.on_forgotten(peer.node_id)
+
+    def _open_barriers(self, own: NodeRecord | None) -> None:
+        """Start a forget barrier for each forgotten node this store does not claim entirely.
+
+        Its writes that some member still holds must stay protected by a claim after it is
+        gone: until this store claims all of them, collection waits, and this store claims
+        them only once it has had a complete repair from every peer that began after the
+        forget was known here (so it holds every write of the forgotten node any peer holds).
+        Barriers live in memory; an engine that restarts begins them again.
+        """
+        if own is None:
+            return
+        for gone in sorted(self.forgotten - self.barriers.keys()):
+            if gone == self.node_id or own.claim(gone) >= ALL_WRITES:
+                continue
+            owing = {p.node_id for p in self.peers if p.node_id not in self.forgotten}
+            self.barriers[gone] = (time.monotonic(), own.incarnation, own.cert, owing)
+            log.info(
+                "membership.forget_barrier node=%s forgotten=%s peers=%s: claiming its writes "
+                "after a complete repair from each",
+                self.node_id,
+                gone,
+                sorted(owing),
+            )
+            for peer_id in sorted(owing):
+                self.request_repair(peer_id, "forget")
+
+    async def _close_barriers(self) -> None:
+        closed = sorted(gone for gone, barrier in self.barriers.items() if not barrier[3])
+        if not closed:
+            return
+        _began, incarnation, cert, _owing = self.barriers[closed[0]]
+        ready = [gone for gone in closed if self.barriers[gone][1:3] == (incarnation, cert)]
+        if await self.store.claim_all_writes(ready, incarnation=incarnation, cert=cert):
+            log.info(
+                "membership.forget_claimed node=%s forgotten=%s: every peer gave a complete "
+                "repair since the forget; collection no longer waits on their writes",
+                self.node_id,
+                ready,
+            )
+        for gone in ready:  # claimed, or our record went back: the barrier begins again
+            del self.barriers[gone]
 
     def is_forgotten(self, node_id: str) -> bool:
         return node_id in self.forgotten
@@ -431,11 +497,14 @@ class Membership:
         records: dict[str, NodeRecord | None] = dict(self.records)
         records[self.node_id] = own
         if self.mode == "mesh":
-            self.stable, self.holder = stable_frontier(self.waited_for, records, self.unreadable)
+            self.stable, self.holder = stable_frontier(
+                self.waited_for, records, self.unreadable, self.forgotten
+            )
         else:
             # A follower mirrors its upstream: members never wait for it, and it waits only
             # for its own knowledge (docs/DELETES.md, "Followers").
-            self.stable, self.holder = frontier(own, self.waited_for), self.node_id
+            self.stable = frontier(own, self.waited_for, self.forgotten)
+            self.holder = self.node_id
         self.tombstones = await self.store.tombstone_count()
         self.oldest_tombstone_ms = await self.store.oldest_tombstone_ms()
         if own is None or self.stable <= 0:
@@ -505,7 +574,9 @@ class Membership:
         records[self.node_id] = self.own
         members = {
             member: {
-                "frontier_age_sec": age(frontier(records.get(member), self.waited_for)),
+                "frontier_age_sec": age(
+                    frontier(records.get(member), self.waited_for, self.forgotten)
+                ),
                 "recovering": bool(records.get(member) and records[member].recovering),  # type: ignore[union-attr]
                 "readable": records.get(member) is not None,
             }
@@ -522,6 +593,9 @@ class Membership:
             "recovery_pending": sorted(self.recovery_pending),
             "members": members,
             "forgotten": sorted(self.forgotten),
+            "forget_barriers": {
+                gone: sorted(barrier[3]) for gone, barrier in sorted(self.barriers.items())
+            },
             "stable_frontier_age_sec": age(self.stable),
             "held_back_by": self.holder if held else None,
             "tombstones": self.tombstones,

@@ -192,6 +192,13 @@ class Metrics:
             peer,
             registry=r,
         )
+        self.written_off = Counter(
+            "replication_written_off",
+            "Versions here replaced by a peer's older one because its claims cover them: "
+            "lost to a recovery and brought back by a restore (kept in the quarantine)",
+            peer,
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
