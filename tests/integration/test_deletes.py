@@ -21,7 +21,7 @@ from typing import Any
 from replication_engine.clock import wall_clock_ms as clock_ms
 from replication_engine.codec import Change
 from replication_engine.config import EngineConfig
-from replication_engine.knowledge import NodeRecord
+from replication_engine.knowledge import ALL_WRITES, NodeRecord
 from replication_engine.testing import RedisFactory, async_wait_until
 from replication_engine.testing.chaos import ChaosMesh, ChaosNode, Workload
 
@@ -96,7 +96,7 @@ async def record(node: ChaosNode) -> NodeRecord:
 
 
 async def assert_no_value_anywhere(mesh: ChaosMesh, key: str) -> None:
-    for node in mesh:
+    for node in mesh.live:
         assert not await holds_value(node, key), f"{key} came back on {node.node_id}"
 
 
@@ -397,3 +397,204 @@ async def test_a_wiped_store_never_issues_an_hlc_below_one_it_already_used(
         for node in mesh:
             item = await node.store.get("k")
             assert item is not None and item.value == b"written after the wipe", node.node_id
+
+
+# ------------------------------------------------------------------------------------ the model's
+# Four holes the mesh model (tests/model) found in the rules as first coded, each on real
+# processes: a reader from the start of a recovered stream, a forgotten writer's delete, a
+# write brought back after it was written off, and a new store's first writes.
+
+
+def _with_settings(node: ChaosNode, **changes: Any) -> None:
+    """Change a stopped node's config: ``start_from`` for every peer, or membership settings."""
+    data = node.config.model_dump()
+    if "start_from" in changes:
+        for peer in data["peers"]:
+            peer["start_from"] = changes["start_from"]
+    if "membership_interval_sec" in changes:
+        data["settings"]["membership"]["interval_sec"] = changes["membership_interval_sec"]
+    if "cold_path_enabled" in changes:
+        data["settings"]["cold_path"]["enabled"] = changes["cold_path_enabled"]
+    node.config = EngineConfig.model_validate(data)
+
+
+def _without_peer(node: ChaosNode, peer_id: str) -> EngineConfig:
+    """Drop ``peer_id`` from a stopped node's peers; returns the config as it was."""
+    before = node.config
+    data = before.model_dump()
+    data["peers"] = [peer for peer in data["peers"] if peer["node_id"] != peer_id]
+    node.config = EngineConfig.model_validate(data)
+    return before
+
+
+async def wait_recovered(node: ChaosNode, recoveries: int = 1) -> None:
+    """Until ``node`` has been through ``recoveries`` recoveries and serves again."""
+
+    async def recovered() -> bool:
+        return bool(
+            node.metric_total("replication_recoveries_total") >= recoveries
+            and node.membership()["state"] == "ok"
+        )
+
+    await async_wait_until(
+        recovered, timeout=SETTLE_S, interval=0.05, message=f"{node.node_id} recovered"
+    )
+
+
+async def test_a_new_node_reading_a_recovered_peer_s_stream_from_its_start_loses_nothing(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """a's Redis is wiped; its recovery fetches a's writes back without emitting them, so its
+    new stream lacks writes its record claims. A node starting there must not claim them."""
+    ids = ("a", "b", "c", "d")
+    async with deletes_mesh(redis_factory, tmp_path, ids, start_engines=False) as mesh:
+        for node in ("a", "b", "c"):
+            await mesh.start_engine(node)
+        workload = Workload(mesh, seed=11, keys=10)
+        keys = [f"a:{i}" for i in range(10)]
+        for key in keys:
+            assert await workload.write("a", key, b"written by a") is not None
+
+        async def b_and_c_hold_them() -> bool:
+            return all([await holds_value(mesh[n], k) for n in "bc" for k in keys])
+
+        await async_wait_until(b_and_c_hold_them, timeout=SETTLE_S, message="b, c copied a")
+        await mesh.wipe_redis("a")
+        await wait_recovered(mesh["a"])
+        assert all([await holds_value(mesh["a"], k) for k in keys]), "a's repairs brought back"
+        assert await mesh["a"].store.stream_tail() is None, "and emitted nothing"
+
+        _with_settings(mesh["d"], start_from="latest")  # a's empty stream: from its start
+        await mesh.start_engine("d")
+        await mesh.wait_converged(SETTLE_S)
+        for node in mesh:
+            for key in keys:
+                assert await holds_value(node, key), (node.node_id, key)
+            assert node.metric_total("replication_absence_drops_total") == 0, node.node_id
+
+
+async def test_a_delete_by_a_forgotten_node_stays_deleted_everywhere(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """z never certifies past its writes; m misses z's delete (it no longer reads z, and runs
+    only requested repairs); z is forgotten at a. Collection waits until a and m both claim
+    every write of z (each after a complete repair from every peer), so m cannot keep the old
+    value, nor a take it back."""
+    async with deletes_mesh(redis_factory, tmp_path, ("a", "m", "z"), start_engines=False) as mesh:
+        _with_settings(mesh["z"], membership_interval_sec=3600.0)  # certifies once, at start
+        _with_settings(mesh["m"], cold_path_enabled=False)
+        for node in ("a", "m", "z"):
+            await mesh.start_engine(node)
+        workload = Workload(mesh, seed=12, keys=5)
+        assert await workload.write("z", "k", b"old") is not None
+        await mesh.wait_converged(SETTLE_S)
+        mesh.partition_one_way("m", "z")
+        assert await workload.write("z", "k", None) is not None
+
+        async def a_holds_the_tombstone() -> bool:
+            held = await version(mesh["a"], "k")
+            return held is not None and held.tombstone
+
+        await async_wait_until(a_holds_the_tombstone, timeout=SETTLE_S, message="delete at a")
+        await workload.stop_node("z")
+        await mesh.stop_engine("z")
+        mesh.kill_redis("z")
+        mesh.forgotten.add("z")
+        await mesh["a"].running().forget("z")
+
+        await wait_collected(mesh, "k", ("a", "m"))
+        await mesh.wait_converged(SETTLE_S)
+        await assert_no_value_anywhere(mesh, "k")
+        for node in ("a", "m"):
+            own = await record(mesh[node])
+            assert own.claim("z") == ALL_WRITES, (node, own.claims)
+            assert mesh[node].membership()["forget_barriers"] == {}, node
+
+
+async def test_a_write_brought_back_after_it_was_written_off_does_not_split_the_mesh(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """c's write of k reaches only a; a is restored from an older backup and c's Redis is wiped,
+    so the write is lost, and c's recovery certifies past it. Then a is restored from a backup
+    that holds it: the mesh has written it off, and a takes the surviving version."""
+    async with deletes_mesh(redis_factory, tmp_path) as mesh:
+        workload = Workload(mesh, seed=13, keys=5)
+        await mesh.backup_redis("a", tmp_path / "before")
+        for other in ("a", "c"):
+            mesh.partition("b", other)
+        assert await workload.write("b", "k", b"older") is not None
+        assert await workload.write("c", "k", b"newer") is not None
+
+        async def a_holds_newer() -> bool:
+            item = await mesh["a"].store.get("k")
+            return item is not None and item.value == b"newer"
+
+        await async_wait_until(a_holds_newer, timeout=SETTLE_S, message="newer at a")
+        newer = await version(mesh["a"], "k")
+        assert newer is not None
+
+        async def c_certified_past_it() -> bool:
+            return (await record(mesh["c"])).self_claim >= newer.hlc
+
+        await async_wait_until(c_certified_past_it, timeout=SETTLE_S, message="c certified")
+        await mesh.backup_redis("a", tmp_path / "with-newer")
+        # Both losses at once, engines stopped: neither store can hand the write back.
+        for node in ("a", "c"):
+            await mesh.stop_engine(node)
+        await mesh.restore_redis("a", tmp_path / "before")
+        await mesh.wipe_redis("c")
+        mesh.heal_all()
+        for node in ("a", "c"):
+            await mesh.start_engine(node)
+        await mesh.wait_converged(SETTLE_S)
+        for node in mesh:
+            item = await node.store.get("k")
+            assert item is not None and item.value == b"older", node.node_id
+
+        for node in ("a", "c"):
+            await wait_recovered(mesh[node])
+
+        async def written_off_everywhere() -> bool:
+            return all([(await record(n)).claim("c") >= newer.hlc for n in mesh])
+
+        await async_wait_until(written_off_everywhere, timeout=SETTLE_S, message="claims past it")
+        await mesh.restore_redis("a", tmp_path / "with-newer")
+        assert await a_holds_newer(), "the backup brings the written-off write back"
+        await mesh.wait_converged(SETTLE_S)
+        for node in mesh:
+            item = await node.store.get("k")
+            assert item is not None and item.value == b"older", node.node_id
+        assert mesh["a"].metric_total("replication_written_off_total") >= 1
+        reasons = [reason for _p, _s, reason in mesh["a"].quarantined()]
+        assert any(r.startswith("written_off") for r in reasons), reasons
+
+
+async def test_a_new_store_s_first_write_is_ordered_after_deletes_made_before_it_joined(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """a's clock runs ahead; its delete is collected everywhere before e starts. e's first
+    write must still be stamped after the delete, or it would be ordered before it."""
+    ids = ("a", "b", "e")
+    async with deletes_mesh(redis_factory, tmp_path, ids, start_engines=False) as mesh:
+        configs = {node: _without_peer(mesh[node], "e") for node in ("a", "b")}
+        for node in ("a", "b"):
+            await mesh.start_engine(node)
+        mesh["a"].skew_ms = 3_000
+        workload = Workload(mesh, seed=14, keys=5)
+        assert await workload.write("a", "k", b"old") is not None
+        deleted = await workload.write("a", "k", None)
+        assert deleted is not None
+        await wait_collected(mesh, "k", ("a", "b"))
+
+        await mesh.start_engine("e")
+        written = await mesh["e"].store.put("k", b"new")
+
+        assert written > deleted.hlc, "e's clock was raised to its peers' before it served"
+        for node in ("a", "b"):  # the operator adds e to their peers
+            await mesh.stop_engine(node)
+            mesh[node].config = configs[node]
+            await mesh.start_engine(node)
+        await mesh.wait_converged(SETTLE_S)
+        for node in mesh:
+            item = await node.store.get("k")
+            assert item is not None and item.value == b"new", node.node_id

@@ -76,33 +76,15 @@ def _version(change: Change) -> Version:
 def _model_apply(
     held: dict[str, Version], changes: Sequence[Change], claims: dict[str, int]
 ) -> list[ApplyStatus]:
-    """What the apply path must do, item by item, in order: ``knowledge.decide``, as the
-    script reports it (see :func:`_as_apply_lua_reports`)."""
+    """What the apply path must do, item by item, in order: ``knowledge.decide``."""
     statuses = []
     for change in changes:
         remote, local = _version(change), held.get(change.key)
         status = decide(local, remote, claims.get(change.origin, 0))
         if status is ApplyStatus.APPLIED:
             held[change.key] = remote
-        statuses.append(_as_apply_lua_reports(status, local, remote))
+        statuses.append(status)
     return statuses
-
-
-def _as_apply_lua_reports(
-    status: ApplyStatus, local: Version | None, remote: Version
-) -> ApplyStatus:
-    """The one place the script and ``decide`` disagree, and only on the name: a version that
-    is not newer and has the held version's content and tombstone flag is a duplicate to the
-    script whatever its HLC and origin. Pinned by
-    test_an_older_version_with_the_same_content_is_stale_as_decide_says (strict xfail); the
-    decision to apply or not is the same."""
-    if (
-        status is ApplyStatus.STALE
-        and local is not None
-        and (local.content_hash, local.tombstone) == (remote.content_hash, remote.tombstone)
-    ):
-        return ApplyStatus.SKIPPED
-    return status
 
 
 async def _stored(store: RedisStore) -> dict[str, Version]:
@@ -113,10 +95,9 @@ def _root(held: dict[str, Version]) -> str:
     return MerkleModel.build({k: v.digest(k) for k, v in held.items()}).root
 
 
-async def _open(url: str, **options: object) -> RedisStore:
-    store = await RedisStore.connect(
-        url, node_id=SELF, prefix=f"m{next(_prefixes)}:", **options  # type: ignore[arg-type]
-    )
+async def _open(url: str) -> RedisStore:
+    """A store of node ``SELF`` under a prefix no other example uses, its record open."""
+    store = await RedisStore.connect(url, node_id=SELF, prefix=f"m{next(_prefixes)}:")
     await store.open_record(mode="mesh", relay=False)
     return store
 
@@ -184,7 +165,10 @@ def test_versions_that_tie_on_hlc_and_origin_are_ordered_as_the_model_orders_the
 
 async def _check_ties(url: str) -> None:
     hlc = clock.pack(2, 0)
-    p, q = Change.put("k", b"p", hlc=hlc, origin="n-b"), Change.put("k", b"q", hlc=hlc, origin="n-b")
+    p, q = (
+        Change.put("k", b"p", hlc=hlc, origin="n-b"),
+        Change.put("k", b"q", hlc=hlc, origin="n-b"),
+    )
     low, high = sorted([p, q], key=lambda c: c.content_hash)
     tomb = Change.delete("k", hlc=hlc, origin="n-b")
     store = await _open(url)
@@ -200,16 +184,7 @@ async def _check_ties(url: str) -> None:
         await store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "apply.lua reports 'd' (SKIPPED, a duplicate) for any version that is not newer and has "
-        "the same content hash and tombstone flag as the one held, even at another HLC or "
-        "origin; knowledge.decide calls that STALE and keeps SKIPPED for the identical version. "
-        "Only the counters differ (both are 'deduped'), but the two specifications disagree."
-    ),
-)
-def test_an_older_version_with_the_same_content_is_stale_as_decide_says(
+def test_an_older_version_with_the_same_content_is_skipped_as_decide_says(
     server: RedisHandle,
 ) -> None:
     asyncio.run(_check_same_content_older(server.url))
@@ -222,7 +197,7 @@ async def _check_same_content_older(url: str) -> None:
         older = Change.put("k", b"p", hlc=clock.pack(2, 0), origin="n-c")
         await store.apply_batch([newer], relay=False)
         expected = decide(_version(newer), _version(older), 0)
-        assert expected is ApplyStatus.STALE
+        assert expected is ApplyStatus.SKIPPED
         assert await store.apply_batch([older], relay=False) == [expected]
     finally:
         await store.close()
@@ -270,10 +245,8 @@ async def _check_anchors(url: str, steps: list[Step]) -> None:
         for kind, peer, token, start, length, mode, claims in steps:
             if kind == "batch":
                 first, last = sid_key(start, 0), sid_key(start + length, 0)
-                await store.take_stream_claims(
-                    StreamBatch(peer, token, first, last, mode, claims)
-                )
-                anchor_batch(model, Source(peer, token, first, last, mode, claims, False))
+                await store.take_stream_claims(StreamBatch(peer, token, first, last, mode, claims))
+                anchor_batch(model, Source(peer, token, first, last, mode, claims))
             else:
                 record = await store.record()
                 assert record is not None

@@ -23,7 +23,7 @@ from replication_engine import clock
 from replication_engine.clock import HLC
 from replication_engine.codec import Change, CodecError, decode_entry, encode_entry, encode_payload
 from replication_engine.connection import make_client
-from replication_engine.knowledge import order
+from replication_engine.knowledge import ALL_WRITES, order
 from replication_engine.merkle import ZERO, Geometry, GeometryError, MerkleModel, leaf_digest
 from replication_engine.store.redis_store import (
     ApplyStatus,
@@ -718,6 +718,53 @@ async def test_collection_does_nothing_when_the_store_went_back_since_the_fronti
 
     assert done == -1
     assert (await store.get_version("k")) is not None
+
+
+async def test_a_written_off_version_is_replaced_outright_whatever_the_claims_say(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    """The cold path's rule for a version a peer's claims cover while it holds an older one
+    (docs/DELETES.md, "Written off"): the older version replaces exactly the one named."""
+    store = await open_store(redis_server.url)
+    older = Change.put("k", b"older", hlc=clock.pack(NOW_MS, 0), origin="node-b")
+    newer = Change.put("k", b"newer", hlc=clock.pack(NOW_MS + 5, 0), origin="node-c")
+    assert await store.apply_batch([older, newer], relay=False) == [
+        ApplyStatus.APPLIED,
+        ApplyStatus.APPLIED,
+    ]
+    await claim(store, {"node-b": older.hlc, "node-c": newer.hlc})
+    assert await store.apply_batch([older], relay=False) == [ApplyStatus.KNOWN]
+
+    wrong = store.prepare_apply([older], relay=False, replaces={0: (newer.hlc, "node-x")})
+    assert (await store.apply_prepared(wrong)).statuses == [ApplyStatus.KNOWN]
+    prepared = store.prepare_apply([older], relay=False, replaces={0: (newer.hlc, "node-c")})
+    assert (await store.apply_prepared(prepared)).statuses == [ApplyStatus.APPLIED]
+
+    held = await store.get("k")
+    assert held is not None and (held.value, held.hlc) == (b"older", older.hlc)
+    await assert_tree_matches_model(store)
+
+
+async def test_claiming_a_forgotten_node_s_writes_needs_an_unmoved_record(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url)
+    await store.open_record(mode="mesh", relay=False)
+    before = await store.record()
+    assert before is not None
+    await store.redis.delete(store.keys.record)  # a wipe: another incarnation
+    await store.open_record(mode="mesh", relay=False)
+    assert not await store.claim_all_writes(
+        ["node-z"], incarnation=before.incarnation, cert=before.cert
+    )
+    now = await store.record()
+    assert now is not None and now.claim("node-z") == 0
+
+    assert await store.claim_all_writes(["node-z"], incarnation=now.incarnation, cert=now.cert)
+    now = await store.record()
+    assert now is not None and now.claim("node-z") == ALL_WRITES
+    late = Change.put("k", b"a write of z's", hlc=clock.pack(NOW_MS, 0), origin="node-z")
+    assert await store.apply_batch([late], relay=False) == [ApplyStatus.KNOWN]
 
 
 async def test_should_accept_writes_turns_false_under_memory_pressure(

@@ -885,7 +885,7 @@ def test_two_prefixes_on_one_redis_that_overlap_are_refused(
     local_prefix: str, peer_prefix: str
 ) -> None:
     url = "redis://127.0.0.1:6379/0"
-    with pytest.raises(ConfigError, match="overlaps the prefix of local.redis_url") as raised:
+    with pytest.raises(ConfigError, match=r"overlaps the prefix of local\.redis_url") as raised:
         EngineConfig.from_mapping(
             {
                 "local_node_id": "a",
