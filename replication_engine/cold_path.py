@@ -92,7 +92,7 @@ class PeerRepair:
     error: str | None = None
     duration_sec: float = 0.0
     items_corrupt: int = 0  # fetched items the peer stores unreadably: skipped, logged
-    items_missing: int = 0  # keys the peer no longer held when fetched
+    items_missing: int = 0  # keys the peer no longer held when fetched: not complete
     items_refused: int = 0  # refused by our store (a wrong-typed key) or our clock: kept pending
     # Everything the peer held when the repair began is held here now: its claims were taken.
     complete: bool = False
@@ -299,6 +299,10 @@ class ColdPath:
         return bool(self._requested_keys.get(peer_id)) or any(
             reason in reasons for reason in ("quarantine", "clock_skew", "refused")
         )
+
+    def is_requested(self, peer_id: str, reason: str) -> bool:
+        """A request for ``reason`` from ``peer_id`` is waiting for its repair."""
+        return reason in self._requests.get(peer_id, {})
 
     def request_repair(self, peer_id: str, *, reason: str, keys: Iterable[str] = ()) -> None:
         """Ask for a repair from ``peer_id`` now (a gap in its stream, or quarantined entries).
@@ -532,11 +536,19 @@ class ColdPath:
 
     @staticmethod
     def _is_complete(repair: PeerRepair) -> bool:
+        """Whether this store now holds everything the peer held when the repair began.
+
+        A key the peer no longer held when fetched (a tombstone collected there meanwhile)
+        leaves ours behind: the claims read at the start may cover that delete, and taking
+        them would claim a write this store lacks. The next cycle finds the key on this side
+        only and settles it by absence.
+        """
         return (
             repair.error is None
             and not repair.remaining
             and not repair.items_corrupt
             and not repair.items_refused
+            and not repair.items_missing
         )
 
     async def _peer_facts(self, peer: Peer, *, fresh: bool) -> tuple[PeerFacts, bool]:

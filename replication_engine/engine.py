@@ -335,6 +335,7 @@ class ReplicationEngine:
             metrics=self.metrics,
             local_breaker=self.local_breaker,
             on_gap=self._on_gap,
+            on_unanchored=self._on_unanchored,
             on_quarantine=self._on_quarantine,
             repair_pending=cold.has_pending if cold is not None else (lambda peer_id: False),
             bootstrap=self._bootstrap if cold is not None else None,
@@ -407,6 +408,10 @@ class ReplicationEngine:
     def _on_gap(self, peer_id: str) -> None:
         if self.cold_path is not None:
             self.cold_path.request_repair(peer_id, reason="gap")
+
+    def _on_unanchored(self, peer_id: str) -> None:
+        if self.cold_path is not None and not self.cold_path.is_requested(peer_id, "anchor"):
+            self.cold_path.request_repair(peer_id, reason="anchor")
 
     def _on_quarantine(self, peer_id: str, keys: Sequence[str], reason: str) -> None:
         if self.cold_path is not None:

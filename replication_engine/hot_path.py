@@ -142,6 +142,7 @@ class Tailer:
         metrics: Metrics,
         local_breaker: pybreaker.CircuitBreaker,
         on_gap: Callable[[str], None] = lambda peer_id: None,
+        on_unanchored: Callable[[str], None] = lambda peer_id: None,
         on_quarantine: RepairRequest = lambda peer_id, keys, reason: None,
         repair_pending: Callable[[str], bool] = lambda peer_id: False,
         bootstrap: Bootstrap | None = None,
@@ -155,6 +156,7 @@ class Tailer:
         self.metrics = metrics
         self.local_breaker = local_breaker
         self.on_gap = on_gap
+        self.on_unanchored = on_unanchored
         self.on_quarantine = on_quarantine
         self.repair_pending = repair_pending
         self.bootstrap = bootstrap
@@ -436,10 +438,8 @@ class Tailer:
         self.record = record
         self._publish_lag(info)  # before applying: a batch that cannot be applied still counts
         gap = info.trimmed_past(position)
+        # Reported once the batch is applied (a batch read ahead may be dropped unapplied).
         new_gap = gap and (info.first, info.max_deleted) != self._gap_seen
-        if new_gap:
-            self._gap_seen = (info.first, info.max_deleted)  # one gap, however many batches
-            self._report_gap(info)
         if entries:
             changes, last_id, set_aside = await self._decode(entries, position)
         else:
@@ -456,6 +456,8 @@ class Tailer:
             record, position, last_id, gap, reached_end and not (set_aside or rejected)
         )
         if not entries and source is None:
+            if new_gap:
+                self._note_gap(info)  # nothing to apply, so nothing to wait for
             return None
         batch = Batch(changes, prepared, source, new_gap)
         return info, requested, len(entries), batch, last_id
@@ -480,8 +482,8 @@ class Tailer:
         claims: dict[str, int] = {}
         if may_claim and not self.repair_pending(self._peer_id):
             claims = record.stream_claims()
-        if first == last and mode != "f" and not claims:
-            return None  # an empty read: worth a call only to anchor or to raise claims
+        if first == last and mode == "c" and not claims:
+            return None  # an empty read: worth a call only to anchor, unanchor or raise claims
         return StreamBatch(
             self._peer_id,
             record.token,
@@ -500,10 +502,10 @@ class Tailer:
             self._read_pos = None  # the next read goes from the saved cursor
             return False
         flush = time.perf_counter() - flush_started
-        if batch.gap:
+        if batch.gap and (info.first, info.max_deleted) != self._gap_seen:
             # Asked only now: a repair that begins after this batch is applied covers both the
             # entries missed and this batch, and so lets the store anchor here again.
-            self.on_gap(self._peer_id)
+            self._note_gap(info)
         self.catching_up = read >= requested
         if read:
             self.sizer.observe(
@@ -516,13 +518,14 @@ class Tailer:
         self._publish_lag(info)
         return True
 
-    def _report_gap(self, info: StreamInfo) -> None:
+    def _note_gap(self, info: StreamInfo) -> None:
+        """Count the gap and ask for its repair: once per gap, however many batches see it."""
+        self._gap_seen = (info.first, info.max_deleted)
         self.stats.gaps += 1
         self.last_gap_at = time.time()
         self.metrics.stream_gaps.labels(self._peer_id).inc()
         log.warning(
-            "peer stream trimmed past our cursor: entries were missed; the cold path repairs "
-            "them once this batch is applied",
+            "peer stream trimmed past our cursor: entries were missed; the cold path repairs them",
             extra={
                 "peer": self._peer_id,
                 "cursor": str(self.cursor),
@@ -530,6 +533,7 @@ class Tailer:
                 "max_deleted": str(info.max_deleted),
             },
         )
+        self.on_gap(self._peer_id)
 
     async def _decode(
         self, entries: list[Entry], position: StreamId
@@ -698,6 +702,11 @@ class Tailer:
                 )
                 return 0.0
             await self._count(batch.changes, result.statuses, result.refused)
+            if result.anchored is False:
+                # Unanchored (a gap, a start past the stream's start, the peer's stream
+                # restarted or recovered, a bootstrap that could not take claims): nothing this
+                # stream carries is claimed until a complete repair anchors it again.
+                self.on_unanchored(self._peer_id)
         try:
             await self.cursors.save(self._peer_id, str(last_id))
         except CursorError as exc:

@@ -40,7 +40,7 @@ from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
 
 if TYPE_CHECKING:
-    from replication_engine.store.redis_store import RedisStore
+    from replication_engine.store.redis_store import Certification, RedisStore
 
 __all__ = ["Membership"]
 
@@ -237,15 +237,8 @@ class Membership:
         if self.state == RECOVERING and not self.recovery_pending and not self.store.writes_paused:
             await self._finish_recovery()
             return
-        nonce = secrets.token_hex(8)
-        await self.cursors.meta_set(META_NONCE_PENDING, nonce)
-        result = await self.store.certify(
-            expected_run=self._run,
-            expected_nonces=self._nonces,
-            nonce=nonce,
-            advance=self.state == SERVING,
-            state=self.state,
-            reason=self.reason,
+        result, nonce = await self._run_certify(
+            advance=self.state == SERVING, state=self.state, reason=self.reason
         )
         if result.outcome == "absent":
             await self.store.open_record(mode=self.mode, relay=self.relay)
@@ -271,6 +264,24 @@ class Membership:
                 why = f"{why} (again, during its recovery: starting it over)"
             await self._enter_recovery(why)
             await self._certify()  # publish the state
+
+    async def _run_certify(
+        self, *, advance: bool, state: str, reason: str = "", new_epoch: str = ""
+    ) -> tuple[Certification, str]:
+        """One certify call with a fresh nonce, saved as pending first: an engine that stops
+        between the script and :meth:`_remember` still knows the nonce it may have written."""
+        nonce = secrets.token_hex(8)
+        await self.cursors.meta_set(META_NONCE_PENDING, nonce)
+        result = await self.store.certify(
+            expected_run=self._run,
+            expected_nonces=self._nonces,
+            nonce=nonce,
+            advance=advance,
+            new_epoch=new_epoch,
+            state=state,
+            reason=reason,
+        )
+        return result, nonce
 
     async def _remember(self, run_id: str, nonce: str, store_clock: int) -> None:
         self._run = run_id
@@ -371,15 +382,8 @@ class Membership:
                 self._wake.set()
 
     async def _finish_recovery(self) -> None:
-        nonce = secrets.token_hex(8)
-        await self.cursors.meta_set(META_NONCE_PENDING, nonce)
-        result = await self.store.certify(
-            expected_run=self._run,
-            expected_nonces=self._nonces,
-            nonce=nonce,
-            advance=True,
-            new_epoch=secrets.token_hex(4),
-            state=SERVING,
+        result, nonce = await self._run_certify(
+            advance=True, state=SERVING, new_epoch=secrets.token_hex(4)
         )
         await self._remember(result.run_id, nonce, result.clock)
         if result.outcome != "ok":

@@ -235,35 +235,35 @@ class Peer:
         self, cursor: StreamId, count: int, *, block_ms: int | None
     ) -> tuple[NodeRecord | None, StreamInfo, list[Entry]]:
         """The peer's record, its stream's facts and up to ``count`` entries after ``cursor``,
-        in one round trip.
+        read together: one pipeline that Redis runs back to back.
 
-        The record is read first, in the same pipeline: whatever it claims was in the stream
-        before the entries were read (docs/DELETES.md, "Claims", way 2). ``block_ms=None`` reads
-        with XRANGE (catching up, returns at once); otherwise XREAD BLOCK waits for new entries
-        at the head.
+        The record is read first: whatever it claims was in the stream before the entries were
+        read (docs/DELETES.md, "Claims", way 2), and the stream's facts describe exactly the
+        stream the entries came from, so a trim past ``cursor`` is seen as the gap it is.
+
+        With ``block_ms``, an ``XREAD BLOCK`` first waits (up to ``block_ms``) for an entry
+        after ``cursor``; only then is the batch read. The blocking read itself never supplies
+        entries: it is answered after whatever woke it has run, which can be a script that
+        appended and trimmed many entries, so the facts read before it would no longer match
+        the entries it returns (a gap nobody would see).
         """
+        if block_ms is not None:
+            await self.call(
+                lambda: self.stream.xread({self.keys.cdc: str(cursor)}, count=1, block=block_ms),
+                what="xread",
+            )
 
         async def run() -> tuple[NodeRecord | None, StreamInfo, list[Entry]]:
-            client = self.query if block_ms is None else self.stream
-            async with client.pipeline(transaction=False) as pipe:
+            async with self.query.pipeline(transaction=False) as pipe:
                 pipe.hgetall(self.keys.record)
                 pipe.xinfo_stream(self.keys.cdc)
-                if block_ms is None:
-                    pipe.xrange(self.keys.cdc, min=f"({cursor}", max="+", count=count)
-                else:
-                    pipe.xread({self.keys.cdc: str(cursor)}, count=count, block=block_ms)
+                pipe.xrange(self.keys.cdc, min=f"({cursor}", max="+", count=count)
                 record_raw, info_raw, entries_raw = await pipe.execute(raise_on_error=False)
             if isinstance(entries_raw, BaseException):
                 raise entries_raw
-            record = _record(record_raw)
-            info = parse_stream_info(info_raw)
-            if block_ms is None:
-                entries = entries_raw or []
-            else:
-                entries = entries_raw[0][1] if entries_raw else []
-            return record, info, entries
+            return _record(record_raw), parse_stream_info(info_raw), entries_raw or []
 
-        return await self.call(run, what="xrange" if block_ms is None else "xread")
+        return await self.call(run, what="xrange")
 
     async def snapshot_facts(self) -> tuple[NodeRecord | None, StreamInfo, bytes]:
         """The peer's record, stream facts and Merkle root, read in that order in one round

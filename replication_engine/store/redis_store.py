@@ -144,6 +144,9 @@ class ApplyResult:
 
     statuses: list[ApplyStatus]
     refused: dict[int, str] = field(default_factory=dict)
+    # With a tailer's batch: whether the store is anchored in the peer's stream after it
+    # (docs/DELETES.md, "Claims"); None without one.
+    anchored: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,9 +511,11 @@ class RedisStore:
         chunks = prepared.chunks or ([(0, 0, b"")] if source is not None else [])
         for n, (start, end, packed) in enumerate(chunks):
             last = n == len(chunks) - 1
-            await self._apply_range(
+            anchored = await self._apply_range(
                 prepared, start, end, packed, source if last else None, statuses, refused
             )
+            if last:
+                result.anchored = anchored
         if prepared.newest:
             self.clock.observe(prepared.newest)
         for position, status in enumerate(statuses):
@@ -529,7 +534,9 @@ class RedisStore:
         source: StreamBatch | None,
         statuses: list[ApplyStatus],
         refused: dict[int, str],
-    ) -> None:
+    ) -> bool | None:
+        """Apply one chunk; returns the anchor state when ``source`` was given to the script
+        (None otherwise)."""
         if packed is None:
             packed = _pack(prepared.items[start:end])
         if source is not None and refused:
@@ -546,17 +553,20 @@ class RedisStore:
             if end - start > 1:
                 middle = (start + end) // 2
                 await self._apply_range(prepared, start, middle, None, None, statuses, refused)
-                await self._apply_range(prepared, middle, end, None, source, statuses, refused)
-                return
+                return await self._apply_range(
+                    prepared, middle, end, None, source, statuses, refused
+                )
             statuses.append(ApplyStatus.REFUSED)
             refused[len(statuses) - 1] = _describe(exc)
             if source is not None:
-                await self._apply_range(prepared, end, end, b"", source, statuses, refused)
-            return
+                return await self._apply_range(prepared, end, end, b"", source, statuses, refused)
+            return None
         for letter in reply[0]:
             statuses.append(_STATUS[letter])
-        for i in range(1, len(reply) - 1, 2):
+        for i in range(2, len(reply) - 1, 2):
             refused[start + int(reply[i]) - 1] = text(reply[i + 1])
+        anchor = text(reply[1])
+        return None if not anchor else anchor == "1"
 
     def _apply_args(
         self, prepared: PreparedApply, packed: bytes, source: StreamBatch | None

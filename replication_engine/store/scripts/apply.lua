@@ -22,9 +22,10 @@
 -- (entries were missed before this batch), then origin, hlc pairs to claim when the batch is
 -- applied contiguously.
 --
--- Returns {statuses, index, error, index, error, ...}: one status letter per item as one
+-- Returns {statuses, anchor, index, error, index, error, ...}: one status letter per item as one
 -- string ('a' applied, 'd' duplicate, 's' stale, 'k' known: at or below this store's claim for
--- its origin, 'w' refused: the item's key, leaf or an ancestor holds the wrong type), then the
+-- its origin, 'w' refused: the item's key, leaf or an ancestor holds the wrong type), whether
+-- the peer's stream is anchored after this batch ('1', '0', or '' without a peer), then the
 -- refused items' positions (1-based) and Redis's message for each.
 local maxlen, relay, src = ARGV[4], ARGV[5] == '1', ARGV[8]
 local problem = check_store_keys({HLC_KEY, 'string', ROOT_KEY, 'string', TOMBS_KEY, 'zset',
@@ -69,6 +70,7 @@ for n = 1, #items do
 end
 tree_flush()
 if applied then hlc_observe(ARGV[6]) end
+local anchor_state = ''
 if src ~= '' then
   local token, first, last, mode = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
   local cur = read_anchor(src)
@@ -82,7 +84,8 @@ if src ~= '' then
   if contiguous and not cur.anchored and cur.since ~= '' then since = cur.since end
   write_anchor(src, token, pos, anchored, since)
   if anchored and #errors == 0 then raise_claims(13) end
+  anchor_state = anchored and '1' or '0'
 end
-local reply = {table.concat(out)}
-for i = 1, #errors do reply[i + 1] = errors[i] end
+local reply = {table.concat(out), anchor_state}
+for i = 1, #errors do reply[i + 2] = errors[i] end
 return reply
