@@ -452,6 +452,9 @@ class ChaosMesh:
         self.nodes = nodes
         self.cancel_retries = 0  # extra cancel rounds needed by engine kills (see CANCEL_ROUND_S)
         self.forgotten: set[str] = set()  # nodes removed for good: out of every check
+        # The states that the last successful :meth:`converged` check compared: judged as they
+        # were, since a tombstone collected a moment later would make a re-read differ.
+        self.converged_states: dict[str, dict[str, Version]] = {}
 
     def __getitem__(self, node_id: str) -> ChaosNode:
         return self.nodes[node_id]
@@ -746,8 +749,12 @@ class ChaosMesh:
         """Same Merkle root everywhere, and the same versions (tombstones included)."""
         if len(set((await self.roots()).values())) != 1:
             return False
-        states = list((await self.states()).values())
-        return all(s == states[0] for s in states[1:])
+        states = await self.states()
+        first, *rest = states.values()
+        if any(s != first for s in rest):
+            return False
+        self.converged_states = states
+        return True
 
     async def tailers_at_tails(self) -> bool:
         """Every running tailer has read its peer's stream up to the current tail."""
@@ -1294,20 +1301,40 @@ class FaultRunner:
         restore or wipe may rightly lose those (the checker excuses them)."""
         node_id = fault.node
         await self.workload.stop_node(node_id)
-        others = {n: s for n, s in (await self.mesh.states()).items() if n != node_id}
-        excused = 0
-        for write in self.workload.writes[mark:]:
-            if write.node != node_id:
-                continue
-            held = [state.get(write.key) for state in others.values()]
-            if not any(v is not None and _order(v) >= write.order for v in held):
-                self.lost_to_operator.add((write.key, write.hlc, write.node))
-                excused += 1
+        only_there = await self._held_only_by(node_id, self.workload.writes[mark:])
+        self.lost_to_operator.update((w.key, w.hlc, w.node) for w in only_there)
+        excused = len(only_there)
         gone = {sid for sid in self.injected[node_id] if sid.ms >= since_ms}
         self.trimmed_injected[node_id] |= gone
         await act()
         fault.outcome.update(writes_only_there=excused, corrupt_entries_gone=len(gone))
         self.workload.start_node(node_id)
+
+    async def _held_only_by(self, node_id: str, writes: Sequence[Write]) -> list[Write]:
+        """``node_id``'s writes that no other node holds: none holds that version or a later
+        one of the key, and none that lacks the key has collected tombstones up to the write
+        (a collected delete that superseded it is held as knowledge, not as a version)."""
+        others = {n: s for n, s in (await self.mesh.states()).items() if n != node_id}
+        horizons: dict[str, int] = {}
+        for other in others:
+            record = await self.mesh[other].store.record()
+            horizons[other] = record.collected if record is not None else 0
+        only_there = []
+        for write in writes:
+            if write.node != node_id:
+                continue
+            held = False
+            for other, state in others.items():
+                version = state.get(write.key)
+                if version is None:
+                    held = horizons[other] >= write.hlc
+                else:
+                    held = _order(version) >= write.order
+                if held:
+                    break
+            if not held:
+                only_there.append(write)
+        return only_there
 
     async def _member_join(self, fault: Fault) -> None:
         """A new, empty node whose peers read from the latest entry on (docs/DELETES.md)."""
@@ -1324,13 +1351,8 @@ class FaultRunner:
         """The node is gone for good (engine and Redis), and ``other`` forgets it."""
         node_id = fault.node
         await self.workload.stop_node(node_id)
-        others = {n: s for n, s in (await self.mesh.states()).items() if n != node_id}
-        for write in self.workload.writes:
-            if write.node == node_id and not any(
-                (v := s.get(write.key)) is not None and _order(v) >= write.order
-                for s in others.values()
-            ):
-                self.lost_to_operator.add((write.key, write.hlc, write.node))
+        only_there = await self._held_only_by(node_id, self.workload.writes)
+        self.lost_to_operator.update((w.key, w.hlc, w.node) for w in only_there)
         if self.mesh[node_id].engine is not None:
             await self.mesh.stop_engine(node_id)
         self.mesh.kill_redis(node_id)
