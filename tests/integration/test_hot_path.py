@@ -233,8 +233,13 @@ async def test_no_write_applied_twice_and_streams_stop_growing(
             entries = [change for _, change in await read_stream(node.store)]
             own = [c for c in entries if c.origin == node.node_id]
             relayed = [(c.key, *stream_version(c)) for c in entries if c.origin != node.node_id]
-            applied = node.total("applied")
             # Every apply appends exactly one entry to the local stream, every local write one.
+            # Applies are the tailers' and, on Redis 6.2, the repair that a tailer's first read
+            # asks for (it cannot tell the stream's start from a trim: see below).
+            applied = node.total("applied") + sum(
+                metric(node.running(), "replication_repair_items_applied_total", peer=p)
+                for p in node.peer_ids
+            )
             assert len(own) == len(log.by_node(node.node_id)), node.node_id
             assert applied == len(relayed), node.node_id
             assert applied <= len(log.not_by(node.node_id)), node.node_id
@@ -842,6 +847,12 @@ async def test_batch_of_highly_compressible_entries_is_not_held_inflated(
         assert peak < 4 * inflated, f"peak {peak / (1 << 20):.0f} MiB for {entries} entries"
 
 
+@pytest.mark.skipif(
+    not EXACT_STREAM_FACTS,
+    reason="Redis 6.2 cannot tell a stream's start from a trim (no entries-added): a tailer's "
+    "first read from the beginning reports a gap and the cold path copies the backlog, which "
+    "the hot path's rate limit does not pace",
+)
 async def test_rate_limit_spreads_applies_over_time(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
