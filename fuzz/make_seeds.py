@@ -131,7 +131,7 @@ CONFIGS = {
         "  settings:\n    merkle: {fanout: 256, depth: 2}\n"
         "  peers:\n    - {node_id: b, redis_url: 'rediss://b:6380/0', prefix: 'app:'}\n"
         "    - {node_id: c, redis_url: 'redis://c:6379/1'}\n"
-        "  http: {listen: '0.0.0.0:9090'}\n"
+        "  http: {listen: '0.0.0.0:9636'}\n"
     ),
     "bad_types.yaml": "local_node_id: [1, 2]\nmode: sideways\npeers: {}\n",
     "bad_yaml.yaml": "local_node_id: a\n  peers: - [\n",

@@ -4,19 +4,63 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
+import platform
 import signal
 import sys
 import urllib.error
 import urllib.request
 from typing import Any
 
-from replication_engine.config import ConfigError, load_config
+from replication_engine import __version__
+from replication_engine.config import ConfigError, HttpConfig, load_config
 from replication_engine.connection import redact_url
 from replication_engine.observability.logs import setup_logging
 
 log = logging.getLogger("replication_engine.cli")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("auto", "json", "text")
+# The demo draws its own table and narrates its faults; the engine's warnings about those same
+# faults would bury it, so it logs errors only unless --log-level says otherwise.
+DEMO_LOG_LEVEL = "ERROR"
+# `status` without --url asks a sidecar on this host listening where the config default says.
+DEFAULT_STATUS_URL = f"http://{HttpConfig().listen}"
+
+
+def _version_text() -> str:
+    # Bug reports need the interpreter and the redis-py release as much as our own version.
+    try:
+        redis_py = importlib.metadata.version("redis")
+    except importlib.metadata.PackageNotFoundError:
+        redis_py = "not installed"
+    return (
+        f"replication-engine {__version__} "
+        f"(Python {platform.python_version()}, redis-py {redis_py})"
+    )
+
+
+def _add_logging_options(parser: argparse.ArgumentParser, *, on_subcommand: bool) -> None:
+    """The logging options, accepted before the subcommand and after it alike.
+
+    A subcommand's copy defaults to SUPPRESS: argparse would otherwise write the subcommand's
+    default over a value given before the subcommand.
+    """
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS if on_subcommand else None,
+        help=f"one of {', '.join(LOG_LEVELS)}, any case (default INFO; {DEMO_LOG_LEVEL} for demo)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=argparse.SUPPRESS if on_subcommand else "auto",
+        help="auto (the default): JSON unless stderr is a terminal",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,29 +68,38 @@ def _parser() -> argparse.ArgumentParser:
         prog="replication-engine",
         description="Mesh replication agent for Redis-backed store nodes.",
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    parser.add_argument(
-        "--log-format",
-        choices=["auto", "json", "text"],
-        default="auto",
-        help="auto: JSON unless stderr is a terminal",
-    )
+    parser.add_argument("--version", action="version", version=_version_text())
+    _add_logging_options(parser, on_subcommand=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the sidecar")
     run.add_argument("--config", required=True, help="YAML config file")
 
     demo = sub.add_parser("demo", help="a local multi-node mesh that converges, with faults")
-    demo.add_argument("--nodes", type=int, default=3)
-    demo.add_argument("--duration", type=float, default=20.0, help="seconds of writes")
-    demo.add_argument("--rate", type=float, default=300.0, help="writes/s across the mesh")
-    demo.add_argument("--keys", type=int, default=200, help="size of the shared key space")
-    demo.add_argument("--no-faults", action="store_true", help="skip fault injection")
-    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument(
+        "--nodes", type=int, default=3, help="nodes, each with its own redis-server (default 3)"
+    )
+    demo.add_argument("--duration", type=float, default=20.0, help="seconds of writes (default 20)")
+    demo.add_argument(
+        "--rate", type=float, default=300.0, help="writes/s across the mesh (default 300)"
+    )
+    demo.add_argument(
+        "--keys", type=int, default=200, help="size of the shared key space (default 200)"
+    )
+    demo.add_argument(
+        "--no-faults",
+        action="store_true",
+        help="skip fault injection (a Redis killed and restarted, a stream trimmed)",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=1, help="seed of the write and fault schedule (default 1)"
+    )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON too")
 
     status = sub.add_parser("status", help="a running sidecar's status (its /status)")
-    status.add_argument("--url", default="http://127.0.0.1:9090", help="the sidecar's HTTP base")
+    status.add_argument(
+        "--url", default=DEFAULT_STATUS_URL, help=f"the sidecar's HTTP base ({DEFAULT_STATUS_URL})"
+    )
     status.add_argument("--json", action="store_true", help="raw JSON")
     status.add_argument(
         "--mesh", action="store_true", help="with --config: lag and root of every node in the mesh"
@@ -67,17 +120,15 @@ def _parser() -> argparse.ArgumentParser:
         choices=["check", "repair"],
         help="also check the local Merkle tree against its leaves (repair: rebuild what differs)",
     )
+    for command in sub.choices.values():
+        _add_logging_options(command, on_subcommand=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     json_logs = {"auto": None, "json": True, "text": False}[args.log_format]
-    level = args.log_level
-    if args.command == "demo" and args.log_level == "INFO":
-        # The demo draws its own table and narrates its faults; the engine's warnings about
-        # those same faults would bury it. --log-level WARNING shows them.
-        level = "ERROR"
+    level = args.log_level or (DEMO_LOG_LEVEL if args.command == "demo" else "INFO")
     setup_logging(level, json_format=json_logs)
     try:
         if args.command == "run":
@@ -136,7 +187,14 @@ async def _run(config_path: str) -> int:
 
 async def _demo(args: argparse.Namespace) -> int:
     from replication_engine.demo import run_demo
+    from replication_engine.testing.redis_proc import RedisBinaryNotFound, find_redis_server
 
+    try:
+        # Before any node starts: the demo needs a redis-server that a plain install lacks.
+        find_redis_server()
+    except RedisBinaryNotFound as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
     result = await run_demo(
         nodes=args.nodes,
         duration=args.duration,

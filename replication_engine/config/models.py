@@ -38,6 +38,10 @@ _DURATION_EXPECTED = "expected a duration like '5s', '100ms', '2m', '1h' or a nu
 _URL_CREDENTIALS_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*):(\S*)@")
 _BARE_CREDENTIALS_RE = re.compile(r"^([^\s:/@]*):(\S*)@(\S+)$")
 _QUERY_SECRET_RE = re.compile(r"(?i)([?&;](?:password|pass|pwd|auth|token|secret)=)[^&#;]*")
+# The sidecar runs beside a monitoring stack, so not 9090-9094 (Prometheus, Pushgateway,
+# Alertmanager), 9100 (node exporter) or 3000 (Grafana); 9636 was a free slot in Prometheus's
+# list of default exporter ports.
+DEFAULT_HTTP_PORT = 9636
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +172,10 @@ def _check_listen(listen: str) -> str:
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
-    expected = "expected host:port with port 0..65535, e.g. 127.0.0.1:9090 or [::1]:9090"
+    expected = (
+        "expected host:port with port 0..65535, "
+        f"e.g. 127.0.0.1:{DEFAULT_HTTP_PORT} or [::1]:{DEFAULT_HTTP_PORT}"
+    )
     host, sep, port_text = listen.rpartition(":")
     if not sep or not host or not port_text.isdigit() or int(port_text) > 65_535:
         raise ValueError(expected)
@@ -458,7 +465,9 @@ class HttpConfig(_Section):
     """The health, readiness, metrics and status endpoint."""
 
     enabled: bool = Field(default=True, description="Serve /health, /ready, /metrics, /status.")
-    listen: ListenAddress = Field(default="127.0.0.1:9090", description="host:port; 0 = any.")
+    listen: ListenAddress = Field(
+        default=f"127.0.0.1:{DEFAULT_HTTP_PORT}", description="host:port; 0 = any."
+    )
 
     @property
     def host(self) -> str:

