@@ -112,9 +112,22 @@ def _parser() -> argparse.ArgumentParser:
     forget.add_argument("node", help="the member's node id")
     forget.add_argument("--config", required=True, help="this node's config file")
 
-    verify = sub.add_parser("verify", help="compare Merkle roots with every peer")
+    verify = sub.add_parser(
+        "verify",
+        help="compare Merkle roots with every peer",
+        description="Exit status: 0 every check passed, 1 something differs (roots, the tree, "
+        "or with --deep a payload or key), 2 nothing differed but something could not be "
+        "checked (a node unreachable, another tree geometry).",
+    )
     verify.add_argument("--config", required=True)
     verify.add_argument("--limit", type=int, default=20, help="divergent keys to list per peer")
+    verify.add_argument(
+        "--deep",
+        action="store_true",
+        help="also re-hash every stored payload against its content hash and list keys under "
+        "the prefix that the format does not define or that have the wrong type (one pass "
+        "over the local store)",
+    )
     verify.add_argument(
         "--tree",
         choices=["check", "repair"],
@@ -147,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             from replication_engine.tools import verify
 
-            return asyncio.run(verify(load_config(args.config), limit=args.limit, tree=args.tree))
+            return asyncio.run(
+                verify(load_config(args.config), limit=args.limit, tree=args.tree, deep=args.deep)
+            )
         if args.command == "forget":
             from replication_engine.tools import forget
 

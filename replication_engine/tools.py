@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from redis.exceptions import RedisError
+
 from replication_engine import clock, codec
 from replication_engine.config import EngineConfig
 from replication_engine.connection import TlsOptions, make_client, redact_url
@@ -117,23 +119,48 @@ async def check_tree(config: EngineConfig, *, repair: bool, out: TextIO = sys.st
     return 0 if repair else 1
 
 
-async def verify(
-    config: EngineConfig, *, limit: int = 20, tree: str | None = None, out: TextIO = sys.stdout
-) -> int:
-    """Compare the local root with every peer's; 0 when all equal, 1 otherwise.
+# Exit codes of ``verify``: a script (or an operator's alert) must tell "they differ" from "I
+# could not look": the first needs a repair, the second a network or credentials fix.
+VERIFY_EQUAL = 0
+VERIFY_DIFFERENT = 1
+VERIFY_UNCHECKED = 2
 
-    ``tree``: ``check`` (or ``repair``) the local tree against its leaves first.
+
+async def verify(
+    config: EngineConfig,
+    *,
+    limit: int = 20,
+    tree: str | None = None,
+    deep: bool = False,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Compare the local root with every peer's.
+
+    Returns :data:`VERIFY_EQUAL` when every check passed, :data:`VERIFY_DIFFERENT` when one
+    found a difference (roots, the local tree against its leaves, or with ``deep`` a stored
+    payload that does not verify or a key that does not belong), and :data:`VERIFY_UNCHECKED`
+    when nothing differed but something could not be checked (a node unreachable, another
+    geometry). ``tree``: ``check`` (or ``repair``) the local tree against its leaves first.
     """
-    if tree is not None:
-        checked = await check_tree(config, repair=tree == "repair", out=out)
-        if checked:
-            return checked
+    status = VERIFY_EQUAL
+    try:
+        if tree is not None:
+            status = max(status, await check_tree(config, repair=tree == "repair", out=out))
+        if deep:
+            status = max(status, await check_deep(config, limit=limit, out=out))
+    except (RedisError, OSError) as exc:
+        print(f"{config.local_node_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
+        return VERIFY_UNCHECKED
     geometry = Geometry(config.settings.merkle.fanout, config.settings.merkle.depth)
     local = _local_reader(config)
     readers = [_peer_client(config, i) for i in range(len(config.peers))]
-    status = 0
+    unchecked = False
     try:
-        local_root = await local.root()
+        try:
+            local_root = await local.root()
+        except (RedisError, OSError) as exc:
+            print(f"{config.local_node_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
+            return VERIFY_UNCHECKED
         print(f"{config.local_node_id:<20} root {local_root.hex()}  (local)", file=out)
         for peer_id, reader in readers:
             try:
@@ -141,7 +168,7 @@ async def verify(
                 root = await reader.root()
             except Exception as exc:
                 print(f"{peer_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
-                status = 1
+                unchecked = True
                 continue
             if stored is not None and stored != geometry:
                 print(
@@ -149,12 +176,12 @@ async def verify(
                     f"local {geometry.describe()}",
                     file=out,
                 )
-                status = 1
+                unchecked = True
                 continue
             if root == local_root:
                 print(f"{peer_id:<20} root {root.hex()}  equal", file=out)
                 continue
-            status = 1
+            status = VERIFY_DIFFERENT
             diff = await diff_trees(local, reader, geometry, limit=limit)
             print(
                 f"{peer_id:<20} root {root.hex()}  DIFFERENT: {len(diff.leaves)} leaf "
@@ -172,7 +199,29 @@ async def verify(
         await local.redis.aclose()
         for _peer_id, reader in readers:
             await reader.redis.aclose()
+    if status == VERIFY_EQUAL and unchecked:
+        return VERIFY_UNCHECKED
     return status
+
+
+async def check_deep(config: EngineConfig, *, limit: int, out: TextIO = sys.stdout) -> int:
+    """Re-hash every stored payload and look for keys that do not belong under the prefix."""
+    store = await _local_store(config)
+    try:
+        found = await store.deep_check(sample=limit)
+    finally:
+        await store.close()
+    node = config.local_node_id
+    print(
+        f"{node:<20} deep: {found.items} items re-hashed, {found.unreadable} do not verify, "
+        f"{found.stray} stray keys under the prefix",
+        file=out,
+    )
+    for key, why in found.unreadable_sample:
+        print(f"    {'unreadable':<13} {key}: {why}", file=out)
+    for name, why in found.stray_sample:
+        print(f"    {'stray':<13} {name}: {why}", file=out)
+    return VERIFY_EQUAL if found.clean else VERIFY_DIFFERENT
 
 
 async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:

@@ -49,3 +49,34 @@ class Keyspace:
     def node(self, path: str) -> str:
         """A tree node's children map (interior) or key->digest map (leaf bucket)."""
         return f"{self.prefix}mk:{path}"
+
+
+# Redis's TYPE of every key the format defines (docs/FORMAT.md, "Keys").
+_FIXED_TYPES = {"cdc": "stream", "meta": "hash", "hlc": "string", "mk:root": "string"}
+_FIXED_TYPES |= {"tombs": "zset", "node": "hash"}
+_HEX = frozenset("0123456789abcdef")
+
+
+def key_problem(keys: Keyspace, width: int, depth: int, name: str, kind: str) -> str | None:
+    """Why a key under the prefix does not belong there, or None when it does.
+
+    ``width`` and ``depth`` are the tree's hex characters per level and its levels: a tree node
+    is ``mk:`` and a path of whole levels. With an empty prefix the keyspace is shared with
+    whatever else the Redis holds, so only names the format defines are checked (their type);
+    with a prefix, every other name under it is stray.
+    """
+    if not name.startswith(keys.prefix):
+        return None
+    rest = name[len(keys.prefix) :]
+    expected = _FIXED_TYPES.get(rest)
+    if expected is None and rest.startswith("item:"):
+        expected = "hash"
+    elif expected is None and rest.startswith("mk:"):
+        path = rest[3:]
+        if len(path) % width == 0 and len(path) // width <= depth and set(path) <= _HEX:
+            expected = "hash"
+    if expected is None:
+        return "not a key of the format" if keys.prefix else None
+    if kind != expected:
+        return f"wrong type: {kind}, the format has a {expected}"
+    return None

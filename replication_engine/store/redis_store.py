@@ -37,7 +37,7 @@ from replication_engine.connection import TlsOptions, make_client
 from replication_engine.knowledge import ApplyStatus, NodeRecord, hlc_hex
 from replication_engine.merkle import Geometry, GeometryError, leaf_digest
 from replication_engine.observability.tracing import current_trace_parent
-from replication_engine.store.layout import Keyspace, text
+from replication_engine.store.layout import Keyspace, key_problem, text
 from replication_engine.store.reader import ReadCounter, TreeReader, item_from_hash
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 _WALK_CHUNK = 500
+_SCAN_PAGE = 1000  # keys per SCAN call of a deep check
 _PRESSURE_TTL_SEC = 1.0
 _GC_BATCH = 500
 # Bytes of item data in one apply call. Redis refuses any single argument over 512 MB
@@ -169,6 +170,23 @@ _STATUS = {
     ord("k"): ApplyStatus.KNOWN,
     ord("w"): ApplyStatus.REFUSED,
 }
+
+
+@dataclass(slots=True)
+class DeepCheck:
+    """What a deep check found: items whose stored bytes do not verify, and keys under the
+    prefix that the format does not define or that have the wrong type. Samples are bounded;
+    the counts are not."""
+
+    items: int = 0
+    unreadable: int = 0
+    stray: int = 0
+    unreadable_sample: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
+    stray_sample: list[tuple[str, str]] = field(default_factory=list)  # (Redis key, why)
+
+    @property
+    def clean(self) -> bool:
+        return not self.unreadable and not self.stray
 
 
 @dataclass(frozen=True, slots=True)
@@ -829,6 +847,51 @@ class RedisStore:
             return int(await self._discard(args=args))
         except ResponseError as exc:
             raise _store_error(exc) from exc
+
+    async def deep_check(self, *, sample: int = 20) -> DeepCheck:
+        """Re-read every stored item and verify its payload against its content hash, and list
+        the keys under the prefix that do not belong there.
+
+        The Merkle tree covers each item's content hash, not its bytes: a payload edited by
+        hand (or rotted) leaves every digest equal, so only re-hashing the payload finds it.
+        Strays are found by ``SCAN`` (a key twice is counted twice; this is a report, not a
+        ledger). Reads only; costs one pass over the store.
+        """
+        found = DeepCheck()
+        async for batch in self._tree_keys():
+            for key, change in zip(batch, await self.reader.items(batch), strict=True):
+                if change is None:
+                    continue  # deleted since the walk read its leaf
+                found.items += 1
+                if isinstance(change, codec.CodecError):
+                    found.unreadable += 1
+                    if len(found.unreadable_sample) < sample:
+                        found.unreadable_sample.append((key, str(change)[:200]))
+        width, depth = self.geometry.width, self.geometry.depth
+        async for name, kind in self._typed_keys():
+            problem = key_problem(self.keys, width, depth, name, kind)
+            if problem is not None:
+                found.stray += 1
+                if len(found.stray_sample) < sample:
+                    found.stray_sample.append((name, problem))
+        return found
+
+    async def _typed_keys(self) -> AsyncIterator[tuple[str, str]]:
+        """Every key under the prefix with its Redis type, a SCAN page at a time."""
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.keys.prefix) + "*"
+        cursor = 0
+        while True:
+            cursor, names = await self.redis.scan(cursor, match=pattern, count=_SCAN_PAGE)
+            if names:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for name in names:
+                        pipe.type(name)
+                    kinds = await pipe.execute()
+                for name, kind in zip(names, kinds, strict=True):
+                    if text(kind) != "none":  # removed between SCAN and TYPE
+                        yield text(name), text(kind)
+            if cursor == 0:
+                return
 
     def leaf_parents(self) -> list[str]:
         """Paths of the tree nodes whose children are leaf buckets, in order (what

@@ -439,6 +439,76 @@ async def test_verify_exits_0_when_roots_match_and_1_listing_divergent_keys(
     }, differ.stdout
 
 
+async def test_verify_exits_2_when_a_peer_cannot_be_checked_and_1_when_another_differs(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    local, peer = redis_factory(), redis_factory()
+    gone = f"redis://127.0.0.1:{free_port()}/0"
+    nodes = {"a": local.url, "b": peer.url}
+
+    def config_with(peers: dict[str, str]) -> Path:
+        return write_config(
+            tmp_path / f"config-{len(peers)}.yaml",
+            {
+                "local_node_id": "a",
+                "local": {"redis_url": nodes["a"], "prefix": PREFIX},
+                "peers": [{"node_id": n, "redis_url": url} for n, url in peers.items()],
+                "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+            },
+        )
+
+    async with stores(("a", local.url), ("b", peer.url)) as (store_a, store_b):
+        same = shared_changes(20)
+        await store_a.apply_batch(same)
+        await store_b.apply_batch(same)
+        unchecked = await run_cli(
+            ["verify", "--config", str(config_with({"b": nodes["b"], "c": gone}))], cwd=tmp_path
+        )
+        # b is equal, c could not be looked at: not "equal", and not "different" either.
+        assert unchecked.returncode == 2, unchecked
+        assert "equal" in unchecked.stdout and "UNREACHABLE" in unchecked.stdout
+        await store_b.put("only-on-b", b"x")
+        differ = await run_cli(
+            ["verify", "--config", str(config_with({"b": nodes["b"], "c": gone}))], cwd=tmp_path
+        )
+    # A difference found is the answer, whatever else could not be checked.
+    assert differ.returncode == 1 and "DIFFERENT" in differ.stdout, differ
+
+
+async def test_verify_deep_finds_a_hand_edited_payload_and_keys_that_do_not_belong(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    local = redis_factory()
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": local.url, "prefix": PREFIX},
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+        },
+    )
+    async with stores(("a", local.url)) as (store,):
+        await store.apply_batch(shared_changes(30))
+        clean = await run_cli(["verify", "--deep", "--config", str(config)], cwd=tmp_path)
+        assert clean.returncode == 0, clean
+        assert "30 items re-hashed, 0 do not verify, 0 stray keys" in clean.stdout, clean
+        # The tree covers the content hash, not the bytes: this edit leaves every digest equal.
+        await store.redis.hset(store.keys.item("shared:3"), "d", b"edited by hand")
+        await store.redis.set(f"{PREFIX}notes", "left by an operator")
+        await store.redis.set(store.keys.item("typed-wrongly"), "a string, not a hash")
+        await store.redis.set("elsewhere:key", "outside the prefix: none of our business")
+        shallow = await run_cli(["verify", "--config", str(config)], cwd=tmp_path)
+        deep = await run_cli(["verify", "--deep", "--config", str(config)], cwd=tmp_path)
+    assert shallow.returncode == 0, shallow
+    assert deep.returncode == 1, deep
+    assert "30 items re-hashed, 1 do not verify, 2 stray keys" in deep.stdout, deep
+    listed = [line.split()[:2] for line in deep.stdout.splitlines() if line.startswith("    ")]
+    assert ["unreadable", "shared:3:"] in listed, deep.stdout
+    assert ["stray", f"{PREFIX}notes:"] in listed, deep.stdout
+    assert ["stray", f"{PREFIX}item:typed-wrongly:"] in listed, deep.stdout
+    assert "elsewhere:key" not in deep.stdout
+
+
 async def test_verify_tree_finds_an_inconsistent_tree_and_repair_rebuilds_it(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
