@@ -653,7 +653,7 @@ class ColdPath:
                 continue
             for version in dead:
                 if not version.tombstone:
-                    await self.cursors.quarantine_add(
+                    evicted = await self.cursors.quarantine_add(
                         self.store.node_id,
                         "0-0",
                         version.key,
@@ -662,6 +662,7 @@ class ColdPath:
                         f"collected)",
                         codec.encode_entry(version),
                     )
+                    self.metrics.quarantine_evicted.inc(evicted)
             done = await self._local(
                 "drop dead versions",
                 self.store.discard_versions(
@@ -675,7 +676,6 @@ class ColdPath:
             dropped += done
             sample.extend(v.key for v in dead[: CORRUPT_KEYS_LOGGED - len(sample)])
         if dropped:
-            self.metrics.quarantine_evicted.set(self.cursors.evicted)
             self.metrics.absence_drops.labels(peer.node_id).inc(dropped)
             log.warning(
                 "repair.dropped_dead peer=%s count=%d keys=%r: versions here that the peer "
@@ -714,7 +714,7 @@ class ColdPath:
                 ):
                     replaces[len(chosen)] = (ours.hlc, ours.origin)
                     chosen.append(change)
-                    await self.cursors.quarantine_add(
+                    evicted = await self.cursors.quarantine_add(
                         self.store.node_id,
                         "0-0",
                         ours.key,
@@ -723,6 +723,7 @@ class ColdPath:
                         f"recovery, brought back by a restore)",
                         codec.encode_entry(ours),
                     )
+                    self.metrics.quarantine_evicted.inc(evicted)
             if not chosen:
                 continue
             result = await self._apply(chosen, replaces)
@@ -738,7 +739,6 @@ class ColdPath:
                 WRITTEN_OFF_REASON,
             )
         if replaced:
-            self.metrics.quarantine_evicted.set(self.cursors.evicted)
             self.metrics.written_off.labels(peer.node_id).inc(replaced)
         return replaced
 
@@ -1116,6 +1116,7 @@ class ColdPath:
             tail_facts = PeerFacts(record, StreamInfo(0, None, tail), facts.root, facts.read_at)
             await self._conclude(peer, tail_facts, own, repair, absent, complete, began)
         await self.cursors.bootstrap_finish(pid, str(tail))
+        self.metrics.bootstraps.labels(pid).inc()
         log.info(
             "bootstrap.complete peer=%s tail_id=%s fetched=%d applied=%d corrupt=%d "
             "anchored=%s seconds=%.1f",

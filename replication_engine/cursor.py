@@ -678,11 +678,15 @@ class CursorStore:
         key: str | None,
         reason: str,
         raw: RawFields,
-    ) -> None:
+    ) -> int:
         """Keep a rejected entry for inspection, dropping the oldest rows beyond the bound.
 
         Each field of ``raw`` is stored as text (base64 when not printable UTF-8) and cut to
         ``QUARANTINE_FIELD_MAX_BYTES``; the whole entry to ``QUARANTINE_ENTRY_MAX_BYTES``.
+
+        Returns:
+            How many of the oldest rows were dropped to make room (each caller counts its own,
+            so concurrent callers cannot count one eviction twice).
 
         Raises:
             ValueError: ``stream_id`` is not ``<ms>-<seq>`` or ``peer_id`` is empty.
@@ -705,6 +709,7 @@ class CursorStore:
         logger.debug(
             "quarantine stored peer=%s stream_id=%s evicted=%d", peer_id, stream_id, dropped
         )
+        return dropped
 
     async def quarantine_list(
         self, limit: int = 100, peer_id: str | None = None

@@ -25,7 +25,7 @@ from replication_engine.cursor import CursorStore
 from replication_engine.hot_path import CursorSaveFailed, Tailer, TailerSettings
 from replication_engine.membership import Membership
 from replication_engine.merkle import Geometry, GeometryError
-from replication_engine.observability.metrics import CIRCUIT_STATES, ENGINE_STATES, Metrics
+from replication_engine.observability.metrics import ENGINE_STATES, Metrics
 from replication_engine.peer import Peer
 from replication_engine.resilience import Backoff, breaker_state, sleep_or_stop
 from replication_engine.store.protocol import Store
@@ -72,6 +72,9 @@ class ReplicationEngine:
             throw_new_error_on_trip=False,
             name="local-store",
             exclude=[asyncio.CancelledError],
+        )
+        self.metrics.watch_circuit(
+            self.metrics.local_circuit, lambda: breaker_state(self.local_breaker)
         )
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
@@ -173,6 +176,9 @@ class ReplicationEngine:
             )
         except Exception as exc:
             raise EngineError(f"cursor.sqlite_path: {exc}") from exc
+        # Rows trimmed at open, for a quarantine_max_rows lowered since the file was written.
+        self.metrics.quarantine_evicted.inc(self.cursors.evicted)
+        self.metrics.declare_peers(p.node_id for p in cfg.peers)
         hot = cfg.settings.hot_path
         for peer_cfg in sorted(cfg.peers, key=lambda p: p.priority):
             password = peer_cfg.password.get_secret_value() if peer_cfg.password else None
@@ -398,7 +404,6 @@ class ReplicationEngine:
                     async with asyncio.timeout(interval):
                         await peer.ping()
             self.metrics.peer_stalled.labels(peer.node_id).set(int(peer.stalled(2 * interval)))
-            self.metrics.peer_circuit.labels(peer.node_id).set(CIRCUIT_STATES[peer.circuit_state])
             if await sleep_or_stop(self._stop, interval):
                 return
 

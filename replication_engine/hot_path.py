@@ -47,6 +47,19 @@ _PRESSURE_POLL_SEC = 0.5
 _DECODE_SLICE = 64
 # Weight of the newest batch in the running mean of entry sizes that bounds reads in bytes.
 _ENTRY_SIZE_WEIGHT = 0.3
+# Every mode a tailer reports (status "mode", metric replication_tailer_mode): all of them are
+# published, so a dashboard sees a mode end as well as begin.
+TAILER_MODES = (
+    "starting",
+    "bootstrapping",
+    "catching_up",
+    "tailing",
+    "waiting_for_peer",
+    "backpressure",
+    "local_store_unavailable",
+    "cursor_save_failed",
+    "stopped",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +192,7 @@ class Tailer:
         self.tail: StreamId | None = None
         self.lag_ms: int | None = None  # unknown until the first read answers
         self.lag_events: int | None = None
-        self.mode = "starting"
+        self._mode = "starting"
         self.catching_up = True
         self.last_batch_at: float | None = None
         self.last_gap_at: float | None = None
@@ -193,6 +206,19 @@ class Tailer:
         self._retry = Backoff(settings.retry_base_sec, settings.retry_max_sec)
         self._peer_id = peer.node_id
         metrics.batch_size.labels(self._peer_id).set(self.sizer.size)
+        metrics.publish_tailer_mode(self._peer_id, self._mode, TAILER_MODES)
+
+    @property
+    def mode(self) -> str:
+        """What the tailer is doing, one of TAILER_MODES (published as a metric)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        # Every read sets it; the series are written only when it changes.
+        if mode != self._mode:
+            self._mode = mode
+            self.metrics.publish_tailer_mode(self._peer_id, mode, TAILER_MODES)
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -623,8 +649,10 @@ class Tailer:
             },
         )
         try:
-            await self.cursors.quarantine_add(self._peer_id, str(sid), key, str(exc)[:500], fields)
-            self.metrics.quarantine_evicted.set(self.cursors.evicted)
+            evicted = await self.cursors.quarantine_add(
+                self._peer_id, str(sid), key, str(exc)[:500], fields
+            )
+            self.metrics.quarantine_evicted.inc(evicted)
         except CursorError:
             log.exception("could not record quarantined entry", extra={"peer": self._peer_id})
             raise
@@ -794,5 +822,5 @@ class Tailer:
         self._track_growth(info)
         self.lag_ms = codec.lag_ms(self.cursor, info.last, info.first)
         self.lag_events = codec.lag_events(self.cursor, info.first, info.last, info.length)
-        self.metrics.lag_ms.labels(self._peer_id).set(self.lag_ms)
+        self.metrics.lag.labels(self._peer_id).set(self.lag_ms / 1000)
         self.metrics.lag_events.labels(self._peer_id).set(self.lag_events)

@@ -136,6 +136,7 @@ class Membership:
         self._opened = False
         self._tick_error: str | None = None
         self._wake = asyncio.Event()
+        self._publish_recovery()
 
     # ------------------------------------------------------------------------ start
 
@@ -334,6 +335,7 @@ class Membership:
                 reason,
             )
         self.metrics.recovering.set(1)
+        self._publish_recovery()
         await self._restore_floor()
         for peer_id in sorted(self.recovery_pending):
             self.request_repair(peer_id, "recovery")
@@ -372,6 +374,7 @@ class Membership:
                 barrier[3].discard(peer_id)
         if peer_id in self.recovery_pending and began >= self._recovery_began:
             self.recovery_pending.discard(peer_id)
+            self._publish_recovery()
             log.info(
                 "membership.recovery_progress node=%s peer=%s pending=%s",
                 self.node_id,
@@ -395,6 +398,7 @@ class Membership:
         self.reason = ""
         self.since_ms = clock.wall_clock_ms()
         self.metrics.recovering.set(0)
+        self._publish_recovery()
         log.info(
             "membership.recovered node=%s: every peer gave a complete repair; its own writes "
             "are certified again under a new epoch",
@@ -434,6 +438,7 @@ class Membership:
                     peer.node_id,
                 )
                 self.recovery_pending.discard(peer.node_id)
+                self._publish_recovery()
                 self.on_forgotten(peer.node_id)
 
     def _open_barriers(self, own: NodeRecord | None) -> None:
@@ -545,11 +550,23 @@ class Membership:
                     fixed,
                 )
 
+    def _publish_recovery(self) -> None:
+        """1 for each peer the recovery still waits for, 0 for every other: set wherever the
+        pending set changes, so a recovery that ends between two ticks still shows it ended."""
+        for peer in self.peers:
+            pending = peer.node_id in self.recovery_pending
+            self.metrics.recovery_pending.labels(peer.node_id).set(1 if pending else 0)
+
     def _publish_metrics(self) -> None:
         now = time.monotonic()
         self.metrics.tombstones.set(self.tombstones)
         self.metrics.members.set(len(self.members))
+        self.metrics.forgotten_members.set(len(self.forgotten))
         wall = clock.wall_clock_ms()
+        oldest = self.oldest_tombstone_ms
+        self.metrics.oldest_tombstone_age.set(
+            0.0 if oldest is None else max(0.0, (wall - oldest) / 1000)
+        )
         if self.stable:
             behind = (wall - clock.physical_ms(self.stable)) / 1000
             self.metrics.stable_frontier_age.set(max(0.0, behind))

@@ -26,7 +26,7 @@ from replication_engine.codec import StreamId, parse_stream_id
 from replication_engine.connection import TlsOptions, make_client, redact_url
 from replication_engine.knowledge import NodeRecord
 from replication_engine.merkle import ZERO
-from replication_engine.observability.metrics import CIRCUIT_STATES, Metrics
+from replication_engine.observability.metrics import Metrics
 from replication_engine.resilience import breaker_remaining, breaker_state
 from replication_engine.store.layout import Keyspace, text
 from replication_engine.store.reader import ReadCounter, TreeReader
@@ -160,7 +160,7 @@ class Peer:
         self.last_error: str | None = None
         self.latency_ms: float | None = None
         metrics.peer_connected.labels(node_id).set(0)
-        metrics.peer_circuit.labels(node_id).set(0)
+        metrics.watch_circuit(metrics.peer_circuit.labels(node_id), lambda: self.circuit_state)
 
     # ------------------------------------------------------------------------ calls
 
@@ -171,7 +171,6 @@ class Peer:
             with self.breaker.calling():
                 result = await fn()
         except pybreaker.CircuitBreakerError:
-            self._publish_circuit()
             raise PeerUnavailable(
                 f"peer {self.node_id}: circuit open, "
                 f"retry in {breaker_remaining(self.breaker):.1f}s"
@@ -179,9 +178,6 @@ class Peer:
         except _TRANSIENT as exc:
             self._failed(exc, what)
             raise PeerUnavailable(f"peer {self.node_id}: {what} failed: {_describe(exc)}") from None
-        except Exception:
-            self._publish_circuit()
-            raise
         elapsed = time.perf_counter() - started
         self._succeeded(elapsed, what)
         return result
@@ -198,7 +194,6 @@ class Peer:
             self.metrics.peer_latency.labels(self.node_id).observe(elapsed)
         self.metrics.peer_connected.labels(self.node_id).set(1)
         self.metrics.peer_stalled.labels(self.node_id).set(0)
-        self._publish_circuit()
 
     def _failed(self, exc: BaseException, what: str) -> None:
         message = _describe(exc)
@@ -210,10 +205,6 @@ class Peer:
         self.connected = False
         self.last_error = message
         self.metrics.peer_connected.labels(self.node_id).set(0)
-        self._publish_circuit()
-
-    def _publish_circuit(self) -> None:
-        self.metrics.peer_circuit.labels(self.node_id).set(CIRCUIT_STATES[self.circuit_state])
 
     @property
     def circuit_state(self) -> str:

@@ -2,24 +2,80 @@
 
 A registry per engine (rather than the process-global one) lets a parent daemon or a test run
 several engines in one process without their per-peer series colliding.
+
+Names follow https://prometheus.io/docs/practices/naming/: base units (seconds, bytes),
+``_total`` on counters only (prometheus_client appends it to the names below), and a count of
+things is named for the things (``replication_lag_events``), never with a unit suffix.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import platform
+from collections.abc import Callable, Collection, Iterable
+from importlib import metadata
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 ENGINE_STATES = {"stopped": 0, "starting": 1, "running": 2, "stopping": 3}
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
+
+# Every reason a CDC entry is quarantined for: the codec's (codec.CodecError.reason), a clock
+# too far ahead, a refusal by the local store. Their series exist from start (at 0), so that
+# increase() sees the first quarantine after a restart; a reason added without being listed
+# here still counts, only from its first occurrence.
+QUARANTINE_REASONS = (
+    "bad_encoding",
+    "bad_hash",
+    "bad_key",
+    "bad_meta",
+    "bad_stream_id",
+    "bad_zstd",
+    "clock_skew",
+    "hash_mismatch",
+    "malformed",
+    "missing_field",
+    "refused",
+    "too_large",
+    "unknown_op",
+)
+# The SLOs the hot path checks (settings.slo), as the `slo` label of slo_breaches.
+SLOS = ("stream_read_latency", "batch_flush_latency")
+# How a cold-path cycle ends, as the `result` label of repair_cycles.
+REPAIR_RESULTS = ("ok", "error", "skipped")
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _REPAIR_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800)
 
 
 class Metrics:
+    """Every metric the engine exports, registered on one registry.
+
+    Args:
+        registry: where to register; a fresh one by default. The process, platform and GC
+            collectors prometheus_client puts on its global registry are added too, unless the
+            registry exports them already (the global one does).
+    """
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         peer = ["peer"]
+        self.build_info = Info(
+            "replication_build",
+            "Versions this engine runs: the package, Python and redis-py",
+            registry=r,
+        )
+        self.build_info.info(_build_labels())
         self.events_read = Counter(
             "replication_cdc_events_read", "CDC entries read from peers", peer, registry=r
         )
@@ -41,7 +97,7 @@ class Metrics:
             ["peer", "reason"],
             registry=r,
         )
-        self.quarantine_evicted = Gauge(
+        self.quarantine_evicted = Counter(
             "replication_quarantine_evicted",
             "Quarantined entries dropped (oldest first) to keep the quarantine within its bound",
             registry=r,
@@ -61,13 +117,26 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Gauge(
-            "replication_batch_size", "Current read batch size (AIMD)", peer, registry=r
+            "replication_batch_size_entries",
+            "Entries the next read from the peer asks for (AIMD batch size)",
+            peer,
+            registry=r,
         )
-        self.lag_ms = Gauge(
-            "replication_lag_ms", "Age of the newest unapplied entry", peer, registry=r
+        self.lag = Gauge(
+            "replication_lag_seconds",
+            "Age of the newest entry of the peer's stream not yet applied here",
+            peer,
+            registry=r,
         )
         self.lag_events = Gauge(
             "replication_lag_events", "Entries not yet applied (estimate)", peer, registry=r
+        )
+        self.tailer_mode = Gauge(
+            "replication_tailer_mode",
+            "1 for the mode the peer's tailer is in (tailing, catching_up, bootstrapping, "
+            "waiting_for_peer, backpressure, local_store_unavailable, ...), 0 for the others",
+            ["peer", "mode"],
+            registry=r,
         )
         self.stream_gaps = Counter(
             "replication_stream_gaps", "Peer streams trimmed past our cursor", peer, registry=r
@@ -110,6 +179,12 @@ class Metrics:
             buckets=_REPAIR_BUCKETS,
             registry=r,
         )
+        self.bootstraps = Counter(
+            "replication_bootstraps",
+            "Copies of a peer's data completed (a new node, or a peer whose cursor was reset)",
+            peer,
+            registry=r,
+        )
         self.peer_connected = Gauge(
             "replication_peer_connected", "1 when the peer answers", peer, registry=r
         )
@@ -150,6 +225,11 @@ class Metrics:
             "Tombstones held in the local store (collected once every member holds them)",
             registry=r,
         )
+        self.oldest_tombstone_age = Gauge(
+            "replication_oldest_tombstone_age_seconds",
+            "Age of the oldest tombstone held here (0 when none is held)",
+            registry=r,
+        )
         self.tombstones_collected = Counter(
             "replication_tombstones_collected",
             "Tombstones collected here, below the mesh's stable frontier",
@@ -157,6 +237,11 @@ class Metrics:
         )
         self.members = Gauge(
             "replication_members", "Members of the mesh this node knows of", registry=r
+        )
+        self.forgotten_members = Gauge(
+            "replication_forgotten_members",
+            "Nodes forgotten by an operator (replication-engine forget): never read again",
+            registry=r,
         )
         self.stable_frontier_age = Gauge(
             "replication_stable_frontier_age_seconds",
@@ -175,6 +260,12 @@ class Metrics:
             "replication_recovering",
             "1 while this node recovers a store that may have lost writes (restored, wiped, "
             "restarted without its data)",
+            registry=r,
+        )
+        self.recovery_pending = Gauge(
+            "replication_recovery_pending",
+            "1 while this node's recovery waits for a complete repair from the peer",
+            peer,
             registry=r,
         )
         self.recoveries = Counter(
@@ -199,13 +290,93 @@ class Metrics:
             peer,
             registry=r,
         )
+        _register_runtime_collectors(r)
+
+    def declare_peers(self, peer_ids: Iterable[str]) -> None:
+        """Create every per-peer counter and histogram series at 0.
+
+        A series born at its first increment has no earlier sample, so ``increase()`` and
+        ``rate()`` miss that first gap or quarantine after a restart; created at start, it has.
+        Gauges are left alone: a lag of 0 before the first read would claim a caught-up peer.
+        """
+        per_peer = (
+            self.events_read,
+            self.events_applied,
+            self.events_deduped,
+            self.echoes,
+            self.batch_flushes,
+            self.batch_flush_seconds,
+            self.stream_gaps,
+            self.repair_failures,
+            self.repair_items_fetched,
+            self.repair_items_applied,
+            self.repair_items_corrupt,
+            self.merkle_divergences,
+            self.bootstraps,
+            self.peer_latency,
+            self.tailer_restarts,
+            self.absence_drops,
+            self.written_off,
+        )
+        for peer_id in peer_ids:
+            for metric in per_peer:
+                metric.labels(peer_id)
+            for reason in QUARANTINE_REASONS:
+                self.events_quarantined.labels(peer_id, reason)
+        for slo in SLOS:
+            self.slo_breaches.labels(slo)
+        for result in REPAIR_RESULTS:
+            self.repair_cycles.labels(result)
+
+    def publish_tailer_mode(self, peer_id: str, mode: str, modes: Collection[str]) -> None:
+        """Set ``mode`` to 1 and every other of ``modes`` to 0 for the peer's tailer."""
+        for each in modes:
+            self.tailer_mode.labels(peer_id, each).set(1 if each == mode else 0)
+
+    def watch_circuit(self, gauge: Gauge, state: Callable[[], str]) -> None:
+        """Make ``gauge`` report ``state()`` (a key of CIRCUIT_STATES) whenever it is read.
+
+        Read at scrape time rather than set on pybreaker's transitions: pybreaker moves an
+        open breaker to half-open only on the next call, while ``state`` (see
+        ``resilience.breaker_state``) says half-open as soon as the reset timeout has passed,
+        as ``/status`` does. The two cannot disagree.
+        """
+        gauge.set_function(lambda: float(CIRCUIT_STATES[state()]))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     def names(self) -> set[str]:
-        """Every exported sample family name (with ``_total`` for counters)."""
-        out = set()
-        for family in self.registry.collect():
-            out.add(family.name + ("_total" if family.type == "counter" else ""))
-        return out
+        """Every exported sample family name (``_total`` for counters, ``_info`` for infos)."""
+        suffix = {"counter": "_total", "info": "_info"}
+        return {f.name + suffix.get(f.type, "") for f in self.registry.collect()}
+
+
+def _build_labels() -> dict[str, str]:
+    # Read here, not at import: the package's own __init__ imports this module before it
+    # defines __version__.
+    from replication_engine import __version__
+
+    try:
+        redis_py = metadata.version("redis")
+    except metadata.PackageNotFoundError:
+        redis_py = "unknown"
+    return {"version": __version__, "python": platform.python_version(), "redis_py": redis_py}
+
+
+def _register_runtime_collectors(registry: CollectorRegistry) -> None:
+    """Add the process, platform and GC collectors, unless ``registry`` exports them already.
+
+    Each engine's registry gets its own (they only read /proc and the interpreter, so several
+    engines in one process each export the same figures). A registry handed in may have them
+    (the process-global one does); a registry only detects a duplicate when it was made with
+    ``auto_describe``, so what it exports is read instead, once, here.
+    """
+    exported = {family.name for family in registry.collect()}
+    for collector, family in (
+        (ProcessCollector, "process_cpu_seconds"),
+        (PlatformCollector, "python_info"),
+        (GCCollector, "python_gc_objects_collected"),
+    ):
+        if family not in exported:
+            collector(registry=registry)

@@ -751,9 +751,9 @@ async def test_replication_moves_the_hot_path_metrics(
         assert before["replication_cdc_events_read_total"] >= 50
         assert before["replication_cdc_events_applied_total"] >= 50
         assert before["replication_batch_flush_total"] >= 1
-        assert metric(engine, "replication_batch_size", peer="b") > 0
+        assert metric(engine, "replication_batch_size_entries", peer="b") > 0
         registry = engine.metrics.registry
-        assert registry.get_sample_value("replication_lag_ms", {"peer": "b"}) == 0
+        assert registry.get_sample_value("replication_lag_seconds", {"peer": "b"}) == 0
         assert registry.get_sample_value("replication_lag_events", {"peer": "b"}) == 0
         flushes = registry.get_sample_value(
             "replication_batch_flush_duration_seconds_count", {"peer": "b"}

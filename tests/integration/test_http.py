@@ -164,8 +164,8 @@ async def test_metrics_counters_move_between_scrapes_during_replication(
         assert peer_b(after, "replication_batch_flush_duration_seconds_count") > peer_b(
             before, "replication_batch_flush_duration_seconds_count"
         )
-        assert peer_b(after, "replication_batch_size") > 0
-        assert (("replication_lag_ms", (("peer", "b"),))) in after
+        assert peer_b(after, "replication_batch_size_entries") > 0
+        assert (("replication_lag_seconds", (("peer", "b"),))) in after
         assert peer_b(after, "replication_lag_events") == 0
         assert after[("replication_engine_state", ())] == 2
 

