@@ -733,17 +733,7 @@ class ChaosMesh:
 
     async def states(self) -> dict[str, dict[str, Version]]:
         """Every live node's versions, tombstones included."""
-        out: dict[str, dict[str, Version]] = {}
-        for node in self.live:
-            state: dict[str, Version] = {}
-            async for change in node.store.versions():
-                state[change.key] = (
-                    None if change.tombstone else change.value,
-                    change.hlc,
-                    change.origin,
-                )
-            out[node.node_id] = state
-        return out
+        return {node.node_id: await state_of(node) for node in self.live}
 
     async def converged(self) -> bool:
         """Same Merkle root everywhere, and the same versions (tombstones included)."""
@@ -1314,20 +1304,33 @@ class FaultRunner:
         """``node_id``'s writes that no other node holds: none holds that version or a later
         one of the key, and none that lacks the key has collected tombstones up to the write
         (a collected delete that superseded it is held as knowledge, not as a version)."""
-        others = {n: s for n, s in (await self.mesh.states()).items() if n != node_id}
-        horizons: dict[str, int] = {}
-        for other in others:
-            record = await self.mesh[other].store.record()
-            horizons[other] = record.collected if record is not None else 0
+
+        async def holdings(node: ChaosNode) -> tuple[dict[str, Version], int]:
+            record = await node.store.record()
+            return await state_of(node), record.collected if record is not None else 0
+
+        others: list[tuple[dict[str, Version], int]] = []
+        for node in self.mesh.live:
+            if node.node_id != node_id:
+                # A fault running alongside may have this node's Redis down for a moment.
+                others.append(
+                    await async_wait_until(
+                        functools.partial(holdings, node),
+                        timeout=2 * RESTART_DEADLINE_S,
+                        interval=0.1,
+                        ignore=(RedisConnectionError, RedisTimeoutError, OSError),
+                        message=f"{node.node_id}'s Redis answering, to see what it holds",
+                    )
+                )
         only_there = []
         for write in writes:
             if write.node != node_id:
                 continue
             held = False
-            for other, state in others.items():
+            for state, horizon in others:
                 version = state.get(write.key)
                 if version is None:
-                    held = horizons[other] >= write.hlc
+                    held = horizon >= write.hlc
                 else:
                     held = _order(version) >= write.order
                 if held:
@@ -1567,6 +1570,14 @@ async def run_chaos(
         report.failures.extend(f"teardown: {type(e).__name__}: {e}" for e in errors)
         report.wall_s = time.monotonic() - started
     return report
+
+
+async def state_of(node: ChaosNode) -> dict[str, Version]:
+    """One node's versions, tombstones included."""
+    state: dict[str, Version] = {}
+    async for change in node.store.versions():
+        state[change.key] = (None if change.tombstone else change.value, change.hlc, change.origin)
+    return state
 
 
 def _with_membership_faults(
