@@ -19,6 +19,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 import redis
+from pydantic import SecretStr
 from redis.exceptions import NoPermissionError
 
 from replication_engine.config import EngineConfig
@@ -560,5 +561,51 @@ async def test_no_password_leaks_into_logs_errors_status_or_metrics(
         # The failures were logged, with the URL masked rather than dropped.
         assert "AuthenticationError" in outputs["logs (JSON formatter)"]
         assert "default:***@" in outputs["status()"]
+    finally:
+        await peer_store.close()
+
+
+async def test_password_settings_win_over_wrong_passwords_in_the_urls(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """Both URLs carry a wrong password and the settings the right ones: the settings are used
+    for the local store and the peer alike, and no password shows in status or the config."""
+    peer = redis_factory(password=PEER_PASSWORD)
+    local = redis_factory(password=LOCAL_PASSWORD)
+    peer_store = await RedisStore.connect(
+        url_with_password(peer, WRONG_URL_PASSWORD),
+        node_id="b",
+        prefix=PREFIX,
+        password=PEER_PASSWORD,
+    )
+    config = mesh_config(
+        "a",
+        url_with_password(local, WRONG_URL_PASSWORD),
+        [
+            {
+                "node_id": "b",
+                "redis_url": url_with_password(peer, WRONG_URL_PASSWORD, "default"),
+                "password": PEER_PASSWORD,
+                "start_from": "beginning",
+            }
+        ],
+        tmp_path / "a.db",
+    )
+    config = config.model_copy(
+        update={"local": config.local.model_copy(update={"password": SecretStr(LOCAL_PASSWORD)})}
+    )
+    try:
+        written = await put_many(peer_store, [f"k:{i}" for i in range(10)])
+        engine = ReplicationEngine(config)  # builds its own store from the local URL
+        async with running(engine):
+            assert engine.store is not None
+            await async_wait_until(
+                lambda: holds_all(engine.store, written),  # type: ignore[arg-type]
+                timeout=DEADLINE_S,
+                message="replication with the passwords from the settings",
+            )
+            assert engine.status()["peers"]["b"]["last_error"] is None
+            assert_no_secret("status()", json.dumps(engine.status(), default=str))
+            assert_no_secret("repr(config)", repr(engine.config))
     finally:
         await peer_store.close()

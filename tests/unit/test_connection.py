@@ -1,4 +1,8 @@
-"""Clients from ``make_client`` raise a cancellation that lands as a command write completes.
+"""Clients from ``make_client``: what their connections are built with, a cancellation that
+lands as a command write completes, and a connection whose server hung up.
+
+Credentials: a ``username`` or ``password`` setting replaces the URL's, which redis-py's own
+``from_url`` would not do; checked on the pool's keyword arguments, with no server.
 
 redis-py writes under ``asyncio.wait_for`` when a socket timeout is set, and on CPython 3.11
 ``wait_for`` returns normally if its task is cancelled just as the write finishes (gh-86296). The
@@ -13,6 +17,7 @@ import contextlib
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterable
+from urllib.parse import quote
 
 import pytest
 from redis.asyncio.connection import (
@@ -22,10 +27,106 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 
-from replication_engine.connection import make_client
+from replication_engine.connection import TlsOptions, connection_kwargs, make_client
+from replication_engine.testing import async_wait_until
 
 # What the fake write sends nowhere but is checked against: one PING.
 PING = b"*1\r\n$4\r\nPING\r\n"
+# Distinctive secrets, with characters a URL must percent-encode.
+URL_PASSWORD = "url-S3cret/@:%-1f"
+SETTING_PASSWORD = "setting-S3cret/@:%-2e"
+ENCODED_URL_PASSWORD = quote(URL_PASSWORD, safe="")
+
+
+def _url(userinfo: str = "", query: str = "") -> str:
+    return f"redis://{userinfo}10.0.0.7:6380/2{query}"
+
+
+# ------------------------------------------------------------------------------------ credentials
+
+
+def test_a_password_setting_replaces_the_urls_password_and_keeps_its_user() -> None:
+    kwargs = connection_kwargs(_url(f"engine:{ENCODED_URL_PASSWORD}@"), password=SETTING_PASSWORD)
+    assert kwargs["password"] == SETTING_PASSWORD
+    assert kwargs["username"] == "engine"
+    assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("10.0.0.7", 6380, 2)
+
+
+def test_a_username_setting_replaces_the_urls_user_and_keeps_its_password() -> None:
+    kwargs = connection_kwargs(_url("engine:pw@"), username="replicator")
+    assert (kwargs["username"], kwargs["password"]) == ("replicator", "pw")
+
+
+def test_both_settings_replace_both_parts_of_the_urls_userinfo() -> None:
+    kwargs = connection_kwargs(
+        _url(f"engine:{ENCODED_URL_PASSWORD}@"), username="replicator", password=SETTING_PASSWORD
+    )
+    assert (kwargs["username"], kwargs["password"]) == ("replicator", SETTING_PASSWORD)
+
+
+def test_a_password_setting_replaces_a_password_given_as_a_query_option() -> None:
+    kwargs = connection_kwargs(_url(query="?password=query-pw"), password=SETTING_PASSWORD)
+    assert kwargs["password"] == SETTING_PASSWORD
+
+
+def test_without_settings_the_urls_credentials_are_used_percent_decoded() -> None:
+    kwargs = connection_kwargs(_url(f"us%40er:{ENCODED_URL_PASSWORD}@"))
+    assert (kwargs["username"], kwargs["password"]) == ("us@er", URL_PASSWORD)
+
+
+def test_settings_apply_to_a_url_without_credentials() -> None:
+    kwargs = connection_kwargs(_url(), username="engine", password=SETTING_PASSWORD)
+    assert (kwargs["username"], kwargs["password"]) == ("engine", SETTING_PASSWORD)
+    assert "username" not in connection_kwargs(_url())
+    assert "password" not in connection_kwargs(_url())
+
+
+def test_an_empty_setting_counts_as_unset() -> None:
+    kwargs = connection_kwargs(_url("engine:pw@"), username="", password="")
+    assert (kwargs["username"], kwargs["password"]) == ("engine", "pw")
+
+
+def test_a_url_query_option_wins_over_a_timeout_argument_as_with_from_url() -> None:
+    kwargs = connection_kwargs(_url(query="?socket_timeout=2.5"), socket_timeout=10.0)
+    assert kwargs["socket_timeout"] == 2.5
+    assert kwargs["socket_connect_timeout"] == 5.0
+
+
+def test_tls_options_apply_to_a_rediss_url_only() -> None:
+    tls = TlsOptions(ca_file="ca.pem", cert_file="c.pem", key_file="k.pem", verify=False)
+    secure = connection_kwargs("rediss://10.0.0.7:6380/0", tls=tls)
+    assert issubclass(secure["connection_class"], SSLConnection)
+    assert secure["ssl_cert_reqs"] == "none"
+    assert secure["ssl_check_hostname"] is False
+    assert (secure["ssl_ca_certs"], secure["ssl_certfile"], secure["ssl_keyfile"]) == (
+        "ca.pem",
+        "c.pem",
+        "k.pem",
+    )
+    assert not any(name.startswith("ssl_") for name in connection_kwargs(_url(), tls=tls))
+    verified = connection_kwargs("rediss://10.0.0.7:6380/0")
+    assert (verified["ssl_cert_reqs"], verified["ssl_check_hostname"]) == ("required", True)
+
+
+def test_a_bad_query_value_is_refused_without_quoting_the_url() -> None:
+    with pytest.raises(ValueError) as raised:
+        connection_kwargs(_url(f"engine:{ENCODED_URL_PASSWORD}@", "?db=x"))
+    assert "S3cret" not in str(raised.value)
+
+
+async def test_a_clients_connections_get_the_setting_and_its_pool_shows_neither_password() -> None:
+    client = make_client(_url(f"engine:{ENCODED_URL_PASSWORD}@"), password=SETTING_PASSWORD)
+    try:
+        pool = client.connection_pool
+        assert pool.connection_kwargs["password"] == SETTING_PASSWORD
+        assert pool.make_connection().password == SETTING_PASSWORD
+        for text in (repr(pool), repr(client), repr(pool.make_connection())):
+            assert "S3cret" not in text
+    finally:
+        await client.aclose()
+
+
+# ------------------------------------------------------------------------------------ classes
 
 
 @pytest.mark.parametrize(
@@ -47,6 +148,9 @@ async def test_every_scheme_gets_the_cancel_safe_variant_of_its_connection_class
         assert connection_class.__name__.startswith("_CancelSafe")
     finally:
         await client.aclose()
+
+
+# ------------------------------------------------------------------------------------ sockets
 
 
 @contextlib.asynccontextmanager
@@ -114,5 +218,22 @@ async def test_a_send_without_a_cancel_keeps_the_connection() -> None:
             await connection.send_packed_command(PING, check_health=False)
             assert other_end.recv(64) == PING
             assert connection.is_connected
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_whose_server_closed_its_end_has_hung_up() -> None:
+    client = make_client("redis://127.0.0.1:1/0")
+    connection = client.connection_pool.make_connection()
+    try:
+        assert not connection.has_hung_up()  # type: ignore[attr-defined]  # not connected
+        async with _connected(connection) as other_end:
+            assert not connection.has_hung_up()  # type: ignore[attr-defined]
+            other_end.close()
+            await async_wait_until(
+                connection.has_hung_up,  # type: ignore[attr-defined]
+                timeout=5.0,
+                message="the end of stream seen by the idle connection",
+            )
     finally:
         await client.aclose()
