@@ -17,7 +17,7 @@ from typing import Any
 from replication_engine import __version__
 from replication_engine.config import ConfigError, HttpConfig, load_config
 from replication_engine.connection import redact_url
-from replication_engine.observability.logs import setup_logging
+from replication_engine.observability.logs import JsonFormatter, setup_logging
 
 log = logging.getLogger("replication_engine.cli")
 
@@ -138,25 +138,45 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report_failure(json_format: bool, event: str, text: str, **fields: Any) -> None:
+    """Say on stderr why the command cannot go on: ``text`` as is, or one JSON log line.
+
+    The JSON line is what :class:`JsonFormatter` makes of an ERROR record with ``event`` as its
+    message and ``fields`` as its extras, so a log pipeline reading a container's stderr parses
+    a failed start like every other line (strings redacted the same way). It is formatted here
+    rather than logged, so it appears whoever configured logging and whatever the level.
+    """
+    if json_format:
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, event, (), None, extra=fields)
+        text = JsonFormatter().format(record)
+    print(text, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    json_logs = {"auto": None, "json": True, "text": False}[args.log_format]
+    # Decided once, for the log lines and for the failures reported below alike.
+    json_format = {"auto": not sys.stderr.isatty(), "json": True, "text": False}[args.log_format]
     level = args.log_level or (DEMO_LOG_LEVEL if args.command == "demo" else "INFO")
-    setup_logging(level, json_format=json_logs)
+    setup_logging(level, json_format=json_format)
     try:
         if args.command == "run":
-            return asyncio.run(_run(args.config))
+            return asyncio.run(_run(args.config, json_format=json_format))
         if args.command == "demo":
-            return asyncio.run(_demo(args))
+            return asyncio.run(_demo(args, json_format=json_format))
         if args.command == "status":
             if args.mesh:
                 if not args.config:
-                    print("status --mesh needs --config FILE", file=sys.stderr)
+                    _report_failure(
+                        json_format,
+                        "cli.usage_error",
+                        "status --mesh needs --config FILE",
+                        error="status --mesh needs --config FILE",
+                    )
                     return 2
                 from replication_engine.tools import mesh_status
 
                 return asyncio.run(mesh_status(load_config(args.config)))
-            return _status(args.url, raw=args.json)
+            return _status(args.url, raw=args.json, json_format=json_format)
         if args.command == "verify":
             from replication_engine.tools import verify
 
@@ -168,14 +188,21 @@ def main(argv: list[str] | None = None) -> int:
 
             return asyncio.run(forget(load_config(args.config), args.node))
     except ConfigError as exc:
-        print(f"configuration error:\n{exc}", file=sys.stderr)
+        _report_failure(
+            json_format,
+            "config.invalid",
+            f"configuration error:\n{exc}",
+            error=f"{type(exc).__name__}: {exc}",
+            problems=list(exc.problems),
+            source=exc.source,
+        )
         return 2
     except KeyboardInterrupt:
         return 130
     return 2
 
 
-async def _run(config_path: str) -> int:
+async def _run(config_path: str, *, json_format: bool) -> int:
     from replication_engine.engine import EngineError, ReplicationEngine
 
     config = load_config(config_path)
@@ -187,20 +214,29 @@ async def _run(config_path: str) -> int:
     try:
         await engine.start()
     except EngineError as exc:
-        print(f"cannot start: {exc}", file=sys.stderr)
+        _report_failure(
+            json_format,
+            "engine.start_failed",
+            f"cannot start: {exc}",
+            node=config.local_node_id,
+            error=f"{type(exc).__name__}: {exc}",
+        )
         return 1
-    http = f" on http://{engine.http.host}:{engine.http.port}" if engine.http else ""
     log.info(
-        f"replication engine {config.local_node_id} running{http}",
-        extra={"peers": [redact_url(p.redis_url) for p in config.peers]},
+        "cli.running",
+        extra={
+            "node": config.local_node_id,
+            "http_url": f"http://{engine.http.host}:{engine.http.port}" if engine.http else None,
+            "peer_urls": [redact_url(p.redis_url) for p in config.peers],
+        },
     )
     await stop.wait()
-    log.info("signal received; shutting down")
+    log.info("cli.signal_received", extra={"hint": "shutting down"})
     await engine.shutdown()
     return 0
 
 
-async def _demo(args: argparse.Namespace) -> int:
+async def _demo(args: argparse.Namespace, *, json_format: bool) -> int:
     from replication_engine.demo import run_demo
     from replication_engine.testing.redis_proc import RedisBinaryNotFound, find_redis_server
 
@@ -208,7 +244,12 @@ async def _demo(args: argparse.Namespace) -> int:
         # Before any node starts: the demo needs a redis-server that a plain install lacks.
         find_redis_server()
     except RedisBinaryNotFound as exc:
-        print(f"demo: {exc}", file=sys.stderr)
+        _report_failure(
+            json_format,
+            "demo.redis_server_not_found",
+            f"demo: {exc}",
+            error=f"{type(exc).__name__}: {exc}",
+        )
         return 2
     result = await run_demo(
         nodes=args.nodes,
@@ -223,12 +264,18 @@ async def _demo(args: argparse.Namespace) -> int:
     return 0 if result.converged else 1
 
 
-def _status(url: str, *, raw: bool) -> int:
+def _status(url: str, *, raw: bool, json_format: bool) -> int:
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as resp:
             body: dict[str, Any] = json.loads(resp.read())
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"cannot read {url}/status: {exc}", file=sys.stderr)
+        _report_failure(
+            json_format,
+            "status.unreachable",
+            f"cannot read {url}/status: {exc}",
+            url=url,
+            error=f"{type(exc).__name__}: {exc}",
+        )
         return 1
     if raw:
         print(json.dumps(body, indent=2))

@@ -36,7 +36,7 @@ __all__ = [
     "RawFields",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Bumped whenever a table changes; a file written by a newer engine is refused, not guessed at.
 SCHEMA_VERSION = 1
@@ -297,11 +297,14 @@ async def _close_when_connected(
     """Close the connection an abandoned connect makes, once it is made."""
     done, _ = await asyncio.wait({connecting}, timeout=ABANDONED_OPEN_WAIT_S)
     if not done:
-        logger.warning(
-            "cursor database open still running %.0fs after it was cancelled; it will be "
-            "closed when it finishes path=%s",
-            ABANDONED_OPEN_WAIT_S,
-            location,
+        log.warning(
+            "cursor.open_abandoned",
+            extra={
+                "path": location,
+                "waited_seconds": ABANDONED_OPEN_WAIT_S,
+                "hint": "an open of the cursor database is still running after it was "
+                "cancelled; the connection is closed when it finishes",
+            },
         )
         connecting.add_done_callback(_stop_when_connected)
         return
@@ -321,7 +324,14 @@ async def _close_quietly(db: aiosqlite.Connection, location: str) -> None:
     try:
         await db.close()
     except Exception as exc:
-        logger.warning("cursor close after a failed open failed path=%s error=%s", location, exc)
+        log.warning(
+            "cursor.close_failed",
+            extra={
+                "path": location,
+                "error": f"{type(exc).__name__}: {exc}"[:300],
+                "hint": "closing the database after a failed open",
+            },
+        )
 
 
 class CursorStore:
@@ -385,11 +395,9 @@ class CursorStore:
             # Any failure or cancellation of the checks: the caller never gets the connection.
             await _close_quietly(db, location)
             raise
-        logger.info(
-            "cursor store opened path=%s wal=%s quarantine_max_rows=%d",
-            location,
-            wal_mode,
-            quarantine_max_rows,
+        log.info(
+            "cursor.opened",
+            extra={"path": location, "wal": wal_mode, "quarantine_max_rows": quarantine_max_rows},
         )
         return store
 
@@ -548,9 +556,15 @@ class CursorStore:
                 # SQLite already ended the transaction (COMMIT went through, or it rolled back
                 # by itself after e.g. SQLITE_FULL).
                 if "no transaction is active" not in str(exc):
-                    logger.warning("cursor rollback failed path=%s error=%s", self.path, exc)
+                    log.warning(
+                        "cursor.rollback_failed",
+                        extra={"path": self.path, "error": f"{type(exc).__name__}: {exc}"[:300]},
+                    )
             except Exception as exc:
-                logger.warning("cursor rollback failed path=%s error=%s", self.path, exc)
+                log.warning(
+                    "cursor.rollback_failed",
+                    extra={"path": self.path, "error": f"{type(exc).__name__}: {exc}"[:300]},
+                )
 
         await asyncio.shield(rollback())
 
@@ -613,7 +627,7 @@ class CursorStore:
                 await db.close()
             except sqlite3.Error as exc:
                 raise self._error("close", None, exc) from exc
-        logger.info("cursor store closed path=%s", self.path)
+        log.info("cursor.closed", extra={"path": self.path})
 
     async def __aenter__(self) -> CursorStore:
         return self
@@ -650,7 +664,7 @@ class CursorStore:
         _check_peer_id(peer_id)
         _check_stream_id(stream_id, "stream_id")
         await self._write("save cursor", peer_id, _UPSERT_CURSOR, (peer_id, stream_id, _now_ms()))
-        logger.debug("cursor saved peer=%s stream_id=%s", peer_id, stream_id)
+        log.debug("cursor.saved", extra={"peer": peer_id, "stream_id": stream_id})
 
     async def delete(self, peer_id: str) -> None:
         """Forget the cursor and any bootstrap progress of ``peer_id``, forcing a re-bootstrap."""
@@ -659,7 +673,7 @@ class CursorStore:
             await db.execute("DELETE FROM cursors WHERE peer_id = ?", (peer_id,))
             await db.execute("DELETE FROM bootstrap_branches WHERE peer_id = ?", (peer_id,))
             await db.execute("DELETE FROM bootstrap WHERE peer_id = ?", (peer_id,))
-        logger.info("cursor deleted peer=%s", peer_id)
+        log.info("cursor.deleted", extra={"peer": peer_id})
 
     async def all(self) -> dict[str, str]:
         """Every saved cursor, by peer id."""
@@ -706,8 +720,9 @@ class CursorStore:
             async with db.execute(_TRIM_QUARANTINE, (self._quarantine_max_rows,)) as cursor:
                 dropped = max(cursor.rowcount, 0)
         self.evicted += dropped
-        logger.debug(
-            "quarantine stored peer=%s stream_id=%s evicted=%d", peer_id, stream_id, dropped
+        log.debug(
+            "cursor.quarantine_added",
+            extra={"peer": peer_id, "stream_id": stream_id, "evicted": dropped},
         )
         return dropped
 
@@ -791,9 +806,9 @@ class CursorStore:
             (peer_id, tail_id, _now_ms()),
         )
         if created:
-            logger.info("bootstrap begun peer=%s tail_id=%s", peer_id, tail_id)
+            log.info("cursor.bootstrap_begun", extra={"peer": peer_id, "tail_id": tail_id})
         else:
-            logger.info("bootstrap resumed peer=%s", peer_id)
+            log.info("cursor.bootstrap_resumed", extra={"peer": peer_id})
 
     async def bootstrap_state(self, peer_id: str) -> BootstrapState | None:
         """The bootstrap in progress for ``peer_id``, or None if there is none."""
@@ -849,7 +864,7 @@ class CursorStore:
                 "INSERT OR IGNORE INTO bootstrap_branches (peer_id, branch) VALUES (?, ?)",
                 [(peer_id, branch) for branch in done],
             )
-        logger.debug("bootstrap branches done peer=%s count=%d", peer_id, len(done))
+        log.debug("cursor.bootstrap_branches_done", extra={"peer": peer_id, "count": len(done)})
 
     async def bootstrap_finish(self, peer_id: str, cursor: str) -> None:
         """End the bootstrap of ``peer_id`` and save ``cursor``, in one transaction.
@@ -867,7 +882,7 @@ class CursorStore:
             await db.execute("DELETE FROM bootstrap_branches WHERE peer_id = ?", (peer_id,))
             await db.execute("DELETE FROM bootstrap WHERE peer_id = ?", (peer_id,))
             await db.execute(_UPSERT_CURSOR, (peer_id, cursor, _now_ms()))
-        logger.info("bootstrap finished peer=%s cursor=%s", peer_id, cursor)
+        log.info("cursor.bootstrap_finished", extra={"peer": peer_id, "cursor": cursor})
 
     # ----------------------------------------------------------------------------------------
     # Node-wide facts

@@ -318,17 +318,26 @@ class Tailer:
             cursor = codec.parse_stream_id(saved)
             if stored is not None and stored < cursor:
                 log.warning(
-                    "store.behind_cursor: resuming from the store's position, older than the "
-                    "cursor database's (the store went back, or lost writes)",
-                    extra={"peer": self._peer_id, "cursor": saved, "store_position": str(stored)},
+                    "store.behind_cursor",
+                    extra={
+                        "peer": self._peer_id,
+                        "cursor": saved,
+                        "store_position": str(stored),
+                        "hint": "resuming from the store's position, older than the cursor "
+                        "database's (the store went back, or lost writes)",
+                    },
                 )
                 return stored
-            log.info("resuming from cursor", extra={"peer": self._peer_id, "cursor": saved})
+            log.info("tailer.resumed_from_cursor", extra={"peer": self._peer_id, "cursor": saved})
             return cursor
         if stored is not None:
             log.info(
-                "resuming from the store's position (no saved cursor)",
-                extra={"peer": self._peer_id, "cursor": str(stored)},
+                "tailer.resumed_from_store",
+                extra={
+                    "peer": self._peer_id,
+                    "cursor": str(stored),
+                    "hint": "no saved cursor: resuming from the store's position",
+                },
             )
             return stored
         start_from = self.peer.start_from
@@ -361,8 +370,13 @@ class Tailer:
             record = await self.store.record()
         except Exception as exc:
             log.warning(
-                "local store unreadable at start; resuming from the saved cursor",
-                extra={"peer": self._peer_id, "error": f"{type(exc).__name__}: {exc}"[:200]},
+                "tailer.store_unreadable",
+                extra={
+                    "peer": self._peer_id,
+                    "error": f"{type(exc).__name__}: {exc}"[:200],
+                    "hint": "the local store is unreadable at start; resuming from the saved "
+                    "cursor",
+                },
             )
             return None
         anchor = record.anchors.get(self._peer_id) if record is not None else None
@@ -443,8 +457,8 @@ class Tailer:
         self.mode = "waiting_for_peer"
         delay = max(self.peer.circuit_wait(), self._retry.next_delay())
         log.debug(
-            "peer unavailable, waiting",
-            extra={"peer": self._peer_id, "reason": reason, "delay_sec": round(delay, 3)},
+            "tailer.waiting_for_peer",
+            extra={"peer": self._peer_id, "error": reason, "delay_seconds": round(delay, 3)},
         )
         await sleep_or_stop(self._stop, delay)
 
@@ -551,12 +565,14 @@ class Tailer:
         self.last_gap_at = time.time()
         self.metrics.stream_gaps.labels(self._peer_id).inc()
         log.warning(
-            "peer stream trimmed past our cursor: entries were missed; the cold path repairs them",
+            "tailer.gap",
             extra={
                 "peer": self._peer_id,
                 "cursor": str(self.cursor),
                 "first_entry": str(info.first),
                 "max_deleted": str(info.max_deleted),
+                "hint": "the peer's stream was trimmed past our cursor: entries were missed; "
+                "the cold path repairs them",
             },
         )
         self.on_gap(self._peer_id)
@@ -639,7 +655,7 @@ class Tailer:
         self.stats.quarantined += 1
         self.metrics.events_quarantined.labels(self._peer_id, exc.reason).inc()
         log.warning(
-            "quarantined entry",
+            "tailer.quarantined",
             extra={
                 "peer": self._peer_id,
                 "stream_id": str(sid),
@@ -654,7 +670,10 @@ class Tailer:
             )
             self.metrics.quarantine_evicted.inc(evicted)
         except CursorError:
-            log.exception("could not record quarantined entry", extra={"peer": self._peer_id})
+            log.exception(
+                "tailer.quarantine_failed",
+                extra={"peer": self._peer_id, "stream_id": str(sid), "key": key},
+            )
             raise
 
     # ------------------------------------------------------------------------ apply + cursor
@@ -686,8 +705,13 @@ class Tailer:
                 delay = max(outcome, self._retry.next_delay())
             if self._stop.is_set() or await sleep_or_stop(self._stop, delay):
                 log.warning(
-                    "stopping with an unapplied batch; it will be re-read",
-                    extra={"peer": self._peer_id, "cursor": str(self.cursor)},
+                    "tailer.stopped_unapplied",
+                    extra={
+                        "peer": self._peer_id,
+                        "cursor": str(self.cursor),
+                        "hint": "stopping with a batch not applied; it is re-read at the next "
+                        "start",
+                    },
                 )
                 return False
 
@@ -725,8 +749,12 @@ class Tailer:
                 level = logging.ERROR if isinstance(exc, StoreKeyError) else logging.WARNING
                 log.log(
                     level,
-                    "apply failed; batch kept and retried, cursor not advanced",
-                    extra={"peer": self._peer_id, "error": f"{type(exc).__name__}: {exc}"[:300]},
+                    "tailer.apply_failed",
+                    extra={
+                        "peer": self._peer_id,
+                        "error": f"{type(exc).__name__}: {exc}"[:300],
+                        "hint": "batch kept and retried, cursor not advanced",
+                    },
                 )
                 return 0.0
             await self._count(batch.changes, result.statuses, result.refused)
@@ -786,8 +814,13 @@ class Tailer:
                 if reason == "refused":
                     self.stats.refused += 1
                     log.error(
-                        "store refused an entry; quarantined, repair requested",
-                        extra={"peer": self._peer_id, "key": change.key, "error": message[:300]},
+                        "tailer.entry_refused",
+                        extra={
+                            "peer": self._peer_id,
+                            "key": change.key,
+                            "error": message[:300],
+                            "hint": "the local store refused it; quarantined, repair requested",
+                        },
                     )
                 await self._quarantine(
                     codec.parse_stream_id(change.stream_id or "0-0"),

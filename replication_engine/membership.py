@@ -155,7 +155,9 @@ class Membership:
             self.reason = f"the local store could not be opened: {_describe(exc)}"
             self.since_ms = clock.wall_clock_ms()
             self.metrics.recovering.set(1)
-            log.warning("membership.open_failed node=%s error=%s", self.node_id, _describe(exc))
+            log.warning(
+                "membership.open_failed", extra={"node": self.node_id, "error": _describe(exc)}
+            )
 
     async def _open(self) -> None:
         self._run = await self.cursors.meta_get(META_RUN) or ""
@@ -186,7 +188,7 @@ class Membership:
                 self._run = ""
                 self._nonces = []
                 await self._restore_floor()
-                log.info("membership.new_store node=%s", self.node_id)
+                log.info("membership.new_store", extra={"node": self.node_id})
         elif own is not None and own.recovering:
             await self._enter_recovery(own.reason or "a recovery was left unfinished")
         await self._certify()
@@ -206,7 +208,9 @@ class Membership:
             except Exception as exc:  # one bad tick must not end the loop
                 message = _describe(exc)
                 if message != self._tick_error:  # once per distinct failure, not every tick
-                    log.warning("membership.tick_failed node=%s error=%s", self.node_id, message)
+                    log.warning(
+                        "membership.tick_failed", extra={"node": self.node_id, "error": message}
+                    )
                 self._tick_error = message
             else:
                 self._tick_error = None
@@ -329,10 +333,13 @@ class Membership:
             self.since_ms = clock.wall_clock_ms()
             self.metrics.recoveries.inc()
             log.warning(
-                "membership.recovering node=%s reason=%s: restoring the HLC floor and asking "
-                "every peer for a complete repair before claiming its own writes again",
-                self.node_id,
-                reason,
+                "membership.recovering",
+                extra={
+                    "node": self.node_id,
+                    "reason": reason,
+                    "hint": "restoring the HLC floor and asking every peer for a complete "
+                    "repair before claiming its own writes again",
+                },
             )
         self.metrics.recovering.set(1)
         self._publish_recovery()
@@ -376,10 +383,12 @@ class Membership:
             self.recovery_pending.discard(peer_id)
             self._publish_recovery()
             log.info(
-                "membership.recovery_progress node=%s peer=%s pending=%s",
-                self.node_id,
-                peer_id,
-                sorted(self.recovery_pending),
+                "membership.recovery_progress",
+                extra={
+                    "node": self.node_id,
+                    "peer": peer_id,
+                    "pending": sorted(self.recovery_pending),
+                },
             )
             if not self.recovery_pending:
                 self._wake.set()
@@ -400,9 +409,12 @@ class Membership:
         self.metrics.recovering.set(0)
         self._publish_recovery()
         log.info(
-            "membership.recovered node=%s: every peer gave a complete repair; its own writes "
-            "are certified again under a new epoch",
-            self.node_id,
+            "membership.recovered",
+            extra={
+                "node": self.node_id,
+                "hint": "every peer gave a complete repair; its own writes are certified again "
+                "under a new epoch",
+            },
         )
 
     # ------------------------------------------------------------------------ members
@@ -432,10 +444,13 @@ class Membership:
         for peer in self.peers:
             if peer.node_id in newly:
                 log.warning(
-                    "membership.peer_forgotten node=%s peer=%s: nothing is read or pulled from "
-                    "it any more; collection no longer waits for it",
-                    self.node_id,
-                    peer.node_id,
+                    "membership.peer_forgotten",
+                    extra={
+                        "node": self.node_id,
+                        "peer": peer.node_id,
+                        "hint": "nothing is read or pulled from it any more; collection no "
+                        "longer waits for it",
+                    },
                 )
                 self.recovery_pending.discard(peer.node_id)
                 self._publish_recovery()
@@ -458,11 +473,13 @@ class Membership:
             owing = {p.node_id for p in self.peers if p.node_id not in self.forgotten}
             self.barriers[gone] = (time.monotonic(), own.incarnation, own.cert, owing)
             log.info(
-                "membership.forget_barrier node=%s forgotten=%s peers=%s: claiming its writes "
-                "after a complete repair from each",
-                self.node_id,
-                gone,
-                sorted(owing),
+                "membership.forget_barrier",
+                extra={
+                    "node": self.node_id,
+                    "forgotten": gone,
+                    "peers": sorted(owing),
+                    "hint": "claiming its writes after a complete repair from each peer",
+                },
             )
             for peer_id in sorted(owing):
                 self.request_repair(peer_id, "forget")
@@ -475,10 +492,13 @@ class Membership:
         ready = [gone for gone in closed if self.barriers[gone][1:3] == (incarnation, cert)]
         if await self.store.claim_all_writes(ready, incarnation=incarnation, cert=cert):
             log.info(
-                "membership.forget_claimed node=%s forgotten=%s: every peer gave a complete "
-                "repair since the forget; collection no longer waits on their writes",
-                self.node_id,
-                ready,
+                "membership.forget_claimed",
+                extra={
+                    "node": self.node_id,
+                    "forgotten": ready,
+                    "hint": "every peer gave a complete repair since the forget; collection "
+                    "no longer waits on their writes",
+                },
             )
         for gone in ready:  # claimed, or our record went back: the barrier begins again
             del self.barriers[gone]
@@ -495,7 +515,7 @@ class Membership:
         if node_id == self.node_id:
             raise ValueError(f"node {node_id!r} cannot forget itself")
         await self.store.add_to_record(forgotten=[node_id])
-        log.warning("membership.forget node=%s forgotten=%s", self.node_id, node_id)
+        log.warning("membership.forget", extra={"node": self.node_id, "forgotten": node_id})
         await self._publish_members()
         self._wake.set()
 
@@ -543,11 +563,14 @@ class Membership:
                 self.tree_repairs += fixed
                 self.metrics.tree_repairs.inc(fixed)
                 log.warning(
-                    "membership.tree_rebuilt node=%s parent=%r nodes=%d: tree nodes disagreed "
-                    "with their children and were rebuilt from the leaves",
-                    self.node_id,
-                    parent,
-                    fixed,
+                    "membership.tree_rebuilt",
+                    extra={
+                        "node": self.node_id,
+                        "parent": parent,
+                        "nodes_rebuilt": fixed,
+                        "hint": "tree nodes disagreed with their children and were rebuilt "
+                        "from the leaves",
+                    },
                 )
 
     def _publish_recovery(self) -> None:

@@ -184,7 +184,7 @@ class Peer:
 
     def _succeeded(self, elapsed: float, what: str) -> None:
         if not self.connected:
-            log.info("peer connected", extra={"peer": self.node_id, "url": self.display_url})
+            log.info("peer.connected", extra={"peer": self.node_id, "url": self.display_url})
         self.connected = True
         self.last_ok = time.monotonic()
         self.last_ok_wall = time.time()
@@ -199,7 +199,7 @@ class Peer:
         message = _describe(exc)
         if self.connected or self.last_error != message:
             log.warning(
-                "peer call failed",
+                "peer.call_failed",
                 extra={"peer": self.node_id, "op": what, "error": message, "url": self.display_url},
             )
         self.connected = False
@@ -299,8 +299,12 @@ class Peer:
         for client in (self.query, self.stream):
             try:
                 await client.aclose()
-            except Exception:  # closing a dead connection must not fail shutdown
-                log.debug("error closing peer client", exc_info=True)
+            except Exception as exc:  # closing a dead connection must not fail shutdown
+                log.debug(
+                    "peer.close_failed",
+                    exc_info=True,
+                    extra={"peer": self.node_id, "error": _describe(exc)},
+                )
 
 
 def _describe(exc: BaseException) -> str:

@@ -238,7 +238,7 @@ async def test_engine_killed_mid_stream_resumes_from_its_cursor_and_duplicates_n
             resumed_from = saved
         await converge_and_judge(mesh, workload)
         # The new engines started from the cursors on disk, not from a snapshot...
-        resumes = [r for r in caplog.records if r.getMessage() == "resuming from cursor"]
+        resumes = [r for r in caplog.records if r.getMessage() == "tailer.resumed_from_cursor"]
         assert len(resumes) >= 3 * 2
         assert not [r for r in caplog.records if "bootstrap" in r.getMessage()]
 

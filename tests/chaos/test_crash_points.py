@@ -361,7 +361,7 @@ async def spawn_engine(config_path: Path, log_path: Path) -> asyncio.subprocess.
         )
     finally:
         log.close()
-    marker = b'"msg": "engine running"'
+    marker = b'"msg": "engine.started"'
 
     def running() -> bool:
         if proc.returncode is not None:

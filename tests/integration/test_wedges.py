@@ -81,8 +81,9 @@ async def test_a_wrong_typed_key_costs_one_quarantined_item_and_a_log_line_namin
         rows = await engine.cursors.quarantine_list() if engine.cursors else []
         assert [row.key for row in rows] == ["x"], "quarantined once, however often repaired"
         assert rows[0].reason.startswith("refused by the local store: WRONGTYPE")
-        lines = [r for r in caplog.records if r.getMessage().startswith("store refused an entry")]
+        lines = [r for r in caplog.records if r.getMessage() == "tailer.entry_refused"]
         assert lines and getattr(lines[0], "key", None) == "x"
+        assert getattr(lines[0], "peer", None) == "b"
         assert "WRONGTYPE" in getattr(lines[0], "error", "")
         # The key stays requested for repair: once an operator removes the stray key, it heals.
         assert engine.cold_path is not None and engine.cold_path.has_pending("b")
@@ -127,5 +128,9 @@ async def test_a_clock_skewed_entry_is_set_aside_without_dropping_an_earlier_val
             == 1
         )
         # And a repair of k is requested (it heals once the origin's clock is right).
-        requests = [r.getMessage() for r in caplog.records if "repair.requested" in r.getMessage()]
-        assert "repair.requested peer=b reason=clock_skew keys=1" in requests, requests
+        requests = [
+            (getattr(r, "peer", None), getattr(r, "reason", None), getattr(r, "pending_keys", None))
+            for r in caplog.records
+            if r.getMessage() == "repair.requested"
+        ]
+        assert ("b", "clock_skew", 1) in requests, requests
