@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -312,7 +313,8 @@ class ColdPath:
         """
         if peer_id not in self._backoff:
             log.warning(
-                "repair.request_ignored peer=%s reason=%s: not a configured peer", peer_id, reason
+                "repair.request_ignored",
+                extra={"peer": peer_id, "reason": reason, "hint": "not a configured peer"},
             )
             return
         self._requests.setdefault(peer_id, {})[reason] = time.monotonic()
@@ -325,14 +327,20 @@ class ColdPath:
                 dropped += 1
         if dropped:
             log.warning(
-                "repair.request_keys_dropped peer=%s dropped=%d limit=%d",
-                peer_id,
-                dropped,
-                REQUESTED_KEYS_MAX,
+                "repair.request_keys_dropped",
+                extra={
+                    "peer": peer_id,
+                    "dropped": dropped,
+                    "limit": REQUESTED_KEYS_MAX,
+                    "hint": "the next drill finds the keys anyway",
+                },
             )
         # The peer changed in a way the stream did not deliver: a cached root is no evidence.
         self._facts_cache.pop(peer_id, None)
-        log.info("repair.requested peer=%s reason=%s keys=%d", peer_id, reason, len(pending))
+        log.info(
+            "repair.requested",
+            extra={"peer": peer_id, "reason": reason, "pending_keys": len(pending)},
+        )
         self._wake.set()
 
     def stop(self) -> None:
@@ -353,8 +361,8 @@ class ColdPath:
             if self.settings.enabled or woken or self._requests:
                 try:
                     await self.repair_once()
-                except Exception:  # never let one bad cycle end the loop
-                    log.exception("repair.cycle_failed")
+                except Exception as exc:  # never let one bad cycle end the loop
+                    log.exception("repair.cycle_failed", extra={"error": _describe(exc)})
                     self.metrics.repair_cycles.labels("error").inc()
             if self._stopping.is_set():
                 return
@@ -383,7 +391,7 @@ class ColdPath:
             stats.skipped_reason = "catching_up"
             self.metrics.repair_cycles.labels("skipped").inc()
             self.last_stats = stats
-            log.debug("repair.skipped reason=catching_up")
+            log.debug("repair.skipped", extra={"reason": "catching_up"})
             return stats
         budget = self.settings.max_items_per_cycle
         failed = False
@@ -412,17 +420,18 @@ class ColdPath:
         self.metrics.repair_cycles.labels(result).inc()
         self.last_stats = stats
         log.debug(
-            "repair.cycle.complete result=%s peers=%d in_sync=%d visited=%d fetched=%d "
-            "applied=%d round_trips=%d bytes=%d seconds=%.3f",
-            result,
-            stats.peers_checked,
-            stats.peers_in_sync,
-            stats.branches_visited,
-            stats.items_fetched,
-            stats.items_applied,
-            stats.round_trips,
-            stats.bytes_read,
-            stats.duration_sec,
+            "repair.cycle.complete",
+            extra={
+                "result": result,
+                "peers_checked": stats.peers_checked,
+                "peers_in_sync": stats.peers_in_sync,
+                "branches_visited": stats.branches_visited,
+                "items_fetched": stats.items_fetched,
+                "items_applied": stats.items_applied,
+                "round_trips": stats.round_trips,
+                "bytes_read": stats.bytes_read,
+                "seconds": round(stats.duration_sec, 3),
+            },
         )
         return stats
 
@@ -489,20 +498,21 @@ class ColdPath:
         except GeometryError as exc:
             repair.error = str(exc)
             if self._geometry_errors.get(pid) != repair.error:
-                log.error("repair.geometry_mismatch peer=%s error=%s", pid, repair.error)
+                log.error("repair.geometry_mismatch", extra={"peer": pid, "error": _describe(exc)})
             self._geometry_errors[pid] = repair.error
             self.metrics.repair_failures.labels(pid).inc()
         except LocalStoreError as exc:
             repair.error = str(exc)
             local_failed = True
-            log.warning("repair.local_store_failed peer=%s error=%s", pid, exc)
+            log.warning("repair.local_store_failed", extra={"peer": pid, "error": _describe(exc)})
         except Exception as exc:
             repair.error = _describe(exc)
             delay = self._backoff[pid].next_delay() if pid in self._backoff else 0.0
             self._retry_at[pid] = self._clock() + delay
             self.metrics.repair_failures.labels(pid).inc()
             log.warning(
-                "repair.peer_failed peer=%s error=%s backoff_sec=%.1f", pid, repair.error, delay
+                "repair.peer_failed",
+                extra={"peer": pid, "error": repair.error, "backoff_seconds": round(delay, 3)},
             )
         else:
             self._geometry_errors.pop(pid, None)
@@ -599,9 +609,12 @@ class ColdPath:
             or now.cert < record.cert
         ):
             log.warning(
-                "repair.peer_record_moved peer=%s: the peer's record changed during the repair; "
-                "nothing is concluded from it this cycle",
-                peer.node_id,
+                "repair.peer_record_moved",
+                extra={
+                    "peer": peer.node_id,
+                    "hint": "the peer's record changed during the repair; nothing is concluded "
+                    "from it this cycle",
+                },
             )
             return
         if absent and not record.recovering:
@@ -678,13 +691,15 @@ class ColdPath:
         if dropped:
             self.metrics.absence_drops.labels(peer.node_id).inc(dropped)
             log.warning(
-                "repair.dropped_dead peer=%s count=%d keys=%r: versions here that the peer "
-                "lacks while its claims cover them (deleted and collected); values are kept "
-                "in the quarantine (reason %s)",
-                peer.node_id,
-                dropped,
-                sample,
-                ABSENT_REASON,
+                "repair.dropped_dead",
+                extra={
+                    "peer": peer.node_id,
+                    "count": dropped,
+                    "keys": sample,
+                    "quarantine_reason": ABSENT_REASON,
+                    "hint": "versions here that the peer lacks while its claims cover them "
+                    "(deleted and collected); values are kept in the quarantine",
+                },
             )
         return dropped
 
@@ -730,17 +745,45 @@ class ColdPath:
             done = sum(1 for status in result.statuses if status is ApplyStatus.APPLIED)
             replaced += done
             log.warning(
-                "repair.written_off peer=%s count=%d keys=%r: versions here that the peer's "
-                "claims cover while it holds older ones were replaced by the peer's; they are "
-                "kept in the quarantine (reason %s)",
-                peer.node_id,
-                done,
-                [c.key for c in chosen[:CORRUPT_KEYS_LOGGED]],
-                WRITTEN_OFF_REASON,
+                "repair.written_off",
+                extra={
+                    "peer": peer.node_id,
+                    "count": done,
+                    "keys": [c.key for c in chosen[:CORRUPT_KEYS_LOGGED]],
+                    "quarantine_reason": WRITTEN_OFF_REASON,
+                    "hint": "versions here that the peer's claims cover while it holds older "
+                    "ones were replaced by the peer's; they are kept in the quarantine",
+                },
             )
         if replaced:
             self.metrics.written_off.labels(peer.node_id).inc(replaced)
         return replaced
+
+    async def heal(self, key: str, held: tuple[int, str]) -> str | None:
+        """Replace this store's unreadable copy of ``key`` (version ``held``: hlc, origin)
+        with a peer's copy that verifies; returns the peer it came from, or None.
+
+        The tree covers the content hash, not the bytes, so a copy whose bytes rotted compares
+        equal everywhere and no repair would ever touch it; and a copy whose bytes verify is
+        the same write, so it replaces exactly the held version (as a written-off one is),
+        whatever this store's claims say. A peer holding an older version cannot help; one
+        holding a newer version replaces it as any newer version would.
+        """
+        for peer in sorted(self.peers, key=lambda p: p.priority):
+            try:
+                (theirs,) = await peer.call(
+                    functools.partial(peer.reader.items, [key]), what="heal_item"
+                )
+            except PeerUnavailable:
+                continue
+            if not isinstance(theirs, Change):
+                continue  # absent there, or unreadable there too
+            if (theirs.hlc, theirs.origin) < held:
+                continue
+            result = await self._apply([theirs], {0: held})
+            if result.statuses and result.statuses[0] is ApplyStatus.APPLIED:
+                return peer.node_id
+        return None
 
     async def check_geometry(self, peer: Peer) -> None:
         """Refuse to compare trees of different shapes.
@@ -941,11 +984,13 @@ class ColdPath:
             repair.items_corrupt += len(corrupt)
             self.metrics.repair_items_corrupt.labels(pid).inc(len(corrupt))
             log.warning(
-                "repair.corrupt_items peer=%s count=%d keys=%r reasons=%s",
-                pid,
-                len(corrupt),
-                [k for k, _ in corrupt[:CORRUPT_KEYS_LOGGED]],
-                sorted({reason for _, reason in corrupt}),
+                "repair.corrupt_items",
+                extra={
+                    "peer": pid,
+                    "count": len(corrupt),
+                    "keys": [k for k, _ in corrupt[:CORRUPT_KEYS_LOGGED]],
+                    "reasons": sorted({reason for _, reason in corrupt}),
+                },
             )
         return changes
 
@@ -972,11 +1017,13 @@ class ColdPath:
                 refused.add(change.key)
                 why = result.refused.get(index, "stamped beyond the allowed clock offset")
                 log.error(
-                    "repair.item_refused peer=%s key=%r error=%s: kept pending until the local "
-                    "store accepts it",
-                    peer.node_id,
-                    change.key,
-                    why[:300],
+                    "repair.item_refused",
+                    extra={
+                        "peer": peer.node_id,
+                        "key": change.key,
+                        "error": why[:300],
+                        "hint": "kept pending until the local store accepts it",
+                    },
                 )
 
     async def _apply(
@@ -1069,7 +1116,13 @@ class ColdPath:
         total = len(branches)
         started = time.perf_counter()
         log.info(
-            "bootstrap.started peer=%s tail_id=%s done=%d total=%d", pid, tail, len(done), total
+            "bootstrap.started",
+            extra={
+                "peer": pid,
+                "tail_id": str(tail),
+                "branches_done": len(done),
+                "branches_total": total,
+            },
         )
         repair = PeerRepair(peer=pid)
         (remote,) = await peer.call(lambda: peer.reader.nodes([""]), what="merkle_nodes")
@@ -1118,15 +1171,16 @@ class ColdPath:
         await self.cursors.bootstrap_finish(pid, str(tail))
         self.metrics.bootstraps.labels(pid).inc()
         log.info(
-            "bootstrap.complete peer=%s tail_id=%s fetched=%d applied=%d corrupt=%d "
-            "anchored=%s seconds=%.1f",
-            pid,
-            tail,
-            repair.items_fetched,
-            repair.items_applied,
-            repair.items_corrupt,
-            repair.complete,
-            time.perf_counter() - started,
+            "bootstrap.complete",
+            extra={
+                "peer": pid,
+                "tail_id": str(tail),
+                "items_fetched": repair.items_fetched,
+                "items_applied": repair.items_applied,
+                "items_corrupt": repair.items_corrupt,
+                "anchored": repair.complete,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
         )
         return tail
 

@@ -28,6 +28,7 @@ from replication_engine.merkle import Geometry, GeometryError
 from replication_engine.observability.metrics import ENGINE_STATES, Metrics
 from replication_engine.peer import Peer
 from replication_engine.resilience import Backoff, breaker_state, sleep_or_stop
+from replication_engine.scrub import Scrub
 from replication_engine.store.protocol import Store
 from replication_engine.store.redis_store import RedisStore
 
@@ -65,6 +66,7 @@ class ReplicationEngine:
         self.tailers: dict[str, Tailer] = {}
         self.cold_path: ColdPath | None = None
         self.membership: Membership | None = None
+        self.scrub: Scrub | None = None
         self.http: HttpServer | None = None
         self.local_breaker = pybreaker.CircuitBreaker(
             fail_max=config.local.circuit_failure_threshold,
@@ -114,7 +116,7 @@ class ReplicationEngine:
         # One turn of the loop: every task has begun (tailers exist) when start() returns.
         await asyncio.sleep(0)
         self._set_state("running")
-        log.info("engine running", extra={"node": self.node_id, "peers": list(self.peers)})
+        log.info("engine.started", extra={"node": self.node_id, "peers": list(self.peers)})
 
     async def _open(self) -> None:
         cfg = self.config
@@ -207,8 +209,12 @@ class ReplicationEngine:
         self.cold_path = self._new_cold_path()
         if not cfg.settings.cold_path.enabled:
             log.info(
-                "cold path: periodic repair cycles are off (settings.cold_path.enabled); "
-                "requested repairs (quarantined entries, stream gaps, a recovery) still run"
+                "engine.periodic_repair_off",
+                extra={
+                    "node": self.node_id,
+                    "hint": "settings.cold_path.enabled is false: no periodic repair cycles; "
+                    "requested repairs (quarantined entries, stream gaps, a recovery) still run",
+                },
             )
         await self._open_membership()
         if cfg.http.enabled:
@@ -274,6 +280,13 @@ class ReplicationEngine:
             request_repair=lambda peer_id, reason: cold_path.request_repair(peer_id, reason=reason),
             on_forgotten=self._on_forgotten,
         )
+        self.scrub = Scrub(
+            self.store,
+            self.cursors,
+            self.metrics,
+            cfg.settings.scrub,
+            heal=cold_path.heal,
+        )
         try:
             await self.membership.open()
         except Exception as exc:
@@ -305,6 +318,11 @@ class ReplicationEngine:
             self._tasks["membership"] = asyncio.create_task(
                 self._supervise("membership", lambda: membership.run(self._stop)),
                 name="re-membership",
+            )
+        if self.scrub is not None:
+            scrub = self.scrub
+            self._tasks["scrub"] = asyncio.create_task(
+                self._supervise("scrub", lambda: scrub.run(self._stop)), name="re-scrub"
             )
 
     # ------------------------------------------------------------------------ tasks
@@ -386,9 +404,9 @@ class ReplicationEngine:
         if peer_id is not None:
             self.metrics.tailer_restarts.labels(peer_id).inc()
         log.error(
-            "task crashed; restarting with backoff",
+            "engine.task_crashed",
             exc_info=exc,
-            extra={"task": name, "error": message},
+            extra={"task": name, "error": message, "hint": "restarting with backoff"},
         )
 
     async def _health_loop(self, peer: Peer) -> None:
@@ -430,9 +448,9 @@ class ReplicationEngine:
 
     async def _bootstrap(self, peer: Peer) -> StreamId:
         assert self.cold_path is not None
-        log.info("bootstrapping from peer snapshot", extra={"peer": peer.node_id})
+        log.info("engine.bootstrap_started", extra={"peer": peer.node_id})
         tail = await self.cold_path.bootstrap(peer)
-        log.info("bootstrap complete", extra={"peer": peer.node_id, "cursor": str(tail)})
+        log.info("engine.bootstrap_complete", extra={"peer": peer.node_id, "cursor": str(tail)})
         return tail
 
     # ------------------------------------------------------------------------ operations
@@ -490,18 +508,30 @@ class ReplicationEngine:
                 _done, pending = await asyncio.wait(tasks, timeout=bound)
                 for task in pending:
                     log.warning(
-                        "task did not stop in time; cancelling", extra={"task": task.get_name()}
+                        "engine.task_stop_timeout",
+                        extra={
+                            "task": task.get_name(),
+                            "timeout_seconds": bound,
+                            "hint": "the task did not stop in time; cancelling it",
+                        },
                     )
                     task.cancel()
                 if pending:
                     await asyncio.wait(pending, timeout=bound)
             for task in tasks:
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    log.error("task ended with an error", exc_info=task.exception())
+                if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+                    log.error(
+                        "engine.task_failed",
+                        exc_info=exc,
+                        extra={
+                            "task": task.get_name(),
+                            "error": _redacted(f"{type(exc).__name__}: {exc}")[:500],
+                        },
+                    )
             self._tasks.clear()
             await self._close_resources()
             self._set_state("stopped")
-            log.info("engine stopped", extra={"node": self.node_id})
+            log.info("engine.stopped", extra={"node": self.node_id})
 
     async def _close_resources(self) -> None:
         if self.http is not None:
@@ -578,6 +608,8 @@ class ReplicationEngine:
             "local_circuit": breaker_state(self.local_breaker),
             # Certification, recovery, members and tombstone collection (docs/DELETES.md).
             "membership": self.membership.status() if self.membership is not None else None,
+            # Payloads re-hashed and healed, stray keys under the prefix (README).
+            "scrub": self.scrub.status() if self.scrub is not None else None,
             "hot_path": self.config.settings.hot_path.enabled,
             "cold_path": self.config.settings.cold_path.enabled,
             "max_replication_lag_sec": slo.max_replication_lag_sec,

@@ -388,6 +388,29 @@ class MembershipConfig(_Section):
     )
 
 
+class ScrubConfig(_Section):
+    """The background scrub of stored data (README, "Stray and corrupt data")."""
+
+    interval_sec: float = Field(default=5.0, gt=0, description="Seconds between scrub ticks.")
+    payload_items_per_sec: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "Stored payloads re-read and verified against their content hash per second, on "
+            "average (0 = off). One that does not verify is kept in the quarantine and replaced "
+            "by a peer's copy that does. Each tick checks whole subtrees, so a tick can exceed "
+            "its share by one subtree."
+        ),
+    )
+    stray_scan: bool = Field(
+        default=True,
+        description=(
+            "Scan the keys under the prefix, one SCAN page per tick, for keys the format does "
+            "not define or that have the wrong type (counted, sampled in /status, never used)."
+        ),
+    )
+
+
 class SettingsConfig(_Section):
     """Tuning of the engine's two paths and its health and SLO checks."""
 
@@ -397,6 +420,7 @@ class SettingsConfig(_Section):
     slo: SloConfig = Field(default_factory=SloConfig)
     merkle: MerkleConfig = Field(default_factory=MerkleConfig)
     membership: MembershipConfig = Field(default_factory=MembershipConfig)
+    scrub: ScrubConfig = Field(default_factory=ScrubConfig)
 
 
 class TlsConfig(_Section):

@@ -290,6 +290,38 @@ class Metrics:
             peer,
             registry=r,
         )
+        self.scrub_items_checked = Counter(
+            "replication_scrub_items_checked",
+            "Stored items whose payload the scrub re-read and verified against its content hash",
+            registry=r,
+        )
+        self.scrub_unreadable = Counter(
+            "replication_scrub_unreadable",
+            "Stored items found by the scrub whose payload does not verify (bit rot, a hand "
+            "edit): each kept in the quarantine and replaced by a peer's copy that verifies",
+            registry=r,
+        )
+        self.scrub_healed = Counter(
+            "replication_scrub_healed",
+            "Unreadable stored items replaced by a peer's copy that verifies",
+            registry=r,
+        )
+        self.scrub_unhealed = Gauge(
+            "replication_scrub_unhealed_items",
+            "Unreadable stored items no peer could replace yet (retried every scrub pass)",
+            registry=r,
+        )
+        self.scrub_passes = Counter(
+            "replication_scrub_passes",
+            "Complete passes of the payload scrub over the local store",
+            registry=r,
+        )
+        self.stray_keys = Gauge(
+            "replication_stray_keys",
+            "Keys under the prefix that the format does not define or that have the wrong "
+            "type, as counted by the last complete scan (a sample is in /status)",
+            registry=r,
+        )
         _register_runtime_collectors(r)
 
     def declare_peers(self, peer_ids: Iterable[str]) -> None:

@@ -172,6 +172,23 @@ _STATUS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableItem:
+    """A stored item whose payload does not verify (or whose fields do not parse)."""
+
+    key: str
+    fields: Mapping[bytes, bytes]  # as stored, for the quarantine
+    version: tuple[int, str] | None  # (hlc, origin) when those fields still parse
+    why: str
+
+
+def _stored_version(fields: Mapping[bytes, bytes]) -> tuple[int, str] | None:
+    try:
+        return clock.from_hex(fields[b"hlc"]), fields[b"o"].decode("utf-8")
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+
+
 @dataclass(slots=True)
 class DeepCheck:
     """What a deep check found: items whose stored bytes do not verify, and keys under the
@@ -642,9 +659,11 @@ class RedisStore:
         async for change in self.versions(include_tombstones=False):
             yield _item(change)
 
-    async def _tree_keys(self) -> AsyncIterator[list[str]]:
-        frontier = [""]
-        for _level in range(self.geometry.depth):
+    async def _tree_keys(self, under: str = "") -> AsyncIterator[list[str]]:
+        """The keys in the leaf buckets below the tree node ``under`` (the root by default),
+        a chunk at a time."""
+        frontier = [under]
+        for _level in range(self.geometry.depth - len(under) // self.geometry.width):
             children: list[str] = []
             for start in range(0, len(frontier), _WALK_CHUNK):
                 paths = frontier[start : start + _WALK_CHUNK]
@@ -858,40 +877,61 @@ class RedisStore:
         ledger). Reads only; costs one pass over the store.
         """
         found = DeepCheck()
-        async for batch in self._tree_keys():
-            for key, change in zip(batch, await self.reader.items(batch), strict=True):
-                if change is None:
-                    continue  # deleted since the walk read its leaf
-                found.items += 1
-                if isinstance(change, codec.CodecError):
-                    found.unreadable += 1
-                    if len(found.unreadable_sample) < sample:
-                        found.unreadable_sample.append((key, str(change)[:200]))
-        width, depth = self.geometry.width, self.geometry.depth
-        async for name, kind in self._typed_keys():
-            problem = key_problem(self.keys, width, depth, name, kind)
-            if problem is not None:
-                found.stray += 1
-                if len(found.stray_sample) < sample:
-                    found.stray_sample.append((name, problem))
+        for parent in self.leaf_parents():
+            checked, unreadable = await self.verify_items(parent)
+            found.items += checked
+            found.unreadable += len(unreadable)
+            room = sample - len(found.unreadable_sample)
+            found.unreadable_sample += [(u.key, u.why) for u in unreadable[: max(0, room)]]
+        cursor = None
+        while cursor != 0:
+            cursor, stray = await self.stray_page(cursor or 0)
+            found.stray += len(stray)
+            found.stray_sample += stray[: max(0, sample - len(found.stray_sample))]
         return found
 
-    async def _typed_keys(self) -> AsyncIterator[tuple[str, str]]:
-        """Every key under the prefix with its Redis type, a SCAN page at a time."""
+    async def verify_items(self, under: str) -> tuple[int, list[UnreadableItem]]:
+        """Re-read the items in the leaf buckets below tree node ``under`` and verify each
+        payload against its content hash; returns how many were read and those that fail.
+
+        Bounded by the subtree: the scrub calls it for one parent of leaf buckets at a time.
+        """
+        checked = 0
+        unreadable: list[UnreadableItem] = []
+        async for keys in self._tree_keys(under):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(self.keys.item(key))
+                raws = await pipe.execute()
+            for key, raw in zip(keys, raws, strict=True):
+                if not raw:
+                    continue  # deleted since the walk read its leaf
+                checked += 1
+                try:
+                    item_from_hash(key, raw, max_payload=self.max_payload)
+                except codec.CodecError as exc:
+                    unreadable.append(UnreadableItem(key, raw, _stored_version(raw), str(exc)))
+        return checked, unreadable
+
+    async def stray_page(self, cursor: int) -> tuple[int, list[tuple[str, str]]]:
+        """One ``SCAN`` page of the keys under the prefix: the next cursor (0 when the pass is
+        over) and the keys on it that do not belong, each with why."""
         pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.keys.prefix) + "*"
-        cursor = 0
-        while True:
-            cursor, names = await self.redis.scan(cursor, match=pattern, count=_SCAN_PAGE)
-            if names:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for name in names:
-                        pipe.type(name)
-                    kinds = await pipe.execute()
-                for name, kind in zip(names, kinds, strict=True):
-                    if text(kind) != "none":  # removed between SCAN and TYPE
-                        yield text(name), text(kind)
-            if cursor == 0:
-                return
+        cursor, names = await self.redis.scan(cursor, match=pattern, count=_SCAN_PAGE)
+        stray: list[tuple[str, str]] = []
+        if names:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.type(name)
+                kinds = await pipe.execute()
+            width, depth = self.geometry.width, self.geometry.depth
+            for name, kind in zip(names, kinds, strict=True):
+                if text(kind) == "none":
+                    continue  # removed between SCAN and TYPE
+                problem = key_problem(self.keys, width, depth, text(name), text(kind))
+                if problem is not None:
+                    stray.append((text(name), problem))
+        return int(cursor), stray
 
     def leaf_parents(self) -> list[str]:
         """Paths of the tree nodes whose children are leaf buckets, in order (what

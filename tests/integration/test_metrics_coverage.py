@@ -412,6 +412,32 @@ async def a_tree_node_out_of_step(
         watch.observe(engines_of(mesh))
 
 
+async def a_payload_rots_and_a_stray_key_appears(
+    watch: MetricWatch, redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """The scrub re-hashes a payload edited by hand, heals it from the peer, and counts a key
+    under the prefix that the format does not define."""
+    scrub = {"settings": {"scrub": {"interval_sec": TICK_S, "payload_items_per_sec": 100_000}}}
+    async with open_mesh(
+        redis_factory, tmp_path, {"a": ["b"], "b": ["a"]}, overrides={"a": scrub}
+    ) as mesh:
+        await mesh["b"].store.put("k", b"v")
+        await mesh.wait_converged()
+        store = mesh["a"].store
+        await store.redis.hset(store.keys.item("k"), "d", b"edited by hand")
+        await store.redis.set(f"{store.keys.prefix}notes", "stray")
+        engine = mesh["a"].running()
+        await wait_metric(engine, "replication_scrub_healed_total", positive)
+        await wait_metric(engine, "replication_stray_keys", positive)
+        await wait_metric(engine, "replication_scrub_passes_total", positive)
+        watch.observe(engines_of(mesh))
+        # The unhealed gauge moves when no peer can heal: both copies rotten.
+        for node in (mesh["a"], mesh["b"]):
+            await node.store.redis.hset(node.store.keys.item("k"), "d", b"rotten")
+        await wait_metric(engine, "replication_scrub_unhealed_items", positive)
+        watch.observe(engines_of(mesh))
+
+
 async def collection_held_back_then_forgotten(
     watch: MetricWatch, redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
@@ -555,6 +581,7 @@ SCENARIOS: Mapping[str, Scenario] = {
     "memory pressure": memory_pressure,
     "a tailer crash": a_tailer_crash,
     "a tree node out of step": a_tree_node_out_of_step,
+    "a payload rots, a stray key appears": a_payload_rots_and_a_stray_key_appears,
     "collection held back, then forgotten": collection_held_back_then_forgotten,
     "a recovery waiting for a peer": a_recovery_waiting_for_a_peer,
     "a restore brings back deleted values": a_restore_brings_back_deleted_values,
