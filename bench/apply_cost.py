@@ -74,9 +74,12 @@ def _instructions(events: int, batch: int, relay: bool, workdir: Path) -> int:
     )
     try:
         deadline = time.monotonic() + START_DEADLINE_S
-        while subprocess.run(
-            ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
-        ).stdout.strip() != "PONG":
+        while (
+            subprocess.run(
+                ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
+            ).stdout.strip()
+            != "PONG"
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError("redis-server under valgrind did not answer")
             time.sleep(0.2)  # polling a process that starts slowly under valgrind

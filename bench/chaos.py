@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import shutil
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from replication_engine.observability.logs import setup_logging
 from replication_engine.testing import RedisHandle, RedisProcess
 from replication_engine.testing.chaos import FAULT_KINDS, ChaosReport, run_chaos
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--nodes: expected 3 to 5", file=sys.stderr)
         return 2
     # The engines' warnings narrate the very faults we inject; errors still show.
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging("ERROR", json_format=False)
     owned = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="re-chaos-")) if owned else args.workdir
     try:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from replication_engine.observability.logs import setup_logging
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import RedisHandle, RedisProcess, async_wait_until
 from replication_engine.testing.chaos import ChaosMesh
@@ -120,9 +121,7 @@ async def run(deletes: int, workdir: Path) -> None:
             counts = await _counts(mesh, ["a", "b"])
 
             def holding() -> float:
-                return a.metric_total(
-                    "replication_member_holding_collection_seconds", member="c"
-                )
+                return a.metric_total("replication_member_holding_collection_seconds", member="c")
 
             await async_wait_until(
                 lambda: time.monotonic() - started >= held_for and holding() > 0,
@@ -133,7 +132,7 @@ async def run(deletes: int, workdir: Path) -> None:
             print(
                 f"2. c stopped (engine and Redis): {deletes:,} more deletes on a; tombstones "
                 f"{counts} then {still} {held_for:.0f} s later; a's "
-                f"replication_member_holding_collection_seconds{{member=\"c\"}} = "
+                f'replication_member_holding_collection_seconds{{member="c"}} = '
                 f"{holding():.1f} (ReplicationCollectionHeldBack fires past 1800); "
                 f"a's /status says held_back_by={a.membership()['held_back_by']!r}"
             )
@@ -159,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tombstones", description=__doc__)
     parser.add_argument("--deletes", type=int, default=20_000)
     args = parser.parse_args(argv)
+    # The stopped member's engine and peers warn about it, as they should; errors still show.
+    setup_logging("ERROR", json_format=False)
     workdir = Path(tempfile.mkdtemp(prefix="re-tombstones-"))
     try:
         asyncio.run(run(args.deletes, workdir))
