@@ -928,11 +928,17 @@ class MeshModel:
 
     def covers(self, node_id: str, write: Write) -> bool:
         """Whether the node's state accounts for ``write``: it holds it or a newer version of
-        the key, or holds nothing for the key while its claim about the origin covers it."""
+        the key, or holds nothing for the key while its claim about the origin covers it.
+
+        In the full order, origin included: a version equal to the write as the tree sees it
+        (same HLC and content) from another origin orders differently against a third version
+        of the same HLC, so it does not stand in for the write. (A delete on c and one on a at
+        the same HLC, with a put from b between them in the order: once c's is destroyed, the
+        put beats a's, and the mesh rightly ends with the put.)"""
         redis = self.nodes[node_id].redis
         held = redis.store.get(write.key)
         if held is not None:
-            return _reaches(held, write.version)
+            return not newer(write.version, held)
         return redis.record.claim(write.version.origin) >= write.version.hlc
 
     def is_covered(self, write: Write) -> bool:
