@@ -6,9 +6,17 @@ Hot path: tail each peer's CDC stream. Cold path: compare Merkle trees and repai
 from replication_engine.clock import HLC
 from replication_engine.codec import Change, CodecError
 from replication_engine.config import ConfigError, EngineConfig, load_config
+from replication_engine.cursor import CursorError
 from replication_engine.engine import EngineError, ReplicationEngine
+from replication_engine.errors import ReplicationError
 from replication_engine.merkle import Geometry, GeometryError
+from replication_engine.peer import PeerUnavailable
 from replication_engine.store import ApplyStatus, Item, ReadOnlyStoreError, RedisStore
+from replication_engine.store.redis_store import (
+    InvalidWriteError,
+    StoreKeyError,
+    StoreUnavailableError,
+)
 
 __all__ = [
     "HLC",
@@ -16,14 +24,20 @@ __all__ = [
     "Change",
     "CodecError",
     "ConfigError",
+    "CursorError",
     "EngineConfig",
     "EngineError",
     "Geometry",
     "GeometryError",
+    "InvalidWriteError",
     "Item",
+    "PeerUnavailable",
     "ReadOnlyStoreError",
     "RedisStore",
     "ReplicationEngine",
+    "ReplicationError",
+    "StoreKeyError",
+    "StoreUnavailableError",
     "load_config",
 ]
 __version__ = "0.1.0"

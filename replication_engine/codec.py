@@ -24,6 +24,7 @@ import xxhash
 import zstandard
 
 from replication_engine import clock
+from replication_engine.errors import ReplicationError
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 COMPRESS_MIN_BYTES = 64
@@ -43,7 +44,7 @@ _compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
 _decompressor = zstandard.ZstdDecompressor()
 
 
-class CodecError(ValueError):
+class CodecError(ReplicationError, ValueError):
     """Raised for any malformed input: the one error type this module lets escape."""
 
     def __init__(self, message: str, *, reason: str = "malformed") -> None:

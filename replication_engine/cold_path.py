@@ -36,6 +36,7 @@ from replication_engine import codec, merkle
 from replication_engine.codec import STREAM_START, Change, CodecError, StreamId, parse_stream_id
 from replication_engine.config import ColdPathConfig
 from replication_engine.cursor import CursorStore
+from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import (
     ApplyStatus,
     NodeRecord,
@@ -70,8 +71,10 @@ WRITTEN_OFF_REASON = "written_off"
 _BOOTSTRAP_TOKEN = "bootstrap_token:"
 
 
-class LocalStoreError(RuntimeError):
+class LocalStoreError(ReplicationError, RuntimeError):
     """Our own store failed during a repair: the peer is not to blame and is not backed off."""
+
+    retryable = True
 
 
 @dataclass(slots=True)

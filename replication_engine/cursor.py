@@ -28,6 +28,8 @@ from typing import Any
 
 import aiosqlite
 
+from replication_engine.errors import ReplicationError
+
 __all__ = [
     "BootstrapState",
     "CursorError",
@@ -121,7 +123,7 @@ _TRIM_QUARANTINE = (
 )
 
 
-class CursorError(Exception):
+class CursorError(ReplicationError):
     """The cursor database cannot be opened, read or written.
 
     Attributes:

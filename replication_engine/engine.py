@@ -22,6 +22,7 @@ from replication_engine.codec import StreamId
 from replication_engine.config import EngineConfig
 from replication_engine.connection import TlsOptions, redact_url
 from replication_engine.cursor import CursorStore
+from replication_engine.errors import ReplicationError
 from replication_engine.hot_path import CursorSaveFailed, Tailer, TailerSettings
 from replication_engine.membership import Membership
 from replication_engine.merkle import Geometry, GeometryError
@@ -42,7 +43,7 @@ _RESTART_BASE_SEC = 0.5
 _RESTART_MAX_SEC = 30.0
 
 
-class EngineError(RuntimeError):
+class EngineError(ReplicationError, RuntimeError):
     """The engine cannot start as configured; the message says what to fix."""
 
 
@@ -661,9 +662,6 @@ class ReplicationEngine:
             if p["stalled"]
         ]
         return True, notes
-
-    def lag_breached(self) -> bool:
-        return not self.readiness()[0]
 
 
 # Tailer modes in which this node cannot be vouched for, whatever its last lag figure says.

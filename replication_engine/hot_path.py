@@ -9,7 +9,6 @@ idempotent apply absorbs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ import pybreaker
 from replication_engine import clock, codec
 from replication_engine.codec import Change, CodecError, StreamId
 from replication_engine.cursor import CursorError, CursorStore
+from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import ApplyStatus, NodeRecord, sid_key
 from replication_engine.observability.metrics import Metrics
 from replication_engine.observability.tracing import continue_trace
@@ -122,7 +122,7 @@ class Batch:
     gap: bool = False  # entries were missed before this batch: ask for a repair once applied
 
 
-class CursorSaveFailed(RuntimeError):
+class CursorSaveFailed(ReplicationError, RuntimeError):
     """The cursor could not be saved: the tailer stops applying rather than run ahead of it."""
 
 
@@ -225,10 +225,6 @@ class Tailer:
     def stop(self) -> None:
         self._stop.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     async def run(self) -> None:
         """The task body. Returns when stopped; raises only on a bug or a cursor failure.
 
@@ -288,8 +284,11 @@ class Tailer:
         """On the way out: drop the read in flight, let the commit in flight finish (bounded)."""
         if ahead is not None:
             ahead.task.cancel()
-            with contextlib.suppress(BaseException):
-                await ahead.task
+            # wait() never raises the read's own outcome, but a cancellation of this task
+            # still propagates (suppressing BaseException around an await would swallow it).
+            await asyncio.wait({ahead.task})
+            if not ahead.task.cancelled():
+                ahead.task.exception()  # retrieved: a read that failed as it was dropped
         if committing is None:
             return
         if not committing.done():

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import xxhash
 
+from replication_engine.errors import ReplicationError
+
 DIGEST_BYTES = 16
 DIGEST_HEX = DIGEST_BYTES * 2
 ZERO_HEX = "0" * DIGEST_HEX
@@ -26,7 +28,7 @@ LEAF_HASH = "sha1-128/v1"
 BUCKET_HASH = "xxh3-64"
 
 
-class GeometryError(ValueError):
+class GeometryError(ReplicationError, ValueError):
     """Two nodes (or a store and its config) disagree on the tree's shape."""
 
 
@@ -103,9 +105,6 @@ class Geometry:
 
     def is_leaf(self, path: str) -> bool:
         return len(path) == self.depth * self.width
-
-    def child_path(self, path: str, child: str) -> str:
-        return path + child
 
     def all_children(self) -> list[str]:
         return [f"{i:0{self.width}x}" for i in range(self.fanout)]

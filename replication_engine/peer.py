@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from replication_engine import clock
 from replication_engine.codec import StreamId, parse_stream_id
 from replication_engine.connection import TlsOptions, make_client, redact_url
+from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import NodeRecord
 from replication_engine.merkle import ZERO
 from replication_engine.observability.metrics import Metrics
@@ -105,8 +106,10 @@ def parse_stream_info(raw: Any) -> StreamInfo:
     )
 
 
-class PeerUnavailable(ConnectionError):
+class PeerUnavailable(ReplicationError, ConnectionError):
     """The peer's breaker is open or the peer did not answer; the message is safe to log."""
+
+    retryable = True
 
 
 class Peer:

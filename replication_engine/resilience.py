@@ -6,10 +6,8 @@ The pure parts (Backoff, AimdBatchSizer) have no I/O so their rules can be teste
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
 
 import pybreaker
 from aiolimiter import AsyncLimiter
@@ -139,13 +137,6 @@ def breaker_remaining(breaker: pybreaker.CircuitBreaker) -> float:
         return 0.0
     elapsed = (time.time() - opened.timestamp()) if hasattr(opened, "timestamp") else 0.0
     return max(0.0, float(breaker.reset_timeout) - elapsed)
-
-
-@contextlib.asynccontextmanager
-async def guarded(breaker: pybreaker.CircuitBreaker) -> AsyncIterator[None]:
-    """Run an awaited call under a breaker (pybreaker's ``calling()`` around the await)."""
-    with breaker.calling():
-        yield
 
 
 async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:

@@ -227,10 +227,13 @@ async def check_deep(config: EngineConfig, *, limit: int, out: TextIO = sys.stdo
 async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
     """Every node's root and stream head, and this node's lag behind each peer."""
     cursors: dict[str, str] = {}
+    # No cursor database (the sidecar never ran here) only leaves the lag columns empty.
     with contextlib.suppress(Exception):
         store = await CursorStore.open(config.cursor.sqlite_path, wal_mode=config.cursor.wal_mode)
-        cursors = await store.all()
-        await store.close()
+        try:
+            cursors = await store.all()
+        finally:
+            await store.close()
     max_lag_ms = config.settings.slo.max_replication_lag_sec * 1000
     nodes = [(config.local_node_id, _local_reader(config))]
     nodes += [_peer_client(config, i) for i in range(len(config.peers))]

@@ -12,10 +12,12 @@ from typing import NamedTuple, TypeVar
 
 from pydantic import BaseModel
 
+from replication_engine.errors import ReplicationError
+
 _M = TypeVar("_M", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(ReplicationError, ValueError):
     """The configuration is missing, unreadable or invalid.
 
     Attributes:

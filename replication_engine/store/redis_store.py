@@ -9,8 +9,9 @@ and certification, docs/DELETES.md) changes in the same calls as the data it des
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, NoReturn
@@ -29,11 +30,14 @@ from redis.exceptions import (
     ReadOnlyError,
     ResponseError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from replication_engine import clock, codec
 from replication_engine.clock import HLC
 from replication_engine.codec import Change
-from replication_engine.connection import TlsOptions, make_client
+from replication_engine.connection import TlsOptions, make_client, redact_url
+from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import ApplyStatus, NodeRecord, hlc_hex
 from replication_engine.merkle import Geometry, GeometryError, leaf_digest
 from replication_engine.observability.tracing import current_trace_parent
@@ -80,23 +84,25 @@ _STORE_WIDE = (
 )
 
 
-class ReadOnlyStoreError(RuntimeError):
+class ReadOnlyStoreError(ReplicationError, RuntimeError):
     """A local write on a follower: followers only take writes from their upstream."""
 
 
-class StoreUnavailableError(RuntimeError):
-    """Local writes are paused: the store's HLC floor is being restored after it lost its clock.
-
-    Retry after a moment; the engine lifts the pause as soon as the floor is restored.
+class StoreUnavailableError(ReplicationError, ConnectionError):
+    """The local store cannot take the write now: its Redis did not answer (the redis-py error
+    is the ``__cause__``), or local writes are paused while the store's HLC floor is restored
+    after it lost its clock. Retry after a moment; nothing was acknowledged.
     """
 
+    retryable = True
 
-class InvalidWriteError(ValueError):
+
+class InvalidWriteError(ReplicationError, ValueError):
     """A local write no peer would accept (too large, a bad key or content type); nothing
     was written."""
 
 
-class StoreKeyError(RuntimeError):
+class StoreKeyError(ReplicationError, RuntimeError):
     """A key the store must write holds the wrong type (made by hand under the prefix).
 
     Attributes:
@@ -327,7 +333,8 @@ class RedisStore:
             InvalidWriteError: a value over ``max_payload``, a key no peer would accept
                 (empty, over 4096 bytes), or a content type over 256 characters.
             ReadOnlyStoreError: the store is a follower's.
-            StoreUnavailableError: writes are paused while the HLC floor is restored.
+            StoreUnavailableError: the local Redis did not answer, or writes are paused while
+                the HLC floor is restored (retryable; nothing was acknowledged).
             StoreKeyError: a key the write needs holds the wrong type.
         """
         value = self._checked_value(value, content_type)
@@ -351,10 +358,11 @@ class RedisStore:
                     key, False, codec.encode_payload(data), codec.content_hash(data), content_type
                 )
             )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for args in args_list:
-                await self._write(args=args, client=pipe)
-            replies = await pipe.execute(raise_on_error=False)
+        with _unavailable_as_ours(self.node_id):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for args in args_list:
+                    await self._write(args=args, client=pipe)
+                replies = await pipe.execute(raise_on_error=False)
         for reply in replies:
             if isinstance(reply, ResponseError) and _is_refusal(reply):
                 raise _store_error(reply) from reply
@@ -390,7 +398,8 @@ class RedisStore:
         self._check_writable()
         args = self._local_write_args(key, tombstone, data, content_hash, content_type)
         try:
-            hlc_hex, _sid = await self._write(args=args)
+            with _unavailable_as_ours(self.node_id):
+                hlc_hex, _sid = await self._write(args=args)
         except ResponseError as exc:
             if _is_refusal(exc):
                 raise _store_error(exc) from exc
@@ -971,6 +980,21 @@ class RedisStore:
         used = int(info.get("used_memory", 0) or 0)
         self._accepting = limit <= 0 or used < limit * self.max_memory_ratio
         return self._accepting
+
+
+@contextlib.contextmanager
+def _unavailable_as_ours(node_id: str) -> Iterator[None]:
+    """A Redis that does not answer, as the store's own retryable error (the write API's
+    callers catch the package's errors, not redis-py's)."""
+    try:
+        yield
+    except (AuthenticationError, AuthorizationError):
+        raise  # wrong credentials: not a matter of waiting, and redis-py's message says so
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise StoreUnavailableError(
+            f"node {node_id!r}: the local Redis did not answer: {type(exc).__name__}: "
+            f"{redact_url(str(exc))}; nothing was acknowledged"
+        ) from exc
 
 
 def _pack(items: Iterable[list[Any]]) -> bytes:

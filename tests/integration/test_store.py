@@ -23,6 +23,7 @@ from replication_engine import clock
 from replication_engine.clock import HLC
 from replication_engine.codec import Change, CodecError, decode_entry, encode_entry, encode_payload
 from replication_engine.connection import make_client
+from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import ALL_WRITES, order
 from replication_engine.merkle import ZERO, Geometry, GeometryError, MerkleModel, leaf_digest
 from replication_engine.store.redis_store import (
@@ -31,6 +32,7 @@ from replication_engine.store.redis_store import (
     ReadOnlyStoreError,
     RedisStore,
     StoreKeyError,
+    StoreUnavailableError,
 )
 from replication_engine.testing import RedisFactory, RedisHandle, async_wait_until
 
@@ -1111,3 +1113,36 @@ async def test_versions_tied_on_hlc_and_origin_converge_in_any_order(
     assert (held.tombstone, held.content_hash) == (winner.tombstone, winner.content_hash)
     if tombstone_second:
         assert held.tombstone, "at equal (hlc, origin) a tombstone wins"
+
+
+async def test_the_write_api_raises_the_packages_retryable_error_when_redis_is_down(
+    redis_factory: RedisFactory, open_store: StoreFactory
+) -> None:
+    """An embedder catches ``ReplicationError`` and asks ``retryable``; redis-py's error is the
+    cause, and code that caught ``ConnectionError`` still does."""
+    server = redis_factory()
+    store = await open_store(server.url)
+    await store.put("k", b"before")
+    server.kill()
+    writes: list[Callable[[], Awaitable[Any]]] = [
+        lambda: store.put("k", b"v"),
+        lambda: store.delete("k"),
+        lambda: store.put_many([("k", b"v", "binary")]),
+    ]
+    for write in writes:
+        with pytest.raises(ReplicationError) as caught:
+            await write()
+        assert isinstance(caught.value, StoreUnavailableError), caught.value
+        assert caught.value.retryable
+        assert isinstance(caught.value, ConnectionError)
+        assert isinstance(caught.value.__cause__, redis.exceptions.ConnectionError)
+        assert "nothing was acknowledged" in str(caught.value)
+    server.restart()
+    await async_wait_until(
+        lambda: store.put("k", b"after"),
+        timeout=10,
+        ignore=(StoreUnavailableError,),
+        message="a write once Redis is back",
+    )
+    item = await store.get("k")
+    assert item is not None and item.value == b"after"
