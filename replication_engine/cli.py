@@ -19,6 +19,7 @@ from replication_engine.config import ConfigError, HttpConfig, load_config
 from replication_engine.connection import redact_url
 from replication_engine.observability.logs import JsonFormatter, setup_logging
 
+# Named, not __name__: run as `python -m replication_engine.cli` this module is __main__.
 log = logging.getLogger("replication_engine.cli")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

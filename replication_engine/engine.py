@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from replication_engine.cold_path import ColdPath, RepairStats
     from replication_engine.observability.http import HttpServer
 
-log = logging.getLogger("replication_engine.engine")
+log = logging.getLogger(__name__)
 
 _RESTART_BASE_SEC = 0.5
 _RESTART_MAX_SEC = 30.0

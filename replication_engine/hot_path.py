@@ -40,7 +40,7 @@ from replication_engine.store.redis_store import (
     StreamBatch,
 )
 
-log = logging.getLogger("replication_engine.hot_path")
+log = logging.getLogger(__name__)
 
 _PRESSURE_POLL_SEC = 0.5
 # Entries decoded between yields to the event loop (see Tailer._decode).

@@ -32,7 +32,7 @@ from replication_engine.resilience import breaker_remaining, breaker_state
 from replication_engine.store.layout import Keyspace, text
 from replication_engine.store.reader import ReadCounter, TreeReader
 
-log = logging.getLogger("replication_engine.peer")
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
