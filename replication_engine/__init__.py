@@ -14,6 +14,8 @@ from replication_engine.peer import PeerUnavailable
 from replication_engine.store import ApplyStatus, Item, ReadOnlyStoreError, RedisStore
 from replication_engine.store.redis_store import (
     InvalidWriteError,
+    StoreAccessError,
+    StoreError,
     StoreKeyError,
     StoreUnavailableError,
 )
@@ -36,6 +38,8 @@ __all__ = [
     "RedisStore",
     "ReplicationEngine",
     "ReplicationError",
+    "StoreAccessError",
+    "StoreError",
     "StoreKeyError",
     "StoreUnavailableError",
     "load_config",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -26,6 +27,18 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
     parse_url,
 )
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    MasterDownError,
+    NoPermissionError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from replication_engine.config import redact_url
 
@@ -34,13 +47,47 @@ try:  # redis-py >= 7
 except ImportError:  # pragma: no cover - older redis-py sends no such handshake
     MaintNotificationsConfig = None  # type: ignore[assignment,misc]
 
-__all__ = ["TlsOptions", "connection_kwargs", "make_client", "redact_url"]
+__all__ = ["Failure", "TlsOptions", "connection_kwargs", "failure", "make_client", "redact_url"]
 
 # How often, at most, a pool looks over its idle connections for ones the server hung up on.
 # The look is done by a borrow, costs about 0.15 us per idle connection and no I/O; once a
 # second keeps it off the command path while closing a restart's dead sockets within a second
 # of the client's next use.
 IDLE_CHECK_INTERVAL_S = 1.0
+
+
+class Failure(StrEnum):
+    """What a failed Redis call says about retrying it: the one place that decides.
+
+    The store turns each kind into its own error, the peers count ``UNAVAILABLE`` and
+    ``DENIED`` against their breaker; neither looks at redis-py's classes itself.
+    """
+
+    UNAVAILABLE = "unavailable"  # no answer, loading, failing over: waiting alone may fix it
+    DENIED = "denied"  # credentials or ACL: an operator must change something
+    REFUSED = "refused"  # the server answered with an error about this command
+
+
+def failure(exc: BaseException) -> Failure | None:
+    """The kind of a failed Redis call, or None when ``exc`` is not one (a bug of ours)."""
+    # Order matters: redis-py derives its authentication errors from its ConnectionError,
+    # and the failover states (READONLY, MASTERDOWN, TRYAGAIN) from ResponseError.
+    if isinstance(exc, AuthenticationError | AuthorizationError | NoPermissionError):
+        return Failure.DENIED
+    if isinstance(
+        exc,
+        RedisConnectionError
+        | RedisTimeoutError
+        | BusyLoadingError
+        | MasterDownError
+        | ReadOnlyError
+        | TryAgainError
+        | OSError,  # sockets, and the built-in ConnectionError and TimeoutError
+    ):
+        return Failure.UNAVAILABLE
+    if isinstance(exc, RedisError):
+        return Failure.REFUSED
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,13 +17,11 @@ from typing import Any, TypeVar
 
 import pybreaker
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from replication_engine import clock
 from replication_engine.codec import StreamId, parse_stream_id
-from replication_engine.connection import TlsOptions, make_client, redact_url
+from replication_engine.connection import Failure, TlsOptions, failure, make_client, redact_url
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import NodeRecord
 from replication_engine.merkle import ZERO
@@ -36,8 +34,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
-# Failures that say the peer (or the path to it) is unwell, as opposed to a bug or a refusal.
-_TRANSIENT = (ConnectionError, TimeoutError, OSError, RedisConnectionError, RedisTimeoutError)
+# Failures that say the peer (or the path to it) is unwell, as opposed to a bug or a refusal:
+# they count against the peer's breaker (connection.failure decides which kind a failure is).
+_UNWELL = (Failure.UNAVAILABLE, Failure.DENIED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +177,9 @@ class Peer:
                 f"peer {self.node_id}: circuit open, "
                 f"retry in {breaker_remaining(self.breaker):.1f}s"
             ) from None
-        except _TRANSIENT as exc:
+        except Exception as exc:
+            if failure(exc) not in _UNWELL:
+                raise
             self._failed(exc, what)
             raise PeerUnavailable(f"peer {self.node_id}: {what} failed: {_describe(exc)}") from None
         elapsed = time.perf_counter() - started

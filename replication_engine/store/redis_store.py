@@ -10,11 +10,20 @@ and certification, docs/DELETES.md) changes in the same calls as the data it des
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from importlib import resources
-from typing import Any, NoReturn
+from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import msgpack
 from redis.asyncio import Redis
@@ -30,13 +39,11 @@ from redis.exceptions import (
     ReadOnlyError,
     ResponseError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from replication_engine import clock, codec
 from replication_engine.clock import HLC
 from replication_engine.codec import Change
-from replication_engine.connection import TlsOptions, make_client, redact_url
+from replication_engine.connection import Failure, TlsOptions, failure, make_client, redact_url
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import ApplyStatus, NodeRecord, hlc_hex
 from replication_engine.merkle import Geometry, GeometryError, leaf_digest
@@ -53,10 +60,15 @@ __all__ = [
     "PreparedApply",
     "ReadOnlyStoreError",
     "RedisStore",
+    "StoreAccessError",
+    "StoreError",
     "StoreKeyError",
     "StoreUnavailableError",
     "StreamBatch",
 ]
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 _WALK_CHUNK = 500
 _SCAN_PAGE = 1000  # keys per SCAN call of a deep check
@@ -84,11 +96,24 @@ _STORE_WIDE = (
 )
 
 
-class ReadOnlyStoreError(ReplicationError, RuntimeError):
+class StoreError(ReplicationError):
+    """Base of the local store's errors: what its API raises when Redis fails it.
+
+    Raised as itself only for a refusal the store cannot explain (an error reply that is not a
+    wrong-typed key, a failover state or an ACL denial); the message carries Redis's words.
+    """
+
+
+class StoreAccessError(StoreError, PermissionError):
+    """The local Redis refused this user: wrong credentials, or an ACL that does not allow a
+    command or key the store needs (deploy/ has a working ACL). Fix the user, then retry."""
+
+
+class ReadOnlyStoreError(StoreError, RuntimeError):
     """A local write on a follower: followers only take writes from their upstream."""
 
 
-class StoreUnavailableError(ReplicationError, ConnectionError):
+class StoreUnavailableError(StoreError, ConnectionError):
     """The local store cannot take the write now: its Redis did not answer (the redis-py error
     is the ``__cause__``), or local writes are paused while the store's HLC floor is restored
     after it lost its clock. Retry after a moment; nothing was acknowledged.
@@ -97,12 +122,12 @@ class StoreUnavailableError(ReplicationError, ConnectionError):
     retryable = True
 
 
-class InvalidWriteError(ReplicationError, ValueError):
+class InvalidWriteError(StoreError, ValueError):
     """A local write no peer would accept (too large, a bad key or content type); nothing
     was written."""
 
 
-class StoreKeyError(ReplicationError, RuntimeError):
+class StoreKeyError(StoreError, RuntimeError):
     """A key the store must write holds the wrong type (made by hand under the prefix).
 
     Attributes:
@@ -227,6 +252,46 @@ def _load_script(name: str) -> str:
     return (scripts / "common.lua").read_text() + "\n" + (scripts / name).read_text()
 
 
+@contextlib.contextmanager
+def _as_store_errors(node_id: str) -> Iterator[None]:
+    """Redis's failures as the store's own errors, so that an embedder catches the package's
+    errors and not redis-py's (``connection.failure`` decides what each one is)."""
+    try:
+        yield
+    except ReplicationError:
+        raise
+    except Exception as exc:
+        kind = failure(exc)
+        if kind is None:
+            raise  # not Redis's failure: a bug of ours, with its own traceback
+        words = f"{type(exc).__name__}: {redact_url(str(exc))}"
+        if kind is Failure.UNAVAILABLE:
+            raise StoreUnavailableError(
+                f"node {node_id!r}: the local Redis did not answer: {words}; nothing was "
+                "acknowledged"
+            ) from exc
+        if kind is Failure.DENIED:
+            raise StoreAccessError(
+                f"node {node_id!r}: the local Redis refused this user: {words}"
+            ) from exc
+        if _is_refusal(exc):
+            raise _store_error(exc) from exc
+        raise StoreError(f"node {node_id!r}: the local Redis refused the call: {words}") from exc
+
+
+def _store_api(
+    method: Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, T]]:
+    """Marks a coroutine of the store's public API: it raises only the store's errors."""
+
+    @functools.wraps(method)
+    async def call(self: RedisStore, *args: P.args, **kwargs: P.kwargs) -> T:
+        with _as_store_errors(self.node_id):
+            return await method(self, *args, **kwargs)
+
+    return call
+
+
 class RedisStore:
     """A node's data in its own Redis. Also the API a parent daemon writes through."""
 
@@ -290,12 +355,35 @@ class RedisStore:
         **options: Any,
     ) -> RedisStore:
         """Open a store, checking (or on first use recording) the tree geometry."""
+        with _as_store_errors(node_id):
+            return await cls._connect(
+                url,
+                node_id=node_id,
+                prefix=prefix,
+                geometry=Geometry(fanout, depth),
+                username=username,
+                password=password,
+                tls=tls,
+                **options,
+            )
+
+    @classmethod
+    async def _connect(
+        cls,
+        url: str,
+        *,
+        node_id: str,
+        prefix: str,
+        geometry: Geometry,
+        username: str | None,
+        password: str | None,
+        tls: TlsOptions | None,
+        **options: Any,
+    ) -> RedisStore:
         redis = make_client(
             url, username=username, password=password, tls=tls, client_name=f"re-store-{node_id}"
         )
-        store = cls(
-            redis, node_id=node_id, prefix=prefix, geometry=Geometry(fanout, depth), **options
-        )
+        store = cls(redis, node_id=node_id, prefix=prefix, geometry=geometry, **options)
         try:
             await store.check_geometry()
             await store._load_clock()
@@ -304,6 +392,7 @@ class RedisStore:
             raise
         return store
 
+    @_store_api
     async def check_geometry(self) -> None:
         stored = await self.reader.geometry()
         if stored is None:
@@ -326,6 +415,7 @@ class RedisStore:
 
     # ------------------------------------------------------------------------ local writes
 
+    @_store_api
     async def put(self, key: str, value: bytes | str, content_type: str = "binary") -> int:
         """Write ``value`` under ``key``; returns the write's HLC.
 
@@ -342,6 +432,7 @@ class RedisStore:
             key, False, codec.encode_payload(value), codec.content_hash(value), content_type
         )
 
+    @_store_api
     async def put_many(self, writes: Sequence[tuple[str, bytes | str, str]]) -> list[int]:
         """Several ``(key, value, content_type)`` puts in one round trip; their HLCs, in order.
 
@@ -358,14 +449,11 @@ class RedisStore:
                     key, False, codec.encode_payload(data), codec.content_hash(data), content_type
                 )
             )
-        with _unavailable_as_ours(self.node_id):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for args in args_list:
-                    await self._write(args=args, client=pipe)
-                replies = await pipe.execute(raise_on_error=False)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for args in args_list:
+                await self._write(args=args, client=pipe)
+            replies = await pipe.execute(raise_on_error=False)
         for reply in replies:
-            if isinstance(reply, ResponseError) and _is_refusal(reply):
-                raise _store_error(reply) from reply
             if isinstance(reply, BaseException):
                 raise reply
         hlcs = [clock.from_hex(hlc_hex) for hlc_hex, _sid in replies]
@@ -373,6 +461,7 @@ class RedisStore:
             self.clock.observe(max(hlcs))
         return hlcs
 
+    @_store_api
     async def delete(self, key: str) -> int:
         """Write a tombstone (deletes replicate like values); returns its HLC."""
         return await self._local_write(key, True, b"", "", "")
@@ -397,13 +486,7 @@ class RedisStore:
     ) -> int:
         self._check_writable()
         args = self._local_write_args(key, tombstone, data, content_hash, content_type)
-        try:
-            with _unavailable_as_ours(self.node_id):
-                hlc_hex, _sid = await self._write(args=args)
-        except ResponseError as exc:
-            if _is_refusal(exc):
-                raise _store_error(exc) from exc
-            raise
+        hlc_hex, _sid = await self._write(args=args)
         hlc = clock.from_hex(hlc_hex)
         self.clock.observe(hlc)
         return hlc
@@ -636,6 +719,7 @@ class RedisStore:
 
     # ------------------------------------------------------------------------ reads
 
+    @_store_api
     async def get(self, key: str) -> Item | None:
         """The live value, or None when missing or deleted (tombstones stay hidden)."""
         change = await self.get_version(key)
@@ -643,6 +727,7 @@ class RedisStore:
             return None
         return _item(change)
 
+    @_store_api
     async def get_version(self, key: str) -> Change | None:
         """The stored version including tombstones (what replication compares)."""
         raw = await self.redis.hgetall(self.keys.item(key))
@@ -650,6 +735,7 @@ class RedisStore:
             return None
         return item_from_hash(key, raw, max_payload=self.max_payload)
 
+    @_store_api
     async def merkle_root(self) -> bytes:
         return await self.reader.root()
 
@@ -659,10 +745,11 @@ class RedisStore:
         Walks the Merkle tree rather than SCAN: SCAN may return a key twice, while every key is
         in exactly one leaf bucket, and the walk reads only non-empty branches.
         """
-        async for batch in self._tree_keys():
-            for change in await self.reader.items(batch):
-                if isinstance(change, Change) and (include_tombstones or not change.tombstone):
-                    yield change
+        with _as_store_errors(self.node_id):
+            async for batch in self._tree_keys():
+                for change in await self.reader.items(batch):
+                    if isinstance(change, Change) and (include_tombstones or not change.tombstone):
+                        yield change
 
     async def items(self) -> AsyncIterator[Item]:
         async for change in self.versions(include_tombstones=False):
@@ -685,12 +772,14 @@ class RedisStore:
             for at in range(0, len(keys), _WALK_CHUNK):
                 yield keys[at : at + _WALK_CHUNK]
 
+    @_store_api
     async def stream_tail(self) -> str | None:
         entries = await self.redis.xrevrange(self.keys.cdc, count=1)
         return text(entries[0][0]) if entries else None
 
     # ------------------------------------------------------------------------ the record
 
+    @_store_api
     async def record(self) -> NodeRecord | None:
         """This store's record (docs/DELETES.md), or None when it has none yet."""
         return await self.reader.node_record()
@@ -980,21 +1069,6 @@ class RedisStore:
         used = int(info.get("used_memory", 0) or 0)
         self._accepting = limit <= 0 or used < limit * self.max_memory_ratio
         return self._accepting
-
-
-@contextlib.contextmanager
-def _unavailable_as_ours(node_id: str) -> Iterator[None]:
-    """A Redis that does not answer, as the store's own retryable error (the write API's
-    callers catch the package's errors, not redis-py's)."""
-    try:
-        yield
-    except (AuthenticationError, AuthorizationError):
-        raise  # wrong credentials: not a matter of waiting, and redis-py's message says so
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        raise StoreUnavailableError(
-            f"node {node_id!r}: the local Redis did not answer: {type(exc).__name__}: "
-            f"{redact_url(str(exc))}; nothing was acknowledged"
-        ) from exc
 
 
 def _pack(items: Iterable[list[Any]]) -> bytes:

@@ -26,7 +26,7 @@ from replication_engine.config import EngineConfig
 from replication_engine.connection import TlsOptions
 from replication_engine.engine import EngineError, ReplicationEngine
 from replication_engine.observability.logs import JsonFormatter, TextFormatter
-from replication_engine.store.redis_store import RedisStore
+from replication_engine.store.redis_store import RedisStore, StoreAccessError
 from replication_engine.testing import (
     RedisFactory,
     RedisHandle,
@@ -430,11 +430,12 @@ async def test_the_replicator_user_cannot_write_and_each_attempt_is_logged_by_re
         for attempt in attempts.values():
             with pytest.raises(NoPermissionError, match="no permissions"):
                 attempt()
-        # The store's own write path (a Lua script) is refused too, and nothing changed.
-        with pytest.raises(NoPermissionError, match="no permissions"):
-            await replicator_store.put("k", b"overwritten")
-        with pytest.raises(NoPermissionError, match="no permissions"):
-            await replicator_store.delete("k")
+        # The store's own write path (a Lua script) is refused too, as the store's own error
+        # with Redis's behind it, and nothing changed.
+        for write in (replicator_store.put("k", b"overwritten"), replicator_store.delete("k")):
+            with pytest.raises(StoreAccessError, match="no permissions") as caught:
+                await write
+            assert isinstance(caught.value.__cause__, NoPermissionError)
         item = await peer_store.get("k")
         assert item is not None and item.value == b"owned by b"
         # Redis reports every refused attempt in its ACL log, under the replicator user.

@@ -22,6 +22,8 @@ EXPECTED = {
     "LocalStoreError": ("RuntimeError", True),
     "PeerUnavailable": ("ConnectionError", True),
     "ReadOnlyStoreError": ("RuntimeError", False),
+    "StoreAccessError": ("PermissionError", False),
+    "StoreError": ("Exception", False),
     "StoreKeyError": ("RuntimeError", False),
     "StoreUnavailableError": ("ConnectionError", True),
 }
