@@ -13,6 +13,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import pybreaker
@@ -23,7 +25,7 @@ from replication_engine.config import EngineConfig
 from replication_engine.connection import TlsOptions, redact_url
 from replication_engine.cursor import CursorStore
 from replication_engine.errors import ReplicationError
-from replication_engine.hot_path import CursorSaveFailed, Tailer, TailerSettings
+from replication_engine.hot_path import CursorSaveFailed, Tailer, TailerMode, TailerSettings
 from replication_engine.membership import Membership
 from replication_engine.merkle import Geometry, GeometryError
 from replication_engine.observability.metrics import ENGINE_STATES, Metrics
@@ -45,6 +47,27 @@ _RESTART_MAX_SEC = 30.0
 
 class EngineError(ReplicationError, RuntimeError):
     """The engine cannot start as configured; the message says what to fix."""
+
+
+class EngineState(StrEnum):
+    """Where the engine is in its life (status "state", metric replication_engine_state)."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHealth:
+    """What this node knows of one peer's link, as status reports it and readiness judges it:
+    one set of facts, so the two cannot tell different stories."""
+
+    connected: bool
+    stalled: bool
+    mode: TailerMode | None  # None without a tailer (hot path off)
+    lag_ms: int | None  # None while not known: no read yet, or the peer unreachable
+    lag_events: int | None
 
 
 class ReplicationEngine:
@@ -81,20 +104,20 @@ class ReplicationEngine:
         )
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
-        self._state = "stopped"
+        self._state = EngineState.STOPPED
         self._started_at: float | None = None
         self._shutdown_lock = asyncio.Lock()
         self.tailer_restarts: dict[str, int] = {}
         self.tailer_errors: dict[str, str] = {}
-        self._set_state("stopped")
+        self._set_state(EngineState.STOPPED)
 
     # ------------------------------------------------------------------------ state
 
     @property
-    def state(self) -> str:
+    def state(self) -> EngineState:
         return self._state
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: EngineState) -> None:
         self._state = state
         self.metrics.engine_state.set(ENGINE_STATES[state])
 
@@ -102,21 +125,21 @@ class ReplicationEngine:
 
     async def start(self) -> None:
         """Connect and start every task. Fails before anything runs on a bad setup."""
-        if self._state != "stopped":
+        if self._state is not EngineState.STOPPED:
             raise EngineError(f"start() called while the engine is {self._state}")
-        self._set_state("starting")
+        self._set_state(EngineState.STARTING)
         self._stop = asyncio.Event()
         try:
             await self._open()
         except BaseException:
             await self._close_resources()
-            self._set_state("stopped")
+            self._set_state(EngineState.STOPPED)
             raise
         self._started_at = time.monotonic()
         self._spawn_tasks()
         # One turn of the loop: every task has begun (tailers exist) when start() returns.
         await asyncio.sleep(0)
-        self._set_state("running")
+        self._set_state(EngineState.RUNNING)
         log.info("engine.started", extra={"node": self.node_id, "peers": list(self.peers)})
 
     async def _open(self) -> None:
@@ -381,7 +404,7 @@ class ReplicationEngine:
             except Exception as exc:
                 self._record_crash(f"tailer:{peer_id}", exc, peer_id=peer_id)
                 if isinstance(exc, CursorSaveFailed):
-                    tailer.mode = "cursor_save_failed"
+                    tailer.mode = TailerMode.CURSOR_SAVE_FAILED
                 if await sleep_or_stop(self._stop, backoff.next_delay()):
                     return
 
@@ -427,7 +450,9 @@ class ReplicationEngine:
                 return
 
     def _any_catching_up(self) -> bool:
-        return any(t.catching_up and t.mode == "catching_up" for t in self.tailers.values())
+        return any(
+            t.catching_up and t.mode is TailerMode.CATCHING_UP for t in self.tailers.values()
+        )
 
     def _on_gap(self, peer_id: str) -> None:
         if self.cold_path is not None:
@@ -479,7 +504,7 @@ class ReplicationEngine:
         Raises:
             EngineError: the engine is not running, or ``node_id`` is this node.
         """
-        if self.membership is None or self._state != "running":
+        if self.membership is None or self._state is not EngineState.RUNNING:
             raise EngineError(f"forget({node_id!r}) needs a running engine")
         try:
             await self.membership.forget(node_id)
@@ -491,9 +516,9 @@ class ReplicationEngine:
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop reading, drain batches in hand, save cursors, close. Idempotent and bounded."""
         async with self._shutdown_lock:
-            if self._state == "stopped":
+            if self._state is EngineState.STOPPED:
                 return
-            self._set_state("stopping")
+            self._set_state(EngineState.STOPPING)
             bound = (
                 timeout
                 if timeout is not None
@@ -531,7 +556,7 @@ class ReplicationEngine:
                     )
             self._tasks.clear()
             await self._close_resources()
-            self._set_state("stopped")
+            self._set_state(EngineState.STOPPED)
             log.info("engine.stopped", extra={"node": self.node_id})
 
     async def _close_resources(self) -> None:
@@ -563,28 +588,26 @@ class ReplicationEngine:
     def status(self) -> dict[str, Any]:
         """Per-peer replication state; safe to publish (no credentials)."""
         slo = self.config.settings.slo
-        stall_after = 2 * self.config.settings.peer_health.ping_interval_sec
         peers: dict[str, Any] = {}
         for peer_id, peer in self.peers.items():
             tailer = self.tailers.get(peer_id)
-            stalled = peer.stalled(stall_after) if self._state == "running" else False
+            health = self._peer_health(peer_id)
             entry: dict[str, Any] = {
                 "url": peer.display_url,
-                "connected": peer.connected,
-                "stalled": stalled,
+                "connected": health.connected,
+                "stalled": health.stalled,
                 "circuit": peer.circuit_state,
                 "latency_ms": _round(peer.latency_ms),
                 "last_activity": peer.last_ok_wall,
                 "last_error": peer.last_error,
             }
             if tailer is not None:
-                lag_known = peer.connected and not stalled
                 entry.update(
-                    mode=tailer.mode,
+                    mode=health.mode,
                     cursor=str(tailer.cursor) if tailer.cursor else None,
                     tail=str(tailer.tail) if tailer.tail else None,
-                    lag_ms=tailer.lag_ms if lag_known else None,
-                    lag_events=tailer.lag_events if lag_known else None,
+                    lag_ms=health.lag_ms,
+                    lag_events=health.lag_events,
                     # What was known when the peer was last reachable: after a peer dies, the
                     # writes it had not yet replicated here are those after `cursor`, about
                     # this many (the exposure of a failover to this node).
@@ -618,60 +641,51 @@ class ReplicationEngine:
             "peers": peers,
         }
 
+    def _peer_health(self, peer_id: str) -> PeerHealth:
+        peer, tailer = self.peers[peer_id], self.tailers.get(peer_id)
+        stall_after = 2 * self.config.settings.peer_health.ping_interval_sec
+        stalled = peer.stalled(stall_after) if self._state is EngineState.RUNNING else False
+        lag_known = tailer is not None and peer.connected and not stalled
+        return PeerHealth(
+            connected=peer.connected,
+            stalled=stalled,
+            mode=tailer.mode if tailer is not None else None,
+            lag_ms=tailer.lag_ms if lag_known and tailer is not None else None,
+            lag_events=tailer.lag_events if lag_known and tailer is not None else None,
+        )
+
     def readiness(self) -> tuple[bool, list[str]]:
         """Whether a load balancer should send reads here, and why not."""
-        reasons: list[str] = []
-        if self._state != "running":
+        if self._state is not EngineState.RUNNING:
             return False, [f"engine is {self._state}"]
-        status = self.status()
-        peers = status["peers"]
         slo = self.config.settings.slo
+        max_lag_ms = slo.max_replication_lag_sec * 1000
+        health = {peer_id: self._peer_health(peer_id) for peer_id in self.peers}
+        reasons: list[str] = []
         recovering = self.membership.not_ready_reason() if self.membership is not None else None
         if recovering is not None:
             reasons.append(recovering)
-        if peers and not any(p["connected"] for p in peers.values()):
+        if health and not any(h.connected for h in health.values()):
             reasons.append("all peers are disconnected")
-        for peer_id, p in peers.items():
-            mode = p.get("mode")
-            if mode in _NOT_READY_MODES:
-                reasons.append(f"peer {peer_id}: {mode}")
-            elif mode is not None and p["connected"] and p.get("lag_ms") is None:
+        for peer_id, h in health.items():
+            if h.mode is not None and not h.mode.vouches:
+                reasons.append(f"peer {peer_id}: {h.mode}")
+            elif h.mode is not None and h.connected and h.lag_ms is None:
                 reasons.append(f"peer {peer_id}: lag not known yet")
-            lag_ms = p.get("lag_ms")
-            if lag_ms is not None and lag_ms > slo.max_replication_lag_sec * 1000:
-                reasons.append(
-                    f"peer {peer_id}: lag {lag_ms} ms exceeds "
-                    f"{slo.max_replication_lag_sec * 1000:.0f} ms"
-                )
-            lag_events = p.get("lag_events")
-            if (
-                slo.max_replication_lag_events is not None
-                and lag_events is not None
-                and lag_events > slo.max_replication_lag_events
-            ):
-                reasons.append(
-                    f"peer {peer_id}: lag {lag_events} events exceeds "
-                    f"{slo.max_replication_lag_events}"
-                )
+            if h.lag_ms is not None and h.lag_ms > max_lag_ms:
+                reasons.append(f"peer {peer_id}: lag {h.lag_ms} ms exceeds {max_lag_ms:.0f} ms")
+            max_events = slo.max_replication_lag_events
+            if max_events is not None and h.lag_events is not None and h.lag_events > max_events:
+                reasons.append(f"peer {peer_id}: lag {h.lag_events} events exceeds {max_events}")
         if reasons:
             return False, reasons
+        stall_after = 2 * self.config.settings.peer_health.ping_interval_sec
         notes = [
-            f"peer {pid}: stalled (no answer for "
-            f"{2 * self.config.settings.peer_health.ping_interval_sec:.0f}s)"
-            for pid, p in peers.items()
-            if p["stalled"]
+            f"peer {peer_id}: stalled (no answer for {stall_after:.0f}s)"
+            for peer_id, h in health.items()
+            if h.stalled
         ]
         return True, notes
-
-
-# Tailer modes in which this node cannot be vouched for, whatever its last lag figure says.
-_NOT_READY_MODES = (
-    "starting",
-    "bootstrapping",
-    "backpressure",
-    "local_store_unavailable",
-    "cursor_save_failed",
-)
 
 
 def _exposure_ms(tailer: Tailer, peer: Peer) -> int | None:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import pybreaker
@@ -47,18 +48,38 @@ _PRESSURE_POLL_SEC = 0.5
 _DECODE_SLICE = 64
 # Weight of the newest batch in the running mean of entry sizes that bounds reads in bytes.
 _ENTRY_SIZE_WEIGHT = 0.3
-# Every mode a tailer reports (status "mode", metric replication_tailer_mode): all of them are
-# published, so a dashboard sees a mode end as well as begin.
-TAILER_MODES = (
-    "starting",
-    "bootstrapping",
-    "catching_up",
-    "tailing",
-    "waiting_for_peer",
-    "backpressure",
-    "local_store_unavailable",
-    "cursor_save_failed",
-    "stopped",
+
+
+class TailerMode(StrEnum):
+    """What a tailer is doing: status "mode", and the metric replication_tailer_mode, which
+    publishes every member (so a dashboard sees a mode end as well as begin)."""
+
+    STARTING = "starting"
+    BOOTSTRAPPING = "bootstrapping"
+    CATCHING_UP = "catching_up"
+    TAILING = "tailing"
+    WAITING_FOR_PEER = "waiting_for_peer"
+    BACKPRESSURE = "backpressure"
+    LOCAL_STORE_UNAVAILABLE = "local_store_unavailable"
+    CURSOR_SAVE_FAILED = "cursor_save_failed"
+    STOPPED = "stopped"
+
+    @property
+    def vouches(self) -> bool:
+        """Whether a node whose tailer is in this mode can be vouched for by its lag figure:
+        not while the tailer has not read yet, copies a snapshot, or cannot apply or save."""
+        return self not in _UNVOUCHED
+
+
+_ALL_MODES = tuple(TailerMode)
+_UNVOUCHED = frozenset(
+    {
+        TailerMode.STARTING,
+        TailerMode.BOOTSTRAPPING,
+        TailerMode.BACKPRESSURE,
+        TailerMode.LOCAL_STORE_UNAVAILABLE,
+        TailerMode.CURSOR_SAVE_FAILED,
+    }
 )
 
 
@@ -192,7 +213,7 @@ class Tailer:
         self.tail: StreamId | None = None
         self.lag_ms: int | None = None  # unknown until the first read answers
         self.lag_events: int | None = None
-        self._mode = "starting"
+        self._mode = TailerMode.STARTING
         self.catching_up = True
         self.last_batch_at: float | None = None
         self.last_gap_at: float | None = None
@@ -206,19 +227,19 @@ class Tailer:
         self._retry = Backoff(settings.retry_base_sec, settings.retry_max_sec)
         self._peer_id = peer.node_id
         metrics.batch_size.labels(self._peer_id).set(self.sizer.size)
-        metrics.publish_tailer_mode(self._peer_id, self._mode, TAILER_MODES)
+        metrics.publish_tailer_mode(self._peer_id, self._mode, _ALL_MODES)
 
     @property
-    def mode(self) -> str:
-        """What the tailer is doing, one of TAILER_MODES (published as a metric)."""
+    def mode(self) -> TailerMode:
+        """What the tailer is doing (published as a metric)."""
         return self._mode
 
     @mode.setter
-    def mode(self, mode: str) -> None:
+    def mode(self, mode: TailerMode) -> None:
         # Every read sets it; the series are written only when it changes.
         if mode != self._mode:
             self._mode = mode
-            self.metrics.publish_tailer_mode(self._peer_id, mode, TAILER_MODES)
+            self.metrics.publish_tailer_mode(self._peer_id, mode, _ALL_MODES)
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -278,7 +299,7 @@ class Tailer:
             finally:
                 await self._settle(ahead, committing)
         finally:
-            self.mode = "stopped"
+            self.mode = TailerMode.STOPPED
 
     async def _settle(self, ahead: _Read | None, committing: asyncio.Task[bool] | None) -> None:
         """On the way out: drop the read in flight, let the commit in flight finish (bounded)."""
@@ -341,7 +362,7 @@ class Tailer:
             return stored
         start_from = self.peer.start_from
         if start_from == "snapshot" and self.bootstrap is not None:
-            self.mode = "bootstrapping"
+            self.mode = TailerMode.BOOTSTRAPPING
             while not self._stop.is_set():
                 try:
                     return await self.bootstrap(self.peer)
@@ -398,7 +419,7 @@ class Tailer:
         is waiting)."""
         assert self.cursor is not None
         block_ms = None if self.catching_up else max(1, int(self.settings.block_timeout_sec * 1000))
-        self.mode = "catching_up" if self.catching_up else "tailing"
+        self.mode = TailerMode.CATCHING_UP if self.catching_up else TailerMode.TAILING
         if ahead is None:
             self._read_pos = None  # nothing in flight: this read starts at the saved cursor
             if block_ms is not None and await self._linger():
@@ -453,7 +474,7 @@ class Tailer:
         return False
 
     async def _wait_for_peer(self, reason: str) -> None:
-        self.mode = "waiting_for_peer"
+        self.mode = TailerMode.WAITING_FOR_PEER
         delay = max(self.peer.circuit_wait(), self._retry.next_delay())
         log.debug(
             "tailer.waiting_for_peer",
@@ -723,7 +744,7 @@ class Tailer:
         if not accepting:
             self.stats.backpressure_pauses += 1
             self.metrics.backpressure_pauses.inc()
-            self.mode = "backpressure"
+            self.mode = TailerMode.BACKPRESSURE
             await sleep_or_stop(self._stop, _PRESSURE_POLL_SEC)
             return False
         if self.limiter is not None and events:
@@ -742,7 +763,7 @@ class Tailer:
                     with continue_trace(batch.changes):
                         result = await self.store.apply_prepared(prepared, batch.source)
             except pybreaker.CircuitBreakerError:
-                self.mode = "local_store_unavailable"
+                self.mode = TailerMode.LOCAL_STORE_UNAVAILABLE
                 return breaker_remaining(self.local_breaker)
             except Exception as exc:
                 level = logging.ERROR if isinstance(exc, StoreKeyError) else logging.WARNING
