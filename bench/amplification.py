@@ -105,7 +105,7 @@ def engine_config(
             "local": {"redis_url": urls[node_id], "prefix": PREFIX},
             "settings": {
                 "cold_path": {"enabled": False},
-                "hot_path": {"block_timeout": BLOCK_TIMEOUT_S, "relay": relay},
+                "hot_path": {"block_timeout_sec": BLOCK_TIMEOUT_S, "relay": relay},
             },
             "peers": [
                 {"node_id": p, "redis_url": url, "prefix": PREFIX, "start_from": "beginning"}

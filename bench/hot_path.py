@@ -80,7 +80,7 @@ def engine_config(
             "local": {"redis_url": local_url, "prefix": PREFIX},
             "settings": {
                 "cold_path": {"enabled": False},
-                "hot_path": {"block_timeout": 0.2, "max_batch_size": 1000, **hot_path},
+                "hot_path": {"block_timeout_sec": 0.2, "max_batch_size": 1000, **hot_path},
             },
             "peers": [
                 {"node_id": p, "redis_url": url, "start_from": "beginning"}

@@ -64,7 +64,7 @@ def _config(
             "local": {"redis_url": urls[node], "prefix": PREFIX},
             "settings": {
                 "cold_path": {"enabled": False},
-                "hot_path": {"block_timeout": 1.0, "relay": relay, **hot_path},
+                "hot_path": {"block_timeout_sec": 1.0, "relay": relay, **hot_path},
             },
             "peers": [
                 {"node_id": p, "redis_url": url, "start_from": "latest"}
@@ -307,14 +307,14 @@ async def bench_lag(
     relay: str,
     writers: int,
     workdir: Path | None = None,
-    min_read_interval: float | None = None,
+    min_read_interval_sec: float | None = None,
 ) -> None:
     print("(b) end-to-end lag (write on one node to applied on another), 3-node full mesh")
     print(f"    method: {__doc__.split('Lag of one replicated write = ')[1].split('.')[0]}")
     modes = {"on": [True], "off": [False], "both": [True, False]}[relay]
     hot_path: dict[str, Any] = {}
-    if min_read_interval is not None:
-        hot_path["min_read_interval"] = min_read_interval
+    if min_read_interval_sec is not None:
+        hot_path["min_read_interval_sec"] = min_read_interval_sec
     if workdir is None:
         async with workspace() as tmp:
             for mode in modes:
@@ -338,7 +338,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--min-read-interval",
         type=float,
         default=None,
-        help="hot_path.min_read_interval of the engines, seconds (default: the config default)",
+        help="hot_path.min_read_interval_sec of the engines, seconds (default: the config default)",
     )
     parser.add_argument(
         "--role", choices=["main", "writer", "engine"], default="main", help=argparse.SUPPRESS
@@ -357,7 +357,7 @@ def run() -> None:
     else:
         asyncio.run(
             bench_lag(
-                args.rate, args.seconds, args.relay, args.writers, None, args.min_read_interval
+                args.rate, args.seconds, args.relay, args.writers, None, args.min_read_interval_sec
             )
         )
 

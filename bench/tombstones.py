@@ -37,7 +37,7 @@ TICK_S = 0.5
 # Longest wait for the tombstones to go (seconds).
 DEADLINE_S = 300.0
 SETTINGS: dict[str, Any] = {
-    "hot_path": {"relay": False, "block_timeout": 0.2},
+    "hot_path": {"relay": False, "block_timeout_sec": 0.2},
     "cold_path": {"interval_sec": 5.0},
     "membership": {"interval_sec": TICK_S, "gc_batch": 1000},
 }

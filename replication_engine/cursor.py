@@ -17,7 +17,6 @@ import base64
 import contextlib
 import json
 import logging
-import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 
 import aiosqlite
 
+from replication_engine.codec import CodecError, parse_stream_id
 from replication_engine.errors import ReplicationError
 
 __all__ = [
@@ -63,8 +63,6 @@ RawFields = (
     Mapping[bytes, bytes | str] | Mapping[str, bytes | str] | Mapping[bytes | str, bytes | str]
 )
 
-_STREAM_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
-_U64_MAX = 2**64 - 1
 # SQLite result codes that mean the file itself is damaged or not a database.
 _DAMAGED_CODES = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
 # SQLite result codes worth retrying: another process holds a lock.
@@ -185,10 +183,14 @@ def _now_ms() -> int:
 
 
 def _check_stream_id(value: object, name: str) -> str:
-    match = _STREAM_ID_RE.fullmatch(value) if isinstance(value, str) else None
-    if match is None or int(match.group(1)) > _U64_MAX or int(match.group(2)) > _U64_MAX:
-        raise ValueError(f"{name}: expected a stream id '<ms>-<seq>', got {value!r}")
-    return match.group(0)
+    """The codec's reading of a stream id, with both parts required: a cursor is always an
+    entry's full id, never the ``<ms>`` shorthand XRANGE accepts."""
+    if isinstance(value, str) and "-" in value:
+        try:
+            return str(parse_stream_id(value))
+        except CodecError:
+            pass
+    raise ValueError(f"{name}: expected a stream id '<ms>-<seq>', got {value!r}")
 
 
 def _check_peer_id(value: object) -> str:

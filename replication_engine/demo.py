@@ -101,11 +101,11 @@ class Demo:
                 "local": {"redis_url": me.redis.url, "prefix": PREFIX},
                 "settings": {
                     "hot_path": {
-                        "block_timeout": "500ms",
+                        "block_timeout_sec": "500ms",
                         "batch_size": 100,
                         "min_batch_size": 10,
                         "max_batch_size": 1000,
-                        "shutdown_timeout": "5s",
+                        "shutdown_timeout_sec": "5s",
                     },
                     "cold_path": {
                         "interval_sec": 2,

@@ -225,7 +225,7 @@ class ReplicationEngine:
                 failure_threshold=peer_cfg.circuit_failure_threshold,
                 reset_timeout_sec=peer_cfg.circuit_reset_timeout_sec,
                 op_timeout_sec=max(1.0, cfg.settings.slo.max_peer_op_latency_ms / 1000 * 10),
-                block_timeout_sec=hot.block_timeout,
+                block_timeout_sec=hot.block_timeout_sec,
                 start_from=peer_cfg.start_from,
             )
         # Always: with cold_path.enabled false it still runs the repairs that are requested
@@ -351,26 +351,6 @@ class ReplicationEngine:
 
     # ------------------------------------------------------------------------ tasks
 
-    def _tailer_settings(self) -> TailerSettings:
-        hot = self.config.settings.hot_path
-        slo = self.config.settings.slo
-        return TailerSettings(
-            batch_size=hot.batch_size,
-            min_batch_size=hot.min_batch_size,
-            max_batch_size=hot.max_batch_size,
-            adaptive=hot.adaptive_batch_size,
-            block_timeout_sec=hot.block_timeout,
-            flush_slo_sec=slo.max_batch_flush_latency_ms / 1000,
-            read_slo_sec=slo.max_stream_read_latency_ms / 1000,
-            rate_limit_per_sec=hot.rate_limit_per_sec if hot.rate_limit_enabled else None,
-            rate_limit_burst=hot.rate_limit_burst,
-            shutdown_timeout_sec=hot.shutdown_timeout,
-            relay=hot.relay,
-            min_read_interval_sec=hot.min_read_interval,
-            max_batch_bytes=hot.max_batch_bytes,
-            max_clock_offset_ms=int(self.config.local.max_clock_offset_sec * 1000),
-        )
-
     def _new_tailer(self, peer_id: str) -> Tailer:
         assert self.store is not None and self.cursors is not None
         cold = self.cold_path
@@ -379,7 +359,7 @@ class ReplicationEngine:
             self.store,
             self.cursors,
             local_node_id=self.node_id,
-            settings=self._tailer_settings(),
+            settings=TailerSettings.from_config(self.config),
             metrics=self.metrics,
             local_breaker=self.local_breaker,
             on_gap=self._on_gap,
@@ -522,7 +502,7 @@ class ReplicationEngine:
             bound = (
                 timeout
                 if timeout is not None
-                else (self.config.settings.hot_path.shutdown_timeout + 5.0)
+                else (self.config.settings.hot_path.shutdown_timeout_sec + 5.0)
             )
             self._stop.set()
             for tailer in self.tailers.values():

@@ -20,6 +20,7 @@ import pybreaker
 
 from replication_engine import clock, codec
 from replication_engine.codec import Change, CodecError, StreamId
+from replication_engine.config import EngineConfig
 from replication_engine.cursor import CursorError, CursorStore
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import ApplyStatus, NodeRecord, sid_key
@@ -35,7 +36,6 @@ from replication_engine.resilience import (
 )
 from replication_engine.store.protocol import Store
 from replication_engine.store.redis_store import (
-    DEFAULT_MAX_BATCH_BYTES,
     PreparedApply,
     StoreKeyError,
     StreamBatch,
@@ -85,28 +85,51 @@ _UNVOUCHED = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class TailerSettings:
-    batch_size: int = 100
-    min_batch_size: int = 50
-    max_batch_size: int = 1000
-    adaptive: bool = True
-    block_timeout_sec: float = 5.0
-    flush_slo_sec: float = 0.2
-    read_slo_sec: float = 0.1
-    rate_limit_per_sec: float | None = None
-    rate_limit_burst: int = 1000
-    shutdown_timeout_sec: float = 10.0
+    """A tailer's settings. The configuration is their one source (:meth:`from_config`); only
+    what an operator has no reason to tune has a default here."""
+
+    batch_size: int
+    min_batch_size: int
+    max_batch_size: int
+    adaptive: bool
+    block_timeout_sec: float
+    flush_slo_sec: float
+    read_slo_sec: float
+    rate_limit_per_sec: float | None
+    rate_limit_burst: int
+    shutdown_timeout_sec: float
+    # Re-emit applied versions on the local stream (chains and trees need it; see apply_batch).
+    relay: bool
+    # At the head of the stream, the least time between the starts of two reads (see _read).
+    min_read_interval_sec: float
+    # Bytes of entries one read aims at (the read count shrinks for big entries) and one apply
+    # call carries at most (the store splits a bigger batch).
+    max_batch_bytes: int
+    # Versions stamped further ahead of this node's wall clock are refused (clock skew).
+    max_clock_offset_ms: int
     max_payload: int = codec.DEFAULT_MAX_PAYLOAD
     retry_base_sec: float = 0.05
     retry_max_sec: float = 5.0
-    # Re-emit applied versions on the local stream (chains and trees need it; see apply_batch).
-    relay: bool = True
-    # At the head of the stream, the least time between the starts of two reads (see _read).
-    min_read_interval_sec: float = 0.0
-    # Bytes of entries one read aims at (the read count shrinks for big entries) and one apply
-    # call carries at most (the store splits a bigger batch).
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
-    # Versions stamped further ahead of this node's wall clock are refused (clock skew).
-    max_clock_offset_ms: int = 300_000
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> TailerSettings:
+        hot, slo = config.settings.hot_path, config.settings.slo
+        return cls(
+            batch_size=hot.batch_size,
+            min_batch_size=hot.min_batch_size,
+            max_batch_size=hot.max_batch_size,
+            adaptive=hot.adaptive_batch_size,
+            block_timeout_sec=hot.block_timeout_sec,
+            flush_slo_sec=slo.max_batch_flush_latency_ms / 1000,
+            read_slo_sec=slo.max_stream_read_latency_ms / 1000,
+            rate_limit_per_sec=hot.rate_limit_per_sec if hot.rate_limit_enabled else None,
+            rate_limit_burst=hot.rate_limit_burst,
+            shutdown_timeout_sec=hot.shutdown_timeout_sec,
+            relay=hot.relay,
+            min_read_interval_sec=hot.min_read_interval_sec,
+            max_batch_bytes=hot.max_batch_bytes,
+            max_clock_offset_ms=int(config.local.max_clock_offset_sec * 1000),
+        )
 
 
 @dataclass(slots=True)

@@ -90,7 +90,7 @@ class Membership:
         metrics: Metrics,
         interval_sec: float,
         gc_batch: int,
-        scrub_per_tick: int = 1,
+        scrub_per_tick: int,
         request_repair: Callable[[str, str], None],
         on_forgotten: Callable[[str], None] = lambda peer_id: None,
     ) -> None:

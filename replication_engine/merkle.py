@@ -38,14 +38,33 @@ class Geometry:
     depth: int = 2
 
     def __post_init__(self) -> None:
-        if self.fanout < 2 or self.fanout > 65536 or self.fanout & (self.fanout - 1):
-            raise GeometryError(f"fanout must be a power of two in [2, 65536], got {self.fanout}")
-        if not 1 <= self.depth <= 4:
-            raise GeometryError(f"depth must be in [1, 4], got {self.depth}")
-        if self.depth * self.bits_per_level > 32:
+        problems = Geometry.problems(self.fanout, self.depth)
+        if problems:
             raise GeometryError(
-                f"depth x log2(fanout) must be <= 32 bits, got {self.depth * self.bits_per_level}"
+                "; ".join(
+                    f"{name} {expected}, got {getattr(self, name)}" for name, expected in problems
+                )
             )
+
+    @staticmethod
+    def problems(fanout: int, depth: int) -> list[tuple[str, str]]:
+        """``(field, what was expected)`` for each rule a shape breaks: the one statement of
+        the rules, which the config's messages use too."""
+        found = []
+        if fanout < 2 or fanout > 65536 or fanout & (fanout - 1):
+            found.append(("fanout", "expected a power of two in 2..65536"))
+        if not 1 <= depth <= 4:
+            found.append(("depth", "expected 1..4"))
+        bits = fanout.bit_length() - 1
+        if not found and depth * bits > 32:
+            found.append(
+                (
+                    "depth",
+                    f"must satisfy depth * log2(fanout) <= 32 "
+                    f"(fanout {fanout} allows depth <= {32 // bits})",
+                )
+            )
+        return found
 
     @property
     def bits_per_level(self) -> int:

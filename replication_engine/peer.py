@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 
 from replication_engine import clock
 from replication_engine.codec import StreamId, parse_stream_id
+from replication_engine.config import HotPathConfig, PeerConfig, default_of
 from replication_engine.connection import Failure, TlsOptions, failure, make_client, redact_url
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import NodeRecord
@@ -111,6 +112,10 @@ class PeerUnavailable(ReplicationError, ConnectionError):
     retryable = True
 
 
+def _peer_default(name: str) -> Any:
+    return default_of(PeerConfig, name)
+
+
 class Peer:
     def __init__(
         self,
@@ -122,12 +127,12 @@ class Peer:
         username: str | None = None,
         password: str | None = None,
         tls: TlsOptions | None = None,
-        priority: int = 0,
-        failure_threshold: int = 5,
-        reset_timeout_sec: float = 30.0,
+        priority: int = _peer_default("priority"),
+        failure_threshold: int = _peer_default("circuit_failure_threshold"),
+        reset_timeout_sec: float = _peer_default("circuit_reset_timeout_sec"),
         op_timeout_sec: float = 5.0,
-        block_timeout_sec: float = 5.0,
-        start_from: str = "snapshot",
+        block_timeout_sec: float = default_of(HotPathConfig, "block_timeout_sec"),
+        start_from: str = _peer_default("start_from"),
     ) -> None:
         self.node_id = node_id
         self.display_url = redact_url(url)

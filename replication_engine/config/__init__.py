@@ -26,6 +26,7 @@ from replication_engine.config.models import (
     SettingsConfig,
     SloConfig,
     TlsConfig,
+    default_of,
     parse_duration,
     redact_url,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "SettingsConfig",
     "SloConfig",
     "TlsConfig",
+    "default_of",
     "load_config",
     "parse_duration",
     "redact_url",

@@ -8,6 +8,7 @@ file, environment overrides and turning validation errors into a ``ConfigError``
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import typing
@@ -26,6 +27,9 @@ from pydantic import (
 )
 
 from replication_engine.config.errors import _FieldProblems, _number, _Problem
+from replication_engine.merkle import Geometry
+
+log = logging.getLogger(__name__)
 
 # Node ids end up in Redis keys and metric labels, so they stay short and shell/URL safe.
 _NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -134,6 +138,22 @@ def _duration_field(value: object) -> float:
     return parse_duration(value)
 
 
+def _duration_ms_field(value: object) -> float:
+    """A ``_ms`` field takes the same forms as any duration; a bare number is milliseconds,
+    as the name says."""
+    if isinstance(value, str) and not _is_number_text(value):
+        return parse_duration(value) * 1000
+    return parse_duration(value)
+
+
+def _is_number_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_node_id(value: str) -> str:
     if not _NODE_ID_RE.fullmatch(value):
         raise ValueError("expected 1-128 characters from A-Z a-z 0-9 . _ -")
@@ -186,8 +206,11 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+# Every duration field names its unit (``_sec`` or ``_ms``) and takes the same forms: a number
+# in that unit, or text such as '5s', '100ms', '2m', '1h'.
 Duration = Annotated[float, BeforeValidator(_duration_field), Field(gt=0)]
 DurationOrZero = Annotated[float, BeforeValidator(_duration_field), Field(ge=0)]
+DurationMs = Annotated[float, BeforeValidator(_duration_ms_field), Field(gt=0)]
 NodeId = Annotated[str, AfterValidator(_check_node_id)]
 RedisUrl = Annotated[str, AfterValidator(_check_redis_url)]
 ListenAddress = Annotated[str, AfterValidator(_check_listen)]
@@ -199,6 +222,24 @@ class _Section(BaseModel):
     # pydantic's own messages, which would quote a URL's password (ConfigError quotes values
     # itself, masked).
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    # Old name -> new name of fields renamed to carry their unit. The old name is still read
+    # (a config written for an older release keeps working) and logged as renamed.
+    _RENAMED: typing.ClassVar[Mapping[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _take_renamed(cls, data: Any) -> Any:
+        if not cls._RENAMED or not isinstance(data, Mapping):
+            return data
+        out = dict(data)
+        for old, new in cls._RENAMED.items():
+            if old not in out:
+                continue
+            if new in out:
+                raise ValueError(f"{old} and {new} are the same setting: keep only {new}")
+            out[new] = out.pop(old)
+            log.warning("config.renamed_field", extra={"field": old, "use": new})
+        return out
 
 
 def _redacted_repr_args(model: BaseModel) -> Iterator[tuple[str | None, Any]]:
@@ -207,6 +248,12 @@ def _redacted_repr_args(model: BaseModel) -> Iterator[tuple[str | None, Any]]:
             yield name, redact_url(value)
         else:
             yield name, value
+
+
+def default_of(section: type[BaseModel], name: str) -> Any:
+    """A field's default as the configuration declares it: what a component's constructor
+    uses for the same setting, so there is one source of defaults."""
+    return section.model_fields[name].get_default(call_default_factory=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,9 +270,8 @@ class LocalConfig(_Section):
         default=None, description="Password; overrides one in redis_url."
     )
     stream_maxlen: int = Field(default=100_000, ge=1, description="Local CDC stream MAXLEN.")
-    max_clock_offset_sec: float = Field(
+    max_clock_offset_sec: Duration = Field(
         default=300.0,
-        gt=0,
         description="Remote versions stamped further ahead of the local clock are refused.",
     )
     max_memory_ratio: float = Field(
@@ -236,8 +282,8 @@ class LocalConfig(_Section):
         ge=1,
         description="Consecutive local store failures before applies stop and wait (breaker).",
     )
-    circuit_reset_timeout_sec: float = Field(
-        default=5.0, gt=0, description="Seconds the local store breaker stays open (s)."
+    circuit_reset_timeout_sec: Duration = Field(
+        default=5.0, description="Seconds the local store breaker stays open (s)."
     )
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
@@ -247,17 +293,23 @@ class LocalConfig(_Section):
 class HotPathConfig(_Section):
     """Per-peer CDC stream tailing."""
 
+    _RENAMED: typing.ClassVar[Mapping[str, str]] = {
+        "block_timeout": "block_timeout_sec",
+        "shutdown_timeout": "shutdown_timeout_sec",
+        "min_read_interval": "min_read_interval_sec",
+    }
+
     enabled: bool = Field(default=True, description="Tail peers' CDC streams.")
     batch_size: int = Field(default=100, ge=1, description="Initial XREAD COUNT (entries).")
-    block_timeout: Duration = Field(default=5.0, description="XREAD BLOCK time (seconds).")
+    block_timeout_sec: Duration = Field(default=5.0, description="XREAD BLOCK time (seconds).")
     adaptive_batch_size: bool = Field(default=True, description="Adjust the batch size (AIMD).")
     min_batch_size: int = Field(default=50, ge=1, description="AIMD lower bound (entries).")
     max_batch_size: int = Field(default=1000, ge=1, description="AIMD upper bound (entries).")
     rate_limit_enabled: bool = Field(default=False, description="Limit the apply rate per peer.")
     rate_limit_per_sec: float = Field(default=10_000.0, gt=0, description="Sustained events/s.")
     rate_limit_burst: int = Field(default=1000, ge=1, description="Events allowed above the rate.")
-    shutdown_timeout: Duration = Field(default=10.0, description="Drain time on shutdown (s).")
-    min_read_interval: DurationOrZero = Field(
+    shutdown_timeout_sec: Duration = Field(default=10.0, description="Drain time on shutdown (s).")
+    min_read_interval_sec: DurationOrZero = Field(
         default=0.02,
         description=(
             "At the head of a peer's stream, the least time between two reads: writes arriving "
@@ -298,13 +350,13 @@ class ColdPathConfig(_Section):
     """Merkle anti-entropy: finds and repairs whatever the hot path missed."""
 
     enabled: bool = Field(default=True, description="Run anti-entropy cycles.")
-    interval_sec: float = Field(default=60.0, gt=0, description="Seconds between cycles.")
+    interval_sec: Duration = Field(default=60.0, description="Seconds between cycles.")
     max_items_per_cycle: int = Field(default=1000, ge=1, description="Repair budget per cycle.")
-    backoff_base_sec: float = Field(default=5.0, gt=0, description="First backoff (s).")
-    backoff_max_sec: float = Field(default=300.0, gt=0, description="Longest backoff (s).")
+    backoff_base_sec: Duration = Field(default=5.0, description="First backoff (s).")
+    backoff_max_sec: Duration = Field(default=300.0, description="Longest backoff (s).")
     drill_concurrency: int = Field(default=8, ge=1, description="Branches drilled in parallel.")
     fetch_batch_size: int = Field(default=200, ge=1, description="Items per peer round trip.")
-    root_cache_ttl_sec: float = Field(default=5.0, ge=0, description="Peer root reuse time (s).")
+    root_cache_ttl_sec: DurationOrZero = Field(default=5.0, description="Peer root reuse time (s).")
     bootstrap_rate_limit_per_sec: float = Field(
         default=50_000.0, gt=0, description="Items per second applied during a bootstrap."
     )
@@ -322,17 +374,17 @@ class PeerHealthConfig(_Section):
     """Pings of peers that have been quiet, so a dead peer is noticed before data is needed."""
 
     enabled: bool = Field(default=True, description="Ping idle peers.")
-    ping_interval_sec: float = Field(default=30.0, gt=0, description="Seconds between pings.")
-    idle_threshold_sec: float = Field(default=60.0, gt=0, description="Quiet time before a ping.")
+    ping_interval_sec: Duration = Field(default=30.0, description="Seconds between pings.")
+    idle_threshold_sec: Duration = Field(default=60.0, description="Quiet time before a ping.")
 
 
 class SloConfig(_Section):
     """Thresholds above which the engine warns and reports itself degraded."""
 
-    max_stream_read_latency_ms: float = Field(default=100.0, gt=0, description="One XREAD.")
-    max_peer_op_latency_ms: float = Field(default=500.0, gt=0, description="Any peer call.")
-    max_batch_flush_latency_ms: float = Field(default=200.0, gt=0, description="Batch apply.")
-    max_replication_lag_sec: float = Field(default=30.0, gt=0, description="Lag behind a peer.")
+    max_stream_read_latency_ms: DurationMs = Field(default=100.0, description="One XREAD.")
+    max_peer_op_latency_ms: DurationMs = Field(default=500.0, description="Any peer call.")
+    max_batch_flush_latency_ms: DurationMs = Field(default=200.0, description="Batch apply.")
+    max_replication_lag_sec: Duration = Field(default=30.0, description="Lag behind a peer.")
     max_replication_lag_events: int | None = Field(
         default=None, ge=1, description="Lag in stream entries; None disables the check."
     )
@@ -346,29 +398,19 @@ class MerkleConfig(_Section):
 
     @model_validator(mode="after")
     def _check_geometry(self) -> Self:
-        problems = []
-        fanout_ok = 2 <= self.fanout <= 65_536 and self.fanout & (self.fanout - 1) == 0
-        if not fanout_ok:
-            expected = "expected a power of two in 2..65536"
-            problems.append(_Problem(("fanout",), expected, self.fanout))
-        if not 1 <= self.depth <= 4:
-            problems.append(_Problem(("depth",), "expected 1..4", self.depth))
-        bits = self.fanout.bit_length() - 1
-        if not problems and self.depth * bits > 32:
-            expected = (
-                f"must satisfy depth * log2(fanout) <= 32 "
-                f"(fanout {self.fanout} allows depth <= {32 // bits})"
-            )
-            problems.append(_Problem(("depth",), expected, self.depth))
+        """Geometry's own rules, so the config and the store can never disagree on them."""
+        problems = [
+            _Problem((name,), expected, getattr(self, name))
+            for name, expected in Geometry.problems(self.fanout, self.depth)
+        ]
         return _FieldProblems.check(self, problems)
 
 
 class MembershipConfig(_Section):
     """Certification, membership and tombstone collection (docs/DELETES.md)."""
 
-    interval_sec: float = Field(
+    interval_sec: Duration = Field(
         default=2.0,
-        gt=0,
         description=(
             "Seconds between ticks: certify this store's own writes, read the members' "
             "records, collect the tombstones every member is known to hold."
@@ -391,7 +433,7 @@ class MembershipConfig(_Section):
 class ScrubConfig(_Section):
     """The background scrub of stored data (README, "Stray and corrupt data")."""
 
-    interval_sec: float = Field(default=5.0, gt=0, description="Seconds between scrub ticks.")
+    interval_sec: Duration = Field(default=5.0, description="Seconds between scrub ticks.")
     payload_items_per_sec: float = Field(
         default=0.0,
         ge=0,
@@ -443,7 +485,7 @@ class PeerConfig(_Section):
     prefix: str | None = Field(default=None, description="Peer key prefix; None = local.prefix.")
     priority: int = Field(default=0, description="Lower numbers are served first.")
     circuit_failure_threshold: int = Field(default=5, ge=1, description="Failures to open.")
-    circuit_reset_timeout_sec: float = Field(default=30.0, gt=0, description="Open time (s).")
+    circuit_reset_timeout_sec: Duration = Field(default=30.0, description="Open time (s).")
     start_from: Literal["snapshot", "beginning", "latest"] = Field(
         default="snapshot", description="Where a peer without a saved cursor is first read from."
     )

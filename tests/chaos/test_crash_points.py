@@ -74,11 +74,11 @@ def engine_config(node_id: str, local_url: str, peer_url: str, cursor_path: Path
         "local": {"redis_url": local_url, "prefix": PREFIX},
         "settings": {
             "hot_path": {
-                "block_timeout": 0.1,
+                "block_timeout_sec": 0.1,
                 "batch_size": 4,
                 "min_batch_size": 1,
                 "max_batch_size": 16,
-                "shutdown_timeout": 2.0,
+                "shutdown_timeout_sec": 2.0,
             },
             "cold_path": {"enabled": False},
             "peer_health": {"enabled": False},

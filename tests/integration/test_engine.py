@@ -135,7 +135,7 @@ async def test_start_and_shutdown_walk_the_states_in_order_and_shutdown_is_idemp
         tmp_path,
         {"a": ["b"], "b": []},
         engines=[],
-        common={"settings": {"hot_path": {"shutdown_timeout": SHUTDOWN_TIMEOUT_S}}},
+        common={"settings": {"hot_path": {"shutdown_timeout_sec": SHUTDOWN_TIMEOUT_S}}},
     ) as mesh:
         node = mesh["a"]
         engine = ReplicationEngine(node.config, store=node.store)
@@ -212,7 +212,7 @@ async def test_shutdown_is_bounded_when_a_peer_hangs(
         redis_factory,
         tmp_path,
         {"a": ["b"], "b": []},
-        common={"settings": {"hot_path": {"shutdown_timeout": SHUTDOWN_TIMEOUT_S}}},
+        common={"settings": {"hot_path": {"shutdown_timeout_sec": SHUTDOWN_TIMEOUT_S}}},
     ) as mesh:
         await mesh.wait_idle()  # a's tailer sits in XREAD BLOCK on b
         mesh["b"].server.pause()  # SIGSTOP: the tailer's XREAD and every call to b now hang
@@ -335,7 +335,7 @@ async def test_shutdown_during_catch_up_saves_exactly_what_was_applied_and_resum
         # A smaller batch ceiling stretches the catch-up over many batches to stop in between.
         common={
             "settings": {
-                "hot_path": {"max_batch_size": 200, "shutdown_timeout": SHUTDOWN_TIMEOUT_S}
+                "hot_path": {"max_batch_size": 200, "shutdown_timeout_sec": SHUTDOWN_TIMEOUT_S}
             }
         },
     ) as mesh:

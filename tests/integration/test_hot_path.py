@@ -678,7 +678,7 @@ async def test_shutdown_while_blocked_in_xread_is_bounded(
         redis_factory,
         tmp_path,
         {"a": ["b"], "b": []},
-        overrides={"a": {"settings": {"hot_path": {"block_timeout": 5}}}},
+        overrides={"a": {"settings": {"hot_path": {"block_timeout_sec": 5}}}},
     ) as mesh:
         a, b = mesh["a"], mesh["b"]
 
@@ -792,7 +792,7 @@ async def test_shutdown_with_an_unappliable_batch_does_not_spin(
         tmp_path,
         {"a": ["b"], "b": []},
         engines=[],
-        overrides={"a": {"settings": {"hot_path": {"shutdown_timeout": drain_s}}}},
+        overrides={"a": {"settings": {"hot_path": {"shutdown_timeout_sec": drain_s}}}},
     ) as mesh:
         a, b = mesh["a"], mesh["b"]
         log = WriteLog()
@@ -898,8 +898,8 @@ async def test_reads_at_the_head_are_spaced_by_the_min_read_interval(
 ) -> None:
     """A steady trickle of writes is applied in one batch per interval, not one per write."""
     interval = 0.25
-    spaced = {"settings": {"hot_path": {"min_read_interval": interval}}}
-    eager = {"settings": {"hot_path": {"min_read_interval": 0}}}
+    spaced = {"settings": {"hot_path": {"min_read_interval_sec": interval}}}
+    eager = {"settings": {"hot_path": {"min_read_interval_sec": 0}}}
     async with open_mesh(
         redis_factory,
         tmp_path,

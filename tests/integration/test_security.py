@@ -65,7 +65,7 @@ def mesh_config(
         "local_node_id": node_id,
         "local": {"redis_url": local_url, "prefix": PREFIX},
         "settings": {
-            "hot_path": {"block_timeout": 0.2},
+            "hot_path": {"block_timeout_sec": 0.2},
             "cold_path": {
                 "enabled": True,
                 "interval_sec": 0.5,

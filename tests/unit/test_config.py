@@ -61,14 +61,14 @@ def test_minimal_config_takes_every_default() -> None:
     )
     assert config.local.max_memory_ratio == 0.9
     hot = config.settings.hot_path
-    assert (hot.enabled, hot.batch_size, hot.block_timeout) == (True, 100, 5.0)
+    assert (hot.enabled, hot.batch_size, hot.block_timeout_sec) == (True, 100, 5.0)
     assert (hot.adaptive_batch_size, hot.min_batch_size, hot.max_batch_size) == (True, 50, 1000)
     assert (hot.rate_limit_enabled, hot.rate_limit_per_sec, hot.rate_limit_burst) == (
         False,
         10_000,
         1000,
     )
-    assert hot.shutdown_timeout == 10.0
+    assert hot.shutdown_timeout_sec == 10.0
     cold = config.settings.cold_path
     assert (cold.enabled, cold.interval_sec, cold.max_items_per_cycle) == (True, 60, 1000)
     assert (cold.backoff_base_sec, cold.backoff_max_sec) == (5, 300)
@@ -141,7 +141,7 @@ replication:
   local_node_id: node-a
   settings:
     hot_path:
-      block_timeout: 250ms
+      block_timeout_sec: 250ms
   peers:
     - node_id: node-b
       redis_url: redis://127.0.0.1:6380/0
@@ -149,7 +149,7 @@ replication:
     )
     config = load_config(path, env={})
     assert config.local_node_id == "node-a"
-    assert config.settings.hot_path.block_timeout == pytest.approx(0.25)
+    assert config.settings.hot_path.block_timeout_sec == pytest.approx(0.25)
     assert config.peers[0].node_id == "node-b"
 
 
@@ -238,17 +238,88 @@ def test_duration_fields_accept_numbers_and_text() -> None:
     config = EngineConfig.from_mapping(
         {
             "local_node_id": "a",
-            "settings": {"hot_path": {"block_timeout": 2, "shutdown_timeout": "1m"}},
+            "settings": {"hot_path": {"block_timeout_sec": 2, "shutdown_timeout_sec": "1m"}},
         },
         env={},
     )
-    assert config.settings.hot_path.block_timeout == 2.0
-    assert config.settings.hot_path.shutdown_timeout == 60.0
+    assert config.settings.hot_path.block_timeout_sec == 2.0
+    assert config.settings.hot_path.shutdown_timeout_sec == 60.0
 
 
 def test_zero_block_timeout_is_rejected() -> None:
-    text = problems_of({"local_node_id": "a", "settings": {"hot_path": {"block_timeout": "0s"}}})
-    assert "settings.hot_path.block_timeout: must be > 0, got '0s'" in text
+    text = problems_of(
+        {"local_node_id": "a", "settings": {"hot_path": {"block_timeout_sec": "0s"}}}
+    )
+    assert "settings.hot_path.block_timeout_sec: must be > 0, got '0s'" in text
+
+
+def test_every_duration_field_names_its_unit_and_takes_the_same_forms() -> None:
+    """A field whose type is a duration ends in _sec or _ms, and takes '2m' as well as a
+    number in its unit; a rate (_per_sec) is not a duration."""
+    from replication_engine.config import models
+
+    durations = []
+    sections = [models.SettingsConfig, models.LocalConfig, models.PeerConfig]
+    while sections:
+        section = sections.pop()
+        for name, info in section.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, models._Section):
+                sections.append(annotation)
+                continue
+            if any(
+                getattr(m, "func", None) in (models._duration_field, models._duration_ms_field)
+                for m in info.metadata
+            ):
+                durations.append((section.__name__, name))
+                assert name.endswith(("_sec", "_ms")), f"{section.__name__}.{name} has no unit"
+            elif name.endswith("_sec") and not name.endswith("per_sec"):
+                raise AssertionError(f"{section.__name__}.{name} does not take duration text")
+    assert len(durations) >= 15, durations
+    config = EngineConfig.from_mapping(
+        {
+            "local_node_id": "a",
+            "settings": {
+                "cold_path": {"interval_sec": "2m", "root_cache_ttl_sec": "0s"},
+                "slo": {"max_batch_flush_latency_ms": "1s", "max_peer_op_latency_ms": 250},
+            },
+        },
+        env={},
+    )
+    assert config.settings.cold_path.interval_sec == 120.0
+    assert config.settings.cold_path.root_cache_ttl_sec == 0.0
+    assert config.settings.slo.max_batch_flush_latency_ms == 1000.0
+    assert config.settings.slo.max_peer_op_latency_ms == 250.0
+
+
+def test_a_field_renamed_for_its_unit_is_still_read_under_its_old_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING"):
+        config = EngineConfig.from_mapping(
+            {
+                "local_node_id": "a",
+                "settings": {"hot_path": {"block_timeout": "2s", "min_read_interval": 0}},
+            },
+            env={},
+        )
+    assert config.settings.hot_path.block_timeout_sec == 2.0
+    assert config.settings.hot_path.min_read_interval_sec == 0.0
+    renamed = [r for r in caplog.records if r.getMessage() == "config.renamed_field"]
+    assert {(r.field, r.use) for r in renamed} == {  # type: ignore[attr-defined]
+        ("block_timeout", "block_timeout_sec"),
+        ("min_read_interval", "min_read_interval_sec"),
+    }
+
+
+def test_a_renamed_field_given_under_both_names_is_an_error_naming_both() -> None:
+    text = problems_of(
+        {
+            "local_node_id": "a",
+            "settings": {"hot_path": {"block_timeout": "2s", "block_timeout_sec": "3s"}},
+        }
+    )
+    assert "block_timeout and block_timeout_sec are the same setting" in text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,7 +343,7 @@ def test_env_overrides_scalars_with_yaml_typing() -> None:
     assert config.settings.hot_path.batch_size == 500
     assert config.settings.hot_path.max_batch_size == 5000
     assert config.settings.hot_path.adaptive_batch_size is False
-    assert config.settings.hot_path.block_timeout == 5.0
+    assert config.settings.hot_path.block_timeout_sec == 5.0
     assert config.settings.slo.max_replication_lag_events == 1000
 
 
