@@ -311,7 +311,10 @@ async def run_sidecar_with_password_peer(
             "local_node_id": "a",
             "local": {"redis_url": local.url, "prefix": PREFIX},
             "settings": {
-                "hot_path": {"block_timeout_sec": "500ms", "shutdown_timeout_sec": f"{SHUTDOWN_TIMEOUT_S}s"}
+                "hot_path": {
+                    "block_timeout_sec": "500ms",
+                    "shutdown_timeout_sec": f"{SHUTDOWN_TIMEOUT_S}s",
+                }
             },
             "peers": [{"node_id": "b", "redis_url": peer.url}],
             "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},

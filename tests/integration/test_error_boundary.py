@@ -174,4 +174,3 @@ async def test_a_wrong_typed_key_is_a_store_key_error_naming_it(
             await store.put("k", b"w")
     finally:
         await store.close()
-
