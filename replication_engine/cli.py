@@ -16,8 +16,8 @@ from typing import Any
 
 from replication_engine import __version__
 from replication_engine.config import ConfigError, HttpConfig, load_config
-from replication_engine.connection import redact_url
 from replication_engine.observability.logs import JsonFormatter, setup_logging
+from replication_engine.redaction import redact_url
 
 # Named, not __name__: run as `python -m replication_engine.cli` this module is __main__.
 log = logging.getLogger("replication_engine.cli")

@@ -40,7 +40,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from replication_engine.config import redact_url
+from replication_engine.redaction import redact_url
 
 try:  # redis-py >= 7
     from redis.maint_notifications import MaintNotificationsConfig

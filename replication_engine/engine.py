@@ -22,22 +22,23 @@ import pybreaker
 from replication_engine.clock import HLC, wall_clock_ms
 from replication_engine.codec import StreamId
 from replication_engine.config import EngineConfig
-from replication_engine.connection import TlsOptions, redact_url
+from replication_engine.connection import TlsOptions
 from replication_engine.cursor import CursorStore
 from replication_engine.errors import ReplicationError
 from replication_engine.hot_path import CursorSaveFailed, Tailer, TailerMode, TailerSettings
 from replication_engine.membership import Membership
 from replication_engine.merkle import Geometry, GeometryError
+from replication_engine.observability.http import HttpServer
 from replication_engine.observability.metrics import ENGINE_STATES, Metrics
 from replication_engine.peer import Peer
+from replication_engine.redaction import redact_url
 from replication_engine.resilience import Backoff, breaker_state, sleep_or_stop
 from replication_engine.scrub import Scrub
-from replication_engine.store.protocol import Store
+from replication_engine.store.protocol import RecordKeeper
 from replication_engine.store.redis_store import RedisStore
 
 if TYPE_CHECKING:
     from replication_engine.cold_path import ColdPath, RepairStats
-    from replication_engine.observability.http import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class ReplicationEngine:
     def __init__(
         self,
         config: EngineConfig,
-        store: Store | None = None,
+        store: RecordKeeper | None = None,
         *,
         metrics: Metrics | None = None,
         clock: HLC | None = None,
@@ -82,7 +83,7 @@ class ReplicationEngine:
         self.config = config
         self.node_id = config.local_node_id
         self.metrics = metrics or Metrics()
-        self.store: Store | None = store
+        self.store: RecordKeeper | None = store
         self._owns_store = store is None
         self._clock = clock
         self.cursors: CursorStore | None = None
@@ -183,10 +184,11 @@ class ReplicationEngine:
                     f"depth={self.store.geometry.depth} differs from settings.merkle "
                     f"fanout={geometry.fanout} depth={geometry.depth}"
                 )
-        if not isinstance(self.store, RedisStore):
+        if not isinstance(self.store, RecordKeeper):
             raise EngineError(
-                f"the engine needs a RedisStore (its record, claims and certification; "
-                f"docs/DELETES.md), got {type(self.store).__name__}"
+                f"the engine needs a store that keeps its record (claims, certification, "
+                f"tombstone collection: store.protocol.RecordKeeper, docs/DELETES.md), got "
+                f"{type(self.store).__name__}"
             )
         if cfg.mode == "follower":
             self.store.read_only = True  # a follower takes writes only from its upstream
@@ -242,8 +244,6 @@ class ReplicationEngine:
             )
         await self._open_membership()
         if cfg.http.enabled:
-            from replication_engine.observability.http import HttpServer
-
             self.http = HttpServer(self, cfg.http.host, cfg.http.port)
             try:
                 await self.http.start()
@@ -269,9 +269,7 @@ class ReplicationEngine:
 
     def _wall_ms(self) -> Callable[[], int]:
         # The store's clock, so that "too far ahead" is judged as its writes are stamped.
-        if isinstance(self.store, RedisStore):
-            return self.store.clock.wall
-        return wall_clock_ms
+        return self.store.clock.wall if self.store is not None else wall_clock_ms
 
     def _is_forgotten(self, peer_id: str) -> bool:
         return self.membership is not None and self.membership.is_forgotten(peer_id)
@@ -287,7 +285,7 @@ class ReplicationEngine:
         the HLC floor is restored before start() returns.
         """
         cfg = self.config
-        assert isinstance(self.store, RedisStore) and self.cursors is not None
+        assert self.store is not None and self.cursors is not None
         cold_path = self.cold_path
         assert cold_path is not None
         self.membership = Membership(
@@ -633,6 +631,10 @@ class ReplicationEngine:
             lag_ms=tailer.lag_ms if lag_known and tailer is not None else None,
             lag_events=tailer.lag_events if lag_known and tailer is not None else None,
         )
+
+    def render_metrics(self) -> bytes:
+        """The Prometheus exposition of this engine's registry (the HTTP server's /metrics)."""
+        return self.metrics.render()
 
     def readiness(self) -> tuple[bool, list[str]]:
         """Whether a load balancer should send reads here, and why not."""

@@ -40,7 +40,7 @@ from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
 
 if TYPE_CHECKING:
-    from replication_engine.store.redis_store import Certification, RedisStore
+    from replication_engine.store.protocol import Certification, RecordKeeper
 
 __all__ = ["Membership"]
 
@@ -84,7 +84,7 @@ class Membership:
         node_id: str,
         mode: str,
         relay: bool,
-        store: RedisStore,
+        store: RecordKeeper,
         cursors: CursorStore,
         peers: Sequence[Peer],
         metrics: Metrics,

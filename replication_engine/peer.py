@@ -22,11 +22,12 @@ from redis.exceptions import ResponseError
 from replication_engine import clock
 from replication_engine.codec import StreamId, parse_stream_id
 from replication_engine.config import HotPathConfig, PeerConfig, default_of
-from replication_engine.connection import Failure, TlsOptions, failure, make_client, redact_url
+from replication_engine.connection import Failure, TlsOptions, failure, make_client
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import NodeRecord
 from replication_engine.merkle import ZERO
 from replication_engine.observability.metrics import Metrics
+from replication_engine.redaction import redact_url
 from replication_engine.resilience import breaker_remaining, breaker_state
 from replication_engine.store.layout import Keyspace, text
 from replication_engine.store.reader import ReadCounter, TreeReader

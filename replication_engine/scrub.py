@@ -24,7 +24,7 @@ from replication_engine.config import ScrubConfig
 from replication_engine.cursor import CursorStore
 from replication_engine.observability.metrics import Metrics
 from replication_engine.resilience import sleep_or_stop
-from replication_engine.store.redis_store import RedisStore, UnreadableItem
+from replication_engine.store.protocol import Scrubbable, UnreadableItem
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Scrub:
 
     def __init__(
         self,
-        store: RedisStore,
+        store: Scrubbable,
         cursors: CursorStore,
         metrics: Metrics,
         settings: ScrubConfig,

@@ -1,6 +1,6 @@
 """Typed engine configuration: YAML plus environment overrides, validated once at load time.
 
-- :mod:`.models`: the schema (pydantic sections, field types, validators, URL redaction).
+- :mod:`.models`: the schema (pydantic sections, field types, validators).
 - :mod:`.loading`: :func:`load_config`, environment overrides, and the one ``ConfigError`` that
   lists every problem by field path.
 - :mod:`.errors`: ``ConfigError`` and the problem records the two modules above share.
@@ -28,7 +28,6 @@ from replication_engine.config.models import (
     TlsConfig,
     default_of,
     parse_duration,
-    redact_url,
 )
 
 __all__ = [
@@ -51,5 +50,4 @@ __all__ = [
     "default_of",
     "load_config",
     "parse_duration",
-    "redact_url",
 ]

@@ -21,7 +21,8 @@ import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from replication_engine.config.errors import ConfigError, _FieldProblems, _format_loc, _number
-from replication_engine.config.models import EngineConfig, redact_url
+from replication_engine.config.models import EngineConfig
+from replication_engine.redaction import redact_url
 
 # Environment variables under this prefix override file values; the double underscore separates
 # path segments so field names that contain single underscores stay unambiguous.

@@ -28,6 +28,7 @@ from pydantic import (
 
 from replication_engine.config.errors import _FieldProblems, _number, _Problem
 from replication_engine.merkle import Geometry
+from replication_engine.redaction import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,6 @@ _URL_EXPECTED = "expected a redis://, rediss:// or unix:// URL"
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_PART_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)\s*", re.IGNORECASE)
 _DURATION_EXPECTED = "expected a duration like '5s', '100ms', '2m', '1h' or a number of seconds"
-# scheme://user:password@ anywhere in a text, and user:password@host as the whole text.
-_URL_CREDENTIALS_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*):(\S*)@")
-_BARE_CREDENTIALS_RE = re.compile(r"^([^\s:/@]*):(\S*)@(\S+)$")
-_QUERY_SECRET_RE = re.compile(r"(?i)([?&;](?:password|pass|pwd|auth|token|secret)=)[^&#;]*")
 # The sidecar runs beside a monitoring stack, so not 9090-9094 (Prometheus, Pushgateway,
 # Alertmanager), 9100 (node exporter) or 3000 (Grafana); 9636 was a free slot in Prometheus's
 # list of default exporter ports.
@@ -98,36 +95,6 @@ def _parse_duration_text(text: str) -> float:
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
         position = match.end()
     return total
-
-
-def redact_url(url: str) -> str:
-    """Mask any password in a URL so it can be logged or shown in a status page.
-
-    ``redis://user:secret@host:6379/0`` becomes ``redis://user:***@host:6379/0``; a
-    ``?password=`` query parameter is masked the same way. When the string is malformed the
-    function errs on the side of hiding too much: it never raises and never returns the secret.
-
-    Args:
-        url: any string; non-URLs come back unchanged unless they look like ``user:pw@host``.
-
-    Returns:
-        The URL with secrets replaced by ``***``.
-    """
-    try:
-        return _redact(str(url))
-    except Exception:
-        return "<unprintable url>"
-
-
-def _redact(url: str) -> str:
-    # Greedy up to the last '@' of the run of non-blank characters: an operator may leave '@',
-    # '/', '?' or '#' unescaped in a password, and hiding too much beats printing part of a
-    # secret. Only a URL's userinfo is touched, so text around it (a Lua error's
-    # "@user_script:12", an address) keeps every byte.
-    url = _URL_CREDENTIALS_RE.sub(r"\1:***@", url)
-    if "://" not in url:
-        url = _BARE_CREDENTIALS_RE.sub(r"\1:***@\3", url)
-    return _QUERY_SECRET_RE.sub(r"\1***", url)
 
 
 # --------------------------------------------------------------------------------------------

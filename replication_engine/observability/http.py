@@ -8,18 +8,32 @@ configured lag). Keeping the two apart stops a lagging node from being restarted
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-if TYPE_CHECKING:
-    from replication_engine.engine import ReplicationEngine
+# Engine states in which the process is alive: a supervisor restarts it in any other.
+ALIVE_STATES = ("starting", "running", "stopping")
+
+
+class Probed(Protocol):
+    """What the endpoints read: the engine answers these, and nothing else of it is reachable
+    from here (the server neither imports nor drives the engine)."""
+
+    @property
+    def state(self) -> str: ...
+
+    def readiness(self) -> tuple[bool, list[str]]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def render_metrics(self) -> bytes: ...
 
 
 class HttpServer:
-    def __init__(self, engine: ReplicationEngine, host: str, port: int) -> None:
-        self.engine = engine
+    def __init__(self, probed: Probed, host: str, port: int) -> None:
+        self.probed = probed
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None
@@ -54,22 +68,22 @@ class HttpServer:
             self._runner = None
 
     async def _health(self, _request: web.Request) -> web.Response:
-        state = self.engine.state
-        alive = state in ("starting", "running", "stopping")
+        state = self.probed.state
+        alive = state in ALIVE_STATES
         return _json({"status": "ok" if alive else "down", "state": state}, 200 if alive else 503)
 
     async def _ready(self, _request: web.Request) -> web.Response:
-        ready, reasons = self.engine.readiness()
+        ready, reasons = self.probed.readiness()
         body = {"ready": ready, "reasons" if not ready else "notes": reasons}
         return _json(body, 200 if ready else 503)
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         return web.Response(
-            body=self.engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=self.probed.render_metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     async def _status(self, _request: web.Request) -> web.Response:
-        return _json(self.engine.status(), 200)
+        return _json(self.probed.status(), 200)
 
 
 def _json(body: Any, status: int) -> web.Response:

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from replication_engine.connection import redact_url
+from replication_engine.redaction import redact_url
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 

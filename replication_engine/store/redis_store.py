@@ -21,7 +21,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from importlib import resources
 from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
@@ -43,28 +43,32 @@ from redis.exceptions import (
 from replication_engine import clock, codec
 from replication_engine.clock import HLC
 from replication_engine.codec import Change
-from replication_engine.connection import Failure, TlsOptions, failure, make_client, redact_url
+from replication_engine.connection import Failure, TlsOptions, failure, make_client
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import ApplyStatus, NodeRecord, hlc_hex
 from replication_engine.merkle import Geometry, GeometryError, leaf_digest
 from replication_engine.observability.tracing import current_trace_parent
+from replication_engine.redaction import redact_url
 from replication_engine.store.layout import Keyspace, key_problem, text
+from replication_engine.store.protocol import (
+    ApplyResult,
+    Certification,
+    DeepCheck,
+    Item,
+    PreparedApply,
+    StreamBatch,
+    UnreadableItem,
+)
 from replication_engine.store.reader import ReadCounter, TreeReader, item_from_hash
 
 __all__ = [
-    "ApplyResult",
-    "ApplyStatus",
-    "Certification",
     "InvalidWriteError",
-    "Item",
-    "PreparedApply",
     "ReadOnlyStoreError",
     "RedisStore",
     "StoreAccessError",
     "StoreError",
     "StoreKeyError",
     "StoreUnavailableError",
-    "StreamBatch",
 ]
 
 P = ParamSpec("P")
@@ -139,60 +143,6 @@ class StoreKeyError(StoreError, RuntimeError):
         self.key = key
 
 
-@dataclass(frozen=True, slots=True)
-class StreamBatch:
-    """Where a batch came from, so the store can anchor itself in that stream and take the
-    claims it proves (docs/DELETES.md, "Claims", way 2).
-
-    ``first`` and ``last`` are fixed-width stream ids (``knowledge.sid_key``); ``mode`` is
-    ``c`` (read on from the cursor), ``f`` (read from the start of a stream never trimmed) or
-    ``g`` (entries were missed before this batch); ``claims`` are raised only when the store's
-    anchor shows the stream was applied contiguously.
-    """
-
-    peer: str
-    token: str
-    first: str
-    last: str
-    mode: str
-    claims: Mapping[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedApply:
-    """A batch packed for the apply script (see :meth:`RedisStore.prepare_apply`)."""
-
-    size: int  # changes in the batch, accepted or not
-    accepted: list[int]  # their indexes that go to the script (the rest are REJECTED)
-    newest: int  # the greatest HLC among the accepted changes
-    items: list[list[Any]]  # one script item per accepted change
-    chunks: list[tuple[int, int, bytes]]  # (start, end) into items, packed; bounded in bytes
-    relay: bool  # whether the script re-emits applied versions on this node's stream
-
-
-@dataclass(slots=True)
-class ApplyResult:
-    """Statuses in the order of the changes, and why each REFUSED one was refused."""
-
-    statuses: list[ApplyStatus]
-    refused: dict[int, str] = field(default_factory=dict)
-    # With a tailer's batch: whether the store is anchored in the peer's stream after it
-    # (docs/DELETES.md, "Claims"); None without one.
-    anchored: bool | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Certification:
-    """What the certify script found (see :meth:`RedisStore.certify`)."""
-
-    outcome: str  # ok (trusted), moved (may have lost writes), absent (no record)
-    run_id: str
-    recorded_run_id: str
-    cert: int
-    self_claim: int
-    clock: int  # the store clock after the call
-
-
 # The apply script returns one status letter per item, as one string.
 _STATUS = {
     ord("a"): ApplyStatus.APPLIED,
@@ -203,48 +153,11 @@ _STATUS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class UnreadableItem:
-    """A stored item whose payload does not verify (or whose fields do not parse)."""
-
-    key: str
-    fields: Mapping[bytes, bytes]  # as stored, for the quarantine
-    version: tuple[int, str] | None  # (hlc, origin) when those fields still parse
-    why: str
-
-
 def _stored_version(fields: Mapping[bytes, bytes]) -> tuple[int, str] | None:
     try:
         return clock.from_hex(fields[b"hlc"]), fields[b"o"].decode("utf-8")
     except (KeyError, ValueError, UnicodeDecodeError):
         return None
-
-
-@dataclass(slots=True)
-class DeepCheck:
-    """What a deep check found: items whose stored bytes do not verify, and keys under the
-    prefix that the format does not define or that have the wrong type. Samples are bounded;
-    the counts are not."""
-
-    items: int = 0
-    unreadable: int = 0
-    stray: int = 0
-    unreadable_sample: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
-    stray_sample: list[tuple[str, str]] = field(default_factory=list)  # (Redis key, why)
-
-    @property
-    def clean(self) -> bool:
-        return not self.unreadable and not self.stray
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    key: str
-    value: bytes
-    content_hash: str
-    hlc: int
-    origin: str
-    content_type: str
 
 
 def _load_script(name: str) -> str:

@@ -20,8 +20,8 @@ from replication_engine.config import (
     PeerConfig,
     load_config,
     parse_duration,
-    redact_url,
 )
+from replication_engine.redaction import redact_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SECRET = "hunter2-Very-Secret"
