@@ -234,7 +234,7 @@ class _Pool(BlockingConnectionPool):
         if now >= self._next_idle_check:
             self._next_idle_check = now + IDLE_CHECK_INTERVAL_S
             await self._close_hung_up()
-        connection: AbstractConnection = await super().get_connection(*args, **kwargs)
+        connection: AbstractConnection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
         return connection
 
     async def _close_hung_up(self) -> None:

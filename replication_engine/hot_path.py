@@ -34,12 +34,8 @@ from replication_engine.resilience import (
     breaker_remaining,
     sleep_or_stop,
 )
-from replication_engine.store.protocol import Store
-from replication_engine.store.redis_store import (
-    PreparedApply,
-    StoreKeyError,
-    StreamBatch,
-)
+from replication_engine.store.protocol import PreparedApply, Store, StreamBatch
+from replication_engine.store.redis_store import StoreKeyError
 
 log = logging.getLogger(__name__)
 

@@ -135,6 +135,7 @@ class Membership:
         self._certified_since_recovery = False
         self._opened = False
         self._tick_error: str | None = None
+        self._collect_error: str | None = None
         self._wake = asyncio.Event()
         self._publish_recovery()
 
@@ -232,9 +233,25 @@ class Membership:
         await self._publish_members()
         await self._close_barriers()
         self.own = await self.store.record()
-        await self._collect()
+        try:
+            await self._collect()
+        except Exception as exc:  # the rest of the tick still runs: scrub, metrics
+            self._collection_failed(exc)
+        else:
+            self._collect_error = None
         await self._scrub()
         self._publish_metrics()
+
+    def _collection_failed(self, exc: Exception) -> None:
+        """Counted every time, logged once per distinct failure: a collection that keeps
+        failing lets tombstones pile up, which nothing else would show."""
+        self.metrics.tombstone_collection_failures.inc()
+        message = _describe(exc)
+        if message != self._collect_error:
+            log.warning(
+                "membership.collection_failed", extra={"node": self.node_id, "error": message}
+            )
+        self._collect_error = message
 
     # ------------------------------------------------------------------------ certification
 

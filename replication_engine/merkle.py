@@ -77,7 +77,7 @@ class Geometry:
 
     @property
     def leaf_count(self) -> int:
-        return self.fanout**self.depth
+        return int(self.fanout**self.depth)
 
     def describe(self) -> str:
         return f"fanout={self.fanout} depth={self.depth} leaf={LEAF_HASH} bucket={BUCKET_HASH}"

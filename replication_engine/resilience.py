@@ -34,7 +34,7 @@ class Backoff:
     def ceiling(self) -> float:
         if self.failures == 0:
             return 0.0
-        return min(self.maximum, self.base * 2 ** min(self.failures - 1, 62))
+        return min(self.maximum, self.base * 2.0 ** min(self.failures - 1, 62))
 
     def next_delay(self) -> float:
         """Record a failure and return how long to wait before the next try."""

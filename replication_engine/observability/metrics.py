@@ -235,6 +235,11 @@ class Metrics:
             "Tombstones collected here, below the mesh's stable frontier",
             registry=r,
         )
+        self.tombstone_collection_failures = Counter(
+            "replication_tombstone_collection_failures",
+            "Membership ticks whose tombstone collection failed (tombstones then pile up)",
+            registry=r,
+        )
         self.members = Gauge(
             "replication_members", "Members of the mesh this node knows of", registry=r
         )

@@ -1,14 +1,10 @@
 """Local stores: the protocol the engine needs and the default Redis implementation."""
 
+from replication_engine.knowledge import ApplyStatus
 from replication_engine.store.layout import Keyspace
-from replication_engine.store.protocol import Store
+from replication_engine.store.protocol import Item, RecordKeeper, Scrubbable, Store
 from replication_engine.store.reader import ReadCounter, TreeReader
-from replication_engine.store.redis_store import (
-    ApplyStatus,
-    Item,
-    ReadOnlyStoreError,
-    RedisStore,
-)
+from replication_engine.store.redis_store import ReadOnlyStoreError, RedisStore
 
 __all__ = [
     "ApplyStatus",
@@ -16,7 +12,9 @@ __all__ = [
     "Keyspace",
     "ReadCounter",
     "ReadOnlyStoreError",
+    "RecordKeeper",
     "RedisStore",
+    "Scrubbable",
     "Store",
     "TreeReader",
 ]

@@ -197,11 +197,11 @@ def _store_api(
 ) -> Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, T]]:
     """Marks a coroutine of the store's public API: it raises only the store's errors."""
 
-    @functools.wraps(method)
-    async def call(self: RedisStore, *args: P.args, **kwargs: P.kwargs) -> T:
+    async def call(self: RedisStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
         with _as_store_errors(self.node_id):
             return await method(self, *args, **kwargs)
 
+    functools.update_wrapper(call, method)
     return call
 
 

@@ -412,6 +412,22 @@ async def a_tree_node_out_of_step(
         watch.observe(engines_of(mesh))
 
 
+async def tombstone_collection_fails(
+    watch: MetricWatch, redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """The tombstone index made a string by hand: every tick's collection fails, and says so."""
+    async with open_mesh(
+        redis_factory, tmp_path, {"a": ["b"], "b": ["a"]}, common=FAST_MEMBERSHIP
+    ) as mesh:
+        store = mesh["a"].store
+        await store.redis.delete(store.keys.tombs)
+        await store.redis.set(store.keys.tombs, "not a sorted set")
+        await wait_metric(
+            mesh["a"].running(), "replication_tombstone_collection_failures_total", positive
+        )
+        watch.observe(engines_of(mesh))
+
+
 async def a_payload_rots_and_a_stray_key_appears(
     watch: MetricWatch, redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
@@ -581,6 +597,7 @@ SCENARIOS: Mapping[str, Scenario] = {
     "memory pressure": memory_pressure,
     "a tailer crash": a_tailer_crash,
     "a tree node out of step": a_tree_node_out_of_step,
+    "tombstone collection fails": tombstone_collection_fails,
     "a payload rots, a stray key appears": a_payload_rots_and_a_stray_key_appears,
     "collection held back, then forgotten": collection_held_back_then_forgotten,
     "a recovery waiting for a peer": a_recovery_waiting_for_a_peer,

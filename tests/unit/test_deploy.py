@@ -91,6 +91,7 @@ KNOWN_LABELS: dict[str, frozenset[str]] = {
     "replication_tombstones": frozenset(),
     "replication_oldest_tombstone_age_seconds": frozenset(),
     "replication_tombstones_collected_total": frozenset(),
+    "replication_tombstone_collection_failures_total": frozenset(),
     "replication_members": frozenset(),
     "replication_forgotten_members": frozenset(),
     "replication_stable_frontier_age_seconds": frozenset(),
