@@ -147,12 +147,17 @@ def redis_backend() -> str:
 
 
 @pytest.fixture
-def redis_factory(redis_backend: str, tmp_path: Path) -> Iterator[RedisFactory]:
+def redis_factory(
+    redis_backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[RedisFactory]:
     """Start real Redis servers on demand; every one is killed at teardown, pass or fail.
 
     Call it with ``RedisProcess`` keyword arguments. A local server's data directory defaults
     to a fresh directory under ``tmp_path``, so its log and AOF are kept with the test's files.
+    Unit tests may not ask for one: tests/unit runs without any server.
     """
+    if "unit" in request.node.path.relative_to(Path(__file__).parent).parts[:1]:
+        pytest.fail("a unit test asked for a redis-server: it belongs in tests/integration")
     made: list[RedisHandle] = []
 
     def make(**kwargs: Any) -> RedisHandle:
