@@ -287,19 +287,25 @@ class Demo:
             f"workload: {self.rate:.0f} writes/s over {self.keys} keys for "
             f"{self.duration:.0f}s, 15% deletes, every node writing the same keys"
         )
-        display = asyncio.create_task(self._display())
-        writers = [asyncio.create_task(self._writer(n)) for n in self.nodes]
-        faults = asyncio.create_task(self._faults()) if self.faults else None
-        await asyncio.sleep(self.duration)
-        if faults is not None:
-            await faults
-        self._stop_writes.set()
-        await asyncio.gather(*writers)
-        self.say("writes stopped; waiting for the mesh to converge")
-        converged_at = await self._wait_converged(timeout=60.0)
-        display.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await display
+        display = asyncio.create_task(self._display(), name="demo.display")
+        try:
+            # A writer or the fault injector that fails ends the others and the demo with it.
+            async with asyncio.TaskGroup() as group:
+                for node in self.nodes:
+                    group.create_task(self._writer(node), name=f"demo.writer.{node.node_id}")
+                faults = (
+                    group.create_task(self._faults(), name="demo.faults") if self.faults else None
+                )
+                await asyncio.sleep(self.duration)
+                if faults is not None:
+                    await faults
+                self._stop_writes.set()
+            self.say("writes stopped; waiting for the mesh to converge")
+            converged_at = await self._wait_converged(timeout=60.0)
+        finally:
+            display.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await display
         for row in await self._rows():
             print("    " + row, file=self.out)
         return await self._result(converged_at)
