@@ -141,7 +141,15 @@ class ReplicationEngine:
         # One turn of the loop: every task has begun (tailers exist) when start() returns.
         await asyncio.sleep(0)
         self._set_state(EngineState.RUNNING)
-        log.info("engine.started", extra={"node": self.node_id, "peers": list(self.peers)})
+        log.info(
+            "engine.started",
+            extra={
+                "node": self.node_id,
+                "peers": list(self.peers),
+                "relay": self.config.relay,
+                "relay_why": self.config.relay_reason(),
+            },
+        )
 
     async def _open(self) -> None:
         cfg = self.config
@@ -262,7 +270,7 @@ class ReplicationEngine:
             self.metrics,
             is_catching_up=self._any_catching_up,
             local_breaker=self.local_breaker,
-            relay=self.config.settings.hot_path.relay,
+            relay=self.config.relay,
             is_forgotten=self._is_forgotten,
             on_complete=self._on_repair_complete,
         )
@@ -291,7 +299,7 @@ class ReplicationEngine:
         self.membership = Membership(
             node_id=self.node_id,
             mode=cfg.mode,
-            relay=cfg.settings.hot_path.relay,
+            relay=cfg.relay,
             store=self.store,
             cursors=self.cursors,
             peers=list(self.peers.values()),

@@ -121,7 +121,7 @@ class TailerSettings:
             rate_limit_per_sec=hot.rate_limit_per_sec if hot.rate_limit_enabled else None,
             rate_limit_burst=hot.rate_limit_burst,
             shutdown_timeout_sec=hot.shutdown_timeout_sec,
-            relay=hot.relay,
+            relay=config.relay,
             min_read_interval_sec=hot.min_read_interval_sec,
             max_batch_bytes=hot.max_batch_bytes,
             max_clock_offset_ms=int(config.local.max_clock_offset_sec * 1000),

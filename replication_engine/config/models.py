@@ -292,12 +292,14 @@ class HotPathConfig(_Section):
             "refuses a single argument over 512 MB)."
         ),
     )
-    relay: bool = Field(
-        default=True,
+    relay: bool | None = Field(
+        default=None,
         description=(
             "Re-emit applied remote writes on this node's stream (hot and cold path), so nodes "
             "that tail only this one get them: needed in chains and follower trees, redundant in "
-            "a full mesh."
+            "a full mesh. Unset: by the node's role, off for mode mesh, on for mode follower "
+            "(EngineConfig.relay); a mesh node that others follow or that sits in a chain sets "
+            "it to true."
         ),
     )
 
@@ -568,6 +570,23 @@ class EngineConfig(_Section):
             else:
                 seen_sources[source] = f"peers[{index}]"
         return _FieldProblems.check(self, problems)
+
+    @property
+    def relay(self) -> bool:
+        """Whether this node re-emits the remote writes it applies: as set, else by role."""
+        chosen = self.settings.hot_path.relay
+        return chosen if chosen is not None else self.mode == "follower"
+
+    def relay_reason(self) -> str:
+        """Why :attr:`relay` is what it is, for the startup log."""
+        if self.settings.hot_path.relay is not None:
+            return "set in settings.hot_path.relay"
+        if self.mode == "follower":
+            return "mode follower: nodes that follow this one get writes only through it"
+        return (
+            "mode mesh: every node reads every origin directly; set settings.hot_path.relay: "
+            "true on a mesh node that others follow or that sits in a chain"
+        )
 
     @classmethod
     def from_mapping(
