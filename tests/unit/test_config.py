@@ -983,3 +983,22 @@ def test_a_field_removed_with_collection_by_clock_says_why() -> None:
         message
     )
     assert "settings.rebootstrap: removed" in message
+
+
+@pytest.mark.parametrize(
+    ("mode", "relay", "expected"),
+    [
+        ("mesh", None, False),
+        ("follower", None, True),
+        ("mesh", True, True),
+        ("follower", False, False),
+    ],
+)
+def test_relay_follows_the_role_unless_set(mode: str, relay: bool | None, expected: bool) -> None:
+    hot_path = {} if relay is None else {"relay": relay}
+    config = EngineConfig.from_mapping(
+        {"local_node_id": "a", "mode": mode, "settings": {"hot_path": hot_path}}, env={}
+    )
+    assert config.relay is expected
+    reason = config.relay_reason()
+    assert ("set in settings" in reason) is (relay is not None), reason
