@@ -72,8 +72,8 @@ class ColdPath:
     """The anti-entropy loop of one node against all its peers.
 
     Args:
-        store: our store; only ``reader``, ``geometry``, ``record``, ``inherit``,
-            ``discard_versions`` and the apply path are used.
+        store: our store; only ``node_id``, ``reader``, ``geometry``, ``record``,
+            ``inherit``, ``discard_versions`` and the apply path are used.
         peers: every peer; each cycle visits them in ``priority`` order.
         cursors: where bootstrap progress and the versions a repair drops are kept.
         settings: the ``cold_path`` config section.
@@ -158,16 +158,6 @@ class ColdPath:
     def last_stats(self) -> RepairStats | None:
         """What the latest cycle did (None before the first)."""
         return self._repairs.last_stats
-
-    @property
-    def last_repair(self) -> dict[str, PeerRepair]:
-        """Each peer's latest repair."""
-        return self._repairs.last_repair
-
-    @property
-    def last_complete(self) -> dict[str, float]:
-        """Wall time of each peer's latest complete repair."""
-        return self._claims.last_complete
 
     # ------------------------------------------------------------------------ control
 
@@ -325,7 +315,7 @@ class ColdPath:
         peers: dict[str, Any] = {}
         for peer in self.peers:
             pid = peer.node_id
-            last = self.last_repair.get(pid)
+            last = self._repairs.last_repair.get(pid)
             backoff = self._repairs.backoff.get(pid)
             peers[pid] = {
                 "backoff_remaining_sec": round(self.backoff_remaining(pid), 3),
@@ -335,7 +325,7 @@ class ColdPath:
                 "repair_requested": self._requests.reasons(pid),
                 "requested_keys": self._requests.pending_keys(pid),
                 "forgotten": self.is_forgotten(pid),
-                "last_complete_repair": self.last_complete.get(pid),
+                "last_complete_repair": self._claims.last_complete.get(pid),
                 "last_repair": asdict(last) if last is not None else None,
             }
         cycle = self.last_stats
