@@ -8,13 +8,19 @@ writes never matters.
 Node names are hex paths: each level contributes a fixed number of hex characters (the child
 index), the root is the empty path, a leaf bucket is a path of ``depth`` segments. The Lua write
 path and this module must agree byte for byte; ``docs/FORMAT.md`` pins both.
+
+Diff planning is :class:`DrillPlan`: every walk down trees (the cold path's drill, ``verify``'s
+diff, a store listing the keys under a node) asks it which nodes to read next and what a
+comparison found; the walkers only read.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 
@@ -169,6 +175,153 @@ def diff_leaf(local: Mapping[str, str], remote: Mapping[str, str]) -> list[str]:
     return sorted(key for key, digest in remote.items() if local.get(key) != digest)
 
 
+class Branch(NamedTuple):
+    """A tree node waiting to be compared.
+
+    ``empty_here`` is set when this side's parent lacks the child: the subtree is empty here,
+    so a reader can skip reading it here (half the reads of a copy into an empty store).
+    """
+
+    path: str
+    empty_here: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LeafDiff:
+    """How one leaf bucket differs between this side ("here") and the other ("there").
+
+    ``fetch`` is :func:`diff_leaf`'s answer, split into ``only_there`` and ``different`` for a
+    report; ``only_here`` keeps the order this side listed its keys in.
+    """
+
+    path: str
+    fetch: list[str]
+    only_here: list[str]
+    only_there: list[str]
+    different: list[str]
+
+
+def compare_leaf(path: str, here: Mapping[str, str], there: Mapping[str, str]) -> LeafDiff:
+    fetch = diff_leaf(here, there)
+    return LeafDiff(
+        path,
+        fetch,
+        only_here=[key for key in here if key not in there],
+        only_there=[key for key in fetch if key not in here],
+        different=[key for key in fetch if key in here],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What comparing one chunk found: its leaf buckets (none for an interior chunk), the keys
+    to fetch from them within the plan's limit, and the keys only this side holds.
+
+    ``cut`` is set when the limit left some of the keys to fetch out of ``fetch``.
+    """
+
+    leaves: list[LeafDiff]
+    fetch: list[str]
+    only_here: list[str]
+    cut: bool = False
+
+
+class DrillPlan:
+    """Where a walk down two trees goes next: the pure half of every tree walk.
+
+    The cold path's drill, ``verify``'s diff and a store listing the keys under a node (a walk
+    compared with an empty tree) all descend the same way: compare a chunk of nodes on both
+    sides, queue the children whose digests differ, and at the leaf level list the keys that
+    differ. This class holds that decision and the queue; the walkers do the reads, with
+    whatever concurrency and read skipping suits them, and hand each chunk's maps back to
+    :meth:`compared`.
+
+    Args:
+        geometry: the shape both trees share.
+        starts: the nodes to begin at (the root by default); each is compared, not assumed
+            to differ.
+        chunk_paths: nodes per chunk (at least 1), which a walker reads in one round trip.
+        limit: stop handing out chunks once this many keys to fetch were found; the keys of
+            the chunk that crosses it are cut to fit.
+        deepest_first: hand out the deepest queued level first, so leaf keys (and their
+            fetches) start early and the queue stays small; otherwise level by level, each
+            level read completely before the next.
+    """
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        starts: Iterable[str] = ("",),
+        *,
+        chunk_paths: int,
+        limit: int | None = None,
+        deepest_first: bool = True,
+    ) -> None:
+        self.geometry = geometry
+        self.chunk_paths = chunk_paths
+        self.limit = limit
+        self.found = 0
+        self.cut = False
+        self._in_flight = 0
+        self._queues: list[deque[Branch]] = [deque() for _ in range(geometry.depth + 1)]
+        for path in starts:
+            self._queues[len(path) // geometry.width].append(Branch(path))
+        depth = geometry.depth
+        self._order = range(depth, -1, -1) if deepest_first else range(depth + 1)
+
+    @property
+    def is_limit_reached(self) -> bool:
+        return self.limit is not None and self.found >= self.limit
+
+    @property
+    def is_unfinished(self) -> bool:
+        """Whether the walk left something unvisited: keys cut by the limit, chunks handed out
+        and never compared, or nodes still queued."""
+        return self.cut or self._in_flight > 0 or any(self._queues)
+
+    def next_chunk(self) -> list[Branch] | None:
+        """The next nodes to compare (all on one level), or None when nothing is queued or the
+        limit is reached. Nodes handed out count as unfinished until :meth:`compared`."""
+        if self.is_limit_reached:
+            return None
+        queue = next((self._queues[level] for level in self._order if self._queues[level]), None)
+        if queue is None:
+            return None
+        self._in_flight += 1
+        return [queue.popleft() for _ in range(min(self.chunk_paths, len(queue)))]
+
+    def compared(
+        self,
+        chunk: Sequence[Branch],
+        here: Sequence[Mapping[str, str]],
+        there: Sequence[Mapping[str, str]] | None = None,
+    ) -> Step:
+        """Take the maps read for ``chunk`` (children maps, or key to digest maps at the leaf
+        level), one per node on each side; ``there`` None compares with an empty tree."""
+        self._in_flight -= 1
+        others: Sequence[Mapping[str, str]] = there if there is not None else [{}] * len(chunk)
+        level = len(chunk[0].path) // self.geometry.width
+        if level < self.geometry.depth:
+            below = self._queues[level + 1]
+            for branch, mine, theirs in zip(chunk, here, others, strict=True):
+                below.extend(
+                    Branch(branch.path + child, branch.empty_here or child not in mine)
+                    for child in diff_children(mine, theirs)
+                )
+            return Step([], [], [])
+        leaves = [
+            compare_leaf(branch.path, mine, theirs)
+            for branch, mine, theirs in zip(chunk, here, others, strict=True)
+        ]
+        fetch = [key for leaf in leaves for key in leaf.fetch]
+        cut = False
+        if self.limit is not None and self.found + len(fetch) > self.limit:
+            fetch = fetch[: self.limit - self.found]
+            self.cut = cut = True
+        self.found += len(fetch)
+        return Step(leaves, fetch, [key for leaf in leaves for key in leaf.only_here], cut)
+
+
 class MerkleModel:
     """In-memory reference tree: the specification the Redis scripts are tested against."""
 
@@ -206,6 +359,12 @@ class MerkleModel:
             else:
                 children[child] = value
         self.root = xor_hex(self.root, delta)
+
+    def node(self, path: str) -> dict[str, str]:
+        """What a store's ``TreeReader.nodes`` reads at ``path``: the children's digests, or at
+        a leaf bucket each key's digest ({} where nothing is stored)."""
+        held = self.leaves if self.geometry.is_leaf(path) else self.nodes
+        return held.get(path, {})
 
     @classmethod
     def build(cls, digests: Mapping[str, str], geometry: Geometry | None = None) -> MerkleModel:

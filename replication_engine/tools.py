@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -20,8 +21,8 @@ from replication_engine.config import EngineConfig
 from replication_engine.connection import TlsOptions, make_client, redact_url
 from replication_engine.cursor import CursorStore
 from replication_engine.knowledge import NodeRecord, frontier
-from replication_engine.merkle import Geometry, diff_children
-from replication_engine.peer import parse_stream_info
+from replication_engine.merkle import DrillPlan, Geometry
+from replication_engine.peer import StreamInfo, parse_stream_info
 from replication_engine.store.layout import Keyspace
 from replication_engine.store.reader import TreeReader
 from replication_engine.store.redis_store import RedisStore
@@ -50,30 +51,24 @@ async def diff_trees(
     limit: int | None = None,
     chunk: int = 256,
 ) -> TreeDiff:
-    """Walk both trees level by level, reading only the branches whose digests differ."""
+    """Walk both trees level by level, reading only the branches whose digests differ.
+
+    ``DrillPlan`` decides where to go, as it does for the cold path's drill; this walk reads
+    both sides of every chunk at once and stops after the chunk that reaches ``limit`` keys.
+    """
     result = TreeDiff()
-    frontier = [""]
-    while frontier:
-        next_frontier: list[str] = []
-        for start in range(0, len(frontier), chunk):
-            paths = frontier[start : start + chunk]
-            mine, theirs = await asyncio.gather(local.nodes(paths), remote.nodes(paths))
-            result.branches_visited += len(paths)
-            for path, a, b in zip(paths, mine, theirs, strict=True):
-                if geometry.is_leaf(path):
-                    result.leaves.append(path)
-                    for key in sorted(set(a) | set(b)):
-                        if key not in b:
-                            result.only_local.append(key)
-                        elif key not in a:
-                            result.only_remote.append(key)
-                        elif a[key] != b[key]:
-                            result.different.append(key)
-                else:
-                    next_frontier.extend(path + child for child in diff_children(a, b))
-            if limit is not None and result.keys >= limit:
-                return result
-        frontier = next_frontier
+    plan = DrillPlan(geometry, chunk_paths=chunk, deepest_first=False)
+    while (branches := plan.next_chunk()) is not None:
+        paths = [branch.path for branch in branches]
+        mine, theirs = await asyncio.gather(local.nodes(paths), remote.nodes(paths))
+        result.branches_visited += len(paths)
+        for leaf in plan.compared(branches, mine, theirs).leaves:
+            result.leaves.append(leaf.path)
+            result.only_local.extend(sorted(leaf.only_here))
+            result.only_remote.extend(leaf.only_there)
+            result.different.extend(leaf.different)
+        if limit is not None and result.keys >= limit:
+            return result
     return result
 
 
@@ -163,38 +158,11 @@ async def verify(
             return VERIFY_UNCHECKED
         print(f"{config.local_node_id:<20} root {local_root.hex()}  (local)", file=out)
         for peer_id, reader in readers:
-            try:
-                stored = await reader.geometry()
-                root = await reader.root()
-            except Exception as exc:
-                print(f"{peer_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
+            found = await _verify_peer(peer_id, reader, local, local_root, geometry, limit, out)
+            if found == VERIFY_UNCHECKED:
                 unchecked = True
-                continue
-            if stored is not None and stored != geometry:
-                print(
-                    f"{peer_id:<20} GEOMETRY MISMATCH: peer {stored.describe()}, "
-                    f"local {geometry.describe()}",
-                    file=out,
-                )
-                unchecked = True
-                continue
-            if root == local_root:
-                print(f"{peer_id:<20} root {root.hex()}  equal", file=out)
-                continue
-            status = VERIFY_DIFFERENT
-            diff = await diff_trees(local, reader, geometry, limit=limit)
-            print(
-                f"{peer_id:<20} root {root.hex()}  DIFFERENT: {len(diff.leaves)} leaf "
-                f"buckets, {diff.keys} keys (first {limit} shown)",
-                file=out,
-            )
-            for label, keys in (
-                ("only here", diff.only_local),
-                ("only on peer", diff.only_remote),
-                ("different", diff.different),
-            ):
-                for key in keys[:limit]:
-                    print(f"    {label:<13} {key}", file=out)
+            else:
+                status = max(status, found)
     finally:
         await local.redis.aclose()
         for _peer_id, reader in readers:
@@ -202,6 +170,48 @@ async def verify(
     if status == VERIFY_EQUAL and unchecked:
         return VERIFY_UNCHECKED
     return status
+
+
+async def _verify_peer(
+    peer_id: str,
+    reader: TreeReader,
+    local: TreeReader,
+    local_root: bytes,
+    geometry: Geometry,
+    limit: int,
+    out: TextIO,
+) -> int:
+    """Compare one peer's root with ours and, where they differ, list what differs."""
+    try:
+        stored = await reader.geometry()
+        root = await reader.root()
+    except Exception as exc:
+        print(f"{peer_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
+        return VERIFY_UNCHECKED
+    if stored is not None and stored != geometry:
+        print(
+            f"{peer_id:<20} GEOMETRY MISMATCH: peer {stored.describe()}, "
+            f"local {geometry.describe()}",
+            file=out,
+        )
+        return VERIFY_UNCHECKED
+    if root == local_root:
+        print(f"{peer_id:<20} root {root.hex()}  equal", file=out)
+        return VERIFY_EQUAL
+    diff = await diff_trees(local, reader, geometry, limit=limit)
+    print(
+        f"{peer_id:<20} root {root.hex()}  DIFFERENT: {len(diff.leaves)} leaf "
+        f"buckets, {diff.keys} keys (first {limit} shown)",
+        file=out,
+    )
+    for label, keys in (
+        ("only here", diff.only_local),
+        ("only on peer", diff.only_remote),
+        ("different", diff.different),
+    ):
+        for key in keys[:limit]:
+            print(f"    {label:<13} {key}", file=out)
+    return VERIFY_DIFFERENT
 
 
 async def check_deep(config: EngineConfig, *, limit: int, out: TextIO = sys.stdout) -> int:
@@ -224,8 +234,37 @@ async def check_deep(config: EngineConfig, *, limit: int, out: TextIO = sys.stdo
     return VERIFY_EQUAL if found.clean else VERIFY_DIFFERENT
 
 
+# A row of ``status --mesh``: node, root (16 hex), last write, lag behind it, flags.
+_Row = tuple[str, str, str, str, str]
+
+
 async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
     """Every node's root and stream head, and this node's lag behind each peer."""
+    cursors = await _saved_cursors(config)
+    nodes = [(config.local_node_id, _local_reader(config))]
+    nodes += [_peer_client(config, i) for i in range(len(config.peers))]
+    rows: list[_Row] = []
+    roots: dict[str, str] = {}
+    records: dict[str, NodeRecord] = {}
+    try:
+        for node_id, reader in nodes:
+            lag_behind = None if node_id == config.local_node_id else cursors.get(node_id)
+            row, root, record = await _node_row(config, node_id, reader, lag_behind)
+            rows.append(row)
+            if root is not None:
+                roots[node_id] = root
+            if record is not None:
+                records[node_id] = record
+    finally:
+        for _node_id, reader in nodes:
+            await reader.redis.aclose()
+    bad = _print_rows(rows, roots, out)
+    _print_frontier(records, out)
+    return 1 if bad else 0
+
+
+async def _saved_cursors(config: EngineConfig) -> dict[str, str]:
+    """This node's cursor in each peer's stream, from the cursor database."""
     cursors: dict[str, str] = {}
     # No cursor database (the sidecar never ran here) only leaves the lag columns empty.
     with contextlib.suppress(Exception):
@@ -234,55 +273,49 @@ async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
             cursors = await store.all()
         finally:
             await store.close()
-    max_lag_ms = config.settings.slo.max_replication_lag_sec * 1000
-    nodes = [(config.local_node_id, _local_reader(config))]
-    nodes += [_peer_client(config, i) for i in range(len(config.peers))]
-    rows = []
-    roots: dict[str, str] = {}
-    records: dict[str, NodeRecord] = {}
+    return cursors
+
+
+async def _node_row(
+    config: EngineConfig, node_id: str, reader: TreeReader, saved: str | None
+) -> tuple[_Row, str | None, NodeRecord | None]:
+    """One node's row, root (None when unreachable) and record; ``saved`` is this node's
+    cursor in its stream (None for this node, or a peer it never read: no lag to show)."""
     try:
-        for node_id, reader in nodes:
-            try:
-                root = (await reader.root()).hex()
-                raw = await reader.redis.xinfo_stream(reader.keys.cdc)
-                info = parse_stream_info(raw)
-            except Exception as exc:
-                if "no such key" in str(exc).lower():
-                    info = parse_stream_info({"length": 0})
-                else:
-                    rows.append((node_id, "-", "-", "-", f"UNREACHABLE ({type(exc).__name__})"))
-                    continue
-            roots[node_id] = root
-            lag = "-"
-            marks = []
-            with contextlib.suppress(Exception):
-                record = await reader.node_record()
-                if record is not None and record.recovering:
-                    marks.append("RECOVERING")
-                if record is not None:
-                    records[node_id] = record
-            if node_id != config.local_node_id:
-                saved = cursors.get(node_id)
-                if saved:  # no cursor: this node never read that peer, so no lag to show
-                    cursor = codec.parse_stream_id(saved)
-                    lag_ms = codec.lag_ms(cursor, info.last)
-                    events = codec.lag_events(cursor, info.first, info.last, info.length)
-                    lag = f"{lag_ms} ms / {events} ev"
-                    if lag_ms > max_lag_ms:
-                        marks.append("LAGGING")
-            head_age = f"{time.time() * 1000 - info.last.ms:.0f} ms ago" if info.last else "empty"
-            rows.append((node_id, root[:16], head_age, lag, " ".join(marks)))
-    finally:
-        for _node_id, reader in nodes:
-            await reader.redis.aclose()
-    counts: dict[str, int] = {}
-    for root in roots.values():
-        counts[root] = counts.get(root, 0) + 1
-    # The most common root is the reference only when no other root is as common: with a tie
-    # (two nodes that differ, say) nobody can be called the divergent one.
-    ranked = sorted(counts.values(), reverse=True)
-    leader = max(counts, key=lambda r: counts[r]) if counts else None
-    majority = leader if ranked and (len(ranked) == 1 or ranked[0] > ranked[1]) else None
+        root = (await reader.root()).hex()
+        info = await _stream_info(reader)
+    except Exception as exc:
+        return (node_id, "-", "-", "-", f"UNREACHABLE ({type(exc).__name__})"), None, None
+    marks = []
+    record = None
+    with contextlib.suppress(Exception):
+        record = await reader.node_record()
+        if record is not None and record.recovering:
+            marks.append("RECOVERING")
+    lag = "-"
+    if saved:
+        cursor = codec.parse_stream_id(saved)
+        lag_ms = codec.lag_ms(cursor, info.last)
+        events = codec.lag_events(cursor, info.first, info.last, info.length)
+        lag = f"{lag_ms} ms / {events} ev"
+        if lag_ms > config.settings.slo.max_replication_lag_sec * 1000:
+            marks.append("LAGGING")
+    head_age = f"{time.time() * 1000 - info.last.ms:.0f} ms ago" if info.last else "empty"
+    return (node_id, root[:16], head_age, lag, " ".join(marks)), root, record
+
+
+async def _stream_info(reader: TreeReader) -> StreamInfo:
+    try:
+        return parse_stream_info(await reader.redis.xinfo_stream(reader.keys.cdc))
+    except Exception as exc:
+        if "no such key" in str(exc).lower():
+            return parse_stream_info({"length": 0})
+        raise
+
+
+def _print_rows(rows: list[_Row], roots: dict[str, str], out: TextIO) -> bool:
+    """Print the table, flagging a root other than the majority's; True if any row is flagged."""
+    majority = _majority(roots)
     print(
         f"{'node':<20} {'root':<17} {'last write':<16} {'local lag behind it':<24} flags", file=out
     )
@@ -292,15 +325,29 @@ async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
             flags = (flags + " DIVERGENT").strip()
         bad = bad or bool(flags)
         print(f"{node_id:<20} {root:<17} {head_age:<16} {lag:<24} {flags}", file=out)
+    return bad
+
+
+def _majority(roots: dict[str, str]) -> str | None:
+    """The most common root, when no other root is as common: with a tie (two nodes that
+    differ, say) nobody can be called the divergent one."""
+    counts = Counter(roots.values())
+    ranked = counts.most_common(2)
+    if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
+        return None
+    return ranked[0][0]
+
+
+def _print_frontier(records: dict[str, NodeRecord], out: TextIO) -> None:
+    """Who holds tombstone collection back: the member whose frontier is lowest."""
     members = {m for record in records.values() for m in record.members} | set(records)
     members -= {f for record in records.values() for f in record.forgotten}
     members = {m for m in members if m in records}
-    if members:
-        # Who holds tombstone collection back: the member whose frontier is lowest.
-        lowest = min(members, key=lambda n: frontier(records[n], members))
-        behind = time.time() - clock.physical_ms(frontier(records[lowest], members)) / 1000
-        print(f"\nstable frontier: {behind:.1f}s behind now, held lowest by {lowest}", file=out)
-    return 1 if bad else 0
+    if not members:
+        return
+    lowest = min(members, key=lambda n: frontier(records[n], members))
+    behind = time.time() - clock.physical_ms(frontier(records[lowest], members)) / 1000
+    print(f"\nstable frontier: {behind:.1f}s behind now, held lowest by {lowest}", file=out)
 
 
 async def _local_store(config: EngineConfig) -> RedisStore:

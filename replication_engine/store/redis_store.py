@@ -46,7 +46,7 @@ from replication_engine.codec import Change
 from replication_engine.connection import Failure, TlsOptions, failure, make_client
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import ApplyStatus, NodeRecord, hlc_hex
-from replication_engine.merkle import Geometry, GeometryError, leaf_digest
+from replication_engine.merkle import DrillPlan, Geometry, GeometryError, leaf_digest
 from replication_engine.observability.tracing import current_trace_parent
 from replication_engine.redaction import redact_url
 from replication_engine.store.layout import Keyspace, key_problem, text
@@ -670,18 +670,15 @@ class RedisStore:
 
     async def _tree_keys(self, under: str = "") -> AsyncIterator[list[str]]:
         """The keys in the leaf buckets below the tree node ``under`` (the root by default),
-        a chunk at a time."""
-        frontier = [under]
-        for _level in range(self.geometry.depth - len(under) // self.geometry.width):
-            children: list[str] = []
-            for start in range(0, len(frontier), _WALK_CHUNK):
-                paths = frontier[start : start + _WALK_CHUNK]
-                for path, node in zip(paths, await self.reader.nodes(paths), strict=True):
-                    children.extend(path + child for child in sorted(node))
-            frontier = children
-        for start in range(0, len(frontier), _WALK_CHUNK):
-            paths = frontier[start : start + _WALK_CHUNK]
-            keys = [key for leaf in await self.reader.nodes(paths) for key in leaf]
+        a chunk at a time.
+
+        The walk goes where ``DrillPlan`` says, as every tree walk does: compared with an empty
+        tree, every child that holds something differs, level by level.
+        """
+        plan = DrillPlan(self.geometry, [under], chunk_paths=_WALK_CHUNK, deepest_first=False)
+        while (chunk := plan.next_chunk()) is not None:
+            nodes = await self.reader.nodes([branch.path for branch in chunk])
+            keys = plan.compared(chunk, nodes).only_here
             for at in range(0, len(keys), _WALK_CHUNK):
                 yield keys[at : at + _WALK_CHUNK]
 

@@ -563,8 +563,8 @@ class MeshModel:
     # ------------------------------------------------------------------------ the cold path
 
     def repair(self, reader: str, source: str) -> bool:
-        """A complete cold-path repair of ``reader`` from ``source`` (``_repair_peer`` and
-        ``_conclude``): facts first, then the drill, absence by knowledge, inheritance."""
+        """A complete cold-path repair of ``reader`` from ``source`` (``RepairCycle.repair_peer``
+        and ``Claims.conclude``): facts first, then the drill, absence by knowledge, inheritance."""
         if not self._reaches_peer(reader, source):
             return False
         node, peer = self.nodes[reader], self.nodes[source]
@@ -614,7 +614,8 @@ class MeshModel:
         return True
 
     def _drop_dead(self, node: Node, authority: NodeRecord, keys: Iterable[str]) -> None:
-        """``_drop_dead`` then discard.lua: versions the authority lacks and its claims cover."""
+        """``Claims._drop_dead`` then discard.lua: versions the authority lacks and its claims
+        cover."""
         for key in keys:
             held = node.redis.store.get(key)
             if held is not None and is_dead_by_absence((held.hlc, held.origin), authority):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from replication_engine.merkle import (
     ZERO_HEX,
+    DrillPlan,
     Geometry,
     MerkleModel,
     combine,
@@ -158,15 +159,10 @@ def test_planner_finds_exactly_the_keys_to_fetch(
     remote = MerkleModel.build(remote_digests, geometry)
 
     fetched: list[str] = []
-    frontier = [""]
-    while frontier:
-        path = frontier.pop()
-        for child in diff_children(local.nodes.get(path, {}), remote.nodes.get(path, {})):
-            sub = path + child
-            if geometry.is_leaf(sub):
-                fetched += diff_leaf(local.leaves.get(sub, {}), remote.leaves.get(sub, {}))
-            else:
-                frontier.append(sub)
+    plan = DrillPlan(geometry, chunk_paths=16)
+    while (chunk := plan.next_chunk()) is not None:
+        here = [local.node(branch.path) for branch in chunk]
+        fetched += plan.compared(chunk, here, [remote.node(b.path) for b in chunk]).fetch
 
     expected = {k for k, d in remote_digests.items() if local_digests.get(k) != d}
     assert len(fetched) == len(set(fetched))  # no key is fetched twice

@@ -17,6 +17,7 @@ from replication_engine.merkle import (
     DIGEST_HEX,
     LEAF_HASH,
     ZERO_HEX,
+    DrillPlan,
     Geometry,
     GeometryError,
     MerkleModel,
@@ -309,19 +310,14 @@ def test_planner_descends_only_into_differing_branches() -> None:
 
     visited: list[str] = []
     fetched: list[str] = []
-    frontier = [""]
-    while frontier:
-        path = frontier.pop()
-        visited.append(path)
-        for child in diff_children(local.nodes.get(path, {}), remote.nodes.get(path, {})):
-            sub = path + child
-            if g.is_leaf(sub):
-                fetched += diff_leaf(local.leaves.get(sub, {}), remote.leaves.get(sub, {}))
-            else:
-                frontier.append(sub)
+    plan = DrillPlan(g, chunk_paths=1)
+    while (chunk := plan.next_chunk()) is not None:
+        visited += [branch.path for branch in chunk]
+        here = [local.node(branch.path) for branch in chunk]
+        fetched += plan.compared(chunk, here, [remote.node(b.path) for b in chunk]).fetch
     assert sorted(fetched) == ["k5", "new"]
     # At most three branches differ per level, so the walk stays far from the whole tree.
-    assert len(visited) <= 1 + 3 + 3 * 1 + 3
+    assert len(visited) <= 1 + 3 + 3 + 3
 
 
 def test_equal_trees_diff_to_nothing() -> None:
