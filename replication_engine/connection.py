@@ -40,14 +40,12 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from replication_engine.redaction import redact_url
-
 try:  # redis-py >= 7
     from redis.maint_notifications import MaintNotificationsConfig
 except ImportError:  # pragma: no cover - older redis-py sends no such handshake
     MaintNotificationsConfig = None  # type: ignore[assignment,misc]
 
-__all__ = ["Failure", "TlsOptions", "connection_kwargs", "failure", "make_client", "redact_url"]
+__all__ = ["Failure", "TlsOptions", "connection_kwargs", "failure", "make_client"]
 
 # How often, at most, a pool looks over its idle connections for ones the server hung up on.
 # The look is done by a borrow, costs about 0.15 us per idle connection and no I/O; once a

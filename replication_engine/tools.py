@@ -18,11 +18,13 @@ from redis.exceptions import RedisError
 
 from replication_engine import clock, codec
 from replication_engine.config import EngineConfig
-from replication_engine.connection import TlsOptions, make_client, redact_url
+from replication_engine.connection import TlsOptions, make_client
 from replication_engine.cursor import CursorStore
+from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import NodeRecord, frontier
 from replication_engine.merkle import DrillPlan, Geometry
 from replication_engine.peer import StreamInfo, parse_stream_info
+from replication_engine.redaction import redact_url
 from replication_engine.store.layout import Keyspace
 from replication_engine.store.reader import TreeReader
 from replication_engine.store.redis_store import RedisStore
@@ -143,7 +145,7 @@ async def verify(
             status = max(status, await check_tree(config, repair=tree == "repair", out=out))
         if deep:
             status = max(status, await check_deep(config, limit=limit, out=out))
-    except (RedisError, OSError) as exc:
+    except (RedisError, ReplicationError, OSError) as exc:
         print(f"{config.local_node_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
         return VERIFY_UNCHECKED
     geometry = Geometry(config.settings.merkle.fanout, config.settings.merkle.depth)
@@ -153,7 +155,7 @@ async def verify(
     try:
         try:
             local_root = await local.root()
-        except (RedisError, OSError) as exc:
+        except (RedisError, ReplicationError, OSError) as exc:
             print(f"{config.local_node_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
             return VERIFY_UNCHECKED
         print(f"{config.local_node_id:<20} root {local_root.hex()}  (local)", file=out)

@@ -17,8 +17,7 @@ from replication_engine.codec import Change
 from replication_engine.cold_path.stats import describe
 from replication_engine.errors import ReplicationError
 from replication_engine.merkle import Geometry
-from replication_engine.store.protocol import Store
-from replication_engine.store.redis_store import ApplyResult
+from replication_engine.store.protocol import ApplyResult, Store
 
 T = TypeVar("T")
 
