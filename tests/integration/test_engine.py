@@ -448,6 +448,34 @@ async def test_crashed_tailer_is_logged_counted_and_restarted(
         assert engine.state == "running"
 
 
+async def test_abort_cancels_the_named_tasks_where_they_stand_and_shutdown_releases_the_rest(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b", "c"], "b": [], "c": []}) as mesh:
+        engine = mesh["a"].running()
+        names = engine.task_names()
+        assert {"tailer:b", "tailer:c", "health:b", "health:c"} <= set(names), names
+        with pytest.raises(EngineError, match="no running task matches"):
+            await engine.abort(["tailer:b", "tailer:nobody"])
+        assert engine.task_names() == names, "a refused abort cancelled something"
+
+        assert await engine.abort("tailer:b") >= 0
+        assert engine.task_names() == [n for n in names if n != "tailer:b"]
+        assert engine.state == "running", "an abort is a crash of tasks, not a shutdown"
+        await engine.abort("health:*")
+        assert not [n for n in engine.task_names() if n.startswith("health:")]
+
+        log = WriteLog()
+        await log.put(mesh["c"], "k", b"still tailed")
+        await mesh.wait_converged(["a", "c"])  # c's tailer was left running
+
+        await engine.abort()
+        assert engine.task_names() == []
+        assert engine_tasks() == [], "an aborted task is not restarted"
+        await mesh.stop_engine("a")
+        assert engine.state == "stopped"
+
+
 async def test_no_tailer_and_no_periodic_repair_when_both_paths_are_disabled(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
