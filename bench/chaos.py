@@ -3,7 +3,7 @@
     python -m bench.chaos --seed 7 --duration 600 --nodes 5
 
 Starts ``--nodes`` real redis-server processes (appendonly, appendfsync always), runs the
-seeded workload and fault schedule of :mod:`replication_engine.testing.chaos` for
+seeded workload and fault schedule of :mod:`harness.chaos` for
 ``--duration`` seconds, lets the mesh quiesce and checks it. Prints the report (faults by kind,
 writes acknowledged, writes lost, resurrections, time to converge after the last fault); on
 failure also the seed and the fault schedule. Exit status 0 only when every check passed.
@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.chaos import FAULT_KINDS, ChaosReport, run_chaos
 from replication_engine.observability.logs import setup_logging
 from replication_engine.testing import RedisHandle, RedisProcess
-from replication_engine.testing.chaos import FAULT_KINDS, ChaosReport, run_chaos
 
 
 def _parser() -> argparse.ArgumentParser:

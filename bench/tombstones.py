@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.chaos import ChaosMesh
 from replication_engine.observability.logs import setup_logging
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import RedisHandle, RedisProcess, async_wait_until
-from replication_engine.testing.chaos import ChaosMesh
 
 # Membership tick of the mesh (seconds): the production default is 2 s.
 TICK_S = 0.5

@@ -1,7 +1,7 @@
 """Chaos scenarios on real redis-server processes: each test injects one named fault into a
 running mesh (or the checker's whole schedule), then checks what the fault must not break.
 
-Every mesh comes from :mod:`replication_engine.testing.chaos`: nodes on real Redis
+Every mesh comes from :mod:`harness.chaos`: nodes on real Redis
 (appendonly yes, appendfsync always), engines with both paths on, every engine reaching each
 peer through its own TCP proxy. The end of most tests is the convergence checker
 (:func:`judge`): same Merkle root and versions everywhere, every key at the last-writer-wins
@@ -22,12 +22,7 @@ from typing import Any
 
 import pytest
 
-from replication_engine import codec
-from replication_engine.clock import physical_ms
-from replication_engine.cursor import QUARANTINE_ENTRY_MAX_BYTES, CursorError
-from replication_engine.engine import EngineError
-from replication_engine.testing import RedisFactory, async_wait_until
-from replication_engine.testing.chaos import (
+from harness.chaos import (
     FAULT_KINDS,
     MEMBERSHIP_KINDS,
     ChaosMesh,
@@ -38,6 +33,11 @@ from replication_engine.testing.chaos import (
     judge,
     run_chaos,
 )
+from replication_engine import codec
+from replication_engine.clock import physical_ms
+from replication_engine.cursor import QUARANTINE_ENTRY_MAX_BYTES, CursorError
+from replication_engine.engine import EngineError
+from replication_engine.testing import RedisFactory, async_wait_until
 
 # Deadline for the mesh to converge once a fault is over.
 CONVERGE_S = 60.0

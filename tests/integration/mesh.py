@@ -39,6 +39,7 @@ from typing import Any, cast
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from harness.chaos import Version, Write
 from replication_engine import codec
 from replication_engine.codec import Change, StreamId
 from replication_engine.config import EngineConfig
@@ -52,7 +53,6 @@ from replication_engine.testing import (
     find_redis_server,
     redis_server_version,
 )
-from replication_engine.testing.chaos import Version, Write
 
 __all__ = [
     "CONVERGE_TIMEOUT_S",

@@ -6,7 +6,7 @@ long, a member added while another node was away, a Redis restored from an old b
 Redis restarted without persistence, and an empty peer deciding what is removed. Then what an
 operator sees: collection held back by a stopped member, and resumed by ``forget``.
 
-Every node reaches every peer through its own proxy (``testing.chaos.ChaosMesh``), so a link can
+Every node reaches every peer through its own proxy (``harness.chaos.ChaosMesh``), so a link can
 be cut one way only. Relaying is off, as a full mesh runs it, so a write reaches a node only from
 its origin's stream or through a repair.
 """
@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.chaos import ChaosMesh, ChaosNode, Workload
 from replication_engine.clock import wall_clock_ms as clock_ms
 from replication_engine.codec import Change
 from replication_engine.config import EngineConfig
 from replication_engine.knowledge import ALL_WRITES, NodeRecord
 from replication_engine.testing import RedisFactory, async_wait_until
-from replication_engine.testing.chaos import ChaosMesh, ChaosNode, Workload
 
 # Deadline for a mesh to converge, a node to recover, a tombstone to be collected.
 SETTLE_S = 60.0

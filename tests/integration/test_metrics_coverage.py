@@ -28,13 +28,13 @@ from integration.mesh import (
     open_mesh,
 )
 
+from harness.chaos import ChaosMesh
 from replication_engine import clock, codec
 from replication_engine.codec import Change
 from replication_engine.engine import ReplicationEngine
 from replication_engine.hot_path import Tailer
 from replication_engine.observability.metrics import CIRCUIT_STATES, Metrics
 from replication_engine.testing import RedisFactory, async_wait_until
-from replication_engine.testing.chaos import ChaosMesh
 
 # Deadline for one metric to move (breakers, backoff, recoveries on a loaded 2-core machine).
 SETTLE_S = 60.0

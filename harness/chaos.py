@@ -44,13 +44,14 @@ from typing import Any, cast
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from harness.proxy import TcpProxy
 from replication_engine import codec
 from replication_engine.clock import HLC, wall_clock_ms
 from replication_engine.codec import StreamId
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
 from replication_engine.store.redis_store import RedisStore
-from replication_engine.testing import RedisHandle, TcpProxy, async_wait_until
+from replication_engine.testing import RedisHandle, async_wait_until
 
 __all__ = [
     "FAULT_KINDS",
