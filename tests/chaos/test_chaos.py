@@ -16,23 +16,16 @@ import contextlib
 import logging
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness.chaos import (
-    FAULT_KINDS,
-    MEMBERSHIP_KINDS,
-    ChaosMesh,
-    ChaosNode,
-    Unacknowledged,
-    Workload,
-    Write,
-    judge,
-    run_chaos,
-)
+from harness.chaos import ChaosMesh, ChaosNode, Workload, open_chaos_mesh
+from harness.faults import FAULT_KINDS, MEMBERSHIP_KINDS, run_chaos
+from harness.judge import judge
+from harness.mesh import Unacknowledged, Write
 from replication_engine import codec
 from replication_engine.clock import physical_ms
 from replication_engine.cursor import QUARANTINE_ENTRY_MAX_BYTES, CursorError
@@ -52,24 +45,6 @@ CI_SEED = 20_240_611
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-@contextlib.asynccontextmanager
-async def chaos_mesh(
-    redis_factory: RedisFactory,
-    tmp_path: Path,
-    ids: Sequence[str] = ("a", "b", "c"),
-    **options: Any,
-) -> AsyncIterator[ChaosMesh]:
-    mesh = await ChaosMesh.open(list(ids), tmp_path / "mesh", redis_factory, **options)
-    try:
-        yield mesh
-    except BaseException:
-        await mesh.aclose()  # the test's own failure is the one worth reporting
-        raise
-    errors = await mesh.aclose()
-    if errors:
-        raise errors[0]
 
 
 async def more_writes(workload: Workload, count: int, *, node: str | None = None) -> None:
@@ -184,7 +159,7 @@ async def test_ci_sized_full_checker_run_with_every_fault_kind(
 async def test_redis_kill_9_keeps_every_acknowledged_write_and_converges(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         workload = Workload(mesh, seed=11, keys=20, rate_per_node=60)
         workload.start()
         await more_writes(workload, 60, node="b")
@@ -222,7 +197,7 @@ async def test_engine_killed_mid_stream_resumes_from_its_cursor_and_duplicates_n
     redis_factory: RedisFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="replication_engine")
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         b = mesh["b"]
         caplog.clear()  # the first start bootstrapped; the restarts must not
         workload = Workload(mesh, seed=12, keys=20, rate_per_node=60)
@@ -259,7 +234,7 @@ async def test_engine_killed_mid_stream_resumes_from_its_cursor_and_duplicates_n
 async def test_sigstop_of_a_peer_beyond_the_circuit_timeout_opens_then_recloses_breakers(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         workload = Workload(mesh, seed=13, keys=20, rate_per_node=40)
         workload.start()
         await more_writes(workload, 60)
@@ -310,7 +285,7 @@ async def test_sigstop_of_a_peer_beyond_the_circuit_timeout_opens_then_recloses_
 async def test_partition_isolating_a_node_then_heal_converges(
     redis_factory: RedisFactory, tmp_path: Path, how: str
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         workload = Workload(mesh, seed=14, keys=20, rate_per_node=40)
         workload.start()
         await more_writes(workload, 60)
@@ -355,7 +330,7 @@ async def test_partition_isolating_a_node_then_heal_converges(
 async def test_stream_trimmed_below_a_lagging_cursor_counts_a_gap_and_the_cold_path_heals(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         workload = Workload(mesh, seed=15, keys=20)
         await workload.burst("a", 5, workload_rng(15))
         await mesh.wait_converged(CONVERGE_S)
@@ -401,8 +376,8 @@ async def test_stream_trimmed_below_a_lagging_cursor_counts_a_gap_and_the_cold_p
 async def test_stream_trimmed_to_empty_below_a_lagging_cursor_counts_a_gap(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(
-        redis_factory, tmp_path, ("a", "b"), topology={"a": [], "b": ["a"]}
+    async with open_chaos_mesh(
+        redis_factory, tmp_path / "mesh", ("a", "b"), topology={"a": [], "b": ["a"]}
     ) as mesh:
         workload = Workload(mesh, seed=16, keys=20)
         await workload.burst("a", 5, workload_rng(16))
@@ -435,7 +410,7 @@ async def test_stream_trimmed_to_empty_below_a_lagging_cursor_counts_a_gap(
 async def test_skewed_clocks_order_causally_and_converge_to_the_hlc_winner(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         mesh["a"].skew_ms = 2_000
         mesh["b"].skew_ms = -2_000
         workload = Workload(mesh, seed=17, keys=10, rate_per_node=60)
@@ -461,7 +436,7 @@ async def test_skewed_clocks_order_causally_and_converge_to_the_hlc_winner(
 async def test_local_redis_down_while_peers_write_opens_the_breaker_and_loses_nothing(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         a = mesh["a"]
         workload = Workload(mesh, seed=18, keys=20, rate_per_node=40)
         workload.start()
@@ -492,8 +467,8 @@ async def test_deleted_cursor_db_resumes_from_the_stores_own_positions_and_skips
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
     # Periodic anti-entropy off: only the tailers can bring the missed writes.
-    async with chaos_mesh(
-        redis_factory, tmp_path, settings={"cold_path": {"enabled": False}}
+    async with open_chaos_mesh(
+        redis_factory, tmp_path / "mesh", settings={"cold_path": {"enabled": False}}
     ) as mesh:
         a = mesh["a"]
         workload = Workload(mesh, seed=19, keys=30, rate_per_node=40)
@@ -531,7 +506,7 @@ async def test_deleted_cursor_db_resumes_from_the_stores_own_positions_and_skips
 async def test_corrupted_cursor_db_fails_start_with_a_cursor_error_naming_the_file(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path, ("a", "b")) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh", ("a", "b")) as mesh:
         a = mesh["a"]
         await mesh.stop_engine("a")
         a.delete_cursor_db()
@@ -567,7 +542,7 @@ class _DiskFull:
 async def test_cursor_save_failure_stops_applying_past_it_and_recovers(
     redis_factory: RedisFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path, ("a", "b")) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh", ("a", "b")) as mesh:
         a = mesh["a"]
         workload = Workload(mesh, seed=20, keys=20)
         await workload.burst("b", 10, workload_rng(20))
@@ -616,7 +591,7 @@ MIB = 1024 * 1024
 async def test_huge_garbage_entries_are_quarantined_bounded_and_the_engine_carries_on(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path, ("a", "b")) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh", ("a", "b")) as mesh:
         a = mesh["a"]
         workload = Workload(mesh, seed=22, keys=10)
         huge = b"\xfe" * MIB
@@ -672,9 +647,9 @@ GARBAGE_ENTRIES = 10_000
 async def test_ten_thousand_quarantined_entries_keep_the_quarantine_bounded(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(
+    async with open_chaos_mesh(
         redis_factory,
-        tmp_path,
+        tmp_path / "mesh",
         ("a", "b"),
         topology={"a": ["b"], "b": []},
         config={"cursor": {"quarantine_max_rows": QUARANTINE_BOUND}},
@@ -709,9 +684,9 @@ async def test_ten_thousand_quarantined_entries_keep_the_quarantine_bounded(
 async def test_quarantine_evictions_are_exported_as_a_metric(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(
+    async with open_chaos_mesh(
         redis_factory,
-        tmp_path,
+        tmp_path / "mesh",
         ("a", "b"),
         topology={"a": ["b"], "b": []},
         config={"cursor": {"quarantine_max_rows": 1}},

@@ -13,12 +13,12 @@ its origin's stream or through a repair.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-from harness.chaos import ChaosMesh, ChaosNode, Workload
+from harness.chaos import ChaosMesh, ChaosNode, Workload, open_chaos_mesh
 from replication_engine.clock import wall_clock_ms as clock_ms
 from replication_engine.codec import Change
 from replication_engine.config import EngineConfig
@@ -39,23 +39,15 @@ SETTINGS: dict[str, Any] = {
 }
 
 
-@contextlib.asynccontextmanager
-async def deletes_mesh(
+def deletes_mesh(
     redis_factory: RedisFactory,
     tmp_path: Path,
     ids: Sequence[str] = ("a", "b", "c"),
     **options: Any,
-) -> AsyncIterator[ChaosMesh]:
+) -> AbstractAsyncContextManager[ChaosMesh]:
+    """A chaos mesh with the quick settings above, unless a test gives its own."""
     options.setdefault("settings", SETTINGS)
-    mesh = await ChaosMesh.open(list(ids), tmp_path / "mesh", redis_factory, **options)
-    try:
-        yield mesh
-    except BaseException:
-        await mesh.aclose()
-        raise
-    errors = await mesh.aclose()
-    if errors:
-        raise errors[0]
+    return open_chaos_mesh(redis_factory, tmp_path / "mesh", ids, **options)
 
 
 async def version(node: ChaosNode, key: str) -> Change | None:

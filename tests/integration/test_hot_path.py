@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import xxhash
 import zstandard
-from integration.mesh import (
+
+from harness.mesh import (
     EXACT_STREAM_FACTS,
     Mesh,
     MeshNode,
@@ -38,7 +39,6 @@ from integration.mesh import (
     stream_version,
     xread_calls,
 )
-
 from replication_engine import clock, codec
 from replication_engine.codec import STREAM_START, ZSTD_MAGIC, Change, StreamId
 from replication_engine.cursor import CursorStore
@@ -593,7 +593,7 @@ async def test_peer_killed_opens_breaker_then_recovers_and_catches_up(
         cpu = await cpu_seconds_over(CPU_WINDOW_S)
         assert cpu < IDLE_CPU_BUDGET_S, cpu
 
-        await mesh.restart_server("b")
+        await mesh.restart_redis("b")
         await put_many(log, b, [f"after:{i}" for i in range(20)])
         await mesh.wait_converged(timeout=RECOVERY_TIMEOUT_S)
         assert await snapshot(a.store) == expected_snapshot(log.writes)
@@ -664,7 +664,7 @@ async def test_peer_down_at_start_is_reported_then_caught_up(
         assert a.peer_status("b")["connected"] is False
         assert await snapshot(a.store) == {}
 
-        await mesh.restart_server("b")
+        await mesh.restart_redis("b")
         await put_many(log, b, [f"after:{i}" for i in range(10)])
         await mesh.wait_converged(timeout=RECOVERY_TIMEOUT_S)
         assert await snapshot(a.store) == expected_snapshot(log.writes)
@@ -775,7 +775,7 @@ async def test_failed_apply_keeps_cursor_and_retries_until_local_store_returns(
         assert str(a.tailer("b").cursor) == cursor
         assert a.tailer("b").stats.applied == 10
 
-        await mesh.restart_server("a")
+        await mesh.restart_redis("a")
         await mesh.wait_converged(timeout=RECOVERY_TIMEOUT_S)
         assert await snapshot(a.store) == expected_snapshot(log.writes)
         await mesh.wait_idle()

@@ -33,7 +33,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiolimiter import AsyncLimiter
-from integration.mesh import (
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from harness.mesh import (
     Mesh,
     MeshNode,
     Write,
@@ -46,8 +48,6 @@ from integration.mesh import (
     read_stream,
     snapshot,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
-
 from replication_engine import ReadOnlyStoreError, ReplicationEngine, codec
 from replication_engine.clock import HLC
 from replication_engine.codec import Change, StreamId
@@ -701,7 +701,7 @@ async def fail_over(redis_factory: RedisFactory, tmp_path: Path) -> Takeover:
                 unreplicated = [w for w in acked_on_a if not covered(held, w)]
 
                 # A returns with its data and a new engine (same cursor database).
-                await mesh.restart_server("A")
+                await mesh.restart_redis("A")
                 await mesh.start_engine("A")
                 await wait_writes(standby, standby.written() + STANDBY_WRITES)
         await mesh.wait_idle()
