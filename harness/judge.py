@@ -3,7 +3,8 @@
 Every node must hold the same versions, every key the last-writer-wins winner of the
 acknowledged writes (or a newer unacknowledged one that did land); no acknowledged write is
 lost unless superseded, no deleted key is resurrected, and no version appears that no write
-explains.
+explains. "Winner" and "superseded" are the package's own order (``knowledge.order``, through
+:func:`harness.mesh.version_order`), the rule the store's scripts apply.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def judge(
     """Check final per-node states (tombstones included) against the writes made.
 
     Every node must hold the same version of every key. That version must be the
-    last-writer-wins winner (max ``(hlc, origin)``) of the acknowledged writes of the key, or a
-    newer version that an unacknowledged write of the same origin, key and value explains (a
-    write whose reply was lost to a kill can still have landed). A key may also be gone from
-    every node when that winner is a delete: its tombstone was collected (docs/DELETES.md). An
+    last-writer-wins winner (greatest in :func:`version_order`, the package's order) of the
+    acknowledged writes of the key, or a newer version that an unacknowledged write of the
+    same origin, key and value explains (a write whose reply was lost to a kill can still have
+    landed). A key may also be gone from every node when that winner is a delete: its
+    tombstone was collected (docs/DELETES.md). An
     acknowledged write is *lost* when the final version orders before it, or the key is gone
     while the winner is a value that no unacknowledged delete can have superseded; a
     *resurrection* is a key whose acknowledged winner is a delete but which holds an older

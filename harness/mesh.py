@@ -1,10 +1,14 @@
-"""A mesh of real ``redis-server`` nodes, the writes made to it, and what every node must hold.
+"""A mesh of real ``redis-server`` nodes, the writes made to it, and the one LWW oracle.
 
 Each node is one Redis (started by a factory such as the ``redis_factory`` fixture), one
 :class:`RedisStore` the test writes through, and optionally one :class:`ReplicationEngine`
 sharing that store. The topology is a mapping ``node -> peers it tails``; a node listed with no
 peers (or left out of ``engines``) is a plain store that others read from. The chaos harness
 (:mod:`harness.chaos`) builds on the same nodes and mesh, with a proxy on every link.
+
+What every node must end with is judged by one rule, the package's: :func:`version_order` is
+``knowledge.order``, the total order the store's scripts apply, so no test keeps a second copy
+of last-writer-wins that could drift from the one the engine runs.
 
 :func:`open_mesh` suits fast, deterministic tests: cold path off, ``start_from: beginning``, a
 short XREAD block (so shutdown and idle detection are quick), HTTP off, cursor databases under
@@ -46,7 +50,7 @@ from typing import Any, Generic, TypeVar, cast
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from replication_engine import codec
+from replication_engine import codec, knowledge
 from replication_engine.clock import HLC
 from replication_engine.codec import Change, StreamId
 from replication_engine.config import EngineConfig
@@ -76,6 +80,7 @@ __all__ = [
     "WriteLog",
     "append_raw",
     "build_config",
+    "change_order",
     "closing",
     "connect_store",
     "cpu_seconds_over",
@@ -116,16 +121,27 @@ EXACT_STREAM_FACTS = redis_server_version(find_redis_server()) >= (7, 0, 0)
 RawEntry = tuple[bytes, dict[bytes, bytes]]
 # (value, or None for a tombstone; hlc; origin): one key's version on a node.
 Version = tuple[bytes | None, int, str]
-# The last-writer-wins key of a version: the greater one wins.
-Order = tuple[int, str]
+# The last-writer-wins key of a version (knowledge.order): the greater one wins.
+Order = tuple[int, bytes, int, str]
 
 
 # ------------------------------------------------------------------------------------ writes
 
 
 def version_order(version: Version) -> Order:
-    """Last-writer-wins order of a version: HLC, ties broken by origin node id."""
-    return (version[1], version[2])
+    """Where a version stands in the package's total order (``knowledge.order``).
+
+    A tombstone's content hash is empty, as the store writes it; a value's is
+    ``codec.content_hash``, as ``RedisStore.put`` computes it.
+    """
+    value, hlc, origin = version
+    content_hash = "" if value is None else codec.content_hash(value)
+    return knowledge.order(hlc, origin, value is None, content_hash)
+
+
+def change_order(change: Change) -> Order:
+    """Where a stored or streamed version stands in the package's total order."""
+    return knowledge.order(change.hlc, change.origin, change.tombstone, change.content_hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +198,7 @@ class WriteLog:
 
 
 def lww_winner(writes: Iterable[Write]) -> dict[str, Write]:
-    """Per key, the write with the greatest ``(hlc, origin)``: what every node must end with."""
+    """Per key, the write greatest in :func:`version_order`: what every node must end with."""
     winners: dict[str, Write] = {}
     for write in writes:
         held = winners.get(write.key)

@@ -25,8 +25,8 @@ import pytest
 from harness.chaos import ChaosMesh, ChaosNode, Workload, open_chaos_mesh
 from harness.faults import FAULT_KINDS, MEMBERSHIP_KINDS, run_chaos
 from harness.judge import judge
-from harness.mesh import Unacknowledged, Write
-from replication_engine import codec
+from harness.mesh import Unacknowledged, Write, change_order, lww_winner
+from replication_engine import codec, knowledge
 from replication_engine.clock import physical_ms
 from replication_engine.cursor import QUARANTINE_ENTRY_MAX_BYTES, CursorError
 from replication_engine.engine import EngineError
@@ -137,6 +137,23 @@ def test_judge_reports_loss_resurrection_phantom_and_divergence() -> None:
     assert any(p.startswith("p:") for p in verdict.phantoms)
 
 
+def test_the_checker_judges_by_the_packages_order() -> None:
+    """One LWW rule for the tests, the store's own: at equal HLC and origin (a wiped store can
+    issue a clock twice) a tombstone beats a value, and the greater content hash beats a
+    smaller one."""
+    value, tomb = Write("a", "k", b"v", 10), Write("a", "k", None, 10)
+    assert value.order == knowledge.order(10, "a", False, codec.content_hash(b"v"))
+    assert lww_winner([value, tomb])["k"] is tomb
+    assert lww_winner([tomb, value])["k"] is tomb
+    x, y = Write("a", "j", b"x", 10), Write("a", "j", b"y", 10)
+    greater = max((x, y), key=lambda w: codec.content_hash(w.value or b""))
+    assert lww_winner([x, y])["j"] is greater and lww_winner([y, x])["j"] is greater
+    states = {n: {"k": tomb.version} for n in "ab"}
+    assert judge(states, [value, tomb]).ok
+    states = {n: {"k": value.version} for n in "ab"}
+    assert not judge(states, [value, tomb]).ok
+
+
 async def test_ci_sized_full_checker_run_with_every_fault_kind(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
@@ -189,7 +206,7 @@ async def test_redis_kill_9_keeps_every_acknowledged_write_and_converges(
                 # collected horizon, written with the collection, covers it.
                 assert record.collected >= write.hlc, write
                 continue
-            assert (held.hlc, held.origin) >= write.order, write
+            assert change_order(held) >= write.order, write
         await converge_and_judge(mesh, workload)
 
 
