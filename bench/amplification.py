@@ -45,11 +45,11 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from bench.hot_path import servers
+from harness.proxy import ThreadedTcpProxy
 from replication_engine import codec
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
 from replication_engine.store.redis_store import RedisStore
-from replication_engine.testing import ThreadedTcpProxy
 
 # Key prefix of every node in these runs.
 PREFIX = "amp:"

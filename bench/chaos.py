@@ -3,10 +3,10 @@
     python -m bench.chaos --seed 7 --duration 600 --nodes 5
 
 Starts ``--nodes`` real redis-server processes (appendonly, appendfsync always), runs the
-seeded workload and fault schedule of :mod:`replication_engine.testing.chaos` for
-``--duration`` seconds, lets the mesh quiesce and checks it. Prints the report (faults by kind,
-writes acknowledged, writes lost, resurrections, time to converge after the last fault); on
-failure also the seed and the fault schedule. Exit status 0 only when every check passed.
+seeded workload and fault schedule of :mod:`harness.faults` for ``--duration`` seconds, lets
+the mesh quiesce and checks it. Prints the report (faults by kind, writes acknowledged, writes
+lost, resurrections, time to converge after the last fault); on failure also the seed and the
+fault schedule. Exit status 0 only when every check passed.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.faults import FAULT_KINDS, ChaosReport, run_chaos
+from harness.mesh import redis_processes
 from replication_engine.observability.logs import setup_logging
-from replication_engine.testing import RedisHandle, RedisProcess
-from replication_engine.testing.chaos import FAULT_KINDS, ChaosReport, run_chaos
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,14 +62,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace, workdir: Path) -> ChaosReport:
-    servers: list[RedisProcess] = []
-
-    def make_server(**kwargs: Any) -> RedisHandle:
-        server = RedisProcess(data_dir=workdir / f"redis-{len(servers)}", **kwargs)
-        servers.append(server)
-        server.start()
-        return server
-
     local: dict[str, Any] = {}
     if args.stream_maxlen is not None:
         local["stream_maxlen"] = args.stream_maxlen
@@ -79,7 +71,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> ChaosReport:
         if not args.quiet:
             print(f"[{time.monotonic() - started:7.1f}s] {message}", flush=True)
 
-    try:
+    with redis_processes(workdir) as make_server:
         return await run_chaos(
             args.seed,
             workdir,
@@ -94,9 +86,6 @@ async def _run(args: argparse.Namespace, workdir: Path) -> ChaosReport:
             progress=say,
             membership=not args.no_membership,
         )
-    finally:
-        for server in servers:
-            server.kill()
 
 
 def main(argv: list[str] | None = None) -> int:

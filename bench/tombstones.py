@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.chaos import ChaosMesh
+from harness.mesh import redis_processes
 from replication_engine.observability.logs import setup_logging
 from replication_engine.store.redis_store import RedisStore
-from replication_engine.testing import RedisHandle, RedisProcess, async_wait_until
-from replication_engine.testing.chaos import ChaosMesh
+from replication_engine.testing import async_wait_until
 
 # Membership tick of the mesh (seconds): the production default is 2 s.
 TICK_S = 0.5
@@ -91,15 +92,7 @@ async def _memory_per_tombstone(make: Any, count: int) -> float:
 
 
 async def run(deletes: int, workdir: Path) -> None:
-    servers: list[RedisHandle] = []
-
-    def make(**kwargs: Any) -> RedisHandle:
-        server = RedisProcess(data_dir=workdir / f"redis-{len(servers)}", **kwargs)
-        servers.append(server)
-        server.start()
-        return server
-
-    try:
+    with redis_processes(workdir) as make:
         per_tombstone = await _memory_per_tombstone(make, deletes)
         mesh = await ChaosMesh.open(["a", "b", "c"], workdir / "mesh", make, settings=SETTINGS)
         try:
@@ -149,9 +142,6 @@ async def run(deletes: int, workdir: Path) -> None:
             f"(item hash, leaf entry, tombstone index entry; keys of ~20 bytes; the capped CDC "
             f"stream's DEL entries not counted)"
         )
-    finally:
-        for server in servers:
-            server.kill()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 
 _RESTART_BASE_SEC = 0.5
 _RESTART_MAX_SEC = 30.0
+# abort(): how long each round waits for cancelled tasks, and how many rounds it tries. A task
+# can need a second cancel on 3.11 (see abort()), never forty.
+_ABORT_ROUND_SEC = 0.5
+_ABORT_ROUNDS = 40
 
 
 class EngineError(ReplicationError, RuntimeError):
@@ -496,6 +501,63 @@ class ReplicationEngine:
             await self.membership.forget(node_id)
         except ValueError as exc:
             raise EngineError(str(exc)) from None
+
+    def task_names(self) -> list[str]:
+        """Names of the engine's tasks that are still running, for tests and operators that
+        want to crash one part: ``tailer:<peer>``, ``health:<peer>``, ``cold_path``,
+        ``membership``, ``scrub``. Empty before start() and after shutdown()."""
+        return sorted(name for name, task in self._tasks.items() if not task.done())
+
+    async def abort(self, names: str | Iterable[str] | None = None) -> int:
+        """Cancel running tasks where they stand, as a crash would stop them.
+
+        Nothing is asked to stop first: no stop signal, no drain, no final cursor save. Only
+        what a task does on cancellation happens (a shielded commit already under way ends),
+        so a tailer is cut mid-read, mid-apply or mid-save. An aborted task is not restarted;
+        the engine keeps its state, and ``shutdown()`` afterwards releases connections and the
+        cursor database as the operating system would for a dead process. This is the seam
+        for crash tests, which must not reach into the engine's task table.
+
+        A task is cancelled again until it ends: on Python 3.11 ``asyncio.wait_for`` (which
+        redis-py uses when sending) can lose a cancellation that lands as its send completes.
+
+        Args:
+            names: task names as :meth:`task_names` lists them, or ``fnmatch`` patterns of
+                them (``"tailer:*"``); a single string is one name or pattern. None aborts
+                every task.
+
+        Returns:
+            How many extra rounds of cancellation the tasks needed (0 when one was enough).
+
+        Raises:
+            EngineError: a name or pattern matches no running task, or a task survived every
+                round of cancellation.
+        """
+        running = {name: task for name, task in self._tasks.items() if not task.done()}
+        if names is None:
+            chosen = list(running)
+        else:
+            wanted = [names] if isinstance(names, str) else list(names)
+            unmatched = [w for w in wanted if not any(fnmatch.fnmatchcase(n, w) for n in running)]
+            if unmatched:
+                raise EngineError(
+                    f"abort({unmatched!r}): no running task matches; running: {sorted(running)}"
+                )
+            chosen = [n for n in running if any(fnmatch.fnmatchcase(n, w) for w in wanted)]
+        tasks = [running[name] for name in chosen]
+        rounds = 0
+        while pending := [task for task in tasks if not task.done()]:
+            if rounds == _ABORT_ROUNDS:
+                survivors = sorted(name for name in chosen if not running[name].done())
+                raise EngineError(
+                    f"tasks {survivors} survived {_ABORT_ROUNDS} cancellations "
+                    f"{_ABORT_ROUND_SEC} s apart"
+                )
+            rounds += 1
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=_ABORT_ROUND_SEC)
+        return max(0, rounds - 1)
 
     # ------------------------------------------------------------------------ shutdown
 

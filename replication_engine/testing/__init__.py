@@ -1,7 +1,9 @@
-"""Test and benchmark harness: real Redis servers, a fault-injecting proxy, deadline waits.
+"""Real Redis servers and deadline waits, for the demo, embedders' tests and our own.
 
-It ships inside the package (not under ``tests/``) because the ``demo`` command and the
-benchmarks start servers the same way the suite does. Nothing in the engine imports it.
+It ships inside the package because ``replication-engine demo`` starts servers with it, and an
+embedder testing against the engine can start them the same way the suite does. Nothing in the
+engine imports it. What only our tests and benchmarks use (the fault-injecting proxy, the mesh
+and chaos harnesses) lives in the top-level ``harness`` package, which is not shipped.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
-from replication_engine.testing.proxy import ProxyStats, TcpProxy, ThreadedTcpProxy
 from replication_engine.testing.redis_proc import (
     RedisBinaryNotFound,
     RedisFactory,
@@ -32,14 +33,11 @@ from replication_engine.testing.redis_proc import (
 )
 
 __all__ = [
-    "ProxyStats",
     "RedisBinaryNotFound",
     "RedisFactory",
     "RedisHandle",
     "RedisProcess",
     "RedisStartError",
-    "TcpProxy",
-    "ThreadedTcpProxy",
     "TlsFiles",
     "TlsToolingUnavailable",
     "async_wait_until",

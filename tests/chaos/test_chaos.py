@@ -1,7 +1,7 @@
 """Chaos scenarios on real redis-server processes: each test injects one named fault into a
 running mesh (or the checker's whole schedule), then checks what the fault must not break.
 
-Every mesh comes from :mod:`replication_engine.testing.chaos`: nodes on real Redis
+Every mesh comes from :mod:`harness.chaos`: nodes on real Redis
 (appendonly yes, appendfsync always), engines with both paths on, every engine reaching each
 peer through its own TCP proxy. The end of most tests is the convergence checker
 (:func:`judge`): same Merkle root and versions everywhere, every key at the last-writer-wins
@@ -16,28 +16,21 @@ import contextlib
 import logging
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from replication_engine import codec
+from harness.chaos import ChaosMesh, ChaosNode, Workload, open_chaos_mesh
+from harness.faults import FAULT_KINDS, MEMBERSHIP_KINDS, run_chaos
+from harness.judge import judge
+from harness.mesh import Unacknowledged, Write, change_order, lww_winner
+from replication_engine import codec, knowledge
 from replication_engine.clock import physical_ms
 from replication_engine.cursor import QUARANTINE_ENTRY_MAX_BYTES, CursorError
 from replication_engine.engine import EngineError
 from replication_engine.testing import RedisFactory, async_wait_until
-from replication_engine.testing.chaos import (
-    FAULT_KINDS,
-    MEMBERSHIP_KINDS,
-    ChaosMesh,
-    ChaosNode,
-    Unacknowledged,
-    Workload,
-    Write,
-    judge,
-    run_chaos,
-)
 
 # Deadline for the mesh to converge once a fault is over.
 CONVERGE_S = 60.0
@@ -52,24 +45,6 @@ CI_SEED = 20_240_611
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-@contextlib.asynccontextmanager
-async def chaos_mesh(
-    redis_factory: RedisFactory,
-    tmp_path: Path,
-    ids: Sequence[str] = ("a", "b", "c"),
-    **options: Any,
-) -> AsyncIterator[ChaosMesh]:
-    mesh = await ChaosMesh.open(list(ids), tmp_path / "mesh", redis_factory, **options)
-    try:
-        yield mesh
-    except BaseException:
-        await mesh.aclose()  # the test's own failure is the one worth reporting
-        raise
-    errors = await mesh.aclose()
-    if errors:
-        raise errors[0]
 
 
 async def more_writes(workload: Workload, count: int, *, node: str | None = None) -> None:
@@ -162,6 +137,23 @@ def test_judge_reports_loss_resurrection_phantom_and_divergence() -> None:
     assert any(p.startswith("p:") for p in verdict.phantoms)
 
 
+def test_the_checker_judges_by_the_packages_order() -> None:
+    """One LWW rule for the tests, the store's own: at equal HLC and origin (a wiped store can
+    issue a clock twice) a tombstone beats a value, and the greater content hash beats a
+    smaller one."""
+    value, tomb = Write("a", "k", b"v", 10), Write("a", "k", None, 10)
+    assert value.order == knowledge.order(10, "a", False, codec.content_hash(b"v"))
+    assert lww_winner([value, tomb])["k"] is tomb
+    assert lww_winner([tomb, value])["k"] is tomb
+    x, y = Write("a", "j", b"x", 10), Write("a", "j", b"y", 10)
+    greater = max((x, y), key=lambda w: codec.content_hash(w.value or b""))
+    assert lww_winner([x, y])["j"] is greater and lww_winner([y, x])["j"] is greater
+    states = {n: {"k": tomb.version} for n in "ab"}
+    assert judge(states, [value, tomb]).ok
+    states = {n: {"k": value.version} for n in "ab"}
+    assert not judge(states, [value, tomb]).ok
+
+
 async def test_ci_sized_full_checker_run_with_every_fault_kind(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
@@ -184,7 +176,7 @@ async def test_ci_sized_full_checker_run_with_every_fault_kind(
 async def test_redis_kill_9_keeps_every_acknowledged_write_and_converges(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         workload = Workload(mesh, seed=11, keys=20, rate_per_node=60)
         workload.start()
         await more_writes(workload, 60, node="b")
@@ -214,7 +206,7 @@ async def test_redis_kill_9_keeps_every_acknowledged_write_and_converges(
                 # collected horizon, written with the collection, covers it.
                 assert record.collected >= write.hlc, write
                 continue
-            assert (held.hlc, held.origin) >= write.order, write
+            assert change_order(held) >= write.order, write
         await converge_and_judge(mesh, workload)
 
 
@@ -222,7 +214,7 @@ async def test_engine_killed_mid_stream_resumes_from_its_cursor_and_duplicates_n
     redis_factory: RedisFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="replication_engine")
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         b = mesh["b"]
         caplog.clear()  # the first start bootstrapped; the restarts must not
         workload = Workload(mesh, seed=12, keys=20, rate_per_node=60)
@@ -259,7 +251,7 @@ async def test_engine_killed_mid_stream_resumes_from_its_cursor_and_duplicates_n
 async def test_sigstop_of_a_peer_beyond_the_circuit_timeout_opens_then_recloses_breakers(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         workload = Workload(mesh, seed=13, keys=20, rate_per_node=40)
         workload.start()
         await more_writes(workload, 60)
@@ -310,7 +302,7 @@ async def test_sigstop_of_a_peer_beyond_the_circuit_timeout_opens_then_recloses_
 async def test_partition_isolating_a_node_then_heal_converges(
     redis_factory: RedisFactory, tmp_path: Path, how: str
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         workload = Workload(mesh, seed=14, keys=20, rate_per_node=40)
         workload.start()
         await more_writes(workload, 60)
@@ -355,7 +347,7 @@ async def test_partition_isolating_a_node_then_heal_converges(
 async def test_stream_trimmed_below_a_lagging_cursor_counts_a_gap_and_the_cold_path_heals(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         workload = Workload(mesh, seed=15, keys=20)
         await workload.burst("a", 5, workload_rng(15))
         await mesh.wait_converged(CONVERGE_S)
@@ -401,8 +393,8 @@ async def test_stream_trimmed_below_a_lagging_cursor_counts_a_gap_and_the_cold_p
 async def test_stream_trimmed_to_empty_below_a_lagging_cursor_counts_a_gap(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(
-        redis_factory, tmp_path, ("a", "b"), topology={"a": [], "b": ["a"]}
+    async with open_chaos_mesh(
+        redis_factory, tmp_path / "mesh", ("a", "b"), topology={"a": [], "b": ["a"]}
     ) as mesh:
         workload = Workload(mesh, seed=16, keys=20)
         await workload.burst("a", 5, workload_rng(16))
@@ -435,7 +427,7 @@ async def test_stream_trimmed_to_empty_below_a_lagging_cursor_counts_a_gap(
 async def test_skewed_clocks_order_causally_and_converge_to_the_hlc_winner(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         mesh["a"].skew_ms = 2_000
         mesh["b"].skew_ms = -2_000
         workload = Workload(mesh, seed=17, keys=10, rate_per_node=60)
@@ -461,7 +453,7 @@ async def test_skewed_clocks_order_causally_and_converge_to_the_hlc_winner(
 async def test_local_redis_down_while_peers_write_opens_the_breaker_and_loses_nothing(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh") as mesh:
         a = mesh["a"]
         workload = Workload(mesh, seed=18, keys=20, rate_per_node=40)
         workload.start()
@@ -492,8 +484,8 @@ async def test_deleted_cursor_db_resumes_from_the_stores_own_positions_and_skips
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
     # Periodic anti-entropy off: only the tailers can bring the missed writes.
-    async with chaos_mesh(
-        redis_factory, tmp_path, settings={"cold_path": {"enabled": False}}
+    async with open_chaos_mesh(
+        redis_factory, tmp_path / "mesh", settings={"cold_path": {"enabled": False}}
     ) as mesh:
         a = mesh["a"]
         workload = Workload(mesh, seed=19, keys=30, rate_per_node=40)
@@ -531,7 +523,7 @@ async def test_deleted_cursor_db_resumes_from_the_stores_own_positions_and_skips
 async def test_corrupted_cursor_db_fails_start_with_a_cursor_error_naming_the_file(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path, ("a", "b")) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh", ("a", "b")) as mesh:
         a = mesh["a"]
         await mesh.stop_engine("a")
         a.delete_cursor_db()
@@ -567,7 +559,7 @@ class _DiskFull:
 async def test_cursor_save_failure_stops_applying_past_it_and_recovers(
     redis_factory: RedisFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path, ("a", "b")) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh", ("a", "b")) as mesh:
         a = mesh["a"]
         workload = Workload(mesh, seed=20, keys=20)
         await workload.burst("b", 10, workload_rng(20))
@@ -616,7 +608,7 @@ MIB = 1024 * 1024
 async def test_huge_garbage_entries_are_quarantined_bounded_and_the_engine_carries_on(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(redis_factory, tmp_path, ("a", "b")) as mesh:
+    async with open_chaos_mesh(redis_factory, tmp_path / "mesh", ("a", "b")) as mesh:
         a = mesh["a"]
         workload = Workload(mesh, seed=22, keys=10)
         huge = b"\xfe" * MIB
@@ -672,9 +664,9 @@ GARBAGE_ENTRIES = 10_000
 async def test_ten_thousand_quarantined_entries_keep_the_quarantine_bounded(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(
+    async with open_chaos_mesh(
         redis_factory,
-        tmp_path,
+        tmp_path / "mesh",
         ("a", "b"),
         topology={"a": ["b"], "b": []},
         config={"cursor": {"quarantine_max_rows": QUARANTINE_BOUND}},
@@ -709,9 +701,9 @@ async def test_ten_thousand_quarantined_entries_keep_the_quarantine_bounded(
 async def test_quarantine_evictions_are_exported_as_a_metric(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with chaos_mesh(
+    async with open_chaos_mesh(
         redis_factory,
-        tmp_path,
+        tmp_path / "mesh",
         ("a", "b"),
         topology={"a": ["b"], "b": []},
         config={"cursor": {"quarantine_max_rows": 1}},

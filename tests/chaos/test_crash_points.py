@@ -212,19 +212,6 @@ def crash_point(engine: ReplicationEngine) -> str:
     return "elsewhere"
 
 
-async def kill_tasks(engine: ReplicationEngine) -> int:
-    """Cancel every task of the engine where it stands; returns extra cancel rounds needed."""
-    tasks = list(engine._tasks.values())
-    rounds = 0
-    while pending := [t for t in tasks if not t.done()]:
-        rounds += 1
-        assert rounds <= 40, f"tasks survived 40 cancellations: {[t.get_name() for t in pending]}"
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending, timeout=0.5)
-    return max(0, rounds - 1)
-
-
 async def assert_same_as_reference(
     node: RedisStore, reference: RedisStore, peer_stream: Sequence[tuple[str, int, str]]
 ) -> None:
@@ -286,7 +273,7 @@ async def test_a_thousand_in_process_crashes_lose_and_duplicate_nothing(
                     with contextlib.suppress(asyncio.CancelledError):
                         await starting
                     if engine.state == "running":
-                        extra_cancel_rounds += await kill_tasks(engine)
+                        extra_cancel_rounds += await engine.abort()
                 else:
                     await engine.start()
                     for _ in range(spin):
@@ -296,11 +283,11 @@ async def test_a_thousand_in_process_crashes_lose_and_duplicate_nothing(
                         # The process is gone: an apply in flight can no longer save its cursor.
                         kinds["tasks_cursor_db_gone"] += 1
                         closing = asyncio.create_task(engine.cursors.close())
-                        extra_cancel_rounds += await kill_tasks(engine)
+                        extra_cancel_rounds += await engine.abort()
                         await closing
                     else:
                         kinds["tasks"] += 1
-                        extra_cancel_rounds += await kill_tasks(engine)
+                        extra_cancel_rounds += await engine.abort()
                 await engine.shutdown(5.0)
                 assert engine.state == "stopped"
                 cursor = saved_cursor(cursor_path)

@@ -28,8 +28,8 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from integration.mesh import CONVERGE_TIMEOUT_S, EXACT_STREAM_FACTS, open_mesh
 
+from harness.mesh import CONVERGE_TIMEOUT_S, EXACT_STREAM_FACTS, open_mesh
 from replication_engine import __version__, cli
 from replication_engine.clock import HLC
 from replication_engine.codec import Change
@@ -737,7 +737,7 @@ async def test_status_url_prints_the_table_of_a_running_sidecar(
     ) as mesh:
         await mesh["b"].store.put("k", b"v")
         await mesh.start_engine("a")  # after the put: its first read finds the entry
-        await mesh.wait_converged(["a", "b"])
+        await mesh.wait_converged(nodes=["a", "b"])
         await mesh.wait_idle()
         engine = mesh["a"].running()
         assert engine.http is not None

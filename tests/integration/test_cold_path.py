@@ -18,6 +18,7 @@ from typing import Any
 import pybreaker
 import pytest
 
+from harness.mesh import Write, lww_winner
 from replication_engine import codec
 from replication_engine.clock import HLC
 from replication_engine.codec import Change, StreamId
@@ -289,7 +290,7 @@ async def test_concurrent_writes_during_repair_converge_to_the_lww_winners(
     await populate(seed_changes(2000), a, b)
     cold_b = await mesh.cold(b, [mesh.peer(server_a, "a")], max_items_per_cycle=50)
     cold_a = await mesh.cold(a, [mesh.peer(server_b, "b")], max_items_per_cycle=50)
-    writes: dict[str, list[tuple[int, str, bytes | None]]] = {}
+    writes: list[Write] = []
 
     overlapped = asyncio.Event()  # set once repair rounds ran while writes went on
 
@@ -303,7 +304,7 @@ async def test_concurrent_writes_during_repair_converge_to_the_lww_winners(
             else:
                 value = f"{store.node_id}-{i}".encode()
                 hlc = await store.put(key, value)
-            writes.setdefault(key, []).append((hlc, store.node_id, value))
+            writes.append(Write(store.node_id, key, value, hlc))
 
     cycles = 0
 
@@ -328,14 +329,14 @@ async def test_concurrent_writes_during_repair_converge_to_the_lww_winners(
     await repair_until_equal([(cold_b, b), (cold_a, a)])
 
     assert await versions(a) == await versions(b)
-    for key, history in writes.items():
-        hlc, _origin, value = max(history, key=lambda w: (w[0], w[1]))
+    for key, winner in lww_winner(writes).items():
         for store in (a, b):
             item = await store.get(key)
-            if value is None:
+            if winner.value is None:
                 assert item is None, key
             else:
-                assert item is not None and item.value == value and item.hlc == hlc, key
+                assert item is not None, key
+                assert (item.value, item.hlc) == (winner.value, winner.hlc), key
 
 
 async def test_geometry_mismatch_is_reported_once_and_nothing_is_fetched(

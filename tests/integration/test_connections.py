@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from integration.mesh import Mesh, MeshNode, open_mesh
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from harness.mesh import Mesh, MeshNode, open_mesh
 from replication_engine.connection import make_client
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import RedisFactory, async_wait_until

@@ -6,24 +6,24 @@ long, a member added while another node was away, a Redis restored from an old b
 Redis restarted without persistence, and an empty peer deciding what is removed. Then what an
 operator sees: collection held back by a stopped member, and resumed by ``forget``.
 
-Every node reaches every peer through its own proxy (``testing.chaos.ChaosMesh``), so a link can
+Every node reaches every peer through its own proxy (``harness.chaos.ChaosMesh``), so a link can
 be cut one way only. Relaying is off, as a full mesh runs it, so a write reaches a node only from
 its origin's stream or through a repair.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+from harness.chaos import ChaosMesh, ChaosNode, Workload, open_chaos_mesh
 from replication_engine.clock import wall_clock_ms as clock_ms
 from replication_engine.codec import Change
 from replication_engine.config import EngineConfig
 from replication_engine.knowledge import ALL_WRITES, NodeRecord
 from replication_engine.testing import RedisFactory, async_wait_until
-from replication_engine.testing.chaos import ChaosMesh, ChaosNode, Workload
 
 # Deadline for a mesh to converge, a node to recover, a tombstone to be collected.
 SETTLE_S = 60.0
@@ -39,23 +39,15 @@ SETTINGS: dict[str, Any] = {
 }
 
 
-@contextlib.asynccontextmanager
-async def deletes_mesh(
+def deletes_mesh(
     redis_factory: RedisFactory,
     tmp_path: Path,
     ids: Sequence[str] = ("a", "b", "c"),
     **options: Any,
-) -> AsyncIterator[ChaosMesh]:
+) -> AbstractAsyncContextManager[ChaosMesh]:
+    """A chaos mesh with the quick settings above, unless a test gives its own."""
     options.setdefault("settings", SETTINGS)
-    mesh = await ChaosMesh.open(list(ids), tmp_path / "mesh", redis_factory, **options)
-    try:
-        yield mesh
-    except BaseException:
-        await mesh.aclose()
-        raise
-    errors = await mesh.aclose()
-    if errors:
-        raise errors[0]
+    return open_chaos_mesh(redis_factory, tmp_path / "mesh", ids, **options)
 
 
 async def version(node: ChaosNode, key: str) -> Change | None:

@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.mesh import (
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from harness.mesh import (
     CONVERGE_TIMEOUT_S,
     Mesh,
     WriteLog,
@@ -30,11 +35,6 @@ from integration.mesh import (
     read_stream,
     snapshot,
 )
-from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
 from replication_engine import codec
 from replication_engine.clock import HLC
 from replication_engine.codec import STREAM_START, Change, StreamId
@@ -419,7 +419,7 @@ async def test_crashed_tailer_is_logged_counted_and_restarted(
         await async_wait_until(
             lambda: crashes == 1, timeout=CONVERGE_TIMEOUT_S, message="the injected crash"
         )
-        await mesh.wait_converged(["a", "b"])
+        await mesh.wait_converged(nodes=["a", "b"])
 
         assert engine.state == "running"
         assert not supervisor.done(), "the supervisor itself must survive a tailer crash"
@@ -443,9 +443,37 @@ async def test_crashed_tailer_is_logged_counted_and_restarted(
 
         # The restarted tailer keeps replicating.
         await log.put(mesh["b"], "second", b"2")
-        await mesh.wait_converged(["a", "b"])
+        await mesh.wait_converged(nodes=["a", "b"])
         assert await snapshot(mesh["a"].store) == expected_snapshot(log.writes)
         assert engine.state == "running"
+
+
+async def test_abort_cancels_the_named_tasks_where_they_stand_and_shutdown_releases_the_rest(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b", "c"], "b": [], "c": []}) as mesh:
+        engine = mesh["a"].running()
+        names = engine.task_names()
+        assert {"tailer:b", "tailer:c", "health:b", "health:c"} <= set(names), names
+        with pytest.raises(EngineError, match="no running task matches"):
+            await engine.abort(["tailer:b", "tailer:nobody"])
+        assert engine.task_names() == names, "a refused abort cancelled something"
+
+        assert await engine.abort("tailer:b") >= 0
+        assert engine.task_names() == [n for n in names if n != "tailer:b"]
+        assert engine.state == "running", "an abort is a crash of tasks, not a shutdown"
+        await engine.abort("health:*")
+        assert not [n for n in engine.task_names() if n.startswith("health:")]
+
+        log = WriteLog()
+        await log.put(mesh["c"], "k", b"still tailed")
+        await mesh.wait_converged(nodes=["a", "c"])  # c's tailer was left running
+
+        await engine.abort()
+        assert engine.task_names() == []
+        assert engine_tasks() == [], "an aborted task is not restarted"
+        await mesh.stop_engine("a")
+        assert engine.state == "stopped"
 
 
 async def test_no_tailer_and_no_periodic_repair_when_both_paths_are_disabled(
@@ -745,7 +773,7 @@ async def test_replication_moves_the_hot_path_metrics(
 
         for i in range(50):
             await log.put(mesh["b"], f"k{i}", b"x")
-        await mesh.wait_converged(["a", "b"])
+        await mesh.wait_converged(nodes=["a", "b"])
         await mesh.wait_idle()
         before = sample()
         assert before["replication_cdc_events_read_total"] >= 50
@@ -762,7 +790,7 @@ async def test_replication_moves_the_hot_path_metrics(
 
         for i in range(30):
             await log.put(mesh["b"], f"more{i}", b"y")
-        await mesh.wait_converged(["a", "b"])
+        await mesh.wait_converged(nodes=["a", "b"])
         await mesh.wait_idle()
         after = sample()
         assert (

@@ -22,14 +22,13 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from harness.proxy import TcpProxy, ThreadedTcpProxy
 from replication_engine.testing import (
     RedisBinaryNotFound,
     RedisFactory,
     RedisHandle,
     RedisProcess,
     RedisStartError,
-    TcpProxy,
-    ThreadedTcpProxy,
     async_wait_until,
     find_redis_server,
     make_test_ca,

@@ -16,15 +16,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from integration.mesh import (
+from prometheus_client.parser import text_string_to_metric_families
+
+from harness.mesh import (
     CONVERGE_TIMEOUT_S,
     Mesh,
     WriteLog,
     build_config,
     open_mesh,
 )
-from prometheus_client.parser import text_string_to_metric_families
-
 from replication_engine.clock import HLC
 from replication_engine.codec import Change
 from replication_engine.engine import EngineError, ReplicationEngine
@@ -109,7 +109,7 @@ async def test_health_ready_status_and_metrics_of_a_running_engine(
         log = WriteLog()
         for i in range(20):
             await log.put(mesh["b"], f"k{i}", b"v")
-        await mesh.wait_converged(["a", "b"])
+        await mesh.wait_converged(nodes=["a", "b"])
         await mesh.wait_idle()
 
         status, health = await http.json("/health")
@@ -146,13 +146,13 @@ async def test_metrics_counters_move_between_scrapes_during_replication(
         http = Http(session, mesh["a"].running())
         log = WriteLog()
         await log.put(mesh["b"], "first", b"v")
-        await mesh.wait_converged(["a", "b"])
+        await mesh.wait_converged(nodes=["a", "b"])
         await mesh.wait_idle()
         before = await http.samples()
 
         for i in range(25):
             await log.put(mesh["b"], f"k{i}", b"v")
-        await mesh.wait_converged(["a", "b"])
+        await mesh.wait_converged(nodes=["a", "b"])
         await mesh.wait_idle()
         after = await http.samples()
 
@@ -277,7 +277,7 @@ async def test_peer_password_never_appears_in_status_metrics_logs_repr_or_errors
         http = Http(session, engine)
         log = WriteLog()
         await log.put(mesh["b"], "k", b"v")
-        await mesh.wait_converged(["a", "b"])  # authenticated replication works
+        await mesh.wait_converged(nodes=["a", "b"])  # authenticated replication works
 
         mesh["b"].server.kill()  # errors now name the peer's URL and connection
         await async_wait_until(

@@ -15,26 +15,25 @@ move fails on that wait, naming it.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.mesh import (
+
+from harness.chaos import open_chaos_mesh
+from harness.mesh import (
     WriteLog,
     append_raw,
     metric,
     open_mesh,
 )
-
 from replication_engine import clock, codec
 from replication_engine.codec import Change
 from replication_engine.engine import ReplicationEngine
 from replication_engine.hot_path import Tailer
 from replication_engine.observability.metrics import CIRCUIT_STATES, Metrics
 from replication_engine.testing import RedisFactory, async_wait_until
-from replication_engine.testing.chaos import ChaosMesh
 
 # Deadline for one metric to move (breakers, backoff, recoveries on a loaded 2-core machine).
 SETTLE_S = 60.0
@@ -160,21 +159,6 @@ def corrupt_entry(key: str, **fields: bytes) -> dict[str, bytes]:
     return entry
 
 
-@contextlib.asynccontextmanager
-async def chaos_mesh(
-    redis_factory: RedisFactory, tmp_path: Path, ids: tuple[str, ...]
-) -> AsyncIterator[ChaosMesh]:
-    mesh = await ChaosMesh.open(list(ids), tmp_path, redis_factory, settings=DELETES_SETTINGS)
-    try:
-        yield mesh
-    except BaseException:
-        await mesh.aclose()
-        raise
-    errors = await mesh.aclose()
-    if errors:
-        raise errors[0]
-
-
 # ------------------------------------------------------------------------------------ scenarios
 
 
@@ -253,7 +237,7 @@ async def the_local_redis_down(
         # Half-open once the reset timeout has passed, whether or not a call has tried it.
         await wait_metric(a, "replication_local_circuit_state", is_value(1))
         watch.observe(engines_of(mesh))
-        await mesh.restart_server("a")
+        await mesh.restart_redis("a")
         await mesh.wait_converged(timeout=SETTLE_S)
         await wait_metric(a, "replication_local_circuit_state", is_value(0))
         assert_circuit_metric_matches_status(a)
@@ -501,11 +485,11 @@ async def a_recovery_waiting_for_a_peer(
                 await log.put(mesh[node], f"{node}:{i}", b"v")
         await mesh.wait_converged()
         mesh["b"].server.kill()
-        await mesh.restart_server("a")  # no persistence: it comes back empty
+        await mesh.restart_redis("a")  # no persistence: it comes back empty
         await wait_metric(a, "replication_recovering", is_value(1))
         await wait_metric(a, "replication_recovery_pending", is_value(1), peer="b")
         watch.observe(engines_of(mesh))
-        await mesh.restart_server("b")
+        await mesh.restart_redis("b")
         await wait_metric(a, "replication_recovering", is_value(0))
         await wait_metric(a, "replication_recovery_pending", is_value(0), peer="b")
         watch.observe(engines_of(mesh))
@@ -516,7 +500,9 @@ async def a_restore_brings_back_deleted_values(
 ) -> None:
     """A Redis restored from a backup older than a collection drops the values the mesh
     deleted meanwhile (its peer's claims prove them dead)."""
-    async with chaos_mesh(redis_factory, tmp_path, ("a", "b")) as mesh:
+    async with open_chaos_mesh(
+        redis_factory, tmp_path, ("a", "b"), settings=DELETES_SETTINGS
+    ) as mesh:
         for i in range(3):
             await mesh["a"].store.put(f"doomed:{i}", b"deleted after the backup")
         await mesh.wait_converged(SETTLE_S)
@@ -541,7 +527,9 @@ async def a_written_off_write_brought_back(
     """c's write reaches only a; a is restored from an older backup and c's Redis is wiped, so
     the mesh writes it off; a later restore of a brings it back, and a takes the surviving
     version (the steps of test_deletes.py's written-off scenario)."""
-    async with chaos_mesh(redis_factory, tmp_path, ("a", "b", "c")) as mesh:
+    async with open_chaos_mesh(
+        redis_factory, tmp_path, ("a", "b", "c"), settings=DELETES_SETTINGS
+    ) as mesh:
         await mesh.backup_redis("a", tmp_path / "before")
         for other in ("a", "c"):
             mesh.partition("b", other)

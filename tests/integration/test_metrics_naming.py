@@ -14,10 +14,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from integration.mesh import WriteLog, open_mesh
 from integration.metric_rules import naming_problems
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.mesh import WriteLog, open_mesh
 from replication_engine.testing import RedisFactory
 
 HTTP_ON_A = {"a": {"http": {"enabled": True, "listen": "127.0.0.1:0"}}}
@@ -34,7 +34,7 @@ async def live_scrape(redis_factory: RedisFactory, tmp_path: Path) -> str:
         log = WriteLog()
         for i in range(10):
             await log.put(mesh["b"], f"k{i}", b"v")
-        await mesh.wait_converged(["a", "b"])
+        await mesh.wait_converged(nodes=["a", "b"])
         assert engine.http is not None
         url = f"http://127.0.0.1:{engine.http.port}/metrics"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:

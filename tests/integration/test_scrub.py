@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.mesh import DEFAULT_PREFIX, metric, open_mesh
 
+from harness.mesh import DEFAULT_PREFIX, metric, open_mesh
 from replication_engine.codec import CodecError
 from replication_engine.scrub import UNREADABLE_REASON
 from replication_engine.testing import RedisFactory, async_wait_until

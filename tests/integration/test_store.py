@@ -19,12 +19,13 @@ import redis.exceptions
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
+from harness.mesh import change_order
 from replication_engine import clock
 from replication_engine.clock import HLC
 from replication_engine.codec import Change, CodecError, decode_entry, encode_entry, encode_payload
 from replication_engine.connection import make_client
 from replication_engine.errors import ReplicationError
-from replication_engine.knowledge import ALL_WRITES, order
+from replication_engine.knowledge import ALL_WRITES
 from replication_engine.merkle import ZERO, Geometry, GeometryError, MerkleModel, leaf_digest
 from replication_engine.store.redis_store import (
     ApplyStatus,
@@ -327,7 +328,8 @@ def _random_changes(seed: int) -> list[Change]:
     """Several versions per key from three origins, with HLC ties across origins.
 
     (key, hlc, origin) is unique: two different versions with the same clock and origin cannot
-    come from a correct writer, and LWW does not order them.
+    come from a correct writer (the order settles those by tombstone and content hash, which
+    ``test_versions_tied_on_hlc_and_origin_converge_in_any_order`` covers).
     """
     rnd = random.Random(seed)
     out: list[Change] = []
@@ -362,7 +364,7 @@ def _expected_winners(changes: list[Change]) -> dict[str, Change]:
     winners: dict[str, Change] = {}
     for change in changes:
         best = winners.get(change.key)
-        if best is None or (change.hlc, change.origin) > (best.hlc, best.origin):
+        if best is None or change_order(change) > change_order(best):
             winners[change.key] = change
     return winners
 
@@ -1109,7 +1111,7 @@ async def test_versions_tied_on_hlc_and_origin_converge_in_any_order(
     assert await forward.merkle_root() == await backward.merkle_root()
     held = await forward.get_version("k")
     assert held is not None
-    winner = max((first, second), key=lambda c: order(c.hlc, c.origin, c.tombstone, c.content_hash))
+    winner = max((first, second), key=change_order)
     assert (held.tombstone, held.content_hash) == (winner.tombstone, winner.content_hash)
     if tombstone_second:
         assert held.tombstone, "at equal (hlc, origin) a tombstone wins"

@@ -33,11 +33,15 @@ from typing import Any
 import aiohttp
 import pytest
 from aiolimiter import AsyncLimiter
-from integration.mesh import (
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from harness.mesh import (
     Mesh,
     MeshNode,
+    Order,
     Write,
     WriteLog,
+    change_order,
     expected_snapshot,
     full_mesh,
     lww_winner,
@@ -45,9 +49,8 @@ from integration.mesh import (
     open_mesh,
     read_stream,
     snapshot,
+    version_order,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
-
 from replication_engine import ReadOnlyStoreError, ReplicationEngine, codec
 from replication_engine.clock import HLC
 from replication_engine.codec import Change, StreamId
@@ -236,8 +239,9 @@ async def agreeing_snapshots(stores: Sequence[RedisStore]) -> list[dict[str, Any
     return taken
 
 
-def covered(versions: dict[str, tuple[int, str]], write: Write) -> bool:
-    """A store holding ``versions`` (key -> newest (hlc, origin)) has ``write`` or a newer one."""
+def covered(versions: dict[str, Order], write: Write) -> bool:
+    """A store holding ``versions`` (key -> order of its newest version) has ``write`` or a
+    newer one."""
     held = versions.get(write.key)
     return held is not None and held >= write.order
 
@@ -615,7 +619,7 @@ class Takeover:
     log: WriteLog
     final_a: dict[str, Any]
     final_b: dict[str, Any]
-    b_before_return: dict[str, tuple[int, str]]  # B's newest version of A's writes, per key
+    b_before_return: dict[str, Order]  # B's newest version of A's writes, per key
 
     @property
     def exposure_cursor(self) -> StreamId:
@@ -693,15 +697,15 @@ async def fail_over(redis_factory: RedisFactory, tmp_path: Path) -> Takeover:
                 acked_on_a = list(log.by_node("A"))
                 # What B holds of A's writes now that A is gone: every version B applied is
                 # re-emitted on B's stream with origin A (B's own writes are origin B).
-                held: dict[str, tuple[int, str]] = {}
+                held: dict[str, Order] = {}
                 for _, change in await read_stream(b.store):
                     if change.origin == "A":
-                        version = (change.hlc, change.origin)
+                        version = change_order(change)
                         held[change.key] = max(held.get(change.key, version), version)
                 unreplicated = [w for w in acked_on_a if not covered(held, w)]
 
                 # A returns with its data and a new engine (same cursor database).
-                await mesh.restart_server("A")
+                await mesh.restart_redis("A")
                 await mesh.start_engine("A")
                 await wait_writes(standby, standby.written() + STANDBY_WRITES)
         await mesh.wait_idle()
@@ -759,7 +763,7 @@ async def test_hot_standby_takeover(
     winners = lww_winner(every_write)
     live = {k: v for k, v in run.final_b.items() if v[0] is not None}
     assert live == expected_snapshot(every_write)
-    final_order = {key: (hlc, origin) for key, (_, hlc, origin) in run.final_b.items()}
+    final_order = {key: version_order(version) for key, version in run.final_b.items()}
 
     def survives(write: Write) -> bool:
         """Held, superseded, or deleted later with the delete's tombstone since collected."""

@@ -13,8 +13,8 @@ import random
 from pathlib import Path
 
 import pytest
-from integration.mesh import WriteLog, append_raw, metric, open_mesh
 
+from harness.mesh import WriteLog, append_raw, metric, open_mesh
 from replication_engine import clock
 from replication_engine.codec import Change, encode_entry
 from replication_engine.testing import RedisFactory, async_wait_until

@@ -22,6 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
+from harness.mesh import Write as Acknowledged
+from harness.mesh import lww_winner
 from replication_engine.cold_path import ColdPath
 from replication_engine.config import ColdPathConfig
 from replication_engine.cursor import CursorStore
@@ -102,14 +104,13 @@ async def _run_example(url: str, count: int, history: list[Write]) -> None:
                     assert all(r.error is None for r in stats.peers.values()), stats
                 rounds += 1
 
-            for key, history_of_key in expected.items():
-                _hlc, _origin, value = max(history_of_key, key=lambda w: (w[0], w[1]))
+            for key, winner in lww_winner(expected).items():
                 for store in stores:
                     item = await store.get(key)
-                    if value is None:
+                    if winner.value is None:
                         assert item is None, (key, store.node_id)
                     else:
-                        assert item is not None and item.value == value, (key, store.node_id)
+                        assert item is not None and item.value == winner.value, (key, store.node_id)
         finally:
             for peer in peers:
                 await peer.close()
@@ -119,18 +120,16 @@ async def _run_example(url: str, count: int, history: list[Write]) -> None:
                 await store.close()
 
 
-async def _write_history(
-    stores: list[RedisStore], history: list[Write]
-) -> dict[str, list[tuple[int, str, bytes | None]]]:
+async def _write_history(stores: list[RedisStore], history: list[Write]) -> list[Acknowledged]:
     """Apply each write at its origin, then to the stores it was delivered to."""
-    expected: dict[str, list[tuple[int, str, bytes | None]]] = {}
+    expected: list[Acknowledged] = []
     for write in history:
         origin = stores[write.origin % len(stores)]
         if write.value is None:
             hlc = await origin.delete(write.key)
         else:
             hlc = await origin.put(write.key, write.value)
-        expected.setdefault(write.key, []).append((hlc, origin.node_id, write.value))
+        expected.append(Acknowledged(origin.node_id, write.key, write.value, hlc))
         change = await origin.get_version(write.key)
         assert change is not None and change.hlc == hlc
         for target in write.delivered_to:

@@ -1,14 +1,19 @@
-"""An N-node replication mesh of real ``redis-server`` processes, for integration and chaos tests.
+"""A mesh of real ``redis-server`` nodes, the writes made to it, and the one LWW oracle.
 
-Each node is one Redis (started by the ``redis_factory`` fixture), one :class:`RedisStore` the
-test writes through, and optionally one :class:`ReplicationEngine` sharing that store. The
-topology is a mapping ``node -> peers it tails``; a node listed with no peers (or left out of
-``engines``) is a plain store that others read from.
+Each node is one Redis (started by a factory such as the ``redis_factory`` fixture), one
+:class:`RedisStore` the test writes through, and optionally one :class:`ReplicationEngine`
+sharing that store. The topology is a mapping ``node -> peers it tails``; a node listed with no
+peers (or left out of ``engines``) is a plain store that others read from. The chaos harness
+(:mod:`harness.chaos`) builds on the same nodes and mesh, with a proxy on every link.
 
-Defaults suit fast, deterministic tests: cold path off, ``start_from: beginning``, a short XREAD
-block (so shutdown and idle detection are quick), HTTP off, cursor databases under ``tmp_path``.
-Anything can be overridden per node (``overrides``), for every node (``common``), per peer entry
-(``peer_options``) and per server (``redis_options``).
+What every node must end with is judged by one rule, the package's: :func:`version_order` is
+``knowledge.order``, the total order the store's scripts apply, so no test keeps a second copy
+of last-writer-wins that could drift from the one the engine runs.
+
+:func:`open_mesh` suits fast, deterministic tests: cold path off, ``start_from: beginning``, a
+short XREAD block (so shutdown and idle detection are quick), HTTP off, cursor databases under
+``tmp_path``. Anything can be overridden per node (``overrides``), for every node (``common``),
+per peer entry (``peer_options``) and per server (``redis_options``).
 
 Usage::
 
@@ -19,10 +24,7 @@ Usage::
         assert await snapshot(mesh["b"].store) == expected_snapshot(log.writes)
 
 Teardown (engines shut down, stores closed) runs however the block exits; the servers
-themselves are killed by ``redis_factory``.
-
-Import it as ``from integration.mesh import ...``: ``tests/`` has no ``__init__.py``, so pytest
-puts it on ``sys.path`` (for ``tests/conftest.py``) and ``integration`` resolves from any suite.
+themselves are killed by the factory that started them.
 """
 
 from __future__ import annotations
@@ -30,16 +32,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from replication_engine import codec
+from replication_engine import codec, knowledge
+from replication_engine.clock import HLC
 from replication_engine.codec import Change, StreamId
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
@@ -48,11 +60,11 @@ from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import (
     RedisFactory,
     RedisHandle,
+    RedisProcess,
     async_wait_until,
     find_redis_server,
     redis_server_version,
 )
-from replication_engine.testing.chaos import Version, Write
 
 __all__ = [
     "CONVERGE_TIMEOUT_S",
@@ -60,14 +72,19 @@ __all__ = [
     "EXACT_STREAM_FACTS",
     "Mesh",
     "MeshNode",
+    "Order",
     "RawEntry",
+    "Unacknowledged",
     "Version",
     "Write",
     "WriteLog",
     "append_raw",
     "build_config",
-    "converged",
+    "change_order",
+    "closing",
+    "connect_store",
     "cpu_seconds_over",
+    "deep_merge",
     "expected_snapshot",
     "full_mesh",
     "lww_winner",
@@ -75,20 +92,25 @@ __all__ = [
     "open_mesh",
     "raw_entries",
     "read_stream",
+    "redis_processes",
     "snapshot",
     "stream_version",
-    "wait_converged",
+    "version_order",
     "xread_calls",
 ]
 
-# Key prefix of every node's store: non-empty so prefix handling is always exercised.
+# Key prefix of every node's store: non-empty so prefix handling is always exercised (and the
+# ACL in deploy/redis/users.acl grants ~app:*).
 DEFAULT_PREFIX = "app:"
 # XREAD BLOCK of test tailers: short, so an idle tailer re-reads (and stops) quickly.
 DEFAULT_BLOCK_TIMEOUT_S = 0.2
 # Deadline for a mesh to converge; generous for a loaded 2-core CI machine.
 CONVERGE_TIMEOUT_S = 30.0
-# Bound on one engine's shutdown during teardown, so a hung engine cannot hang the suite.
-TEARDOWN_SHUTDOWN_S = 15.0
+# Deadline for a node's Redis to answer after a restart.
+RESTART_DEADLINE_S = 30.0
+# Bound on one engine's shutdown during teardown, over the engine's own bound (at most 15 s
+# here), so a hung engine cannot hang the suite.
+TEARDOWN_SHUTDOWN_S = 20.0
 
 # Redis 7 added the stream facts that make gap detection exact (XINFO STREAM entries-added and
 # max-deleted-entry-id). On 6.2 a tailer starting from the beginning reports one gap at its
@@ -97,9 +119,57 @@ EXACT_STREAM_FACTS = redis_server_version(find_redis_server()) >= (7, 0, 0)
 
 # One CDC stream entry as Redis returns it: (id, fields).
 RawEntry = tuple[bytes, dict[bytes, bytes]]
+# (value, or None for a tombstone; hlc; origin): one key's version on a node.
+Version = tuple[bytes | None, int, str]
+# The last-writer-wins key of a version (knowledge.order): the greater one wins.
+Order = tuple[int, bytes, int, str]
 
 
 # ------------------------------------------------------------------------------------ writes
+
+
+def version_order(version: Version) -> Order:
+    """Where a version stands in the package's total order (``knowledge.order``).
+
+    A tombstone's content hash is empty, as the store writes it; a value's is
+    ``codec.content_hash``, as ``RedisStore.put`` computes it.
+    """
+    value, hlc, origin = version
+    content_hash = "" if value is None else codec.content_hash(value)
+    return knowledge.order(hlc, origin, value is None, content_hash)
+
+
+def change_order(change: Change) -> Order:
+    """Where a stored or streamed version stands in the package's total order."""
+    return knowledge.order(change.hlc, change.origin, change.tombstone, change.content_hash)
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One acknowledged local write; ``value`` None is a delete."""
+
+    node: str
+    key: str
+    value: bytes | None
+    hlc: int
+
+    @property
+    def version(self) -> Version:
+        return (self.value, self.hlc, self.node)
+
+    @property
+    def order(self) -> Order:
+        return version_order(self.version)
+
+
+@dataclass(frozen=True, slots=True)
+class Unacknowledged:
+    """A write that raised: it may have happened (the reply was lost) or not."""
+
+    node: str
+    key: str
+    value: bytes | None
+    error: str
 
 
 @dataclass
@@ -128,7 +198,7 @@ class WriteLog:
 
 
 def lww_winner(writes: Iterable[Write]) -> dict[str, Write]:
-    """Per key, the write with the greatest ``(hlc, origin)``: what every node must end with."""
+    """Per key, the write greatest in :func:`version_order`: what every node must end with."""
     winners: dict[str, Write] = {}
     for write in writes:
         held = winners.get(write.key)
@@ -156,42 +226,21 @@ async def snapshot(store: RedisStore, *, include_tombstones: bool = False) -> di
     out: dict[str, Version] = {}
     if include_tombstones:
         async for change in store.versions():
-            out[change.key] = (
-                None if change.tombstone else change.value,
-                change.hlc,
-                change.origin,
-            )
+            out[change.key] = stream_version(change)
     else:
         async for item in store.items():
             out[item.key] = (item.value, item.hlc, item.origin)
     return out
 
 
-async def converged(stores: Sequence[RedisStore]) -> bool:
-    """Every store has the same Merkle root and the same versions, tombstones included."""
-    roots = {await s.merkle_root() for s in stores}
-    if len(roots) != 1:
-        return False
-    first = await snapshot(stores[0], include_tombstones=True)
-    for store in stores[1:]:
-        if await snapshot(store, include_tombstones=True) != first:
-            return False
-    return True
-
-
-async def wait_converged(stores: Sequence[RedisStore], timeout: float = CONVERGE_TIMEOUT_S) -> None:
-    """Wait until :func:`converged`; the failure names each store's root and item count."""
-    try:
-        await async_wait_until(lambda: converged(stores), timeout=timeout, interval=0.05)
-    except AssertionError as exc:
-        described = []
-        for store in stores:
-            items = await snapshot(store, include_tombstones=True)
-            described.append(
-                f"{store.node_id}: root={(await store.merkle_root()).hex()[:16]} "
-                f"versions={len(items)}"
-            )
-        raise AssertionError(f"stores did not converge: {'; '.join(described)}") from exc
+async def agreed_states(stores: Sequence[RedisStore]) -> dict[str, dict[str, Version]] | None:
+    """Every store's versions (tombstones included) when all the stores hold the same Merkle
+    root and the same versions; None while they differ."""
+    if len({await s.merkle_root() for s in stores}) != 1:
+        return None
+    states = {s.node_id: await snapshot(s, include_tombstones=True) for s in stores}
+    first, *rest = states.values()
+    return states if all(state == first for state in rest) else None
 
 
 async def raw_entries(store: RedisStore, start: str = "-", count: int = 1000) -> list[RawEntry]:
@@ -235,7 +284,7 @@ def metric(engine: ReplicationEngine, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-# ------------------------------------------------------------------------------------ mesh
+# ------------------------------------------------------------------------------------ nodes
 
 
 def full_mesh(node_ids: Sequence[str]) -> dict[str, list[str]]:
@@ -243,13 +292,30 @@ def full_mesh(node_ids: Sequence[str]) -> dict[str, list[str]]:
     return {n: [p for p in node_ids if p != n] for n in node_ids}
 
 
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``extra`` merged into ``base`` (in place, and returned): nested mappings key by key."""
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
+            deep_merge(base[key], value)
         else:
             base[key] = copy.deepcopy(value)
     return base
+
+
+async def connect_store(config: EngineConfig, *, hlc: HLC | None = None) -> RedisStore:
+    """The node's store, opened as the engine opens one it owns from the same config, so a
+    test's store and a sidecar's agree on geometry, limits and clock checks."""
+    return await RedisStore.connect(
+        config.local.redis_url,
+        node_id=config.local_node_id,
+        prefix=config.local.prefix,
+        fanout=config.settings.merkle.fanout,
+        depth=config.settings.merkle.depth,
+        stream_maxlen=config.local.stream_maxlen,
+        max_memory_ratio=config.local.max_memory_ratio,
+        max_clock_offset_sec=config.local.max_clock_offset_sec,
+        hlc=hlc,
+    )
 
 
 @dataclass(eq=False)
@@ -296,28 +362,96 @@ class MeshNode:
         """A tailer statistic summed over this node's current tailers (e.g. ``"applied"``)."""
         return sum(getattr(t.stats, stat) for t in self.running().tailers.values())
 
+    def metric_total(self, name: str, **labels: str) -> float:
+        """Samples of ``name`` whose labels include ``labels``, summed over every engine this
+        node has run (each engine has its own registry)."""
+        total = 0.0
+        for engine in self.engines:
+            for family in engine.metrics.registry.collect():
+                for sample in family.samples:
+                    if sample.name == name and all(
+                        sample.labels.get(k) == v for k, v in labels.items()
+                    ):
+                        total += sample.value
+        return total
 
-class Mesh:
-    """The nodes of one test. Build it with :func:`open_mesh`."""
+    def membership(self) -> dict[str, Any]:
+        """The running engine's membership status (docs/DELETES.md)."""
+        status = self.running().status()["membership"]
+        assert status is not None
+        return cast(dict[str, Any], status)
 
-    def __init__(self, topology: Mapping[str, Sequence[str]], nodes: dict[str, MeshNode]) -> None:
+    def delete_cursor_db(self) -> None:
+        """Remove the cursor database and its WAL files (the engine must be stopped)."""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{self.cursor_path}{suffix}").unlink(missing_ok=True)
+
+    def saved_cursors(self) -> dict[str, StreamId]:
+        """Cursors on disk, read through a separate SQLite connection."""
+        if not self.cursor_path.exists():
+            return {}
+        with contextlib.closing(sqlite3.connect(self.cursor_path)) as db:
+            rows = db.execute("SELECT peer_id, stream_id FROM cursors").fetchall()
+        return {str(peer): codec.parse_stream_id(str(sid)) for peer, sid in rows}
+
+    def saved_cursor(self, peer_id: str) -> StreamId | None:
+        return self.saved_cursors().get(peer_id)
+
+    def quarantined(self) -> list[tuple[str, str, str]]:
+        """(peer, stream id, reason) of every quarantine row kept on disk."""
+        if not self.cursor_path.exists():
+            return []
+        with contextlib.closing(sqlite3.connect(self.cursor_path)) as db:
+            rows = db.execute("SELECT peer_id, stream_id, reason FROM quarantine").fetchall()
+        return [(str(p), str(s), str(r)) for p, s, r in rows]
+
+
+# ------------------------------------------------------------------------------------ mesh
+
+NodeT = TypeVar("NodeT", bound=MeshNode)
+MeshT = TypeVar("MeshT", bound="Mesh[Any]")
+
+
+class Mesh(Generic[NodeT]):
+    """The nodes of one test: engine lifecycle, server restarts, convergence and idle waits.
+
+    Build it with :func:`open_mesh` (or :meth:`harness.chaos.ChaosMesh.open`).
+    """
+
+    # Bound on a graceful engine shutdown; None leaves the engine's own (drain time + 5 s).
+    shutdown_timeout_s: float | None = None
+
+    def __init__(self, topology: Mapping[str, Sequence[str]], nodes: dict[str, NodeT]) -> None:
         self.topology = {n: list(p) for n, p in topology.items()}
         self.nodes = nodes
+        self.forgotten: set[str] = set()  # nodes removed for good: out of every check
+        # The states that the last successful :meth:`converged` check compared: judged as they
+        # were, since a tombstone collected a moment later would make a re-read differ.
+        self.converged_states: dict[str, dict[str, Version]] = {}
 
-    def __getitem__(self, node_id: str) -> MeshNode:
+    def __getitem__(self, node_id: str) -> NodeT:
         return self.nodes[node_id]
 
-    def __iter__(self) -> Iterator[MeshNode]:
+    def __iter__(self) -> Iterator[NodeT]:
         return iter(self.nodes.values())
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.nodes)
+
+    @property
+    def live(self) -> list[NodeT]:
+        """Nodes not forgotten: what convergence and every final check are about."""
+        return [n for n in self.nodes.values() if n.node_id not in self.forgotten]
 
     @property
     def stores(self) -> list[RedisStore]:
         return [n.store for n in self.nodes.values()]
 
-    # ------------------------------------------------------------------ engine lifecycle
+    # ------------------------------------------------------------------ engines
 
     async def start_engine(self, node_id: str) -> ReplicationEngine:
-        """A new engine for the node (same store, same cursor db), started."""
+        """A new engine on the node's store and cursor database, started."""
         node = self.nodes[node_id]
         if node.engine is not None:
             raise AssertionError(f"node {node_id} already has a running engine")
@@ -328,25 +462,32 @@ class Mesh:
         return engine
 
     async def stop_engine(self, node_id: str, timeout: float | None = None) -> ReplicationEngine:
-        """Shut the node's engine down (bounded) and return it, for its final stats."""
+        """Graceful shutdown (drains, saves cursors), bounded; returns the engine, for its
+        final stats."""
         node = self.nodes[node_id]
         engine = node.running()
         node.engine = None
-        await engine.shutdown(timeout)
+        await engine.shutdown(self.shutdown_timeout_s if timeout is None else timeout)
         return engine
 
     async def restart_engine(self, node_id: str) -> ReplicationEngine:
         await self.stop_engine(node_id)
         return await self.start_engine(node_id)
 
-    def running_nodes(self) -> list[MeshNode]:
+    def running_nodes(self) -> list[NodeT]:
         """Nodes with a running engine."""
         return [n for n in self.nodes.values() if n.engine is not None]
 
-    # ------------------------------------------------------------------ server faults
+    # ------------------------------------------------------------------ servers
 
-    async def restart_server(self, node_id: str) -> None:
-        """Start the node's (killed or stopped) Redis again and wait until its store answers.
+    def kill_redis(self, node_id: str) -> None:
+        """SIGKILL the node's Redis (with ``appendfsync always``, acknowledged writes are on
+        disk)."""
+        self.nodes[node_id].server.kill()
+
+    async def restart_redis(self, node_id: str) -> None:
+        """Start the node's (killed or stopped) Redis again on its port and data, and wait
+        until its store answers.
 
         The store's pooled connections to the old process are dropped first: each would
         otherwise fail once ("connection closed by server") before reconnecting.
@@ -356,22 +497,78 @@ class Mesh:
         await node.store.redis.connection_pool.disconnect()
         await async_wait_until(
             node.store.redis.ping,
-            timeout=CONVERGE_TIMEOUT_S,
-            ignore=(RedisConnectionError, RedisTimeoutError),
+            timeout=RESTART_DEADLINE_S,
+            interval=0.05,
+            ignore=(RedisConnectionError, RedisTimeoutError, OSError),
             message=f"{node_id}'s Redis answering after restart",
         )
 
-    # ------------------------------------------------------------------ waiting
+    def pause_redis(self, node_id: str) -> None:
+        self.nodes[node_id].server.pause()
+
+    def resume_redis(self, node_id: str) -> None:
+        self.nodes[node_id].server.resume()
+
+    # ------------------------------------------------------------------ convergence
+
+    def _chosen(self, node_ids: Sequence[str] | None) -> list[NodeT]:
+        return self.live if node_ids is None else [self.nodes[n] for n in node_ids]
+
+    async def roots(self, node_ids: Sequence[str] | None = None) -> dict[str, str]:
+        return {n.node_id: (await n.store.merkle_root()).hex() for n in self._chosen(node_ids)}
+
+    async def states(self, node_ids: Sequence[str] | None = None) -> dict[str, dict[str, Version]]:
+        """Each node's versions, tombstones included (default: every live node)."""
+        return {
+            n.node_id: await snapshot(n.store, include_tombstones=True)
+            for n in self._chosen(node_ids)
+        }
+
+    async def converged(self, node_ids: Sequence[str] | None = None) -> bool:
+        """Same Merkle root everywhere, and the same versions (tombstones included)."""
+        states = await agreed_states([n.store for n in self._chosen(node_ids)])
+        if states is None:
+            return False
+        self.converged_states = states
+        return True
 
     async def wait_converged(
-        self, node_ids: Sequence[str] | None = None, timeout: float = CONVERGE_TIMEOUT_S
-    ) -> None:
-        ids = list(node_ids) if node_ids is not None else list(self.nodes)
-        await wait_converged([self.nodes[n].store for n in ids], timeout=timeout)
+        self, timeout: float = CONVERGE_TIMEOUT_S, *, nodes: Sequence[str] | None = None
+    ) -> float:
+        """Wait until :meth:`converged`; returns the seconds it took. The failure names each
+        node's root and version count."""
+        started = time.monotonic()
+        try:
+            await self.wait_for(lambda: self.converged(nodes), timeout)
+        except AssertionError as exc:
+            described = []
+            for node in self._chosen(nodes):
+                try:
+                    versions = await snapshot(node.store, include_tombstones=True)
+                    root = (await node.store.merkle_root()).hex()[:16]
+                    described.append(f"{node.node_id}: root={root} versions={len(versions)}")
+                except Exception as error:
+                    described.append(f"{node.node_id}: unreadable ({type(error).__name__})")
+            raise AssertionError(
+                f"mesh did not converge within {timeout}s: {'; '.join(described)}"
+            ) from exc
+        return time.monotonic() - started
+
+    async def wait_for(self, condition: Callable[[], Awaitable[bool]], timeout: float) -> None:
+        """Wait until ``condition``; a server restarted a moment ago may still refuse a
+        connection or two, which counts as "not yet"."""
+        await async_wait_until(
+            condition,
+            timeout=timeout,
+            interval=0.05,
+            ignore=(RedisConnectionError, RedisTimeoutError),
+        )
+
+    # ------------------------------------------------------------------ idle
 
     async def _tails(self) -> dict[str, StreamId | None]:
         tails: dict[str, StreamId | None] = {}
-        for node in self.nodes.values():
+        for node in self.live:
             tail = await node.store.stream_tail()
             tails[node.node_id] = None if tail is None else codec.parse_stream_id(tail)
         return tails
@@ -427,7 +624,7 @@ class Mesh:
                     continue
                 try:
                     async with asyncio.timeout(TEARDOWN_SHUTDOWN_S):
-                        await engine.shutdown()
+                        await engine.shutdown(self.shutdown_timeout_s)
                 except Exception as exc:
                     errors.append(exc)
         for node in self.nodes.values():
@@ -438,8 +635,22 @@ class Mesh:
         return errors
 
 
-async def _at_least(value: Any, target: int) -> bool:
-    return bool(await value >= target)
+async def _at_least(value: Awaitable[int], target: int) -> bool:
+    return await value >= target
+
+
+@contextlib.asynccontextmanager
+async def closing(mesh: MeshT) -> AsyncIterator[MeshT]:
+    """Yield ``mesh`` and tear it down however the block exits; a teardown error fails a block
+    that passed, and never hides the error of one that failed."""
+    try:
+        yield mesh
+    except BaseException:
+        await mesh.aclose()  # the test's own failure is the one worth reporting
+        raise
+    errors = await mesh.aclose()
+    if errors:
+        raise errors[0]
 
 
 def build_config(
@@ -459,7 +670,7 @@ def build_config(
         "local": {"redis_url": urls[node_id], "prefix": prefix},
         "settings": {
             "cold_path": {"enabled": False},
-            "hot_path": {"block_timeout": DEFAULT_BLOCK_TIMEOUT_S},
+            "hot_path": {"block_timeout_sec": DEFAULT_BLOCK_TIMEOUT_S},
         },
         "peers": [
             {
@@ -473,8 +684,8 @@ def build_config(
         "cursor": {"sqlite_path": str(cursor_path)},
         "http": {"enabled": False},
     }
-    _deep_merge(data, common or {})
-    _deep_merge(data, override or {})
+    deep_merge(data, common or {})
+    deep_merge(data, override or {})
     return EngineConfig.model_validate(data)
 
 
@@ -490,7 +701,7 @@ async def open_mesh(
     redis_options: Mapping[str, Mapping[str, Any]] | None = None,
     engines: Iterable[str] | None = None,
     prefix: str = DEFAULT_PREFIX,
-) -> AsyncIterator[Mesh]:
+) -> AsyncIterator[Mesh[MeshNode]]:
     """Start servers and stores for ``topology``, start engines, yield the mesh, tear down.
 
     Args:
@@ -533,15 +744,7 @@ async def open_mesh(
                 override=overrides.get(node_id),
                 peer_options={**peer_options.get("*", {}), **peer_options.get(node_id, {})},
             )
-            store = await RedisStore.connect(
-                config.local.redis_url,
-                node_id=node_id,
-                prefix=config.local.prefix,
-                fanout=config.settings.merkle.fanout,
-                depth=config.settings.merkle.depth,
-                stream_maxlen=config.local.stream_maxlen,
-                max_memory_ratio=config.local.max_memory_ratio,
-            )
+            store = await connect_store(config)
             nodes[node_id] = MeshNode(node_id, servers[node_id], store, config)
         to_start = [n for n, p in topology.items() if p] if engines is None else list(engines)
         for node_id in to_start:
@@ -549,14 +752,27 @@ async def open_mesh(
     except BaseException:
         await mesh.aclose()
         raise
-    try:
+    async with closing(mesh):
         yield mesh
-    except BaseException:
-        await mesh.aclose()  # the test's own failure is the one worth reporting
-        raise
-    errors = await mesh.aclose()
-    if errors:
-        raise errors[0]
+
+
+@contextlib.contextmanager
+def redis_processes(workdir: Path) -> Iterator[RedisFactory]:
+    """A factory of local ``redis-server`` processes with their data under ``workdir``, every
+    one killed on exit: what a benchmark uses where a test has the ``redis_factory`` fixture."""
+    started: list[RedisProcess] = []
+
+    def make(**kwargs: Any) -> RedisHandle:
+        server = RedisProcess(data_dir=workdir / f"redis-{len(started)}", **kwargs)
+        started.append(server)  # before start, so a half-started server is killed too
+        server.start()
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.kill()
 
 
 async def cpu_seconds_over(window_s: float) -> float:
