@@ -46,7 +46,7 @@ from replication_engine.cold_path.bootstrap import Bootstrap
 from replication_engine.cold_path.claims import Claims
 from replication_engine.cold_path.drill import NODE_CHUNK_PATHS
 from replication_engine.cold_path.fetch import Fetcher
-from replication_engine.cold_path.local import LocalStore, LocalStoreError
+from replication_engine.cold_path.local import LocalStore, LocalStoreError, Shared
 from replication_engine.cold_path.repair import RepairCycle
 from replication_engine.cold_path.requests import REQUESTED_KEYS_MAX, RepairRequests
 from replication_engine.cold_path.stats import PeerRepair, RepairStats, describe
@@ -125,14 +125,12 @@ class ColdPath:
         self.is_forgotten = is_forgotten
         self._requests = RepairRequests()
         local = LocalStore(store, breaker=local_breaker, relay=relay)
-        fetcher = Fetcher(local, settings, metrics, self._requests)
-        self._claims = Claims(local, cursors, settings, metrics, self._requests, on_complete)
+        shared = Shared(local, cursors, settings, metrics, self._requests)
+        fetcher = Fetcher(shared)
+        self._claims = Claims(shared, on_complete)
         self._repairs = RepairCycle(
-            local,
+            shared,
             self.peers,
-            settings,
-            metrics,
-            requests=self._requests,
             fetcher=fetcher,
             claims=self._claims,
             clock=clock,
@@ -141,10 +139,7 @@ class ColdPath:
             is_bootstrapping=lambda peer_id: self._bootstrap.is_bootstrapping(peer_id),
         )
         self._bootstrap = Bootstrap(
-            local,
-            cursors,
-            settings,
-            metrics,
+            shared,
             repairs=self._repairs,
             fetcher=fetcher,
             claims=self._claims,

@@ -15,13 +15,11 @@ from replication_engine import merkle
 from replication_engine.codec import STREAM_START, StreamId, parse_stream_id
 from replication_engine.cold_path.claims import Claims, PeerFacts
 from replication_engine.cold_path.fetch import Fetcher
-from replication_engine.cold_path.local import LocalStore
+from replication_engine.cold_path.local import Part, Shared
 from replication_engine.cold_path.repair import RepairCycle
 from replication_engine.cold_path.stats import PeerRepair, is_complete
-from replication_engine.config import ColdPathConfig
-from replication_engine.cursor import BootstrapState, CursorStore
+from replication_engine.cursor import BootstrapState
 from replication_engine.knowledge import NodeRecord
-from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer, PeerUnavailable, StreamInfo
 from replication_engine.resilience import EventRateLimiter
 
@@ -31,14 +29,13 @@ log = logging.getLogger(__name__)
 _BOOTSTRAP_TOKEN = "bootstrap_token:"
 
 
-class Bootstrap:
+class Bootstrap(Part):
     """Bootstraps from peers, one at a time (see ``ColdPath.bootstrap``).
 
+    The cursor database keeps the tail, the branches done and the peer's token; of the
+    settings, ``bootstrap_rate_limit_per_sec`` and ``fetch_batch_size``.
+
     Args:
-        local: our store.
-        cursors: where the tail, the branches done and the peer's token are kept.
-        settings: ``bootstrap_rate_limit_per_sec`` and ``fetch_batch_size``.
-        metrics: the engine's metrics.
         repairs: the repair cycle, for its geometry check and the peer's facts (which a
             bootstrap reads afresh, and so refreshes for the cycle).
         fetcher: fetches from the peer and applies here.
@@ -48,20 +45,14 @@ class Bootstrap:
 
     def __init__(
         self,
-        local: LocalStore,
-        cursors: CursorStore,
-        settings: ColdPathConfig,
-        metrics: Metrics,
+        shared: Shared,
         *,
         repairs: RepairCycle,
         fetcher: Fetcher,
         claims: Claims,
         is_forgotten: Callable[[str], bool],
     ) -> None:
-        self.local = local
-        self.cursors = cursors
-        self.settings = settings
-        self.metrics = metrics
+        super().__init__(shared)
         self.repairs = repairs
         self.fetcher = fetcher
         self.claims = claims

@@ -18,11 +18,8 @@ from dataclasses import dataclass
 
 from replication_engine import codec
 from replication_engine.codec import STREAM_START, Change
-from replication_engine.cold_path.local import LocalStore
-from replication_engine.cold_path.requests import RepairRequests
+from replication_engine.cold_path.local import Part, Shared
 from replication_engine.cold_path.stats import CORRUPT_KEYS_LOGGED, PeerRepair
-from replication_engine.config import ColdPathConfig
-from replication_engine.cursor import CursorStore
 from replication_engine.knowledge import (
     ApplyStatus,
     NodeRecord,
@@ -30,7 +27,6 @@ from replication_engine.knowledge import (
     order,
     sid_key,
 )
-from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer, StreamInfo
 
 log = logging.getLogger(__name__)
@@ -56,34 +52,18 @@ class PeerFacts:
         return sid_key(last.ms, last.seq)
 
 
-class Claims:
+class Claims(Part):
     """Draws a repair's conclusions: dead versions dropped, written-off ones replaced, claims
     taken.
 
-    Args:
-        local: our store.
-        cursors: where dropped and replaced versions are quarantined.
-        settings: ``fetch_batch_size`` bounds each read and drop.
-        metrics: the engine's metrics.
-        requests: where an anchor still missing is asked for.
-        on_complete: called with a peer's id and the monotonic time its repair began, after
-            every complete repair from it.
+    Dropped and replaced versions are quarantined in the cursor database; ``fetch_batch_size``
+    bounds each read and drop; an anchor still missing is asked for as a request.
+    ``on_complete`` is called with a peer's id and the monotonic time its repair began, after
+    every complete repair from it.
     """
 
-    def __init__(
-        self,
-        local: LocalStore,
-        cursors: CursorStore,
-        settings: ColdPathConfig,
-        metrics: Metrics,
-        requests: RepairRequests,
-        on_complete: Callable[[str, float], None],
-    ) -> None:
-        self.local = local
-        self.cursors = cursors
-        self.settings = settings
-        self.metrics = metrics
-        self.requests = requests
+    def __init__(self, shared: Shared, on_complete: Callable[[str, float], None]) -> None:
+        super().__init__(shared)
         self.on_complete = on_complete
         self.last_complete: dict[str, float] = {}  # peer -> wall time of its last complete repair
 

@@ -16,12 +16,9 @@ from typing import Any
 
 from replication_engine.codec import Change, CodecError
 from replication_engine.cold_path.drill import drill
-from replication_engine.cold_path.local import LocalStore
-from replication_engine.cold_path.requests import RepairRequests
+from replication_engine.cold_path.local import Part, Shared
 from replication_engine.cold_path.stats import CORRUPT_KEYS_LOGGED, PeerRepair
-from replication_engine.config import ColdPathConfig
 from replication_engine.knowledge import ApplyStatus
-from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
 from replication_engine.resilience import EventRateLimiter
 
@@ -78,29 +75,17 @@ class Batcher:
             await task
 
 
-class Fetcher:
+class Fetcher(Part):
     """Fetches from peers and applies here, counting into each repair's report.
 
-    Args:
-        local: our store.
-        settings: ``fetch_batch_size`` (items per round trip), ``drill_concurrency`` and
-            ``max_items_per_cycle`` (which also bounds the versions kept per peer for the
-            write-off check, and the keys listed as only here).
-        metrics: the engine's metrics.
-        requests: where keys our store refused are kept pending.
+    Of the settings, ``fetch_batch_size`` (items per round trip), ``drill_concurrency`` and
+    ``max_items_per_cycle`` (which also bounds the versions kept per peer for the write-off
+    check, and the keys listed as only here); keys our store refused are kept pending in the
+    requests.
     """
 
-    def __init__(
-        self,
-        local: LocalStore,
-        settings: ColdPathConfig,
-        metrics: Metrics,
-        requests: RepairRequests,
-    ) -> None:
-        self.local = local
-        self.settings = settings
-        self.metrics = metrics
-        self.requests = requests
+    def __init__(self, shared: Shared) -> None:
+        super().__init__(shared)
         self._refused: dict[str, set[str]] = {}  # peer -> keys our store refuses (logged once)
         # peer -> its versions this repair that ours outrank (STALE, SKIPPED): written off, if
         # its record, read again after the fetch, covers ours (see claims.Claims).

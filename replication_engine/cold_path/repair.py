@@ -18,30 +18,25 @@ from collections.abc import Callable, Sequence
 from replication_engine.codec import Change
 from replication_engine.cold_path.claims import Claims, PeerFacts
 from replication_engine.cold_path.fetch import Fetcher
-from replication_engine.cold_path.local import LocalStore, LocalStoreError
-from replication_engine.cold_path.requests import RepairRequests
+from replication_engine.cold_path.local import LocalStoreError, Part, Shared
 from replication_engine.cold_path.stats import PeerRepair, RepairStats, describe, is_complete
-from replication_engine.config import ColdPathConfig
 from replication_engine.knowledge import ApplyStatus
 from replication_engine.merkle import GeometryError
-from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer, PeerUnavailable
 from replication_engine.resilience import Backoff
 
 log = logging.getLogger(__name__)
 
 
-class RepairCycle:
+class RepairCycle(Part):
     """Runs repair cycles against ``peers`` and keeps what they learn about each peer: its
     backoff, its cached facts, its geometry, its last repair.
 
+    A requested peer is repaired even while catching up or with ``enabled`` false, and its
+    request settled after.
+
     Args:
-        local: our store.
         peers: every peer, visited in ``priority`` order.
-        settings: the ``cold_path`` config section.
-        metrics: the engine's metrics.
-        requests: the repairs asked for; a requested peer is repaired even while catching up
-            or with ``enabled`` false, and its request settled after.
         fetcher: fetches from peers and applies here.
         claims: draws each repair's conclusions.
         clock: monotonic seconds for backoff and root-cache ages.
@@ -52,12 +47,9 @@ class RepairCycle:
 
     def __init__(
         self,
-        local: LocalStore,
+        shared: Shared,
         peers: Sequence[Peer],
-        settings: ColdPathConfig,
-        metrics: Metrics,
         *,
-        requests: RepairRequests,
         fetcher: Fetcher,
         claims: Claims,
         clock: Callable[[], float],
@@ -65,11 +57,8 @@ class RepairCycle:
         is_forgotten: Callable[[str], bool],
         is_bootstrapping: Callable[[str], bool],
     ) -> None:
-        self.local = local
+        super().__init__(shared)
         self.peers = list(peers)
-        self.settings = settings
-        self.metrics = metrics
-        self.requests = requests
         self.fetcher = fetcher
         self.claims = claims
         self._clock = clock
@@ -79,7 +68,7 @@ class RepairCycle:
         self.last_repair: dict[str, PeerRepair] = {}
         self.last_stats: RepairStats | None = None
         self.backoff = {
-            p.node_id: Backoff(settings.backoff_base_sec, settings.backoff_max_sec)
+            p.node_id: Backoff(self.settings.backoff_base_sec, self.settings.backoff_max_sec)
             for p in self.peers
         }
         self._retry_at: dict[str, float] = {}
