@@ -13,7 +13,7 @@ import contextlib
 import fnmatch
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -534,16 +534,7 @@ class ReplicationEngine:
                 round of cancellation.
         """
         running = {name: task for name, task in self._tasks.items() if not task.done()}
-        if names is None:
-            chosen = list(running)
-        else:
-            wanted = [names] if isinstance(names, str) else list(names)
-            unmatched = [w for w in wanted if not any(fnmatch.fnmatchcase(n, w) for n in running)]
-            if unmatched:
-                raise EngineError(
-                    f"abort({unmatched!r}): no running task matches; running: {sorted(running)}"
-                )
-            chosen = [n for n in running if any(fnmatch.fnmatchcase(n, w) for w in wanted)]
+        chosen = _matching(running, names)
         tasks = [running[name] for name in chosen]
         rounds = 0
         while pending := [task for task in tasks if not task.done()]:
@@ -710,8 +701,6 @@ class ReplicationEngine:
         """Whether a load balancer should send reads here, and why not."""
         if self._state is not EngineState.RUNNING:
             return False, [f"engine is {self._state}"]
-        slo = self.config.settings.slo
-        max_lag_ms = slo.max_replication_lag_sec * 1000
         health = {peer_id: self._peer_health(peer_id) for peer_id in self.peers}
         reasons: list[str] = []
         recovering = self.membership.not_ready_reason() if self.membership is not None else None
@@ -720,15 +709,7 @@ class ReplicationEngine:
         if health and not any(h.connected for h in health.values()):
             reasons.append("all peers are disconnected")
         for peer_id, h in health.items():
-            if h.mode is not None and not h.mode.vouches:
-                reasons.append(f"peer {peer_id}: {h.mode}")
-            elif h.mode is not None and h.connected and h.lag_ms is None:
-                reasons.append(f"peer {peer_id}: lag not known yet")
-            if h.lag_ms is not None and h.lag_ms > max_lag_ms:
-                reasons.append(f"peer {peer_id}: lag {h.lag_ms} ms exceeds {max_lag_ms:.0f} ms")
-            max_events = slo.max_replication_lag_events
-            if max_events is not None and h.lag_events is not None and h.lag_events > max_events:
-                reasons.append(f"peer {peer_id}: lag {h.lag_events} events exceeds {max_events}")
+            reasons.extend(f"peer {peer_id}: {why}" for why in self._not_ready(h))
         if reasons:
             return False, reasons
         stall_after = 2 * self.config.settings.peer_health.ping_interval_sec
@@ -738,6 +719,34 @@ class ReplicationEngine:
             if h.stalled
         ]
         return True, notes
+
+    def _not_ready(self, h: PeerHealth) -> list[str]:
+        """Why one peer's link keeps this node from being vouched for (empty: it does not)."""
+        slo = self.config.settings.slo
+        max_lag_ms, max_events = slo.max_replication_lag_sec * 1000, slo.max_replication_lag_events
+        reasons = []
+        if h.mode is not None and not h.mode.vouches:
+            reasons.append(str(h.mode))
+        elif h.mode is not None and h.connected and h.lag_ms is None:
+            reasons.append("lag not known yet")
+        if h.lag_ms is not None and h.lag_ms > max_lag_ms:
+            reasons.append(f"lag {h.lag_ms} ms exceeds {max_lag_ms:.0f} ms")
+        if max_events is not None and h.lag_events is not None and h.lag_events > max_events:
+            reasons.append(f"lag {h.lag_events} events exceeds {max_events}")
+        return reasons
+
+
+def _matching(running: Mapping[str, object], names: str | Iterable[str] | None) -> list[str]:
+    """The running tasks that ``names`` (names or fnmatch patterns; None: all) picks out."""
+    if names is None:
+        return list(running)
+    wanted = [names] if isinstance(names, str) else list(names)
+    unmatched = [w for w in wanted if not fnmatch.filter(running, w)]
+    if unmatched:
+        raise EngineError(
+            f"abort({unmatched!r}): no running task matches; running: {sorted(running)}"
+        )
+    return [n for n in running if any(fnmatch.fnmatchcase(n, w) for w in wanted)]
 
 
 def _exposure_ms(tailer: Tailer, peer: Peer) -> int | None:
