@@ -67,8 +67,10 @@ SHUTDOWN_BOUND_S = 15.0
 
 # Engine settings of a chaos node: both paths on, short timeouts so faults are noticed and
 # healed within seconds (cold path every second, peer op timeout 1 s, circuit reset 1 s).
+# Relay on, though a mesh node's default is off: a write then reaches a node along every path
+# of the mesh, which gives faults (and the judge) echoes and duplicates to get wrong.
 CHAOS_SETTINGS: dict[str, Any] = {
-    "hot_path": {"block_timeout_sec": 0.2, "shutdown_timeout_sec": 2.0},
+    "hot_path": {"block_timeout_sec": 0.2, "shutdown_timeout_sec": 2.0, "relay": True},
     "cold_path": {
         "enabled": True,
         "interval_sec": 1.0,

@@ -44,6 +44,9 @@ from replication_engine.hot_path import Tailer
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import RedisFactory, async_wait_until, free_port
 
+# Mesh nodes re-emit what they apply only when told to (a mesh node's default is off).
+RELAYING = {"settings": {"hot_path": {"relay": True}}}
+
 # Drain time given to tailers on shutdown in these tests; the engine's bound is this + 5 s.
 SHUTDOWN_TIMEOUT_S = 2.0
 SHUTDOWN_BOUND_S = SHUTDOWN_TIMEOUT_S + 5.0
@@ -715,7 +718,8 @@ def spans() -> Iterator[InMemorySpanExporter]:
 async def test_a_write_is_traced_through_to_the_apply_on_another_node(
     redis_factory: RedisFactory, tmp_path: Path, spans: InMemorySpanExporter
 ) -> None:
-    async with open_mesh(redis_factory, tmp_path, {"a": [], "b": ["a"]}) as mesh:
+    # b relays: its re-emitted entry carries the trace on.
+    async with open_mesh(redis_factory, tmp_path, {"a": [], "b": ["a"]}, common=RELAYING) as mesh:
         tracer = trace.get_tracer("tests.integration.test_engine")
         with tracer.start_as_current_span("client-write") as client:
             await mesh["a"].store.put("traced", b"payload")

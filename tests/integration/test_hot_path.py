@@ -45,6 +45,10 @@ from replication_engine.cursor import CursorStore
 from replication_engine.engine import ReplicationEngine
 from replication_engine.testing import RedisFactory, async_wait_until
 
+# Mesh nodes re-emit what they apply only when told to (a mesh node's default is off): the
+# tests that count relayed entries, echoes or a chain's hops say so.
+RELAYING = {"settings": {"hot_path": {"relay": True}}}
+
 # Budget for a whole idle-CPU window: an engine that spins shows up as a full core (~2 s).
 IDLE_CPU_BUDGET_S = 0.5
 # Length of each CPU measurement window.
@@ -201,7 +205,7 @@ async def test_chain_topology_relays_writes_end_to_end(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
     chain = {"a": ["b"], "b": ["a", "c"], "c": ["b"]}
-    async with open_mesh(redis_factory, tmp_path, chain) as mesh:
+    async with open_mesh(redis_factory, tmp_path, chain, common=RELAYING) as mesh:
         assert set(mesh["a"].running().peers) == {"b"}
         assert set(mesh["c"].running().peers) == {"b"}
         log = WriteLog()
@@ -221,7 +225,9 @@ async def test_chain_topology_relays_writes_end_to_end(
 async def test_no_write_applied_twice_and_streams_stop_growing(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with open_mesh(redis_factory, tmp_path, full_mesh(["a", "b", "c"])) as mesh:
+    async with open_mesh(
+        redis_factory, tmp_path, full_mesh(["a", "b", "c"]), common=RELAYING
+    ) as mesh:
         log = WriteLog()
         await concurrent_workload(mesh, log, random.Random(303), rounds=50)
         await mesh.wait_idle()
@@ -264,7 +270,9 @@ async def test_no_write_applied_twice_and_streams_stop_growing(
 async def test_echoes_counted_in_three_node_mesh(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with open_mesh(redis_factory, tmp_path, full_mesh(["a", "b", "c"])) as mesh:
+    async with open_mesh(
+        redis_factory, tmp_path, full_mesh(["a", "b", "c"]), common=RELAYING
+    ) as mesh:
         log = WriteLog()
         await concurrent_workload(mesh, log, random.Random(404), rounds=30)
         await mesh.wait_idle()
@@ -289,7 +297,9 @@ async def test_echoes_counted_in_three_node_mesh(
 async def test_restarted_engine_resumes_from_its_cursor_and_applies_only_missing_writes(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    async with open_mesh(redis_factory, tmp_path, full_mesh(["a", "b", "c"])) as mesh:
+    async with open_mesh(
+        redis_factory, tmp_path, full_mesh(["a", "b", "c"]), common=RELAYING
+    ) as mesh:
         c = mesh["c"]
         log = WriteLog()
         await put_many(log, c, [f"c:{i}" for i in range(20)])

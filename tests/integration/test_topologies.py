@@ -648,10 +648,13 @@ async def fail_over(redis_factory: RedisFactory, tmp_path: Path) -> Takeover:
             }
         }
     }
+    # Relay on (the example configs have it off): B's stream then records each version B
+    # applied, which is how this test learns what B held when A died. What B holds is the same.
     async with open_mesh(
         redis_factory,
         tmp_path,
         HOT_STANDBY,
+        common={"settings": {"hot_path": {"relay": True}}},
         overrides={"B": throttled},
         peer_options={"*": {"circuit_reset_timeout_sec": 0.5}},
         redis_options={"*": {"appendonly": True, "appendfsync": "always"}},
@@ -990,10 +993,15 @@ BURST_WRITES = 600
 async def test_load_balancer_health_mesh_status(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    # A full mesh seen from node a, which flags lag above 0.25 s.
+    # A full mesh seen from node a, which flags lag above 0.25 s. Relaying, so that b's burst
+    # reaches c's stream too and a lags behind both.
     a_slo = {"settings": {"slo": {"max_replication_lag_sec": MAX_LAG_SEC}}}
     async with open_mesh(
-        redis_factory, tmp_path, full_mesh(["a", "b", "c", "d"]), overrides={"a": a_slo}
+        redis_factory,
+        tmp_path,
+        full_mesh(["a", "b", "c", "d"]),
+        common={"settings": {"hot_path": {"relay": True}}},
+        overrides={"a": a_slo},
     ) as mesh:
         a, b = mesh["a"], mesh["b"]
         log = WriteLog()
