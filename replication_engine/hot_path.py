@@ -300,8 +300,9 @@ class Tailer:
                         after = codec.parse_stream_id(entries[-1][0])
                         count = self._read_count()
                         ahead = _Read(
-                            asyncio.ensure_future(
-                                self.peer.read_batch(after, count, block_ms=None)
+                            asyncio.create_task(
+                                self.peer.read_batch(after, count, block_ms=None),
+                                name=f"tailer[{self._peer_id}].read_ahead",
                             ),
                             count,
                         )
@@ -311,7 +312,10 @@ class Tailer:
                         if not await finished:
                             break  # stopping with the previous batch unapplied: re-read later
                     if prepared is not None:
-                        committing = asyncio.ensure_future(self._commit_prepared(*prepared))
+                        committing = asyncio.create_task(
+                            self._commit_prepared(*prepared),
+                            name=f"tailer[{self._peer_id}].commit",
+                        )
                         if not full:
                             finished, committing = committing, None
                             await finished
@@ -444,12 +448,13 @@ class Tailer:
             if block_ms is not None and await self._linger():
                 return None
             count = self._read_count()
-            read = asyncio.ensure_future(
-                self.peer.read_batch(self.cursor, count, block_ms=block_ms)
+            read = asyncio.create_task(
+                self.peer.read_batch(self.cursor, count, block_ms=block_ms),
+                name=f"tailer[{self._peer_id}].read",
             )
         else:
             read, count = ahead.task, ahead.count
-        stop = asyncio.ensure_future(self._stop.wait())
+        stop = asyncio.create_task(self._stop.wait(), name=f"tailer[{self._peer_id}].stop")
         started = time.perf_counter()
         try:
             await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -728,7 +733,9 @@ class Tailer:
         while True:
             delay = 0.0
             if await self._admit(len(batch.changes)):
-                attempt = asyncio.ensure_future(self._apply_and_save(batch, last_id))
+                attempt = asyncio.create_task(
+                    self._apply_and_save(batch, last_id), name=f"tailer[{self._peer_id}].apply"
+                )
                 try:
                     outcome = await asyncio.shield(attempt)
                 except asyncio.CancelledError:

@@ -678,7 +678,10 @@ class Membership:
 
 async def _wait(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> bool:
     """Wait for ``stop``, ``wake`` or ``timeout``, whichever comes first; True when stopping."""
-    waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())}
+    waiters = {
+        asyncio.create_task(stop.wait(), name="membership.stop"),
+        asyncio.create_task(wake.wait(), name="membership.wake"),
+    }
     try:
         await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
