@@ -36,13 +36,9 @@ from replication_engine import clock
 from replication_engine.codec import Change
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
-from replication_engine.store.redis_store import (
-    ApplyResult,
-    ApplyStatus,
-    PreparedApply,
-    RedisStore,
-    StreamBatch,
-)
+from replication_engine.knowledge import ApplyStatus
+from replication_engine.store.protocol import ApplyResult, PreparedApply, StreamBatch
+from replication_engine.store.redis_store import RedisStore
 
 NODES = ("a", "b", "c")
 KEYS = 10_000

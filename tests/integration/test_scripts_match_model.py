@@ -38,7 +38,8 @@ from replication_engine import clock
 from replication_engine.codec import Change, content_hash
 from replication_engine.knowledge import ApplyStatus, decide, hlc_hex, sid_key
 from replication_engine.merkle import MerkleModel
-from replication_engine.store.redis_store import RedisStore, StreamBatch
+from replication_engine.store.protocol import StreamBatch
+from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import RedisFactory, RedisHandle
 
 SELF = "n-a"  # the store under test

@@ -25,10 +25,9 @@ from replication_engine.clock import HLC
 from replication_engine.codec import Change, CodecError, decode_entry, encode_entry, encode_payload
 from replication_engine.connection import make_client
 from replication_engine.errors import ReplicationError
-from replication_engine.knowledge import ALL_WRITES
+from replication_engine.knowledge import ALL_WRITES, ApplyStatus
 from replication_engine.merkle import ZERO, Geometry, GeometryError, MerkleModel, leaf_digest
 from replication_engine.store.redis_store import (
-    ApplyStatus,
     InvalidWriteError,
     ReadOnlyStoreError,
     RedisStore,
