@@ -1,6 +1,7 @@
 """End-to-end replication lag in a 3-node full mesh under a steady write rate. Prints figures.
 
     python -m bench.lag [--rate R] [--seconds S] [--relay on|off|both] [--writers N]
+                        [--min-read-interval-sec S]
 
 Every part runs as it would in production, each in its own process: three ``redis-server``s, one
 engine process per node (hot path only), and ``N`` writer processes that together issue ``R``
@@ -331,7 +332,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--relay", choices=["on", "off", "both"], default="both")
     parser.add_argument("--writers", type=int, default=1, help="writer processes")
     parser.add_argument(
-        "--min-read-interval",
+        "--min-read-interval-sec",
         type=float,
         default=None,
         help="hot_path.min_read_interval_sec of the engines, seconds (default: the config default)",
