@@ -969,3 +969,38 @@ async def test_backpressure_pauses_applies_until_memory_is_available(
         await mesh.wait_converged()
         assert await snapshot(a.store) == expected_snapshot(log.writes)
         await mesh.wait_idle()
+
+
+async def test_a_node_upgraded_to_the_relay_default_keeps_the_mesh_converging(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """A mesh that relayed (the default before relay followed the role) upgrades one node to
+    the new default while every node writes: that node's stream starts a new epoch, its peers
+    re-anchor, and nothing written is lost or applied twice."""
+    async with open_mesh(
+        redis_factory, tmp_path, full_mesh(["a", "b", "c"]), common=RELAYING
+    ) as mesh:
+        a = mesh["a"]
+        log = WriteLog()
+        async with writers([mesh["a"], mesh["b"], mesh["c"]], log, seed=808):
+            await wait_writes(log, 150)
+            await mesh.stop_engine("a")
+            before = await a.store.record()
+            hot_path = a.config.settings.hot_path.model_copy(update={"relay": None})
+            settings = a.config.settings.model_copy(update={"hot_path": hot_path})
+            a.config = a.config.model_copy(update={"settings": settings})
+            assert a.config.relay is False
+            restarted_at = await a.store.redis.xlen(a.store.keys.cdc)
+            await mesh.start_engine("a")
+            await wait_writes(log, len(log.writes) + 150)
+        await mesh.wait_idle()
+        await mesh.wait_converged()
+        after = await a.store.record()
+        assert before is not None and after is not None
+        assert (before.relay, after.relay) == (True, False)
+        assert after.epoch != before.epoch, "a relay change starts a new epoch of the stream"
+        for node in mesh:
+            assert await snapshot(node.store) == expected_snapshot(log.writes), node.node_id
+        # a re-emits nothing now: since the restart its stream holds only its own writes.
+        since = [change for _, change in await read_stream(a.store)][restarted_at:]
+        assert since and all(change.origin == "a" for change in since)
