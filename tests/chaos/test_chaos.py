@@ -566,9 +566,10 @@ async def test_cursor_save_failure_stops_applying_past_it_and_recovers(
         await mesh.wait_converged(CONVERGE_S)
         engine = a.running()
         db = engine.cursors._db  # type: ignore[union-attr]
-        real_execute = db.execute
+        real_execute, real_fetchall = db.execute, db.execute_fetchall
         failures = 0
 
+        # The disk is full for a cursor write, whichever of aiosqlite's calls carries it.
         def execute(sql: str, parameters: Any = None) -> Any:
             nonlocal failures
             if sql.startswith("INSERT INTO cursors"):
@@ -576,8 +577,16 @@ async def test_cursor_save_failure_stops_applying_past_it_and_recovers(
                 return _DiskFull()
             return real_execute(sql, parameters)
 
+        def execute_fetchall(sql: str, parameters: Any = None) -> Any:
+            nonlocal failures
+            if sql.startswith("INSERT INTO cursors"):
+                failures += 1
+                return _DiskFull()
+            return real_fetchall(sql, parameters)
+
         before = a.saved_cursor("b")
         monkeypatch.setattr(db, "execute", execute)
+        monkeypatch.setattr(db, "execute_fetchall", execute_fetchall)
         await workload.burst("b", 30, workload_rng(21))
         await async_wait_until(
             lambda: engine.tailer_restarts.get("tailer:b", 0) >= 2,
@@ -591,6 +600,7 @@ async def test_cursor_save_failure_stops_applying_past_it_and_recovers(
         assert a.saved_cursor("b") == before
         assert engine.tailers["b"].cursor is None or engine.tailers["b"].cursor <= before
         monkeypatch.setattr(db, "execute", real_execute)
+        monkeypatch.setattr(db, "execute_fetchall", real_fetchall)
         await converge_and_judge(mesh, workload)
         tail = await mesh["b"].store.stream_tail()
         await async_wait_until(
