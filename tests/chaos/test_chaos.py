@@ -570,23 +570,19 @@ async def test_cursor_save_failure_stops_applying_past_it_and_recovers(
         failures = 0
 
         # The disk is full for a cursor write, whichever of aiosqlite's calls carries it.
-        def execute(sql: str, parameters: Any = None) -> Any:
-            nonlocal failures
-            if sql.startswith("INSERT INTO cursors"):
-                failures += 1
-                return _DiskFull()
-            return real_execute(sql, parameters)
+        def full_for_cursors(real: Callable[..., Any]) -> Callable[..., Any]:
+            def call(sql: str, parameters: Any = None) -> Any:
+                nonlocal failures
+                if sql.startswith("INSERT INTO cursors"):
+                    failures += 1
+                    return _DiskFull()
+                return real(sql, parameters)
 
-        def execute_fetchall(sql: str, parameters: Any = None) -> Any:
-            nonlocal failures
-            if sql.startswith("INSERT INTO cursors"):
-                failures += 1
-                return _DiskFull()
-            return real_fetchall(sql, parameters)
+            return call
 
         before = a.saved_cursor("b")
-        monkeypatch.setattr(db, "execute", execute)
-        monkeypatch.setattr(db, "execute_fetchall", execute_fetchall)
+        monkeypatch.setattr(db, "execute", full_for_cursors(real_execute))
+        monkeypatch.setattr(db, "execute_fetchall", full_for_cursors(real_fetchall))
         await workload.burst("b", 30, workload_rng(21))
         await async_wait_until(
             lambda: engine.tailer_restarts.get("tailer:b", 0) >= 2,
