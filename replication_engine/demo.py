@@ -106,6 +106,9 @@ class Demo:
                         "min_batch_size": 10,
                         "max_batch_size": 1000,
                         "shutdown_timeout_sec": "5s",
+                        # A mesh node's default is off; on here because each node's stream then
+                        # records when it applied every write, which is how the demo measures lag.
+                        "relay": True,
                     },
                     "cold_path": {
                         "interval_sec": 2,
