@@ -91,7 +91,6 @@ class Part:
     the parts share as attributes of its own."""
 
     def __init__(self, shared: Shared) -> None:
-        self.shared = shared
         self.local = shared.local
         self.cursors = shared.cursors
         self.settings = shared.settings
