@@ -9,7 +9,8 @@ from replication_engine.config import ConfigError, EngineConfig, load_config
 from replication_engine.cursor import CursorError
 from replication_engine.engine import EngineError, ReplicationEngine
 from replication_engine.errors import ReplicationError
-from replication_engine.merkle import Geometry, GeometryError
+from replication_engine.merkle import FormatError, Geometry, GeometryError
+from replication_engine.migrate import MigrationError
 from replication_engine.peer import PeerUnavailable
 from replication_engine.store import ApplyStatus, Item, ReadOnlyStoreError, RedisStore
 from replication_engine.store.redis_store import (
@@ -29,10 +30,12 @@ __all__ = [
     "CursorError",
     "EngineConfig",
     "EngineError",
+    "FormatError",
     "Geometry",
     "GeometryError",
     "InvalidWriteError",
     "Item",
+    "MigrationError",
     "PeerUnavailable",
     "ReadOnlyStoreError",
     "RedisStore",

@@ -113,6 +113,24 @@ def _parser() -> argparse.ArgumentParser:
     forget.add_argument("node", help="the member's node id")
     forget.add_argument("--config", required=True, help="this node's config file")
 
+    migrate = sub.add_parser(
+        "migrate",
+        help="convert this node's store from format 1 to format 2 in place (engine stopped)",
+        description="Resumable: run it again after an interruption. Exit status 0 when the "
+        "store is in format 2 afterwards (or --dry-run described it), 1 when it stopped.",
+    )
+    migrate.add_argument("--config", required=True, help="this node's config file")
+    migrate.add_argument(
+        "--dry-run", action="store_true", help="say what it would do, change nothing"
+    )
+    migrate.add_argument("--batch", type=int, default=1000, help="keys per step (default 1000)")
+
+    functions_cmd = sub.add_parser(
+        "functions", help="the store's Redis Functions library (docs/FORMAT.md, 'Functions')"
+    )
+    functions_cmd.add_argument("action", choices=["load"], help="load: load or upgrade it")
+    functions_cmd.add_argument("--config", required=True, help="this node's config file")
+
     verify = sub.add_parser(
         "verify",
         help="compare Merkle roots with every peer",
@@ -184,6 +202,16 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(
                 verify(load_config(args.config), limit=args.limit, tree=args.tree, deep=args.deep)
             )
+        if args.command == "migrate":
+            from replication_engine.tools import migrate
+
+            return asyncio.run(
+                migrate(load_config(args.config), dry_run=args.dry_run, batch=args.batch)
+            )
+        if args.command == "functions":
+            from replication_engine.tools import load_functions
+
+            return asyncio.run(load_functions(load_config(args.config)))
         if args.command == "forget":
             from replication_engine.tools import forget
 

@@ -61,15 +61,18 @@ def content_hash(data: bytes) -> str:
 
 
 def verify_hash(data: bytes, expected: str) -> None:
-    """Check ``data`` against a 32-hex (xxh3-128) or 64-hex (SHA-256) digest."""
+    """Check ``data`` against a 32-hex (xxh3-128), 40-hex (SHA-1, what the store's functions
+    compute for clients that send a plain value) or 64-hex (SHA-256) digest."""
     expected = expected.lower()
     if len(expected) == 32:
         actual = xxhash.xxh3_128_hexdigest(data)
+    elif len(expected) == 40:
+        actual = hashlib.sha1(data).hexdigest()
     elif len(expected) == 64:
         actual = hashlib.sha256(data).hexdigest()
     else:
         raise CodecError(
-            "content hash must be 32 (xxh3-128) or 64 (SHA-256) hex characters, "
+            "content hash must be 32 (xxh3-128), 40 (SHA-1) or 64 (SHA-256) hex characters, "
             f"got {len(expected)}",
             reason="bad_hash",
         )

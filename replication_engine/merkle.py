@@ -22,8 +22,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import xxhash
-
 from replication_engine.errors import ReplicationError
 
 DIGEST_BYTES = 16
@@ -31,11 +29,41 @@ DIGEST_HEX = DIGEST_BYTES * 2
 ZERO_HEX = "0" * DIGEST_HEX
 ZERO = bytes(DIGEST_BYTES)
 LEAF_HASH = "sha1-128/v1"
-BUCKET_HASH = "xxh3-64"
+# The leaf bucket of a key: the top bits of SHA-1 of its UTF-8 bytes. SHA-1 because Lua inside
+# Redis computes it natively (``redis.sha1hex``), so the write path decides placement itself and
+# no client, in any language, can put an item in the wrong bucket (format 1 used xxh3-64, which
+# only clients could compute, and trusted them).
+BUCKET_HASH = "sha1-32"
+# The store layout (docs/FORMAT.md). Format 1 stores are converted by ``replication-engine
+# migrate``; nothing else reads them.
+FORMAT = 2
+# A format-2 store of one partition: every key it writes shares the hash tag ``{0}``.
+PARTITIONS = 1
 
 
 class GeometryError(ReplicationError, ValueError):
     """Two nodes (or a store and its config) disagree on the tree's shape."""
+
+
+class FormatError(GeometryError):
+    """A store laid out in another format than this engine's (docs/FORMAT.md, "Format 1")."""
+
+    def __init__(self, found: str, *, at: str | None = None) -> None:
+        self.found = found
+        if found == "1":
+            why = (
+                "is in format 1, which this version no longer opens; convert it in place with "
+                "`replication-engine migrate --config FILE` (docs/FORMAT.md, 'Migrating')"
+            )
+        elif found == "migrating":
+            why = (
+                "is part way through a migration to format 2; finish it with "
+                "`replication-engine migrate --config FILE`"
+            )
+        else:
+            why = f"is in format {found}, newer than this version's format {FORMAT}; upgrade"
+        where = "" if at is None else f" at prefix {at!r}"
+        super().__init__(f"store{where} {why}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,32 +114,43 @@ class Geometry:
         return int(self.fanout**self.depth)
 
     def describe(self) -> str:
-        return f"fanout={self.fanout} depth={self.depth} leaf={LEAF_HASH} bucket={BUCKET_HASH}"
+        return (
+            f"format={FORMAT} fanout={self.fanout} depth={self.depth} leaf={LEAF_HASH} "
+            f"bucket={BUCKET_HASH}"
+        )
 
     def as_fields(self) -> dict[str, str]:
         return {
+            "format": str(FORMAT),
             "fanout": str(self.fanout),
             "depth": str(self.depth),
             "leaf_hash": LEAF_HASH,
             "bucket_hash": BUCKET_HASH,
+            "partitions": str(PARTITIONS),
         }
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, str]) -> Geometry:
+        """The geometry a store recorded; a store of another format is refused by name."""
+        found = "migrating" if "migrating" in fields else fields.get("format", "1")
+        if found != str(FORMAT):
+            raise FormatError(found)
         try:
             geometry = cls(int(fields["fanout"]), int(fields["depth"]))
         except (KeyError, ValueError) as exc:
             raise GeometryError(f"stored geometry is unreadable: {dict(fields)!r}") from exc
         if (
-            fields.get("leaf_hash", LEAF_HASH) != LEAF_HASH
-            or fields.get("bucket_hash", BUCKET_HASH) != BUCKET_HASH
+            fields.get("leaf_hash") != LEAF_HASH
+            or fields.get("bucket_hash") != BUCKET_HASH
+            or fields.get("partitions") != str(PARTITIONS)
         ):
             raise GeometryError(f"stored geometry uses other hashes: {dict(fields)!r}")
         return geometry
 
     def bucket(self, key: str) -> int:
         bits = self.depth * self.bits_per_level
-        return xxhash.xxh3_64_intdigest(key.encode("utf-8")) >> (64 - bits)
+        top = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:4], "big")
+        return top >> (32 - bits)
 
     def segments(self, bucket: int) -> list[str]:
         """Child index at each level, root first, as fixed-width hex."""

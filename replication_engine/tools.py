@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sys
 import time
 from collections import Counter
@@ -23,8 +24,10 @@ from replication_engine.cursor import CursorStore
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import NodeRecord, frontier
 from replication_engine.merkle import DrillPlan, Geometry
+from replication_engine.migrate import Migration, MigrationError
 from replication_engine.peer import StreamInfo, parse_stream_info
 from replication_engine.redaction import redact_url
+from replication_engine.store import functions
 from replication_engine.store.layout import Keyspace
 from replication_engine.store.reader import TreeReader
 from replication_engine.store.redis_store import RedisStore
@@ -362,7 +365,81 @@ async def _local_store(config: EngineConfig) -> RedisStore:
         password=local.password.get_secret_value() if local.password else None,
         fanout=config.settings.merkle.fanout,
         depth=config.settings.merkle.depth,
+        stream_maxlen=local.stream_maxlen,
     )
+
+
+async def load_functions(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
+    """Load (or upgrade) the store's function library, and create the store if it is new, so
+    that applications can write through the functions before the engine first starts."""
+    store = await _local_store(config)
+    try:
+        loaded = await store.load_functions()
+        sha = "" if loaded.functions else await store.redis.script_load(functions.fallback_source())
+    finally:
+        await store.close()
+    if loaded.functions:
+        print(
+            f"library {functions.LIBRARY} version {loaded.version}: {loaded.action}; "
+            f"call it with FCALL (docs/FORMAT.md, 'Functions')",
+            file=out,
+        )
+    else:
+        print(
+            f"this Redis has no functions (before 7.0): the same code is loaded as script "
+            f"{sha}; call it with EVALSHA {sha} <numkeys> <keys> <function name> <args> "
+            f"(docs/FORMAT.md, 'Redis 6.2'); the store is ready",
+            file=out,
+        )
+    return 0
+
+
+async def migrate(
+    config: EngineConfig, *, dry_run: bool, batch: int, out: TextIO = sys.stdout
+) -> int:
+    """Convert the local store from format 1 to format 2 in place (see :mod:`..migrate`).
+
+    Returns 0 when the store is in format 2 afterwards (or the dry run could describe it), 1
+    when the conversion could not go on (the message says why; run it again once fixed).
+    """
+    local = config.local
+    redis = make_client(
+        local.redis_url,
+        username=local.username,
+        password=local.password.get_secret_value() if local.password else None,
+        client_name=f"re-migrate-{config.local_node_id}",
+    )
+    say = functools.partial(print, file=out, flush=True)
+    try:
+        migration = Migration(redis, local.prefix, batch=batch, say=say)
+        survey = await migration.survey()
+        for line in migration.describe(survey):
+            say(line)
+        if dry_run or survey.state in ("format 2", "empty"):
+            return 0
+        outcome = await migration.run()
+    except MigrationError as exc:
+        say(f"migration stopped: {exc}")
+        return 1
+    finally:
+        await redis.aclose()
+    say(
+        f"converted in {outcome.seconds:.1f} s: {outcome.items_moved:,} items renamed, "
+        f"{outcome.placed:,} placed in the new tree"
+        + (f", {outcome.skipped} unreadable items left out of it" if outcome.skipped else "")
+    )
+    if outcome.root_kept:
+        say(f"root {outcome.root_after}: unchanged, as it must be")
+    else:
+        say(
+            f"root was {outcome.root_before}, is {outcome.root_after}: the old tree disagreed "
+            f"with its items; the new tree is built from the items, and the cold path repairs "
+            f"any difference with peers"
+        )
+    store = await _local_store(config)  # records the partition's meta, loads the functions
+    await store.close()
+    say("store is in format 2; start the engine")
+    return 0
 
 
 async def forget(config: EngineConfig, node_id: str, *, out: TextIO = sys.stdout) -> int:

@@ -2,6 +2,11 @@
 
 One place computes key names, so the local store, the peer reader and the docs cannot drift.
 ``docs/FORMAT.md`` documents each key.
+
+Format 2 keeps a store's data in partitions. Every key a partition holds starts with the prefix
+and the partition's hash tag (``P{0}``), so one script call touches one Redis Cluster slot; only
+``Pmeta``, which says how the store is laid out, is outside every partition. This version
+writes stores of one partition, ``{0}``.
 """
 
 from __future__ import annotations
@@ -14,44 +19,72 @@ def text(raw: object) -> str:
     return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
 
 
+PARTITION_TAG = "{0}"
+
+
+def glob_escape(literal: str) -> str:
+    """``literal`` as a SCAN ``MATCH`` pattern that matches only itself."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in literal)
+
+
 @dataclass(frozen=True, slots=True)
 class Keyspace:
     prefix: str = ""
 
+    def __post_init__(self) -> None:
+        if "{" in self.prefix or "}" in self.prefix:
+            # Redis Cluster hashes a key by its first {...}: a brace in the prefix would take
+            # the place of the partition's tag.
+            raise ValueError(f"key prefix {self.prefix!r} must not contain '{{' or '}}'")
+
     @property
-    def cdc(self) -> str:
-        return f"{self.prefix}cdc"
+    def part(self) -> str:
+        """What every key of the partition starts with: the prefix and the hash tag."""
+        return f"{self.prefix}{PARTITION_TAG}"
 
     @property
     def meta(self) -> str:
+        """How the store is laid out (format, geometry, partitions): the one key outside
+        every partition, read first by anyone opening the store."""
         return f"{self.prefix}meta"
 
     @property
+    def part_meta(self) -> str:
+        """The partition's copy of the layout, with the node id and stream bound: what the
+        store's functions read, in their own slot, to place and stamp a write."""
+        return f"{self.part}meta"
+
+    @property
+    def cdc(self) -> str:
+        return f"{self.part}cdc"
+
+    @property
     def hlc(self) -> str:
-        return f"{self.prefix}hlc"
+        return f"{self.part}hlc"
 
     @property
     def root(self) -> str:
-        return f"{self.prefix}mk:root"
+        return f"{self.part}mk:root"
 
     @property
     def tombs(self) -> str:
-        return f"{self.prefix}tombs"
+        return f"{self.part}tombs"
 
     @property
     def record(self) -> str:
         """This store's record: its claims, anchors, membership and state (docs/DELETES.md)."""
-        return f"{self.prefix}node"
+        return f"{self.part}node"
 
     def item(self, key: str) -> str:
-        return f"{self.prefix}item:{key}"
+        return f"{self.part}item:{key}"
 
     def node(self, path: str) -> str:
         """A tree node's children map (interior) or key->digest map (leaf bucket)."""
-        return f"{self.prefix}mk:{path}"
+        return f"{self.part}mk:{path}"
 
 
-# Redis's TYPE of every key the format defines (docs/FORMAT.md, "Keys").
+# Redis's TYPE of every key the format defines (docs/FORMAT.md, "Keys"), after the partition's
+# prefix ("P{0}"); the store's "Pmeta" is checked by name.
 _FIXED_TYPES = {"cdc": "stream", "meta": "hash", "hlc": "string", "mk:root": "string"}
 _FIXED_TYPES |= {"tombs": "zset", "node": "hash"}
 _HEX = frozenset("0123456789abcdef")
@@ -67,7 +100,11 @@ def key_problem(keys: Keyspace, width: int, depth: int, name: str, kind: str) ->
     """
     if not name.startswith(keys.prefix):
         return None
-    rest = name[len(keys.prefix) :]
+    if name == keys.meta:
+        return None if kind == "hash" else f"wrong type: {kind}, the format has a hash"
+    if not name.startswith(keys.part):
+        return "not a key of the format" if keys.prefix else None
+    rest = name[len(keys.part) :]
     expected = _FIXED_TYPES.get(rest)
     if expected is None and rest.startswith("item:"):
         expected = "hash"

@@ -22,7 +22,6 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import replace
-from importlib import resources
 from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import msgpack
@@ -46,10 +45,11 @@ from replication_engine.codec import Change
 from replication_engine.connection import Failure, TlsOptions, failure, make_client
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import ApplyStatus, NodeRecord, hlc_hex
-from replication_engine.merkle import DrillPlan, Geometry, GeometryError, leaf_digest
+from replication_engine.merkle import DrillPlan, FormatError, Geometry, GeometryError, leaf_digest
 from replication_engine.observability.tracing import current_trace_parent
 from replication_engine.redaction import redact_url
-from replication_engine.store.layout import Keyspace, key_problem, text
+from replication_engine.store import functions
+from replication_engine.store.layout import Keyspace, glob_escape, key_problem, text
 from replication_engine.store.protocol import (
     ApplyResult,
     Certification,
@@ -160,11 +160,6 @@ def _stored_version(fields: Mapping[bytes, bytes]) -> tuple[int, str] | None:
         return None
 
 
-def _load_script(name: str) -> str:
-    scripts = resources.files("replication_engine.store") / "scripts"
-    return (scripts / "common.lua").read_text() + "\n" + (scripts / name).read_text()
-
-
 @contextlib.contextmanager
 def _as_store_errors(node_id: str) -> Iterator[None]:
     """Redis's failures as the store's own errors, so that an embedder catches the package's
@@ -239,17 +234,21 @@ class RedisStore:
         # Why local writes are paused (the engine restoring the HLC floor), or None.
         self.writes_paused: str | None = None
         self.reader = TreeReader(redis, self.keys, counter=ReadCounter(), max_payload=max_payload)
-        self._write = redis.register_script(_load_script("write.lua"))
-        self._apply = redis.register_script(_load_script("apply.lua"))
-        self._gc = redis.register_script(_load_script("gc.lua"))
-        self._discard = redis.register_script(_load_script("discard.lua"))
-        self._inherit = redis.register_script(_load_script("inherit.lua"))
-        self._certify = redis.register_script(_load_script("certify.lua"))
-        self._open = redis.register_script(_load_script("open.lua"))
-        self._clock = redis.register_script(_load_script("clock.lua"))
-        self._members = redis.register_script(_load_script("members.lua"))
-        self._scrub = redis.register_script(_load_script("scrub.lua"))
-        self._base_args = [prefix, str(self.geometry.width), node_id]
+        self._api = functions.Api(redis)
+        self._apply = redis.register_script(functions.script_source("apply.lua"))
+        self._gc = redis.register_script(functions.script_source("gc.lua"))
+        self._discard = redis.register_script(functions.script_source("discard.lua"))
+        self._inherit = redis.register_script(functions.script_source("inherit.lua"))
+        self._certify = redis.register_script(functions.script_source("certify.lua"))
+        self._open = redis.register_script(functions.script_source("open.lua"))
+        self._clock = redis.register_script(functions.script_source("clock.lua"))
+        self._members = redis.register_script(functions.script_source("members.lua"))
+        self._scrub = redis.register_script(functions.script_source("scrub.lua"))
+        geometry_arg = f"{self.geometry.fanout}/{self.geometry.depth}"
+        self._base_args = [self.keys.part, geometry_arg, node_id]
+        # What each of the engine's scripts declares: the partition's record, whose hash tag
+        # every key the script touches shares, so a Cluster routes the call to its slot.
+        self._declared = [self.keys.record]
         self._pressure_checked = 0.0
         self._accepting = True
 
@@ -299,6 +298,7 @@ class RedisStore:
         store = cls(redis, node_id=node_id, prefix=prefix, geometry=geometry, **options)
         try:
             await store.check_geometry()
+            await store.load_functions()
             await store._load_clock()
         except BaseException:
             await redis.aclose()
@@ -307,16 +307,40 @@ class RedisStore:
 
     @_store_api
     async def check_geometry(self) -> None:
-        stored = await self.reader.geometry()
+        """Check the store's layout against this node's (recording it in a new store), and
+        write the partition's meta, which the store's functions place and stamp writes by."""
+        try:
+            stored = await self.reader.geometry()
+        except FormatError as exc:
+            raise FormatError(exc.found, at=self.keys.prefix) from None
         if stored is None:
             await self.redis.hset(self.keys.meta, mapping=dict[Any, Any](self.geometry.as_fields()))
-            return
-        if stored != self.geometry:
+        elif stored != self.geometry:
             raise GeometryError(
                 f"store at prefix {self.keys.prefix!r} was built with Merkle geometry "
                 f"{stored.describe()}, but this node is configured with "
                 f"{self.geometry.describe()}; use the stored geometry or rebuild the store"
             )
+        fields = self.geometry.as_fields() | {
+            "part": "0",
+            "id": self.node_id,
+            "maxlen": str(self.stream_maxlen),
+            "max_payload": str(self.max_payload),
+        }
+        # Written only when it changes, so a user that may only read the store can open it,
+        # and never over another node's: the id there is the origin its functions stamp on
+        # every write (the engine refuses a store that belongs to another node anyway).
+        raw = await self.redis.hgetall(self.keys.part_meta)
+        current = {text(k): text(v) for k, v in raw.items()}
+        if current.get("id", self.node_id) == self.node_id and current != fields:
+            await self.redis.hset(self.keys.part_meta, mapping=dict[Any, Any](fields))
+
+    @_store_api
+    async def load_functions(self) -> functions.Loaded:
+        """Load (or upgrade) the store's function library: see :mod:`.functions`."""
+        loaded = await functions.ensure_loaded(self.redis)
+        self._api.use(loaded)
+        return loaded
 
     async def _load_clock(self) -> None:
         raw = await self.redis.get(self.keys.hlc)
@@ -340,36 +364,31 @@ class RedisStore:
                 the HLC floor is restored (retryable; nothing was acknowledged).
             StoreKeyError: a key the write needs holds the wrong type.
         """
-        value = self._checked_value(value, content_type)
-        return await self._local_write(
-            key, False, codec.encode_payload(value), codec.content_hash(value), content_type
-        )
+        return (await self.put_many([(key, value, content_type)]))[0]
 
     @_store_api
     async def put_many(self, writes: Sequence[tuple[str, bytes | str, str]]) -> list[int]:
-        """Several ``(key, value, content_type)`` puts in one round trip; their HLCs, in order.
+        """Several ``(key, value, content_type)`` puts; their HLCs, in order.
 
-        Each write is its own atomic write (as :meth:`put`), not a transaction over all of
-        them: a failure part way leaves the earlier ones written, and raises. Every write is
-        checked (as :meth:`put`) before any is sent.
+        Written by the store's ``re_write`` function, as any other client's writes are, in
+        calls of at most ``max_batch_bytes``. Every write is checked (as :meth:`put`) before
+        any is sent, and each call writes all of its items or, refused, none; a failure part
+        way leaves earlier calls' items written, and raises.
         """
         self._check_writable()
-        args_list = []
+        keys: list[str] = []
+        args: list[Any] = []
         for key, value, content_type in writes:
             data = self._checked_value(value, content_type)
-            args_list.append(
-                self._local_write_args(
-                    key, False, codec.encode_payload(data), codec.content_hash(data), content_type
-                )
+            keys.append(self._item_key(key))
+            args += self._write_args(
+                codec.encode_payload(data), codec.content_hash(data), content_type
             )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for args in args_list:
-                await self._write(args=args, client=pipe)
-            replies = await pipe.execute(raise_on_error=False)
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
-        hlcs = [clock.from_hex(hlc_hex) for hlc_hex, _sid in replies]
+        hlcs: list[int] = []
+        weights = [len(key) + len(args[6 * i]) + 256 for i, key in enumerate(keys)]
+        for start, end in self._ranges(weights):
+            replies = await self._call_api("re_write", keys[start:end], args[6 * start : 6 * end])
+            hlcs += [clock.from_hex(hlc_hex) for hlc_hex, _sid in replies]
         if hlcs:
             self.clock.observe(max(hlcs))
         return hlcs
@@ -377,7 +396,39 @@ class RedisStore:
     @_store_api
     async def delete(self, key: str) -> int:
         """Write a tombstone (deletes replicate like values); returns its HLC."""
-        return await self._local_write(key, True, b"", "", "")
+        self._check_writable()
+        hlc_hex, _sid = await self._call_api(
+            "re_del", [self._item_key(key)], [current_trace_parent() or ""]
+        )
+        hlc = clock.from_hex(hlc_hex)
+        self.clock.observe(hlc)
+        return hlc
+
+    async def _call_api(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Call one of the store's functions. A Redis that lost them (restarted without
+        persistence, flushed, replaced by a failover to a replica that never had them) or lost
+        the partition's meta gets each back, and the call is made again."""
+        fixed: set[str] = set()
+        while True:
+            try:
+                return await self._api.call(name, keys, args)
+            except ResponseError as exc:
+                words = str(exc)
+                if "Function not found" in words and "functions" not in fixed:
+                    fixed.add("functions")
+                    await self.load_functions()
+                elif words.startswith("no store partition at") and "meta" not in fixed:
+                    fixed.add("meta")
+                    await self.check_geometry()
+                else:
+                    raise
+
+    def _item_key(self, key: str) -> str:
+        try:
+            codec.decode_key(key.encode("utf-8"))
+        except (codec.CodecError, UnicodeEncodeError) as exc:
+            raise InvalidWriteError(f"{exc}; nothing was written") from None
+        return self.keys.item(key)
 
     def _checked_value(self, value: bytes | str, content_type: str) -> bytes:
         if isinstance(value, str):
@@ -394,16 +445,6 @@ class RedisStore:
             )
         return value
 
-    async def _local_write(
-        self, key: str, tombstone: bool, data: bytes, content_hash: str, content_type: str
-    ) -> int:
-        self._check_writable()
-        args = self._local_write_args(key, tombstone, data, content_hash, content_type)
-        hlc_hex, _sid = await self._write(args=args)
-        hlc = clock.from_hex(hlc_hex)
-        self.clock.observe(hlc)
-        return hlc
-
     def _check_writable(self) -> None:
         if self.read_only:
             self._refuse_local_write()
@@ -418,25 +459,15 @@ class RedisStore:
             "write to the primary and let it replicate here"
         )
 
-    def _local_write_args(
-        self, key: str, tombstone: bool, data: bytes, content_hash: str, content_type: str
-    ) -> list[Any]:
-        try:
-            codec.decode_key(key.encode("utf-8"))
-        except codec.CodecError as exc:
-            raise InvalidWriteError(f"{exc}; nothing was written") from None
+    def _write_args(self, data: bytes, content_hash: str, content_type: str) -> list[Any]:
+        """``re_write``'s six arguments for one write: the proposal is this process's clock,
+        which the store's clock then orders after every write it has seen."""
         proposed = self.clock.now()
         return [
-            *self._base_args,
-            self.stream_maxlen,
-            key,
-            self.geometry.leaf_path(key),
-            "1" if tombstone else "0",
             data,
             content_hash,
-            clock.to_hex(proposed),
-            self.node_id,
             content_type,
+            clock.to_hex(proposed),
             clock.physical_ms(proposed),
             current_trace_parent() or "",
         ]
@@ -472,9 +503,9 @@ class RedisStore:
         version held here that it replaces outright (the cold path's rule, docs/DELETES.md).
 
         Everything the script would otherwise derive per item is computed here, off the
-        single-threaded server: the leaf path and digest (also as four 32-bit words) and, when
-        relaying, the stream entry's meta JSON. The batch is packed in chunks of at most
-        ``max_batch_bytes`` of data, one script call each.
+        single-threaded server, bar the leaf path, which the script decides itself: the digest
+        (also as four 32-bit words) and, when relaying, the stream entry's meta JSON. The
+        batch is packed in chunks of at most ``max_batch_bytes`` of data, one script call each.
         """
         # A version stamped far ahead of our wall clock would drag this store's clock (and so
         # every later local write) into the future, possibly to the end of the HLC range.
@@ -482,7 +513,6 @@ class RedisStore:
         items: list[list[Any]] = []
         accepted: list[int] = []
         newest = 0
-        leaf_path = self.geometry.leaf_path
         for i, c in enumerate(changes):
             if clock.physical_ms(c.hlc) > future:
                 continue
@@ -492,7 +522,7 @@ class RedisStore:
             items.append(
                 [
                     c.key,
-                    leaf_path(c.key),
+                    "",
                     "1" if c.tombstone else "0",
                     c.data,
                     c.content_hash,
@@ -519,16 +549,20 @@ class RedisStore:
 
     def _chunk(self, items: list[list[Any]]) -> list[tuple[int, int]]:
         """Consecutive ranges of ``items`` holding at most ``max_batch_bytes`` of data each."""
+        return self._ranges([len(it[3]) + len(it[16]) + len(it[0]) + 256 for it in items])
+
+    def _ranges(self, weights: Sequence[int]) -> list[tuple[int, int]]:
+        """Consecutive ranges whose weights add up to at most ``max_batch_bytes`` (a range of
+        one may weigh more): one script or function call each."""
         ranges: list[tuple[int, int]] = []
         start, size = 0, 0
-        for i, item in enumerate(items):
-            weight = len(item[3]) + len(item[16]) + len(item[0]) + 256
+        for i, weight in enumerate(weights):
             if i > start and size + weight > self.max_batch_bytes:
                 ranges.append((start, i))
                 start, size = i, 0
             size += weight
-        if start < len(items):
-            ranges.append((start, len(items)))
+        if start < len(weights):
+            ranges.append((start, len(weights)))
         return ranges
 
     async def apply_prepared(
@@ -584,7 +618,9 @@ class RedisStore:
             # nothing about its origin. The anchor still moves (the stream was read on).
             source = replace(source, claims={})
         try:
-            reply = await self._apply(args=self._apply_args(prepared, packed, source))
+            reply = await self._apply(
+                keys=self._declared, args=self._apply_args(prepared, packed, source)
+            )
         except ResponseError as exc:
             if isinstance(exc, _STORE_WIDE):
                 raise
@@ -705,7 +741,8 @@ class RedisStore:
         """
         try:
             outcome, inc, epoch = await self._open(
-                args=[*self._base_args, mode, "1" if relay else "0", _token(16), _token(8)]
+                keys=self._declared,
+                args=[*self._base_args, mode, "1" if relay else "0", _token(16), _token(8)],
             )
         except ResponseError as exc:
             raise _store_error(exc) from exc
@@ -727,6 +764,7 @@ class RedisStore:
         nonces = [*known, "", ""][:2]
         try:
             raw = await self._certify(
+                keys=self._declared,
                 args=[
                     *self._base_args,
                     expected_run,
@@ -738,7 +776,7 @@ class RedisStore:
                     state,
                     reason[:500],
                     clock.to_hex(self.clock.now()),
-                ]
+                ],
             )
         except ResponseError as exc:
             raise _store_error(exc) from exc
@@ -755,7 +793,7 @@ class RedisStore:
     async def raise_clock(self, hlc: int) -> int:
         """Raise the store clock to at least ``hlc``; returns the store clock after."""
         try:
-            raw = await self._clock(args=[*self._base_args, clock.to_hex(hlc)])
+            raw = await self._clock(keys=self._declared, args=[*self._base_args, clock.to_hex(hlc)])
         except ResponseError as exc:
             raise _store_error(exc) from exc
         self.clock.observe(hlc)
@@ -781,7 +819,7 @@ class RedisStore:
         for origin, hlc in sorted(claims.items()):
             args += [origin, hlc_hex(hlc)]
         try:
-            return int(await self._inherit(args=args))
+            return int(await self._inherit(keys=self._declared, args=args))
         except ResponseError as exc:
             raise _store_error(exc) from exc
 
@@ -809,12 +847,13 @@ class RedisStore:
     ) -> tuple[frozenset[str], frozenset[str], bool]:
         try:
             raw = await self._members(
+                keys=self._declared,
                 args=[
                     *self._base_args,
                     ",".join(sorted(members)),
                     ",".join(sorted(forgotten)),
                     *extra,
-                ]
+                ],
             )
         except ResponseError as exc:
             raise _store_error(exc) from exc
@@ -849,9 +888,9 @@ class RedisStore:
         args: list[Any] = [*self._base_args, clock.to_hex(stable), incarnation, cert]
         for raw in keys:
             key = text(raw)
-            args += [key, self.geometry.leaf_path(key)]
+            args.append(key)
         try:
-            return int(await self._gc(args=args))
+            return int(await self._gc(keys=self._declared, args=args))
         except ResponseError as exc:
             raise _store_error(exc) from exc
 
@@ -869,9 +908,9 @@ class RedisStore:
             return 0
         args: list[Any] = [*self._base_args, incarnation, cert]
         for key, hlc, origin in versions:
-            args += [key, self.geometry.leaf_path(key), clock.to_hex(hlc), origin]
+            args += [key, clock.to_hex(hlc), origin]
         try:
-            return int(await self._discard(args=args))
+            return int(await self._discard(keys=self._declared, args=args))
         except ResponseError as exc:
             raise _store_error(exc) from exc
 
@@ -924,7 +963,7 @@ class RedisStore:
     async def stray_page(self, cursor: int) -> tuple[int, list[tuple[str, str]]]:
         """One ``SCAN`` page of the keys under the prefix: the next cursor (0 when the pass is
         over) and the keys on it that do not belong, each with why."""
-        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in self.keys.prefix) + "*"
+        pattern = glob_escape(self.keys.prefix) + "*"
         cursor, names = await self.redis.scan(cursor, match=pattern, count=_SCAN_PAGE)
         stray: list[tuple[str, str]] = []
         if names:
@@ -959,7 +998,8 @@ class RedisStore:
         try:
             return int(
                 await self._scrub(
-                    args=[*self._base_args, parent, self.geometry.fanout, "1" if fix else "0"]
+                    keys=self._declared,
+                    args=[*self._base_args, parent, self.geometry.fanout, "1" if fix else "0"],
                 )
             )
         except ResponseError as exc:

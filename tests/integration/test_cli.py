@@ -615,7 +615,7 @@ async def test_verify_deep_finds_a_hand_edited_payload_and_keys_that_do_not_belo
     listed = [line.split()[:2] for line in deep.stdout.splitlines() if line.startswith("    ")]
     assert ["unreadable", "shared:3:"] in listed, deep.stdout
     assert ["stray", f"{PREFIX}notes:"] in listed, deep.stdout
-    assert ["stray", f"{PREFIX}item:typed-wrongly:"] in listed, deep.stdout
+    assert ["stray", f"{PREFIX}{{0}}item:typed-wrongly:"] in listed, deep.stdout
     assert "elsewhere:key" not in deep.stdout
 
 

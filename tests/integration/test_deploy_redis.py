@@ -144,7 +144,7 @@ def test_acl_against_real_redis(acl_server: tuple[int, dict[str, str]]) -> None:
     redis = pytest.importorskip("redis")
     nopermission = redis.exceptions.NoPermissionError
     port, passwords = acl_server
-    stream, item, tree = f"{PREFIX}cdc", f"{PREFIX}item:k1", f"{PREFIX}mk:0"
+    stream, item, tree = f"{PREFIX}{{0}}cdc", f"{PREFIX}{{0}}item:k1", f"{PREFIX}{{0}}mk:0"
 
     with client(port, "engine", passwords["engine"]) as engine:
         # What the local engine does: atomic scripts, writes under the prefix,
@@ -202,8 +202,8 @@ def test_acl_against_real_redis(acl_server: tuple[int, dict[str, str]]) -> None:
             ("CONFIG", "GET", "maxmemory"),
             ("INFO",),
             ("PUBLISH", f"{PREFIX}chan", "x"),
-            ("HGETALL", "other:item:k1"),
-            ("XRANGE", "other:cdc", "-", "+"),
+            ("HGETALL", "other:{0}item:k1"),
+            ("XRANGE", "other:{0}cdc", "-", "+"),
             ("GET", "other"),
         ]
         for command in denied:

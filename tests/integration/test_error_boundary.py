@@ -60,6 +60,7 @@ def test_the_calls_cover_every_public_coroutine_of_the_store() -> None:
         "deep_check",
         "discard_versions",
         "inherit",
+        "load_functions",
         "oldest_tombstone_ms",
         "open_record",
         "raise_clock",
@@ -126,8 +127,8 @@ async def test_wrong_credentials_are_a_store_access_error_that_waiting_cannot_fi
 async def test_a_user_without_the_rights_gets_a_store_access_error(
     redis_factory: RedisFactory, name: str
 ) -> None:
-    """A user that may connect but read nothing beyond what connect needs (the geometry and
-    the clock), and run nothing else."""
+    """A user that may connect but read nothing beyond what connect needs (the geometry, the
+    partition's meta, the clock and the library's version), and run nothing else."""
     server = redis_factory()
     admin = await RedisStore.connect(server.url, node_id="a", prefix=PREFIX)
     await admin.close()  # records the geometry
@@ -139,9 +140,13 @@ async def test_a_user_without_the_rights_gets_a_store_access_error(
         ">pw",
         f"~{admin.keys.meta}",
         f"~{admin.keys.hlc}",
+        f"~{admin.keys.part_meta}",
         "+hgetall",
+        "+hset",
         "+get",
         "+client",
+        "+info",
+        "+fcall",
     )
     store = await RedisStore.connect(
         server.url, node_id="a", prefix=PREFIX, username="app", password="pw"

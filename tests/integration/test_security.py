@@ -416,16 +416,16 @@ async def test_the_replicator_user_cannot_write_and_each_attempt_is_logged_by_re
     )
     attempts = {
         "set": lambda: as_replicator.set(f"{PREFIX}x", b"1"),
-        "hset": lambda: as_replicator.hset(f"{PREFIX}item:k", "d", b"evil"),
-        "xadd": lambda: as_replicator.xadd(f"{PREFIX}cdc", {"op": b"DEL", "key": b"k"}),
-        "del": lambda: as_replicator.delete(f"{PREFIX}mk:root"),
-        "xtrim": lambda: as_replicator.xtrim(f"{PREFIX}cdc", maxlen=0),
+        "hset": lambda: as_replicator.hset(f"{PREFIX}{{0}}item:k", "d", b"evil"),
+        "xadd": lambda: as_replicator.xadd(f"{PREFIX}{{0}}cdc", {"op": b"DEL", "key": b"k"}),
+        "del": lambda: as_replicator.delete(f"{PREFIX}{{0}}mk:root"),
+        "xtrim": lambda: as_replicator.xtrim(f"{PREFIX}{{0}}cdc", maxlen=0),
         "eval": lambda: as_replicator.eval("return 1", 0),
         "flushall": lambda: as_replicator.flushall(),
         "config": lambda: as_replicator.config_set("appendonly", "no"),
     }
     try:
-        assert as_replicator.hgetall(f"{PREFIX}item:k")  # it can read
+        assert as_replicator.hgetall(f"{PREFIX}{{0}}item:k")  # it can read
         # redis-py raises NoPermissionError exactly for a NOPERM reply (and drops the prefix).
         for attempt in attempts.values():
             with pytest.raises(NoPermissionError, match="no permissions"):

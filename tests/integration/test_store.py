@@ -83,12 +83,11 @@ async def redis_tree(
 
     Scanning (rather than walking from the root) also catches stray nodes a walk would miss.
     """
-    prefix = store.keys.prefix
     nodes: dict[str, dict[str, str]] = {}
     leaves: dict[str, dict[str, str]] = {}
     root_raw = await store.redis.get(store.keys.root)
-    async for raw_key in store.redis.scan_iter(match=f"{_escape(prefix)}mk:*", count=1000):
-        path = raw_key.decode("utf-8")[len(prefix) + len("mk:") :]
+    async for raw_key in store.redis.scan_iter(match=f"{_escape(store.keys.part)}mk:*", count=1000):
+        path = raw_key.decode("utf-8")[len(store.keys.part) + len("mk:") :]
         if path == "root":
             continue
         content = {k.decode(): v.decode() for k, v in (await store.redis.hgetall(raw_key)).items()}
@@ -648,12 +647,12 @@ async def test_glob_characters_in_prefix_do_not_leak_other_stores(
     redis_server: RedisHandle, open_store: StoreFactory
 ) -> None:
     globby = await open_store(redis_server.url, prefix="a*[x]:")
-    # Matches the *unescaped* pattern 'a*[x]:item:*': 'a' + anything + 'x' + ':'.
+    # Matches the *unescaped* pattern 'a*[x]:{0}item:*': 'a' + anything + 'x' + ':'.
     neighbour = await open_store(redis_server.url, prefix="aQQx:")
     await globby.put("mine", b"1")
     await neighbour.put("theirs", b"2")
-    unescaped = [k async for k in globby.redis.scan_iter(match="a*[x]:item:*")]
-    assert b"aQQx:item:theirs" in unescaped  # the trap is real
+    unescaped = [k async for k in globby.redis.scan_iter(match="a*[x]:{0}item:*")]
+    assert b"aQQx:{0}item:theirs" in unescaped  # the trap is real
     assert set((await items_of(globby)).keys()) == {"mine"}
     assert set((await items_of(neighbour)).keys()) == {"theirs"}
 
@@ -963,7 +962,7 @@ async def test_an_item_whose_key_or_leaf_holds_the_wrong_type_is_refused_alone(
         ApplyStatus.APPLIED,
     ]
     assert "WRONGTYPE" in result.refused[1]
-    assert f"w:mk:{bad_leaf}" in result.refused[3] and "WRONGTYPE" in result.refused[3]
+    assert store.keys.node(bad_leaf) in result.refused[3] and "WRONGTYPE" in result.refused[3]
     assert set((await items_of(store)).keys()) == {"before", "middle", "after"}
     assert len(await cdc_entries(store)) == 3
     # Nothing of a refused item was written: the tree equals one rebuilt from its leaves.
@@ -982,7 +981,7 @@ async def test_a_local_write_over_a_wrong_typed_key_fails_naming_the_key_and_wri
     with pytest.raises(StoreKeyError, match="WRONGTYPE") as refused:
         await store.put("x", b"v")
 
-    assert refused.value.key == "w:item:x"
+    assert refused.value.key == store.keys.item("x")
     assert await store.merkle_root() == root and len(await cdc_entries(store)) == 1
     await assert_tree_matches_model(store)
 
@@ -993,10 +992,10 @@ async def test_a_store_wide_key_of_the_wrong_type_fails_the_whole_call_before_an
     store = await open_store(redis_server.url, prefix="w:")
     await store.redis.hset(store.keys.cdc, "not", "a stream")
 
-    with pytest.raises(StoreKeyError, match="store key w:cdc") as refused:
+    with pytest.raises(StoreKeyError, match=r"store key w:\{0\}cdc") as refused:
         await store.apply_batch([put("k", b"v", 10)])
 
-    assert refused.value.key == "w:cdc"
+    assert refused.value.key == store.keys.cdc
     assert await store.get_version("k") is None
     assert await store.merkle_root() == ZERO
 

@@ -17,9 +17,11 @@ EXPECTED = {
     "CursorError": ("Exception", False),  # per instance: True for a lock held elsewhere
     "CursorSaveFailed": ("RuntimeError", False),
     "EngineError": ("RuntimeError", False),
+    "FormatError": ("ValueError", False),
     "GeometryError": ("ValueError", False),
     "InvalidWriteError": ("ValueError", False),
     "LocalStoreError": ("RuntimeError", True),
+    "MigrationError": ("RuntimeError", False),
     "PeerUnavailable": ("ConnectionError", True),
     "ReadOnlyStoreError": ("RuntimeError", False),
     "StoreAccessError": ("PermissionError", False),

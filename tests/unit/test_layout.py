@@ -12,17 +12,18 @@ WIDTH, DEPTH = 2, 2  # fanout 256, depth 2: tree paths "", "ab", "ab3f"
 @pytest.mark.parametrize(
     ("name", "kind"),
     [
-        ("app:cdc", "stream"),
+        ("app:{0}cdc", "stream"),
         ("app:meta", "hash"),
-        ("app:hlc", "string"),
-        ("app:mk:root", "string"),
-        ("app:tombs", "zset"),
-        ("app:node", "hash"),
-        ("app:item:any key at all", "hash"),
-        ("app:item:", "hash"),
-        ("app:mk:", "hash"),
-        ("app:mk:ab", "hash"),
-        ("app:mk:ab3f", "hash"),
+        ("app:{0}meta", "hash"),
+        ("app:{0}hlc", "string"),
+        ("app:{0}mk:root", "string"),
+        ("app:{0}tombs", "zset"),
+        ("app:{0}node", "hash"),
+        ("app:{0}item:any key at all", "hash"),
+        ("app:{0}item:", "hash"),
+        ("app:{0}mk:", "hash"),
+        ("app:{0}mk:ab", "hash"),
+        ("app:{0}mk:ab3f", "hash"),
         ("other:anything", "string"),  # outside the prefix
     ],
 )
@@ -33,13 +34,13 @@ def test_keys_of_the_format_belong(name: str, kind: str) -> None:
 @pytest.mark.parametrize(
     ("name", "kind", "problem"),
     [
-        ("app:notes", "string", "not a key of the format"),
-        ("app:mk:ab3f00", "hash", "not a key of the format"),  # deeper than the tree
-        ("app:mk:a", "hash", "not a key of the format"),  # not a whole level
-        ("app:mk:AB", "hash", "not a key of the format"),  # paths are lower-case hex
-        ("app:item:x", "string", "wrong type: string, the format has a hash"),
-        ("app:cdc", "list", "wrong type: list, the format has a stream"),
-        ("app:mk:ab", "string", "wrong type: string, the format has a hash"),
+        ("app:{0}notes", "string", "not a key of the format"),
+        ("app:{0}mk:ab3f00", "hash", "not a key of the format"),  # deeper than the tree
+        ("app:{0}mk:a", "hash", "not a key of the format"),  # not a whole level
+        ("app:{0}mk:AB", "hash", "not a key of the format"),  # paths are lower-case hex
+        ("app:{0}item:x", "string", "wrong type: string, the format has a hash"),
+        ("app:{0}cdc", "list", "wrong type: list, the format has a stream"),
+        ("app:{0}mk:ab", "string", "wrong type: string, the format has a hash"),
     ],
 )
 def test_other_keys_under_the_prefix_are_stray(name: str, kind: str, problem: str) -> None:
@@ -49,4 +50,9 @@ def test_other_keys_under_the_prefix_are_stray(name: str, kind: str, problem: st
 def test_an_empty_prefix_shares_the_keyspace_so_only_format_keys_are_checked() -> None:
     keys = Keyspace("")
     assert key_problem(keys, WIDTH, DEPTH, "someone-elses-key", "list") is None
-    assert key_problem(keys, WIDTH, DEPTH, "item:x", "string") is not None
+    assert key_problem(keys, WIDTH, DEPTH, "{0}item:x", "string") is not None
+
+
+def test_a_prefix_with_a_brace_is_refused_since_it_would_take_the_partitions_hash_tag() -> None:
+    with pytest.raises(ValueError, match="must not contain"):
+        Keyspace("app{x}:")

@@ -18,6 +18,7 @@ from replication_engine.merkle import (
     LEAF_HASH,
     ZERO_HEX,
     DrillPlan,
+    FormatError,
     Geometry,
     GeometryError,
     MerkleModel,
@@ -89,13 +90,23 @@ def test_geometry_fields_round_trip() -> None:
     g = Geometry(16, 3)
     fields = g.as_fields()
     assert fields == {
+        "format": "2",
         "fanout": "16",
         "depth": "3",
         "leaf_hash": LEAF_HASH,
         "bucket_hash": BUCKET_HASH,
+        "partitions": "1",
     }
     assert Geometry.from_fields(fields) == g
-    assert Geometry.from_fields({"fanout": "16", "depth": "3"}) == g
+
+
+def test_a_format_1_store_is_refused_with_the_command_that_converts_it() -> None:
+    # What format 1 recorded: no format field, xxh3 buckets.
+    v1 = {"fanout": "256", "depth": "2", "leaf_hash": LEAF_HASH, "bucket_hash": "xxh3-64"}
+    with pytest.raises(FormatError, match="replication-engine migrate --config FILE"):
+        Geometry.from_fields(v1)
+    with pytest.raises(FormatError, match="newer than this version"):
+        Geometry.from_fields({**v1, "format": "3"})
 
 
 @pytest.mark.parametrize(

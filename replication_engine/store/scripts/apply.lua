@@ -2,8 +2,8 @@
 -- ARGV[4] = stream maxlen, ARGV[5] = relay ('1': re-emit each applied version on this node's
 -- stream, so nodes that tail only this one get it too), ARGV[6] = the greatest HLC in the batch
 -- (the store clock observes it once any item applies), ARGV[7] = the items, one MessagePack
--- array (old-spec raw strings and unsigned integers only) of 17-element arrays: key, leaf
--- path, tombstone flag, data, content hash, hlc, origin, content type, version, updated_at,
+-- array (old-spec raw strings and unsigned integers only) of 17-element arrays: key, '' (the
+-- leaf path is worked out here, from the key), tombstone flag, data, content hash, hlc, origin, content type, version, updated_at,
 -- trace parent, leaf digest, the leaf digest again as its four 32-bit words (the script XORs
 -- words; converting here costs the server more), and the stream entry's meta JSON when
 -- relaying (else ''). A cold-path item that replaces a written-off version (docs/DELETES.md,
@@ -37,7 +37,8 @@ local applied = false
 for n = 1, #items do
   local it = items[n]
   local key, tomb, hash, hlc, origin = it[1], it[3], it[5], it[6], it[7]
-  local cur, why = read_checked(key, it[2])
+  local path = path_of(key)
+  local cur, why = read_checked(key, path)
   local status = 'a'
   if not cur then
     status = 'w'
@@ -54,11 +55,11 @@ for n = 1, #items do
     end
   end
   if status == 'a' then
-    local refused = write_item(key, it[2], tomb, it[4], hash, hlc, origin, it[8], it[9], it[10],
+    local refused = write_item(key, path, tomb, it[4], hash, hlc, origin, it[8], it[9], it[10],
       it[11], cur, it[12], it[13], it[14], it[15], it[16])
     if refused then
       status = 'w'
-      errors[#errors + 1], errors[#errors + 2] = n, refused .. ' (key ' .. MK .. it[2] .. ')'
+      errors[#errors + 1], errors[#errors + 2] = n, refused .. ' (key ' .. MK .. path .. ')'
     else
       applied = true
       if relay then

@@ -1,7 +1,11 @@
--- Shared by every script: key layout, HLC arithmetic, the version order, the checks every
--- script makes before its first write, and the incremental Merkle update.
--- ARGV[1] = key prefix, ARGV[2] = hex characters per tree level, ARGV[3] = this node's id.
--- See docs/FORMAT.md and docs/DELETES.md.
+-- Shared by every script and by the function library: key layout, placement, HLC arithmetic,
+-- the version order, the checks every script makes before its first write, and the incremental
+-- Merkle update. See docs/FORMAT.md and docs/DELETES.md.
+--
+-- Nothing here reads KEYS or ARGV: a script (or a function) first calls begin() with the
+-- partition's key prefix ('P{0}'), the tree's geometry ('<fanout>/<depth>') and this node's id.
+-- Scripts get them as ARGV[1..3]; the functions read them from the partition's meta. begin()
+-- also clears what is cached per call, since a function library's upvalues outlive a call.
 --
 -- HLCs are 16-hex strings and digests 32-hex strings. Strings are compared byte by byte here,
 -- never with Lua's < (which uses strcoll and so depends on the server's locale).
@@ -11,23 +15,48 @@
 -- check fails: a store-wide key of the wrong type fails the whole call with Redis's own
 -- message and the key's name; an item (or its leaf bucket or an ancestor) of the wrong type
 -- fails that item alone.
-local P = ARGV[1]
-local W = tonumber(ARGV[2])
-local SELF = ARGV[3]
-local HLC_KEY = P .. 'hlc'
-local ROOT_KEY = P .. 'mk:root'
-local TOMBS_KEY = P .. 'tombs'
-local CDC_KEY = P .. 'cdc'
-local REC = P .. 'node'
-local MK = P .. 'mk:'
+local P, W, SELF, HLC_KEY, ROOT_KEY, TOMBS_KEY, CDC_KEY, REC, MK, ITEM
+local FANOUT, DEPTH, BITS, BUCKET_DIV
 -- Local versions count writes on their origin; Lua numbers are exact only up to 2^53 - 1.
 local MAX_VERSION = 9007199254740991
 local MAX_MS = 281474976710655 -- 2^48 - 1: the HLC's millisecond part
+-- What one call caches (claims read, ancestors checked, tree changes queued): see begin().
+local CLAIMS, ANCESTOR_OK, LEAF_DELTA, LEAF_ORDER
 
 -- Locals for what runs per item: Lua 5.1 looks a global (and each table field) up by hash on
--- every use, which costs more than the operation itself in these loops.
-local call, pcall_, sub, byte, tonum, bxor, fmt = redis.call, redis.pcall, string.sub,
-  string.byte, tonumber, bit.bxor, string.format
+-- every use, which costs more than the operation itself in these loops. Set by begin(): a
+-- function library is loaded where Redis offers no commands and no standard libraries.
+local call, pcall_, sub, byte, tonum, bxor, fmt
+
+-- The leaf path of a key (docs/FORMAT.md, "Merkle tree"): the top DEPTH * BITS bits of SHA-1 of
+-- the key's bytes, one fixed-width hex segment of BITS bits per level. Decided here, from the
+-- key alone, so that no caller can place an item anywhere else.
+local function path_of(key)
+  local bucket = math.floor(tonum(sub(redis.sha1hex(key), 1, 8), 16) / BUCKET_DIV)
+  if BITS % 4 == 0 then return fmt('%0' .. (DEPTH * W) .. 'x', bucket) end
+  local out, unit = {}, 2 ^ BITS
+  for level = DEPTH, 1, -1 do
+    out[level] = fmt('%0' .. W .. 'x', bucket % unit)
+    bucket = math.floor(bucket / unit)
+  end
+  return table.concat(out)
+end
+
+-- Set the partition and geometry this call works on (see the top of this file). geometry is
+-- '<fanout>/<depth>', already validated by whoever wrote it.
+local function begin(prefix, geometry, self_id)
+  call, pcall_ = redis.call, redis.pcall
+  sub, byte, tonum, bxor, fmt = string.sub, string.byte, tonumber, bit.bxor, string.format
+  P, SELF = prefix, self_id
+  local fanout, depth = string.match(geometry, '^(%d+)/(%d+)$')
+  FANOUT, DEPTH = tonum(fanout), tonum(depth)
+  BITS = math.floor(math.log(FANOUT) / math.log(2) + 0.5)
+  W = math.floor((BITS + 3) / 4)
+  BUCKET_DIV = 2 ^ (32 - DEPTH * BITS)
+  HLC_KEY, ROOT_KEY, TOMBS_KEY = P .. 'hlc', P .. 'mk:root', P .. 'tombs'
+  CDC_KEY, REC, MK, ITEM = P .. 'cdc', P .. 'node', P .. 'mk:', P .. 'item:'
+  CLAIMS, ANCESTOR_OK, LEAF_DELTA, LEAF_ORDER = {}, {}, {}, {}
+end
 
 local function bytes_gt(a, b)
   if a == b then return false end
@@ -114,7 +143,6 @@ local function check_store_keys(keys)
 end
 
 -- Ancestors of leaf buckets, checked once each per call: path -> error text or false.
-local ANCESTOR_OK = {}
 local function ancestors_problem(path)
   local depth = #path / W
   for level = 0, depth - 1 do
@@ -134,7 +162,7 @@ end
 -- one (read-only) table: a batch of new keys then allocates nothing here.
 local ABSENT = {hash = ''}
 local function read_item(key)
-  local f = pcall_('HMGET', P .. 'item:' .. key, 'hlc', 'o', 'h', 'del', 'v', 'tp', 'g')
+  local f = pcall_('HMGET', ITEM .. key, 'hlc', 'o', 'h', 'del', 'v', 'tp', 'g')
   if f.err then return nil, f.err end
   if not f[1] then return ABSENT end
   return {hlc = f[1], origin = f[2], hash = f[3] or '', del = f[4], version = f[5], tp = f[6],
@@ -169,7 +197,6 @@ end
 -- ------------------------------------------------------------------------ claims
 
 -- This store's claims, read once per origin per call (docs/DELETES.md, "Claims").
-local CLAIMS = {}
 local function claim_of(origin)
   local c = CLAIMS[origin]
   if c == nil then
@@ -223,8 +250,6 @@ end
 -- the result is the same as updating them item by item. Deltas are kept per leaf bucket, keyed
 -- by the leaf path the caller already holds: building the ancestors' names per item cost the
 -- apply path more than the writes themselves, so that happens once per bucket, in the flush.
-local LEAF_DELTA = {}
-local LEAF_ORDER = {}
 
 -- Set (new_digest) or clear (false) one key's leaf and queue the change for every ancestor.
 -- old is the key's current leaf digest (false if none): callers derive it from the item they
@@ -358,7 +383,7 @@ end
 -- the wrong type (and then nothing of the item was written).
 local function write_item(key, path, tomb, data, hash, hlc, origin, ct, version, updated_at, tp,
                           cur, digest, w1, w2, w3, w4)
-  local item = P .. 'item:' .. key
+  local item = ITEM .. key
   digest = digest or leaf_digest(key, hlc, hash, tomb)
   local refused = tree_set(path, key, digest, current_digest(key, cur), w1, w2, w3, w4)
   if refused then return refused end
@@ -393,7 +418,7 @@ end
 
 -- Remove one key's version (collected or dropped): the item, its leaf, its tombstone entry.
 local function remove_item(key, path, cur)
-  call('DEL', P .. 'item:' .. key)
+  call('DEL', ITEM .. key)
   tree_set(path, key, false, current_digest(key, cur))
   if cur.del == '1' then call('ZREM', TOMBS_KEY, key) end
 end
