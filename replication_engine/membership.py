@@ -551,10 +551,14 @@ class Membership:
             # for its own knowledge (docs/DELETES.md, "Followers").
             self.stable = frontier(own, self.waited_for, self.forgotten)
             self.holder = self.node_id
+        if own is not None and self.stable > 0:
+            await self._collect_below(own)
+        # Counted once, after collecting: a count taken before would be published while the
+        # tombstones it counts are already gone.
         self.tombstones = await self.store.tombstone_count()
         self.oldest_tombstone_ms = await self.store.oldest_tombstone_ms()
-        if own is None or self.stable <= 0:
-            return
+
+    async def _collect_below(self, own: NodeRecord) -> None:
         for _ in range(GC_BATCHES_PER_TICK):
             done = await self.store.collect_tombstones(
                 self.stable, incarnation=own.incarnation, cert=own.cert, limit=self.gc_batch
@@ -564,8 +568,6 @@ class Membership:
                 self.metrics.tombstones_collected.inc(done)
             if done < self.gc_batch:
                 break
-        self.tombstones = await self.store.tombstone_count()
-        self.oldest_tombstone_ms = await self.store.oldest_tombstone_ms()
 
     async def _scrub(self) -> None:
         """Check a few parents of leaf buckets against their leaves, round robin."""
