@@ -672,6 +672,31 @@ async def test_forget_adds_a_member_to_the_forgotten_list_of_the_local_store(
         assert itself.returncode == 2 and "cannot forget itself" in itself.stdout
 
 
+async def test_functions_load_prepares_a_new_store_for_clients_and_migrate_says_nothing_to_do(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    local = redis_factory()
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": local.url, "prefix": PREFIX},
+            "peers": [{"node_id": "b", "redis_url": local.url, "prefix": "other:"}],
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+        },
+    )
+    loaded = await run_cli(["functions", "load", "--config", str(config)], cwd=tmp_path)
+    assert loaded.returncode == 0, loaded
+    assert "replication_engine" in loaded.stdout or "EVALSHA" in loaded.stdout, loaded.stdout
+    # A client can write at once, before any engine ran.
+    async with stores(("a", local.url)) as (store,):
+        await store._api.call("re_put", [store.keys.item("early")], ["v"])
+        item = await store.get("early")
+        assert item is not None and item.origin == "a"
+    migrated = await run_cli(["migrate", "--config", str(config)], cwd=tmp_path)
+    assert migrated.returncode == 0 and "already in format 2" in migrated.stdout, migrated
+
+
 @asynccontextmanager
 async def password_protected_local(
     redis_factory: RedisFactory, tmp_path: Path
