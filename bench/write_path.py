@@ -6,7 +6,10 @@ costs against the cheapest way to land the same payloads in an item hash and a s
 sides get the same server, payloads, number of concurrent writers and discipline: one round
 trip per put, no batching across puts. Numbers only; nothing here asserts a speed.
 
-Usage: ``python -m bench.write_path [--n N] [--concurrency C] [--payload-bytes B]``
+Usage: ``python -m bench.write_path [--n N] [--concurrency C] [--payload-bytes B] [--batch K]``
+
+Then the same payloads through ``put_many`` in batches of K against one pipeline of ``HSET`` +
+``XADD`` per batch.
 """
 
 from __future__ import annotations
@@ -134,7 +137,38 @@ async def bench_baseline(url: str, payloads: Sequence[bytes], concurrency: int) 
         await redis.aclose()
 
 
-async def run(n: int, concurrency: int, payload_bytes: int) -> None:
+async def bench_many(url: str, payloads: Sequence[bytes], batch: int) -> tuple[float, float]:
+    """Seconds for ``put_many`` in batches of ``batch``, and for the same batches as one
+    pipeline of ``HSET`` + ``XADD`` each (one batch in flight at a time on both sides)."""
+    redis = Redis.from_url(url)
+    store = RedisStore(redis, node_id="bench", stream_maxlen=STREAM_MAXLEN)
+    try:
+        await store.check_geometry()
+        await store.put_many([(f"warm:{i}", payloads[i], "json") for i in range(batch)])
+        started = time.perf_counter()
+        for first in range(0, len(payloads), batch):
+            chunk = range(first, min(first + batch, len(payloads)))
+            await store.put_many([(f"many:{i}", payloads[i], "json") for i in chunk])
+        store_s = time.perf_counter() - started
+        await redis.flushall()
+        started = time.perf_counter()
+        for first in range(0, len(payloads), batch):
+            async with redis.pipeline(transaction=False) as pipe:
+                for i in range(first, min(first + batch, len(payloads))):
+                    pipe.hset(f"item:many:{i}", mapping={"d": payloads[i], "ct": "json"})
+                    pipe.xadd(
+                        "cdc",
+                        {"op": "PUT", "key": f"many:{i}", "data": payloads[i]},
+                        maxlen=STREAM_MAXLEN,
+                        approximate=True,
+                    )
+                await pipe.execute()
+        return store_s, time.perf_counter() - started
+    finally:
+        await redis.aclose()
+
+
+async def run(n: int, concurrency: int, payload_bytes: int, batch: int = 1000) -> None:
     payloads = make_payloads(n, payload_bytes)
     binary = find_redis_server()
     version = ".".join(map(str, redis_server_version(binary)))
@@ -151,6 +185,8 @@ async def run(n: int, concurrency: int, payload_bytes: int) -> None:
             admin.flushall()
             baseline_run = await bench_baseline(server.url, payloads, concurrency)
             memory_baseline = admin.info("memory")["used_memory"]
+            admin.flushall()
+            many_s, many_baseline_s = await bench_many(server.url, payloads, batch)
         finally:
             admin.close()
     for r in (store_run, baseline_run):
@@ -160,6 +196,10 @@ async def run(n: int, concurrency: int, payload_bytes: int) -> None:
         )
     print(f"ratio store/baseline   {store_run.rate / baseline_run.rate:.2f}")
     print(f"redis used_memory      store {memory_store} B, baseline {memory_baseline} B")
+    print(
+        f"put_many, batches of {batch}: {n / many_s:,.0f}/s; pipelined HSET+XADD "
+        f"{n / many_baseline_s:,.0f}/s; ratio {many_baseline_s / many_s:.2f}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -167,10 +207,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=20_000, help="puts per side")
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent writers")
     parser.add_argument("--payload-bytes", type=int, default=1024, help="payload size")
+    parser.add_argument("--batch", type=int, default=1000, help="items per put_many call")
     args = parser.parse_args(argv)
     if args.n < 1 or args.concurrency < 1 or args.payload_bytes < 16:
         parser.error("--n and --concurrency must be >= 1, --payload-bytes >= 16")
-    asyncio.run(run(args.n, args.concurrency, args.payload_bytes))
+    asyncio.run(run(args.n, args.concurrency, args.payload_bytes, args.batch))
 
 
 if __name__ == "__main__":
