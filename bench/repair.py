@@ -37,7 +37,7 @@ from replication_engine.config import ColdPathConfig
 from replication_engine.cursor import CursorStore
 from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
-from replication_engine.store.layout import Keyspace
+from replication_engine.store.layout import Keyspace, glob_escape
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import RedisProcess
 
@@ -125,8 +125,7 @@ async def item_bytes(client: Redis, keyspace: Keyspace, names: list[str]) -> int
 
 
 def _item_pattern(keyspace: Keyspace) -> str:
-    escaped = "".join("\\" + c if c in "\\*?[]^" else c for c in keyspace.prefix)
-    return escaped + "item:*"
+    return glob_escape(keyspace.item("")) + "*"
 
 
 async def scan_versions(

@@ -170,6 +170,11 @@ async def test_a_key_that_is_not_utf8_and_a_bad_hash_are_refused(store: RedisSto
     bad = [b"v", "nothex", "binary", "", "", ""]
     with pytest.raises(ResponseError, match="content hash"):
         await _call(store, "re_write", [store.keys.item("k")], bad)
+    wrong_sha1 = [b"v", "0" * 40, "binary", "", "", ""]
+    with pytest.raises(ResponseError, match="is not the SHA-1 of the payload"):
+        await _call(store, "re_write", [store.keys.item("k")], wrong_sha1)
+    with pytest.raises(ResponseError, match="must be valid UTF-8"):
+        await _call(store, "re_put", [store.keys.item("k")], ["v", b"\xff\xfe"])
     assert await store.get("k") is None
 
 

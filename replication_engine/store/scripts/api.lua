@@ -190,6 +190,10 @@ local function write_all(keys, writes, store)
       return refuse('content type and trace parent are at most ' .. MAX_CONTENT_TYPE ..
         ' bytes; nothing was written')
     end
+    -- Both travel in the entry's JSON meta, which every peer decodes as UTF-8.
+    if not valid_utf8(w[6]) or not valid_utf8(w[8]) then
+      return refuse('content type and trace parent must be valid UTF-8; nothing was written')
+    end
     local _, why = read_checked_leaf(w[1], path_of(w[1]))
     if why then return fail(keys[i], why) end
   end
@@ -284,6 +288,13 @@ local function re_write(keys, args)
     if not is_hex(hash, HASH_LENGTHS) then
       return refuse('content hash for key ' .. names[i] .. ' must be 32, 40 or 64 ' ..
         'lower-case hex characters')
+    end
+    -- A hash this code can check is checked: a raw payload with a SHA-1. Others (xxh3, or a
+    -- compressed payload) are checked by every peer on receipt.
+    local data = args[a + 1]
+    if #hash == 40 and sub(data, 1, 4) ~= ZSTD_MAGIC and redis.sha1hex(data) ~= hash then
+      return refuse('content hash for key ' .. names[i] .. ' is not the SHA-1 of the ' ..
+        'payload; nothing was written')
     end
     if hlc == '' then hlc = now_hlc end
     if ms == '' then ms = now_ms end
