@@ -1,0 +1,102 @@
+"""A real Redis Cluster made of ``redis-server`` processes, for tests.
+
+``redis-server --cluster-enabled yes`` on free ports, joined by ``redis-cli --cluster create``,
+waited for until every node reports ``cluster_state:ok``. Servers come from the test's
+``redis_factory``, so they are killed at teardown whatever happens.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from replication_engine.testing import RedisFactory, RedisHandle, find_redis_server, wait_until
+
+CLUSTER_READY_TIMEOUT_S = 20.0
+
+
+def redis_cli_binary() -> str | None:
+    """``redis-cli`` beside the ``redis-server`` in use, else on ``PATH``, else None."""
+    beside = Path(find_redis_server()).with_name("redis-cli")
+    if beside.exists():
+        return str(beside)
+    return shutil.which("redis-cli")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (10,000 above it, at most 65,535) is free too."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 55_000)
+        if _bindable(port) and _bindable(port + 10_000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node in 20000..65000")
+
+
+@dataclass
+class Cluster:
+    masters: list[RedisHandle]
+    replicas: list[RedisHandle]
+
+    @property
+    def seed(self) -> RedisHandle:
+        return self.masters[0]
+
+
+def start_cluster(redis_factory: RedisFactory, *, masters: int = 3, replicas: int = 0) -> Cluster:
+    """Start and join ``masters * (1 + replicas)`` nodes; returns once the cluster is ok."""
+    cli = redis_cli_binary()
+    if cli is None:
+        raise RuntimeError("no redis-cli binary: it is needed to create a cluster")
+    nodes = [
+        redis_factory(
+            port=cluster_port(),
+            extra_args=[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ],
+        )
+        for _ in range(masters * (1 + replicas))
+    ]
+    addresses = [f"{n.host}:{n.port}" for n in nodes]
+    subprocess.run(
+        [
+            cli,
+            "--cluster",
+            "create",
+            *addresses,
+            "--cluster-replicas",
+            f"{replicas}",
+            "--cluster-yes",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+
+    def ready() -> bool:
+        for node in nodes:
+            with node.client() as client:
+                if client.cluster("info").get("cluster_state") != "ok":
+                    return False
+        return True
+
+    wait_until(ready, timeout=CLUSTER_READY_TIMEOUT_S, message="cluster_state:ok on every node")
+    return Cluster(nodes[:masters], nodes[masters:])
