@@ -73,7 +73,6 @@ class RepairCycle(Part):
         }
         self._retry_at: dict[str, float] = {}
         self._facts_cache: dict[str, PeerFacts] = {}
-        self._geometry_ok: set[str] = set()
         self.geometry_errors: dict[str, str] = {}
 
     def is_peer(self, peer_id: str) -> bool:
@@ -234,8 +233,10 @@ class RepairCycle(Part):
         self.metrics.merkle_divergences.labels(pid).inc()
         # A divergent peer's root is about to change under us or under it.
         self._facts_cache.pop(pid, None)
-        if pid not in self._geometry_ok:
-            await self.check_geometry(peer)
+        # Checked at every drill, not once: a peer's store can be replaced under the same id
+        # (a restore, a rebuild, an old format) by one whose tree cannot be compared with ours.
+        # Equal roots need no check, so the in-sync cycle stays one round trip.
+        await self.check_geometry(peer)
         if budget <= 0:
             repair.remaining = True
         else:
@@ -288,7 +289,6 @@ class RepairCycle(Part):
                 f"the trees cannot be compared, so nothing is repaired from this peer until "
                 f"both stores use one geometry"
             )
-        self._geometry_ok.add(pid)
 
     # ------------------------------------------------------------------------ one key
 

@@ -153,6 +153,11 @@ async def test_a_node_converted_while_its_peer_keeps_writing_converges_with_the_
             return n
 
         writer = asyncio.create_task(keep_writing())
+
+        # b's cold path checks a's format before any repair, and says why it will not pair.
+        await b.running().repair_once()
+        refusal = b.peer_status("a")["repair"]["geometry_error"]
+        assert "peer 'a': store is in format 1" in refusal and "ours is format=2" in refusal
         out = io.StringIO()
         assert await migrate(a.config, dry_run=True, batch=40, out=out) == 0
         assert "is in format 1" in out.getvalue(), out.getvalue()
