@@ -386,7 +386,7 @@ class RedisStore:
             )
         hlcs: list[int] = []
         weights = [len(key) + len(args[6 * i]) + 256 for i, key in enumerate(keys)]
-        for start, end in self._ranges(weights):
+        for start, end in self._ranges(weights, most=functions.MAX_KEYS_PER_CALL):
             replies = await self._call_api("re_write", keys[start:end], args[6 * start : 6 * end])
             hlcs += [clock.from_hex(hlc_hex) for hlc_hex, _sid in replies]
         if hlcs:
@@ -551,13 +551,14 @@ class RedisStore:
         """Consecutive ranges of ``items`` holding at most ``max_batch_bytes`` of data each."""
         return self._ranges([len(it[3]) + len(it[16]) + len(it[0]) + 256 for it in items])
 
-    def _ranges(self, weights: Sequence[int]) -> list[tuple[int, int]]:
+    def _ranges(self, weights: Sequence[int], most: int | None = None) -> list[tuple[int, int]]:
         """Consecutive ranges whose weights add up to at most ``max_batch_bytes`` (a range of
-        one may weigh more): one script or function call each."""
+        one may weigh more), and of at most ``most`` items: one script or function call each."""
         ranges: list[tuple[int, int]] = []
         start, size = 0, 0
         for i, weight in enumerate(weights):
-            if i > start and size + weight > self.max_batch_bytes:
+            full = most is not None and i - start >= most
+            if i > start and (full or size + weight > self.max_batch_bytes):
                 ranges.append((start, i))
                 start, size = i, 0
             size += weight

@@ -276,6 +276,20 @@ async def test_loading_replaces_an_older_library_and_keeps_a_newer_one(
 
 def test_the_library_version_in_python_is_the_one_in_the_lua_source() -> None:
     assert f"local LIBRARY_VERSION = {functions.VERSION}\n" in functions.library_source()
+    assert f"local MAX_KEYS_PER_CALL = {functions.MAX_KEYS_PER_CALL}\n" in (
+        functions.library_source()
+    )
+
+
+async def test_a_call_of_too_many_keys_is_refused_and_put_many_splits_its_batch(
+    store: RedisStore,
+) -> None:
+    many = [store.keys.item(f"k{i}") for i in range(functions.MAX_KEYS_PER_CALL + 1)]
+    with pytest.raises(ResponseError, match="keys in one call; at most"):
+        await _call(store, "re_put_many", many, ["v", "t"] * len(many))
+    assert await store.redis.xlen(store.keys.cdc) == 0
+    writes = [(f"k{i}", b"v", "t") for i in range(functions.MAX_KEYS_PER_CALL + 1)]
+    assert len(set(await store.put_many(writes))) == len(writes)
 
 
 PLACE = "\nlocal out = {}\nfor i = 4, #ARGV do out[#out + 1] = path_of(ARGV[i]) end\nreturn out\n"

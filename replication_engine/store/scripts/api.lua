@@ -11,6 +11,8 @@ local LIBRARY_VERSION = 1
 local MAX_KEY_BYTES = 4096
 local MAX_CONTENT_TYPE = 256
 local MAX_TRACE_PARENT = 256
+-- One call runs while the whole server waits: its size is bounded like everything else.
+local MAX_KEYS_PER_CALL = 10000
 local ZSTD_MAGIC = '\40\181\47\253'
 
 local function refuse(message)
@@ -217,6 +219,10 @@ end
 
 local function prepare(keys)
   if #keys == 0 then return nil, nil, refuse('declare at least one item key') end
+  if #keys > MAX_KEYS_PER_CALL then
+    return nil, nil, refuse(#keys .. ' keys in one call; at most ' .. MAX_KEYS_PER_CALL ..
+      ' (the server serves nothing else while a call runs): split the batch')
+  end
   local store, why = open_partition(keys[1])
   if not store then return nil, nil, why end
   local names
