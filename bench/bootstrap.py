@@ -30,12 +30,15 @@ from redis.asyncio import Redis
 from bench.hot_path import PREFIX, json_payload, servers, workspace
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
+from replication_engine.store.layout import Keyspace, glob_escape
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import async_wait_until
 
 PAGE = 1000
 VALUE_BYTES = 1024
 DEADLINE_S = 600.0
+# The peer's item keys, as the bare loop scans them.
+ITEMS = glob_escape(Keyspace(PREFIX).item("")) + "*"
 
 
 async def _cpu(redis: Redis) -> float:
@@ -65,7 +68,7 @@ async def bare_copy(peer_url: str, target_url: str) -> tuple[float, int, float]:
         started = time.perf_counter()
         copied, cursor = 0, 0
         while True:
-            cursor, keys = await source.scan(cursor, match=f"{PREFIX}item:*", count=PAGE)
+            cursor, keys = await source.scan(cursor, match=ITEMS, count=PAGE)
             if keys:
                 async with source.pipeline(transaction=False) as pipe:
                     for key in keys:

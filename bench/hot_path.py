@@ -202,7 +202,7 @@ async def baseline_catch_up(peer_url: str, target_url: str, tail: StreamId) -> f
                     value = codec.decode_payload(fields[b"data"])
                     codec.verify_hash(value, fields[b"hash"].decode())
                     pipe.hset(
-                        PREFIX + "item:" + fields[b"key"].decode(),
+                        keys.item(fields[b"key"].decode()),
                         mapping={
                             "d": fields[b"data"],
                             "h": fields[b"hash"],

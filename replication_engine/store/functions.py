@@ -20,7 +20,7 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,13 @@ async def ensure_loaded(redis: Redis) -> Loaded:
         # A user that may not call functions cannot write through them either; its writes
         # are refused as they come, with Redis's own words.
         return Loaded(True, 0, "not permitted")
-    except ResponseError as exc:
+    except RedisError as exc:
         words = str(exc).lower()
-        if "unknown command" in words:  # Redis 6.2: no functions
+        # Redis 6.2 has no functions: the server says so, or a cluster client, which checks
+        # commands against the server's COMMAND list, does before sending.
+        if "unknown command" in words or "doesn't exist in redis commands" in words:
             return Loaded(False, VERSION, "script")
-        if "function not found" not in words:
+        if not isinstance(exc, ResponseError) or "function not found" not in words:
             raise
         found = 0
     if found > VERSION:

@@ -407,14 +407,18 @@ class RedisStore:
     async def _call_api(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Call one of the store's functions. A Redis that lost them (restarted without
         persistence, flushed, replaced by a failover to a replica that never had them) or lost
-        the partition's meta gets each back, and the call is made again."""
+        the partition's meta gets each back, and the call is made again; a store built without
+        :meth:`connect` learns here whether its Redis has functions at all."""
         fixed: set[str] = set()
         while True:
             try:
                 return await self._api.call(name, keys, args)
             except ResponseError as exc:
                 words = str(exc)
-                if "Function not found" in words and "functions" not in fixed:
+                # No library there (lost, or never loaded on a store built without connect()),
+                # or a Redis without functions (6.2, where the same code runs as a script).
+                missing = "Function not found" in words or "unknown command `FCALL`" in words
+                if missing and "functions" not in fixed:
                     fixed.add("functions")
                     await self.load_functions()
                 elif words.startswith("no store partition at") and "meta" not in fixed:
