@@ -42,7 +42,8 @@ from replication_engine.cursor import CursorStore
 from replication_engine.engine import EngineError, ReplicationEngine
 from replication_engine.hot_path import Tailer
 from replication_engine.store.redis_store import RedisStore
-from replication_engine.testing import RedisFactory, async_wait_until, free_port
+from replication_engine.testing import RedisFactory, async_wait_until, find_redis_server, free_port
+from replication_engine.testing.redis_proc import redis_server_version
 
 # Mesh nodes re-emit what they apply only when told to (a mesh node's default is off).
 RELAYING = {"settings": {"hot_path": {"relay": True}}}
@@ -326,6 +327,12 @@ async def test_start_fails_clearly_when_http_port_is_in_use(
 # ------------------------------------------------------------------------------------ catch-up
 
 
+@pytest.mark.skipif(
+    redis_server_version(find_redis_server())[0] < 7,
+    reason="Redis 6.2 cannot say whether a stream read from its start was trimmed: the tailer "
+    "reports a gap and the repair it asks for copies keys past the cursor, which this test "
+    "forbids (README, Known limitations)",
+)
 async def test_shutdown_during_catch_up_saves_exactly_what_was_applied_and_resumes(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
