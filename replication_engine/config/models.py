@@ -127,6 +127,14 @@ def _check_node_id(value: str) -> str:
     return value
 
 
+def _check_prefix(value: str) -> str:
+    if "{" in value or "}" in value:
+        # Every key of a partition starts with the prefix and the partition's {tag}; a brace
+        # in the prefix would become the tag Redis Cluster hashes by (docs/FORMAT.md).
+        raise ValueError("expected a key prefix without '{' or '}'")
+    return value
+
+
 def _check_redis_url(value: str) -> str:
     try:
         parts = urlsplit(value)
@@ -179,6 +187,7 @@ Duration = Annotated[float, BeforeValidator(_duration_field), Field(gt=0)]
 DurationOrZero = Annotated[float, BeforeValidator(_duration_field), Field(ge=0)]
 DurationMs = Annotated[float, BeforeValidator(_duration_ms_field), Field(gt=0)]
 NodeId = Annotated[str, AfterValidator(_check_node_id)]
+KeyPrefix = Annotated[str, AfterValidator(_check_prefix)]
 RedisUrl = Annotated[str, AfterValidator(_check_redis_url)]
 ListenAddress = Annotated[str, AfterValidator(_check_listen)]
 
@@ -231,7 +240,9 @@ class LocalConfig(_Section):
     """This node's own Redis, the only one the engine writes to."""
 
     redis_url: RedisUrl = Field(default="redis://127.0.0.1:6379/0", description="Local store.")
-    prefix: str = Field(default="", description="Prefix of every key the store and engine use.")
+    prefix: KeyPrefix = Field(
+        default="", description="Prefix of every key the store and engine use."
+    )
     username: str | None = Field(default=None, description="ACL user; overrides one in redis_url.")
     password: SecretStr | None = Field(
         default=None, description="Password; overrides one in redis_url."
@@ -451,7 +462,9 @@ class PeerConfig(_Section):
 
     node_id: NodeId = Field(description="The peer's local_node_id.")
     redis_url: RedisUrl = Field(description="URL of the peer's Redis.")
-    prefix: str | None = Field(default=None, description="Peer key prefix; None = local.prefix.")
+    prefix: KeyPrefix | None = Field(
+        default=None, description="Peer key prefix; None = local.prefix."
+    )
     priority: int = Field(default=0, description="Lower numbers are served first.")
     circuit_failure_threshold: int = Field(default=5, ge=1, description="Failures to open.")
     circuit_reset_timeout_sec: Duration = Field(default=30.0, description="Open time (s).")

@@ -553,6 +553,18 @@ def test_peer_reading_local_redis_with_local_prefix() -> None:
     assert "peers[0].redis_url: must not read the same Redis and prefix as local.redis_url" in text
 
 
+def test_a_prefix_with_a_brace_is_refused_naming_the_field() -> None:
+    text = problems_of(
+        {
+            "local_node_id": "a",
+            "local": {"prefix": "app{1}:"},
+            "peers": [{**peer("b"), "prefix": "x}"}],
+        }
+    )
+    assert "local.prefix: expected a key prefix without '{' or '}'" in text
+    assert "peers[0].prefix: expected a key prefix without '{' or '}'" in text
+
+
 def test_same_redis_with_other_prefix_is_fine() -> None:
     config = EngineConfig.from_mapping(
         {
