@@ -147,16 +147,13 @@ local function server_now()
   return fmt('%012x0000', ms), fmt('%d', ms)
 end
 
--- One version written as a local write, over whatever the key holds: the body every public
--- write shares. w = {key, tomb, data, hash, proposed hlc, content type, updated_at, trace
--- parent}. Returns {hlc, stream id}, or nil and the refusal.
-local function write_local(w, store)
+-- One version written as a local write over cur, the key's current version (read and
+-- type-checked by write_all): the body every public write shares. w = {key, tomb, data, hash,
+-- proposed hlc, content type, updated_at, trace parent}; last is the store clock. Returns
+-- {hlc, stream id}, or nil and the refusal.
+local function write_local(w, store, path, cur, last)
   local key, tomb = w[1], w[2]
-  local path = path_of(key)
-  local cur, why = read_checked_leaf(key, path)
-  if not cur then return nil, fail(ITEM .. key, why) end
   local hlc = w[5]
-  local last = call('GET', HLC_KEY)
   if last and not bytes_gt(hlc, last) then
     hlc = hlc_successor(last)
     if not hlc then
@@ -171,7 +168,7 @@ local function write_local(w, store)
   end
   local version = fmt('%d', previous + 1)
   call('SET', HLC_KEY, hlc)
-  why = write_item(key, path, tomb, w[3], w[4], hlc, SELF, w[6], version, w[7], w[8], cur)
+  local why = write_item(key, path, tomb, w[3], w[4], hlc, SELF, w[6], version, w[7], w[8], cur)
   if why then return nil, fail(MK .. path, why) end
   local sid = emit(store.maxlen, key, tomb, w[3], w[4], hlc, SELF, w[6], version, w[7], w[8])
   return {hlc, sid}
@@ -182,6 +179,7 @@ local function write_all(keys, writes, store)
   local problem = check_store_keys({HLC_KEY, 'string', ROOT_KEY, 'string', TOMBS_KEY, 'zset',
     CDC_KEY, 'stream'})
   if problem then return problem end
+  local paths, curs, seen = {}, {}, {}
   for i = 1, #writes do
     local w = writes[i]
     if w[2] == '0' and #w[3] > store.max_payload then
@@ -196,14 +194,18 @@ local function write_all(keys, writes, store)
     if not valid_utf8(w[6]) or not valid_utf8(w[8]) then
       return refuse('content type and trace parent must be valid UTF-8; nothing was written')
     end
-    local _, why = read_checked_leaf(w[1], path_of(w[1]))
-    if why then return fail(keys[i], why) end
+    local path = path_of(w[1])
+    local cur, why = read_checked_leaf(w[1], path)
+    if not cur then return fail(keys[i], why) end
+    -- A key written twice in one call is read again before its second write (false here).
+    paths[i], curs[i], seen[w[1]] = path, not seen[w[1]] and cur, true
   end
-  local out = {}
+  local out, last = {}, call('GET', HLC_KEY)
   for i = 1, #writes do
-    local done, why = write_local(writes[i], store)
+    local done, why = write_local(writes[i], store, paths[i], curs[i] or read_item(writes[i][1]),
+      last)
     if not done then return why end
-    out[i] = done
+    out[i], last = done, done[1]
   end
   tree_flush()
   return out
