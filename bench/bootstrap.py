@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 from bench.hot_path import PREFIX, json_payload, servers, workspace
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
-from replication_engine.store.layout import Keyspace, glob_escape
+from replication_engine.store.layout import Keyspace
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import async_wait_until
 
@@ -38,7 +38,7 @@ PAGE = 1000
 VALUE_BYTES = 1024
 DEADLINE_S = 600.0
 # The peer's item keys, as the bare loop scans them.
-ITEMS = glob_escape(Keyspace(PREFIX).item("")) + "*"
+ITEMS = Keyspace(PREFIX).item_pattern
 
 
 async def _cpu(redis: Redis) -> float:

@@ -37,7 +37,7 @@ from replication_engine.config import ColdPathConfig
 from replication_engine.cursor import CursorStore
 from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
-from replication_engine.store.layout import Keyspace, glob_escape
+from replication_engine.store.layout import Keyspace
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import RedisProcess
 
@@ -124,10 +124,6 @@ async def item_bytes(client: Redis, keyspace: Keyspace, names: list[str]) -> int
     return total
 
 
-def _item_pattern(keyspace: Keyspace) -> str:
-    return glob_escape(keyspace.item("")) + "*"
-
-
 async def scan_versions(
     client: Redis, keyspace: Keyspace, cost: Cost
 ) -> dict[bytes | str, tuple[bytes | None, bytes | None, bytes | None]]:
@@ -135,7 +131,7 @@ async def scan_versions(
     out: dict[bytes | str, tuple[bytes | None, bytes | None, bytes | None]] = {}
     cursor = 0
     while True:
-        cursor, batch = await client.scan(cursor, match=_item_pattern(keyspace), count=SCAN_COUNT)
+        cursor, batch = await client.scan(cursor, match=keyspace.item_pattern, count=SCAN_COUNT)
         cost.round_trips += 1
         cost.bytes_read += sum(len(k) for k in batch)
         if batch:

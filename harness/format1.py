@@ -34,8 +34,7 @@ async def to_format1(redis: Redis, prefix: str, geometry: Geometry) -> None:
     if await redis.exists(keys.record):
         await redis.rename(keys.record, prefix + "node")
     leaves: dict[str, dict[str, str]] = defaultdict(dict)
-    part_items = f"{glob_escape(keys.part)}item:*"
-    async for raw in redis.scan_iter(match=part_items, count=1000):
+    async for raw in redis.scan_iter(match=keys.item_pattern, count=1000):
         key = text(raw)[len(keys.part) + len("item:") :]
         digest = text(await redis.hget(raw, "g"))
         leaves[format1_leaf_path(geometry, key)][key] = digest

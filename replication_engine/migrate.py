@@ -96,7 +96,7 @@ class Migration:
             raise MigrationError(f"{self.keys.meta} is unreadable: {meta!r}") from exc
         survey = Survey("interrupted" if "migrating" in meta else "format 1", geometry)
         survey.items_to_move = await self._count(self._scan(self._old_items()))
-        survey.items_moved = await self._count(self._scan(f"{glob_escape(self.keys.part)}item:*"))
+        survey.items_moved = await self._count(self._scan(self.keys.item_pattern))
         survey.old_tree_nodes = await self._count(self._scan(self._old_tree()))
         for old, new in _MOVED:
             if await self.redis.exists(self.keys.prefix + old):
@@ -223,7 +223,7 @@ class Migration:
         placed = skipped = 0
         started, last_said = time.monotonic(), 0.0
         item_prefix = len(self.keys.part) + len("item:")
-        async for names in self._pages(f"{glob_escape(self.keys.part)}item:*"):
+        async for names in self._pages(self.keys.item_pattern):
             keys = [text(n)[item_prefix:] for n in names]
             done = await self._place(keys=[self.keys.record], args=[*base, *keys])
             placed, skipped = placed + int(done[0]), skipped + int(done[1])

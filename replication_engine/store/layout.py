@@ -78,6 +78,11 @@ class Keyspace:
     def item(self, key: str) -> str:
         return f"{self.part}item:{key}"
 
+    @property
+    def item_pattern(self) -> str:
+        """A SCAN ``MATCH`` pattern for every item key of the partition, and nothing else."""
+        return f"{glob_escape(self.item(''))}*"
+
     def node(self, path: str) -> str:
         """A tree node's children map (interior) or key->digest map (leaf bucket)."""
         return f"{self.part}mk:{path}"

@@ -648,19 +648,24 @@ async def test_verify_tree_finds_an_inconsistent_tree_and_repair_rebuilds_it(
         assert await store.merkle_root() == root
 
 
+def local_only_config(tmp_path: Path, url: str) -> Path:
+    """Node a's config for commands that work on its own store only (its peer is never read)."""
+    return write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": url, "prefix": PREFIX},
+            "peers": [{"node_id": "b", "redis_url": url, "prefix": "other:"}],
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+        },
+    )
+
+
 async def test_forget_adds_a_member_to_the_forgotten_list_of_the_local_store(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
     local = redis_factory()
-    config = write_config(
-        tmp_path / "config.yaml",
-        {
-            "local_node_id": "a",
-            "local": {"redis_url": local.url, "prefix": PREFIX},
-            "peers": [{"node_id": "b", "redis_url": local.url, "prefix": "other:"}],
-            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
-        },
-    )
+    config = local_only_config(tmp_path, local.url)
     async with stores(("a", local.url)) as (store,):
         await store.add_to_record(members=["a", "b", "gone"])
         result = await run_cli(["forget", "gone", "--config", str(config)], cwd=tmp_path)
@@ -676,15 +681,7 @@ async def test_functions_load_prepares_a_new_store_for_clients_and_migrate_says_
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
     local = redis_factory()
-    config = write_config(
-        tmp_path / "config.yaml",
-        {
-            "local_node_id": "a",
-            "local": {"redis_url": local.url, "prefix": PREFIX},
-            "peers": [{"node_id": "b", "redis_url": local.url, "prefix": "other:"}],
-            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
-        },
-    )
+    config = local_only_config(tmp_path, local.url)
     loaded = await run_cli(["functions", "load", "--config", str(config)], cwd=tmp_path)
     assert loaded.returncode == 0, loaded
     assert "replication_engine" in loaded.stdout or "EVALSHA" in loaded.stdout, loaded.stdout

@@ -149,7 +149,6 @@ async def test_a_node_converted_while_its_peer_keeps_writing_converges_with_the_
                 if n % 5 == 0:
                     await log.delete(b, f"k{n % 200}")
                 n += 1
-                await asyncio.sleep(0)
             return n
 
         writer = asyncio.create_task(keep_writing())
