@@ -176,3 +176,22 @@ async def test_a_node_converted_while_its_peer_keeps_writing_converges_with_the_
         assert await writer > 0
         await mesh.wait_converged()
         assert await snapshot(a.store) == expected_snapshot(log.writes)
+
+
+async def test_a_peer_whose_store_goes_back_to_format_1_is_refused_after_earlier_good_checks(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """The layout of a peer is checked at every drill: one checked once and then replaced
+    under the same id (restored from an old backup, say) is refused, not compared."""
+    async with open_mesh(redis_factory, tmp_path, full_mesh(["a", "b"]), engines=["b"]) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        await a.store.put("on-a", b"1")
+        await b.store.put("only-on-b", b"2")  # a runs no engine: the roots stay different
+        await b.running().repair_once()  # drills, so a's layout is checked and found good
+        assert b.peer_status("a")["repair"]["geometry_error"] is None
+        await to_format1(a.store.redis, a.config.local.prefix, a.store.geometry)
+
+        await b.running().repair_once()
+
+        refusal = b.peer_status("a")["repair"]["geometry_error"]
+        assert refusal is not None and "peer 'a': store is in format 1" in refusal
