@@ -193,7 +193,11 @@ class Fetcher(Part):
         behind = self._behind.setdefault(peer.node_id, {})
         for index, status in enumerate(result.statuses):
             change = changes[index]
-            if status in (ApplyStatus.STALE, ApplyStatus.SKIPPED):
+            # KNOWN too: a restore can bring back a version that a recovery wrote off while
+            # this store's claims moved past the peer's (its tailer read on), and the apply
+            # then answers "known" before it compares versions. Claims decide what is
+            # written off (``Claims.conclude``), not this status.
+            if status in (ApplyStatus.STALE, ApplyStatus.SKIPPED, ApplyStatus.KNOWN):
                 if len(behind) < self.settings.max_items_per_cycle:
                     behind[change.key] = change
             if status not in (ApplyStatus.REFUSED, ApplyStatus.REJECTED):

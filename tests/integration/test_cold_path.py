@@ -776,3 +776,48 @@ async def test_bootstrap_of_100k_keys_while_the_peer_keeps_writing(
         f"\n100k bootstrap: populate {populate_sec:.1f}s, bootstrap {bootstrap_sec:.1f}s, "
         f"{len(written)} writes during, {caught_up} stream entries applied after"
     )
+
+
+async def _claim(store: RedisStore, claims: dict[str, int]) -> None:
+    """Give ``store`` a certified record (not recovering) whose claims are ``claims``, as a
+    complete repair would."""
+    _, incarnation, _ = await store.open_record(mode="mesh", relay=False)
+    own = await store.certify(
+        expected_run="", expected_nonces=[], nonce="n", advance=True, state="ok"
+    )
+    taken = await store.inherit(
+        peer="x",
+        token="t",
+        tail=f"{0:020d}-{0:020d}",
+        incarnation=incarnation,
+        cert=own.cert,
+        claims=claims,
+    )
+    assert taken > 0
+
+
+async def test_a_written_off_version_is_replaced_even_when_our_claims_cover_the_peer_s(
+    mesh: Mesh,
+) -> None:
+    """This store holds c's version of k, which the mesh wrote off (the peer holds b's older
+    one while its claims cover c's), and this store's own claims already cover b's version (its
+    tailer read on past it before a restore brought c's back). The apply answers "known" for
+    the peer's version, before comparing versions; the repair must still replace ours, or the
+    mesh stays split for good (docs/DELETES.md, "Written off")."""
+    server_a, server_b = mesh.factory(), mesh.factory()
+    here, there = await mesh.store(server_a, "a"), await mesh.store(server_b, "p")
+    older = Change.put("k", b"older", hlc=100 << 16, origin="b")
+    newer = Change.put("k", b"newer", hlc=200 << 16, origin="c")
+    await there.apply_batch([older])
+    await here.apply_batch([newer])
+    await _claim(there, {"b": older.hlc, "c": newer.hlc})
+    await _claim(here, {"b": older.hlc})
+    cold = await mesh.cold(here, [mesh.peer(server_b, "p")])
+
+    stats = await cold.repair_once(force=True)
+
+    item = await here.get("k")
+    assert item is not None and item.value == b"older", stats
+    assert await here.merkle_root() == await there.merkle_root()
+    (kept,) = await mesh.cursors[0].quarantine_list()
+    assert kept.key == "k" and kept.reason.startswith("written_off"), kept
