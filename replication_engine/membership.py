@@ -34,6 +34,7 @@ from replication_engine.knowledge import (
     NodeRecord,
     derive_members,
     frontier,
+    sid_key,
     stable_frontier,
 )
 from replication_engine.observability.metrics import Metrics
@@ -329,9 +330,7 @@ class Membership:
             except Exception:
                 return f"unreachable peer {peer.node_id} (it cannot be asked, so it may)"
             self.records[peer.node_id] = record
-            if record is not None and (
-                record.claims.get(self.node_id, 0) > 0 or self.node_id in record.anchors
-            ):
+            if record is not None and _knows_writes_of(record, self.node_id):
                 return f"peer {peer.node_id}"
         return None
 
@@ -696,3 +695,16 @@ async def _wait(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> boo
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _knows_writes_of(record: NodeRecord, node_id: str) -> bool:
+    """Whether ``record``'s store claims or anchors on some of ``node_id``'s writes.
+
+    An anchor at the start of the stream knows none: a peer's repair can anchor on a new
+    store's empty stream between its record's creation and this check, and that is no sign of
+    a wipe.
+    """
+    anchor = record.anchors.get(node_id)
+    return record.claims.get(node_id, 0) > 0 or (
+        anchor is not None and anchor.position != sid_key(0, 0)
+    )

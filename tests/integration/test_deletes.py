@@ -286,6 +286,32 @@ async def test_an_empty_peer_never_makes_another_node_drop_its_data(
         assert mesh["a"].metric_total("replication_absence_drops_total") == 0
 
 
+async def test_a_peer_anchored_on_a_new_store_s_empty_stream_is_no_sign_of_a_wipe(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """A new store's record exists from its engine's first step; a peer's repair can complete
+    against it (an empty stream) and anchor there before the new engine asks its peers who
+    knows its writes. Nobody does: the new node serves at once instead of recovering."""
+    async with deletes_mesh(redis_factory, tmp_path, ("a", "b"), start_engines=False) as mesh:
+        peer = mesh["b"].store
+        _, incarnation, _ = await peer.open_record(mode="mesh", relay=False)
+        own = await peer.certify(
+            expected_run="", expected_nonces=[], nonce="n", advance=True, state="ok"
+        )
+        start = f"{0:020d}-{0:020d}"
+        taken = await peer.inherit(
+            peer="a", token="t", tail=start, incarnation=incarnation, cert=own.cert, claims={}
+        )
+        assert taken == 2 and (await record(mesh["b"])).anchors["a"].position == start
+        await mesh.start_engine("a")
+
+        async def serving() -> bool:
+            return bool(mesh["a"].membership()["state"] == "ok")
+
+        await async_wait_until(serving, timeout=SETTLE_S, message="a serving")
+        assert mesh["a"].metric_total("replication_recoveries_total") == 0
+
+
 async def test_a_new_node_starting_from_latest_never_makes_a_member_drop_its_data(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
