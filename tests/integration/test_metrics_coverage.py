@@ -15,6 +15,7 @@ move fails on that wait, naming it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -130,12 +131,19 @@ async def wait_metric(
     predicate: Callable[[float], bool],
     **labels: str,
 ) -> None:
-    await async_wait_until(
-        lambda: predicate(metric(engine, name, **labels)),
-        timeout=SETTLE_S,
-        interval=0.02,
-        message=f"{name}{labels or ''} on {engine.node_id}",
-    )
+    try:
+        await async_wait_until(
+            lambda: predicate(metric(engine, name, **labels)),
+            timeout=SETTLE_S,
+            interval=0.02,
+            message=f"{name}{labels or ''} on {engine.node_id}",
+        )
+    except AssertionError as exc:
+        # What the engine was doing when its metric did not move: its repairs, membership
+        # and tailers (a failure on a loaded CI machine is otherwise hard to read).
+        cycle = engine.cold_path.status()["last_cycle"] if engine.cold_path else None
+        status = json.dumps({"last_cycle": cycle, **engine.status()}, indent=1, default=str)
+        raise AssertionError(f"{exc}; value {metric(engine, name, **labels)}\n{status}") from None
 
 
 def positive(value: float) -> bool:
