@@ -92,11 +92,44 @@ def start_cluster(redis_factory: RedisFactory, *, masters: int = 3, replicas: in
     )
 
     def ready() -> bool:
+        """Every node sees the cluster ok, and every replica has synced with its master (the
+        cluster is ok before the replicas have even taken their role)."""
         for node in nodes:
             with node.client() as client:
                 if client.cluster("info").get("cluster_state") != "ok":
+                    return False
+        for node in nodes[masters:]:
+            with node.client() as client:
+                info = client.info("replication")
+                if info.get("role") != "slave" or info.get("master_link_status") != "up":
                     return False
         return True
 
     wait_until(ready, timeout=CLUSTER_READY_TIMEOUT_S, message="cluster_state:ok on every node")
     return Cluster(nodes[:masters], nodes[masters:])
+
+
+def node_id_of(node: RedisHandle) -> str:
+    with node.client() as client:
+        return str(client.execute_command("CLUSTER", "MYID").decode())
+
+
+def migrate_slot(cluster: Cluster, slot: int, source: RedisHandle, target: RedisHandle) -> int:
+    """Move one slot from ``source`` to ``target`` as ``redis-cli --cluster reshard`` does, key
+    batch by key batch (clients meet ASK and TRYAGAIN meanwhile); returns the keys moved."""
+    source_id, target_id = node_id_of(source), node_id_of(target)
+    with target.client() as to, source.client() as frm:
+        to.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        frm.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        moved = 0
+        while True:
+            keys = frm.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+            if not keys:
+                break
+            frm.execute_command("MIGRATE", target.host, target.port, "", 0, 10_000, "KEYS", *keys)
+            moved += len(keys)
+        for node in cluster.masters:
+            if node.is_running():
+                with node.client() as client:
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    return moved

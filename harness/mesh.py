@@ -38,6 +38,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Iterable,
     Iterator,
     Mapping,
@@ -50,6 +51,7 @@ from typing import Any, Generic, TypeVar, cast
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from harness.cluster import Cluster
 from replication_engine import codec, knowledge
 from replication_engine.clock import HLC
 from replication_engine.codec import Change, StreamId
@@ -315,6 +317,7 @@ async def connect_store(config: EngineConfig, *, hlc: HLC | None = None) -> Redi
         max_memory_ratio=config.local.max_memory_ratio,
         max_clock_offset_sec=config.local.max_clock_offset_sec,
         hlc=hlc,
+        cluster=config.local.cluster,
     )
 
 
@@ -663,11 +666,13 @@ def build_config(
     common: Mapping[str, Any] | None = None,
     override: Mapping[str, Any] | None = None,
     peer_options: Mapping[str, Any] | None = None,
+    clustered: Collection[str] = (),
 ) -> EngineConfig:
-    """The test configuration of one node (see the module docstring for the defaults)."""
+    """The test configuration of one node (see the module docstring for the defaults);
+    ``clustered`` nodes' URLs are a seed node of a Redis Cluster."""
     data: dict[str, Any] = {
         "local_node_id": node_id,
-        "local": {"redis_url": urls[node_id], "prefix": prefix},
+        "local": {"redis_url": urls[node_id], "prefix": prefix, "cluster": node_id in clustered},
         "settings": {
             "cold_path": {"enabled": False},
             "hot_path": {"block_timeout_sec": DEFAULT_BLOCK_TIMEOUT_S},
@@ -677,6 +682,7 @@ def build_config(
                 "node_id": p,
                 "redis_url": urls[p],
                 "start_from": "beginning",
+                "cluster": p in clustered,
                 **copy.deepcopy(dict(peer_options or {})),
             }
             for p in peers
@@ -701,6 +707,7 @@ async def open_mesh(
     redis_options: Mapping[str, Mapping[str, Any]] | None = None,
     engines: Iterable[str] | None = None,
     prefix: str = DEFAULT_PREFIX,
+    clusters: Mapping[str, Cluster] | None = None,
 ) -> AsyncIterator[Mesh[MeshNode]]:
     """Start servers and stores for ``topology``, start engines, yield the mesh, tear down.
 
@@ -717,6 +724,8 @@ async def open_mesh(
         engines: nodes whose engines start now; default every node with peers. Others can be
             started later with :meth:`Mesh.start_engine`.
         prefix: key prefix of every store.
+        clusters: ``node -> Cluster``: that node's store is the cluster (no server is started
+            for it; its ``server`` is the cluster's seed), read and written as a cluster.
     """
     for node_id, peers in topology.items():
         unknown = [p for p in peers if p not in topology]
@@ -725,8 +734,12 @@ async def open_mesh(
     overrides = overrides or {}
     peer_options = peer_options or {}
     redis_options = redis_options or {}
+    clusters = clusters or {}
     servers: dict[str, RedisHandle] = {}
     for node_id in topology:
+        if node_id in clusters:
+            servers[node_id] = clusters[node_id].seed
+            continue
         options = {**redis_options.get("*", {}), **redis_options.get(node_id, {})}
         servers[node_id] = redis_factory(**options)
     urls = {n: s.url for n, s in servers.items()}
@@ -743,6 +756,7 @@ async def open_mesh(
                 common=common,
                 override=overrides.get(node_id),
                 peer_options={**peer_options.get("*", {}), **peer_options.get(node_id, {})},
+                clustered=set(clusters),
             )
             store = await connect_store(config)
             nodes[node_id] = MeshNode(node_id, servers[node_id], store, config)

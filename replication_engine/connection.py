@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
@@ -45,7 +46,15 @@ try:  # redis-py >= 7
 except ImportError:  # pragma: no cover - older redis-py sends no such handshake
     MaintNotificationsConfig = None  # type: ignore[assignment,misc]
 
-__all__ = ["Failure", "TlsOptions", "connection_kwargs", "failure", "make_client"]
+__all__ = [
+    "Failure",
+    "TlsOptions",
+    "connection_kwargs",
+    "failure",
+    "make_client",
+    "make_cluster_client",
+    "node_of",
+]
 
 # How often, at most, a pool looks over its idle connections for ones the server hung up on.
 # The look is done by a borrow, costs about 0.15 us per idle connection and no I/O; once a
@@ -201,6 +210,98 @@ def make_client(
     kwargs.setdefault("max_connections", max_connections)
     kwargs.setdefault("timeout", connect_timeout + (socket_timeout or 0))
     return Redis.from_pool(_Pool(**kwargs))
+
+
+# What a cluster client takes from a URL's options; anything else a URL asks for is refused.
+_CLUSTER_OPTIONS = frozenset(
+    {
+        "username",
+        "password",
+        "client_name",
+        "decode_responses",
+        "health_check_interval",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "maint_notifications_config",
+        "ssl_ca_certs",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_cert_reqs",
+        "ssl_check_hostname",
+        "protocol",
+    }
+)
+
+
+def make_cluster_client(
+    url: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    tls: TlsOptions | None = None,
+    socket_timeout: float | None = 10.0,
+    connect_timeout: float = 5.0,
+    client_name: str | None = None,
+    max_connections: int = 64,
+) -> Redis:
+    """A redis-py ``RedisCluster`` seeded by ``url`` (any one node of the cluster).
+
+    It finds the other nodes itself, routes each command by the key it names, follows MOVED and
+    ASK, and re-reads the topology after a failover. Arguments are those of
+    :func:`make_client`; ``max_connections`` is per node. Its connections are the cancel-safe
+    ones above: redis-py's cluster client picks its connection class itself, so the class is
+    set on its node manager before any node connects. It has no :class:`_Pool`: a node's
+    connections are checked as redis-py lends them, and a failover replaces the node.
+
+    Typed as ``Redis``: it speaks the same commands, routed by key; a command with no key to
+    route by is sent where :func:`node_of` says.
+
+    Raises:
+        ValueError: a ``unix://`` URL, a database other than 0, or a URL option a cluster
+            client does not take (named).
+    """
+    kwargs = connection_kwargs(
+        url,
+        username=username,
+        password=password,
+        tls=tls,
+        socket_timeout=socket_timeout,
+        connect_timeout=connect_timeout,
+        client_name=client_name,
+    )
+    connection_class = kwargs.pop("connection_class")
+    if connection_class is _CancelSafeUnixConnection:
+        raise ValueError("a Redis Cluster is reached over TCP: redis:// or rediss://, not unix://")
+    if int(kwargs.pop("db", 0) or 0) != 0:
+        raise ValueError("a Redis Cluster has one database: the URL's database must be 0")
+    host, port = kwargs.pop("host"), kwargs.pop("port")
+    kwargs.pop("max_connections", None)
+    kwargs.pop("timeout", None)  # the blocking pool's wait: a cluster node has no such pool
+    unknown = sorted(set(kwargs) - _CLUSTER_OPTIONS)
+    if unknown:
+        raise ValueError(f"URL option(s) {', '.join(unknown)} not supported for a Redis Cluster")
+    client = RedisCluster(
+        host=host,
+        port=port,
+        ssl=connection_class is _CancelSafeSSLConnection,
+        max_connections=max_connections,
+        **kwargs,
+    )
+    manager = client.nodes_manager
+    manager.connection_kwargs["connection_class"] = connection_class
+    for node in manager.startup_nodes.values():
+        node.connection_class = connection_class
+    return client  # type: ignore[return-value]
+
+
+def node_of(client: Redis, key: str) -> dict[str, Any]:
+    """Keyword arguments that send a keyless command (``INFO``, ``SCAN``, ``PING``) to the
+    node holding ``key``: on a cluster client, the master of its slot, looked up at each call
+    so a failover or a slot migration is followed; on any other client, none."""
+    if not isinstance(client, RedisCluster):
+        return {}
+    return {"target_nodes": client.get_node_from_key(key)}
 
 
 class _Pool(BlockingConnectionPool):

@@ -177,6 +177,7 @@ class ReplicationEngine:
                     max_batch_bytes=cfg.settings.hot_path.max_batch_bytes,
                     read_only=cfg.mode == "follower",
                     hlc=self._clock,
+                    cluster=cfg.local.cluster,
                 )
             except GeometryError as exc:
                 raise EngineError(f"local store: {exc}") from exc
@@ -242,6 +243,7 @@ class ReplicationEngine:
                 op_timeout_sec=max(1.0, cfg.settings.slo.max_peer_op_latency_ms / 1000 * 10),
                 block_timeout_sec=hot.block_timeout_sec,
                 start_from=peer_cfg.start_from,
+                cluster=peer_cfg.cluster,
             )
         # Always: with cold_path.enabled false it still runs the repairs that are requested
         # (quarantined entries, gaps, a recovery), just no periodic cycles.

@@ -9,6 +9,7 @@ instead of a connect timeout, and records latency and liveness for status and re
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,14 @@ from redis.exceptions import ResponseError
 from replication_engine import clock
 from replication_engine.codec import StreamId, parse_stream_id
 from replication_engine.config import HotPathConfig, PeerConfig, default_of
-from replication_engine.connection import Failure, TlsOptions, failure, make_client
+from replication_engine.connection import (
+    Failure,
+    TlsOptions,
+    failure,
+    make_client,
+    make_cluster_client,
+    node_of,
+)
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import NodeRecord
 from replication_engine.merkle import ZERO
@@ -134,6 +142,7 @@ class Peer:
         op_timeout_sec: float = 5.0,
         block_timeout_sec: float = default_of(HotPathConfig, "block_timeout_sec"),
         start_from: str = _peer_default("start_from"),
+        cluster: bool = False,
     ) -> None:
         self.node_id = node_id
         self.display_url = redact_url(url)
@@ -150,10 +159,10 @@ class Peer:
             exclude=[asyncio.CancelledError],  # our own shutdown is not the peer failing
         )
         common: dict[str, Any] = {"username": username, "password": password, "tls": tls}
-        self.query: Redis = make_client(
-            url, socket_timeout=op_timeout_sec, client_name=None, **common
-        )
-        self.stream: Redis = make_client(
+        # A peer that is a Redis Cluster is read through a cluster client, seeded by ``url``.
+        make = make_cluster_client if cluster else make_client
+        self.query: Redis = make(url, socket_timeout=op_timeout_sec, client_name=None, **common)
+        self.stream: Redis = make(
             url,
             socket_timeout=block_timeout_sec + op_timeout_sec,
             max_connections=2,
@@ -230,7 +239,10 @@ class Peer:
     # ------------------------------------------------------------------------ reads
 
     async def ping(self) -> None:
-        await self.call(self.query.ping, what="ping")
+        await self.call(
+            functools.partial(self.query.ping, **node_of(self.query, self.keys.record)),
+            what="ping",
+        )
 
     async def read_batch(
         self, cursor: StreamId, count: int, *, block_ms: int | None

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from replication_engine import clock, codec
 from replication_engine.config import EngineConfig
-from replication_engine.connection import TlsOptions, make_client
+from replication_engine.connection import TlsOptions, make_client, make_cluster_client
 from replication_engine.cursor import CursorStore
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import NodeRecord, frontier
@@ -79,7 +79,8 @@ async def diff_trees(
 
 def _local_reader(config: EngineConfig) -> TreeReader:
     local = config.local
-    client = make_client(
+    make = make_cluster_client if local.cluster else make_client
+    client = make(
         local.redis_url,
         username=local.username,
         password=local.password.get_secret_value() if local.password else None,
@@ -89,7 +90,8 @@ def _local_reader(config: EngineConfig) -> TreeReader:
 
 def _peer_client(config: EngineConfig, index: int) -> tuple[str, TreeReader]:
     peer = config.peers[index]
-    client = make_client(
+    make = make_cluster_client if peer.cluster else make_client
+    client = make(
         peer.redis_url,
         username=peer.username,
         password=peer.password.get_secret_value() if peer.password else None,
@@ -366,6 +368,7 @@ async def _local_store(config: EngineConfig) -> RedisStore:
         fanout=config.settings.merkle.fanout,
         depth=config.settings.merkle.depth,
         stream_maxlen=local.stream_maxlen,
+        cluster=local.cluster,
     )
 
 
@@ -403,6 +406,15 @@ async def migrate(
     when the conversion could not go on (the message says why; run it again once fixed).
     """
     local = config.local
+    if local.cluster:
+        # Format 1's scripts touch keys they do not declare, which a cluster refuses: no
+        # format-1 store can have run on one.
+        print(
+            "local.cluster is true: a format-1 store cannot be on a Redis Cluster, so there "
+            "is nothing to migrate",
+            file=out,
+        )
+        return 1
     redis = make_client(
         local.redis_url,
         username=local.username,

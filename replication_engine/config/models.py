@@ -247,6 +247,13 @@ class LocalConfig(_Section):
     password: SecretStr | None = Field(
         default=None, description="Password; overrides one in redis_url."
     )
+    cluster: bool = Field(
+        default=False,
+        description=(
+            "redis_url is one node of a Redis Cluster: the store is reached through a cluster "
+            "client, which finds the other nodes and follows failovers and slot moves."
+        ),
+    )
     stream_maxlen: int = Field(default=100_000, ge=1, description="Local CDC stream MAXLEN.")
     max_clock_offset_sec: Duration = Field(
         default=300.0,
@@ -264,8 +271,26 @@ class LocalConfig(_Section):
         default=5.0, description="Seconds the local store breaker stays open (s)."
     )
 
+    @model_validator(mode="after")
+    def _check_cluster(self) -> Self:
+        return _FieldProblems.check(self, _cluster_problems(self.cluster, self.redis_url))
+
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         return _redacted_repr_args(self)
+
+
+def _cluster_problems(cluster: bool, url: str) -> list[_Problem]:
+    """A cluster is reached over TCP and has one database."""
+    if not cluster:
+        return []
+    parsed = urlsplit(url)
+    if parsed.scheme.lower() not in ("redis", "rediss"):
+        expected = "must be redis:// or rediss:// when cluster is true (a cluster is TCP only)"
+        return [_Problem(("redis_url",), expected, redact_url(url))]
+    if parsed.path.strip("/") not in ("", "0"):
+        expected = "must name database 0 (or none) when cluster is true: a cluster has one"
+        return [_Problem(("redis_url",), expected, redact_url(url))]
+    return []
 
 
 class HotPathConfig(_Section):
@@ -474,10 +499,17 @@ class PeerConfig(_Section):
     username: str | None = Field(default=None, description="ACL user; overrides redis_url's.")
     password: SecretStr | None = Field(default=None, description="Overrides redis_url's.")
     tls: TlsConfig = Field(default_factory=TlsConfig)
+    cluster: bool = Field(
+        default=False,
+        description=(
+            "redis_url is one node of a Redis Cluster: the store is reached through a cluster "
+            "client, which finds the other nodes and follows failovers and slot moves."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_tls(self) -> Self:
-        problems = []
+        problems = _cluster_problems(self.cluster, self.redis_url)
         if self.tls.is_customised() and not self.redis_url.lower().startswith("rediss://"):
             expected = "is set, so redis_url must be rediss://"
             problems.append(_Problem(("tls",), expected, self.display_url))

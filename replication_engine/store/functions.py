@@ -88,10 +88,14 @@ class Loaded:
     action: str
 
 
-async def ensure_loaded(redis: Redis) -> Loaded:
-    """Load (or upgrade) the library on a Redis 7; on Redis 6.2 there is nothing to load."""
+async def ensure_loaded(redis: Redis, key: str) -> Loaded:
+    """Load (or upgrade) the library on a Redis 7; on Redis 6.2 there is nothing to load.
+
+    The version is read with ``key`` declared (``re_version`` ignores its keys), so a cluster
+    client asks the node that holds it; ``FUNCTION LOAD`` goes to every master.
+    """
     try:
-        found = int(await redis.fcall("re_version", 0))
+        found = int(await redis.fcall("re_version", 1, key))
     except NoPermissionError:
         # A user that may not call functions cannot write through them either; its writes
         # are refused as they come, with Redis's own words.

@@ -42,7 +42,14 @@ from redis.exceptions import (
 from replication_engine import clock, codec
 from replication_engine.clock import HLC
 from replication_engine.codec import Change
-from replication_engine.connection import Failure, TlsOptions, failure, make_client
+from replication_engine.connection import (
+    Failure,
+    TlsOptions,
+    failure,
+    make_client,
+    make_cluster_client,
+    node_of,
+)
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import ApplyStatus, NodeRecord, hlc_hex
 from replication_engine.merkle import DrillPlan, FormatError, Geometry, GeometryError, leaf_digest
@@ -264,9 +271,14 @@ class RedisStore:
         username: str | None = None,
         password: str | None = None,
         tls: TlsOptions | None = None,
+        cluster: bool = False,
         **options: Any,
     ) -> RedisStore:
-        """Open a store, checking (or on first use recording) the tree geometry."""
+        """Open a store, checking (or on first use recording) the tree geometry.
+
+        With ``cluster``, ``url`` names one node of a Redis Cluster, and the store's calls are
+        routed by the keys they declare (see ``make_cluster_client``).
+        """
         with _as_store_errors(node_id):
             return await cls._connect(
                 url,
@@ -276,6 +288,7 @@ class RedisStore:
                 username=username,
                 password=password,
                 tls=tls,
+                cluster=cluster,
                 **options,
             )
 
@@ -290,9 +303,11 @@ class RedisStore:
         username: str | None,
         password: str | None,
         tls: TlsOptions | None,
+        cluster: bool,
         **options: Any,
     ) -> RedisStore:
-        redis = make_client(
+        make = make_cluster_client if cluster else make_client
+        redis = make(
             url, username=username, password=password, tls=tls, client_name=f"re-store-{node_id}"
         )
         store = cls(redis, node_id=node_id, prefix=prefix, geometry=geometry, **options)
@@ -338,7 +353,7 @@ class RedisStore:
     @_store_api
     async def load_functions(self) -> functions.Loaded:
         """Load (or upgrade) the store's function library: see :mod:`.functions`."""
-        loaded = await functions.ensure_loaded(self.redis)
+        loaded = await functions.ensure_loaded(self.redis, self.keys.record)
         self._api.use(loaded)
         return loaded
 
@@ -969,7 +984,10 @@ class RedisStore:
         """One ``SCAN`` page of the keys under the prefix: the next cursor (0 when the pass is
         over) and the keys on it that do not belong, each with why."""
         pattern = glob_escape(self.keys.prefix) + "*"
-        cursor, names = await self.redis.scan(cursor, match=pattern, count=_SCAN_PAGE)
+        # On a cluster, the partition's node only: a stray key on another shard is not seen.
+        cursor, names = await self.redis.scan(
+            cursor, match=pattern, count=_SCAN_PAGE, **node_of(self.redis, self.keys.record)
+        )
         stray: list[tuple[str, str]] = []
         if names:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -1019,7 +1037,7 @@ class RedisStore:
         if now - self._pressure_checked < _PRESSURE_TTL_SEC:
             return self._accepting
         self._pressure_checked = now
-        info = await self.redis.info("memory")
+        info = await self.redis.info("memory", **node_of(self.redis, self.keys.record))
         limit = int(info.get("maxmemory", 0) or 0)
         used = int(info.get("used_memory", 0) or 0)
         self._accepting = limit <= 0 or used < limit * self.max_memory_ratio

@@ -597,6 +597,28 @@ def test_tls_needs_rediss() -> None:
     assert "peers[0].tls.cert_file: required when tls.key_file is set" in text
 
 
+def test_a_cluster_is_reached_over_tcp_with_database_0() -> None:
+    text = problems_of(
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": "unix:///run/redis.sock", "cluster": True},
+            "peers": [peer("b", redis_url="redis://:hunter2@b:7000/3", cluster=True)],
+        }
+    )
+    assert "local.redis_url: must be redis:// or rediss:// when cluster is true" in text
+    assert "peers[0].redis_url: must name database 0 (or none) when cluster is true" in text
+    assert "hunter2" not in text
+    ok = EngineConfig.from_mapping(
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": "rediss://a:7000", "cluster": True},
+            "peers": [peer("b", redis_url="redis://b:7000/0", cluster=True)],
+        },
+        env={},
+    )
+    assert ok.local.cluster and ok.peers[0].cluster
+
+
 def test_start_from_and_mode_literals() -> None:
     text = problems_of(
         {"local_node_id": "a", "mode": "leader", "peers": [peer("b", start_from="middle")]}
