@@ -3,8 +3,8 @@
 A Cluster refuses a call whose keys span slots (CROSSSLOT) and a script that touches keys of
 another node's slots. So the store's calls are made here through redis-py's ``RedisCluster``
 against three masters: each call must route by the key it declares and find every other key it
-touches on the same node. The engine itself does not run on a cluster yet; this checks the
-format it will run on, call by call.
+touches on the same node. This checks the format call by call;
+tests/integration/test_cluster_node.py runs the engines on a cluster.
 """
 
 from __future__ import annotations
