@@ -26,11 +26,11 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from bench.hot_path import engine_config, preload
-from harness.cluster import Cluster, start_cluster
 from harness.mesh import redis_processes
 from replication_engine.codec import StreamId
 from replication_engine.engine import ReplicationEngine
 from replication_engine.testing import RedisHandle
+from replication_engine.testing.cluster import Cluster, start_cluster
 
 POLL_S = 0.005
 

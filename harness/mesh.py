@@ -51,7 +51,6 @@ from typing import Any, Generic, TypeVar, cast
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from harness.cluster import Cluster
 from replication_engine import codec, knowledge
 from replication_engine.clock import HLC
 from replication_engine.codec import Change, StreamId
@@ -67,6 +66,7 @@ from replication_engine.testing import (
     find_redis_server,
     redis_server_version,
 )
+from replication_engine.testing.cluster import Cluster
 
 __all__ = [
     "CONVERGE_TIMEOUT_S",

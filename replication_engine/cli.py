@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seed", type=int, default=1, help="seed of the write and fault schedule (default 1)"
     )
+    demo.add_argument(
+        "--cluster",
+        action="store_true",
+        help="node-0's store is a Redis Cluster (3 masters, 3 replicas; needs redis-cli), and "
+        "the first fault kills the master holding its data",
+    )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON too")
 
     status = sub.add_parser("status", help="a running sidecar's status (its /status)")
@@ -267,6 +273,7 @@ async def _run(config_path: str, *, json_format: bool) -> int:
 
 async def _demo(args: argparse.Namespace, *, json_format: bool) -> int:
     from replication_engine.demo import run_demo
+    from replication_engine.testing.cluster import redis_cli_binary
     from replication_engine.testing.redis_proc import RedisBinaryNotFound, find_redis_server
 
     try:
@@ -280,6 +287,13 @@ async def _demo(args: argparse.Namespace, *, json_format: bool) -> int:
             error=f"{type(exc).__name__}: {exc}",
         )
         return 2
+    if args.cluster and redis_cli_binary() is None:
+        _report_failure(
+            json_format,
+            "demo.redis_cli_not_found",
+            "demo: --cluster needs redis-cli (beside redis-server or on PATH) to create a cluster",
+        )
+        return 2
     result = await run_demo(
         nodes=args.nodes,
         duration=args.duration,
@@ -287,6 +301,7 @@ async def _demo(args: argparse.Namespace, *, json_format: bool) -> int:
         keys=args.keys,
         faults=not args.no_faults,
         seed=args.seed,
+        cluster=args.cluster,
     )
     if args.json:
         print(json.dumps({k: v for k, v in result.as_dict().items() if k != "events"}, indent=2))

@@ -2,13 +2,16 @@
 
 Starts real redis-server processes, a store and an engine per node, drives conflicting writes
 and deletes on every node, injects faults (a Redis killed with -9 and restarted; a stream trimmed
-so the hot path misses entries) and shows the cold path healing what the hot path missed.
+so the hot path misses entries) and shows the cold path healing what the hot path missed. With
+``cluster``, the first node's store is a Redis Cluster of three masters with a replica each, and
+the first fault kills the master that holds its data: the cluster promotes the replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import random
 import statistics
@@ -23,7 +26,13 @@ from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
 from replication_engine.store.layout import text
 from replication_engine.store.redis_store import RedisStore
-from replication_engine.testing.redis_proc import RedisProcess
+from replication_engine.testing.cluster import (
+    Cluster,
+    redis_cli_binary,
+    slot_owner,
+    start_cluster,
+)
+from replication_engine.testing.redis_proc import RedisHandle, RedisProcess
 
 PREFIX = "demo:"
 
@@ -31,7 +40,7 @@ PREFIX = "demo:"
 @dataclass
 class Node:
     node_id: str
-    redis: RedisProcess
+    redis: RedisHandle  # a cluster node's: the cluster's seed
     cursor_path: Path
     config: EngineConfig
     store: RedisStore | None = None
@@ -72,9 +81,15 @@ class Demo:
         out: TextIO,
         seed: int,
         workdir: Path,
+        cluster: bool = False,
     ) -> None:
         if nodes < 2:
             raise ValueError("the demo needs at least 2 nodes")
+        if cluster and redis_cli_binary() is None:
+            raise ValueError("--cluster needs redis-cli (beside redis-server or on PATH)")
+        self.cluster: Cluster | None = None
+        self.with_cluster = cluster
+        self._servers: list[RedisProcess] = []  # every server started, for the teardown
         self.n = nodes
         self.duration = duration
         self.rate = rate
@@ -98,7 +113,11 @@ class Demo:
         return EngineConfig.model_validate(
             {
                 "local_node_id": me.node_id,
-                "local": {"redis_url": me.redis.url, "prefix": PREFIX},
+                "local": {
+                    "redis_url": me.redis.url,
+                    "prefix": PREFIX,
+                    "cluster": self._clustered(me),
+                },
                 "settings": {
                     "hot_path": {
                         "block_timeout_sec": "500ms",
@@ -122,6 +141,7 @@ class Demo:
                     {
                         "node_id": other.node_id,
                         "redis_url": other.redis.url,
+                        "cluster": self._clustered(other),
                         "start_from": "beginning",
                         "circuit_failure_threshold": 3,
                         "circuit_reset_timeout_sec": 1,
@@ -134,26 +154,48 @@ class Demo:
             }
         )
 
+    def _clustered(self, node: Node) -> bool:
+        return self.cluster is not None and node is self.nodes[0]
+
+    def _server(self, data_dir: Path, **options: Any) -> RedisProcess:
+        """A started redis-server with an AOF fsynced at every write, killed at teardown."""
+        server = RedisProcess(data_dir=data_dir, appendonly=True, appendfsync="always", **options)
+        self._servers.append(server)  # before start, so a half-started server is killed too
+        server.start()
+        return server
+
+    def _start_cluster(self, data: Path) -> Cluster:
+        made = itertools.count()
+
+        def make(**options: Any) -> RedisHandle:
+            return self._server(data / f"cluster-{next(made)}", **options)
+
+        return start_cluster(make, masters=3, replicas=1)
+
     async def setup(self) -> None:
         for i in range(self.n):
             data = self.workdir / f"node-{i}"
             data.mkdir(parents=True, exist_ok=True)
-            proc = RedisProcess(data_dir=data / "redis", appendonly=True, appendfsync="always")
-            self.nodes.append(Node(f"node-{i}", proc, data / "cursors.db", None))  # type: ignore[arg-type]
-        for node in self.nodes:
-            node.redis.start()
+            redis: RedisHandle
+            if i == 0 and self.with_cluster:
+                self.cluster = await asyncio.to_thread(self._start_cluster, data)
+                redis = self.cluster.seed
+            else:
+                redis = self._server(data / "redis")
+            self.nodes.append(Node(f"node-{i}", redis, data / "cursors.db", None))  # type: ignore[arg-type]
         for i, node in enumerate(self.nodes):
             node.config = self._config(i)
             await self._start_node(node)
         self.say(
             f"started {self.n} nodes: "
             + ", ".join(f"{n.node_id}@{n.redis.port}" for n in self.nodes)
+            + (" (node-0: a Redis Cluster, 3 masters and 3 replicas)" if self.cluster else "")
         )
 
     async def _start_node(self, node: Node) -> None:
         if node.store is None:
             node.store = await RedisStore.connect(
-                node.redis.url, node_id=node.node_id, prefix=PREFIX
+                node.redis.url, node_id=node.node_id, prefix=PREFIX, cluster=self._clustered(node)
             )
         node.engine = ReplicationEngine(node.config, store=node.store)
         await node.engine.start()
@@ -166,8 +208,8 @@ class Demo:
             if node.store is not None:
                 with contextlib.suppress(Exception):
                     await node.store.close()
-        for node in self.nodes:
-            node.redis.kill()
+        for server in self._servers:
+            server.kill()
 
     # ------------------------------------------------------------------------ workload
 
@@ -198,13 +240,18 @@ class Demo:
 
     async def _faults(self) -> None:
         await asyncio.sleep(self.duration * 0.3)
-        victim = self.nodes[-1]
         self.first_fault_at = time.monotonic()
-        self.say(f"FAULT kill -9 of {victim.node_id}'s Redis")
-        victim.redis.kill()
-        await asyncio.sleep(min(3.0, self.duration * 0.1))
-        victim.redis.restart()
-        self.say(f"      {victim.node_id}'s Redis restarted (appendonly: acknowledged writes kept)")
+        if self.cluster is not None:
+            await self._failover(self.cluster, self.nodes[0])
+        else:
+            victim = self.nodes[-1]
+            self.say(f"FAULT kill -9 of {victim.node_id}'s Redis")
+            victim.redis.kill()
+            await asyncio.sleep(min(3.0, self.duration * 0.1))
+            victim.redis.restart()
+            self.say(
+                f"      {victim.node_id}'s Redis restarted (appendonly: acknowledged writes kept)"
+            )
         await asyncio.sleep(self.duration * 0.2)
         source, lagging = self.nodes[0], self.nodes[1]
         self.say(
@@ -225,6 +272,25 @@ class Demo:
             f"      {lagging.node_id}'s engine restarted: it must detect the gap and the "
             "cold path must repair"
         )
+
+    async def _failover(self, cluster: Cluster, node: Node) -> None:
+        """Kill the master that holds ``node``'s data; the cluster promotes its replica."""
+        assert node.store is not None
+        slot = node.store.partition_slot()
+        master = slot_owner(cluster, slot)
+        self.say(f"FAULT kill -9 of {node.node_id}'s master for slot {slot} (port {master.port})")
+        master.kill()
+        deadline = time.monotonic() + 30
+        # The cluster's own failure detection has no event to wait on; bounded by the deadline.
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                promoted = await asyncio.to_thread(slot_owner, cluster, slot)
+                if promoted.port != master.port:
+                    self.say(f"      its replica (port {promoted.port}) was promoted")
+                    break
+            await asyncio.sleep(0.2)
+        await asyncio.to_thread(master.restart)
+        self.say(f"      the old master (port {master.port}) is back, as a replica")
 
     # ------------------------------------------------------------------------ display
 
@@ -451,6 +517,7 @@ async def run_demo(
     faults: bool = True,
     seed: int = 1,
     out: TextIO = sys.stdout,
+    cluster: bool = False,
 ) -> DemoResult:
     with tempfile.TemporaryDirectory(prefix="replication-demo-") as tmp:
         demo = Demo(
@@ -462,6 +529,7 @@ async def run_demo(
             out=out,
             seed=seed,
             workdir=Path(tmp),
+            cluster=cluster,
         )
         try:
             result = await demo.run()

@@ -26,6 +26,7 @@ from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import msgpack
 from redis.asyncio import Redis
+from redis.crc import key_slot
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -319,6 +320,10 @@ class RedisStore:
             await redis.aclose()
             raise
         return store
+
+    def partition_slot(self) -> int:
+        """The Redis Cluster slot of the store's partition: every key of it hashes there."""
+        return int(key_slot(self.keys.record.encode()))
 
     @_store_api
     async def check_geometry(self) -> None:

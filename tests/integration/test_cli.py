@@ -36,6 +36,7 @@ from replication_engine.codec import Change
 from replication_engine.cursor import CursorStore
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import RedisFactory, async_wait_until, free_port, redis_proc
+from replication_engine.testing.cluster import redis_cli_binary
 
 REPO = Path(__file__).resolve().parents[2]
 _ENTRY_POINT = Path(sys.executable).parent / "replication-engine"
@@ -856,3 +857,17 @@ async def test_demo_converges(tmp_path: Path) -> None:
     assert "converged:            YES" in result.stdout
     # The lag it shows was measured (it reads each node's relayed entries).
     assert "lag before faults:    p50 n/a" not in result.stdout, result.stdout[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(redis_cli_binary() is None, reason="no redis-cli binary to create a cluster")
+async def test_demo_with_a_cluster_node_converges_through_a_failover(tmp_path: Path) -> None:
+    result = await run_cli(
+        ["demo", "--cluster", "--duration", "6", "--rate", "150", "--nodes", "2"],
+        cwd=tmp_path,
+        timeout=DEMO_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "a Redis Cluster, 3 masters and 3 replicas" in result.stdout
+    assert "was promoted" in result.stdout, result.stdout[-3000:]
+    assert "converged:            YES" in result.stdout

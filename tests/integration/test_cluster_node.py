@@ -1,8 +1,9 @@
 """A store node on a Redis Cluster, peered with a standalone node, through the real engines.
 
 The cluster is three masters with a replica each, made of ``redis-server`` processes
-(``harness.cluster``). One node's store is the cluster (``local.cluster: true``), the other's a
-standalone Redis; each reads the other (``peers[].cluster``). Format 2 keeps a store in one
+(``replication_engine.testing.cluster``). One node's store is the cluster
+(``local.cluster: true``), the other's a standalone Redis; each reads the other
+(``peers[].cluster``). Format 2 keeps a store in one
 partition, so its data lives on one shard (the master of partition 0's slot): these tests show
 the engine follows that shard through a failover and a slot migration, losing nothing.
 """
@@ -17,11 +18,16 @@ from typing import Any
 
 import pytest
 
-from harness.cluster import Cluster, migrate_slot, redis_cli_binary, start_cluster
 from harness.mesh import Mesh, MeshNode, WriteLog, expected_snapshot, open_mesh, snapshot
 from replication_engine.connection import _CancelSafeSend
-from replication_engine.store.redis_store import RedisStore
-from replication_engine.testing import RedisFactory, RedisHandle, async_wait_until
+from replication_engine.testing import RedisFactory, async_wait_until
+from replication_engine.testing.cluster import (
+    Cluster,
+    migrate_slot,
+    redis_cli_binary,
+    slot_owner,
+    start_cluster,
+)
 
 pytestmark = pytest.mark.skipif(
     redis_cli_binary() is None, reason="no redis-cli binary to create a cluster with"
@@ -56,21 +62,6 @@ async def mesh(
         peer_options={"*": {"circuit_reset_timeout_sec": 1}},
     ) as opened:
         yield opened
-
-
-def partition_slot(store: RedisStore) -> int:
-    return int(store.redis.keyslot(store.keys.record))  # type: ignore[attr-defined]
-
-
-def owner(cluster: Cluster, slot: int) -> RedisHandle:
-    """The master that serves ``slot`` now, as the cluster itself says."""
-    live = [n for n in cluster.masters + cluster.replicas if n.is_running()]
-    with live[0].client() as client:
-        for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
-            if int(start) <= slot <= int(end):
-                port = int(master[1])
-                return next(n for n in cluster.masters + cluster.replicas if n.port == port)
-    raise AssertionError(f"no master serves slot {slot}")
 
 
 async def write_both(
@@ -118,9 +109,9 @@ async def test_a_cluster_node_and_a_standalone_node_converge(
     connections = [c for n in mesh["c"].store.redis.get_nodes() for c in n._connections]  # type: ignore[attr-defined]
     assert connections and all(isinstance(c, _CancelSafeSend) for c in connections)
     # The store's data is in partition 0's slot: one shard holds all of it.
-    slot = partition_slot(mesh["c"].store)
+    slot = mesh["c"].store.partition_slot()
     holders = [n.port for n in cluster.masters if n.client().dbsize() > 2]
-    assert holders == [owner(cluster, slot).port], holders
+    assert holders == [slot_owner(cluster, slot).port], holders
 
 
 async def test_the_equality_check_against_a_cluster_costs_what_it_costs_against_one_redis(
@@ -148,8 +139,8 @@ async def test_a_master_failover_under_writes_loses_nothing_the_cluster_kept(
     README, "Redis Cluster"): the check is that the two nodes end with the same data and that
     every write acknowledged by the standalone node, and every write the cluster kept, is on
     both."""
-    slot = partition_slot(mesh["c"].store)
-    old = owner(cluster, slot)
+    slot = mesh["c"].store.partition_slot()
+    old = slot_owner(cluster, slot)
     log = WriteLog()
     writer = asyncio.create_task(write_both(mesh, log, WRITES_DURING_FAULT, "f"))
     await async_wait_until(lambda: len(log.writes) >= 100, timeout=SETTLE_S, message="writes")
@@ -158,7 +149,7 @@ async def test_a_master_failover_under_writes_loses_nothing_the_cluster_kept(
 
     def promoted() -> bool:
         try:
-            return owner(cluster, slot).port != old.port
+            return slot_owner(cluster, slot).port != old.port
         except Exception:
             return False
 
@@ -187,14 +178,14 @@ async def test_a_slot_migration_under_writes_loses_nothing(
     """The partition's slot moves to another master, key batch by key batch as
     ``redis-cli --cluster reshard`` moves it, while both nodes write: the store's calls meet
     ASK and TRYAGAIN meanwhile, nothing acknowledged is lost and the mesh converges."""
-    slot = partition_slot(mesh["c"].store)
-    source = owner(cluster, slot)
+    slot = mesh["c"].store.partition_slot()
+    source = slot_owner(cluster, slot)
     target = next(n for n in cluster.masters if n.port != source.port)
     log = WriteLog()
     writer = asyncio.create_task(write_both(mesh, log, WRITES_DURING_FAULT, "m"))
     await async_wait_until(lambda: len(log.writes) >= 100, timeout=SETTLE_S, message="writes")
     moved = await asyncio.to_thread(migrate_slot, cluster, slot, source, target)
     assert moved > 0
-    assert owner(cluster, slot).port == target.port
+    assert slot_owner(cluster, slot).port == target.port
     await writer
     await assert_everything_arrived(mesh, log)

@@ -16,11 +16,11 @@ import pytest
 import xxhash
 from redis.asyncio.cluster import RedisCluster
 
-from harness.cluster import Cluster, redis_cli_binary, start_cluster
 from replication_engine.codec import Change
 from replication_engine.store.protocol import StreamBatch
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import RedisFactory, find_redis_server
+from replication_engine.testing.cluster import Cluster, redis_cli_binary, start_cluster
 from replication_engine.testing.redis_proc import redis_server_version
 
 pytestmark = pytest.mark.skipif(

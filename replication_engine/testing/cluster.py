@@ -1,8 +1,9 @@
-"""A real Redis Cluster made of ``redis-server`` processes, for tests.
+"""A real Redis Cluster made of ``redis-server`` processes, for tests, benchmarks and the demo.
 
 ``redis-server --cluster-enabled yes`` on free ports, joined by ``redis-cli --cluster create``,
-waited for until every node reports ``cluster_state:ok``. Servers come from the test's
-``redis_factory``, so they are killed at teardown whatever happens.
+waited for until every node reports ``cluster_state:ok`` and every replica has synced. Servers
+come from the caller's factory (a test's ``redis_factory``), which kills them at its end
+whatever happens.
 """
 
 from __future__ import annotations
@@ -133,3 +134,14 @@ def migrate_slot(cluster: Cluster, slot: int, source: RedisHandle, target: Redis
                 with node.client() as client:
                     client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
     return moved
+
+
+def slot_owner(cluster: Cluster, slot: int) -> RedisHandle:
+    """The master that serves ``slot`` now, as the cluster itself says (a live node is asked)."""
+    nodes = cluster.masters + cluster.replicas
+    live = [n for n in nodes if n.is_running()]
+    with live[0].client() as client:
+        for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+            if int(start) <= slot <= int(end):
+                return next(n for n in nodes if n.port == int(master[1]))
+    raise LookupError(f"no master serves slot {slot}")
