@@ -15,6 +15,7 @@ from replication_engine.peer import PeerUnavailable
 from replication_engine.store import ApplyStatus, Item, ReadOnlyStoreError, RedisStore
 from replication_engine.store.redis_store import (
     InvalidWriteError,
+    NotReplicatedError,
     StoreAccessError,
     StoreError,
     StoreKeyError,
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidWriteError",
     "Item",
     "MigrationError",
+    "NotReplicatedError",
     "PeerUnavailable",
     "ReadOnlyStoreError",
     "RedisStore",

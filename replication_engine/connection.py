@@ -14,7 +14,7 @@ no descriptor behind.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -36,6 +36,7 @@ from redis.exceptions import (
     NoPermissionError,
     ReadOnlyError,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -54,6 +55,7 @@ __all__ = [
     "make_client",
     "make_cluster_client",
     "node_of",
+    "on_one_connection",
 ]
 
 # How often, at most, a pool looks over its idle connections for ones the server hung up on.
@@ -302,6 +304,41 @@ def node_of(client: Redis, key: str) -> dict[str, Any]:
     if not isinstance(client, RedisCluster):
         return {}
     return {"target_nodes": client.get_node_from_key(key)}
+
+
+async def on_one_connection(
+    client: Redis, key: str, commands: Sequence[tuple[Any, ...]]
+) -> list[Any]:
+    """Send ``commands`` back to back on one connection, to the node that holds ``key``, and
+    return their replies (an error reply as its exception, in place).
+
+    For commands whose meaning depends on the connection: ``WAIT`` counts the replicas that
+    have the writes made *on this connection*. A cluster client would spread them (it sends a
+    keyless ``WAIT`` to every master), so a connection of the key's master is borrowed from it;
+    a ``MOVED`` reply there is returned like any other error.
+    """
+    if not isinstance(client, RedisCluster):
+        async with client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(await pipe.execute(raise_on_error=False))
+    node = client.get_node_from_key(key)
+    connection = node.acquire_connection()
+    try:
+        await connection.send_packed_command(connection.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except BaseException:
+        # A reply may be left unread on it: no later command may read it as its own.
+        await connection.disconnect(nowait=True)
+        raise
+    finally:
+        node.release(connection)
 
 
 class _Pool(BlockingConnectionPool):

@@ -88,14 +88,15 @@ class Loaded:
     action: str
 
 
-async def ensure_loaded(redis: Redis, key: str) -> Loaded:
+async def ensure_loaded(redis: Redis, key: str | None = None) -> Loaded:
     """Load (or upgrade) the library on a Redis 7; on Redis 6.2 there is nothing to load.
 
     The version is read with ``key`` declared (``re_version`` ignores its keys), so a cluster
     client asks the node that holds it; ``FUNCTION LOAD`` goes to every master.
     """
+    declared = [key] if key is not None else []
     try:
-        found = int(await redis.fcall("re_version", 1, key))
+        found = int(await redis.fcall("re_version", len(declared), *declared))
     except NoPermissionError:
         # A user that may not call functions cannot write through them either; its writes
         # are refused as they come, with Redis's own words.
@@ -133,6 +134,13 @@ class Api:
 
     def use(self, loaded: Loaded) -> None:
         self._functions = loaded.functions
+
+    def command(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+        """The raw command of one call, for a caller that sends it on a connection of its own
+        (6.2: the whole script, as ``EVAL``, which needs nothing loaded)."""
+        if self._functions:
+            return ("FCALL", name, len(keys), *keys, *args)
+        return ("EVAL", self._fallback.script, len(keys), *keys, name, *args)
 
     async def call(
         self, name: str, keys: Sequence[str], args: Sequence[Any], *, client: Any = None

@@ -50,6 +50,7 @@ from replication_engine.connection import (
     make_client,
     make_cluster_client,
     node_of,
+    on_one_connection,
 )
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import ApplyStatus, NodeRecord, hlc_hex
@@ -137,6 +138,23 @@ class StoreUnavailableError(StoreError, ConnectionError):
 class InvalidWriteError(StoreError, ValueError):
     """A local write no peer would accept (too large, a bad key or content type); nothing
     was written."""
+
+
+class NotReplicatedError(StoreError):
+    """The write was made, but fewer of the Redis's own replicas than asked confirmed it in
+    time (``WAIT``). It is acknowledged by the master alone: a failover now could lose it,
+    unless a peer has read it first. Redis does not undo it; retrying writes it again.
+
+    Attributes:
+        hlcs: the HLCs of the writes made, in order (for ``put_many``, of the calls made up
+            to and including the one not confirmed).
+        replicas: how many replicas confirmed that call.
+    """
+
+    def __init__(self, message: str, hlcs: list[int], replicas: int) -> None:
+        super().__init__(message)
+        self.hlcs = hlcs
+        self.replicas = replicas
 
 
 class StoreKeyError(StoreError, RuntimeError):
@@ -373,8 +391,21 @@ class RedisStore:
     # ------------------------------------------------------------------------ local writes
 
     @_store_api
-    async def put(self, key: str, value: bytes | str, content_type: str = "binary") -> int:
+    async def put(
+        self,
+        key: str,
+        value: bytes | str,
+        content_type: str = "binary",
+        *,
+        replicas: int = 0,
+        replica_timeout_sec: float = 1.0,
+    ) -> int:
         """Write ``value`` under ``key``; returns the write's HLC.
+
+        With ``replicas``, the call returns once that many of the store's Redis replicas have
+        the write (``WAIT``, on the connection that made it), so a failover of the master
+        cannot lose it; after ``replica_timeout_sec`` without them it raises
+        :class:`NotReplicatedError`.
 
         Raises:
             InvalidWriteError: a value over ``max_payload``, a key no peer would accept
@@ -383,17 +414,30 @@ class RedisStore:
             StoreUnavailableError: the local Redis did not answer, or writes are paused while
                 the HLC floor is restored (retryable; nothing was acknowledged).
             StoreKeyError: a key the write needs holds the wrong type.
+            NotReplicatedError: made, but not on ``replicas`` replicas in time.
         """
-        return (await self.put_many([(key, value, content_type)]))[0]
+        hlcs = await self.put_many(
+            [(key, value, content_type)],
+            replicas=replicas,
+            replica_timeout_sec=replica_timeout_sec,
+        )
+        return hlcs[0]
 
     @_store_api
-    async def put_many(self, writes: Sequence[tuple[str, bytes | str, str]]) -> list[int]:
+    async def put_many(
+        self,
+        writes: Sequence[tuple[str, bytes | str, str]],
+        *,
+        replicas: int = 0,
+        replica_timeout_sec: float = 1.0,
+    ) -> list[int]:
         """Several ``(key, value, content_type)`` puts; their HLCs, in order.
 
         Written by the store's ``re_write`` function, as any other client's writes are, in
         calls of at most ``max_batch_bytes``. Every write is checked (as :meth:`put`) before
         any is sent, and each call writes all of its items or, refused, none; a failure part
-        way leaves earlier calls' items written, and raises.
+        way leaves earlier calls' items written, and raises. ``replicas`` as for :meth:`put`,
+        waited for after each call.
         """
         self._check_writable()
         keys: list[str] = []
@@ -406,33 +450,73 @@ class RedisStore:
             )
         hlcs: list[int] = []
         weights = [len(key) + len(args[6 * i]) + 256 for i, key in enumerate(keys)]
+        wait = _replica_wait(replicas, replica_timeout_sec)
         for start, end in self._ranges(weights, most=functions.MAX_KEYS_PER_CALL):
-            replies = await self._call_api("re_write", keys[start:end], args[6 * start : 6 * end])
+            replies, confirmed = await self._call_api(
+                "re_write", keys[start:end], args[6 * start : 6 * end], wait=wait
+            )
             hlcs += [clock.from_hex(hlc_hex) for hlc_hex, _sid in replies]
+            self._check_replicated(hlcs, wait, confirmed)
         if hlcs:
             self.clock.observe(max(hlcs))
         return hlcs
 
     @_store_api
-    async def delete(self, key: str) -> int:
-        """Write a tombstone (deletes replicate like values); returns its HLC."""
+    async def delete(self, key: str, *, replicas: int = 0, replica_timeout_sec: float = 1.0) -> int:
+        """Write a tombstone (deletes replicate like values); returns its HLC. ``replicas`` as
+        for :meth:`put`."""
         self._check_writable()
-        hlc_hex, _sid = await self._call_api(
-            "re_del", [self._item_key(key)], [current_trace_parent() or ""]
+        wait = _replica_wait(replicas, replica_timeout_sec)
+        (hlc_hex, _sid), confirmed = await self._call_api(
+            "re_del", [self._item_key(key)], [current_trace_parent() or ""], wait=wait
         )
         hlc = clock.from_hex(hlc_hex)
         self.clock.observe(hlc)
+        self._check_replicated([hlc], wait, confirmed)
         return hlc
 
-    async def _call_api(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Call one of the store's functions. A Redis that lost them (restarted without
+    def _check_replicated(
+        self, hlcs: list[int], wait: tuple[int, int] | None, confirmed: int
+    ) -> None:
+        if wait is not None and confirmed < wait[0]:
+            if hlcs:
+                self.clock.observe(max(hlcs))
+            raise NotReplicatedError(
+                f"node {self.node_id!r}: the write was made, but {confirmed} of the "
+                f"{wait[0]} replica(s) asked confirmed it within {wait[1]} ms; a failover of "
+                f"the master now could lose it",
+                hlcs,
+                confirmed,
+            )
+
+    async def _call_api(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        wait: tuple[int, int] | None = None,
+    ) -> tuple[Any, int]:
+        """Call one of the store's functions; returns its reply and, with ``wait``, how many
+        replicas confirmed it (else 0). A Redis that lost them (restarted without
         persistence, flushed, replaced by a failover to a replica that never had them) or lost
         the partition's meta gets each back, and the call is made again; a store built without
-        :meth:`connect` learns here whether its Redis has functions at all."""
+        :meth:`connect` learns here whether its Redis has functions at all.
+
+        With ``wait`` (replicas, milliseconds), the call is followed by ``WAIT`` on its own
+        connection.
+        """
         fixed: set[str] = set()
         while True:
             try:
-                return await self._api.call(name, keys, args)
+                if wait is None:
+                    return await self._api.call(name, keys, args), 0
+                reply, confirmed = await on_one_connection(
+                    self.redis, keys[0], [self._api.command(name, keys, args), ("WAIT", *wait)]
+                )
+                if isinstance(reply, Exception):
+                    raise reply
+                return reply, int(confirmed)
             except ResponseError as exc:
                 words = str(exc)
                 # No library there (lost, or never loaded on a store built without connect()),
@@ -1047,6 +1131,15 @@ class RedisStore:
         used = int(info.get("used_memory", 0) or 0)
         self._accepting = limit <= 0 or used < limit * self.max_memory_ratio
         return self._accepting
+
+
+def _replica_wait(replicas: int, timeout_sec: float) -> tuple[int, int] | None:
+    """``WAIT``'s arguments for ``replicas`` (None: no wait)."""
+    if replicas < 0 or timeout_sec <= 0:
+        raise InvalidWriteError(
+            "replicas must be >= 0 and replica_timeout_sec > 0; nothing was written"
+        )
+    return (replicas, max(1, int(timeout_sec * 1000))) if replicas else None
 
 
 def _pack(items: Iterable[list[Any]]) -> bytes:

@@ -145,3 +145,13 @@ def slot_owner(cluster: Cluster, slot: int) -> RedisHandle:
             if int(start) <= slot <= int(end):
                 return next(n for n in nodes if n.port == int(master[1]))
     raise LookupError(f"no master serves slot {slot}")
+
+
+def replicas_of(cluster: Cluster, master: RedisHandle) -> list[RedisHandle]:
+    """The nodes replicating ``master`` now, as its ``INFO replication`` lists them."""
+    with master.client() as client:
+        info = client.info("replication")
+    ports = {
+        int(v["port"]) for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
+    }
+    return [n for n in cluster.masters + cluster.replicas if n.port in ports]

@@ -20,11 +20,13 @@ import pytest
 
 from harness.mesh import Mesh, MeshNode, WriteLog, expected_snapshot, open_mesh, snapshot
 from replication_engine.connection import _CancelSafeSend
+from replication_engine.store.redis_store import NotReplicatedError
 from replication_engine.testing import RedisFactory, async_wait_until
 from replication_engine.testing.cluster import (
     Cluster,
     migrate_slot,
     redis_cli_binary,
+    replicas_of,
     slot_owner,
     start_cluster,
 )
@@ -189,3 +191,30 @@ async def test_a_slot_migration_under_writes_loses_nothing(
     assert slot_owner(cluster, slot).port == target.port
     await writer
     await assert_everything_arrived(mesh, log)
+
+
+async def test_a_write_that_waits_for_a_replica_is_on_it_when_put_returns(
+    mesh: Mesh[MeshNode], cluster: Cluster
+) -> None:
+    """``put(replicas=1)`` returns once the partition master's replica has the write (``WAIT``
+    on the connection that made it, not the cluster client's every-master ``WAIT``)."""
+    store = mesh["c"].store
+    (replica,) = replicas_of(cluster, slot_owner(cluster, store.partition_slot()))
+    for i in range(20):
+        await store.put(f"durable:{i}", b"on two servers", replicas=1)
+        with replica.client() as client:
+            client.execute_command("READONLY")
+            assert client.exists(store.keys.item(f"durable:{i}")), i
+    await store.delete("durable:0", replicas=1)
+    hlcs = await store.put_many([(f"many:{i}", b"v", "t") for i in range(50)], replicas=1)
+    assert len(hlcs) == 50
+    # A replica that does not answer: the write is made, on the master alone, and says so.
+    replica.pause()
+    try:
+        with pytest.raises(NotReplicatedError) as caught:
+            await store.put("lonely", b"master only", replicas=1, replica_timeout_sec=0.3)
+    finally:
+        replica.resume()
+    assert caught.value.replicas == 0 and len(caught.value.hlcs) == 1
+    item = await store.get("lonely")
+    assert item is not None and item.hlc == caught.value.hlcs[0]

@@ -29,6 +29,7 @@ from replication_engine.knowledge import ALL_WRITES, ApplyStatus
 from replication_engine.merkle import ZERO, Geometry, GeometryError, MerkleModel, leaf_digest
 from replication_engine.store.redis_store import (
     InvalidWriteError,
+    NotReplicatedError,
     ReadOnlyStoreError,
     RedisStore,
     StoreKeyError,
@@ -1146,3 +1147,38 @@ async def test_the_write_api_raises_the_packages_retryable_error_when_redis_is_d
     )
     item = await store.get("k")
     assert item is not None and item.value == b"after"
+
+
+async def test_a_write_can_wait_for_the_redis_replicas(redis_factory: RedisFactory) -> None:
+    """``replicas=N`` returns once N replicas of the store's Redis have the write (``WAIT`` on
+    the connection that made it), and says so when they do not: the write stays made."""
+    master = redis_factory()
+    replica = redis_factory(extra_args=["--replicaof", master.host, str(master.port)])
+
+    def synced() -> bool:
+        with replica.client() as client:
+            return bool(client.info("replication").get("master_link_status") == "up")
+
+    await async_wait_until(synced, timeout=30, message="replica synced")
+    store = await RedisStore.connect(master.url, node_id="a", prefix="app:")
+    try:
+        await store.put("k", b"v", replicas=1)
+        with replica.client() as client:
+            assert client.hget(store.keys.item("k"), "h") is not None
+        await store.delete("k", replicas=1)
+        assert len(await store.put_many([("a", b"1", "t"), ("b", b"2", "t")], replicas=1)) == 2
+        with pytest.raises(NotReplicatedError) as caught:
+            await store.put("k", b"v", replicas=2, replica_timeout_sec=0.2)
+        assert caught.value.replicas == 1
+        replica.pause()
+        try:
+            with pytest.raises(NotReplicatedError) as paused:
+                await store.delete("a", replicas=1, replica_timeout_sec=0.2)
+        finally:
+            replica.resume()
+        assert paused.value.replicas == 0
+        assert (await store.get_version("a")).tombstone  # type: ignore[union-attr]
+        with pytest.raises(InvalidWriteError):
+            await store.put("k", b"v", replicas=-1)
+    finally:
+        await store.close()
