@@ -14,6 +14,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from replication_engine.testing import RedisFactory, RedisHandle, find_redis_server, wait_until
 
@@ -57,8 +58,13 @@ class Cluster:
         return self.masters[0]
 
 
-def start_cluster(redis_factory: RedisFactory, *, masters: int = 3, replicas: int = 0) -> Cluster:
-    """Start and join ``masters * (1 + replicas)`` nodes; returns once the cluster is ok."""
+def start_cluster(
+    redis_factory: RedisFactory, *, masters: int = 3, replicas: int = 0, **server_options: Any
+) -> Cluster:
+    """Start and join ``masters * (1 + replicas)`` nodes; returns once the cluster is ok.
+
+    ``server_options`` go to every server (``appendonly=True`` keeps a node's data across a
+    restart, as a shard that goes down and comes back needs)."""
     cli = redis_cli_binary()
     if cli is None:
         raise RuntimeError("no redis-cli binary: it is needed to create a cluster")
@@ -73,6 +79,7 @@ def start_cluster(redis_factory: RedisFactory, *, masters: int = 3, replicas: in
                 "--cluster-node-timeout",
                 "2000",
             ],
+            **server_options,
         )
         for _ in range(masters * (1 + replicas))
     ]
