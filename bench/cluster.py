@@ -1,6 +1,6 @@
 """Catch-up into a node whose store is a Redis Cluster, against one whose store is one Redis.
 
-    python -m bench.cluster [--backlog N] [--repeat K]
+    python -m bench.cluster [--backlog N] [--repeat K] [--bootstrap-items M]
 
 A standalone peer's stream is preloaded with N events (1 KiB JSON values, as in
 ``bench.hot_path``). In the same run, one engine (hot path only, relay off, start_from
@@ -8,7 +8,10 @@ beginning) applies the whole backlog into a fresh standalone Redis, and another 
 3-master Redis Cluster (``local.cluster: true``), each timed from ``start()`` until its cursor
 reaches the tail; the two alternate ``--repeat`` times. Redis CPU per event is the
 ``used_cpu_sys + used_cpu_user`` delta of the target's servers (every master of the cluster)
-over the run, divided by N. Prints figures; asserts nothing.
+over the run, divided by N. With ``--bootstrap-items M``, a cluster peer and a standalone peer
+are each loaded with the same M items (100-byte values, through ``put_many``) and a new
+standalone node bootstraps from each in turn: time, round trips and bytes read from the peer.
+Prints figures; asserts nothing.
 
 Format 2 keeps a store in one partition (one hash tag), so the cluster node's data is on one
 shard: this measures what the cluster client and routing cost, not a spread over shards.
@@ -22,14 +25,17 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 
-from bench.hot_path import engine_config, preload
+from bench.hot_path import PREFIX, engine_config, preload
 from harness.mesh import redis_processes
 from replication_engine.codec import StreamId
+from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
-from replication_engine.testing import RedisHandle
+from replication_engine.store.redis_store import RedisStore
+from replication_engine.testing import RedisHandle, async_wait_until
 from replication_engine.testing.cluster import Cluster, start_cluster
 
 POLL_S = 0.005
@@ -115,12 +121,93 @@ async def main(args: argparse.Namespace) -> None:
             statistics.median(args.backlog / s for s, _ in results["standalone"])
         )
         print(f"cluster / standalone: {ratio:.2f}")
+        if args.bootstrap_items:
+            await bench_bootstrap(args.bootstrap_items, make, cluster, workdir)
+
+
+BOOTSTRAP_VALUE_BYTES = 100
+BOOTSTRAP_PAGE = 1000
+
+
+async def load(url: str, items: int, *, cluster: bool) -> bytes:
+    """``items`` items written through the store's functions; returns the store's root."""
+    store = await RedisStore.connect(url, node_id="peer", prefix=PREFIX, cluster=cluster)
+    try:
+        value = b"v" * BOOTSTRAP_VALUE_BYTES
+        for start in range(0, items, BOOTSTRAP_PAGE):
+            end = min(items, start + BOOTSTRAP_PAGE)
+            await store.put_many([(f"user:{i:08d}", value, "binary") for i in range(start, end)])
+        return await store.merkle_root()
+    finally:
+        await store.close()
+
+
+async def bootstrap(
+    peer_url: str, target: RedisHandle, want: bytes, workdir: Path, *, cluster: bool
+) -> tuple[float, int, int]:
+    """Seconds until a new node's root equals the peer's; round trips and bytes read."""
+    config = EngineConfig.model_validate(
+        {
+            "local_node_id": "new",
+            "local": {"redis_url": target.url, "prefix": PREFIX},
+            "peers": [
+                {
+                    "node_id": "peer",
+                    "redis_url": peer_url,
+                    "start_from": "snapshot",
+                    "cluster": cluster,
+                }
+            ],
+            "settings": {
+                "cold_path": {"interval_sec": 3600, "bootstrap_rate_limit_per_sec": 1_000_000}
+            },
+            "cursor": {"sqlite_path": str(workdir / f"cursors-{time.monotonic_ns()}.db")},
+            "http": {"enabled": False},
+        }
+    )
+    engine = ReplicationEngine(config)
+    started = time.perf_counter()
+    await engine.start()
+    try:
+        store = engine.store
+        assert store is not None
+
+        async def same_root() -> bool:
+            return await store.merkle_root() == want
+
+        await async_wait_until(same_root, timeout=600, interval=0.05)
+        elapsed = time.perf_counter() - started
+        counter = engine.peers["peer"].counter
+        return elapsed, counter.round_trips, counter.bytes_read
+    finally:
+        await engine.shutdown()
+
+
+async def bench_bootstrap(items: int, make: Any, cluster: Cluster, workdir: Path) -> None:
+    standalone_peer = make()
+    print(f"bootstrap: {items:,} items of {BOOTSTRAP_VALUE_BYTES} B into a new standalone node")
+    for name, url, is_cluster in (
+        ("from the cluster peer", cluster.seed.url, True),
+        ("from a standalone peer", standalone_peer.url, False),
+    ):
+        # The same keys and values; each store stamps its own HLCs, so each has its own root.
+        # The cluster held the catch-up runs' node: it starts empty for this one.
+        await flush(cluster.masters if is_cluster else [standalone_peer])
+        want = await load(url, items, cluster=is_cluster)
+        target = make()
+        seconds, trips, read = await bootstrap(url, target, want, workdir, cluster=is_cluster)
+        target.kill()
+        print(
+            f"  {name:<24} {seconds:6.1f} s, {items / seconds:9,.0f} items/s, {trips:,} round "
+            f"trips, {read / 1e6:,.1f} MB read"
+        )
 
 
 def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--bootstrap-items", type=int, default=0, help="0: no bootstrap run")
     asyncio.run(main(parser.parse_args()))
 
 
