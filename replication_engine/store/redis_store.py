@@ -140,16 +140,19 @@ class InvalidWriteError(StoreError, ValueError):
     was written."""
 
 
-class NotReplicatedError(StoreError):
+class NotReplicatedError(StoreError, RuntimeError):
     """The write was made, but fewer of the Redis's own replicas than asked confirmed it in
     time (``WAIT``). It is acknowledged by the master alone: a failover now could lose it,
-    unless a peer has read it first. Redis does not undo it; retrying writes it again.
+    unless a peer has read it first. Redis does not undo it; a retry, once the replicas are
+    back, writes it again and waits anew.
 
     Attributes:
         hlcs: the HLCs of the writes made, in order (for ``put_many``, of the calls made up
             to and including the one not confirmed).
         replicas: how many replicas confirmed that call.
     """
+
+    retryable = True
 
     def __init__(self, message: str, hlcs: list[int], replicas: int) -> None:
         super().__init__(message)

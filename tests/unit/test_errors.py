@@ -22,6 +22,7 @@ EXPECTED = {
     "InvalidWriteError": ("ValueError", False),
     "LocalStoreError": ("RuntimeError", True),
     "MigrationError": ("RuntimeError", False),
+    "NotReplicatedError": ("RuntimeError", True),
     "PeerUnavailable": ("ConnectionError", True),
     "ReadOnlyStoreError": ("RuntimeError", False),
     "StoreAccessError": ("PermissionError", False),
