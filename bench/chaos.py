@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="keep servers' data and cursor dbs here (default: a temp dir)",
     )
+    parser.add_argument(
+        "--cluster-node",
+        action="store_true",
+        help="node a's store is a Redis Cluster (3 masters, 3 replicas): its Redis faults are "
+        "failovers of the master holding its data",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON too")
     parser.add_argument("--quiet", action="store_true", help="do not narrate faults")
     return parser
@@ -85,6 +91,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> ChaosReport:
             config={"local": local} if local else None,
             progress=say,
             membership=not args.no_membership,
+            cluster_node=args.cluster_node,
         )
 
 

@@ -108,6 +108,9 @@ class ChaosNode(MeshNode):
     """A mesh node whose engine reads each peer through its own proxy, on a skewable clock."""
 
     proxies: dict[str, TcpProxy] = field(default_factory=dict)  # peer id -> its proxy
+    # Peers read without a proxy: nodes on a Redis Cluster, whose clients connect to the
+    # addresses the cluster announces (a link to one cannot be cut from here).
+    direct: set[str] = field(default_factory=set)
     clock: SkewedClock = field(default_factory=SkewedClock)
 
     @property
@@ -175,6 +178,7 @@ class ChaosMesh(Mesh[ChaosNode]):
         config: Mapping[str, Any] | None = None,
         topology: Mapping[str, Sequence[str]] | None = None,
         start_engines: bool = True,
+        clusters: Mapping[str, RedisHandle] | None = None,
     ) -> ChaosMesh:
         """Start servers, proxies and stores (and engines) for a full mesh of ``node_ids``.
 
@@ -188,10 +192,17 @@ class ChaosMesh(Mesh[ChaosNode]):
             config: deep-merged into every node's whole config mapping (last).
             topology: node -> peers it tails; default every node tails every other.
             start_engines: start an engine on every node with peers.
+            clusters: ``node -> server`` for nodes whose store is a Redis Cluster (a
+                ``PartitionServer``: faults reach the master that holds the data); their
+                peers read them directly, without a proxy.
         """
         topology = topology or full_mesh(node_ids)
+        clusters = clusters or {}
         await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
-        servers = {n: make_server(appendonly=True, appendfsync="always") for n in node_ids}
+        servers = {
+            n: clusters[n] if n in clusters else make_server(appendonly=True, appendfsync="always")
+            for n in node_ids
+        }
         nodes: dict[str, ChaosNode] = {}
         mesh = cls(topology, nodes)
         proxies: list[TcpProxy] = []
@@ -199,20 +210,30 @@ class ChaosMesh(Mesh[ChaosNode]):
             for node_id in node_ids:
                 own: dict[str, TcpProxy] = {}
                 for peer_id in topology[node_id]:
+                    if peer_id in clusters:
+                        continue
                     target = servers[peer_id]
                     proxy = TcpProxy(target.host, target.port)
                     proxies.append(proxy)
                     await proxy.start()
                     own[peer_id] = proxy
+                direct = {p: servers[p].url for p in topology[node_id] if p in clusters}
                 data = _node_config(
-                    node_id, servers[node_id].url, own, workdir, settings, peer_options
+                    node_id, servers[node_id].url, own, workdir, settings, peer_options, direct
                 )
+                data["local"]["cluster"] = node_id in clusters
                 deep_merge(data, config or {})
                 engine_config = EngineConfig.model_validate(data)
                 clock = SkewedClock()
                 store = await connect_store(engine_config, hlc=HLC(clock))
                 nodes[node_id] = ChaosNode(
-                    node_id, servers[node_id], store, engine_config, proxies=own, clock=clock
+                    node_id,
+                    servers[node_id],
+                    store,
+                    engine_config,
+                    proxies=own,
+                    direct=set(direct),
+                    clock=clock,
                 )
             if start_engines:
                 for node_id in node_ids:
@@ -253,7 +274,7 @@ class ChaosMesh(Mesh[ChaosNode]):
 
         def ready() -> bool:
             return all(
-                set(n.proxies) <= set(n.saved_cursors())
+                set(n.proxies) | n.direct <= set(n.saved_cursors())
                 for n in self.nodes.values()
                 if n.engine is not None
             )
@@ -309,10 +330,14 @@ class ChaosMesh(Mesh[ChaosNode]):
 
     def partition_one_way(self, reader: str, source: str, *, how: str = "cut") -> None:
         """Break only ``reader``'s link to ``source``: ``source`` still reads ``reader``."""
-        _break(self.nodes[reader].proxies[source], how)
+        proxy = self.nodes[reader].proxies.get(source)
+        if proxy is not None:  # a cluster is read directly: that link cannot be cut
+            _break(proxy, how)
 
     def heal_one_way(self, reader: str, source: str) -> None:
-        self.nodes[reader].proxies[source].heal()
+        proxy = self.nodes[reader].proxies.get(source)
+        if proxy is not None:
+            proxy.heal()
 
     def heal(self, a: str, b: str) -> None:
         for proxy in self._links(a, b):
@@ -441,7 +466,10 @@ def _node_config(
     workdir: Path,
     settings: Mapping[str, Any] | None,
     peer_options: Mapping[str, Any] | None,
+    direct: Mapping[str, str],
 ) -> dict[str, Any]:
+    """A chaos node's config: each peer read through its proxy, or, for a cluster peer
+    (``direct``: peer id -> URL), straight from the cluster."""
     peer_entry = {**CHAOS_PEER_OPTIONS, **(peer_options or {})}
     return {
         "local_node_id": node_id,
@@ -450,6 +478,10 @@ def _node_config(
         "peers": [
             {"node_id": peer_id, "redis_url": proxy.url_for(), **copy.deepcopy(peer_entry)}
             for peer_id, proxy in proxies.items()
+        ]
+        + [
+            {"node_id": peer_id, "redis_url": url, "cluster": True, **copy.deepcopy(peer_entry)}
+            for peer_id, url in direct.items()
         ],
         "cursor": {
             "sqlite_path": str(workdir / f"cursors-{node_id}.db"),
@@ -479,8 +511,12 @@ class Workload:
         rate_per_node: float = 25.0,
         delete_ratio: float = 0.2,
         writers_per_node: int = 2,
+        replicas: Mapping[str, int] | None = None,
     ) -> None:
         self.mesh = mesh
+        # node -> replicas of its Redis each write waits for (a cluster node's: so a failover
+        # cannot take an acknowledged write away).
+        self.replicas = dict(replicas or {})
         self.seed = seed
         self.keys = [f"k:{i}" for i in range(keys)]
         self.rate_per_node = rate_per_node
@@ -498,11 +534,12 @@ class Workload:
     async def write(self, node_id: str, key: str, value: bytes | None) -> Write | None:
         """One put (or delete, with ``value`` None), recorded as acknowledged or not."""
         store = self.mesh[node_id].store
+        replicas = self.replicas.get(node_id, 0)
         try:
             if value is None:
-                hlc = await store.delete(key)
+                hlc = await store.delete(key, replicas=replicas)
             else:
-                hlc = await store.put(key, value)
+                hlc = await store.put(key, value, replicas=replicas)
         except Exception as exc:
             self.unacknowledged.append(
                 Unacknowledged(node_id, key, value, f"{type(exc).__name__}: {exc}"[:200])

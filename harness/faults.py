@@ -29,17 +29,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from harness.chaos import BOOTSTRAP_DEADLINE_S, ChaosMesh, ChaosNode, Workload
 from harness.judge import Judgement, judge
-from harness.mesh import RESTART_DEADLINE_S, Version, Write, snapshot, version_order
+from harness.mesh import (
+    DEFAULT_PREFIX,
+    RESTART_DEADLINE_S,
+    Version,
+    Write,
+    snapshot,
+    version_order,
+)
 from replication_engine import codec
 from replication_engine.clock import wall_clock_ms
 from replication_engine.codec import StreamId
 from replication_engine.config import EngineConfig
-from replication_engine.testing import RedisFactory, async_wait_until
+from replication_engine.store.layout import Keyspace
+from replication_engine.testing import RedisFactory, RedisHandle, async_wait_until
+from replication_engine.testing.cluster import PartitionServer, start_cluster
 
 __all__ = [
     "FAULT_KINDS",
@@ -600,6 +610,7 @@ async def run_chaos(
     config: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     membership: bool = True,
+    cluster_node: bool = False,
 ) -> ChaosReport:
     """One seeded run: mesh up, workload and faults for ``duration_s``, quiesce, judge.
 
@@ -610,6 +621,12 @@ async def run_chaos(
     from the start, joins with ``start_from: latest`` at the start of the fault phase (until
     then it holds collection back, as a configured member that has not started does), and
     after the last fault one node other than it is gone for good and forgotten.
+
+    With ``cluster_node``, node ``a``'s store is a Redis Cluster (3 masters with a replica
+    each, AOF fsynced): a kill or pause of "its Redis" hits the master holding its data (a
+    failover; the first kill and the first pause always go to ``a``), its peers read it
+    directly (a link cut reaches only what ``a`` reads), its writes wait for one replica
+    (``put(replicas=1)``), and restores, wipes and the forget go to other nodes.
 
     Never raises for a failed check: the report lists failures (with the seed and the
     schedule in :meth:`ChaosReport.render`). Raises only when the harness itself breaks.
@@ -622,11 +639,23 @@ async def run_chaos(
     faults = plan_faults(seed, node_ids, duration_s, kinds)
     if joiner is not None:
         faults = _with_membership_faults(seed, node_ids, joiner, faults)
+    clusters: dict[str, RedisHandle] = {}
+    if cluster_node:
+        faults = _onto_cluster([_off_cluster(f, "a", node_ids) for f in faults], "a")
+        cluster = await asyncio.to_thread(
+            start_cluster, make_server, masters=3, replicas=1, appendonly=True, appendfsync="always"
+        )
+        clusters["a"] = PartitionServer(cluster, key_slot(Keyspace(DEFAULT_PREFIX).record.encode()))
     report = ChaosReport(seed=seed, nodes=nodes, fault_phase_s=duration_s, faults=faults)
     say = progress or (lambda _message: None)
     everyone = [*node_ids, joiner] if joiner is not None else node_ids
     mesh = await ChaosMesh.open(
-        everyone, workdir, make_server, config=config, start_engines=joiner is None
+        everyone,
+        workdir,
+        make_server,
+        config=config,
+        start_engines=joiner is None,
+        clusters=clusters,
     )
     if joiner is not None:
         try:
@@ -636,7 +665,9 @@ async def run_chaos(
         except BaseException:
             await mesh.aclose()
             raise
-    workload = Workload(mesh, seed, keys=keys, rate_per_node=rate_per_node)
+    workload = Workload(
+        mesh, seed, keys=keys, rate_per_node=rate_per_node, replicas=dict.fromkeys(clusters, 1)
+    )
     if joiner is not None:
         workload.idle.add(joiner)
     runner = FaultRunner(mesh, workload, seed, workdir)
@@ -689,6 +720,27 @@ async def run_chaos(
         report.failures.extend(f"teardown: {type(e).__name__}: {e}" for e in errors)
         report.wall_s = time.monotonic() - started
     return report
+
+
+def _off_cluster(fault: Fault, cluster: str, node_ids: Sequence[str]) -> Fault:
+    """``fault`` moved off the cluster node where it cannot act on one: a restore or wipe of
+    data files, and the forget (a cluster node's Redis cannot be "gone for good" here)."""
+    if fault.node != cluster or fault.kind not in ("redis_restore", "redis_wipe", "member_forget"):
+        return fault
+    other = fault.other if fault.other != cluster else next(n for n in node_ids if n != cluster)
+    by = next((n for n in node_ids if n not in (cluster, other)), cluster)
+    fault.node, fault.other = other, by
+    return fault
+
+
+def _onto_cluster(faults: list[Fault], cluster: str) -> list[Fault]:
+    """``faults`` with the first Redis kill and the first pause moved onto the cluster node,
+    so every run fails its data's master over at least once."""
+    for kind in ("redis_kill", "redis_pause"):
+        first = next((f for f in faults if f.kind == kind), None)
+        if first is not None and first.node != cluster:
+            first.node, first.other = cluster, first.node
+    return faults
 
 
 def _with_membership_faults(

@@ -497,7 +497,9 @@ class Mesh(Generic[NodeT]):
         """
         node = self.nodes[node_id]
         await asyncio.to_thread(node.server.restart)
-        await node.store.redis.connection_pool.disconnect()
+        pool = getattr(node.store.redis, "connection_pool", None)  # a cluster client has none
+        if pool is not None:
+            await pool.disconnect()
         await async_wait_until(
             node.store.redis.ping,
             timeout=RESTART_DEADLINE_S,

@@ -162,3 +162,74 @@ def replicas_of(cluster: Cluster, master: RedisHandle) -> list[RedisHandle]:
         int(v["port"]) for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
     }
     return [n for n in cluster.masters + cluster.replicas if n.port in ports]
+
+
+class PartitionServer:
+    """A cluster seen as the one server that holds a partition, for harnesses whose faults act
+    on "a node's Redis": kill, pause and restart reach whichever master serves ``slot`` now, so
+    a kill is a failover (the cluster promotes the replica) and a restart brings the old master
+    back, as a replica.
+
+    ``url`` is a master of another shard, which no fault here touches: a client seeded by it can
+    always find the cluster. There is no data directory: restoring or wiping "the" Redis means
+    nothing for a cluster.
+    """
+
+    def __init__(self, cluster: Cluster, slot: int) -> None:
+        self.cluster = cluster
+        self.slot = slot
+        holder = slot_owner(cluster, slot)
+        self._seed = next(m for m in cluster.masters if m.port != holder.port)
+        self.host, self.port = self._seed.host, self._seed.port
+        self._down: list[RedisHandle] = []
+        self._paused: RedisHandle | None = None
+
+    @property
+    def url(self) -> str:
+        return self._seed.url
+
+    def client_kwargs(self) -> dict[str, Any]:
+        return self.owner().client_kwargs()
+
+    def client(self, **overrides: Any) -> Any:
+        return self.owner().client(**overrides)
+
+    def owner(self) -> RedisHandle:
+        return slot_owner(self.cluster, self.slot)
+
+    def kill(self) -> None:
+        victim = self.owner()
+        victim.kill()
+        self._down.append(victim)
+
+    def stop(self) -> None:
+        victim = self.owner()
+        victim.stop()
+        self._down.append(victim)
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Start what was killed or stopped again, and wait until the slot is served."""
+        for server in self._down:
+            server.restart(timeout)
+        self._down.clear()
+
+        def served() -> bool:
+            try:
+                with self.owner().client() as client:
+                    return bool(client.ping())
+            except Exception:
+                return False
+
+        wait_until(served, timeout=CLUSTER_READY_TIMEOUT_S, message=f"slot {self.slot} served")
+
+    def pause(self) -> None:
+        self._paused = self.owner()
+        self._paused.pause()
+
+    def resume(self) -> None:
+        if self._paused is not None:
+            self._paused.resume()
+            self._paused = None
+
+    def is_running(self) -> bool:
+        return not self._down

@@ -31,6 +31,7 @@ from replication_engine.clock import physical_ms
 from replication_engine.cursor import QUARANTINE_ENTRY_MAX_BYTES, CursorError
 from replication_engine.engine import EngineError
 from replication_engine.testing import RedisFactory, async_wait_until
+from replication_engine.testing.cluster import redis_cli_binary
 
 # Deadline for the mesh to converge once a fault is over.
 CONVERGE_S = 60.0
@@ -168,6 +169,30 @@ async def test_ci_sized_full_checker_run_with_every_fault_kind(
     assert summary["writes_lost"] == 0 and summary["resurrections"] == 0
     assert summary["trims_below_cursor"] == summary["trims_with_gap_reported"] > 0
     assert summary["corrupt_entries_injected"] > 0
+
+
+@pytest.mark.skipif(redis_cli_binary() is None, reason="no redis-cli binary to create a cluster")
+async def test_ci_sized_checker_run_with_a_cluster_node(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """The same checker with node a on a Redis Cluster: its Redis kills and pauses are
+    failovers of the master holding its data, and its writes wait for a replica, so none it
+    acknowledged may be lost."""
+    report = await run_chaos(
+        CI_SEED,
+        tmp_path / "run",
+        redis_factory,
+        nodes=3,
+        duration_s=30.0,
+        converge_timeout_s=90.0,
+        cluster_node=True,
+    )
+    print(report.render())
+    assert report.ok, report.render()
+    summary = report.summary()
+    assert summary["writes_acknowledged"] > 300
+    assert summary["writes_lost"] == 0 and summary["resurrections"] == 0
+    assert any(f.node == "a" and f.kind in ("redis_kill", "redis_pause") for f in report.faults)
 
 
 # ------------------------------------------------------------------------------------ node faults
