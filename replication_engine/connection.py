@@ -37,6 +37,7 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisError,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -297,13 +298,21 @@ def make_cluster_client(
     return client  # type: ignore[return-value]
 
 
-def node_of(client: Redis, key: str) -> dict[str, Any]:
+async def node_of(client: Redis, key: str) -> dict[str, Any]:
     """Keyword arguments that send a keyless command (``INFO``, ``SCAN``, ``PING``) to the
     node holding ``key``: on a cluster client, the master of its slot, looked up at each call
-    so a failover or a slot migration is followed; on any other client, none."""
+    so a failover or a slot migration is followed; on any other client, none.
+
+    A cluster client that has not read the topology yet reads it first. When no node serves
+    the slot (the cluster is down), none is named, and the command fails as redis-py routes it.
+    """
     if not isinstance(client, RedisCluster):
         return {}
-    return {"target_nodes": client.get_node_from_key(key)}
+    await client.initialize()
+    try:
+        return {"target_nodes": client.get_node_from_key(key)}
+    except SlotNotCoveredError:
+        return {}
 
 
 async def on_one_connection(

@@ -9,7 +9,6 @@ instead of a connect timeout, and records latency and liveness for status and re
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -239,10 +238,11 @@ class Peer:
     # ------------------------------------------------------------------------ reads
 
     async def ping(self) -> None:
-        await self.call(
-            functools.partial(self.query.ping, **node_of(self.query, self.keys.record)),
-            what="ping",
-        )
+        async def ping() -> Any:
+            # On a cluster, the master of the partition's slot: the one node that matters.
+            return await self.query.ping(**await node_of(self.query, self.keys.record))
+
+        await self.call(ping, what="ping")
 
     async def read_batch(
         self, cursor: StreamId, count: int, *, block_ms: int | None

@@ -1078,7 +1078,7 @@ class RedisStore:
         pattern = glob_escape(self.keys.prefix) + "*"
         # On a cluster, the partition's node only: a stray key on another shard is not seen.
         cursor, names = await self.redis.scan(
-            cursor, match=pattern, count=_SCAN_PAGE, **node_of(self.redis, self.keys.record)
+            cursor, match=pattern, count=_SCAN_PAGE, **await node_of(self.redis, self.keys.record)
         )
         stray: list[tuple[str, str]] = []
         if names:
@@ -1129,7 +1129,7 @@ class RedisStore:
         if now - self._pressure_checked < _PRESSURE_TTL_SEC:
             return self._accepting
         self._pressure_checked = now
-        info = await self.redis.info("memory", **node_of(self.redis, self.keys.record))
+        info = await self.redis.info("memory", **await node_of(self.redis, self.keys.record))
         limit = int(info.get("maxmemory", 0) or 0)
         used = int(info.get("used_memory", 0) or 0)
         self._accepting = limit <= 0 or used < limit * self.max_memory_ratio

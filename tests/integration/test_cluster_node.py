@@ -20,6 +20,8 @@ import pytest
 
 from harness.mesh import Mesh, MeshNode, WriteLog, expected_snapshot, open_mesh, snapshot
 from replication_engine.connection import _CancelSafeSend
+from replication_engine.observability.metrics import Metrics
+from replication_engine.peer import Peer
 from replication_engine.store.redis_store import NotReplicatedError
 from replication_engine.testing import RedisFactory, async_wait_until
 from replication_engine.testing.cluster import (
@@ -119,19 +121,53 @@ async def test_a_cluster_node_and_a_standalone_node_converge(
     assert holders == [slot_owner(cluster, slot).port], holders
 
 
-async def test_the_equality_check_against_a_cluster_costs_what_it_costs_against_one_redis(
-    mesh: Mesh[MeshNode],
+def _connections(peer: Peer) -> list[Any]:
+    client: Any = peer.query
+    if hasattr(client, "get_nodes"):  # a cluster client: each node keeps its own
+        return [c for node in client.get_nodes() for c in node._connections]
+    pool = client.connection_pool
+    return [*pool._available_connections, *pool._in_use_connections]
+
+
+async def test_the_equality_check_is_one_round_trip_against_a_cluster_as_against_one_redis(
+    mesh: Mesh[MeshNode], cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The cold path's in-sync check reads a peer's record, stream facts and root in one
+    pipeline: against a cluster peer it is still one write to one socket (the partition's
+    master's), counted here at the connections of a peer object of its own."""
     log = WriteLog()
     await write_both(mesh, log, 20, "w")
     await assert_everything_arrived(mesh, log)
+    sends: list[int] = []
+    original = _CancelSafeSend.send_packed_command
+
+    async def counted(self: Any, command: Any, check_health: bool = True) -> None:
+        sends.append(id(self))
+        await original(self, command, check_health)
+
+    monkeypatch.setattr(_CancelSafeSend, "send_packed_command", counted)
     trips = {}
-    for node, peer in (("s", "c"), ("c", "s")):
-        engine = mesh[node].running()
-        stats = await engine.repair_once()
-        assert stats.peers_in_sync == 1, stats
-        trips[peer] = stats.round_trips
-    assert trips["c"] == trips["s"], trips
+    for peer_id, url, is_cluster in (
+        ("c", cluster.seed.url, True),
+        ("s", mesh["s"].server.url, False),
+    ):
+        peer = Peer(
+            peer_id,
+            url,
+            prefix=mesh[peer_id].store.keys.prefix,
+            metrics=Metrics(),
+            cluster=is_cluster,
+        )
+        try:
+            await peer.snapshot_facts()  # connects (and reads a cluster's topology) first
+            sends.clear()
+            _record, _stream, root = await peer.snapshot_facts()
+            assert root == await mesh[peer_id].store.merkle_root()
+            mine = {id(c) for c in _connections(peer)}
+            trips[peer_id] = sum(1 for sent in sends if sent in mine)
+        finally:
+            await peer.close()
+    assert trips == {"c": 1, "s": 1}, trips
 
 
 async def test_a_master_failover_under_writes_loses_nothing_the_cluster_kept(
@@ -247,3 +283,14 @@ async def test_the_whole_shard_down_and_back_loses_nothing(
     await asyncio.to_thread(master.restart)
     await asyncio.to_thread(replica.restart)
     await assert_everything_arrived(mesh, log)
+
+
+async def test_a_cluster_peer_s_first_call_can_be_a_ping(cluster: Cluster) -> None:
+    """A peer's health ping goes to the partition's master, which the client must look up in
+    a topology it may not have read yet (the ping can come before any read)."""
+    peer = Peer("c", cluster.seed.url, prefix="app:", metrics=Metrics(), cluster=True)
+    try:
+        await peer.ping()
+        assert peer.connected and peer.last_error is None
+    finally:
+        await peer.close()
