@@ -655,6 +655,9 @@ async def test_peer_down_at_start_is_reported_then_caught_up(
         {"a": ["b"], "b": []},
         engines=[],
         redis_options={"b": {"appendonly": True, "appendfsync": "always"}},
+        # The breaker that opens while b is down retries after this, not the default 30 s:
+        # the catch-up, not the breaker's schedule, is under test.
+        peer_options={"a": {"circuit_reset_timeout_sec": 1}},
     ) as mesh:
         a, b = mesh["a"], mesh["b"]
         log = WriteLog()
