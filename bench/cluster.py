@@ -29,16 +29,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench.hot_path import PREFIX, engine_config, preload
+from bench.hot_path import PREFIX, engine_catch_up, preload
 from harness.mesh import redis_processes
-from replication_engine.codec import StreamId
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import RedisHandle, async_wait_until
 from replication_engine.testing.cluster import Cluster, start_cluster
-
-POLL_S = 0.005
 
 
 async def cpu_seconds(nodes: list[RedisHandle]) -> float:
@@ -51,32 +48,6 @@ async def cpu_seconds(nodes: list[RedisHandle]) -> float:
             await redis.aclose()
         total += float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
     return total
-
-
-async def catch_up(
-    peer_url: str, target: RedisHandle, tail: StreamId, workdir: Path, *, cluster: bool
-) -> float:
-    config = engine_config(
-        "local",
-        target.url,
-        {"peer": peer_url},
-        workdir / f"cursor-{time.monotonic_ns()}.db",
-        relay=False,
-    )
-    data = config.model_dump()
-    data["local"]["cluster"] = cluster
-    engine = ReplicationEngine(type(config).model_validate(data))
-    started = time.perf_counter()
-    await engine.start()
-    try:
-        while True:
-            tailer = engine.tailers.get("peer")
-            if tailer is not None and tailer.cursor is not None and tailer.cursor >= tail:
-                break
-            await asyncio.sleep(POLL_S)  # sampling the cursor, not synchronising
-        return time.perf_counter() - started
-    finally:
-        await engine.shutdown()
 
 
 async def flush(nodes: list[RedisHandle]) -> None:
@@ -106,7 +77,9 @@ async def main(args: argparse.Namespace) -> None:
             ):
                 await flush(nodes)
                 cpu_before = await cpu_seconds(nodes)
-                seconds = await catch_up(peer.url, nodes[0], tail, workdir, cluster=is_cluster)
+                seconds, _engine = await engine_catch_up(
+                    peer.url, nodes[0].url, tail, workdir, relay=False, cluster=is_cluster
+                )
                 cpu = await cpu_seconds(nodes) - cpu_before
                 results[name].append((seconds, cpu))
         for name, runs in results.items():

@@ -72,12 +72,18 @@ _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 def engine_config(
-    node_id: str, local_url: str, peers: dict[str, str], cursor_path: Path, **hot_path: Any
+    node_id: str,
+    local_url: str,
+    peers: dict[str, str],
+    cursor_path: Path,
+    *,
+    cluster: bool = False,
+    **hot_path: Any,
 ) -> EngineConfig:
     return EngineConfig.model_validate(
         {
             "local_node_id": node_id,
-            "local": {"redis_url": local_url, "prefix": PREFIX},
+            "local": {"redis_url": local_url, "prefix": PREFIX, "cluster": cluster},
             "settings": {
                 "cold_path": {"enabled": False},
                 "hot_path": {"block_timeout_sec": 0.2, "max_batch_size": 1000, **hot_path},
@@ -160,13 +166,22 @@ async def preload(url: str, events: int, origin: str) -> tuple[StreamId, float]:
 
 
 async def engine_catch_up(
-    peer_url: str, local_url: str, tail: StreamId, workdir: Path, *, relay: bool = True
+    peer_url: str,
+    local_url: str,
+    tail: StreamId,
+    workdir: Path,
+    *,
+    relay: bool = True,
+    cluster: bool = False,
 ) -> tuple[float, ReplicationEngine]:
+    """Seconds from ``start()`` until the engine's cursor reaches ``tail`` (``cluster``: the
+    local store is a Redis Cluster seeded by ``local_url``)."""
     config = engine_config(
         "local",
         local_url,
         {"peer": peer_url},
         workdir / f"cursor-{time.monotonic_ns()}.db",
+        cluster=cluster,
         relay=relay,
     )
     engine = ReplicationEngine(config)
