@@ -14,6 +14,7 @@ no descriptor behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -29,10 +30,12 @@ from redis.asyncio.connection import (
     parse_url,
 )
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
     AuthorizationError,
     BusyLoadingError,
     MasterDownError,
+    MovedError,
     NoPermissionError,
     ReadOnlyError,
     RedisError,
@@ -308,11 +311,16 @@ async def node_of(client: Redis, key: str) -> dict[str, Any]:
     """
     if not isinstance(client, RedisCluster):
         return {}
-    await client.initialize()
     try:
-        return {"target_nodes": client.get_node_from_key(key)}
+        return {"target_nodes": await _master_of(client, key)}
     except SlotNotCoveredError:
         return {}
+
+
+async def _master_of(client: RedisCluster, key: str) -> Any:
+    """The master serving ``key``'s slot, after reading the topology if not read yet."""
+    await client.initialize()
+    return client.get_node_from_key(key)
 
 
 async def on_one_connection(
@@ -331,7 +339,7 @@ async def on_one_connection(
             for command in commands:
                 pipe.execute_command(*command)
             return list(await pipe.execute(raise_on_error=False))
-    node = client.get_node_from_key(key)
+    node = await _master_of(client, key)
     connection = node.acquire_connection()
     try:
         await connection.send_packed_command(connection.pack_commands(commands))
@@ -341,13 +349,24 @@ async def on_one_connection(
                 replies.append(await connection.read_response())
             except ResponseError as exc:
                 replies.append(exc)
-        return replies
     except BaseException:
         # A reply may be left unread on it: no later command may read it as its own.
         await connection.disconnect(nowait=True)
+        await _reread_topology(client)
         raise
     finally:
         node.release(connection)
+    if any(isinstance(r, MovedError | AskError) for r in replies):
+        await _reread_topology(client)
+    return replies
+
+
+async def _reread_topology(client: RedisCluster) -> None:
+    """After a failure on a connection borrowed past redis-py's routing (which would have done
+    it): the slot may have moved (a failover, a migration), so the next call asks the cluster
+    again instead of the node that failed."""
+    with contextlib.suppress(Exception):
+        await client.nodes_manager.initialize()
 
 
 class _Pool(BlockingConnectionPool):

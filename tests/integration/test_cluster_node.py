@@ -22,7 +22,7 @@ from harness.mesh import Mesh, MeshNode, WriteLog, expected_snapshot, open_mesh,
 from replication_engine.connection import _CancelSafeSend
 from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
-from replication_engine.store.redis_store import NotReplicatedError
+from replication_engine.store.redis_store import NotReplicatedError, RedisStore
 from replication_engine.testing import RedisFactory, async_wait_until
 from replication_engine.testing.cluster import (
     Cluster,
@@ -294,3 +294,36 @@ async def test_a_cluster_peer_s_first_call_can_be_a_ping(cluster: Cluster) -> No
         assert peer.connected and peer.last_error is None
     finally:
         await peer.close()
+
+
+async def test_writes_that_wait_for_a_replica_follow_a_failover(cluster: Cluster) -> None:
+    """``put(replicas=1)`` borrows a connection of the slot's master past redis-py's routing;
+    after that master dies, its failure re-reads the topology, so a retried write reaches the
+    promoted replica even when nothing else uses the client."""
+    store = await RedisStore.connect(cluster.seed.url, node_id="c", prefix="app:", cluster=True)
+    try:
+        await store.put("k", b"before", replicas=1)
+        slot = store.partition_slot()
+        old = slot_owner(cluster, slot)
+        old.kill()
+
+        def promoted() -> bool:
+            try:
+                return slot_owner(cluster, slot).port != old.port
+            except Exception:
+                return False
+
+        await async_wait_until(promoted, timeout=SETTLE_S, interval=0.1, message="promoted")
+        await asyncio.to_thread(old.restart)  # back as the new master's replica
+
+        async def written() -> bool:
+            await store.put("k", b"after", replicas=1)
+            return True
+
+        await async_wait_until(
+            written, timeout=SETTLE_S, interval=0.2, ignore=(Exception,), message="put after"
+        )
+        item = await store.get("k")
+        assert item is not None and item.value == b"after"
+    finally:
+        await store.close()
