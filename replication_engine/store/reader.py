@@ -1,22 +1,34 @@
 """Reads of a store's tree and items over any Redis connection.
 
 The cold path reads its own store and every peer's through this one class, so both sides of a
-comparison are read the same way. Reads are pipelined: one round trip per batch of nodes or items.
+comparison are read the same way. A batch of nodes or items is one round trip: one call of the
+store's read-only function ``re_hashes`` where the server has it and the user may call it,
+otherwise a pipeline of ``HGETALL``s, which costs the client several times more per hash.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError, RedisError
 
 from replication_engine import clock
 from replication_engine.codec import DEFAULT_MAX_PAYLOAD, Change, CodecError, change_from_parts
 from replication_engine.knowledge import NodeRecord
 from replication_engine.merkle import ZERO, Geometry, GeometryError
+from replication_engine.store.functions import MAX_KEYS_PER_CALL
 from replication_engine.store.layout import Keyspace, text
+
+log = logging.getLogger(__name__)
+
+# How long a reader keeps to pipelines after the server could not run ``re_hashes`` (Redis 6.2,
+# an older library, a user without FCALL_RO) before it tries again: a peer may be upgraded.
+BULK_RETRY_SEC = 600.0
 
 
 @dataclass(slots=True)
@@ -69,6 +81,7 @@ class TreeReader:
         self.keys = keyspace
         self.counter = counter or ReadCounter()
         self.max_payload = max_payload
+        self._pipeline_until = 0.0  # monotonic time until which hashes are read by pipeline
 
     async def geometry(self) -> Geometry | None:
         raw = await self.redis.hgetall(self.keys.meta)
@@ -93,41 +106,63 @@ class TreeReader:
 
     async def nodes(self, paths: Sequence[str]) -> list[dict[str, str]]:
         """Children maps (or leaf key->digest maps) for many nodes in one round trip."""
-        if not paths:
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for path in paths:
-                pipe.hgetall(self.keys.node(path))
-            raw_maps = await pipe.execute()
-        self.counter.round_trips += 1
-        out = []
-        for raw in raw_maps:
-            decoded = {}
-            for k, v in raw.items():
-                self.counter.bytes_read += len(k) + len(v)
-                decoded[k.decode("utf-8", "surrogateescape")] = v.decode("ascii", "replace")
-            out.append(decoded)
-        return out
+        raw_maps = await self._hashes([self.keys.node(path) for path in paths])
+        return [
+            {
+                k.decode("utf-8", "surrogateescape"): v.decode("ascii", "replace")
+                for k, v in raw.items()
+            }
+            for raw in raw_maps
+        ]
 
     async def items(self, keys: Sequence[str]) -> list[Change | CodecError | None]:
         """Stored versions of ``keys`` (None where absent, CodecError where unreadable)."""
-        if not keys:
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hgetall(self.keys.item(key))
-            raws = await pipe.execute()
-        self.counter.round_trips += 1
+        raws = await self._hashes([self.keys.item(key) for key in keys])
         out: list[Change | CodecError | None] = []
         for key, raw in zip(keys, raws, strict=True):
             if not raw:
                 out.append(None)
                 continue
-            self.counter.bytes_read += sum(len(k) + len(v) for k, v in raw.items())
             try:
                 out.append(item_from_hash(key, raw, max_payload=self.max_payload))
             except CodecError as exc:
                 out.append(exc)
+        return out
+
+    async def _hashes(self, names: Sequence[str]) -> list[dict[bytes, bytes]]:
+        """``HGETALL`` of each of ``names`` (all in one partition), in one round trip."""
+        if not names:
+            return []
+        if time.monotonic() >= self._pipeline_until:
+            try:
+                return await self._hashes_by_function(names)
+            except RedisError as exc:
+                if not _cannot_call(exc):
+                    raise
+                self._pipeline_until = time.monotonic() + BULK_RETRY_SEC
+                log.info(
+                    "reader.pipelined",
+                    extra={"why": str(exc)[:200], "retry_in_sec": BULK_RETRY_SEC},
+                )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(name)
+            raws: list[dict[bytes, bytes]] = await pipe.execute()
+        self.counter.round_trips += 1
+        for raw in raws:
+            self.counter.bytes_read += sum(map(len, raw)) + sum(map(len, raw.values()))
+        return raws
+
+    async def _hashes_by_function(self, names: Sequence[str]) -> list[dict[bytes, bytes]]:
+        out: list[dict[bytes, bytes]] = []
+        for start in range(0, len(names), MAX_KEYS_PER_CALL):
+            chunk = names[start : start + MAX_KEYS_PER_CALL]
+            replies = await self.redis.fcall_ro("re_hashes", len(chunk), *chunk)
+            self.counter.round_trips += 1
+            for flat in replies:
+                self.counter.bytes_read += sum(map(len, flat))
+                pairs = iter(flat)
+                out.append(dict(zip(pairs, pairs)))
         return out
 
     async def node_record(self) -> NodeRecord | None:
@@ -139,3 +174,15 @@ class TreeReader:
         raw = await self.redis.hgetall(self.keys.record)
         self.counter.round_trips += 1
         return NodeRecord.from_fields({text(k): text(v) for k, v in raw.items()})
+
+
+def _cannot_call(exc: RedisError) -> bool:
+    """Whether ``exc`` says this server cannot run ``re_hashes`` for this user: Redis 6.2 (no
+    FCALL_RO), a library older than the function, or an ACL without FCALL_RO."""
+    if isinstance(exc, NoPermissionError):
+        return True
+    words = str(exc).lower()
+    return any(
+        sign in words
+        for sign in ("unknown command", "function not found", "doesn't exist in redis commands")
+    )

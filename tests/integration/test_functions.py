@@ -27,6 +27,7 @@ from redis.exceptions import ResponseError
 from harness.mesh import full_mesh, open_mesh
 from replication_engine.merkle import Geometry, combine
 from replication_engine.store import functions
+from replication_engine.store.reader import TreeReader
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import RedisFactory, RedisHandle, find_redis_server
 from replication_engine.testing.redis_proc import redis_server_version
@@ -329,3 +330,52 @@ async def test_lua_places_every_key_where_python_does(
         assert [g.decode() for g in got] == [geometry.leaf_path(k) for k in batch]
     finally:
         await redis.aclose()
+
+
+async def _calls(redis: Redis, command: str) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_the_cold_path_reads_many_hashes_in_one_call_and_the_same_without_the_function(
+    store: RedisStore,
+) -> None:
+    """A peer's tree and items are read with one ``re_hashes`` call per batch; a server that
+    cannot run it (6.2, an older library, a user without FCALL_RO) gets a pipeline of
+    ``HGETALL``s and the reader returns exactly the same."""
+    await store.put_many([(f"k{i}", f"value {i}".encode(), "text") for i in range(40)])
+    await store.delete("k3")
+    keys = [f"k{i}" for i in range(40)] + ["never-written"]
+    geometry = store.geometry
+    paths = ["", *geometry.all_children()]
+
+    one_call = TreeReader(store.redis, store.keys)
+    fcalls = await _calls(store.redis, "fcall_ro")
+    by_function = (await one_call.items(keys), await one_call.nodes(paths))
+    if HAS_FUNCTIONS:
+        assert one_call.counter.round_trips == 2
+        assert await _calls(store.redis, "fcall_ro") == fcalls + 2
+        await store.redis.function_delete(functions.LIBRARY)  # as on a peer with an older one
+
+    pipelined = TreeReader(store.redis, store.keys)
+    hgetalls = await _calls(store.redis, "hgetall")
+    by_pipeline = (await pipelined.items(keys), await pipelined.nodes(paths))
+    assert await _calls(store.redis, "hgetall") == hgetalls + len(keys) + len(paths)
+    assert pipelined.counter.round_trips == 2
+    assert by_pipeline == by_function
+    assert pipelined.counter.bytes_read == one_call.counter.bytes_read
+    items, nodes = by_function
+    assert items[-1] is None and items[3] is not None and items[3].tombstone
+    assert [c.value for c in items[:3] if c is not None] == [b"value 0", b"value 1", b"value 2"]
+    assert nodes[0] and sum(len(n) for n in nodes[1:]) > 0
+
+
+@needs_functions
+async def test_re_hashes_returns_each_hash_and_refuses_arguments(store: RedisStore) -> None:
+    await store.put("user:1", b"Ada", content_type="text")
+    item = store.keys.item("user:1")
+    reply = await store.redis.fcall_ro("re_hashes", 2, item, store.keys.item("absent"))
+    first = dict(zip(reply[0][::2], reply[0][1::2], strict=True))
+    assert first == await store.redis.hgetall(item) and reply[1] == []
+    with pytest.raises(ResponseError, match="re_hashes takes no arguments"):
+        await store.redis.fcall_ro("re_hashes", 1, item, "extra")

@@ -302,9 +302,12 @@ def rendered_acl(path: Path) -> Path:
     (``#<sha256 hex>`` of the real password), plus an admin user to read ACL LOG."""
     text = ACL_TEMPLATE.read_text()
     assert ">CHANGE_ME_REPLICATOR" in text and ">CHANGE_ME_ENGINE" in text
-    if (7, 0) <= redis_server_version(find_redis_server())[:2] < (7, 2):
+    version = redis_server_version(find_redis_server())[:2]
+    if (7, 0) <= version < (7, 2):
         # As start-redis.sh does: CLIENT SETINFO exists from 7.2, and 7.0/7.1 refuse the name.
         text = text.replace(" +client|setinfo", "")
+    if version < (7, 0):
+        text = text.replace(" +fcall_ro", "")  # as start-redis.sh does: 6.2 has no FCALL_RO
     for placeholder, password in (
         (">CHANGE_ME_REPLICATOR", REPLICATOR_PASSWORD),
         (">CHANGE_ME_ENGINE", ENGINE_PASSWORD),

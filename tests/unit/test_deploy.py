@@ -125,16 +125,18 @@ REPLICATOR_COMMANDS = frozenset(
     """
     ping hello auth select client|setname client|setinfo client|id
     xread xrange xrevrange xinfo|stream xlen
-    hgetall hmget hget hscan get mget exists type
+    hgetall hmget hget hscan get mget exists type fcall_ro
     """.split()
 )
-# Grants that would let the replicator write, run code or reach beyond its prefix.
+# Grants that would let the replicator write, run code of its own or reach beyond its prefix.
+# FCALL_RO is not one: it runs only functions flagged no-writes that an engine user loaded, and
+# Redis checks each command inside against the caller's ACL (commands and key patterns).
 WRITE_GRANTS = frozenset(
     """
     +@all +@write +@admin +@dangerous +@scripting +@keyspace allcommands allkeys ~*
     +set +hset +hmset +hdel +xadd +xtrim +xdel +xgroup +xreadgroup +xack +xclaim
     +xautoclaim +xsetid +del +unlink +expire +rename +eval +evalsha +eval_ro +evalsha_ro
-    +fcall +fcall_ro +function +script +flushall +flushdb +config +keys +debug +migrate
+    +fcall +function +script +flushall +flushdb +config +keys +debug +migrate
     +restore +swapdb +move +copy +publish +multi +exec
     """.split()
 )
