@@ -16,12 +16,14 @@
 -- message and the key's name; an item (or its leaf bucket or an ancestor) of the wrong type
 -- fails that item alone.
 local P, W, SELF, HLC_KEY, ROOT_KEY, TOMBS_KEY, CDC_KEY, REC, MK, ITEM
-local FANOUT, DEPTH, BITS, BUCKET_DIV
+local FANOUT, DEPTH, BITS, BUCKET_DIV, PATH_FMT
 -- Local versions count writes on their origin; Lua numbers are exact only up to 2^53 - 1.
 local MAX_VERSION = 9007199254740991
 local MAX_MS = 281474976710655 -- 2^48 - 1: the HLC's millisecond part
 -- What one call caches (claims read, ancestors checked, tree changes queued): see begin().
 local CLAIMS, ANCESTOR_OK, LEAF_DELTA, LEAF_ORDER
+-- Per call too: leaf path -> the first problem among its ancestors, or false.
+local ANCESTORS_OF
 
 -- Locals for what runs per item: Lua 5.1 looks a global (and each table field) up by hash on
 -- every use, which costs more than the operation itself in these loops. Set by begin(): a
@@ -33,7 +35,7 @@ local call, pcall_, sub, byte, tonum, bxor, fmt
 -- key alone, so that no caller can place an item anywhere else.
 local function path_of(key)
   local bucket = math.floor(tonum(sub(redis.sha1hex(key), 1, 8), 16) / BUCKET_DIV)
-  if BITS % 4 == 0 then return fmt('%0' .. (DEPTH * W) .. 'x', bucket) end
+  if PATH_FMT then return fmt(PATH_FMT, bucket) end
   local out, unit = {}, 2 ^ BITS
   for level = DEPTH, 1, -1 do
     out[level] = fmt('%0' .. W .. 'x', bucket % unit)
@@ -53,9 +55,10 @@ local function begin(prefix, geometry, self_id)
   BITS = math.floor(math.log(FANOUT) / math.log(2) + 0.5)
   W = math.floor((BITS + 3) / 4)
   BUCKET_DIV = 2 ^ (32 - DEPTH * BITS)
+  PATH_FMT = BITS % 4 == 0 and ('%0' .. (DEPTH * W) .. 'x') or nil
   HLC_KEY, ROOT_KEY, TOMBS_KEY = P .. 'hlc', P .. 'mk:root', P .. 'tombs'
   CDC_KEY, REC, MK, ITEM = P .. 'cdc', P .. 'node', P .. 'mk:', P .. 'item:'
-  CLAIMS, ANCESTOR_OK, LEAF_DELTA, LEAF_ORDER = {}, {}, {}, {}
+  CLAIMS, ANCESTOR_OK, LEAF_DELTA, LEAF_ORDER, ANCESTORS_OF = {}, {}, {}, {}, {}
 end
 
 local function bytes_gt(a, b)
@@ -144,6 +147,8 @@ end
 
 -- Ancestors of leaf buckets, checked once each per call: path -> error text or false.
 local function ancestors_problem(path)
+  local cached = ANCESTORS_OF[path]
+  if cached ~= nil then return cached or nil end
   local depth = #path / W
   for level = 0, depth - 1 do
     local node = sub(path, 1, level * W)
@@ -152,8 +157,12 @@ local function ancestors_problem(path)
       known = bad_type(MK .. node, 'hash') or false
       ANCESTOR_OK[node] = known
     end
-    if known then return known end
+    if known then
+      ANCESTORS_OF[path] = known
+      return known
+    end
   end
+  ANCESTORS_OF[path] = false
   return nil
 end
 
