@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 
 # Cursor database meta entry holding the peer's stream token when its bootstrap began.
 _BOOTSTRAP_TOKEN = "bootstrap_token:"
+# Branches copied at the same time. A branch's copy waits on one Redis or the other most of
+# the time (a drill level, a fetch, an apply); four in flight keep this process and both
+# servers busy (bench.bootstrap: 0.76 of the bare copy loop with one, 0.83 with two, 0.94 with
+# four, 1.00 with eight, the peer's Redis at 24, 27, 30 and 32% of a core). The peer's load is
+# bounded by bootstrap_rate_limit_per_sec, shared by all four. Each branch is marked done on
+# its own, so a resumed copy skips exactly those.
+BRANCHES_AT_ONCE = 4
 
 
 class Bootstrap(Part):
@@ -155,16 +162,29 @@ class Bootstrap(Part):
         limiter = EventRateLimiter(
             self.settings.bootstrap_rate_limit_per_sec, burst=self.settings.fetch_batch_size
         )
-        for branch in branches:
-            if branch in done:
-                continue
-            await self.fetcher.drill(
-                peer, [branch], repair, limit=None, limiter=limiter, absent=absent
-            )
-            await self.cursors.bootstrap_mark_done(peer.node_id, [branch])
-            done.add(branch)
-            if progress is not None:
-                progress(len(done), len(branches))
+        waiting = iter([branch for branch in branches if branch not in done])
+
+        async def copy_some() -> None:
+            # Workers share one iterator: each takes the next branch when it is free.
+            for branch in waiting:
+                await self.fetcher.drill(
+                    peer, [branch], repair, limit=None, limiter=limiter, absent=absent
+                )
+                await self.cursors.bootstrap_mark_done(peer.node_id, [branch])
+                done.add(branch)
+                if progress is not None:
+                    progress(len(done), len(branches))
+
+        workers = [
+            asyncio.create_task(copy_some(), name=f"bootstrap.copy.{peer.node_id}")
+            for _ in range(BRANCHES_AT_ONCE)
+        ]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
 
     async def _anchor(
         self,

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoPermissionError, RedisError
+from redis.exceptions import RedisError
 
 from replication_engine import clock
 from replication_engine.codec import DEFAULT_MAX_PAYLOAD, Change, CodecError, change_from_parts
+from replication_engine.connection import Failure, failure
 from replication_engine.knowledge import NodeRecord
 from replication_engine.merkle import ZERO, Geometry, GeometryError
 from replication_engine.store.functions import MAX_KEYS_PER_CALL
@@ -26,9 +27,17 @@ from replication_engine.store.layout import Keyspace, text
 
 log = logging.getLogger(__name__)
 
-# How long a reader keeps to pipelines after the server could not run ``re_hashes`` (Redis 6.2,
-# an older library, a user without FCALL_RO) before it tries again: a peer may be upgraded.
+# How long a reader keeps to pipelines after ``re_hashes`` failed it (Redis 6.2, an older
+# library, a user without FCALL_RO, a function of that name that is not ours) before it tries
+# again: a peer may be upgraded meanwhile.
 BULK_RETRY_SEC = 600.0
+
+
+_BYTES = {bytes}
+
+
+class _Malformed(Exception):
+    """A reply of ``re_hashes`` that is not a list of flat field/value lists."""
 
 
 @dataclass(slots=True)
@@ -130,14 +139,19 @@ class TreeReader:
         return out
 
     async def _hashes(self, names: Sequence[str]) -> list[dict[bytes, bytes]]:
-        """``HGETALL`` of each of ``names`` (all in one partition), in one round trip."""
+        """``HGETALL`` of each of ``names`` (all in one partition), in one round trip.
+
+        The function is only a faster way to read the same: whenever it fails other than by
+        the server being unavailable (which the pipeline would meet too), the built-in
+        commands decide, and their errors are the ones raised.
+        """
         if not names:
             return []
         if time.monotonic() >= self._pipeline_until:
             try:
                 return await self._hashes_by_function(names)
-            except RedisError as exc:
-                if not _cannot_call(exc):
+            except (RedisError, _Malformed) as exc:
+                if isinstance(exc, RedisError) and failure(exc) is Failure.UNAVAILABLE:
                     raise
                 self._pipeline_until = time.monotonic() + BULK_RETRY_SEC
                 log.info(
@@ -159,10 +173,14 @@ class TreeReader:
             chunk = names[start : start + MAX_KEYS_PER_CALL]
             replies = await self.redis.fcall_ro("re_hashes", len(chunk), *chunk)
             self.counter.round_trips += 1
+            if not isinstance(replies, list) or len(replies) != len(chunk):
+                raise _Malformed(f"re_hashes answered {type(replies).__name__}")
             for flat in replies:
+                if type(flat) is not list or len(flat) % 2 or not set(map(type, flat)) <= _BYTES:
+                    raise _Malformed("re_hashes answered a hash that is not field/value pairs")
                 self.counter.bytes_read += sum(map(len, flat))
                 pairs = iter(flat)
-                out.append(dict(zip(pairs, pairs)))
+                out.append(dict(zip(pairs, pairs, strict=True)))
         return out
 
     async def node_record(self) -> NodeRecord | None:
@@ -174,15 +192,3 @@ class TreeReader:
         raw = await self.redis.hgetall(self.keys.record)
         self.counter.round_trips += 1
         return NodeRecord.from_fields({text(k): text(v) for k, v in raw.items()})
-
-
-def _cannot_call(exc: RedisError) -> bool:
-    """Whether ``exc`` says this server cannot run ``re_hashes`` for this user: Redis 6.2 (no
-    FCALL_RO), a library older than the function, or an ACL without FCALL_RO."""
-    if isinstance(exc, NoPermissionError):
-        return True
-    words = str(exc).lower()
-    return any(
-        sign in words
-        for sign in ("unknown command", "function not found", "doesn't exist in redis commands")
-    )

@@ -379,3 +379,34 @@ async def test_re_hashes_returns_each_hash_and_refuses_arguments(store: RedisSto
     assert first == await store.redis.hgetall(item) and reply[1] == []
     with pytest.raises(ResponseError, match="re_hashes takes no arguments"):
         await store.redis.fcall_ro("re_hashes", 1, item, "extra")
+
+
+@needs_functions
+@pytest.mark.parametrize(
+    "body",
+    [
+        "return 42",
+        "return {1, 2}",
+        "return {{'a', 'b', 'c'}}",
+        "return redis.error_reply('ERR no')",
+    ],
+)
+async def test_a_re_hashes_that_is_not_ours_changes_nothing_the_reader_returns(
+    store: RedisStore, body: str
+) -> None:
+    """A peer's operator can register any function of that name: whatever it answers, the
+    reader reads with the built-in commands instead and returns what they give."""
+    await store.put_many([(f"k{i}", f"value {i}".encode(), "text") for i in range(5)])
+    keys = [f"k{i}" for i in range(5)]
+    expected = await TreeReader(store.redis, store.keys).items(keys)
+    await store.redis.function_delete(functions.LIBRARY)
+    await store.redis.function_load(
+        "#!lua name=impostor\n"
+        f"redis.register_function{{function_name = 're_hashes', callback = function() {body} end,"
+        " flags = {'no-writes'}}"
+    )
+    reader = TreeReader(store.redis, store.keys)
+    assert await reader.items(keys) == expected
+    hgetalls = await _calls(store.redis, "hgetall")
+    assert await reader.items(keys) == expected
+    assert await _calls(store.redis, "hgetall") == hgetalls + len(keys), "pipelined from then on"
