@@ -1,7 +1,7 @@
 """Bootstrap: copy a peer's data into our store, resumably, and say where to tail it from.
 
-The copy goes one level-1 branch at a time, each marked done in the cursor store once applied;
-see ``ColdPath.bootstrap`` for the guarantees.
+The copy goes by level-1 branches, a few at a time, each marked done in the cursor store once
+applied; see ``ColdPath.bootstrap`` for the guarantees.
 """
 
 from __future__ import annotations
