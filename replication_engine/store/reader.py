@@ -31,9 +31,7 @@ log = logging.getLogger(__name__)
 # library, a user without FCALL_RO, a function of that name that is not ours) before it tries
 # again: a peer may be upgraded meanwhile.
 BULK_RETRY_SEC = 600.0
-
-
-_BYTES = {bytes}
+_BYTES = {bytes}  # the one type every part of a re_hashes reply must have
 
 
 class _Malformed(Exception):
@@ -173,7 +171,7 @@ class TreeReader:
             chunk = names[start : start + MAX_KEYS_PER_CALL]
             replies = await self.redis.fcall_ro("re_hashes", len(chunk), *chunk)
             self.counter.round_trips += 1
-            if not isinstance(replies, list) or len(replies) != len(chunk):
+            if type(replies) is not list or len(replies) != len(chunk):
                 raise _Malformed(f"re_hashes answered {type(replies).__name__}")
             for flat in replies:
                 if type(flat) is not list or len(flat) % 2 or not set(map(type, flat)) <= _BYTES:

@@ -97,6 +97,18 @@ async def write_both(
         await asyncio.sleep(0.002)  # pacing: spreads the writes across the fault
 
 
+async def wait_promoted(cluster: Any, slot: int, old: Any, message: str) -> None:
+    """Wait until a node other than ``old`` owns ``slot`` (its replica took over)."""
+
+    def promoted() -> bool:
+        try:
+            return bool(slot_owner(cluster, slot).port != old.port)
+        except Exception:
+            return False
+
+    await async_wait_until(promoted, timeout=SETTLE_S, interval=0.1, message=message)
+
+
 async def assert_everything_arrived(mesh: Mesh[MeshNode], log: WriteLog) -> None:
     await mesh.wait_converged(SETTLE_S)
     want = expected_snapshot(log.writes)
@@ -188,13 +200,7 @@ async def test_a_master_failover_under_writes_loses_nothing_the_cluster_kept(
     old.kill()
     started = time.monotonic()
 
-    def promoted() -> bool:
-        try:
-            return slot_owner(cluster, slot).port != old.port
-        except Exception:
-            return False
-
-    await async_wait_until(promoted, timeout=SETTLE_S, interval=0.1, message="replica promoted")
+    await wait_promoted(cluster, slot, old, "replica promoted")
     await writer
     await mesh.wait_converged(SETTLE_S)
     converged_s = time.monotonic() - started
@@ -307,13 +313,7 @@ async def test_writes_that_wait_for_a_replica_follow_a_failover(cluster: Cluster
         old = slot_owner(cluster, slot)
         old.kill()
 
-        def promoted() -> bool:
-            try:
-                return slot_owner(cluster, slot).port != old.port
-            except Exception:
-                return False
-
-        await async_wait_until(promoted, timeout=SETTLE_S, interval=0.1, message="promoted")
+        await wait_promoted(cluster, slot, old, "promoted")
         await asyncio.to_thread(old.restart)  # back as the new master's replica
 
         async def written() -> bool:
