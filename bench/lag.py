@@ -14,6 +14,8 @@ wall clock, ms) minus the write's ``updated_at`` (the writer's wall clock when i
 write's HLC, ms). All processes share this host's clock, so the difference is write-to-visible
 latency with 1 ms resolution, for every write applied on every receiving node. Writes a node
 received twice (relayed by a peer) count once: the second copy is a duplicate, not applied.
+The part of it that is the write reaching its own node's stream (the entry id's milliseconds,
+Redis's clock, minus ``updated_at``) is printed on its own line: the rest is the engines'.
 
 Diagnostics: ``BENCH_LAG_PROFILE=/tmp/lag`` writes a cProfile of each engine process to
 ``/tmp/lag-<node>.prof``.
@@ -79,6 +81,7 @@ async def _engine_process(
 ) -> None:
     """Run one node's engine until stdin closes; then print its lag samples as JSON."""
     samples: list[int] = []
+    split: list[int] = []
     changes_of: dict[int, list[Change]] = {}
     original_prepare = RedisStore.prepare_apply
     original_apply = RedisStore.apply_prepared
@@ -96,6 +99,8 @@ async def _engine_process(
         for change, status in zip(changes_of.pop(id(prepared), []), result.statuses, strict=False):
             if status is ApplyStatus.APPLIED:
                 samples.append(now - change.updated_at)
+                if change.stream_id:
+                    split.append(int(change.stream_id.split("-")[0]) - change.updated_at)
         return result
 
     RedisStore.prepare_apply = prepare  # type: ignore[method-assign]
@@ -118,7 +123,7 @@ async def _engine_process(
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(f"{profile_to}-{node}.prof")
-    print(json.dumps({"samples": samples, "cpu_s": cpu}), flush=True)
+    print(json.dumps({"samples": samples, "split": split, "cpu_s": cpu}), flush=True)
 
 
 # ------------------------------------------------------------------------------------ writer
@@ -258,11 +263,13 @@ async def run_once(
             wall = time.perf_counter() - wall_before
             redis_cpu = {n: await _redis_cpu(s) - redis_cpu_before[n] for n, s in stores.items()}
             samples: dict[str, list[int]] = {}
+            to_stream: list[int] = []
             cpu: dict[str, float] = {}
             for node, proc in engines.items():
                 out, _ = await proc.communicate(b"")
                 report = json.loads(out.decode().strip().splitlines()[-1])
                 samples[node], cpu[node] = report["samples"], report["cpu_s"]
+                to_stream.extend(report["split"])
         finally:
             for proc in engines.values():
                 if proc.returncode is None:
@@ -286,6 +293,12 @@ async def run_once(
         + f"; writer CPU {sum(r['cpu_s'] for r in results):.1f} s; over {wall:.1f} s wall "
         f"on {os.cpu_count()} CPUs"
     )
+    if to_stream:
+        print(
+            f"    of which write to stream entry (the peer's XADD): p50 "
+            f"{percentile(to_stream, 0.50):.0f} ms  p90 {percentile(to_stream, 0.90):.0f} ms  "
+            f"p99 {percentile(to_stream, 0.99):.0f} ms"
+        )
     every = [v for values in samples.values() for v in values]
     for name, values in [*samples.items(), ("all", every)]:
         if not values:

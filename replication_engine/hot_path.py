@@ -229,6 +229,7 @@ class Tailer:
         self.cursor: StreamId | None = None  # saved: everything up to here is applied
         self._read_pos: StreamId | None = None  # decoded, maybe not yet applied (pipelining)
         self._head_read_at: float | None = None  # when the last read at the head started
+        self._last_read_had_entries = False
         self.tail: StreamId | None = None
         self.lag_ms: int | None = None  # unknown until the first read answers
         self.lag_events: int | None = None
@@ -445,8 +446,11 @@ class Tailer:
         self.mode = TailerMode.CATCHING_UP if self.catching_up else TailerMode.TAILING
         if ahead is None:
             self._read_pos = None  # nothing in flight: this read starts at the saved cursor
-            if block_ms is not None and await self._linger():
-                return None
+            if block_ms is not None:
+                if await self._linger():
+                    return None
+                if self._entries_waiting():
+                    block_ms = None
             count = self._read_count()
             read = asyncio.create_task(
                 self.peer.read_batch(self.cursor, count, block_ms=block_ms),
@@ -477,7 +481,20 @@ class Tailer:
             self.metrics.slo_breaches.labels("stream_read_latency").inc()
         self._retry.reset()
         record, info, entries = result
+        self._last_read_had_entries = bool(entries)
         return record, info, entries, count
+
+    def _entries_waiting(self) -> bool:
+        """Whether entries have almost surely arrived since the last read, so the read can skip
+        the blocking wait (a round trip that only says "something is there").
+
+        Judged by the stream's own write rate: the last read brought entries, and at the rate
+        the stream grows at least one more has been written since. A stream that went quiet
+        meanwhile costs one read that comes back empty; the next one waits again.
+        """
+        if not self._last_read_had_entries or not self.growth_per_sec or self.last_read_at is None:
+            return False
+        return self.growth_per_sec * (time.monotonic() - self.last_read_at) >= 1.0
 
     async def _linger(self) -> bool:
         """Space reads at the head ``min_read_interval_sec`` apart; True when stopped meanwhile.

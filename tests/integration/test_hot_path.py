@@ -943,6 +943,55 @@ async def test_reads_at_the_head_are_spaced_by_the_min_read_interval(
         await mesh.wait_converged()
 
 
+async def test_a_read_at_the_head_waits_only_when_the_stream_is_quiet(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """While a stream grows steadily, a read at the head goes straight to the batch; while it is
+    quiet, each read first blocks until an entry arrives (no empty reads in a loop)."""
+    interval = 0.05
+    spaced = {"settings": {"hot_path": {"min_read_interval_sec": interval}}}
+    async with open_mesh(
+        redis_factory, tmp_path, {"a": ["b"], "b": []}, overrides={"a": spaced}
+    ) as mesh:
+        await async_wait_until(
+            lambda: mesh["a"].running().tailers["b"].mode == "tailing",
+            timeout=RECOVERY_TIMEOUT_S,
+            message="a's tailer at the head of b's stream",
+        )
+        peer = mesh["b"].store.redis
+
+        async def reads() -> tuple[int, int]:
+            """(blocking waits, batch reads) b's Redis has answered so far."""
+            stats = await peer.info("commandstats")
+            return (
+                stats.get("cmdstat_xread", {}).get("calls", 0),
+                stats.get("cmdstat_xrange", {}).get("calls", 0),
+            )
+
+        async def write_and_wait(count: int, gap: float, tag: str) -> tuple[int, int]:
+            before = await reads()
+            applied = mesh["a"].total("applied")
+            for i in range(count):
+                await mesh["b"].store.put(f"{tag}:{i}", b"v")
+                await asyncio.sleep(gap)  # sync-ok: the workload is a paced series of writes
+            await async_wait_until(
+                lambda: mesh["a"].total("applied") >= applied + count,
+                timeout=RECOVERY_TIMEOUT_S,
+                message=f"a applied the {tag} writes",
+            )
+            after = await reads()
+            return after[0] - before[0], after[1] - before[1]
+
+        # Quiet: a write every 0.3 s, six intervals apart. Each read waits for its entry.
+        waits, batches = await write_and_wait(8, 0.3, "quiet")
+        assert batches >= 8 and waits >= batches - 1, (waits, batches)
+
+        # Steady: 200 writes/s, 10 per interval. Reads go straight to the batch.
+        waits, batches = await write_and_wait(300, 0.005, "steady")
+        assert batches >= 10 and waits <= batches // 3, (waits, batches)
+        await mesh.wait_converged()
+
+
 async def test_backpressure_pauses_applies_until_memory_is_available(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
