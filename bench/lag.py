@@ -82,6 +82,7 @@ async def _engine_process(
     """Run one node's engine until stdin closes; then print its lag samples as JSON."""
     samples: list[int] = []
     split: list[int] = []
+    batches = 0
     changes_of: dict[int, list[Change]] = {}
     original_prepare = RedisStore.prepare_apply
     original_apply = RedisStore.apply_prepared
@@ -94,7 +95,9 @@ async def _engine_process(
     async def apply(
         self: RedisStore, prepared: PreparedApply, source: StreamBatch | None = None
     ) -> ApplyResult:
+        nonlocal batches
         result = await original_apply(self, prepared, source)
+        batches += 1
         now = clock.wall_clock_ms()
         for change, status in zip(changes_of.pop(id(prepared), []), result.statuses, strict=False):
             if status is ApplyStatus.APPLIED:
@@ -123,7 +126,8 @@ async def _engine_process(
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(f"{profile_to}-{node}.prof")
-    print(json.dumps({"samples": samples, "split": split, "cpu_s": cpu}), flush=True)
+    report = {"samples": samples, "split": split, "cpu_s": cpu, "batches": batches}
+    print(json.dumps(report), flush=True)
 
 
 # ------------------------------------------------------------------------------------ writer
@@ -265,11 +269,13 @@ async def run_once(
             samples: dict[str, list[int]] = {}
             to_stream: list[int] = []
             cpu: dict[str, float] = {}
+            batches = 0
             for node, proc in engines.items():
                 out, _ = await proc.communicate(b"")
                 report = json.loads(out.decode().strip().splitlines()[-1])
                 samples[node], cpu[node] = report["samples"], report["cpu_s"]
                 to_stream.extend(report["split"])
+                batches += report["batches"]
         finally:
             for proc in engines.values():
                 if proc.returncode is None:
@@ -292,6 +298,10 @@ async def run_once(
         + ", ".join(f"{n} {c:.1f} s" for n, c in redis_cpu.items())
         + f"; writer CPU {sum(r['cpu_s'] for r in results):.1f} s; over {wall:.1f} s wall "
         f"on {os.cpu_count()} CPUs"
+    )
+    print(
+        f"    engines: {batches:,} batches applied, {sum(cpu.values()) / max(1, batches) * 1000:.2f} "
+        "ms of engine CPU per batch (reads, decode, apply call, cursor save)"
     )
     if to_stream:
         print(
