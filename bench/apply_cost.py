@@ -128,7 +128,7 @@ def _print_breakdown(full: Path, empty: Path, events: int, top: int) -> None:
     per_event = {name: (cost - before.get(name, 0)) / events for name, cost in after.items()}
     total = sum(per_event.values())
     print(f"  where the {total:,.0f} instructions per event go (callgrind self cost):")
-    groups: dict[str, float] = collections.Counter()
+    groups: dict[str, float] = collections.defaultdict(float)
     for name, cost in per_event.items():
         groups[_group(name)] += cost
     for group, cost in sorted(groups.items(), key=lambda kv: -kv[1]):

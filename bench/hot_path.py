@@ -242,10 +242,10 @@ async def script_seconds(url: str) -> float:
         stats = await redis.info("commandstats")
     finally:
         await redis.aclose()
-    return (
-        sum(stats.get(name, {}).get("usec", 0) for name in ("cmdstat_evalsha", "cmdstat_eval"))
-        / 1e6
+    usec = sum(
+        int(stats.get(name, {}).get("usec", 0)) for name in ("cmdstat_evalsha", "cmdstat_eval")
     )
+    return usec / 1e6
 
 
 async def bench_throughput(backlog: int, relay: str, workdir: Path) -> dict[str, float]:

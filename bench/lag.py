@@ -299,9 +299,10 @@ async def run_once(
         + f"; writer CPU {sum(r['cpu_s'] for r in results):.1f} s; over {wall:.1f} s wall "
         f"on {os.cpu_count()} CPUs"
     )
+    per_batch_ms = sum(cpu.values()) / max(1, batches) * 1000
     print(
-        f"    engines: {batches:,} batches applied, {sum(cpu.values()) / max(1, batches) * 1000:.2f} "
-        "ms of engine CPU per batch (reads, decode, apply call, cursor save)"
+        f"    engines: {batches:,} batches applied, {per_batch_ms:.2f} ms of engine CPU per batch "
+        "(reads, decode, apply call, cursor save)"
     )
     if to_stream:
         print(
