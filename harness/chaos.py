@@ -108,10 +108,19 @@ class ChaosNode(MeshNode):
     """A mesh node whose engine reads each peer through its own proxy, on a skewable clock."""
 
     proxies: dict[str, TcpProxy] = field(default_factory=dict)  # peer id -> its proxy
-    # Peers read without a proxy: nodes on a Redis Cluster, whose clients connect to the
-    # addresses the cluster announces (a link to one cannot be cut from here).
-    direct: set[str] = field(default_factory=set)
+    # Peers on a Redis Cluster: one proxy per cluster node, which the engine's cluster client
+    # is pointed at by the peer's cluster_addresses, so the link can be cut like any other.
+    cluster_proxies: dict[str, list[TcpProxy]] = field(default_factory=dict)
     clock: SkewedClock = field(default_factory=SkewedClock)
+
+    def link(self, peer_id: str) -> list[TcpProxy]:
+        """The proxies this node reads ``peer_id`` through (none for a peer it does not read)."""
+        if peer_id in self.proxies:
+            return [self.proxies[peer_id]]
+        return list(self.cluster_proxies.get(peer_id, ()))
+
+    def all_proxies(self) -> list[TcpProxy]:
+        return [*self.proxies.values(), *(p for ps in self.cluster_proxies.values() for p in ps)]
 
     @property
     def skew_ms(self) -> int:
@@ -194,7 +203,7 @@ class ChaosMesh(Mesh[ChaosNode]):
             start_engines: start an engine on every node with peers.
             clusters: ``node -> server`` for nodes whose store is a Redis Cluster (a
                 ``PartitionServer``: faults reach the master that holds the data); their
-                peers read them directly, without a proxy.
+                peers read them through a proxy per cluster node.
         """
         topology = topology or full_mesh(node_ids)
         clusters = clusters or {}
@@ -209,17 +218,23 @@ class ChaosMesh(Mesh[ChaosNode]):
         try:
             for node_id in node_ids:
                 own: dict[str, TcpProxy] = {}
+                own_cluster: dict[str, list[TcpProxy]] = {}
                 for peer_id in topology[node_id]:
+                    targets = (
+                        _cluster_nodes(clusters[peer_id])
+                        if peer_id in clusters
+                        else [servers[peer_id]]
+                    )
+                    link = [TcpProxy(t.host, t.port) for t in targets]
+                    for proxy in link:
+                        proxies.append(proxy)
+                        await proxy.start()
                     if peer_id in clusters:
-                        continue
-                    target = servers[peer_id]
-                    proxy = TcpProxy(target.host, target.port)
-                    proxies.append(proxy)
-                    await proxy.start()
-                    own[peer_id] = proxy
-                direct = {p: servers[p].url for p in topology[node_id] if p in clusters}
+                        own_cluster[peer_id] = link
+                    else:
+                        own[peer_id] = link[0]
                 data = _node_config(
-                    node_id, servers[node_id].url, own, workdir, settings, peer_options, direct
+                    node_id, servers[node_id].url, own, workdir, settings, peer_options, own_cluster
                 )
                 data["local"]["cluster"] = node_id in clusters
                 deep_merge(data, config or {})
@@ -232,7 +247,7 @@ class ChaosMesh(Mesh[ChaosNode]):
                     store,
                     engine_config,
                     proxies=own,
-                    direct=set(direct),
+                    cluster_proxies=own_cluster,
                     clock=clock,
                 )
             if start_engines:
@@ -243,7 +258,7 @@ class ChaosMesh(Mesh[ChaosNode]):
         except BaseException:
             await mesh.aclose()
             for proxy in proxies:
-                if not any(proxy in n.proxies.values() for n in nodes.values()):
+                if not any(proxy in n.all_proxies() for n in nodes.values()):
                     await proxy.stop()
             raise
         return mesh
@@ -274,7 +289,7 @@ class ChaosMesh(Mesh[ChaosNode]):
 
         def ready() -> bool:
             return all(
-                set(n.proxies) | n.direct <= set(n.saved_cursors())
+                set(n.peer_ids) <= set(n.saved_cursors())
                 for n in self.nodes.values()
                 if n.engine is not None
             )
@@ -319,9 +334,7 @@ class ChaosMesh(Mesh[ChaosNode]):
     # ------------------------------------------------------------------ network
 
     def _links(self, a: str, b: str) -> list[TcpProxy]:
-        return [
-            p for p in (self.nodes[a].proxies.get(b), self.nodes[b].proxies.get(a)) if p is not None
-        ]
+        return [*self.nodes[a].link(b), *self.nodes[b].link(a)]
 
     def partition(self, a: str, b: str, *, how: str = "cut") -> None:
         """Break the links between ``a`` and ``b`` both ways: ``cut`` (resets) or ``blackhole``."""
@@ -330,13 +343,11 @@ class ChaosMesh(Mesh[ChaosNode]):
 
     def partition_one_way(self, reader: str, source: str, *, how: str = "cut") -> None:
         """Break only ``reader``'s link to ``source``: ``source`` still reads ``reader``."""
-        proxy = self.nodes[reader].proxies.get(source)
-        if proxy is not None:  # a cluster is read directly: that link cannot be cut
+        for proxy in self.nodes[reader].link(source):
             _break(proxy, how)
 
     def heal_one_way(self, reader: str, source: str) -> None:
-        proxy = self.nodes[reader].proxies.get(source)
-        if proxy is not None:
+        for proxy in self.nodes[reader].link(source):
             proxy.heal()
 
     def heal(self, a: str, b: str) -> None:
@@ -345,7 +356,7 @@ class ChaosMesh(Mesh[ChaosNode]):
 
     def heal_all(self) -> None:
         for node in self.nodes.values():
-            for proxy in node.proxies.values():
+            for proxy in node.all_proxies():
                 proxy.heal()
 
     # ------------------------------------------------------------------ streams
@@ -428,7 +439,7 @@ class ChaosMesh(Mesh[ChaosNode]):
                     node.server.resume()
         errors = await super().aclose()
         for node in self.nodes.values():
-            for proxy in node.proxies.values():
+            for proxy in node.all_proxies():
                 try:
                     await proxy.stop()
                 except Exception as exc:
@@ -459,6 +470,16 @@ def _break(proxy: TcpProxy, how: str) -> None:
         raise ValueError(f"how={how!r}: expected 'cut' or 'blackhole'")
 
 
+def _cluster_nodes(server: RedisHandle) -> list[RedisHandle]:
+    """Every node of the cluster a ``PartitionServer`` stands for, its seed first (the master
+    no fault touches, so a client started at any time can find the cluster)."""
+    cluster = getattr(server, "cluster", None)
+    if cluster is None:
+        raise AssertionError(f"{server!r} is not a cluster (a PartitionServer)")
+    nodes: list[RedisHandle] = [*cluster.masters, *cluster.replicas]
+    return sorted(nodes, key=lambda n: (n.host, n.port) != (server.host, server.port))
+
+
 def _node_config(
     node_id: str,
     url: str,
@@ -466,10 +487,11 @@ def _node_config(
     workdir: Path,
     settings: Mapping[str, Any] | None,
     peer_options: Mapping[str, Any] | None,
-    direct: Mapping[str, str],
+    cluster_links: Mapping[str, Sequence[TcpProxy]],
 ) -> dict[str, Any]:
-    """A chaos node's config: each peer read through its proxy, or, for a cluster peer
-    (``direct``: peer id -> URL), straight from the cluster."""
+    """A chaos node's config: each peer read through its proxy; a cluster peer through a proxy
+    per cluster node, seeded by the first, with the table that maps each node's announced
+    address to its proxy."""
     peer_entry = {**CHAOS_PEER_OPTIONS, **(peer_options or {})}
     return {
         "local_node_id": node_id,
@@ -480,8 +502,16 @@ def _node_config(
             for peer_id, proxy in proxies.items()
         ]
         + [
-            {"node_id": peer_id, "redis_url": url, "cluster": True, **copy.deepcopy(peer_entry)}
-            for peer_id, url in direct.items()
+            {
+                "node_id": peer_id,
+                "redis_url": link[0].url_for(),
+                "cluster": True,
+                "cluster_addresses": {
+                    f"{p.target_host}:{p.target_port}": f"{p.host}:{p.port}" for p in link
+                },
+                **copy.deepcopy(peer_entry),
+            }
+            for peer_id, link in cluster_links.items()
         ],
         "cursor": {
             "sqlite_path": str(workdir / f"cursors-{node_id}.db"),

@@ -378,7 +378,7 @@ class FaultRunner:
         # The new engine reads on from its store's position in each peer's stream: corrupt
         # entries before its first saved cursor were quarantined in the old database, gone with
         # it, so they are excused from the quarantine check.
-        for peer_id in node.proxies:
+        for peer_id in node.peer_ids:
             saved = cast(Callable[[], StreamId], functools.partial(node.saved_cursor, peer_id))
             cursor: StreamId = await async_wait_until(
                 saved,
@@ -735,11 +735,19 @@ def _off_cluster(fault: Fault, cluster: str, node_ids: Sequence[str]) -> Fault:
 
 def _onto_cluster(faults: list[Fault], cluster: str) -> list[Fault]:
     """``faults`` with the first Redis kill and the first pause moved onto the cluster node,
-    so every run fails its data's master over at least once."""
+    so every run fails its data's master over at least once, and the first cut partition and
+    one-way link fault moved onto links from the cluster node (read through a proxy per cluster
+    node, so a cut reaches every connection to the cluster)."""
     for kind in ("redis_kill", "redis_pause"):
         first = next((f for f in faults if f.kind == kind), None)
         if first is not None and first.node != cluster:
             first.node, first.other = cluster, first.node
+    for kind in ("partition_cut", "link_one_way"):
+        first = next((f for f in faults if f.kind == kind), None)
+        if first is not None and cluster not in (first.node, first.other):
+            first.other = cluster  # node reads the cluster node: that link breaks
+        elif first is not None and first.node == cluster:
+            first.node, first.other = first.other, cluster
     return faults
 
 
@@ -783,7 +791,7 @@ async def _check(
     report.gaps_total = sum(
         n.metric_total("replication_stream_gaps_total", peer=p)
         for n in mesh.live
-        for p in n.proxies
+        for p in n.peer_ids
     )
     report.cancel_retries = mesh.cancel_retries
     report.injected_corrupt = sum(len(ids) for ids in runner.injected.values())
@@ -804,7 +812,7 @@ async def _check(
         rows = node.quarantined()
         report.quarantined_rows += len(rows)
         report.quarantined_metric += node.metric_total("replication_cdc_events_quarantined_total")
-        for peer_id in node.proxies:
+        for peer_id in node.peer_ids:
             if peer_id in mesh.forgotten:
                 continue
             got = {codec.parse_stream_id(sid) for p, sid, _ in rows if p == peer_id}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -34,10 +34,12 @@ from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     BusyLoadingError,
+    ClusterDownError,
     MasterDownError,
     MovedError,
     NoPermissionError,
     ReadOnlyError,
+    RedisClusterUnreachableError,
     RedisError,
     ResponseError,
     SlotNotCoveredError,
@@ -54,12 +56,15 @@ except ImportError:  # pragma: no cover - older redis-py sends no such handshake
 __all__ = [
     "Failure",
     "TlsOptions",
+    "address_problem",
+    "client_maker",
     "connection_kwargs",
     "failure",
     "make_client",
     "make_cluster_client",
     "node_of",
     "on_one_connection",
+    "parse_address",
 ]
 
 # How often, at most, a pool looks over its idle connections for ones the server hung up on.
@@ -95,6 +100,12 @@ def failure(exc: BaseException) -> Failure | None:
         | MasterDownError
         | ReadOnlyError
         | TryAgainError
+        # A Redis Cluster none of whose nodes answers, one that says it is down, or one in
+        # which no master serves the slot: redis-py raises these (the first and last not even
+        # as RedisError) where one Redis would give a connection error.
+        | RedisClusterUnreachableError
+        | ClusterDownError
+        | SlotNotCoveredError
         | OSError,  # sockets, and the built-in ConnectionError and TimeoutError
     ):
         return Failure.UNAVAILABLE
@@ -240,6 +251,40 @@ _CLUSTER_OPTIONS = frozenset(
 )
 
 
+def address_problem(text: str) -> str | None:
+    """What is wrong with ``text`` as ``host:port`` (an IPv6 host in brackets), or None."""
+    host, sep, port = text.strip().rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if not sep or not host or "[" in host or "]" in host or (":" in host and not bracketed):
+        return "expected host:port (an IPv6 host in brackets, [::1]:7000)"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return "expected host:port with a port in 1..65535"
+    return None
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` (an IPv6 host in brackets, ``[::1]:7000``) as ``(host, port)``.
+
+    Raises:
+        ValueError: not of that form, or the port is not 1..65535.
+    """
+    problem = address_problem(text)
+    if problem:
+        raise ValueError(f"{problem}, got {text!r}")
+    host, _, port = text.strip().rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _address_remap(
+    addresses: Mapping[str, str],
+) -> Callable[[tuple[str, int]], tuple[str, int]]:
+    """redis-py's ``address_remap`` for a table of announced -> reachable addresses."""
+    table = {parse_address(k): parse_address(v) for k, v in addresses.items()}
+    return lambda address: table.get((str(address[0]), int(address[1])), address)
+
+
 def make_cluster_client(
     url: str,
     *,
@@ -250,11 +295,15 @@ def make_cluster_client(
     connect_timeout: float = 5.0,
     client_name: str | None = None,
     max_connections: int = 64,
+    addresses: Mapping[str, str] | None = None,
 ) -> Redis:
     """A redis-py ``RedisCluster`` seeded by ``url`` (any one node of the cluster).
 
     It finds the other nodes itself, routes each command by the key it names, follows MOVED and
-    ASK, and re-reads the topology after a failover. Arguments are those of
+    ASK, and re-reads the topology after a failover. ``addresses`` maps a node address the
+    cluster announces (``host:port``) to the one to connect to instead: a cluster behind NAT,
+    in containers or through a tunnel announces addresses only its own network reaches.
+    Unlisted addresses are used as announced. Other arguments are those of
     :func:`make_client`; ``max_connections`` is per node. Its connections are the cancel-safe
     ones above: redis-py's cluster client picks its connection class itself, so the class is
     set on its node manager before any node connects. It has no :class:`_Pool`: a node's
@@ -292,6 +341,7 @@ def make_cluster_client(
         port=port,
         ssl=connection_class is _CancelSafeSSLConnection,
         max_connections=max_connections,
+        address_remap=_address_remap(addresses) if addresses else None,
         **kwargs,
     )
     manager = client.nodes_manager
@@ -299,6 +349,18 @@ def make_cluster_client(
     for node in manager.startup_nodes.values():
         node.connection_class = connection_class
     return client  # type: ignore[return-value]
+
+
+def client_maker(cluster: bool, addresses: Mapping[str, str] | None = None) -> Callable[..., Redis]:
+    """:func:`make_client`, or for a Redis Cluster :func:`make_cluster_client` with its
+    address table: one choice for every caller that opens a store or a peer."""
+    if not cluster:
+        return make_client
+
+    def make(url: str, **kwargs: Any) -> Redis:
+        return make_cluster_client(url, addresses=addresses, **kwargs)
+
+    return make
 
 
 async def node_of(client: Redis, key: str) -> dict[str, Any]:

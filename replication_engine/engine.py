@@ -178,6 +178,7 @@ class ReplicationEngine:
                     read_only=cfg.mode == "follower",
                     hlc=self._clock,
                     cluster=cfg.local.cluster,
+                    cluster_addresses=cfg.local.cluster_addresses,
                 )
             except GeometryError as exc:
                 raise EngineError(f"local store: {exc}") from exc
@@ -244,6 +245,7 @@ class ReplicationEngine:
                 block_timeout_sec=hot.block_timeout_sec,
                 start_from=peer_cfg.start_from,
                 cluster=peer_cfg.cluster,
+                cluster_addresses=peer_cfg.cluster_addresses,
             )
         # Always: with cold_path.enabled false it still runs the repairs that are requested
         # (quarantined entries, gaps, a recovery), just no periodic cycles.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,9 +25,8 @@ from replication_engine.config import HotPathConfig, PeerConfig, default_of
 from replication_engine.connection import (
     Failure,
     TlsOptions,
+    client_maker,
     failure,
-    make_client,
-    make_cluster_client,
     node_of,
 )
 from replication_engine.errors import ReplicationError
@@ -142,6 +141,7 @@ class Peer:
         block_timeout_sec: float = default_of(HotPathConfig, "block_timeout_sec"),
         start_from: str = _peer_default("start_from"),
         cluster: bool = False,
+        cluster_addresses: Mapping[str, str] | None = None,
     ) -> None:
         self.node_id = node_id
         self.display_url = redact_url(url)
@@ -159,7 +159,7 @@ class Peer:
         )
         common: dict[str, Any] = {"username": username, "password": password, "tls": tls}
         # A peer that is a Redis Cluster is read through a cluster client, seeded by ``url``.
-        make = make_cluster_client if cluster else make_client
+        make = client_maker(cluster, cluster_addresses)
         self.query: Redis = make(url, socket_timeout=op_timeout_sec, client_name=None, **common)
         self.stream: Redis = make(
             url,

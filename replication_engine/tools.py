@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from replication_engine import clock, codec
 from replication_engine.config import EngineConfig
-from replication_engine.connection import TlsOptions, make_client, make_cluster_client
+from replication_engine.connection import TlsOptions, client_maker, make_client
 from replication_engine.cursor import CursorStore
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import NodeRecord, frontier
@@ -79,7 +79,7 @@ async def diff_trees(
 
 def _local_reader(config: EngineConfig) -> TreeReader:
     local = config.local
-    make = make_cluster_client if local.cluster else make_client
+    make = client_maker(local.cluster, local.cluster_addresses)
     client = make(
         local.redis_url,
         username=local.username,
@@ -90,7 +90,7 @@ def _local_reader(config: EngineConfig) -> TreeReader:
 
 def _peer_client(config: EngineConfig, index: int) -> tuple[str, TreeReader]:
     peer = config.peers[index]
-    make = make_cluster_client if peer.cluster else make_client
+    make = client_maker(peer.cluster, peer.cluster_addresses)
     client = make(
         peer.redis_url,
         username=peer.username,
@@ -369,6 +369,7 @@ async def _local_store(config: EngineConfig) -> RedisStore:
         depth=config.settings.merkle.depth,
         stream_maxlen=local.stream_maxlen,
         cluster=local.cluster,
+        cluster_addresses=local.cluster_addresses,
     )
 
 

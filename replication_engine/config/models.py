@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from replication_engine.config.errors import _FieldProblems, _number, _Problem
+from replication_engine.connection import address_problem
 from replication_engine.merkle import Geometry
 from replication_engine.redaction import redact_url
 
@@ -254,6 +255,14 @@ class LocalConfig(_Section):
             "client, which finds the other nodes and follows failovers and slot moves."
         ),
     )
+    cluster_addresses: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "For a Redis Cluster whose nodes announce addresses this engine cannot reach (NAT, "
+            "containers, a tunnel): announced 'host:port' -> the 'host:port' to connect to "
+            "instead. Addresses not listed are used as announced."
+        ),
+    )
     stream_maxlen: int = Field(default=100_000, ge=1, description="Local CDC stream MAXLEN.")
     max_clock_offset_sec: Duration = Field(
         default=300.0,
@@ -273,24 +282,35 @@ class LocalConfig(_Section):
 
     @model_validator(mode="after")
     def _check_cluster(self) -> Self:
-        return _FieldProblems.check(self, _cluster_problems(self.cluster, self.redis_url))
+        problems = _cluster_problems(self.cluster, self.redis_url, self.cluster_addresses)
+        return _FieldProblems.check(self, problems)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         return _redacted_repr_args(self)
 
 
-def _cluster_problems(cluster: bool, url: str) -> list[_Problem]:
-    """A cluster is reached over TCP and has one database."""
+def _cluster_problems(cluster: bool, url: str, addresses: Mapping[str, str]) -> list[_Problem]:
+    """A cluster is reached over TCP and has one database; an address table needs a cluster
+    and maps host:port to host:port."""
+    problems: list[_Problem] = []
     if not cluster:
-        return []
+        if addresses:
+            expected = "is set, so cluster must be true (it maps a Redis Cluster's node addresses)"
+            problems.append(_Problem(("cluster_addresses",), expected, dict(addresses)))
+        return problems
     parsed = urlsplit(url)
     if parsed.scheme.lower() not in ("redis", "rediss"):
         expected = "must be redis:// or rediss:// when cluster is true (a cluster is TCP only)"
-        return [_Problem(("redis_url",), expected, redact_url(url))]
-    if parsed.path.strip("/") not in ("", "0"):
+        problems.append(_Problem(("redis_url",), expected, redact_url(url)))
+    elif parsed.path.strip("/") not in ("", "0"):
         expected = "must name database 0 (or none) when cluster is true: a cluster has one"
-        return [_Problem(("redis_url",), expected, redact_url(url))]
-    return []
+        problems.append(_Problem(("redis_url",), expected, redact_url(url)))
+    for announced, reachable in addresses.items():
+        for text in (announced, reachable):
+            problem = address_problem(text)
+            if problem:
+                problems.append(_Problem(("cluster_addresses", announced), problem, text))
+    return problems
 
 
 class HotPathConfig(_Section):
@@ -506,10 +526,18 @@ class PeerConfig(_Section):
             "client, which finds the other nodes and follows failovers and slot moves."
         ),
     )
+    cluster_addresses: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "For a Redis Cluster whose nodes announce addresses this engine cannot reach (NAT, "
+            "containers, a tunnel): announced 'host:port' -> the 'host:port' to connect to "
+            "instead. Addresses not listed are used as announced."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_tls(self) -> Self:
-        problems = _cluster_problems(self.cluster, self.redis_url)
+        problems = _cluster_problems(self.cluster, self.redis_url, self.cluster_addresses)
         if self.tls.is_customised() and not self.redis_url.lower().startswith("rediss://"):
             expected = "is set, so redis_url must be rediss://"
             problems.append(_Problem(("tls",), expected, self.display_url))

@@ -46,9 +46,8 @@ from replication_engine.codec import Change
 from replication_engine.connection import (
     Failure,
     TlsOptions,
+    client_maker,
     failure,
-    make_client,
-    make_cluster_client,
     node_of,
     on_one_connection,
 )
@@ -294,12 +293,14 @@ class RedisStore:
         password: str | None = None,
         tls: TlsOptions | None = None,
         cluster: bool = False,
+        cluster_addresses: Mapping[str, str] | None = None,
         **options: Any,
     ) -> RedisStore:
         """Open a store, checking (or on first use recording) the tree geometry.
 
         With ``cluster``, ``url`` names one node of a Redis Cluster, and the store's calls are
-        routed by the keys they declare (see ``make_cluster_client``).
+        routed by the keys they declare; ``cluster_addresses`` maps node addresses the cluster
+        announces to those to connect to (see ``make_cluster_client``).
         """
         with _as_store_errors(node_id):
             return await cls._connect(
@@ -311,6 +312,7 @@ class RedisStore:
                 password=password,
                 tls=tls,
                 cluster=cluster,
+                cluster_addresses=cluster_addresses,
                 **options,
             )
 
@@ -326,9 +328,10 @@ class RedisStore:
         password: str | None,
         tls: TlsOptions | None,
         cluster: bool,
+        cluster_addresses: Mapping[str, str] | None,
         **options: Any,
     ) -> RedisStore:
-        make = make_cluster_client if cluster else make_client
+        make = client_maker(cluster, cluster_addresses)
         redis = make(
             url, username=username, password=password, tls=tls, client_name=f"re-store-{node_id}"
         )

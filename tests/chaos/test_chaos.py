@@ -176,8 +176,8 @@ async def test_ci_sized_checker_run_with_a_cluster_node(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
     """The same checker with node a on a Redis Cluster: its Redis kills and pauses are
-    failovers of the master holding its data, and its writes wait for a replica, so none it
-    acknowledged may be lost."""
+    failovers of the master holding its data, its writes wait for a replica, so none it
+    acknowledged may be lost, and the links to it are cut and blackholed like any other."""
     report = await run_chaos(
         CI_SEED,
         tmp_path / "run",
@@ -193,6 +193,10 @@ async def test_ci_sized_checker_run_with_a_cluster_node(
     assert summary["writes_acknowledged"] > 300
     assert summary["writes_lost"] == 0 and summary["resurrections"] == 0
     assert any(f.node == "a" and f.kind in ("redis_kill", "redis_pause") for f in report.faults)
+    # Links to the cluster node are cut too: each reader reaches every cluster node through a
+    # proxy (its peer entry's cluster_addresses), so no connection slips past the fault.
+    assert any(f.other == "a" and f.kind == "link_one_way" for f in report.faults)
+    assert any("a" in (f.node, f.other) and f.kind == "partition_cut" for f in report.faults)
 
 
 # ------------------------------------------------------------------------------------ node faults

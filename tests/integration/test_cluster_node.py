@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from harness.mesh import Mesh, MeshNode, WriteLog, expected_snapshot, open_mesh, snapshot
+from harness.proxy import TcpProxy
 from replication_engine.connection import _CancelSafeSend
 from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
@@ -131,6 +132,57 @@ async def test_a_cluster_node_and_a_standalone_node_converge(
     slot = mesh["c"].store.partition_slot()
     holders = [n.port for n in cluster.masters if n.client().dbsize() > 2]
     assert holders == [slot_owner(cluster, slot).port], holders
+
+
+async def test_a_cluster_peer_reached_through_an_address_table_is_cut_off_whole(
+    redis_factory: RedisFactory, tmp_path: Path, cluster: Cluster
+) -> None:
+    """A reader that reaches the cluster at other addresses than the ones its nodes announce
+    (``cluster_addresses``; here a proxy per node, as NAT or a tunnel would give) connects only
+    through them: cutting them stops every read of the cluster, nothing written meanwhile
+    arrives, and once they heal everything does."""
+    nodes = [*cluster.masters, *cluster.replicas]
+    proxies = [TcpProxy(n.host, n.port) for n in nodes]
+    for proxy in proxies:
+        await proxy.start()
+    table = {
+        f"{n.host}:{n.port}": f"{p.host}:{p.port}" for n, p in zip(nodes, proxies, strict=True)
+    }
+    through_proxies = {"redis_url": proxies[0].url_for(), "cluster_addresses": table}
+    try:
+        async with open_mesh(
+            redis_factory,
+            tmp_path,
+            {"c": ["s"], "s": ["c"]},
+            clusters={"c": cluster},
+            common=COMMON,
+            peer_options={"*": {"circuit_reset_timeout_sec": 1}, "s": through_proxies},
+        ) as mesh:
+            log = WriteLog()
+            await write_both(mesh, log, 20, "before")
+            await assert_everything_arrived(mesh, log)
+            assert sum(p.stats.connections for p in proxies) > 0, "s read c through the proxies"
+
+            for proxy in proxies:
+                proxy.cut()
+            during = [f"during:{i}" for i in range(50)]
+            for key in during:
+                await log.put(mesh["c"], key, b"v")
+            await async_wait_until(
+                lambda: not mesh["s"].peer_status("c")["connected"],
+                timeout=SETTLE_S,
+                message="s lost its link to c",
+            )
+            held = await snapshot(mesh["s"].store)
+            arrived = [k for k in during if k in held]
+            assert not arrived, f"{len(arrived)} writes reached s past the cut links"
+
+            for proxy in proxies:
+                proxy.heal()
+            await assert_everything_arrived(mesh, log)
+    finally:
+        for proxy in proxies:
+            await proxy.stop()
 
 
 def _connections(peer: Peer) -> list[Any]:

@@ -619,6 +619,36 @@ def test_a_cluster_is_reached_over_tcp_with_database_0() -> None:
     assert ok.local.cluster and ok.peers[0].cluster
 
 
+def test_a_cluster_address_table_maps_host_port_to_host_port_and_needs_a_cluster() -> None:
+    text = problems_of(
+        {
+            "local_node_id": "a",
+            "local": {"cluster_addresses": {"10.0.0.1:7000": "gw:17000"}},
+            "peers": [
+                peer(
+                    "b",
+                    cluster=True,
+                    cluster_addresses={"10.0.0.2:7000": "gw:x", "10.0.0.3": "gw:17002"},
+                )
+            ],
+        }
+    )
+    assert "local.cluster_addresses: is set, so cluster must be true" in text
+    assert "peers[0].cluster_addresses.10.0.0.2:7000: expected host:port with a port" in text
+    assert "got 'gw:x'" in text
+    assert "peers[0].cluster_addresses.10.0.0.3: expected host:port (an IPv6 host" in text
+    ok = EngineConfig.from_mapping(
+        {
+            "local_node_id": "a",
+            "peers": [
+                peer("b", cluster=True, cluster_addresses={"[fe80::1]:7000": "gw.example:17000"})
+            ],
+        },
+        env={},
+    )
+    assert ok.peers[0].cluster_addresses == {"[fe80::1]:7000": "gw.example:17000"}
+
+
 def test_start_from_and_mode_literals() -> None:
     text = problems_of(
         {"local_node_id": "a", "mode": "leader", "peers": [peer("b", start_from="middle")]}

@@ -26,8 +26,22 @@ from redis.asyncio.connection import (
     SSLConnection,
     UnixDomainSocketConnection,
 )
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterUnreachableError,
+    ResponseError,
+    SlotNotCoveredError,
+)
 
-from replication_engine.connection import TlsOptions, connection_kwargs, make_client
+from replication_engine.connection import (
+    Failure,
+    TlsOptions,
+    _address_remap,
+    connection_kwargs,
+    failure,
+    make_client,
+    parse_address,
+)
 from replication_engine.testing import async_wait_until
 
 # What the fake write sends nowhere but is checked against: one PING.
@@ -237,3 +251,56 @@ async def test_a_connection_whose_server_closed_its_end_has_hung_up() -> None:
             )
     finally:
         await client.aclose()
+
+
+# ------------------------------------------------------------------------------------------------
+# Failures and cluster addresses
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RedisClusterUnreachableError("Redis Cluster cannot be connected"),
+        ClusterDownError("CLUSTERDOWN The cluster is down"),
+        SlotNotCoveredError("slot 42 is not covered by the cluster"),
+    ],
+)
+def test_a_cluster_that_cannot_serve_is_unavailable_like_a_redis_that_is_down(
+    exc: Exception,
+) -> None:
+    """Not REFUSED, and not an unknown error: the peer is down, its breaker counts it, and
+    the tailer waits for it rather than failing."""
+    assert failure(exc) is Failure.UNAVAILABLE
+
+
+def test_a_command_error_is_still_refused() -> None:
+    assert failure(ResponseError("WRONGTYPE Operation against a key")) is Failure.REFUSED
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("10.0.0.5:7000", ("10.0.0.5", 7000)),
+        ("redis-0.cluster.svc:6379", ("redis-0.cluster.svc", 6379)),
+        ("[::1]:7000", ("::1", 7000)),
+        (" 127.0.0.1:1 ", ("127.0.0.1", 1)),
+    ],
+)
+def test_an_address_is_host_and_port(text: str, address: tuple[str, int]) -> None:
+    assert parse_address(text) == address
+
+
+@pytest.mark.parametrize(
+    "text", ["7000", ":7000", "host:", "host:0", "host:65536", "host:x", "::1:7000", "[::1]"]
+)
+def test_a_malformed_address_is_refused_naming_it(text: str) -> None:
+    with pytest.raises(ValueError, match="host:port") as caught:
+        parse_address(text)
+    assert repr(text) in str(caught.value)
+
+
+def test_the_address_table_maps_announced_addresses_and_passes_others_through() -> None:
+    remap = _address_remap({"10.0.0.5:7000": "gateway:17000", "[fe80::1]:7001": "gateway:17001"})
+    assert remap(("10.0.0.5", 7000)) == ("gateway", 17000)
+    assert remap(("fe80::1", 7001)) == ("gateway", 17001)
+    assert remap(("10.0.0.6", 7000)) == ("10.0.0.6", 7000)
