@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-import pybreaker
-
 from replication_engine.clock import HLC, wall_clock_ms
 from replication_engine.codec import StreamId
 from replication_engine.config import EngineConfig
@@ -32,7 +30,7 @@ from replication_engine.merkle import Geometry, GeometryError
 from replication_engine.observability.metrics import ENGINE_STATES, Metrics
 from replication_engine.peer import Peer
 from replication_engine.redaction import redact_url
-from replication_engine.resilience import Backoff, breaker_state, sleep_or_stop
+from replication_engine.resilience import Backoff, breaker_state, make_breaker, sleep_or_stop
 from replication_engine.scrub import Scrub
 from replication_engine.store.protocol import RecordKeeper
 from replication_engine.store.redis_store import RedisStore
@@ -98,12 +96,10 @@ class ReplicationEngine:
         self.membership: Membership | None = None
         self.scrub: Scrub | None = None
         self.http: HttpServer | None = None
-        self.local_breaker = pybreaker.CircuitBreaker(
-            fail_max=config.local.circuit_failure_threshold,
-            reset_timeout=config.local.circuit_reset_timeout_sec,
-            throw_new_error_on_trip=False,
+        self.local_breaker = make_breaker(
             name="local-store",
-            exclude=[asyncio.CancelledError],
+            failures=config.local.circuit_failure_threshold,
+            longest_open_sec=config.local.circuit_reset_timeout_sec,
         )
         self.metrics.watch_circuit(
             self.metrics.local_circuit, lambda: breaker_state(self.local_breaker)

@@ -8,7 +8,6 @@ instead of a connect timeout, and records latency and liveness for status and re
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,7 +33,7 @@ from replication_engine.knowledge import NodeRecord
 from replication_engine.merkle import ZERO
 from replication_engine.observability.metrics import Metrics
 from replication_engine.redaction import redact_url
-from replication_engine.resilience import breaker_remaining, breaker_state
+from replication_engine.resilience import breaker_remaining, breaker_state, make_breaker
 from replication_engine.store.layout import Keyspace, text
 from replication_engine.store.reader import ReadCounter, TreeReader
 
@@ -150,12 +149,8 @@ class Peer:
         self.priority = priority
         self.start_from = start_from
         self.block_timeout_sec = block_timeout_sec
-        self.breaker = pybreaker.CircuitBreaker(
-            fail_max=failure_threshold,
-            reset_timeout=reset_timeout_sec,
-            throw_new_error_on_trip=False,
-            name=f"peer:{node_id}",
-            exclude=[asyncio.CancelledError],  # our own shutdown is not the peer failing
+        self.breaker = make_breaker(
+            name=f"peer:{node_id}", failures=failure_threshold, longest_open_sec=reset_timeout_sec
         )
         common: dict[str, Any] = {"username": username, "password": password, "tls": tls}
         # A peer that is a Redis Cluster is read through a cluster client, seeded by ``url``.

@@ -114,6 +114,54 @@ class EventRateLimiter:
             events -= take
 
 
+# How long a breaker first stays open. Each time its trial call fails and it opens again, the
+# time doubles, up to the configured reset timeout; a success starts it over. An outage of a few
+# seconds (a Redis restarted, a link that drops) is tried again within a second or two of its
+# end, while a store that stays down is still tried no more often than the reset timeout allows.
+FIRST_OPEN_SEC = 1.0
+
+
+class _Escalation(pybreaker.CircuitBreakerListener):
+    """Sets an opening breaker's open time: short at first, doubling while trials fail."""
+
+    def __init__(self, longest_sec: float) -> None:
+        self.longest_sec = longest_sec
+        self.first_sec = min(FIRST_OPEN_SEC, longest_sec)
+
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        if new_state.name == pybreaker.STATE_HALF_OPEN:
+            return  # the trial decides
+        if new_state.name == pybreaker.STATE_OPEN and (
+            old_state is not None and old_state.name == pybreaker.STATE_HALF_OPEN
+        ):
+            cb.reset_timeout = min(self.longest_sec, 2 * float(cb.reset_timeout))
+        else:  # closed again, or opened from closed
+            cb.reset_timeout = self.first_sec
+
+
+def make_breaker(*, name: str, failures: int, longest_open_sec: float) -> pybreaker.CircuitBreaker:
+    """A breaker that opens after ``failures`` failures in a row, for :data:`FIRST_OPEN_SEC` at
+    first and twice as long after each failed trial, at most ``longest_open_sec``.
+
+    Our own cancellations (a shutdown) are not failures, and a trip raises the call's own
+    error, so callers classify it as they would without a breaker.
+    """
+    escalation = _Escalation(longest_open_sec)
+    return pybreaker.CircuitBreaker(
+        fail_max=failures,
+        reset_timeout=escalation.first_sec,
+        throw_new_error_on_trip=False,
+        name=name,
+        exclude=[asyncio.CancelledError],
+        listeners=[escalation],
+    )
+
+
 def breaker_state(breaker: pybreaker.CircuitBreaker) -> str:
     """'closed', 'half-open' or 'open', with 'open' turning 'half-open' once its timeout passed.
 

@@ -277,7 +277,11 @@ class LocalConfig(_Section):
         description="Consecutive local store failures before applies stop and wait (breaker).",
     )
     circuit_reset_timeout_sec: Duration = Field(
-        default=5.0, description="Seconds the local store breaker stays open (s)."
+        default=5.0,
+        description=(
+            "Longest the local store breaker stays open (s): 1 s at first, doubling while "
+            "trials fail."
+        ),
     )
 
     @model_validator(mode="after")
@@ -512,7 +516,9 @@ class PeerConfig(_Section):
     )
     priority: int = Field(default=0, description="Lower numbers are served first.")
     circuit_failure_threshold: int = Field(default=5, ge=1, description="Failures to open.")
-    circuit_reset_timeout_sec: Duration = Field(default=30.0, description="Open time (s).")
+    circuit_reset_timeout_sec: Duration = Field(
+        default=30.0, description="Longest open time (s): 1 s at first, doubling while trials fail."
+    )
     start_from: Literal["snapshot", "beginning", "latest"] = Field(
         default="snapshot", description="Where a peer without a saved cursor is first read from."
     )

@@ -608,6 +608,46 @@ async def test_peer_killed_opens_breaker_then_recovers_and_catches_up(
         assert status["connected"] is True and status["circuit"] == "closed"
 
 
+async def test_a_peer_redis_restart_is_read_again_within_seconds_not_the_breakers_open_time(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """With the default 30 s breaker, a peer whose Redis is down for a few seconds is read
+    again within seconds of its return: the breaker's first openings are short, and only a
+    peer that stays down is left alone for the whole reset timeout."""
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        redis_options={"b": {"appendonly": True, "appendfsync": "always"}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        assert a.config.peers[0].circuit_reset_timeout_sec == 30
+        log = WriteLog()
+        await put_many(log, b, [f"before:{i}" for i in range(20)])
+        await mesh.wait_converged()
+
+        b.server.kill()
+        await async_wait_until(
+            lambda: a.peer_status("b")["circuit"] == "open",
+            timeout=RECOVERY_TIMEOUT_S,
+            message="breaker open on b",
+        )
+        breaker = a.running().peers["b"].breaker
+        # The outage goes on until two trials have failed (after about 1 + 2 s).
+        await async_wait_until(
+            lambda: breaker.reset_timeout >= 4,
+            timeout=RECOVERY_TIMEOUT_S,
+            message="two failed trials on b",
+        )
+        assert breaker.reset_timeout <= 8, breaker.reset_timeout
+        await mesh.restart_redis("b")
+        await put_many(log, b, [f"after:{i}" for i in range(20)])
+        # Well inside the 30 s a breaker at its reset timeout would wait.
+        await mesh.wait_converged(timeout=20)
+        assert await snapshot(a.store) == expected_snapshot(log.writes)
+        assert a.peer_status("b")["circuit"] == "closed"
+
+
 async def test_peer_paused_past_circuit_timeout_then_resumed_recovers(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:

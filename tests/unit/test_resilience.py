@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import pybreaker
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from replication_engine.resilience import AimdBatchSizer
+from replication_engine.resilience import (
+    FIRST_OPEN_SEC,
+    AimdBatchSizer,
+    breaker_remaining,
+    make_breaker,
+)
 
 
 def test_full_reads_grow_the_batch_additively_up_to_the_maximum() -> None:
@@ -69,3 +75,58 @@ def test_the_size_always_stays_within_its_bounds(
             flush_slo_seconds=0.5 if with_slo else None,
         )
         assert minimum <= size <= maximum
+
+
+# ------------------------------------------------------------------------------------------------
+# Breakers
+
+
+def _fail(breaker: pybreaker.CircuitBreaker) -> None:
+    def down() -> None:
+        raise OSError("down")
+
+    with pytest.raises(OSError):
+        breaker.call(down)
+
+
+def _to_half_open(breaker: pybreaker.CircuitBreaker) -> None:
+    """As if the open time had passed: the next call is the trial."""
+    breaker.half_open()
+
+
+def test_a_breaker_first_opens_briefly_then_doubles_while_trials_fail() -> None:
+    breaker = make_breaker(name="t", failures=2, longest_open_sec=30)
+    _fail(breaker)
+    _fail(breaker)
+    assert breaker.current_state == pybreaker.STATE_OPEN
+    assert breaker.reset_timeout == FIRST_OPEN_SEC
+    assert 0 < breaker_remaining(breaker) <= FIRST_OPEN_SEC
+    opened = []
+    for _ in range(7):
+        _to_half_open(breaker)
+        _fail(breaker)  # the trial fails: open again, for longer
+        opened.append(breaker.reset_timeout)
+    assert opened == [2, 4, 8, 16, 30, 30, 30]
+
+
+def test_a_successful_trial_starts_the_open_time_over() -> None:
+    breaker = make_breaker(name="t", failures=1, longest_open_sec=30)
+    _fail(breaker)
+    for _ in range(3):
+        _to_half_open(breaker)
+        _fail(breaker)
+    assert breaker.reset_timeout == 8
+    _to_half_open(breaker)
+    assert breaker.call(lambda: "up") == "up"
+    assert breaker.current_state == pybreaker.STATE_CLOSED
+    _fail(breaker)
+    assert breaker.reset_timeout == FIRST_OPEN_SEC
+
+
+def test_a_reset_timeout_below_the_first_open_time_is_kept() -> None:
+    breaker = make_breaker(name="t", failures=1, longest_open_sec=0.2)
+    _fail(breaker)
+    assert breaker.reset_timeout == 0.2
+    _to_half_open(breaker)
+    _fail(breaker)
+    assert breaker.reset_timeout == 0.2
