@@ -237,6 +237,29 @@ def default_of(section: type[BaseModel], name: str) -> Any:
 # Sections
 
 
+def _cluster_field() -> Any:
+    """The `cluster` setting, the same for the local store and a peer."""
+    return Field(
+        default=False,
+        description=(
+            "redis_url is one node of a Redis Cluster: the store is reached through a cluster "
+            "client, which finds the other nodes and follows failovers and slot moves."
+        ),
+    )
+
+
+def _cluster_addresses_field() -> Any:
+    """The `cluster_addresses` setting, the same for the local store and a peer."""
+    return Field(
+        default_factory=dict,
+        description=(
+            "For a Redis Cluster whose nodes announce addresses this engine cannot reach (NAT, "
+            "containers, a tunnel): announced 'host:port' -> the 'host:port' to connect to "
+            "instead. Addresses not listed are used as announced."
+        ),
+    )
+
+
 class LocalConfig(_Section):
     """This node's own Redis, the only one the engine writes to."""
 
@@ -248,21 +271,8 @@ class LocalConfig(_Section):
     password: SecretStr | None = Field(
         default=None, description="Password; overrides one in redis_url."
     )
-    cluster: bool = Field(
-        default=False,
-        description=(
-            "redis_url is one node of a Redis Cluster: the store is reached through a cluster "
-            "client, which finds the other nodes and follows failovers and slot moves."
-        ),
-    )
-    cluster_addresses: dict[str, str] = Field(
-        default_factory=dict,
-        description=(
-            "For a Redis Cluster whose nodes announce addresses this engine cannot reach (NAT, "
-            "containers, a tunnel): announced 'host:port' -> the 'host:port' to connect to "
-            "instead. Addresses not listed are used as announced."
-        ),
-    )
+    cluster: bool = _cluster_field()
+    cluster_addresses: dict[str, str] = _cluster_addresses_field()
     stream_maxlen: int = Field(default=100_000, ge=1, description="Local CDC stream MAXLEN.")
     max_clock_offset_sec: Duration = Field(
         default=300.0,
@@ -525,21 +535,8 @@ class PeerConfig(_Section):
     username: str | None = Field(default=None, description="ACL user; overrides redis_url's.")
     password: SecretStr | None = Field(default=None, description="Overrides redis_url's.")
     tls: TlsConfig = Field(default_factory=TlsConfig)
-    cluster: bool = Field(
-        default=False,
-        description=(
-            "redis_url is one node of a Redis Cluster: the store is reached through a cluster "
-            "client, which finds the other nodes and follows failovers and slot moves."
-        ),
-    )
-    cluster_addresses: dict[str, str] = Field(
-        default_factory=dict,
-        description=(
-            "For a Redis Cluster whose nodes announce addresses this engine cannot reach (NAT, "
-            "containers, a tunnel): announced 'host:port' -> the 'host:port' to connect to "
-            "instead. Addresses not listed are used as announced."
-        ),
-    )
+    cluster: bool = _cluster_field()
+    cluster_addresses: dict[str, str] = _cluster_addresses_field()
 
     @model_validator(mode="after")
     def _check_tls(self) -> Self:
