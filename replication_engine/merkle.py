@@ -37,8 +37,9 @@ BUCKET_HASH = "sha1-32"
 # The store layout (docs/FORMAT.md). Format 1 stores are converted by ``replication-engine
 # migrate``; nothing else reads them.
 FORMAT = 2
-# A format-2 store of one partition: every key it writes shares the hash tag ``{0}``.
-PARTITIONS = 1
+# Partitions are the unit a Redis Cluster places on a shard; more than this many would cost
+# more readers and records than shards they could spread over.
+MAX_PARTITIONS = 256
 
 
 class GeometryError(ReplicationError, ValueError):
@@ -68,11 +69,19 @@ class FormatError(GeometryError):
 
 @dataclass(frozen=True, slots=True)
 class Geometry:
+    """The shape of a store: its Merkle tree, and how many partitions hold its keys.
+
+    ``partitions`` is 1 (every key in partition ``0``) or ``fanout``: then a key's partition is
+    the first level of its leaf path, so each partition holds one subtree of the root map and a
+    partition's root is the root map's field for it (docs/FORMAT.md, "Partitions").
+    """
+
     fanout: int = 256
     depth: int = 2
+    partitions: int = 1
 
     def __post_init__(self) -> None:
-        problems = Geometry.problems(self.fanout, self.depth)
+        problems = Geometry.problems(self.fanout, self.depth, self.partitions)
         if problems:
             raise GeometryError(
                 "; ".join(
@@ -81,7 +90,7 @@ class Geometry:
             )
 
     @staticmethod
-    def problems(fanout: int, depth: int) -> list[tuple[str, str]]:
+    def problems(fanout: int, depth: int, partitions: int = 1) -> list[tuple[str, str]]:
         """``(field, what was expected)`` for each rule a shape breaks: the one statement of
         the rules, which the config's messages use too."""
         found = []
@@ -96,6 +105,14 @@ class Geometry:
                     "depth",
                     f"must satisfy depth * log2(fanout) <= 32 "
                     f"(fanout {fanout} allows depth <= {32 // bits})",
+                )
+            )
+        if partitions != 1 and (partitions != fanout or fanout > MAX_PARTITIONS):
+            found.append(
+                (
+                    "partitions",
+                    f"expected 1 or the fanout ({fanout}), at most {MAX_PARTITIONS}: a key's "
+                    f"partition is the first level of its leaf path",
                 )
             )
         return found
@@ -113,9 +130,21 @@ class Geometry:
     def leaf_count(self) -> int:
         return int(self.fanout**self.depth)
 
+    @property
+    def partition_names(self) -> list[str]:
+        """Each partition's name, which is its hash tag (``{<name>}``) in every key it holds."""
+        return self.all_children() if self.partitions > 1 else ["0"]
+
+    def partition_of(self, key: str) -> str:
+        """The partition ``key`` belongs in: what the store's functions place it by."""
+        if self.partitions == 1:
+            return "0"
+        return self.leaf_path(key)[: self.width]
+
     def describe(self) -> str:
+        split = f" partitions={self.partitions}" if self.partitions > 1 else ""
         return (
-            f"format={FORMAT} fanout={self.fanout} depth={self.depth} leaf={LEAF_HASH} "
+            f"format={FORMAT} fanout={self.fanout} depth={self.depth}{split} leaf={LEAF_HASH} "
             f"bucket={BUCKET_HASH}"
         )
 
@@ -126,7 +155,7 @@ class Geometry:
             "depth": str(self.depth),
             "leaf_hash": LEAF_HASH,
             "bucket_hash": BUCKET_HASH,
-            "partitions": str(PARTITIONS),
+            "partitions": str(self.partitions),
         }
 
     @classmethod
@@ -136,14 +165,12 @@ class Geometry:
         if found != str(FORMAT):
             raise FormatError(found)
         try:
-            geometry = cls(int(fields["fanout"]), int(fields["depth"]))
+            geometry = cls(
+                int(fields["fanout"]), int(fields["depth"]), int(fields.get("partitions", ""))
+            )
         except (KeyError, ValueError) as exc:
             raise GeometryError(f"stored geometry is unreadable: {dict(fields)!r}") from exc
-        if (
-            fields.get("leaf_hash") != LEAF_HASH
-            or fields.get("bucket_hash") != BUCKET_HASH
-            or fields.get("partitions") != str(PARTITIONS)
-        ):
+        if fields.get("leaf_hash") != LEAF_HASH or fields.get("bucket_hash") != BUCKET_HASH:
             raise GeometryError(f"stored geometry uses other hashes: {dict(fields)!r}")
         return geometry
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from replication_engine.errors import ReplicationError
-from replication_engine.merkle import BUCKET_HASH, FORMAT, PARTITIONS, Geometry
+from replication_engine.merkle import BUCKET_HASH, FORMAT, Geometry
 from replication_engine.store import functions
 from replication_engine.store.layout import Keyspace, glob_escape, text
 
@@ -157,7 +157,7 @@ class Migration:
                 mapping={
                     "format": str(FORMAT),
                     "bucket_hash": BUCKET_HASH,
-                    "partitions": str(PARTITIONS),
+                    "partitions": "1",  # format 1 had one keyspace: it becomes one partition
                 },
             )
             pipe.hdel(self.keys.meta, "migrating", "old_root")

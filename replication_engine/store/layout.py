@@ -5,12 +5,14 @@ One place computes key names, so the local store, the peer reader and the docs c
 
 Format 2 keeps a store's data in partitions. Every key a partition holds starts with the prefix
 and the partition's hash tag (``P{0}``), so one script call touches one Redis Cluster slot; only
-``Pmeta``, which says how the store is laid out, is outside every partition. This version
-writes stores of one partition, ``{0}``.
+``Pmeta``, which says how the store is laid out, is outside every partition. A store has one
+partition, ``{0}``, or one per child of the tree's root (``merkle.Geometry.partitions``); a
+``Keyspace`` names the keys of one of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 
@@ -19,7 +21,7 @@ def text(raw: object) -> str:
     return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
 
 
-PARTITION_TAG = "{0}"
+_HEX = frozenset("0123456789abcdef")
 
 
 def glob_escape(literal: str) -> str:
@@ -30,17 +32,24 @@ def glob_escape(literal: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Keyspace:
     prefix: str = ""
+    partition: str = "0"
 
     def __post_init__(self) -> None:
         if "{" in self.prefix or "}" in self.prefix:
             # Redis Cluster hashes a key by its first {...}: a brace in the prefix would take
             # the place of the partition's tag.
             raise ValueError(f"key prefix {self.prefix!r} must not contain '{{' or '}}'")
+        if not self.partition or set(self.partition) - _HEX:
+            raise ValueError(f"partition {self.partition!r} is not a partition's name (hex)")
+
+    def of(self, partition: str) -> Keyspace:
+        """The same store's keys in another partition."""
+        return Keyspace(self.prefix, partition)
 
     @property
     def part(self) -> str:
         """What every key of the partition starts with: the prefix and the hash tag."""
-        return f"{self.prefix}{PARTITION_TAG}"
+        return f"{self.prefix}{{{self.partition}}}"
 
     @property
     def meta(self) -> str:
@@ -92,24 +101,31 @@ class Keyspace:
 # prefix ("P{0}"); the store's "Pmeta" is checked by name.
 _FIXED_TYPES = {"cdc": "stream", "meta": "hash", "hlc": "string", "mk:root": "string"}
 _FIXED_TYPES |= {"tombs": "zset", "node": "hash"}
-_HEX = frozenset("0123456789abcdef")
 
 
-def key_problem(keys: Keyspace, width: int, depth: int, name: str, kind: str) -> str | None:
+def key_problem(
+    keys: Keyspace,
+    width: int,
+    depth: int,
+    name: str,
+    kind: str,
+    partitions: Collection[str] = ("0",),
+) -> str | None:
     """Why a key under the prefix does not belong there, or None when it does.
 
     ``width`` and ``depth`` are the tree's hex characters per level and its levels: a tree node
-    is ``mk:`` and a path of whole levels. With an empty prefix the keyspace is shared with
-    whatever else the Redis holds, so only names the format defines are checked (their type);
-    with a prefix, every other name under it is stray.
+    is ``mk:`` and a path of whole levels; ``partitions`` names the store's partitions (any of
+    them may share this Redis). With an empty prefix the keyspace is shared with whatever else
+    the Redis holds, so only names the format defines are checked (their type); with a prefix,
+    every other name under it is stray.
     """
     if not name.startswith(keys.prefix):
         return None
     if name == keys.meta:
         return None if kind == "hash" else f"wrong type: {kind}, the format has a hash"
-    if not name.startswith(keys.part):
+    tag, brace, rest = name[len(keys.prefix) :].partition("}")
+    if not brace or tag[:1] != "{" or tag[1:] not in partitions:
         return "not a key of the format" if keys.prefix else None
-    rest = name[len(keys.part) :]
     expected = _FIXED_TYPES.get(rest)
     if expected is None and rest.startswith("item:"):
         expected = "hash"

@@ -237,6 +237,7 @@ class RedisStore:
         *,
         node_id: str,
         prefix: str = "",
+        partition: str = "0",
         geometry: Geometry | None = None,
         stream_maxlen: int = 100_000,
         max_memory_ratio: float = 0.9,
@@ -250,8 +251,13 @@ class RedisStore:
             raise ValueError("node_id must not be empty")
         self.redis = redis
         self.node_id = node_id
-        self.keys = Keyspace(prefix)
+        self.keys = Keyspace(prefix, partition)
         self.geometry = geometry or Geometry()
+        if partition not in self.geometry.partition_names:
+            raise ValueError(
+                f"partition {partition!r} is not one of the store's: "
+                f"{self.geometry.describe()} has {self.geometry.partition_names[:4]}..."
+            )
         self.stream_maxlen = stream_maxlen
         self.max_memory_ratio = max_memory_ratio
         self.read_only = read_only
@@ -337,13 +343,23 @@ class RedisStore:
         )
         store = cls(redis, node_id=node_id, prefix=prefix, geometry=geometry, **options)
         try:
-            await store.check_geometry()
-            await store.load_functions()
-            await store._load_clock()
+            await store.prepare()
         except BaseException:
             await redis.aclose()
             raise
         return store
+
+    async def prepare(self, loaded: functions.Loaded | None = None) -> functions.Loaded:
+        """Make the store ready for calls: check (or record) its layout and write the
+        partition's meta, load the function library unless ``loaded`` says another partition
+        of the same store just did, and start the clock past the partition's."""
+        await self.check_geometry()
+        if loaded is None:
+            loaded = await self.load_functions()
+        else:
+            self._api.use(loaded)
+        await self._load_clock()
+        return loaded
 
     def partition_slot(self) -> int:
         """The Redis Cluster slot of the store's partition: every key of it hashes there."""
@@ -366,7 +382,7 @@ class RedisStore:
                 f"{self.geometry.describe()}; use the stored geometry or rebuild the store"
             )
         fields = self.geometry.as_fields() | {
-            "part": "0",
+            "part": self.keys.partition,
             "id": self.node_id,
             "maxlen": str(self.stream_maxlen),
             "max_payload": str(self.max_payload),
@@ -445,7 +461,7 @@ class RedisStore:
         way leaves earlier calls' items written, and raises. ``replicas`` as for :meth:`put`,
         waited for after each call.
         """
-        self._check_writable()
+        self.check_writes(writes)
         keys: list[str] = []
         args: list[Any] = []
         for key, value, content_type in writes:
@@ -466,6 +482,14 @@ class RedisStore:
         if hlcs:
             self.clock.observe(max(hlcs))
         return hlcs
+
+    def check_writes(self, writes: Sequence[tuple[str, bytes | str, str]]) -> None:
+        """Raise what :meth:`put_many` would raise before sending anything: a caller that
+        splits writes over partitions checks them all before any partition is written."""
+        self._check_writable()
+        for key, value, content_type in writes:
+            self._item_key(key)
+            self._checked_value(value, content_type)
 
     @_store_api
     async def delete(self, key: str, *, replicas: int = 0, replica_timeout_sec: float = 1.0) -> int:
@@ -1090,10 +1114,11 @@ class RedisStore:
                     pipe.type(name)
                 kinds = await pipe.execute()
             width, depth = self.geometry.width, self.geometry.depth
+            partitions = self.geometry.partition_names
             for name, kind in zip(names, kinds, strict=True):
                 if text(kind) == "none":
                     continue  # removed between SCAN and TYPE
-                problem = key_problem(self.keys, width, depth, text(name), text(kind))
+                problem = key_problem(self.keys, width, depth, text(name), text(kind), partitions)
                 if problem is not None:
                     stray.append((text(name), problem))
         return int(cursor), stray

@@ -56,3 +56,22 @@ def test_an_empty_prefix_shares_the_keyspace_so_only_format_keys_are_checked() -
 def test_a_prefix_with_a_brace_is_refused_since_it_would_take_the_partitions_hash_tag() -> None:
     with pytest.raises(ValueError, match="must not contain"):
         Keyspace("app{x}:")
+
+
+def test_in_a_store_of_many_partitions_every_partitions_keys_belong_and_no_others() -> None:
+    """Partitions of one store may share a Redis: the stray check of one must not call the
+    others' keys stray, nor accept a tag that is no partition of the store."""
+    keys = Keyspace("app:", "3f")
+    names = ["00", "3f", "ff"]
+    assert key_problem(keys, WIDTH, DEPTH, "app:{ff}item:x", "hash", names) is None
+    assert key_problem(keys, WIDTH, DEPTH, "app:{00}mk:00a1", "hash", names) is None
+    assert key_problem(keys, WIDTH, DEPTH, "app:{0}item:x", "hash", names) is not None
+    assert key_problem(keys, WIDTH, DEPTH, "app:{ab}item:x", "hash", names) is not None
+    assert key_problem(keys, WIDTH, DEPTH, "app:{ff}item:x", "string", names) is not None
+
+
+def test_a_partition_is_named_in_hex_and_its_keys_carry_it_as_their_hash_tag() -> None:
+    assert Keyspace("app:", "3f").item("k") == "app:{3f}item:k"
+    assert Keyspace("app:").of("a").record == "app:{a}node"
+    with pytest.raises(ValueError, match="partition"):
+        Keyspace("app:", "x}")

@@ -100,6 +100,30 @@ def test_geometry_fields_round_trip() -> None:
     assert Geometry.from_fields(fields) == g
 
 
+def test_a_store_of_fanout_partitions_records_them_and_reads_them_back() -> None:
+    g = Geometry(16, 2, 16)
+    assert g.as_fields()["partitions"] == "16"
+    assert Geometry.from_fields(g.as_fields()) == g
+    assert g != Geometry(16, 2)  # a peer with another partition count is another layout
+    assert "partitions=16" in g.describe()
+
+
+@pytest.mark.parametrize(("fanout", "partitions"), [(16, 4), (16, 256), (256, 16), (1024, 1024)])
+def test_partitions_other_than_one_or_the_fanout_are_refused_by_name(
+    fanout: int, partitions: int
+) -> None:
+    with pytest.raises(GeometryError, match="partitions expected 1 or the fanout"):
+        Geometry(fanout, 1, partitions)
+
+
+@given(st.text(min_size=1, max_size=30))
+def test_a_keys_partition_is_the_first_level_of_its_leaf_path(key: str) -> None:
+    split = Geometry(16, 3, 16)
+    assert split.partition_of(key) == split.leaf_path(key)[:1]
+    assert split.partition_of(key) in split.partition_names
+    assert Geometry(16, 3).partition_of(key) == "0"
+
+
 def test_a_format_1_store_is_refused_with_the_command_that_converts_it() -> None:
     # What format 1 recorded: no format field, xxh3 buckets.
     v1 = {"fanout": "256", "depth": "2", "leaf_hash": LEAF_HASH, "bucket_hash": "xxh3-64"}
