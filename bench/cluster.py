@@ -13,8 +13,10 @@ are each loaded with the same M items (100-byte values, through ``put_many``) an
 standalone node bootstraps from each in turn: time, round trips and bytes read from the peer.
 Prints figures; asserts nothing.
 
-Format 2 keeps a store in one partition (one hash tag), so the cluster node's data is on one
-shard: this measures what the cluster client and routing cost, not a spread over shards.
+With ``--partitions 16`` every store is laid out in 16 partitions (fanout 16, depth 3), the
+peer's backlog spread over its 16 streams, and a third target is timed beside the two: a
+standalone node of one partition reading a one-partition peer with the same backlog, the
+layout a node on one Redis uses. The cluster node's partitions then sit on all three shards.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from redis.asyncio import Redis
 
 from bench.hot_path import PREFIX, engine_catch_up, preload
 from harness.mesh import redis_processes
+from replication_engine.codec import StreamId
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
 from replication_engine.store.redis_store import RedisStore
@@ -65,20 +68,37 @@ async def main(args: argparse.Namespace) -> None:
         redis_processes(Path(tmp)) as make,
     ):
         workdir = Path(tmp)
+        split = args.partitions
         peer, standalone = make(), make()
         cluster: Cluster = await asyncio.to_thread(start_cluster, make, masters=3)
-        tail, preload_s = await preload(peer.url, args.backlog, "peer")
-        print(f"backlog: {args.backlog:,} events of 1 KiB JSON, preloaded in {preload_s:.1f} s")
-        results: dict[str, list[tuple[float, float]]] = {"standalone": [], "cluster": []}
+        tail, preload_s = await preload(peer.url, args.backlog, "peer", partitions=split)
+        print(
+            f"backlog: {args.backlog:,} events of 1 KiB JSON in {split} partition(s), preloaded "
+            f"in {preload_s:.1f} s"
+        )
+        targets: list[tuple[str, list[RedisHandle], bool, str, StreamId, int]] = [
+            ("standalone", [standalone], False, peer.url, tail, split),
+            ("cluster", cluster.masters, True, peer.url, tail, split),
+        ]
+        if split > 1:
+            whole = make()
+            whole_tail, _ = await preload(whole.url, args.backlog, "peer")
+            targets.append(
+                ("standalone, 1 partition", [standalone], False, whole.url, whole_tail, 1)
+            )
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in targets}
         for _ in range(args.repeat):
-            for name, nodes, is_cluster in (
-                ("standalone", [standalone], False),
-                ("cluster", cluster.masters, True),
-            ):
+            for name, nodes, is_cluster, source, last, partitions in targets:
                 await flush(nodes)
                 cpu_before = await cpu_seconds(nodes)
                 seconds, _engine = await engine_catch_up(
-                    peer.url, nodes[0].url, tail, workdir, relay=False, cluster=is_cluster
+                    source,
+                    nodes[0].url,
+                    last,
+                    workdir,
+                    relay=False,
+                    cluster=is_cluster,
+                    partitions=partitions,
                 )
                 cpu = await cpu_seconds(nodes) - cpu_before
                 results[name].append((seconds, cpu))
@@ -86,7 +106,7 @@ async def main(args: argparse.Namespace) -> None:
             rates = [args.backlog / s for s, _ in runs]
             cpu_us = [cpu / args.backlog * 1e6 for _, cpu in runs]
             print(
-                f"{name:>10}: {statistics.median(rates):>8,.0f} events/s median "
+                f"{name:>24}: {statistics.median(rates):>8,.0f} events/s median "
                 f"(range {min(rates):,.0f}-{max(rates):,.0f}, {len(runs)} runs); Redis CPU "
                 f"{statistics.median(cpu_us):.1f} us/event"
             )
@@ -181,6 +201,9 @@ def run() -> None:
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--bootstrap-items", type=int, default=0, help="0: no bootstrap run")
+    parser.add_argument(
+        "--partitions", type=int, default=1, choices=(1, 16), help="partitions of every store"
+    )
     asyncio.run(main(parser.parse_args()))
 
 

@@ -40,6 +40,7 @@ from replication_engine import clock, codec
 from replication_engine.codec import Change, StreamId
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
+from replication_engine.merkle import Geometry
 from replication_engine.store.layout import Keyspace
 from replication_engine.testing import RedisProcess
 
@@ -78,13 +79,18 @@ def engine_config(
     cursor_path: Path,
     *,
     cluster: bool = False,
+    partitions: int = 1,
     **hot_path: Any,
 ) -> EngineConfig:
+    # A node of many partitions has one per child of the root: fanout 16 (16 partitions),
+    # depth 3 (4096 leaf buckets, 256 per partition).
+    merkle = {"fanout": 16, "depth": 3, "partitions": partitions} if partitions > 1 else {}
     return EngineConfig.model_validate(
         {
             "local_node_id": node_id,
             "local": {"redis_url": local_url, "prefix": PREFIX, "cluster": cluster},
             "settings": {
+                "merkle": merkle,
                 "cold_path": {"enabled": False},
                 "hot_path": {"block_timeout_sec": 0.2, "max_batch_size": 1000, **hot_path},
             },
@@ -121,11 +127,15 @@ def json_payload(i: int, size: int, rng: random.Random) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()[:size]
 
 
-async def preload(url: str, events: int, origin: str) -> tuple[StreamId, float]:
-    """XADD ``events`` valid PUT entries (distinct keys) to the stream at ``url``.
+async def preload(
+    url: str, events: int, origin: str, *, partitions: int = 1
+) -> tuple[StreamId, float]:
+    """XADD ``events`` valid PUT entries (distinct keys) to the stream at ``url`` (to each
+    key's partition's stream in a store of ``partitions``; see :func:`engine_config`).
 
     Returns the last stream id and the seconds the preload took.
     """
+    geometry = Geometry(16, 3, partitions) if partitions > 1 else Geometry()
     rng = random.Random(7)
     pool = [
         Change.put(
@@ -154,9 +164,10 @@ async def preload(url: str, events: int, origin: str) -> tuple[StreamId, float]:
                         version=1,
                         updated_at=clock.physical_ms(hlc),
                     )
-                    pipe.xadd(keys.cdc, cast(Any, codec.encode_entry(change)))
+                    stream = keys.of(geometry.partition_of(change.key)).cdc
+                    pipe.xadd(stream, cast(Any, codec.encode_entry(change)))
                 ids = await pipe.execute()
-            last = ids[-1]
+            last = max(ids, key=codec.parse_stream_id)
     finally:
         await redis.aclose()
     return codec.parse_stream_id(last), time.perf_counter() - started
@@ -173,9 +184,11 @@ async def engine_catch_up(
     *,
     relay: bool = True,
     cluster: bool = False,
+    partitions: int = 1,
 ) -> tuple[float, ReplicationEngine]:
     """Seconds from ``start()`` until the engine's cursor reaches ``tail`` (``cluster``: the
-    local store is a Redis Cluster seeded by ``local_url``)."""
+    local store is a Redis Cluster seeded by ``local_url``; with ``partitions``, until every
+    partition's tailer has read its whole stream)."""
     config = engine_config(
         "local",
         local_url,
@@ -183,20 +196,32 @@ async def engine_catch_up(
         workdir / f"cursor-{time.monotonic_ns()}.db",
         cluster=cluster,
         relay=relay,
+        partitions=partitions,
     )
     engine = ReplicationEngine(config)
     started = time.perf_counter()
     await engine.start()
     try:
         while True:
-            tailer = engine.tailers.get("peer")
-            if tailer is not None and tailer.cursor is not None and tailer.cursor >= tail:
+            if _caught_up(engine, tail, partitions):
                 break
             await asyncio.sleep(POLL_S)
         elapsed = time.perf_counter() - started
     finally:
         await engine.shutdown()
     return elapsed, engine
+
+
+def _caught_up(engine: ReplicationEngine, tail: StreamId, partitions: int) -> bool:
+    if partitions == 1:
+        tailer = engine.tailers.get("peer")
+        return tailer is not None and tailer.cursor is not None and tailer.cursor >= tail
+    # Every partition's tailer at the head of its stream (each holds a share of the backlog).
+    tailers = engine.tailers
+    return len(tailers) == partitions and all(
+        t.cursor is not None and t.tail is not None and t.cursor >= t.tail and t.lag_events == 0
+        for t in tailers.values()
+    )
 
 
 async def baseline_catch_up(peer_url: str, target_url: str, tail: StreamId) -> float:

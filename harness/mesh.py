@@ -57,6 +57,7 @@ from replication_engine.codec import Change, StreamId
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
 from replication_engine.hot_path import Tailer
+from replication_engine.store.partitioned import PartitionedStore
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import (
     RedisFactory,
@@ -306,19 +307,26 @@ def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]
 
 async def connect_store(config: EngineConfig, *, hlc: HLC | None = None) -> RedisStore:
     """The node's store, opened as the engine opens one it owns from the same config, so a
-    test's store and a sidecar's agree on geometry, limits and clock checks."""
-    return await RedisStore.connect(
-        config.local.redis_url,
-        node_id=config.local_node_id,
-        prefix=config.local.prefix,
-        fanout=config.settings.merkle.fanout,
-        depth=config.settings.merkle.depth,
-        stream_maxlen=config.local.stream_maxlen,
-        max_memory_ratio=config.local.max_memory_ratio,
-        max_clock_offset_sec=config.local.max_clock_offset_sec,
-        hlc=hlc,
-        cluster=config.local.cluster,
-    )
+    test's store and a sidecar's agree on geometry, limits and clock checks. A node of many
+    partitions gets a ``PartitionedStore``, which reads and writes as one store does."""
+    options: dict[str, Any] = {
+        "node_id": config.local_node_id,
+        "prefix": config.local.prefix,
+        "fanout": config.settings.merkle.fanout,
+        "depth": config.settings.merkle.depth,
+        "stream_maxlen": config.local.stream_maxlen,
+        "max_memory_ratio": config.local.max_memory_ratio,
+        "max_clock_offset_sec": config.local.max_clock_offset_sec,
+        "hlc": hlc,
+        "cluster": config.local.cluster,
+    }
+    partitions = config.settings.merkle.partitions
+    if partitions > 1:
+        split = await PartitionedStore.connect(
+            config.local.redis_url, partitions=partitions, **options
+        )
+        return cast(RedisStore, split)
+    return await RedisStore.connect(config.local.redis_url, **options)
 
 
 @dataclass(eq=False)

@@ -11,8 +11,14 @@ from replication_engine.engine import EngineError, ReplicationEngine
 from replication_engine.errors import ReplicationError
 from replication_engine.merkle import FormatError, Geometry, GeometryError
 from replication_engine.migrate import MigrationError
-from replication_engine.peer import PeerUnavailable
-from replication_engine.store import ApplyStatus, Item, ReadOnlyStoreError, RedisStore
+from replication_engine.peer import PeerLayoutError, PeerUnavailable
+from replication_engine.store import (
+    ApplyStatus,
+    Item,
+    PartitionedStore,
+    ReadOnlyStoreError,
+    RedisStore,
+)
 from replication_engine.store.redis_store import (
     InvalidWriteError,
     NotReplicatedError,
@@ -38,6 +44,8 @@ __all__ = [
     "Item",
     "MigrationError",
     "NotReplicatedError",
+    "PartitionedStore",
+    "PeerLayoutError",
     "PeerUnavailable",
     "ReadOnlyStoreError",
     "RedisStore",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import json
 import logging
 import sqlite3
@@ -363,6 +364,20 @@ class CursorStore:
         self._quarantine_max_rows = quarantine_max_rows
         self.path = path
         self.evicted = 0
+        # Set on a partition's view (scoped()): appended to every peer id and meta name.
+        self._scope = ""
+
+    def scoped(self, partition: str) -> CursorStore:
+        """The view one partition of a store of many keeps its state through: cursors,
+        bootstrap progress, quarantine rows and meta of its own, named ``<peer>{<partition>}``
+        (node ids cannot contain braces), in the same file and transactions. Closing the
+        store closes every view."""
+        view = copy.copy(self)
+        view._scope = f"{{{partition}}}"
+        return view
+
+    def _lane(self, peer_id: str) -> str:
+        return _check_peer_id(peer_id) + self._scope
 
     @classmethod
     async def open(
@@ -634,6 +649,8 @@ class CursorStore:
         Raises:
             CursorError: SQLite failed to close the file cleanly.
         """
+        if self._scope:
+            return  # a partition's view: the store it came from closes the file
         if self._db is None:
             return
         async with self._lock:
@@ -662,7 +679,7 @@ class CursorStore:
 
     async def get(self, peer_id: str) -> str | None:
         """The last stream id from ``peer_id`` whose batch is fully applied, or None."""
-        _check_peer_id(peer_id)
+        peer_id = self._lane(peer_id)
         rows = await self._read(
             "read cursor", peer_id, "SELECT stream_id FROM cursors WHERE peer_id = ?", (peer_id,)
         )
@@ -678,14 +695,14 @@ class CursorStore:
             ValueError: ``stream_id`` is not ``<ms>-<seq>`` or ``peer_id`` is empty.
             CursorError: the write failed (read-only file, full disk, ...).
         """
-        _check_peer_id(peer_id)
+        peer_id = self._lane(peer_id)
         _check_stream_id(stream_id, "stream_id")
         await self._put("save cursor", peer_id, _UPSERT_CURSOR, (peer_id, stream_id, _now_ms()))
         log.debug("cursor.saved", extra={"peer": peer_id, "stream_id": stream_id})
 
     async def delete(self, peer_id: str) -> None:
         """Forget the cursor and any bootstrap progress of ``peer_id``, forcing a re-bootstrap."""
-        _check_peer_id(peer_id)
+        peer_id = self._lane(peer_id)
         async with self._transaction("delete cursor", peer_id) as db:
             await db.execute("DELETE FROM cursors WHERE peer_id = ?", (peer_id,))
             await db.execute("DELETE FROM bootstrap_branches WHERE peer_id = ?", (peer_id,))
@@ -723,7 +740,7 @@ class CursorStore:
             ValueError: ``stream_id`` is not ``<ms>-<seq>`` or ``peer_id`` is empty.
             CursorError: the write failed.
         """
-        _check_peer_id(peer_id)
+        peer_id = self._lane(peer_id)
         _check_stream_id(stream_id, "stream_id")
         stored_key = None if key is None else _truncate_utf8(key, QUARANTINE_TEXT_MAX_BYTES)
         stored_reason = _truncate_utf8(reason, QUARANTINE_TEXT_MAX_BYTES)
@@ -755,6 +772,8 @@ class CursorStore:
         if limit < 1:
             raise ValueError(f"limit: must be >= 1, got {limit}")
         columns = "id, peer_id, stream_id, key, reason, raw, at_ms"
+        if peer_id is not None:
+            peer_id = self._lane(peer_id)
         if peer_id is None:
             rows = await self._read(
                 "list quarantine",
@@ -813,7 +832,7 @@ class CursorStore:
             ValueError: ``tail_id`` is not ``<ms>-<seq>`` or ``peer_id`` is empty.
             CursorError: the write failed.
         """
-        _check_peer_id(peer_id)
+        peer_id = self._lane(peer_id)
         _check_stream_id(tail_id, "tail_id")
         created = await self._write(
             "begin bootstrap",
@@ -829,7 +848,7 @@ class CursorStore:
 
     async def bootstrap_state(self, peer_id: str) -> BootstrapState | None:
         """The bootstrap in progress for ``peer_id``, or None if there is none."""
-        _check_peer_id(peer_id)
+        peer_id = self._lane(peer_id)
         db = self._connection("read bootstrap", peer_id)
         async with self._lock:
             try:
@@ -858,7 +877,7 @@ class CursorStore:
             ValueError: a branch id is not a non-empty string.
             CursorError: no bootstrap is in progress for ``peer_id``, or the write failed.
         """
-        _check_peer_id(peer_id)
+        peer_id = self._lane(peer_id)
         given = list(branches)
         for branch in given:
             if not isinstance(branch, str) or not branch:
@@ -893,7 +912,7 @@ class CursorStore:
             ValueError: ``cursor`` is not ``<ms>-<seq>`` or ``peer_id`` is empty.
             CursorError: the write failed.
         """
-        _check_peer_id(peer_id)
+        peer_id = self._lane(peer_id)
         _check_stream_id(cursor, "cursor")
         async with self._transaction("finish bootstrap", peer_id) as db:
             await db.execute("DELETE FROM bootstrap_branches WHERE peer_id = ?", (peer_id,))
@@ -906,6 +925,7 @@ class CursorStore:
 
     async def meta_get(self, name: str) -> str | None:
         """The value stored under ``name`` in the meta table, or None."""
+        name += self._scope
         rows = await self._read("read meta", None, "SELECT value FROM meta WHERE name = ?", (name,))
         return str(rows[0][0]) if rows else None
 
@@ -915,6 +935,7 @@ class CursorStore:
         Raises:
             CursorError: the write failed.
         """
+        name += self._scope
         await self._put(
             "write meta",
             None,

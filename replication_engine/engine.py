@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from replication_engine.clock import HLC, wall_clock_ms
 from replication_engine.codec import StreamId
-from replication_engine.config import EngineConfig
+from replication_engine.config import ColdPathConfig, EngineConfig, ScrubConfig
 from replication_engine.connection import TlsOptions
 from replication_engine.cursor import CursorStore
 from replication_engine.errors import ReplicationError
@@ -32,6 +33,7 @@ from replication_engine.peer import Peer
 from replication_engine.redaction import redact_url
 from replication_engine.resilience import Backoff, breaker_state, make_breaker, sleep_or_stop
 from replication_engine.scrub import Scrub
+from replication_engine.store.partitioned import PartitionedStore
 from replication_engine.store.protocol import RecordKeeper
 from replication_engine.store.redis_store import RedisStore
 
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from replication_engine.observability.http import HttpServer
 
 log = logging.getLogger(__name__)
+_Shared = TypeVar("_Shared", ColdPathConfig, ScrubConfig)
 
 _RESTART_BASE_SEC = 0.5
 _RESTART_MAX_SEC = 30.0
@@ -74,6 +77,32 @@ class PeerHealth:
     lag_events: int | None
 
 
+@dataclass(eq=False)
+class Partition:
+    """One partition's replication (docs/FORMAT.md, "Partitions"): its store, its view of each
+    peer's same partition, its tailers, repair, membership and scrub. A node of one partition
+    has one; a node of many runs one per partition side by side, sharing the peers' links,
+    the cursor database, the metrics and the local store's breaker. Every claim, anchor and
+    cursor is a partition's: a partition is the unit of knowledge, because what a store
+    claims is written atomically with its data, in its slot."""
+
+    name: str
+    store: RecordKeeper
+    peers: dict[str, Peer]
+    cursors: CursorStore
+    metrics: Metrics
+    # "" for a node of one partition, else "{<name>}": what its task names and its status
+    # keys carry after the peer's id ("tailer:b{3}").
+    suffix: str
+    tailers: dict[str, Tailer] = field(default_factory=dict)
+    cold_path: ColdPath | None = None
+    membership: Membership | None = None
+    scrub: Scrub | None = None
+
+    def lane(self, peer_id: str) -> str:
+        return peer_id + self.suffix
+
+
 class ReplicationEngine:
     def __init__(
         self,
@@ -85,16 +114,26 @@ class ReplicationEngine:
     ) -> None:
         self.config = config
         self.node_id = config.local_node_id
-        self.metrics = metrics or Metrics()
-        self.store: RecordKeeper | None = store
+        self.geometry = Geometry(
+            config.settings.merkle.fanout,
+            config.settings.merkle.depth,
+            config.settings.merkle.partitions,
+        )
+        partitioned = self.geometry.partitions > 1
+        self.metrics = metrics or Metrics(partitioned=partitioned)
+        if self.metrics.partitioned != partitioned:
+            raise EngineError(
+                f"metrics: a node of {self.geometry.partitions} partition(s) needs "
+                f"Metrics(partitioned={partitioned})"
+            )
+        # The node's store, as an embedder writes and reads it: the store of its one partition,
+        # or a PartitionedStore routing each key to its partition.
+        self.store: RecordKeeper | PartitionedStore | None = store
         self._owns_store = store is None
         self._clock = clock
         self.cursors: CursorStore | None = None
         self.peers: dict[str, Peer] = {}
-        self.tailers: dict[str, Tailer] = {}
-        self.cold_path: ColdPath | None = None
-        self.membership: Membership | None = None
-        self.scrub: Scrub | None = None
+        self.parts: dict[str, Partition] = {}
         self.http: HttpServer | None = None
         self.local_breaker = make_breaker(
             name="local-store",
@@ -112,6 +151,41 @@ class ReplicationEngine:
         self.tailer_restarts: dict[str, int] = {}
         self.tailer_errors: dict[str, str] = {}
         self._set_state(EngineState.STOPPED)
+
+    # ------------------------------------------------------------------------ partitions
+
+    @property
+    def partitioned(self) -> bool:
+        return self.geometry.partitions > 1
+
+    @property
+    def tailers(self) -> dict[str, Tailer]:
+        """Every tailer, by peer id (``<peer>{<partition>}`` on a node of many partitions)."""
+        if len(self.parts) == 1:
+            return next(iter(self.parts.values())).tailers
+        return {
+            part.lane(pid): t for part in self.parts.values() for pid, t in part.tailers.items()
+        }
+
+    def _single(self) -> Partition | None:
+        return next(iter(self.parts.values())) if len(self.parts) == 1 else None
+
+    @property
+    def cold_path(self) -> ColdPath | None:
+        """The repair of a node of one partition (a node of many has one per partition, in
+        ``parts``)."""
+        single = self._single()
+        return single.cold_path if single is not None else None
+
+    @property
+    def membership(self) -> Membership | None:
+        single = self._single()
+        return single.membership if single is not None else None
+
+    @property
+    def scrub(self) -> Scrub | None:
+        single = self._single()
+        return single.scrub if single is not None else None
 
     # ------------------------------------------------------------------------ state
 
@@ -147,6 +221,7 @@ class ReplicationEngine:
             extra={
                 "node": self.node_id,
                 "peers": list(self.peers),
+                "partitions": self.geometry.partitions,
                 "relay": self.config.relay,
                 "relay_why": self.config.relay_reason(),
             },
@@ -154,35 +229,10 @@ class ReplicationEngine:
 
     async def _open(self) -> None:
         cfg = self.config
-        geometry = Geometry(cfg.settings.merkle.fanout, cfg.settings.merkle.depth)
+        geometry = self.geometry
+        self.parts = {}
         if self.store is None:
-            try:
-                self.store = await RedisStore.connect(
-                    cfg.local.redis_url,
-                    node_id=cfg.local_node_id,
-                    prefix=cfg.local.prefix,
-                    username=cfg.local.username,
-                    password=(
-                        cfg.local.password.get_secret_value() if cfg.local.password else None
-                    ),
-                    fanout=geometry.fanout,
-                    depth=geometry.depth,
-                    stream_maxlen=cfg.local.stream_maxlen,
-                    max_memory_ratio=cfg.local.max_memory_ratio,
-                    max_clock_offset_sec=cfg.local.max_clock_offset_sec,
-                    max_batch_bytes=cfg.settings.hot_path.max_batch_bytes,
-                    read_only=cfg.mode == "follower",
-                    hlc=self._clock,
-                    cluster=cfg.local.cluster,
-                    cluster_addresses=cfg.local.cluster_addresses,
-                )
-            except GeometryError as exc:
-                raise EngineError(f"local store: {exc}") from exc
-            except Exception as exc:
-                raise EngineError(
-                    f"local store at {_redacted(cfg.local.redis_url)} "
-                    f"is unreachable: {type(exc).__name__}: {_redacted(str(exc))}"
-                ) from exc
+            self.store = await self._connect_store()
         else:
             if self.store.node_id != cfg.local_node_id:
                 raise EngineError(
@@ -191,22 +241,26 @@ class ReplicationEngine:
                 )
             if self.store.geometry != geometry:
                 raise EngineError(
-                    f"store geometry fanout={self.store.geometry.fanout} "
-                    f"depth={self.store.geometry.depth} differs from settings.merkle "
-                    f"fanout={geometry.fanout} depth={geometry.depth}"
+                    f"store geometry {self.store.geometry.describe()} differs from "
+                    f"settings.merkle: {geometry.describe()}"
                 )
-        if not isinstance(self.store, RecordKeeper):
-            raise EngineError(
-                f"the engine needs a store that keeps its record (claims, certification, "
-                f"tombstone collection: store.protocol.RecordKeeper, docs/DELETES.md), got "
-                f"{type(self.store).__name__}"
+        if isinstance(self.store, PartitionedStore):
+            stores: dict[str, Any] = dict(self.store.partitions)
+        else:
+            stores = {"0": self.store}
+        for store in stores.values():
+            if not isinstance(store, RecordKeeper):
+                raise EngineError(
+                    f"the engine needs a store that keeps its record (claims, certification, "
+                    f"tombstone collection: store.protocol.RecordKeeper, docs/DELETES.md), got "
+                    f"{type(store).__name__}"
+                )
+            if cfg.mode == "follower":
+                store.read_only = True  # a follower takes writes only from its upstream
+            # A store handed in by a parent daemon applies in calls no bigger than configured.
+            store.max_batch_bytes = min(
+                store.max_batch_bytes, cfg.settings.hot_path.max_batch_bytes
             )
-        if cfg.mode == "follower":
-            self.store.read_only = True  # a follower takes writes only from its upstream
-        # A store handed in by a parent daemon applies in calls no bigger than configured.
-        self.store.max_batch_bytes = min(
-            self.store.max_batch_bytes, cfg.settings.hot_path.max_batch_bytes
-        )
         try:
             self.cursors = await CursorStore.open(
                 cfg.cursor.sqlite_path,
@@ -217,7 +271,6 @@ class ReplicationEngine:
             raise EngineError(f"cursor.sqlite_path: {exc}") from exc
         # Rows trimmed at open, for a quarantine_max_rows lowered since the file was written.
         self.metrics.quarantine_evicted.inc(self.cursors.evicted)
-        self.metrics.declare_peers(p.node_id for p in cfg.peers)
         hot = cfg.settings.hot_path
         for peer_cfg in sorted(cfg.peers, key=lambda p: p.priority):
             password = peer_cfg.password.get_secret_value() if peer_cfg.password else None
@@ -242,10 +295,25 @@ class ReplicationEngine:
                 start_from=peer_cfg.start_from,
                 cluster=peer_cfg.cluster,
                 cluster_addresses=peer_cfg.cluster_addresses,
+                partitions=geometry.partitions,
             )
-        # Always: with cold_path.enabled false it still runs the repairs that are requested
-        # (quarantined entries, gaps, a recovery), just no periodic cycles.
-        self.cold_path = self._new_cold_path()
+        split = self.partitioned
+        for name, store in stores.items():
+            part = Partition(
+                name=name,
+                store=store,
+                peers={
+                    pid: peer.partition(name) if split else peer for pid, peer in self.peers.items()
+                },
+                cursors=self.cursors.scoped(name) if split else self.cursors,
+                metrics=self.metrics.partition(name),
+                suffix=f"{{{name}}}" if split else "",
+            )
+            part.metrics.declare_peers(p.node_id for p in cfg.peers)
+            # Always: with cold_path.enabled false it still runs the repairs that are requested
+            # (quarantined entries, gaps, a recovery), just no periodic cycles.
+            part.cold_path = self._new_cold_path(part)
+            self.parts[name] = part
         if not cfg.settings.cold_path.enabled:
             log.info(
                 "engine.periodic_repair_off",
@@ -255,7 +323,7 @@ class ReplicationEngine:
                     "requested repairs (quarantined entries, stream gaps, a recovery) still run",
                 },
             )
-        await self._open_membership()
+        await asyncio.gather(*(self._open_membership(part) for part in self.parts.values()))
         if cfg.http.enabled:
             # Imported only when serving: aiohttp is about 0.1 s of an embedder's start-up.
             from replication_engine.observability.http import HttpServer
@@ -266,137 +334,199 @@ class ReplicationEngine:
             except OSError as exc:
                 raise EngineError(f"http.listen {cfg.http.listen!r}: {exc}") from exc
 
-    def _new_cold_path(self) -> ColdPath:
+    async def _connect_store(self) -> RecordKeeper | PartitionedStore:
+        cfg = self.config
+        geometry = self.geometry
+        options: dict[str, Any] = {
+            "node_id": cfg.local_node_id,
+            "prefix": cfg.local.prefix,
+            "username": cfg.local.username,
+            "password": cfg.local.password.get_secret_value() if cfg.local.password else None,
+            "fanout": geometry.fanout,
+            "depth": geometry.depth,
+            "stream_maxlen": cfg.local.stream_maxlen,
+            "max_memory_ratio": cfg.local.max_memory_ratio,
+            "max_clock_offset_sec": cfg.local.max_clock_offset_sec,
+            "max_batch_bytes": cfg.settings.hot_path.max_batch_bytes,
+            "read_only": cfg.mode == "follower",
+            "hlc": self._clock,
+            "cluster": cfg.local.cluster,
+            "cluster_addresses": cfg.local.cluster_addresses,
+        }
+        try:
+            if self.partitioned:
+                return await PartitionedStore.connect(
+                    cfg.local.redis_url, partitions=geometry.partitions, **options
+                )
+            return await RedisStore.connect(cfg.local.redis_url, **options)
+        except GeometryError as exc:
+            raise EngineError(f"local store: {exc}") from exc
+        except Exception as exc:
+            raise EngineError(
+                f"local store at {_redacted(cfg.local.redis_url)} "
+                f"is unreachable: {type(exc).__name__}: {_redacted(str(exc))}"
+            ) from exc
+
+    def _new_cold_path(self, part: Partition) -> ColdPath:
         from replication_engine.cold_path import ColdPath
 
-        assert self.store is not None and self.cursors is not None
         return ColdPath(
-            self.store,
-            list(self.peers.values()),
-            self.cursors,
-            self.config.settings.cold_path,
-            self.metrics,
+            part.store,
+            list(part.peers.values()),
+            part.cursors,
+            self._share(self.config.settings.cold_path, part),
+            part.metrics,
             is_catching_up=self._any_catching_up,
             local_breaker=self.local_breaker,
             relay=self.config.relay,
-            is_forgotten=self._is_forgotten,
-            on_complete=self._on_repair_complete,
+            is_forgotten=functools.partial(self._is_forgotten, part),
+            on_complete=functools.partial(self._on_repair_complete, part),
+        )
+
+    def _share(self, settings: _Shared, part: Partition) -> _Shared:
+        """A partition's share of the node's budgets: the rates, the repair budget and the
+        parallel drills are the node's, so a node of 16 partitions does not copy, repair or
+        re-read 16 times as fast as configured. The stray-key scan walks the whole keyspace
+        whatever the partition, so one partition runs it."""
+        count = self.geometry.partitions
+        if count == 1:
+            return settings
+        if isinstance(settings, ColdPathConfig):
+            return settings.model_copy(
+                update={
+                    "max_items_per_cycle": max(1, settings.max_items_per_cycle // count),
+                    "drill_concurrency": max(1, settings.drill_concurrency // count),
+                    "bootstrap_rate_limit_per_sec": settings.bootstrap_rate_limit_per_sec / count,
+                }
+            )
+        first = part.name == self.geometry.partition_names[0]
+        return settings.model_copy(
+            update={
+                "payload_items_per_sec": settings.payload_items_per_sec / count,
+                "stray_scan": settings.stray_scan and first,
+            }
         )
 
     def _wall_ms(self) -> Callable[[], int]:
         # The store's clock, so that "too far ahead" is judged as its writes are stamped.
         return self.store.clock.wall if self.store is not None else wall_clock_ms
 
-    def _is_forgotten(self, peer_id: str) -> bool:
-        return self.membership is not None and self.membership.is_forgotten(peer_id)
+    @staticmethod
+    def _is_forgotten(part: Partition, peer_id: str) -> bool:
+        return part.membership is not None and part.membership.is_forgotten(peer_id)
 
-    def _on_repair_complete(self, peer_id: str, began: float) -> None:
-        if self.membership is not None:
-            self.membership.on_repair_complete(peer_id, began)
+    @staticmethod
+    def _on_repair_complete(part: Partition, peer_id: str, began: float) -> None:
+        if part.membership is not None:
+            part.membership.on_repair_complete(peer_id, began)
 
-    async def _open_membership(self) -> None:
-        """Open this store's record and certify it before anything runs (docs/DELETES.md).
+    async def _open_membership(self, part: Partition) -> None:
+        """Open a partition's record and certify it before anything runs (docs/DELETES.md).
 
         A store that may have lost writes (restored, wiped, new) goes into recovery here, and
         the HLC floor is restored before start() returns.
         """
         cfg = self.config
-        assert self.store is not None and self.cursors is not None
-        cold_path = self.cold_path
+        cold_path = part.cold_path
         assert cold_path is not None
-        self.membership = Membership(
+        part.membership = Membership(
             node_id=self.node_id,
             mode=cfg.mode,
             relay=cfg.relay,
-            store=self.store,
-            cursors=self.cursors,
-            peers=list(self.peers.values()),
-            metrics=self.metrics,
+            store=part.store,
+            cursors=part.cursors,
+            peers=list(part.peers.values()),
+            metrics=part.metrics,
             interval_sec=cfg.settings.membership.interval_sec,
             gc_batch=cfg.settings.membership.gc_batch,
             scrub_per_tick=cfg.settings.membership.scrub_per_tick,
             request_repair=lambda peer_id, reason: cold_path.request_repair(peer_id, reason=reason),
-            on_forgotten=self._on_forgotten,
+            on_forgotten=functools.partial(self._on_forgotten, part),
         )
-        self.scrub = Scrub(
-            self.store,
-            self.cursors,
-            self.metrics,
-            cfg.settings.scrub,
+        part.scrub = Scrub(
+            part.store,
+            part.cursors,
+            part.metrics,
+            self._share(cfg.settings.scrub, part),
             heal=cold_path.heal,
         )
         try:
-            await self.membership.open()
+            await part.membership.open()
         except Exception as exc:
+            where = f" (partition {part.name})" if part.suffix else ""
             raise EngineError(
-                f"opening this node's record in the local store failed: "
+                f"opening this node's record in the local store{where} failed: "
                 f"{type(exc).__name__}: {_redacted(str(exc))}"
             ) from exc
 
     def _spawn_tasks(self) -> None:
         cfg = self.config
-        if cfg.settings.hot_path.enabled:
-            for peer_id in self.peers:
-                if self._is_forgotten(peer_id):
-                    continue
-                self._tasks[f"tailer:{peer_id}"] = asyncio.create_task(
-                    self._supervise_tailer(peer_id), name=f"re-tailer-{peer_id}"
-                )
-        if self.cold_path is not None:
-            self._tasks["cold_path"] = asyncio.create_task(
-                self._supervise("cold_path", self.cold_path.run), name="re-cold-path"
-            )
+        for part in self.parts.values():
+            self._spawn_partition(part)
         if cfg.settings.peer_health.enabled:
             for peer_id in self.peers:
                 self._tasks[f"health:{peer_id}"] = asyncio.create_task(
                     self._health_loop(self.peers[peer_id]), name=f"re-health-{peer_id}"
                 )
-        if self.membership is not None:
-            membership = self.membership
-            self._tasks["membership"] = asyncio.create_task(
-                self._supervise("membership", lambda: membership.run(self._stop)),
-                name="re-membership",
+
+    def _spawn_partition(self, part: Partition) -> None:
+        cfg, at = self.config, part.suffix
+        if cfg.settings.hot_path.enabled:
+            for peer_id in part.peers:
+                if self._is_forgotten(part, peer_id):
+                    continue
+                self._tasks[f"tailer:{part.lane(peer_id)}"] = asyncio.create_task(
+                    self._supervise_tailer(part, peer_id), name=f"re-tailer-{part.lane(peer_id)}"
+                )
+        if part.cold_path is not None:
+            self._tasks[f"cold_path{at}"] = asyncio.create_task(
+                self._supervise(f"cold_path{at}", part.cold_path.run), name=f"re-cold-path{at}"
             )
-        if self.scrub is not None:
-            scrub = self.scrub
-            self._tasks["scrub"] = asyncio.create_task(
-                self._supervise("scrub", lambda: scrub.run(self._stop)), name="re-scrub"
+        if part.membership is not None:
+            membership = part.membership
+            self._tasks[f"membership{at}"] = asyncio.create_task(
+                self._supervise(f"membership{at}", lambda: membership.run(self._stop)),
+                name=f"re-membership{at}",
+            )
+        if part.scrub is not None:
+            scrub = part.scrub
+            self._tasks[f"scrub{at}"] = asyncio.create_task(
+                self._supervise(f"scrub{at}", lambda: scrub.run(self._stop)), name=f"re-scrub{at}"
             )
 
     # ------------------------------------------------------------------------ tasks
 
-    def _new_tailer(self, peer_id: str) -> Tailer:
-        assert self.store is not None and self.cursors is not None
-        cold = self.cold_path
+    def _new_tailer(self, part: Partition, peer_id: str) -> Tailer:
+        cold = part.cold_path
         tailer = Tailer(
-            self.peers[peer_id],
-            self.store,
-            self.cursors,
+            part.peers[peer_id],
+            part.store,
+            part.cursors,
             local_node_id=self.node_id,
             settings=TailerSettings.from_config(self.config),
-            metrics=self.metrics,
+            metrics=part.metrics,
             local_breaker=self.local_breaker,
-            on_gap=self._on_gap,
-            on_unanchored=self._on_unanchored,
-            on_quarantine=self._on_quarantine,
+            on_gap=functools.partial(self._on_gap, part),
+            on_unanchored=functools.partial(self._on_unanchored, part),
+            on_quarantine=functools.partial(self._on_quarantine, part),
             repair_pending=cold.has_pending if cold is not None else (lambda peer_id: False),
-            bootstrap=self._bootstrap if cold is not None else None,
+            bootstrap=functools.partial(self._bootstrap, part) if cold is not None else None,
             wall_ms=self._wall_ms(),
         )
-        self.tailers[peer_id] = tailer
+        part.tailers[peer_id] = tailer
         return tailer
 
-    async def _supervise_tailer(self, peer_id: str) -> None:
+    async def _supervise_tailer(self, part: Partition, peer_id: str) -> None:
         backoff = Backoff(_RESTART_BASE_SEC, _RESTART_MAX_SEC)
         while not self._stop.is_set():
-            tailer = self._new_tailer(peer_id)
+            tailer = self._new_tailer(part, peer_id)
             try:
                 await tailer.run()
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._record_crash(f"tailer:{peer_id}", exc, peer_id=peer_id)
+                self._record_crash(f"tailer:{part.lane(peer_id)}", exc, peer=(part, peer_id))
                 if isinstance(exc, CursorSaveFailed):
                     tailer.mode = TailerMode.CURSOR_SAVE_FAILED
                 if await sleep_or_stop(self._stop, backoff.next_delay()):
@@ -415,12 +545,15 @@ class ReplicationEngine:
                 if await sleep_or_stop(self._stop, backoff.next_delay()):
                     return
 
-    def _record_crash(self, name: str, exc: BaseException, *, peer_id: str | None = None) -> None:
+    def _record_crash(
+        self, name: str, exc: BaseException, *, peer: tuple[Partition, str] | None = None
+    ) -> None:
         message = _redacted(f"{type(exc).__name__}: {exc}")[:500]
         self.tailer_errors[name] = message
         self.tailer_restarts[name] = self.tailer_restarts.get(name, 0) + 1
-        if peer_id is not None:
-            self.metrics.tailer_restarts.labels(peer_id).inc()
+        if peer is not None:
+            part, peer_id = peer
+            part.metrics.tailer_restarts.labels(peer_id).inc()
         log.error(
             "engine.task_crashed",
             exc_info=exc,
@@ -448,38 +581,63 @@ class ReplicationEngine:
             t.catching_up and t.mode is TailerMode.CATCHING_UP for t in self.tailers.values()
         )
 
-    def _on_gap(self, peer_id: str) -> None:
-        if self.cold_path is not None:
-            self.cold_path.request_repair(peer_id, reason="gap")
+    @staticmethod
+    def _on_gap(part: Partition, peer_id: str) -> None:
+        if part.cold_path is not None:
+            part.cold_path.request_repair(peer_id, reason="gap")
 
-    def _on_unanchored(self, peer_id: str) -> None:
-        if self.cold_path is not None and not self.cold_path.is_requested(peer_id, "anchor"):
-            self.cold_path.request_repair(peer_id, reason="anchor")
+    @staticmethod
+    def _on_unanchored(part: Partition, peer_id: str) -> None:
+        cold = part.cold_path
+        if cold is not None and not cold.is_requested(peer_id, "anchor"):
+            cold.request_repair(peer_id, reason="anchor")
 
-    def _on_quarantine(self, peer_id: str, keys: Sequence[str], reason: str) -> None:
-        if self.cold_path is not None:
-            self.cold_path.request_repair(peer_id, reason=reason, keys=keys)
+    @staticmethod
+    def _on_quarantine(part: Partition, peer_id: str, keys: Sequence[str], reason: str) -> None:
+        if part.cold_path is not None:
+            part.cold_path.request_repair(peer_id, reason=reason, keys=keys)
 
-    def _on_forgotten(self, peer_id: str) -> None:
+    @staticmethod
+    def _on_forgotten(part: Partition, peer_id: str) -> None:
         """A configured peer became forgotten: stop reading it (its task ends on its own)."""
-        tailer = self.tailers.get(peer_id)
+        tailer = part.tailers.get(peer_id)
         if tailer is not None:
             tailer.stop()
 
-    async def _bootstrap(self, peer: Peer) -> StreamId:
-        assert self.cold_path is not None
-        log.info("engine.bootstrap_started", extra={"peer": peer.node_id})
-        tail = await self.cold_path.bootstrap(peer)
-        log.info("engine.bootstrap_complete", extra={"peer": peer.node_id, "cursor": str(tail)})
+    async def _bootstrap(self, part: Partition, peer: Peer) -> StreamId:
+        assert part.cold_path is not None
+        log.info("engine.bootstrap_started", extra={"peer": peer.node_id, "partition": part.name})
+        tail = await part.cold_path.bootstrap(peer)
+        log.info(
+            "engine.bootstrap_complete",
+            extra={"peer": peer.node_id, "cursor": str(tail), "partition": part.name},
+        )
         return tail
 
     # ------------------------------------------------------------------------ operations
 
     async def repair_once(self) -> RepairStats:
-        """One cold-path cycle now, whatever the schedule."""
-        if self.cold_path is None:
+        """One cold-path cycle now, whatever the schedule (of every partition, summed; each
+        peer's detail is under ``<peer>{<partition>}`` on a node of many partitions)."""
+        from replication_engine.cold_path import RepairStats
+
+        paths = [(part, part.cold_path) for part in self.parts.values()]
+        colds = [cold for _part, cold in paths if cold is not None]
+        if not colds or len(colds) < len(paths):
             raise EngineError("the cold path is not configured (settings.cold_path.enabled)")
-        return await self.cold_path.repair_once(force=True)
+        if len(colds) == 1:
+            return await colds[0].repair_once(force=True)
+        cycles = await asyncio.gather(*(cold.repair_once(force=True) for cold in colds))
+        total = RepairStats()
+        for (part, _cold), stats in zip(paths, cycles, strict=True):
+            for peer_id, repair in stats.peers.items():
+                total.add(repair)
+                total.peers[part.lane(peer_id)] = total.peers.pop(peer_id)
+            for peer_id, why in stats.peers_skipped.items():
+                total.peers_skipped[part.lane(peer_id)] = why
+            total.duration_sec = max(total.duration_sec, stats.duration_sec)
+            total.skipped_reason = total.skipped_reason or stats.skipped_reason
+        return total
 
     async def reset_peer(self, peer_id: str) -> None:
         """Forget a peer's cursor so its next start re-bootstraps (operator request).
@@ -487,8 +645,8 @@ class ReplicationEngine:
         The store keeps its own position in the peer's stream (docs/DELETES.md), so the next
         start resumes there unless the store has none; a copy is a repair and removes nothing.
         """
-        assert self.cursors is not None
-        await self.cursors.delete(peer_id)
+        for part in self.parts.values():
+            await part.cursors.delete(peer_id)
 
     async def forget(self, node_id: str) -> None:
         """Forget a member gone for good: collection stops waiting for it, nothing is read
@@ -498,10 +656,15 @@ class ReplicationEngine:
         Raises:
             EngineError: the engine is not running, or ``node_id`` is this node.
         """
-        if self.membership is None or self._state is not EngineState.RUNNING:
+        memberships = [part.membership for part in self.parts.values()]
+        if not memberships or self._state is not EngineState.RUNNING:
             raise EngineError(f"forget({node_id!r}) needs a running engine")
         try:
-            await self.membership.forget(node_id)
+            # Every partition keeps its own record, so each is told; one that fails is told
+            # again by a repeated forget (it is idempotent).
+            for membership in memberships:
+                assert membership is not None
+                await membership.forget(node_id)
         except ValueError as exc:
             raise EngineError(str(exc)) from None
 
@@ -569,8 +732,9 @@ class ReplicationEngine:
             self._stop.set()
             for tailer in self.tailers.values():
                 tailer.stop()
-            if self.cold_path is not None:
-                self.cold_path.stop()
+            for part in self.parts.values():
+                if part.cold_path is not None:
+                    part.cold_path.stop()
             tasks = list(self._tasks.values())
             if tasks:
                 _done, pending = await asyncio.wait(tasks, timeout=bound)
@@ -628,11 +792,12 @@ class ReplicationEngine:
     # ------------------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
-        """Per-peer replication state; safe to publish (no credentials)."""
+        """Per-peer replication state; safe to publish (no credentials). On a node of many
+        partitions each peer's figures are over its partitions (the worst mode, the largest
+        lag, the events behind summed), with each partition's own under ``partitions``."""
         slo = self.config.settings.slo
         peers: dict[str, Any] = {}
         for peer_id, peer in self.peers.items():
-            tailer = self.tailers.get(peer_id)
             health = self._peer_health(peer_id)
             entry: dict[str, Any] = {
                 "url": peer.display_url,
@@ -643,28 +808,22 @@ class ReplicationEngine:
                 "last_activity": peer.last_ok_wall,
                 "last_error": peer.last_error,
             }
-            if tailer is not None:
-                entry.update(
-                    mode=health.mode,
-                    cursor=str(tailer.cursor) if tailer.cursor else None,
-                    tail=str(tailer.tail) if tailer.tail else None,
-                    lag_ms=health.lag_ms,
-                    lag_events=health.lag_events,
-                    # What was known when the peer was last reachable: after a peer dies, the
-                    # writes it had not yet replicated here are those after `cursor`, about
-                    # this many (the exposure of a failover to this node).
-                    last_known_lag_ms=_exposure_ms(tailer, peer),
-                    last_known_lag_events=_exposure_events(tailer, peer),
-                    exposed_after=str(tailer.cursor) if tailer.cursor else None,
-                    batch_size=tailer.sizer.size,
-                    last_batch_at=tailer.last_batch_at,
-                    last_gap_at=tailer.last_gap_at,
-                    restarts=self.tailer_restarts.get(f"tailer:{peer_id}", 0),
-                    error=self.tailer_errors.get(f"tailer:{peer_id}"),
-                    **{f"events_{k}": v for k, v in vars_of(tailer.stats).items()},
-                )
-            if self.cold_path is not None:
-                entry["repair"] = self.cold_path.status()["peers"].get(peer_id)
+            single = self._single()
+            if single is not None:
+                entry.update(self._lane_status(single, peer_id, health))
+            else:
+                lanes = {
+                    name: self._lane_status(part, peer_id, self._lane_health(part, peer_id))
+                    for name, part in self.parts.items()
+                }
+                if any(part.tailers.get(peer_id) for part in self.parts.values()):
+                    entry.update(
+                        mode=health.mode,
+                        lag_ms=health.lag_ms,
+                        lag_events=health.lag_events,
+                        restarts=sum(lane.get("restarts", 0) for lane in lanes.values()),
+                    )
+                entry["partitions"] = lanes
             peers[peer_id] = entry
         return {
             "node_id": self.node_id,
@@ -672,10 +831,11 @@ class ReplicationEngine:
             "mode": self.config.mode,
             "uptime_sec": _round(time.monotonic() - self._started_at) if self._started_at else 0,
             "local_circuit": breaker_state(self.local_breaker),
+            "partitions": self.geometry.partitions,
             # Certification, recovery, members and tombstone collection (docs/DELETES.md).
-            "membership": self.membership.status() if self.membership is not None else None,
+            "membership": self._per_part(lambda part: part.membership),
             # Payloads re-hashed and healed, stray keys under the prefix (README).
-            "scrub": self.scrub.status() if self.scrub is not None else None,
+            "scrub": self._per_part(lambda part: part.scrub),
             "hot_path": self.config.settings.hot_path.enabled,
             "cold_path": self.config.settings.cold_path.enabled,
             "max_replication_lag_sec": slo.max_replication_lag_sec,
@@ -683,8 +843,48 @@ class ReplicationEngine:
             "peers": peers,
         }
 
-    def _peer_health(self, peer_id: str) -> PeerHealth:
-        peer, tailer = self.peers[peer_id], self.tailers.get(peer_id)
+    def _per_part(self, of: Callable[[Partition], Membership | Scrub | None]) -> Any:
+        """A partition's part's status, or each partition's by name on a node of many."""
+        statuses = {
+            name: (None if (what := of(part)) is None else what.status())
+            for name, part in self.parts.items()
+        }
+        if len(statuses) == 1:
+            return next(iter(statuses.values()))
+        return statuses or None
+
+    def _lane_status(self, part: Partition, peer_id: str, health: PeerHealth) -> dict[str, Any]:
+        """One partition's reading of one peer: its tailer and its repair."""
+        entry: dict[str, Any] = {}
+        tailer = part.tailers.get(peer_id)
+        name = f"tailer:{part.lane(peer_id)}"
+        if tailer is not None:
+            peer = part.peers[peer_id]
+            entry.update(
+                mode=health.mode,
+                cursor=str(tailer.cursor) if tailer.cursor else None,
+                tail=str(tailer.tail) if tailer.tail else None,
+                lag_ms=health.lag_ms,
+                lag_events=health.lag_events,
+                # What was known when the peer was last reachable: after a peer dies, the
+                # writes it had not yet replicated here are those after `cursor`, about
+                # this many (the exposure of a failover to this node).
+                last_known_lag_ms=_exposure_ms(tailer, peer),
+                last_known_lag_events=_exposure_events(tailer, peer),
+                exposed_after=str(tailer.cursor) if tailer.cursor else None,
+                batch_size=tailer.sizer.size,
+                last_batch_at=tailer.last_batch_at,
+                last_gap_at=tailer.last_gap_at,
+                restarts=self.tailer_restarts.get(name, 0),
+                error=self.tailer_errors.get(name),
+                **{f"events_{k}": v for k, v in vars_of(tailer.stats).items()},
+            )
+        if part.cold_path is not None:
+            entry["repair"] = part.cold_path.status()["peers"].get(peer_id)
+        return entry
+
+    def _lane_health(self, part: Partition, peer_id: str) -> PeerHealth:
+        peer, tailer = self.peers[peer_id], part.tailers.get(peer_id)
         stall_after = 2 * self.config.settings.peer_health.ping_interval_sec
         stalled = peer.stalled(stall_after) if self._state is EngineState.RUNNING else False
         lag_known = tailer is not None and peer.connected and not stalled
@@ -694,6 +894,29 @@ class ReplicationEngine:
             mode=tailer.mode if tailer is not None else None,
             lag_ms=tailer.lag_ms if lag_known and tailer is not None else None,
             lag_events=tailer.lag_events if lag_known and tailer is not None else None,
+        )
+
+    def _peer_health(self, peer_id: str) -> PeerHealth:
+        """The peer's link as this node reads it: over every partition, the worst."""
+        lanes = [self._lane_health(part, peer_id) for part in self.parts.values()]
+        if len(lanes) == 1:
+            return lanes[0]
+        if not lanes:  # between start() failing part way and the peers' closing
+            return PeerHealth(self.peers[peer_id].connected, False, None, None, None)
+        modes = [lane.mode for lane in lanes if lane.mode is not None]
+        mode = next((m for m in modes if not m.vouches), None)
+        if mode is None:
+            mode = TailerMode.CATCHING_UP if TailerMode.CATCHING_UP in modes else None
+        if mode is None and modes:
+            mode = modes[0]
+        lags = [lane.lag_ms for lane in lanes]
+        counts = [lane.lag_events for lane in lanes]
+        return PeerHealth(
+            connected=lanes[0].connected,
+            stalled=lanes[0].stalled,
+            mode=mode,
+            lag_ms=None if None in lags else max(lag for lag in lags if lag is not None),
+            lag_events=None if None in counts else sum(n for n in counts if n is not None),
         )
 
     def render_metrics(self) -> bytes:
@@ -706,9 +929,11 @@ class ReplicationEngine:
             return False, [f"engine is {self._state}"]
         health = {peer_id: self._peer_health(peer_id) for peer_id in self.peers}
         reasons: list[str] = []
-        recovering = self.membership.not_ready_reason() if self.membership is not None else None
-        if recovering is not None:
-            reasons.append(recovering)
+        for part in self.parts.values():
+            recovering = part.membership.not_ready_reason() if part.membership else None
+            if recovering is not None:
+                where = f"partition {part.name}: " if part.suffix else ""
+                reasons.append(where + recovering)
         if health and not any(h.connected for h in health.values()):
             reasons.append("all peers are disconnected")
         for peer_id, h in health.items():

@@ -8,6 +8,7 @@ instead of a connect timeout, and records latency and liveness for status and re
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,7 +31,7 @@ from replication_engine.connection import (
 )
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import NodeRecord
-from replication_engine.merkle import ZERO
+from replication_engine.merkle import ZERO, GeometryError
 from replication_engine.observability.metrics import Metrics
 from replication_engine.redaction import redact_url
 from replication_engine.resilience import breaker_remaining, breaker_state, make_breaker
@@ -112,6 +113,19 @@ def parse_stream_info(raw: Any) -> StreamInfo:
     )
 
 
+class PeerLayoutError(GeometryError):
+    """The peer's store is laid out in another number of partitions than this node's."""
+
+
+@dataclass(slots=True)
+class _Link:
+    connected: bool = False
+    last_ok: float | None = None
+    last_ok_wall: float | None = None
+    last_error: str | None = None
+    latency_ms: float | None = None
+
+
 class PeerUnavailable(ReplicationError, ConnectionError):
     """The peer's breaker is open or the peer did not answer; the message is safe to log."""
 
@@ -141,6 +155,7 @@ class Peer:
         start_from: str = _peer_default("start_from"),
         cluster: bool = False,
         cluster_addresses: Mapping[str, str] | None = None,
+        partitions: int = 1,
     ) -> None:
         self.node_id = node_id
         self.display_url = redact_url(url)
@@ -159,19 +174,56 @@ class Peer:
         self.stream: Redis = make(
             url,
             socket_timeout=block_timeout_sec + op_timeout_sec,
-            max_connections=2,
+            # A blocking read per partition (a Cluster refuses one read across slots).
+            max_connections=partitions + 1,
             client_name=None,
             **common,
         )
         self.counter = ReadCounter()
         self.reader = TreeReader(self.query, self.keys, counter=self.counter)
-        self.connected = False
-        self.last_ok: float | None = None  # monotonic time of the last successful call
-        self.last_ok_wall: float | None = None
-        self.last_error: str | None = None
-        self.latency_ms: float | None = None
+        # The layout this node reads the peer with: a partition of another layout holds
+        # other keys, and its record's claims cover only them.
+        self.partitions = partitions
+        self._link = _Link()
+        self._is_view = False
         metrics.peer_connected.labels(node_id).set(0)
         metrics.watch_circuit(metrics.peer_circuit.labels(node_id), lambda: self.circuit_state)
+
+    def partition(self, name: str) -> Peer:
+        """The peer's partition ``name``: its keys, read over the same connections, under the
+        same breaker, with the same liveness (a dead peer is dead for every partition). The
+        breaker is the peer's, not its shard's: a cluster peer with one shard down stops
+        being read in every partition until the trial calls pass."""
+        view = copy.copy(self)
+        view.keys = self.keys.of(name)
+        # Its own count of reads: a repair's cost is measured on it while other partitions'
+        # repairs of the same peer run.
+        view.counter = ReadCounter()
+        view.reader = TreeReader(self.query, view.keys, counter=view.counter)
+        view._is_view = True
+        return view
+
+    # The link's state, shared by the peer and its partitions.
+    @property
+    def connected(self) -> bool:
+        return self._link.connected
+
+    @property
+    def last_ok(self) -> float | None:
+        """Monotonic time of the last successful call."""
+        return self._link.last_ok
+
+    @property
+    def last_ok_wall(self) -> float | None:
+        return self._link.last_ok_wall
+
+    @property
+    def last_error(self) -> str | None:
+        return self._link.last_error
+
+    @property
+    def latency_ms(self) -> float | None:
+        return self._link.latency_ms
 
     # ------------------------------------------------------------------------ calls
 
@@ -196,27 +248,29 @@ class Peer:
         return result
 
     def _succeeded(self, elapsed: float, what: str) -> None:
-        if not self.connected:
+        link = self._link
+        if not link.connected:
             log.info("peer.connected", extra={"peer": self.node_id, "url": self.display_url})
-        self.connected = True
-        self.last_ok = time.monotonic()
-        self.last_ok_wall = time.time()
-        self.last_error = None
+        link.connected = True
+        link.last_ok = time.monotonic()
+        link.last_ok_wall = time.time()
+        link.last_error = None
         if what != "xread":  # a blocking read's latency is the block time, not the peer's
-            self.latency_ms = elapsed * 1000
+            link.latency_ms = elapsed * 1000
             self.metrics.peer_latency.labels(self.node_id).observe(elapsed)
         self.metrics.peer_connected.labels(self.node_id).set(1)
         self.metrics.peer_stalled.labels(self.node_id).set(0)
 
     def _failed(self, exc: BaseException, what: str) -> None:
         message = _describe(exc)
-        if self.connected or self.last_error != message:
+        link = self._link
+        if link.connected or link.last_error != message:
             log.warning(
                 "peer.call_failed",
                 extra={"peer": self.node_id, "op": what, "error": message, "url": self.display_url},
             )
-        self.connected = False
-        self.last_error = message
+        link.connected = False
+        link.last_error = message
         self.metrics.peer_connected.labels(self.node_id).set(0)
 
     @property
@@ -261,35 +315,56 @@ class Peer:
                 what="xread",
             )
 
-        async def run() -> tuple[NodeRecord | None, StreamInfo, list[Entry]]:
+        async def run() -> tuple[Any, NodeRecord | None, StreamInfo, list[Entry]]:
             async with self.query.pipeline(transaction=False) as pipe:
+                pipe.hget(self.keys.part_meta, "partitions")
                 pipe.hgetall(self.keys.record)
                 pipe.xinfo_stream(self.keys.cdc)
                 pipe.xrange(self.keys.cdc, min=f"({cursor}", max="+", count=count)
-                record_raw, info_raw, entries_raw = await pipe.execute(raise_on_error=False)
+                layout, record_raw, info_raw, entries_raw = await pipe.execute(raise_on_error=False)
             if isinstance(entries_raw, BaseException):
                 raise entries_raw
-            return _record(record_raw), parse_stream_info(info_raw), entries_raw or []
+            return layout, _record(record_raw), parse_stream_info(info_raw), entries_raw or []
 
-        return await self.call(run, what="xrange")
+        layout, record, info, entries = await self.call(run, what="xrange")
+        self._check_layout(layout)
+        return record, info, entries
+
+    def _check_layout(self, partitions: Any) -> None:
+        """Refuse a partition of a store laid out otherwise than this node reads it: its
+        stream holds another share of the keys, and its record's claims cover only those, so
+        nothing read from it may be applied or claimed. A partition without a meta has never
+        been opened: it holds nothing yet."""
+        if partitions is None or isinstance(partitions, BaseException):
+            return
+        if text(partitions) != str(self.partitions):
+            raise PeerLayoutError(
+                f"peer {self.node_id}: partition {self.keys.partition} belongs to a store of "
+                f"{text(partitions)[:20]} partition(s), this node reads stores of "
+                f"{self.partitions} (settings.merkle.partitions must match on every node; "
+                f"docs/FORMAT.md, 'Partitions')"
+            )
 
     async def snapshot_facts(self) -> tuple[NodeRecord | None, StreamInfo, bytes]:
         """The peer's record, stream facts and Merkle root, read in that order in one round
         trip: what a repair that starts now may claim once it is complete."""
 
-        async def run() -> tuple[NodeRecord | None, StreamInfo, bytes]:
+        async def run() -> tuple[Any, NodeRecord | None, StreamInfo, bytes]:
             async with self.query.pipeline(transaction=False) as pipe:
+                pipe.hget(self.keys.part_meta, "partitions")
                 pipe.hgetall(self.keys.record)
                 pipe.xinfo_stream(self.keys.cdc)
                 pipe.get(self.keys.root)
-                record_raw, info_raw, root_raw = await pipe.execute(raise_on_error=False)
+                layout, record_raw, info_raw, root_raw = await pipe.execute(raise_on_error=False)
             if isinstance(root_raw, BaseException):
                 raise root_raw
             self.counter.round_trips += 1
             root = ZERO if root_raw is None else bytes.fromhex(root_raw.decode("ascii"))
-            return _record(record_raw), parse_stream_info(info_raw), root
+            return layout, _record(record_raw), parse_stream_info(info_raw), root
 
-        return await self.call(run, what="snapshot_facts")
+        layout, record, info, root = await self.call(run, what="snapshot_facts")
+        self._check_layout(layout)
+        return record, info, root
 
     async def record(self) -> NodeRecord | None:
         return await self.call(self.reader.node_record, what="record")
@@ -313,6 +388,8 @@ class Peer:
         return await self.call(run, what="xinfo")
 
     async def close(self) -> None:
+        if self._is_view:
+            return  # the peer's connections are closed by the peer
         for client in (self.query, self.stream):
             try:
                 await client.aclose()

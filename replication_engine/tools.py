@@ -13,7 +13,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from redis.exceptions import RedisError
 
@@ -23,12 +23,14 @@ from replication_engine.connection import TlsOptions, client_maker, make_client
 from replication_engine.cursor import CursorStore
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import NodeRecord, frontier
-from replication_engine.merkle import DrillPlan, Geometry
+from replication_engine.merkle import ZERO, DrillPlan, Geometry
 from replication_engine.migrate import Migration, MigrationError
 from replication_engine.peer import StreamInfo, parse_stream_info
 from replication_engine.redaction import redact_url
 from replication_engine.store import functions
 from replication_engine.store.layout import Keyspace
+from replication_engine.store.partitioned import PartitionedStore
+from replication_engine.store.protocol import DeepCheck
 from replication_engine.store.reader import TreeReader
 from replication_engine.store.redis_store import RedisStore
 
@@ -77,7 +79,17 @@ async def diff_trees(
     return result
 
 
-def _local_reader(config: EngineConfig) -> TreeReader:
+def _geometry(config: EngineConfig) -> Geometry:
+    merkle = config.settings.merkle
+    return Geometry(merkle.fanout, merkle.depth, merkle.partitions)
+
+
+def _readers(client: Any, prefix: str, config: EngineConfig) -> list[TreeReader]:
+    """A reader per partition of a node's store, over one client."""
+    return [TreeReader(client, Keyspace(prefix, p)) for p in _geometry(config).partition_names]
+
+
+def _local_reader(config: EngineConfig) -> list[TreeReader]:
     local = config.local
     make = client_maker(local.cluster, local.cluster_addresses)
     client = make(
@@ -85,10 +97,10 @@ def _local_reader(config: EngineConfig) -> TreeReader:
         username=local.username,
         password=local.password.get_secret_value() if local.password else None,
     )
-    return TreeReader(client, Keyspace(local.prefix))
+    return _readers(client, local.prefix, config)
 
 
-def _peer_client(config: EngineConfig, index: int) -> tuple[str, TreeReader]:
+def _peer_client(config: EngineConfig, index: int) -> tuple[str, list[TreeReader]]:
     peer = config.peers[index]
     make = client_maker(peer.cluster, peer.cluster_addresses)
     client = make(
@@ -97,7 +109,19 @@ def _peer_client(config: EngineConfig, index: int) -> tuple[str, TreeReader]:
         password=peer.password.get_secret_value() if peer.password else None,
         tls=TlsOptions(peer.tls.ca_file, peer.tls.cert_file, peer.tls.key_file, peer.tls.verify),
     )
-    return peer.node_id, TreeReader(client, Keyspace(peer.effective_prefix(config.local.prefix)))
+    return peer.node_id, _readers(client, peer.effective_prefix(config.local.prefix), config)
+
+
+async def _root(readers: list[TreeReader]) -> bytes:
+    """A node's root: the XOR of its partitions' roots."""
+    acc = 0
+    for reader in readers:
+        acc ^= int.from_bytes(await reader.root(), "big")
+    return acc.to_bytes(len(ZERO), "big")
+
+
+async def _close(readers: list[TreeReader]) -> None:
+    await readers[0].redis.aclose()  # one client under every partition's reader
 
 
 async def check_tree(config: EngineConfig, *, repair: bool, out: TextIO = sys.stdout) -> int:
@@ -109,8 +133,9 @@ async def check_tree(config: EngineConfig, *, repair: bool, out: TextIO = sys.st
     store = await _local_store(config)
     wrong = 0
     try:
-        for parent in store.leaf_parents():
-            wrong += await store.scrub(parent, fix=repair)
+        for part in _parts(store):
+            for parent in part.leaf_parents():
+                wrong += await part.scrub(parent, fix=repair)
     finally:
         await store.close()
     if not wrong:
@@ -153,13 +178,13 @@ async def verify(
     except (RedisError, ReplicationError, OSError) as exc:
         print(f"{config.local_node_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
         return VERIFY_UNCHECKED
-    geometry = Geometry(config.settings.merkle.fanout, config.settings.merkle.depth)
+    geometry = _geometry(config)
     local = _local_reader(config)
     readers = [_peer_client(config, i) for i in range(len(config.peers))]
     unchecked = False
     try:
         try:
-            local_root = await local.root()
+            local_root = await _root(local)
         except (RedisError, ReplicationError, OSError) as exc:
             print(f"{config.local_node_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
             return VERIFY_UNCHECKED
@@ -171,9 +196,9 @@ async def verify(
             else:
                 status = max(status, found)
     finally:
-        await local.redis.aclose()
+        await _close(local)
         for _peer_id, reader in readers:
-            await reader.redis.aclose()
+            await _close(reader)
     if status == VERIFY_EQUAL and unchecked:
         return VERIFY_UNCHECKED
     return status
@@ -181,17 +206,18 @@ async def verify(
 
 async def _verify_peer(
     peer_id: str,
-    reader: TreeReader,
-    local: TreeReader,
+    readers: list[TreeReader],
+    local: list[TreeReader],
     local_root: bytes,
     geometry: Geometry,
     limit: int,
     out: TextIO,
 ) -> int:
-    """Compare one peer's root with ours and, where they differ, list what differs."""
+    """Compare one peer's root with ours and, where they differ, list what differs (partition
+    by partition: each is its own subtree on both sides)."""
     try:
-        stored = await reader.geometry()
-        root = await reader.root()
+        stored = await readers[0].geometry()
+        root = await _root(readers)
     except Exception as exc:
         print(f"{peer_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
         return VERIFY_UNCHECKED
@@ -205,7 +231,16 @@ async def _verify_peer(
     if root == local_root:
         print(f"{peer_id:<20} root {root.hex()}  equal", file=out)
         return VERIFY_EQUAL
-    diff = await diff_trees(local, reader, geometry, limit=limit)
+    diff = TreeDiff()
+    for mine, theirs in zip(local, readers, strict=True):
+        if diff.keys >= limit:
+            break
+        found = await diff_trees(mine, theirs, geometry, limit=limit - diff.keys)
+        diff.branches_visited += found.branches_visited
+        diff.leaves += found.leaves
+        diff.only_local += found.only_local
+        diff.only_remote += found.only_remote
+        diff.different += found.different
     print(
         f"{peer_id:<20} root {root.hex()}  DIFFERENT: {len(diff.leaves)} leaf "
         f"buckets, {diff.keys} keys (first {limit} shown)",
@@ -224,8 +259,18 @@ async def _verify_peer(
 async def check_deep(config: EngineConfig, *, limit: int, out: TextIO = sys.stdout) -> int:
     """Re-hash every stored payload and look for keys that do not belong under the prefix."""
     store = await _local_store(config)
+    found = DeepCheck()
     try:
-        found = await store.deep_check(sample=limit)
+        for at, part in enumerate(_parts(store)):
+            # The stray scan walks the whole keyspace whichever partition runs it: once.
+            some = await part.deep_check(sample=limit, strays=at == 0)
+            found.items += some.items
+            found.unreadable += some.unreadable
+            found.stray += some.stray
+            found.unreadable_sample += some.unreadable_sample[
+                : limit - len(found.unreadable_sample)
+            ]
+            found.stray_sample += some.stray_sample
     finally:
         await store.close()
     node = config.local_node_id
@@ -250,21 +295,29 @@ async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
     cursors = await _saved_cursors(config)
     nodes = [(config.local_node_id, _local_reader(config))]
     nodes += [_peer_client(config, i) for i in range(len(config.peers))]
+    split = _geometry(config).partitions > 1
     rows: list[_Row] = []
     roots: dict[str, str] = {}
-    records: dict[str, NodeRecord] = {}
+    # Per partition, each node's record: a partition's frontier is its own.
+    records: dict[str, dict[str, NodeRecord]] = {r.keys.partition: {} for r in nodes[0][1]}
     try:
-        for node_id, reader in nodes:
-            lag_behind = None if node_id == config.local_node_id else cursors.get(node_id)
-            row, root, record = await _node_row(config, node_id, reader, lag_behind)
+        for node_id, readers in nodes:
+            saved = [
+                None
+                if node_id == config.local_node_id
+                else cursors.get(node_id + (f"{{{r.keys.partition}}}" if split else ""))
+                for r in readers
+            ]
+            row, root, found = await _node_row(config, node_id, readers, saved)
             rows.append(row)
             if root is not None:
                 roots[node_id] = root
-            if record is not None:
-                records[node_id] = record
+            for reader, record in zip(readers, found, strict=True):
+                if record is not None:
+                    records[reader.keys.partition][node_id] = record
     finally:
-        for _node_id, reader in nodes:
-            await reader.redis.aclose()
+        for _node_id, readers in nodes:
+            await _close(readers)
     bad = _print_rows(rows, roots, out)
     _print_frontier(records, out)
     return 1 if bad else 0
@@ -284,31 +337,45 @@ async def _saved_cursors(config: EngineConfig) -> dict[str, str]:
 
 
 async def _node_row(
-    config: EngineConfig, node_id: str, reader: TreeReader, saved: str | None
-) -> tuple[_Row, str | None, NodeRecord | None]:
-    """One node's row, root (None when unreachable) and record; ``saved`` is this node's
-    cursor in its stream (None for this node, or a peer it never read: no lag to show)."""
+    config: EngineConfig, node_id: str, readers: list[TreeReader], saved: list[str | None]
+) -> tuple[_Row, str | None, list[NodeRecord | None]]:
+    """One node's row, root (None when unreachable) and each partition's record; ``saved``
+    is this node's cursor in each partition's stream (None for this node, or a peer it never
+    read: no lag to show). Over partitions: the newest write, the largest lag, the events
+    behind summed."""
     try:
-        root = (await reader.root()).hex()
-        info = await _stream_info(reader)
+        root = (await _root(readers)).hex()
+        infos = [await _stream_info(reader) for reader in readers]
     except Exception as exc:
-        return (node_id, "-", "-", "-", f"UNREACHABLE ({type(exc).__name__})"), None, None
+        failed = (node_id, "-", "-", "-", f"UNREACHABLE ({type(exc).__name__})")
+        return failed, None, [None] * len(readers)
     marks = []
-    record = None
-    with contextlib.suppress(Exception):
-        record = await reader.node_record()
-        if record is not None and record.recovering:
-            marks.append("RECOVERING")
+    records: list[NodeRecord | None] = []
+    for reader in readers:
+        record = None
+        with contextlib.suppress(Exception):
+            record = await reader.node_record()
+        records.append(record)
+    if any(record is not None and record.recovering for record in records):
+        marks.append("RECOVERING")
     lag = "-"
-    if saved:
-        cursor = codec.parse_stream_id(saved)
-        lag_ms = codec.lag_ms(cursor, info.last)
-        events = codec.lag_events(cursor, info.first, info.last, info.length)
+    behind = [
+        (
+            codec.lag_ms(cursor, info.last),
+            codec.lag_events(cursor, info.first, info.last, info.length),
+        )
+        for info, cursor in (
+            (info, codec.parse_stream_id(at)) for info, at in zip(infos, saved, strict=True) if at
+        )
+    ]
+    if behind:
+        lag_ms, events = max(ms for ms, _ in behind), sum(n for _, n in behind)
         lag = f"{lag_ms} ms / {events} ev"
         if lag_ms > config.settings.slo.max_replication_lag_sec * 1000:
             marks.append("LAGGING")
-    head_age = f"{time.time() * 1000 - info.last.ms:.0f} ms ago" if info.last else "empty"
-    return (node_id, root[:16], head_age, lag, " ".join(marks)), root, record
+    heads = [info.last for info in infos if info.last]
+    head_age = f"{time.time() * 1000 - max(heads).ms:.0f} ms ago" if heads else "empty"
+    return (node_id, root[:16], head_age, lag, " ".join(marks)), root, records
 
 
 async def _stream_info(reader: TreeReader) -> StreamInfo:
@@ -345,32 +412,53 @@ def _majority(roots: dict[str, str]) -> str | None:
     return ranked[0][0]
 
 
-def _print_frontier(records: dict[str, NodeRecord], out: TextIO) -> None:
-    """Who holds tombstone collection back: the member whose frontier is lowest."""
-    members = {m for record in records.values() for m in record.members} | set(records)
-    members -= {f for record in records.values() for f in record.forgotten}
-    members = {m for m in members if m in records}
-    if not members:
-        return
-    lowest = min(members, key=lambda n: frontier(records[n], members))
-    behind = time.time() - clock.physical_ms(frontier(records[lowest], members)) / 1000
-    print(f"\nstable frontier: {behind:.1f}s behind now, held lowest by {lowest}", file=out)
+def _print_frontier(partitions: dict[str, dict[str, NodeRecord]], out: TextIO) -> None:
+    """Who holds tombstone collection back: the member whose frontier is lowest (in the
+    partition whose stable frontier is oldest, on a node of many)."""
+    worst: tuple[float, str, str] | None = None
+    for name, records in partitions.items():
+        members = {m for record in records.values() for m in record.members} | set(records)
+        members -= {f for record in records.values() for f in record.forgotten}
+        members = {m for m in members if m in records}
+        if not members:
+            continue
+        lowest = min(members, key=lambda n: frontier(records[n], members))
+        behind = time.time() - clock.physical_ms(frontier(records[lowest], members)) / 1000
+        where = f" (partition {name})" if len(partitions) > 1 else ""
+        if worst is None or behind > worst[0]:
+            worst = (behind, lowest, where)
+    if worst is not None:
+        behind, lowest, where = worst
+        print(
+            f"\nstable frontier: {behind:.1f}s behind now, held lowest by {lowest}{where}", file=out
+        )
 
 
-async def _local_store(config: EngineConfig) -> RedisStore:
+async def _local_store(config: EngineConfig) -> RedisStore | PartitionedStore:
     local = config.local
-    return await RedisStore.connect(
-        local.redis_url,
-        node_id=config.local_node_id,
-        prefix=local.prefix,
-        username=local.username,
-        password=local.password.get_secret_value() if local.password else None,
-        fanout=config.settings.merkle.fanout,
-        depth=config.settings.merkle.depth,
-        stream_maxlen=local.stream_maxlen,
-        cluster=local.cluster,
-        cluster_addresses=local.cluster_addresses,
-    )
+    geometry = _geometry(config)
+    options: dict[str, Any] = {
+        "node_id": config.local_node_id,
+        "prefix": local.prefix,
+        "username": local.username,
+        "password": local.password.get_secret_value() if local.password else None,
+        "fanout": geometry.fanout,
+        "depth": geometry.depth,
+        "stream_maxlen": local.stream_maxlen,
+        "cluster": local.cluster,
+        "cluster_addresses": local.cluster_addresses,
+    }
+    if geometry.partitions > 1:
+        return await PartitionedStore.connect(
+            local.redis_url, partitions=geometry.partitions, **options
+        )
+    return await RedisStore.connect(local.redis_url, **options)
+
+
+def _parts(store: RedisStore | PartitionedStore) -> list[RedisStore]:
+    if isinstance(store, PartitionedStore):
+        return list(store.partitions.values())
+    return [store]
 
 
 async def load_functions(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
@@ -378,7 +466,7 @@ async def load_functions(config: EngineConfig, *, out: TextIO = sys.stdout) -> i
     that applications can write through the functions before the engine first starts."""
     store = await _local_store(config)
     try:
-        loaded = await store.load_functions()
+        loaded = await _parts(store)[0].load_functions()
         sha = "" if loaded.functions else await store.redis.script_load(functions.fallback_source())
     finally:
         await store.close()
@@ -407,6 +495,14 @@ async def migrate(
     when the conversion could not go on (the message says why; run it again once fixed).
     """
     local = config.local
+    if config.settings.merkle.partitions > 1:
+        print(
+            "settings.merkle.partitions is above 1: a format-1 store converts to a store of one "
+            "partition, so migrate with partitions 1; a store of many partitions starts new "
+            "(bootstrapped from a peer)",
+            file=out,
+        )
+        return 1
     if local.cluster:
         # Format 1's scripts touch keys they do not declare, which a cluster refuses: no
         # format-1 store can have run on one.
@@ -466,7 +562,8 @@ async def forget(config: EngineConfig, node_id: str, *, out: TextIO = sys.stdout
         return 2
     store = await _local_store(config)
     try:
-        members, forgotten = await store.add_to_record(forgotten=[node_id])
+        for part in _parts(store):  # every partition keeps its own record
+            members, forgotten = await part.add_to_record(forgotten=[node_id])
     finally:
         await store.close()
     print(

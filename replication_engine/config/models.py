@@ -434,13 +434,21 @@ class MerkleConfig(_Section):
 
     fanout: int = Field(default=256, description="Children per interior node (power of two).")
     depth: int = Field(default=2, description="Levels below the root (1-4).")
+    partitions: int = Field(
+        default=1,
+        description=(
+            "1, or the fanout: one partition per child of the tree's root, each a whole store "
+            "in its own Redis Cluster slot, so a node on a cluster spreads over its shards "
+            "(README, 'A node on a Redis Cluster'). Fixed when the store is created."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_geometry(self) -> Self:
         """Geometry's own rules, so the config and the store can never disagree on them."""
         problems = [
             _Problem((name,), expected, getattr(self, name))
-            for name, expected in Geometry.problems(self.fanout, self.depth)
+            for name, expected in Geometry.problems(self.fanout, self.depth, self.partitions)
         ]
         return _FieldProblems.check(self, problems)
 

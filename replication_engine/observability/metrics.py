@@ -10,9 +10,11 @@ things is named for the things (``replication_lag_events``), never with a unit s
 
 from __future__ import annotations
 
+import copy
 import platform
 from collections.abc import Callable, Collection, Iterable
 from importlib import metadata
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,6 +27,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 ENGINE_STATES = {"stopped": 0, "starting": 1, "running": 2, "stopping": 3}
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
@@ -66,10 +69,22 @@ class Metrics:
             registry exports them already (the global one does).
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, partitioned: bool = False
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         peer = ["peer"]
+        # A node of many partitions runs a tailer, a repair, a membership and a scrub per
+        # partition: what they publish carries a last label, `partition`, through the view
+        # each is handed (partition()). The peer links, the engine and the local store's
+        # breaker are the node's own.
+        self.partitioned = partitioned
+        self._per_partition: list[str] = []
+
+        def part(names: list[str]) -> list[str]:
+            return [*names, "partition"] if partitioned else names
+
         self.build_info = Info(
             "replication_build",
             "Versions this engine runs: the package, Python and redis-py",
@@ -77,24 +92,24 @@ class Metrics:
         )
         self.build_info.info(_build_labels())
         self.events_read = Counter(
-            "replication_cdc_events_read", "CDC entries read from peers", peer, registry=r
+            "replication_cdc_events_read", "CDC entries read from peers", part(peer), registry=r
         )
         self.events_applied = Counter(
             "replication_cdc_events_applied",
             "Entries that changed the local store",
-            peer,
+            part(peer),
             registry=r,
         )
         self.events_deduped = Counter(
             "replication_cdc_events_deduped",
             "Entries skipped as duplicates or older than local",
-            peer,
+            part(peer),
             registry=r,
         )
         self.events_quarantined = Counter(
             "replication_cdc_events_quarantined",
             "Entries rejected and kept for inspection",
-            ["peer", "reason"],
+            part(["peer", "reason"]),
             registry=r,
         )
         self.quarantine_evicted = Counter(
@@ -105,41 +120,46 @@ class Metrics:
         self.echoes = Counter(
             "replication_cdc_echoes",
             "Entries dropped because this node wrote them",
-            peer,
+            part(peer),
             registry=r,
         )
-        self.batch_flushes = Counter("replication_batch_flush", "Batches applied", peer, registry=r)
+        self.batch_flushes = Counter(
+            "replication_batch_flush", "Batches applied", part(peer), registry=r
+        )
         self.batch_flush_seconds = Histogram(
             "replication_batch_flush_duration_seconds",
             "Time to apply one batch",
-            peer,
+            part(peer),
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Gauge(
             "replication_batch_size_entries",
             "Entries the next read from the peer asks for (AIMD batch size)",
-            peer,
+            part(peer),
             registry=r,
         )
         self.lag = Gauge(
             "replication_lag_seconds",
             "Age of the newest entry of the peer's stream not yet applied here",
-            peer,
+            part(peer),
             registry=r,
         )
         self.lag_events = Gauge(
-            "replication_lag_events", "Entries not yet applied (estimate)", peer, registry=r
+            "replication_lag_events", "Entries not yet applied (estimate)", part(peer), registry=r
         )
         self.tailer_mode = Gauge(
             "replication_tailer_mode",
             "1 for the mode the peer's tailer is in (tailing, catching_up, bootstrapping, "
             "waiting_for_peer, backpressure, local_store_unavailable, ...), 0 for the others",
-            ["peer", "mode"],
+            part(["peer", "mode"]),
             registry=r,
         )
         self.stream_gaps = Counter(
-            "replication_stream_gaps", "Peer streams trimmed past our cursor", peer, registry=r
+            "replication_stream_gaps",
+            "Peer streams trimmed past our cursor",
+            part(peer),
+            registry=r,
         )
         self.backpressure_pauses = Counter(
             "replication_backpressure_pauses",
@@ -147,42 +167,49 @@ class Metrics:
             registry=r,
         )
         self.repair_cycles = Counter(
-            "replication_repair_cycles", "Cold-path cycles", ["result"], registry=r
+            "replication_repair_cycles", "Cold-path cycles", part(["result"]), registry=r
         )
         self.repair_failures = Counter(
             "replication_repair_failures",
             "Cold-path repairs of a peer that failed",
-            peer,
+            part(peer),
             registry=r,
         )
         self.repair_items_fetched = Counter(
-            "replication_repair_items_fetched", "Items fetched by the cold path", peer, registry=r
+            "replication_repair_items_fetched",
+            "Items fetched by the cold path",
+            part(peer),
+            registry=r,
         )
         self.repair_items_applied = Counter(
             "replication_repair_items_applied",
             "Items the cold path changed locally",
-            peer,
+            part(peer),
             registry=r,
         )
         self.repair_items_corrupt = Counter(
             "replication_repair_items_corrupt",
             "Peer items the cold path could not decode",
-            peer,
+            part(peer),
             registry=r,
         )
         self.merkle_divergences = Counter(
-            "replication_merkle_divergences", "Root comparisons that differed", peer, registry=r
+            "replication_merkle_divergences",
+            "Root comparisons that differed",
+            part(peer),
+            registry=r,
         )
         self.repair_seconds = Histogram(
             "replication_repair_duration_seconds",
             "Duration of one cold-path cycle",
+            part([]),
             buckets=_REPAIR_BUCKETS,
             registry=r,
         )
         self.bootstraps = Counter(
             "replication_bootstraps",
             "Copies of a peer's data completed (a new node, or a peer whose cursor was reset)",
-            peer,
+            part(peer),
             registry=r,
         )
         self.peer_connected = Gauge(
@@ -211,7 +238,10 @@ class Metrics:
             "replication_slo_breaches", "SLO threshold breaches", ["slo"], registry=r
         )
         self.tailer_restarts = Counter(
-            "replication_tailer_restarts", "Tailer tasks restarted after a crash", peer, registry=r
+            "replication_tailer_restarts",
+            "Tailer tasks restarted after a crash",
+            part(peer),
+            registry=r,
         )
         self.local_circuit = Gauge(
             "replication_local_circuit_state",
@@ -223,111 +253,142 @@ class Metrics:
         self.tombstones = Gauge(
             "replication_tombstones",
             "Tombstones held in the local store (collected once every member holds them)",
+            part([]),
             registry=r,
         )
         self.oldest_tombstone_age = Gauge(
             "replication_oldest_tombstone_age_seconds",
             "Age of the oldest tombstone held here (0 when none is held)",
+            part([]),
             registry=r,
         )
         self.tombstones_collected = Counter(
             "replication_tombstones_collected",
             "Tombstones collected here, below the mesh's stable frontier",
+            part([]),
             registry=r,
         )
         self.tombstone_collection_failures = Counter(
             "replication_tombstone_collection_failures",
             "Membership ticks whose tombstone collection failed (tombstones then pile up)",
+            part([]),
             registry=r,
         )
         self.members = Gauge(
-            "replication_members", "Members of the mesh this node knows of", registry=r
+            "replication_members", "Members of the mesh this node knows of", part([]), registry=r
         )
         self.forgotten_members = Gauge(
             "replication_forgotten_members",
             "Nodes forgotten by an operator (replication-engine forget): never read again",
+            part([]),
             registry=r,
         )
         self.stable_frontier_age = Gauge(
             "replication_stable_frontier_age_seconds",
             "How far behind now the mesh's stable frontier is: every member is known to hold "
             "every write older than this",
+            part([]),
             registry=r,
         )
         self.member_holding = Gauge(
             "replication_member_holding_collection_seconds",
             "For how long this member has been the one whose knowledge holds the oldest "
             "tombstone back from collection (0: it is not)",
-            ["member"],
+            part(["member"]),
             registry=r,
         )
         self.recovering = Gauge(
             "replication_recovering",
             "1 while this node recovers a store that may have lost writes (restored, wiped, "
             "restarted without its data)",
+            part([]),
             registry=r,
         )
         self.recovery_pending = Gauge(
             "replication_recovery_pending",
             "1 while this node's recovery waits for a complete repair from the peer",
-            peer,
+            part(peer),
             registry=r,
         )
         self.recoveries = Counter(
-            "replication_recoveries", "Recoveries entered by this node", registry=r
+            "replication_recoveries", "Recoveries entered by this node", part([]), registry=r
         )
         self.tree_repairs = Counter(
             "replication_tree_repairs",
             "Merkle tree nodes found disagreeing with their children and rebuilt by the scrub",
+            part([]),
             registry=r,
         )
         self.absence_drops = Counter(
             "replication_absence_drops",
             "Versions dropped here because a peer lacks them while its claims cover them "
             "(deleted and collected while this store was behind)",
-            peer,
+            part(peer),
             registry=r,
         )
         self.written_off = Counter(
             "replication_written_off",
             "Versions here replaced by a peer's older one because its claims cover them: "
             "lost to a recovery and brought back by a restore (kept in the quarantine)",
-            peer,
+            part(peer),
             registry=r,
         )
         self.scrub_items_checked = Counter(
             "replication_scrub_items_checked",
             "Stored items whose payload the scrub re-read and verified against its content hash",
+            part([]),
             registry=r,
         )
         self.scrub_unreadable = Counter(
             "replication_scrub_unreadable",
             "Stored items found by the scrub whose payload does not verify (bit rot, a hand "
             "edit): each kept in the quarantine and replaced by a peer's copy that verifies",
+            part([]),
             registry=r,
         )
         self.scrub_healed = Counter(
             "replication_scrub_healed",
             "Unreadable stored items replaced by a peer's copy that verifies",
+            part([]),
             registry=r,
         )
         self.scrub_unhealed = Gauge(
             "replication_scrub_unhealed_items",
             "Unreadable stored items no peer could replace yet (retried every scrub pass)",
+            part([]),
             registry=r,
         )
         self.scrub_passes = Counter(
             "replication_scrub_passes",
             "Complete passes of the payload scrub over the local store",
+            part([]),
             registry=r,
         )
         self.stray_keys = Gauge(
             "replication_stray_keys",
             "Keys under the prefix that the format does not define or that have the wrong "
             "type, as counted by the last complete scan (a sample is in /status)",
+            part([]),
             registry=r,
         )
         _register_runtime_collectors(r)
+        if partitioned:
+            self._per_partition = [
+                name
+                for name, value in vars(self).items()
+                if isinstance(value, MetricWrapperBase) and "partition" in value._labelnames
+            ]
+
+    def partition(self, name: str) -> Metrics:
+        """What one partition's tailers, repairs, membership and scrub publish through: the
+        same registry, each per-partition family labelled ``partition=name``. The engine's
+        own metrics when it has one partition."""
+        if not self.partitioned:
+            return self
+        view = copy.copy(self)
+        for attr in self._per_partition:
+            setattr(view, attr, _Labelled(getattr(self, attr), name))
+        return view
 
     def declare_peers(self, peer_ids: Iterable[str]) -> None:
         """Create every per-peer counter and histogram series at 0.
@@ -387,6 +448,21 @@ class Metrics:
         """Every exported sample family name (``_total`` for counters, ``_info`` for infos)."""
         suffix = {"counter": "_total", "info": "_info"}
         return {f.name + suffix.get(f.type, "") for f in self.registry.collect()}
+
+
+class _Labelled:
+    """A metric family with its last label (the partition) filled in."""
+
+    def __init__(self, family: MetricWrapperBase, value: str) -> None:
+        self._family = family
+        self._value = value
+
+    def labels(self, *values: str) -> Any:
+        return self._family.labels(*values, self._value)
+
+    def __getattr__(self, name: str) -> Any:
+        # inc(), set(), observe() of a family whose only label is the partition.
+        return getattr(self._family.labels(self._value), name)
 
 
 def _build_labels() -> dict[str, str]:

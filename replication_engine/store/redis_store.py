@@ -1053,7 +1053,7 @@ class RedisStore:
         except ResponseError as exc:
             raise _store_error(exc) from exc
 
-    async def deep_check(self, *, sample: int = 20) -> DeepCheck:
+    async def deep_check(self, *, sample: int = 20, strays: bool = True) -> DeepCheck:
         """Re-read every stored item and verify its payload against its content hash, and list
         the keys under the prefix that do not belong there.
 
@@ -1069,7 +1069,7 @@ class RedisStore:
             found.unreadable += len(unreadable)
             room = sample - len(found.unreadable_sample)
             found.unreadable_sample += [(u.key, u.why) for u in unreadable[: max(0, room)]]
-        cursor = None
+        cursor = None if strays else 0
         while cursor != 0:
             cursor, stray = await self.stray_page(cursor or 0)
             found.stray += len(stray)
@@ -1126,8 +1126,11 @@ class RedisStore:
     def leaf_parents(self) -> list[str]:
         """Paths of the tree nodes whose children are leaf buckets, in order (what
         :meth:`scrub` checks one at a time)."""
-        parents = [""]
-        for _level in range(self.geometry.depth - 1):
+        parents, levels = [""], self.geometry.depth - 1
+        if self.geometry.partitions > 1 and levels > 0:
+            # A partition's subtree is the root map's child named after it.
+            parents, levels = [self.keys.partition], levels - 1
+        for _level in range(levels):
             parents = [p + child for p in parents for child in self.geometry.all_children()]
         return parents
 

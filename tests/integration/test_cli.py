@@ -871,3 +871,67 @@ async def test_demo_with_a_cluster_node_converges_through_a_failover(tmp_path: P
     assert "a Redis Cluster, 3 masters and 3 replicas" in result.stdout
     assert "was promoted" in result.stdout, result.stdout[-3000:]
     assert "converged:            YES" in result.stdout
+
+
+async def test_the_tools_read_every_partition_of_a_node_of_many(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """verify, verify --deep, status --mesh and forget on nodes of 16 partitions: roots are
+    the XOR of the partitions', differences are listed from whichever partition holds them,
+    keys of every partition belong under the prefix, and forget reaches every record."""
+    from replication_engine.store.partitioned import PartitionedStore
+
+    local, peer = redis_factory(), redis_factory()
+    merkle = {"fanout": 16, "depth": 2, "partitions": 16}
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": local.url, "prefix": PREFIX},
+            "peers": [{"node_id": "b", "redis_url": peer.url}],
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+            "settings": {"merkle": merkle},
+        },
+    )
+    opened = [
+        await PartitionedStore.connect(
+            url, node_id=node, prefix=PREFIX, fanout=16, depth=2, partitions=16
+        )
+        for node, url in (("a", local.url), ("b", peer.url))
+    ]
+    try:
+        store_a, store_b = opened
+        same = shared_changes(60)
+        for part_of in (store_a, store_b):
+            for change in same:
+                await part_of.part_of(change.key).apply_batch([change])
+        equal = await run_cli(["verify", "--deep", "--config", str(config)], cwd=tmp_path)
+        assert equal.returncode == 0, equal
+        assert "equal" in equal.stdout and "0 stray keys" in equal.stdout, equal.stdout
+        root = (await store_a.merkle_root()).hex()
+        assert f"root {root}" in equal.stdout
+
+        await store_b.put("only-on-b", b"x")
+        await store_a.put("only-on-a", b"y")
+        differ = await run_cli(["verify", "--config", str(config)], cwd=tmp_path)
+        assert differ.returncode == 1, differ
+        listed = {
+            tuple(line.split()) for line in differ.stdout.splitlines() if line.startswith("    ")
+        }
+        assert listed == {("only", "on", "peer", "only-on-b"), ("only", "here", "only-on-a")}
+
+        mesh = await run_cli(["status", "--mesh", "--config", str(config)], cwd=tmp_path)
+        rows = {line.split()[0]: line for line in mesh.stdout.splitlines()[1:] if line.strip()}
+        assert rows["a"].split()[1] == (await store_a.merkle_root()).hex()[:16], mesh.stdout
+        assert "DIVERGENT" not in mesh.stdout  # two nodes that differ: no majority to judge
+
+        for part in store_a.partitions.values():
+            await part.add_to_record(members=["a", "b", "gone"])
+        forgot = await run_cli(["forget", "gone", "--config", str(config)], cwd=tmp_path)
+        assert forgot.returncode == 0, forgot
+        for part in store_a.partitions.values():
+            _members, forgotten = await part.add_to_record()
+            assert forgotten == {"gone"}, part.keys.partition
+    finally:
+        for store in opened:
+            await store.close()

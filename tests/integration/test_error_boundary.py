@@ -65,6 +65,7 @@ def test_the_calls_cover_every_public_coroutine_of_the_store() -> None:
         "load_functions",
         "oldest_tombstone_ms",
         "open_record",
+        "prepare",
         "raise_clock",
         "scrub",
         "should_accept_writes",

@@ -2,20 +2,24 @@
 partition a whole store of its own (items, subtree, stream, clock), the node's root the XOR of
 theirs, and on a Redis Cluster the partitions spread over the shards.
 
-The engine does not run such a store yet (it refuses one: issue 16's multi-partition engine);
-this is the layer it will stand on, through the same public calls an embedder makes.
+Then the engines: a node of many partitions runs a tailer, a repair, a membership and a scrub
+per partition (``ReplicationEngine.parts``), through the real path between real servers.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from redis.asyncio import Redis
 
+from harness.mesh import Mesh, MeshNode, WriteLog, expected_snapshot, metric, open_mesh, snapshot
 from replication_engine.merkle import Geometry, GeometryError
 from replication_engine.store.layout import Keyspace
 from replication_engine.store.partitioned import PartitionedStore
 from replication_engine.store.redis_store import InvalidWriteError, RedisStore
-from replication_engine.testing import RedisFactory, RedisHandle
+from replication_engine.testing import RedisFactory, RedisHandle, async_wait_until
 from replication_engine.testing.cluster import redis_cli_binary, start_cluster
 
 PREFIX = "app:"
@@ -126,3 +130,162 @@ async def test_on_a_cluster_the_partitions_spread_over_every_shard(
         assert all(n > 50 for n in holding), holding
     finally:
         await store.close()
+
+
+# ------------------------------------------------------------------------------ engines
+
+SETTLE_S = 60.0
+SPLIT_SETTINGS: dict[str, Any] = {
+    "settings": {
+        "merkle": {"fanout": 16, "depth": 2, "partitions": 16},
+        "cold_path": {"enabled": True, "interval_sec": 0.5},
+        "membership": {"interval_sec": 0.2},
+    }
+}
+
+
+async def _write_both(mesh: Mesh[MeshNode], log: WriteLog, count: int, tag: str) -> None:
+    """``count`` puts on each node, every fifth a delete of an earlier key."""
+    for i in range(count):
+        for node in ("a", "b"):
+            key = f"{tag}:{node}:{i // 5 if i % 5 == 4 else i}"
+            if i % 5 == 4:
+                await log.delete(mesh[node], key)
+            else:
+                await log.put(mesh[node], key, f"{node}-{i}".encode())
+
+
+async def _held_anywhere(mesh: Mesh[MeshNode], keys: list[str]) -> list[str]:
+    """Which of ``keys`` some node still holds a version of (a tombstone not collected)."""
+    held = []
+    for key in keys:
+        for node in ("a", "b"):
+            if await mesh[node].store.get_version(key) is not None:
+                held.append(key)
+                break
+    return held
+
+
+async def test_two_nodes_of_many_partitions_converge_and_collect_their_deletes(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """Each partition is read, repaired, certified and collected on its own: writes on both
+    nodes arrive, each partition's cursor is its own, and a delete's tombstone is collected
+    once both nodes' records for its partition say they hold it."""
+    async with open_mesh(
+        redis_factory, tmp_path, {"a": ["b"], "b": ["a"]}, common=SPLIT_SETTINGS
+    ) as mesh:
+        log = WriteLog()
+        await _write_both(mesh, log, 100, "k")
+        await mesh.wait_converged(SETTLE_S)
+        want = expected_snapshot(log.writes)
+        for node in ("a", "b"):
+            assert await snapshot(mesh[node].store) == want
+        # Every partition has its own engine parts and its own cursor in the one database.
+        engine = mesh["a"].running()
+        assert sorted(engine.parts) == SPLIT.partition_names
+        lanes = set(mesh["a"].saved_cursors())
+        assert lanes <= {f"b{{{p}}}" for p in SPLIT.partition_names} and len(lanes) >= 8
+        # Deleted keys: the tombstones go once both records of their partition cover them.
+        deleted = sorted({w.key for w in log.writes if w.value is None})
+        assert deleted
+
+        async def collected() -> bool:
+            return not await _held_anywhere(mesh, deleted)
+
+        await mesh.wait_for(collected, SETTLE_S)
+        status = engine.status()
+        assert status["partitions"] == 16 and set(status["membership"]) == set(
+            SPLIT.partition_names
+        )
+        assert status["peers"]["b"]["mode"] == "tailing"
+        ready, why = engine.readiness()
+        assert ready, why
+
+
+async def test_a_restart_resumes_every_partition_from_its_own_cursor(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(
+        redis_factory, tmp_path, {"a": ["b"], "b": ["a"]}, common=SPLIT_SETTINGS
+    ) as mesh:
+        log = WriteLog()
+        await _write_both(mesh, log, 40, "one")
+        await mesh.wait_converged(SETTLE_S)
+        before = mesh["a"].saved_cursors()
+        await mesh.stop_engine("a")
+        await _write_both(mesh, log, 40, "two")  # a's store takes writes while its engine is down
+        engine = await mesh.start_engine("a")
+        await mesh.wait_converged(SETTLE_S)
+        assert await snapshot(mesh["a"].store) == expected_snapshot(log.writes)
+        # Nothing was copied again: every partition resumed from where it stopped.
+        assert metric(engine, "replication_bootstraps_total") == 0
+        after = mesh["a"].saved_cursors()
+        assert all(after[lane] >= cursor for lane, cursor in before.items())
+
+
+async def test_a_peer_laid_out_in_another_number_of_partitions_is_refused_both_ways(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """A partition of a store of 16 holds a sixteenth of the keys, and its record's claims
+    cover only those: read as a whole store (or a whole store read as one partition), its
+    claims would be wrong. Nothing is applied or claimed from such a peer, on either path,
+    and the reason is in the status."""
+    one = {"settings": {"merkle": {"partitions": 1}}}
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": ["a"]},
+        common=SPLIT_SETTINGS,
+        overrides={"b": one},
+    ) as mesh:
+        await mesh["a"].store.put("from-a", b"1")
+        await mesh["b"].store.put("from-b", b"2")
+
+        def refused(node: str, peer: str, lane: str) -> bool:
+            engine = mesh[node].running()
+            error = engine.tailer_errors.get(f"tailer:{lane}") or ""
+            repair = (engine.status()["peers"][peer].get("partitions") or {}).get("0", {})
+            cold = engine.status()["peers"][peer].get("repair") or repair.get("repair") or {}
+            return "PeerLayoutError" in error and "partition" in str(cold)
+
+        await async_wait_until(lambda: refused("a", "b", "b{0}"), timeout=SETTLE_S)
+        await async_wait_until(lambda: refused("b", "a", "a"), timeout=SETTLE_S)
+        assert await mesh["a"].store.get("from-b") is None
+        assert await mesh["b"].store.get("from-a") is None
+        assert (
+            "16 partition(s), this node reads stores of 1"
+            in mesh["b"].running().tailer_errors["tailer:a"]
+        )
+
+
+@pytest.mark.skipif(redis_cli_binary() is None, reason="no redis-cli binary to build a cluster")
+async def test_a_cluster_node_of_many_partitions_spreads_over_its_shards_and_converges(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    cluster = start_cluster(redis_factory, masters=3)
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"c": ["s"], "s": ["c"]},
+        clusters={"c": cluster},
+        common=SPLIT_SETTINGS,
+    ) as mesh:
+        log = WriteLog()
+        for i in range(150):
+            node = ("c", "s")[i % 2]
+            if i % 7 == 6:
+                await log.delete(mesh[node], f"k{i - 3}")
+            else:
+                await log.put(mesh[node], f"k{i}", f"{node}{i}".encode())
+        await mesh.wait_converged(SETTLE_S)
+        for node in ("c", "s"):
+            assert await snapshot(mesh[node].store) == expected_snapshot(log.writes)
+        holding = []
+        for master in cluster.masters:
+            client = Redis(host=master.host, port=master.port)
+            try:
+                holding.append(await client.dbsize())
+            finally:
+                await client.aclose()
+        assert all(n > 20 for n in holding), holding

@@ -23,6 +23,7 @@ EXPECTED = {
     "LocalStoreError": ("RuntimeError", True),
     "MigrationError": ("RuntimeError", False),
     "NotReplicatedError": ("RuntimeError", True),
+    "PeerLayoutError": ("ValueError", False),
     "PeerUnavailable": ("ConnectionError", True),
     "ReadOnlyStoreError": ("RuntimeError", False),
     "StoreAccessError": ("PermissionError", False),
