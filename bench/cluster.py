@@ -36,6 +36,7 @@ from harness.mesh import redis_processes
 from replication_engine.codec import StreamId
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
+from replication_engine.store.partitioned import PartitionedStore
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import RedisHandle, async_wait_until
 from replication_engine.testing.cluster import Cluster, start_cluster
@@ -115,16 +116,24 @@ async def main(args: argparse.Namespace) -> None:
         )
         print(f"cluster / standalone: {ratio:.2f}")
         if args.bootstrap_items:
-            await bench_bootstrap(args.bootstrap_items, make, cluster, workdir)
+            await bench_bootstrap(args.bootstrap_items, make, cluster, workdir, args.partitions)
 
 
 BOOTSTRAP_VALUE_BYTES = 100
+# The geometry of a store of 16 partitions here, as bench.hot_path.engine_config lays it out.
+SPLIT: dict[str, Any] = {"fanout": 16, "depth": 3}
 BOOTSTRAP_PAGE = 1000
 
 
-async def load(url: str, items: int, *, cluster: bool) -> bytes:
+async def load(url: str, items: int, *, cluster: bool, partitions: int = 1) -> bytes:
     """``items`` items written through the store's functions; returns the store's root."""
-    store = await RedisStore.connect(url, node_id="peer", prefix=PREFIX, cluster=cluster)
+    store: RedisStore | PartitionedStore
+    if partitions > 1:
+        store = await PartitionedStore.connect(
+            url, node_id="peer", prefix=PREFIX, cluster=cluster, partitions=partitions, **SPLIT
+        )
+    else:
+        store = await RedisStore.connect(url, node_id="peer", prefix=PREFIX, cluster=cluster)
     try:
         value = b"v" * BOOTSTRAP_VALUE_BYTES
         for start in range(0, items, BOOTSTRAP_PAGE):
@@ -136,9 +145,17 @@ async def load(url: str, items: int, *, cluster: bool) -> bytes:
 
 
 async def bootstrap(
-    peer_url: str, target: RedisHandle, want: bytes, workdir: Path, *, cluster: bool
+    peer_url: str,
+    target: RedisHandle,
+    want: bytes,
+    workdir: Path,
+    *,
+    cluster: bool,
+    partitions: int = 1,
 ) -> tuple[float, int, int]:
-    """Seconds until a new node's root equals the peer's; round trips and bytes read."""
+    """Seconds until a new node's root equals the peer's; round trips and bytes read (over
+    every partition's reader)."""
+    merkle = {**SPLIT, "partitions": partitions} if partitions > 1 else {}
     config = EngineConfig.model_validate(
         {
             "local_node_id": "new",
@@ -152,7 +169,8 @@ async def bootstrap(
                 }
             ],
             "settings": {
-                "cold_path": {"interval_sec": 3600, "bootstrap_rate_limit_per_sec": 1_000_000}
+                "merkle": merkle,
+                "cold_path": {"interval_sec": 3600, "bootstrap_rate_limit_per_sec": 1_000_000},
             },
             "cursor": {"sqlite_path": str(workdir / f"cursors-{time.monotonic_ns()}.db")},
             "http": {"enabled": False},
@@ -170,15 +188,21 @@ async def bootstrap(
 
         await async_wait_until(same_root, timeout=600, interval=0.05)
         elapsed = time.perf_counter() - started
-        counter = engine.peers["peer"].counter
-        return elapsed, counter.round_trips, counter.bytes_read
+        counters = [part.peers["peer"].counter for part in engine.parts.values()]
+        trips = sum(counter.round_trips for counter in counters)
+        return elapsed, trips, sum(counter.bytes_read for counter in counters)
     finally:
         await engine.shutdown()
 
 
-async def bench_bootstrap(items: int, make: Any, cluster: Cluster, workdir: Path) -> None:
+async def bench_bootstrap(
+    items: int, make: Any, cluster: Cluster, workdir: Path, partitions: int
+) -> None:
     standalone_peer = make()
-    print(f"bootstrap: {items:,} items of {BOOTSTRAP_VALUE_BYTES} B into a new standalone node")
+    print(
+        f"bootstrap: {items:,} items of {BOOTSTRAP_VALUE_BYTES} B into a new standalone node, "
+        f"{partitions} partition(s)"
+    )
     for name, url, is_cluster in (
         ("from the cluster peer", cluster.seed.url, True),
         ("from a standalone peer", standalone_peer.url, False),
@@ -186,9 +210,11 @@ async def bench_bootstrap(items: int, make: Any, cluster: Cluster, workdir: Path
         # The same keys and values; each store stamps its own HLCs, so each has its own root.
         # The cluster held the catch-up runs' node: it starts empty for this one.
         await flush(cluster.masters if is_cluster else [standalone_peer])
-        want = await load(url, items, cluster=is_cluster)
+        want = await load(url, items, cluster=is_cluster, partitions=partitions)
         target = make()
-        seconds, trips, read = await bootstrap(url, target, want, workdir, cluster=is_cluster)
+        seconds, trips, read = await bootstrap(
+            url, target, want, workdir, cluster=is_cluster, partitions=partitions
+        )
         target.kill()
         print(
             f"  {name:<24} {seconds:6.1f} s, {items / seconds:9,.0f} items/s, {trips:,} round "
