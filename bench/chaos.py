@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
         help="node a's store is a Redis Cluster (3 masters, 3 replicas): its Redis faults are "
         "failovers of the master holding its data",
     )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        choices=(1, 16),
+        help="every store in this many partitions (16: fanout 16, depth 2); the trim and "
+        "corrupt faults act on one stream and are left out",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON too")
     parser.add_argument("--quiet", action="store_true", help="do not narrate faults")
     return parser
@@ -77,6 +85,11 @@ async def _run(args: argparse.Namespace, workdir: Path) -> ChaosReport:
         if not args.quiet:
             print(f"[{time.monotonic() - started:7.1f}s] {message}", flush=True)
 
+    config: dict[str, Any] = {"local": local} if local else {}
+    kinds = [k for k in args.kinds.split(",") if k]
+    if args.partitions > 1:
+        config["settings"] = {"merkle": {"fanout": 16, "depth": 2, "partitions": args.partitions}}
+        kinds = [k for k in kinds if k not in ("trim", "corrupt")]
     with redis_processes(workdir) as make_server:
         return await run_chaos(
             args.seed,
@@ -84,11 +97,11 @@ async def _run(args: argparse.Namespace, workdir: Path) -> ChaosReport:
             make_server,
             nodes=args.nodes,
             duration_s=args.duration,
-            kinds=[k for k in args.kinds.split(",") if k],
+            kinds=kinds,
             keys=args.keys,
             rate_per_node=args.rate,
             converge_timeout_s=args.converge_timeout,
-            config={"local": local} if local else None,
+            config=config or None,
             progress=say,
             membership=not args.no_membership,
             cluster_node=args.cluster_node,

@@ -41,6 +41,9 @@ from harness.mesh import (
     connect_store,
     deep_merge,
     full_mesh,
+    lane_of,
+    partitions_of,
+    tombstone_count,
 )
 from harness.proxy import TcpProxy
 from replication_engine import codec
@@ -289,7 +292,7 @@ class ChaosMesh(Mesh[ChaosNode]):
 
         def ready() -> bool:
             return all(
-                set(n.peer_ids) <= set(n.saved_cursors())
+                {lane for peer in n.peer_ids for lane in n.lanes(peer)} <= set(n.saved_cursors())
                 for n in self.nodes.values()
                 if n.engine is not None
             )
@@ -378,19 +381,21 @@ class ChaosMesh(Mesh[ChaosNode]):
     # ------------------------------------------------------------------ state
 
     async def tailers_at_tails(self) -> bool:
-        """Every running tailer has read its peer's stream up to the current tail."""
-        tails: dict[str, StreamId] = {}
+        """Every running tailer has read its peer's stream (partition) up to the current tail."""
+        tails: dict[tuple[str, str], StreamId] = {}
         for node in self.live:
-            tail = await node.store.stream_tail()
-            if tail is not None:
-                tails[node.node_id] = codec.parse_stream_id(tail)
+            for name, part in partitions_of(node.store).items():
+                tail = await part.stream_tail()
+                if tail is not None:
+                    tails[node.node_id, name] = codec.parse_stream_id(tail)
         for node in self.live:
             if node.engine is None:
                 continue
-            for peer_id, tailer in node.engine.tailers.items():
+            for lane, tailer in node.engine.tailers.items():
+                peer_id, partition = lane_of(lane)
                 if peer_id in self.forgotten:
                     continue
-                tail_id = tails.get(peer_id)
+                tail_id = tails.get((peer_id, partition))
                 if tail_id is not None and (tailer.cursor is None or tailer.cursor < tail_id):
                     return False
         return True
@@ -409,7 +414,7 @@ class ChaosMesh(Mesh[ChaosNode]):
 
     async def tombstones(self) -> dict[str, int]:
         """Tombstones each node still holds (collected once every member holds them)."""
-        return {node.node_id: await node.store.tombstone_count() for node in self.live}
+        return {node.node_id: await tombstone_count(node.store) for node in self.live}
 
     async def settled(self) -> bool:
         """Converged, with every tombstone collected everywhere: with writes stopped and

@@ -40,6 +40,7 @@ from harness.mesh import (
     RESTART_DEADLINE_S,
     Version,
     Write,
+    partitions_of,
     snapshot,
     version_order,
 )
@@ -379,14 +380,17 @@ class FaultRunner:
         # entries before its first saved cursor were quarantined in the old database, gone with
         # it, so they are excused from the quarantine check.
         for peer_id in node.peer_ids:
-            saved = cast(Callable[[], StreamId], functools.partial(node.saved_cursor, peer_id))
-            cursor: StreamId = await async_wait_until(
-                saved,
-                timeout=BOOTSTRAP_DEADLINE_S,
-                interval=0.05,
-                message=f"{fault.node} resumed reading {peer_id}",
-            )
-            self.excused[fault.node][peer_id] = cursor
+            cursors: list[StreamId] = []
+            for lane in node.lanes(peer_id):  # a node of many partitions reads each on its own
+                saved = cast(Callable[[], StreamId], functools.partial(node.saved_cursor, lane))
+                cursor: StreamId = await async_wait_until(
+                    saved,
+                    timeout=BOOTSTRAP_DEADLINE_S,
+                    interval=0.05,
+                    message=f"{fault.node} resumed reading {lane}",
+                )
+                cursors.append(cursor)
+            self.excused[fault.node][peer_id] = min(cursors)
         fault.outcome["bootstrapped_to"] = {p: str(c) for p, c in self.excused[fault.node].items()}
 
     async def _link_one_way(self, fault: Fault) -> None:
@@ -433,12 +437,16 @@ class FaultRunner:
         one of the key, and none that lacks the key has collected tombstones up to the write
         (a collected delete that superseded it is held as knowledge, not as a version)."""
 
-        async def holdings(node: ChaosNode) -> tuple[dict[str, Version], int]:
-            record = await node.store.record()
+        async def holdings(node: ChaosNode) -> tuple[dict[str, Version], dict[str, int]]:
+            """What the node holds, and each partition's collected horizon."""
+            horizons = {}
+            for name, part in partitions_of(node.store).items():
+                record = await part.record()
+                horizons[name] = record.collected if record is not None else 0
             state = await snapshot(node.store, include_tombstones=True)
-            return state, record.collected if record is not None else 0
+            return state, horizons
 
-        others: list[tuple[dict[str, Version], int]] = []
+        others: list[tuple[dict[str, Version], dict[str, int]]] = []
         for node in self.mesh.live:
             if node.node_id != node_id:
                 # A fault running alongside may have this node's Redis down for a moment.
@@ -456,10 +464,10 @@ class FaultRunner:
             if write.node != node_id:
                 continue
             held = False
-            for state, horizon in others:
+            for state, horizons in others:
                 version = state.get(write.key)
                 if version is None:
-                    held = horizon >= write.hlc
+                    held = horizons[self.mesh.geometry.partition_of(write.key)] >= write.hlc
                 else:
                     held = version_order(version) >= write.order
                 if held:
@@ -476,7 +484,11 @@ class FaultRunner:
             peer["start_from"] = "latest"
         node.config = EngineConfig.model_validate(data)
         engine = await self.mesh.start_engine(fault.node)
-        fault.outcome["membership"] = engine.status()["membership"]["state"]
+        membership = engine.status()["membership"]
+        if "state" in membership:
+            fault.outcome["membership"] = membership["state"]
+        else:  # a node of many partitions: each has its own record
+            fault.outcome["membership"] = sorted({m["state"] for m in membership.values()})
         self.workload.start_node(fault.node)
 
     async def _member_forget(self, fault: Fault) -> None:
@@ -800,9 +812,10 @@ async def _check(
     gone: dict[str, set[StreamId]] = {}
     oldest_of: dict[str, StreamId | None] = {}
     for peer in mesh.live:
-        first = cast(
-            list[tuple[bytes, Any]], await peer.store.redis.xrange(peer.store.keys.cdc, count=1)
-        )
+        # Corrupt entries go to the stream of a store of one partition (the corrupt fault is
+        # not run on nodes of many).
+        store = next(iter(partitions_of(peer.store).values()))
+        first = cast(list[tuple[bytes, Any]], await store.redis.xrange(store.keys.cdc, count=1))
         oldest = codec.parse_stream_id(first[0][0]) if first else None
         oldest_of[peer.node_id] = oldest
         gone[peer.node_id] = runner.trimmed_injected[peer.node_id] | {

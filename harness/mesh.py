@@ -57,6 +57,7 @@ from replication_engine.codec import Change, StreamId
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
 from replication_engine.hot_path import Tailer
+from replication_engine.merkle import Geometry
 from replication_engine.store.partitioned import PartitionedStore
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import (
@@ -270,6 +271,23 @@ async def read_stream(store: RedisStore) -> list[tuple[StreamId, Change]]:
     return out
 
 
+def partitions_of(store: Any) -> dict[str, RedisStore]:
+    """A node's store partition by partition (a store of one partition is its own)."""
+    if isinstance(store, PartitionedStore):
+        return dict(store.partitions)
+    return {"0": store}
+
+
+def lane_of(name: str) -> tuple[str, str]:
+    """``(peer, partition)`` of a tailer's name in ``engine.tailers`` (``b`` or ``b{3}``)."""
+    peer, _, rest = name.partition("{")
+    return peer, rest.rstrip("}") or "0"
+
+
+async def tombstone_count(store: Any) -> int:
+    return sum([await part.tombstone_count() for part in partitions_of(store).values()])
+
+
 def stream_version(change: Change) -> Version:
     return (None if change.tombstone else change.value, change.hlc, change.origin)
 
@@ -344,6 +362,15 @@ class MeshNode:
     @property
     def peer_ids(self) -> list[str]:
         return [p.node_id for p in self.config.peers]
+
+    def lanes(self, peer_id: str) -> list[str]:
+        """The names this node reads ``peer_id`` under: its id, or one per partition
+        (``b{3}``) on a node of many: its tailers' keys and its cursors' names."""
+        merkle = self.config.settings.merkle
+        if merkle.partitions == 1:
+            return [peer_id]
+        names = Geometry(merkle.fanout, merkle.depth, merkle.partitions).partition_names
+        return [f"{peer_id}{{{name}}}" for name in names]
 
     @property
     def cursor_path(self) -> Path:
@@ -439,6 +466,12 @@ class Mesh(Generic[NodeT]):
         # The states that the last successful :meth:`converged` check compared: judged as they
         # were, since a tombstone collected a moment later would make a re-read differ.
         self.converged_states: dict[str, dict[str, Version]] = {}
+
+    @property
+    def geometry(self) -> Geometry:
+        """The mesh's store layout (every node uses the same)."""
+        merkle = next(iter(self.nodes.values())).config.settings.merkle
+        return Geometry(merkle.fanout, merkle.depth, merkle.partitions)
 
     def __getitem__(self, node_id: str) -> NodeT:
         return self.nodes[node_id]
