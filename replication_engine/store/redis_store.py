@@ -761,7 +761,9 @@ class RedisStore:
                 keys=self._declared, args=self._apply_args(prepared, packed, source)
             )
         except ResponseError as exc:
-            if isinstance(exc, _STORE_WIDE):
+            # A state of the server (loading, failing over, a cluster down or resharding) is
+            # no item's fault: the whole batch waits for it. Only a refusal is narrowed down.
+            if isinstance(exc, _STORE_WIDE) or failure(exc) is not Failure.REFUSED:
                 raise
             if str(exc).startswith(_STORE_KEY_ERROR) or start == end:
                 raise _store_error(exc) from exc

@@ -199,6 +199,33 @@ async def test_ci_sized_checker_run_with_a_cluster_node(
     assert any("a" in (f.node, f.other) and f.kind == "partition_cut" for f in report.faults)
 
 
+async def test_ci_sized_checker_run_with_every_node_in_sixteen_partitions(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """The checker over a mesh whose stores are each 16 partitions: every partition is read,
+    anchored, certified, recovered and collected on its own, so a restore, a wipe, a lost
+    cursor database or a member joining and leaving must still lose and resurrect nothing,
+    and every delete must still be collected. (Trim and corrupt act on one stream and are
+    left out.)"""
+    kinds = [k for k in FAULT_KINDS if k not in ("trim", "corrupt")]
+    report = await run_chaos(
+        CI_SEED,
+        tmp_path / "run",
+        redis_factory,
+        nodes=3,
+        duration_s=30.0,
+        kinds=kinds,
+        converge_timeout_s=90.0,
+        config={"settings": {"merkle": {"fanout": 16, "depth": 2, "partitions": 16}}},
+    )
+    print(report.render())
+    assert report.ok, report.render()
+    summary = report.summary()
+    assert summary["writes_acknowledged"] > 300
+    assert summary["writes_lost"] == 0 and summary["resurrections"] == 0
+    assert {"redis_restore", "redis_wipe", "cursor_loss"} <= set(report.faults_by_kind())
+
+
 # ------------------------------------------------------------------------------------ node faults
 
 

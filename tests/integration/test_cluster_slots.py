@@ -9,6 +9,7 @@ tests/integration/test_cluster_node.py runs the engines on a cluster.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import AsyncIterator
 
@@ -17,10 +18,16 @@ import xxhash
 from redis.asyncio.cluster import RedisCluster
 
 from replication_engine.codec import Change
+from replication_engine.connection import Failure, failure
 from replication_engine.store.protocol import StreamBatch
 from replication_engine.store.redis_store import RedisStore
-from replication_engine.testing import RedisFactory, find_redis_server
-from replication_engine.testing.cluster import Cluster, redis_cli_binary, start_cluster
+from replication_engine.testing import RedisFactory, find_redis_server, wait_until
+from replication_engine.testing.cluster import (
+    Cluster,
+    redis_cli_binary,
+    slot_owner,
+    start_cluster,
+)
 from replication_engine.testing.redis_proc import redis_server_version
 
 pytestmark = pytest.mark.skipif(
@@ -133,3 +140,24 @@ async def test_redis_cli_in_cluster_mode_writes_through_the_functions(
     assert len(written.stdout.split()) == 2, written
     got = await store.get("user:42")
     assert got is not None and (got.value, got.content_type) == (b"Ada", "text")
+
+
+async def test_a_cluster_that_is_down_fails_an_apply_whole_and_refuses_no_item(
+    store: RedisStore, cluster: Cluster
+) -> None:
+    """A master gone (no replica to promote): the cluster says CLUSTERDOWN to every call,
+    whatever its slot. That is the store being unavailable, retried whole, and no item's
+    fault: none may be marked refused (and so quarantined) for it."""
+    home = slot_owner(cluster, store.partition_slot())
+    other = next(n for n in cluster.masters if n.port != home.port)
+    other.kill()
+
+    def down() -> bool:
+        with home.client() as client:
+            return client.cluster("info").get("cluster_state") == "fail"
+
+    await asyncio.to_thread(wait_until, down, timeout=30, message="cluster_state:fail")
+    with pytest.raises(Exception) as raised:
+        await store.apply_batch([_change("x", 5), _change("y", 6), _change("z", 7)])
+    # What the tailer waits out (the local breaker counts it), not an item's refusal.
+    assert failure(raised.value) is Failure.UNAVAILABLE, raised.value
