@@ -22,10 +22,26 @@ from replication_engine.store.layout import Keyspace
 from replication_engine.store.partitioned import PartitionedStore
 from replication_engine.store.redis_store import InvalidWriteError, RedisStore
 from replication_engine.testing import RedisFactory, RedisHandle, async_wait_until
-from replication_engine.testing.cluster import redis_cli_binary, slot_owner, start_cluster
+from replication_engine.testing.cluster import (
+    Cluster,
+    redis_cli_binary,
+    slot_owner,
+    start_cluster,
+)
 
 PREFIX = "app:"
 SPLIT = Geometry(16, 2, 16)
+
+
+async def keys_per_master(cluster: Cluster) -> list[int]:
+    holding = []
+    for master in cluster.masters:
+        client = Redis(host=master.host, port=master.port)
+        try:
+            holding.append(await client.dbsize())
+        finally:
+            await client.aclose()
+    return holding
 
 
 async def _open(url: str, **options: object) -> PartitionedStore:
@@ -121,13 +137,7 @@ async def test_on_a_cluster_the_partitions_spread_over_every_shard(
         for key in keys[:20]:
             item = await store.get(key)
             assert item is not None and item.value == key.encode()
-        holding = []
-        for master in cluster.masters:
-            client = Redis(host=master.host, port=master.port)
-            try:
-                holding.append(await client.dbsize())
-            finally:
-                await client.aclose()
+        holding = await keys_per_master(cluster)
         # 16 partitions hash to slots owned by all three masters, and each holds a share.
         assert all(n > 50 for n in holding), holding
     finally:
@@ -283,13 +293,7 @@ async def test_a_cluster_node_of_many_partitions_spreads_over_its_shards_and_con
         await mesh.wait_converged(SETTLE_S)
         for node in ("c", "s"):
             assert await snapshot(mesh[node].store) == expected_snapshot(log.writes)
-        holding = []
-        for master in cluster.masters:
-            client = Redis(host=master.host, port=master.port)
-            try:
-                holding.append(await client.dbsize())
-            finally:
-                await client.aclose()
+        holding = await keys_per_master(cluster)
         assert all(n > 20 for n in holding), holding
 
 
