@@ -8,11 +8,12 @@ instead of a connect timeout, and records latency and liveness for status and re
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pybreaker
@@ -113,6 +114,40 @@ def parse_stream_info(raw: Any) -> StreamInfo:
     )
 
 
+Facts = tuple[NodeRecord | None, "StreamInfo", bytes]
+# How long a facts read waits for the peer's other partitions to ask too.
+FACTS_WINDOW_SEC = 0.005
+
+
+@dataclass(slots=True)
+class _FactsBatch:
+    """Facts reads asked of a peer's partitions and not sent yet, by partition: each waiter
+    with the read counter of the partition that asked."""
+
+    waiting: dict[str, list[tuple[asyncio.Future[Facts], ReadCounter]]] = field(
+        default_factory=dict
+    )
+    task: asyncio.Task[None] | None = None
+
+
+def _settle(
+    waiters: list[tuple[asyncio.Future[Facts], ReadCounter]], outcome: Facts | BaseException
+) -> None:
+    for waiter, _counter in waiters:
+        if waiter.done():
+            continue  # its caller was cancelled meanwhile
+        if isinstance(outcome, BaseException):
+            waiter.set_exception(outcome)
+        else:
+            waiter.set_result(outcome)
+
+
+def _cancel(waiting: dict[str, list[tuple[asyncio.Future[Facts], ReadCounter]]]) -> None:
+    for waiters in waiting.values():
+        for waiter, _counter in waiters:
+            waiter.cancel()
+
+
 class PeerLayoutError(GeometryError):
     """The peer's store is laid out in another number of partitions than this node's."""
 
@@ -185,6 +220,7 @@ class Peer:
         # other keys, and its record's claims cover only them.
         self.partitions = partitions
         self._link = _Link()
+        self._facts = _FactsBatch()
         self._is_view = False
         metrics.peer_connected.labels(node_id).set(0)
         metrics.watch_circuit(metrics.peer_circuit.labels(node_id), lambda: self.circuit_state)
@@ -327,10 +363,10 @@ class Peer:
             return layout, _record(record_raw), parse_stream_info(info_raw), entries_raw or []
 
         layout, record, info, entries = await self.call(run, what="xrange")
-        self._check_layout(layout)
+        self._check_layout(layout, self.keys.partition)
         return record, info, entries
 
-    def _check_layout(self, partitions: Any) -> None:
+    def _check_layout(self, partitions: Any, name: str) -> None:
         """Refuse a partition of a store laid out otherwise than this node reads it: its
         stream holds another share of the keys, and its record's claims cover only those, so
         nothing read from it may be applied or claimed. A partition without a meta has never
@@ -339,32 +375,75 @@ class Peer:
             return
         if text(partitions) != str(self.partitions):
             raise PeerLayoutError(
-                f"peer {self.node_id}: partition {self.keys.partition} belongs to a store of "
+                f"peer {self.node_id}: partition {name} belongs to a store of "
                 f"{text(partitions)[:20]} partition(s), this node reads stores of "
                 f"{self.partitions} (settings.merkle.partitions must match on every node; "
                 f"docs/FORMAT.md, 'Partitions')"
             )
 
-    async def snapshot_facts(self) -> tuple[NodeRecord | None, StreamInfo, bytes]:
+    async def snapshot_facts(self) -> Facts:
         """The peer's record, stream facts and Merkle root, read in that order in one round
-        trip: what a repair that starts now may claim once it is complete."""
+        trip: what a repair that starts now may claim once it is complete.
 
-        async def run() -> tuple[Any, NodeRecord | None, StreamInfo, bytes]:
+        The partitions of a peer asked within a few milliseconds of each other (every
+        partition's repair cycle starts on the same beat) are read in one pipeline, which a
+        cluster client sends as one round trip per shard: the in-sync check of a node of many
+        partitions costs what it costs a node of one, per shard.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Facts] = loop.create_future()
+        batch = self._facts
+        batch.waiting.setdefault(self.keys.partition, []).append((waiter, self.counter))
+        if batch.task is None:
+            batch.task = loop.create_task(self._read_facts(), name=f"peer[{self.node_id}].facts")
+        return await waiter
+
+    async def _read_facts(self) -> None:
+        batch = self._facts
+        try:
+            if self.partitions > 1:
+                await asyncio.sleep(FACTS_WINDOW_SEC)  # the other partitions' cycles join in
+        except asyncio.CancelledError:
+            waiting, batch.waiting, batch.task = batch.waiting, {}, None
+            _cancel(waiting)
+            raise
+        waiting, batch.waiting, batch.task = batch.waiting, {}, None
+        names = list(waiting)
+
+        async def run() -> list[Any]:
             async with self.query.pipeline(transaction=False) as pipe:
-                pipe.hget(self.keys.part_meta, "partitions")
-                pipe.hgetall(self.keys.record)
-                pipe.xinfo_stream(self.keys.cdc)
-                pipe.get(self.keys.root)
-                layout, record_raw, info_raw, root_raw = await pipe.execute(raise_on_error=False)
-            if isinstance(root_raw, BaseException):
-                raise root_raw
-            self.counter.round_trips += 1
-            root = ZERO if root_raw is None else bytes.fromhex(root_raw.decode("ascii"))
-            return layout, _record(record_raw), parse_stream_info(info_raw), root
+                for name in names:
+                    keys = self.keys.of(name)
+                    pipe.hget(keys.part_meta, "partitions")
+                    pipe.hgetall(keys.record)
+                    pipe.xinfo_stream(keys.cdc)
+                    pipe.get(keys.root)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            for root_raw in replies[3::4]:
+                if isinstance(root_raw, BaseException):
+                    raise root_raw
+            return replies
 
-        layout, record, info, root = await self.call(run, what="snapshot_facts")
-        self._check_layout(layout)
-        return record, info, root
+        try:
+            replies = await self.call(run, what="snapshot_facts")
+        except asyncio.CancelledError:
+            _cancel(waiting)  # the loop is closing: so are the reads it owed
+            raise
+        except Exception as exc:
+            for name in names:
+                _settle(waiting[name], exc)
+            return
+        for at, name in enumerate(names):
+            layout, record_raw, info_raw, root_raw = replies[4 * at : 4 * at + 4]
+            try:
+                self._check_layout(layout, name)
+            except PeerLayoutError as exc:
+                _settle(waiting[name], exc)
+                continue
+            root = ZERO if root_raw is None else bytes.fromhex(root_raw.decode("ascii"))
+            for _waiter, counter in waiting[name]:
+                counter.round_trips += 1
+            _settle(waiting[name], (_record(record_raw), parse_stream_info(info_raw), root))
 
     async def record(self) -> NodeRecord | None:
         return await self.call(self.reader.node_record, what="record")

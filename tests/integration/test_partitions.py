@@ -17,7 +17,10 @@ import pytest
 from redis.asyncio import Redis
 
 from harness.mesh import Mesh, MeshNode, WriteLog, expected_snapshot, metric, open_mesh, snapshot
+from replication_engine.connection import _CancelSafeSend
 from replication_engine.merkle import Geometry, GeometryError
+from replication_engine.observability.metrics import Metrics
+from replication_engine.peer import Peer
 from replication_engine.store.layout import Keyspace
 from replication_engine.store.partitioned import PartitionedStore
 from replication_engine.store.redis_store import InvalidWriteError, RedisStore
@@ -357,3 +360,40 @@ async def test_a_failover_sends_only_the_dead_shards_partitions_into_recovery(
             if metric(engine, "replication_recoveries_total", partition=name) > 0
         }
         assert recovered and recovered <= on_victim, (recovered, on_victim)
+
+
+@pytest.mark.skipif(redis_cli_binary() is None, reason="no redis-cli binary to build a cluster")
+async def test_the_equality_check_of_16_partitions_is_one_round_trip_per_shard(
+    redis_factory: RedisFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every partition's repair cycle reads its peer's record, stream facts and root: asked
+    together (the cycles start on one beat), they go in one pipeline, one write per shard's
+    socket against a cluster and one against a single Redis."""
+    cluster = start_cluster(redis_factory, masters=3)
+    single = redis_factory()
+    for url, is_cluster in ((cluster.seed.url, True), (single.url, False)):
+        store = await _open(url, cluster=is_cluster)
+        await store.put_many([(f"k{i}", "v", "t") for i in range(100)])
+        await store.close()
+    sends: list[int] = []
+    original = _CancelSafeSend.send_packed_command
+
+    async def counted(self: Any, command: Any, check_health: bool = True) -> None:
+        sends.append(id(self))
+        await original(self, command, check_health)
+
+    monkeypatch.setattr(_CancelSafeSend, "send_packed_command", counted)
+    trips = {}
+    for name, url, is_cluster in (("cluster", cluster.seed.url, True), ("one", single.url, False)):
+        peer = Peer("a", url, prefix=PREFIX, metrics=Metrics(), cluster=is_cluster, partitions=16)
+        views = [peer.partition(p) for p in SPLIT.partition_names]
+        try:
+            # Connects to every master (and reads a cluster's topology) first.
+            await asyncio.gather(*(view.snapshot_facts() for view in views))
+            sends.clear()
+            facts = await asyncio.gather(*(view.snapshot_facts() for view in views))
+            assert all(root != bytes(16) for _record, _stream, root in facts)
+            trips[name] = len(sends)
+        finally:
+            await peer.close()
+    assert trips == {"cluster": 3, "one": 1}, trips
