@@ -827,7 +827,8 @@ class Tailer:
                 # stream carries is claimed until a complete repair anchors it again.
                 self.on_unanchored(self._peer_id)
         try:
-            await self.cursors.save(self._peer_id, str(last_id))
+            if last_id != self.cursor:  # a read that only took claims leaves it where it is
+                await self.cursors.save(self._peer_id, str(last_id))
         except CursorError as exc:
             raise CursorSaveFailed(
                 f"peer {self._peer_id}: cursor {last_id} was applied but could not be saved; "

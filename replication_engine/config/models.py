@@ -437,9 +437,9 @@ class MerkleConfig(_Section):
     partitions: int = Field(
         default=1,
         description=(
-            "1, or the fanout: one partition per child of the tree's root, each a whole store "
-            "in its own Redis Cluster slot, so a node on a cluster spreads over its shards "
-            "(README, 'A node on a Redis Cluster'). Fixed when the store is created."
+            "1, or the fanout (at most 64): one partition per child of the tree's root, each a "
+            "whole store in its own Redis Cluster slot, so a node on a cluster spreads over its "
+            "shards (README, 'A node on a Redis Cluster'). Fixed when the store is created."
         ),
     )
 

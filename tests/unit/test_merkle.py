@@ -108,7 +108,9 @@ def test_a_store_of_fanout_partitions_records_them_and_reads_them_back() -> None
     assert "partitions=16" in g.describe()
 
 
-@pytest.mark.parametrize(("fanout", "partitions"), [(16, 4), (16, 256), (256, 16), (1024, 1024)])
+@pytest.mark.parametrize(
+    ("fanout", "partitions"), [(16, 4), (16, 256), (256, 16), (256, 256), (1024, 1024)]
+)
 def test_partitions_other_than_one_or_the_fanout_are_refused_by_name(
     fanout: int, partitions: int
 ) -> None:
