@@ -230,6 +230,7 @@ class Tailer:
         self._read_pos: StreamId | None = None  # decoded, maybe not yet applied (pipelining)
         self._head_read_at: float | None = None  # when the last read at the head started
         self._last_read_had_entries = False
+        self._saved: StreamId | None = None  # the cursor this tailer last saved
         self.tail: StreamId | None = None
         self.lag_ms: int | None = None  # unknown until the first read answers
         self.lag_events: int | None = None
@@ -827,8 +828,11 @@ class Tailer:
                 # stream carries is claimed until a complete repair anchors it again.
                 self.on_unanchored(self._peer_id)
         try:
-            if last_id != self.cursor:  # a read that only took claims leaves it where it is
+            # A read at the head that only took claims leaves the cursor where this tailer
+            # last saved it: no write to the database for it.
+            if last_id != self._saved:
                 await self.cursors.save(self._peer_id, str(last_id))
+                self._saved = last_id
         except CursorError as exc:
             raise CursorSaveFailed(
                 f"peer {self._peer_id}: cursor {last_id} was applied but could not be saved; "
