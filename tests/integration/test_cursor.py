@@ -517,3 +517,24 @@ async def test_cancellation_mid_write_leaves_store_usable(
     await store.save("c", "1-0")
     assert await store.get("c") == "1-0"
     assert store._db is not None and not store._db.in_transaction
+
+
+async def test_a_partitions_view_keeps_its_own_cursors_bootstraps_and_meta(
+    store: CursorStore,
+) -> None:
+    """Two partitions read the same peer: each keeps its own position, bootstrap progress
+    and certification meta in the one file, under ``<peer>{<partition>}``, and closing a
+    view leaves the file open for the others."""
+    one, two = store.scoped("3"), store.scoped("a")
+    await one.save("b", "5-0")
+    await two.save("b", "9-1")
+    await one.bootstrap_begin("c", "1-0")
+    await one.meta_set("nonce", "x")
+    assert (await one.get("b"), await two.get("b"), await store.get("b")) == ("5-0", "9-1", None)
+    assert await two.bootstrap_state("c") is None and await one.bootstrap_state("c") is not None
+    assert (await one.meta_get("nonce"), await two.meta_get("nonce")) == ("x", None)
+    assert await store.all() == {"b{3}": "5-0", "b{a}": "9-1"}
+    await one.delete("b")
+    assert (await one.get("b"), await two.get("b")) == (None, "9-1")
+    await one.close()
+    assert await two.get("b") == "9-1"
