@@ -55,6 +55,7 @@ from replication_engine import codec, knowledge
 from replication_engine.clock import HLC
 from replication_engine.codec import Change, StreamId
 from replication_engine.config import EngineConfig
+from replication_engine.connection import _CancelSafeSend
 from replication_engine.engine import ReplicationEngine
 from replication_engine.hot_path import Tailer
 from replication_engine.merkle import Geometry
@@ -297,6 +298,20 @@ async def xread_calls(store: RedisStore) -> int:
     stats = await store.redis.info("commandstats")
     entry = stats.get("cmdstat_xread")
     return int(entry["calls"]) if isinstance(entry, dict) else 0
+
+
+def count_sends(monkeypatch: Any) -> list[int]:
+    """From now on (for the test), the id of the connection of every command or pipeline
+    written to a socket: how many round trips a call cost, and to which connections."""
+    sends: list[int] = []
+    original = _CancelSafeSend.send_packed_command
+
+    async def counted(self: Any, command: Any, check_health: bool = True) -> None:
+        sends.append(id(self))
+        await original(self, command, check_health)
+
+    monkeypatch.setattr(_CancelSafeSend, "send_packed_command", counted)
+    return sends
 
 
 def metric(engine: ReplicationEngine, name: str, **labels: str) -> float:

@@ -18,7 +18,15 @@ from typing import Any
 
 import pytest
 
-from harness.mesh import Mesh, MeshNode, WriteLog, expected_snapshot, open_mesh, snapshot
+from harness.mesh import (
+    Mesh,
+    MeshNode,
+    WriteLog,
+    count_sends,
+    expected_snapshot,
+    open_mesh,
+    snapshot,
+)
 from harness.proxy import TcpProxy
 from replication_engine.connection import _CancelSafeSend
 from replication_engine.observability.metrics import Metrics
@@ -202,14 +210,7 @@ async def test_the_equality_check_is_one_round_trip_against_a_cluster_as_against
     log = WriteLog()
     await write_both(mesh, log, 20, "w")
     await assert_everything_arrived(mesh, log)
-    sends: list[int] = []
-    original = _CancelSafeSend.send_packed_command
-
-    async def counted(self: Any, command: Any, check_health: bool = True) -> None:
-        sends.append(id(self))
-        await original(self, command, check_health)
-
-    monkeypatch.setattr(_CancelSafeSend, "send_packed_command", counted)
+    sends = count_sends(monkeypatch)
     trips = {}
     for peer_id, url, is_cluster in (
         ("c", cluster.seed.url, True),

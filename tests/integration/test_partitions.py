@@ -16,8 +16,16 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from harness.mesh import Mesh, MeshNode, WriteLog, expected_snapshot, metric, open_mesh, snapshot
-from replication_engine.connection import _CancelSafeSend
+from harness.mesh import (
+    Mesh,
+    MeshNode,
+    WriteLog,
+    count_sends,
+    expected_snapshot,
+    metric,
+    open_mesh,
+    snapshot,
+)
 from replication_engine.merkle import Geometry, GeometryError
 from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
@@ -375,14 +383,7 @@ async def test_the_equality_check_of_16_partitions_is_one_round_trip_per_shard(
         store = await _open(url, cluster=is_cluster)
         await store.put_many([(f"k{i}", "v", "t") for i in range(100)])
         await store.close()
-    sends: list[int] = []
-    original = _CancelSafeSend.send_packed_command
-
-    async def counted(self: Any, command: Any, check_health: bool = True) -> None:
-        sends.append(id(self))
-        await original(self, command, check_health)
-
-    monkeypatch.setattr(_CancelSafeSend, "send_packed_command", counted)
+    sends = count_sends(monkeypatch)
     trips = {}
     for name, url, is_cluster in (("cluster", cluster.seed.url, True), ("one", single.url, False)):
         peer = Peer("a", url, prefix=PREFIX, metrics=Metrics(), cluster=is_cluster, partitions=16)
