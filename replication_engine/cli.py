@@ -98,8 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--cluster",
         action="store_true",
-        help="node-0's store is a Redis Cluster (3 masters, 3 replicas; needs redis-cli), and "
-        "the first fault kills the master holding its data",
+        help="node-0's store is a Redis Cluster (3 masters, 3 replicas; needs redis-cli), every "
+        "store in 16 partitions spread over its masters, and the first fault kills the master "
+        "holding partition 0",
     )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON too")
 

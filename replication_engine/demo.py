@@ -3,8 +3,9 @@
 Starts real redis-server processes, a store and an engine per node, drives conflicting writes
 and deletes on every node, injects faults (a Redis killed with -9 and restarted; a stream trimmed
 so the hot path misses entries) and shows the cold path healing what the hot path missed. With
-``cluster``, the first node's store is a Redis Cluster of three masters with a replica each, and
-the first fault kills the master that holds its data: the cluster promotes the replica.
+``cluster``, the first node's store is a Redis Cluster of three masters with a replica each,
+every store is laid out in 16 partitions (so that node's data spreads over the masters), and the
+first fault kills the master that holds partition 0: the cluster promotes its replica.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, TextIO
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
 from replication_engine.store.layout import text
+from replication_engine.store.partitioned import PartitionedStore
 from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing.cluster import (
     Cluster,
@@ -35,6 +37,8 @@ from replication_engine.testing.cluster import (
 from replication_engine.testing.redis_proc import RedisHandle, RedisProcess
 
 PREFIX = "demo:"
+# The layout of every store when one node is a cluster: 16 partitions, 4096 leaf buckets.
+SPLIT: dict[str, Any] = {"fanout": 16, "depth": 3, "partitions": 16}
 
 
 @dataclass
@@ -43,7 +47,7 @@ class Node:
     redis: RedisHandle  # a cluster node's: the cluster's seed
     cursor_path: Path
     config: EngineConfig
-    store: RedisStore | None = None
+    store: RedisStore | PartitionedStore | None = None
     engine: ReplicationEngine | None = None
     writes: int = 0
     failed_writes: int = 0
@@ -119,6 +123,9 @@ class Demo:
                     "cluster": self._clustered(me),
                 },
                 "settings": {
+                    # With a cluster node every store is in 16 partitions, so that node's data
+                    # spreads over the cluster's three masters (a mesh uses one layout).
+                    "merkle": SPLIT if self.with_cluster else {},
                     "hot_path": {
                         "block_timeout_sec": "500ms",
                         "batch_size": 100,
@@ -194,9 +201,12 @@ class Demo:
 
     async def _start_node(self, node: Node) -> None:
         if node.store is None:
-            node.store = await RedisStore.connect(
-                node.redis.url, node_id=node.node_id, prefix=PREFIX, cluster=self._clustered(node)
-            )
+            options: dict[str, Any] = {"node_id": node.node_id, "prefix": PREFIX}
+            options["cluster"] = self._clustered(node)
+            if self.with_cluster:
+                node.store = await PartitionedStore.connect(node.redis.url, **SPLIT, **options)
+            else:
+                node.store = await RedisStore.connect(node.redis.url, **options)
         node.engine = ReplicationEngine(node.config, store=node.store)
         await node.engine.start()
 
@@ -265,7 +275,8 @@ class Demo:
         # Polls the writers' counter, which has no event to wait on; bounded by the deadline.
         while source.writes < written + 200 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        await source.store.redis.xtrim(source.store.keys.cdc, maxlen=0, approximate=False)
+        for part in _parts(source.store):
+            await part.redis.xtrim(part.keys.cdc, maxlen=0, approximate=False)
         await self._start_node(lagging)
         self.last_fault_at = time.monotonic()
         self.say(
@@ -274,11 +285,21 @@ class Demo:
         )
 
     async def _failover(self, cluster: Cluster, node: Node) -> None:
-        """Kill the master that holds ``node``'s data; the cluster promotes its replica."""
+        """Kill the master that holds partition 0 of ``node``'s data (and the partitions that
+        share it); the cluster promotes its replica."""
         assert node.store is not None
-        slot = node.store.partition_slot()
+        parts = _parts(node.store)
+        slot = parts[0].partition_slot()
         master = slot_owner(cluster, slot)
-        self.say(f"FAULT kill -9 of {node.node_id}'s master for slot {slot} (port {master.port})")
+        held = [
+            p.keys.partition
+            for p in parts
+            if slot_owner(cluster, p.partition_slot()).port == master.port
+        ]
+        self.say(
+            f"FAULT kill -9 of {node.node_id}'s master for partitions {','.join(held)} of "
+            f"{len(parts)} (port {master.port})"
+        )
         master.kill()
         deadline = time.monotonic() + 30
         # The cluster's own failure detection has no event to wait on; bounded by the deadline.
@@ -313,19 +334,11 @@ class Demo:
             if engine is not None and engine.state == "running":
                 status = engine.status()
                 peers = status["peers"].values()
-                applied = sum(p.get("events_applied", 0) for p in peers)
+                applied = sum(_applied(p) for p in peers)
                 lag = max([p.get("lag_ms") or 0 for p in peers] or [0])
                 opened = sum(1 for p in peers if p["circuit"] != "closed")
                 circuits = "all closed" if not opened else f"{opened} not closed"
-                repaired = int(
-                    sum(
-                        engine.metrics.registry.get_sample_value(
-                            "replication_repair_items_applied_total", {"peer": pid}
-                        )
-                        or 0
-                        for pid in status["peers"]
-                    )
-                )
+                repaired = int(_sample_sum(engine, "replication_repair_items_applied_total"))
             else:
                 circuits = "engine down"
             try:
@@ -427,22 +440,14 @@ class Demo:
             if node.engine is None:
                 continue
             for peer in node.engine.status()["peers"].values():
-                replicated += peer.get("events_applied", 0)
-            reg = node.engine.metrics.registry
-            for other in self.nodes:
-                labels = {"peer": other.node_id}
-                gaps += int(reg.get_sample_value("replication_stream_gaps_total", labels) or 0)
-                repaired += int(
-                    reg.get_sample_value("replication_repair_items_applied_total", labels) or 0
+                replicated += _applied(peer)
+            engine = node.engine
+            gaps += int(_sample_sum(engine, "replication_stream_gaps_total"))
+            repaired += int(_sample_sum(engine, "replication_repair_items_applied_total"))
+            for reason in ("bad_zstd", "hash_mismatch", "unknown_op", "missing_field"):
+                quarantined += int(
+                    _sample_sum(engine, "replication_cdc_events_quarantined_total", reason=reason)
                 )
-                for reason in ("bad_zstd", "hash_mismatch", "unknown_op", "missing_field"):
-                    quarantined += int(
-                        reg.get_sample_value(
-                            "replication_cdc_events_quarantined_total",
-                            {"peer": other.node_id, "reason": reason},
-                        )
-                        or 0
-                    )
         return DemoResult(
             converged=converged_at is not None,
             nodes=self.n,
@@ -462,16 +467,40 @@ class Demo:
         )
 
 
-async def _stream_chunks(store: RedisStore) -> Any:
-    start = "-"
-    while True:
-        entries = await store.redis.xrange(store.keys.cdc, min=start, max="+", count=1000)
-        if not entries:
-            return
-        yield entries
-        start = f"({text(entries[-1][0])}"
-        if len(entries) < 1000:
-            return
+async def _stream_chunks(store: RedisStore | PartitionedStore) -> Any:
+    for part in _parts(store):
+        start = "-"
+        while True:
+            entries = await part.redis.xrange(part.keys.cdc, min=start, max="+", count=1000)
+            if not entries:
+                break
+            yield entries
+            start = f"({text(entries[-1][0])}"
+            if len(entries) < 1000:
+                break
+
+
+def _parts(store: RedisStore | PartitionedStore) -> list[RedisStore]:
+    """A node's store partition by partition."""
+    return list(store.partitions.values()) if isinstance(store, PartitionedStore) else [store]
+
+
+def _applied(peer: dict[str, Any]) -> int:
+    """Events applied from one peer (over its partitions, on a node of many)."""
+    lanes = peer.get("partitions")
+    if lanes:
+        return sum(int(lane.get("events_applied", 0)) for lane in lanes.values())
+    return int(peer.get("events_applied", 0))
+
+
+def _sample_sum(engine: ReplicationEngine, name: str, **labels: str) -> float:
+    """A metric summed over every series carrying ``labels`` (every peer and partition)."""
+    return sum(
+        sample.value
+        for family in engine.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def _pct(values: list[int], pct: float) -> float | None:

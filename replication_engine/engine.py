@@ -107,7 +107,7 @@ class ReplicationEngine:
     def __init__(
         self,
         config: EngineConfig,
-        store: RecordKeeper | None = None,
+        store: RecordKeeper | PartitionedStore | None = None,
         *,
         metrics: Metrics | None = None,
         clock: HLC | None = None,

@@ -869,6 +869,9 @@ async def test_demo_with_a_cluster_node_converges_through_a_failover(tmp_path: P
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "a Redis Cluster, 3 masters and 3 replicas" in result.stdout
+    # Its 16 partitions spread over the masters: the one killed holds some of them, not all.
+    killed = re.search(r"master for partitions ([0-9a-f,]+) of 16 ", result.stdout)
+    assert killed is not None and 0 < len(killed[1].split(",")) < 16, result.stdout[-3000:]
     assert "was promoted" in result.stdout, result.stdout[-3000:]
     assert "converged:            YES" in result.stdout
 
