@@ -68,6 +68,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+# The shortest wait between cycles while a requested repair is pending: its peer may be
+# skipped for a reason with no backoff (an open breaker), which must not spin the loop.
+_RETRY_FLOOR_SEC = 0.5
+
+
 class ColdPath:
     """The anti-entropy loop of one node against all its peers.
 
@@ -224,8 +229,19 @@ class ColdPath:
             if self._stopping.is_set():
                 return
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.interval_sec):
+                async with asyncio.timeout(self._next_wait()):
                     await self._wake.wait()
+
+    def _next_wait(self) -> float:
+        """Until the next cycle: the interval, or sooner when a requested repair is waiting
+        for a peer's backoff to end (a recovery must not wait a whole interval, which with
+        ``enabled`` false is the only other thing that would wake it)."""
+        wait = self.settings.interval_sec
+        peers = self._requests.peers()
+        if peers:
+            soonest = min(self.backoff_remaining(peer_id) for peer_id in peers)
+            wait = min(wait, max(_RETRY_FLOOR_SEC, soonest))
+        return wait
 
     async def repair_once(self, *, force: bool = False) -> RepairStats:
         """Run one cycle now and return what it did.

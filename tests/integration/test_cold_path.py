@@ -821,3 +821,38 @@ async def test_a_written_off_version_is_replaced_even_when_our_claims_cover_the_
     assert await here.merkle_root() == await there.merkle_root()
     (kept,) = await mesh.cursors[0].quarantine_list()
     assert kept.key == "k" and kept.reason.startswith("written_off"), kept
+
+
+async def test_a_requested_repair_that_failed_is_retried_when_its_backoff_ends(
+    mesh: Mesh, redis_factory: RedisFactory
+) -> None:
+    """With periodic cycles off, a requested repair (a recovery, a gap) is the only thing that
+    runs; one that met its peer down backs off, and is tried again when the backoff ends, not
+    an interval later."""
+    here, there = redis_factory(), redis_factory(appendonly=True, appendfsync="always")
+    local, remote = await mesh.store(here, "b"), await mesh.store(there, "a")
+    await populate(seed_changes(20, origin="a"), remote)
+    want = await remote.merkle_root()
+    peer = mesh.peer(there, "a", failure_threshold=100)
+    cold = await mesh.cold(
+        local, [peer], enabled=False, interval_sec=600, backoff_base_sec=0.5, backoff_max_sec=1
+    )
+    there.kill()
+    runner = asyncio.create_task(cold.run())
+    try:
+        cold.request_repair("a", reason="gap")
+
+        def failed() -> bool:
+            last = cold.status()["peers"]["a"]["last_repair"]
+            return last is not None and last["error"] is not None
+
+        await async_wait_until(failed, timeout=20, message="the repair met its peer down")
+        await asyncio.to_thread(there.restart)
+
+        async def repaired() -> bool:
+            return await local.merkle_root() == want
+
+        await async_wait_until(repaired, timeout=20, message="repaired within the backoff")
+    finally:
+        cold.stop()
+        await runner
