@@ -160,7 +160,9 @@ def test_start_failure_reports_the_log_tail(tmp_path: Path) -> None:
 def test_find_redis_server_honours_env(monkeypatch: pytest.MonkeyPatch) -> None:
     binary = find_redis_server()
     monkeypatch.setenv("REDIS_SERVER", binary)
-    assert find_redis_server() == str(Path(binary).resolve())
+    # As given, not resolved: Debian's /usr/bin/redis-server is a symlink to redis-check-rdb,
+    # which runs as a server only when started by the link's name.
+    assert find_redis_server() == str(Path(binary).absolute())
     assert redis_server_version(binary) >= (6, 2, 0)
 
 
