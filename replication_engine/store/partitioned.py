@@ -19,10 +19,10 @@ from typing import Any
 
 from replication_engine.clock import HLC
 from replication_engine.codec import Change
-from replication_engine.connection import TlsOptions, client_maker
+from replication_engine.connection import TlsOptions
 from replication_engine.merkle import Geometry
 from replication_engine.store.protocol import Item
-from replication_engine.store.redis_store import RedisStore, _as_store_errors
+from replication_engine.store.redis_store import RedisStore, _as_store_errors, store_client
 
 
 class PartitionedStore:
@@ -66,13 +66,14 @@ class PartitionedStore:
         the store is first opened: a store opened with another refuses, naming both."""
         with _as_store_errors(node_id):
             geometry = Geometry(fanout, depth, partitions)
-            make = client_maker(cluster, cluster_addresses)
-            redis = make(
+            redis = store_client(
                 url,
+                node_id=node_id,
                 username=username,
                 password=password,
                 tls=tls,
-                client_name=f"re-store-{node_id}",
+                cluster=cluster,
+                cluster_addresses=cluster_addresses,
             )
             shared = hlc or HLC()
             parts = {

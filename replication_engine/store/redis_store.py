@@ -228,6 +228,23 @@ def _store_api(
     return call
 
 
+def store_client(
+    url: str,
+    *,
+    node_id: str,
+    username: str | None,
+    password: str | None,
+    tls: TlsOptions | None,
+    cluster: bool,
+    cluster_addresses: Mapping[str, str] | None,
+) -> Redis:
+    """The client a store talks to its Redis through (one for all of a node's partitions),
+    named for the node in ``CLIENT LIST``."""
+    return client_maker(cluster, cluster_addresses)(
+        url, username=username, password=password, tls=tls, client_name=f"re-store-{node_id}"
+    )
+
+
 class RedisStore:
     """A node's data in its own Redis. Also the API a parent daemon writes through."""
 
@@ -337,9 +354,14 @@ class RedisStore:
         cluster_addresses: Mapping[str, str] | None,
         **options: Any,
     ) -> RedisStore:
-        make = client_maker(cluster, cluster_addresses)
-        redis = make(
-            url, username=username, password=password, tls=tls, client_name=f"re-store-{node_id}"
+        redis = store_client(
+            url,
+            node_id=node_id,
+            username=username,
+            password=password,
+            tls=tls,
+            cluster=cluster,
+            cluster_addresses=cluster_addresses,
         )
         store = cls(redis, node_id=node_id, prefix=prefix, geometry=geometry, **options)
         try:
