@@ -56,13 +56,20 @@ def judge(
 
     ``lost_to_operator`` lists ``(key, hlc, origin)`` of acknowledged writes that only their
     origin's Redis held when an operator restored it from a backup, wiped it or removed the
-    node for good: they may be gone, and the winner is judged among the other writes.
+    node for good: they may be gone, and the winner is judged among the other writes. They may
+    also have survived: the engines run on while the fault is prepared, so a peer can read such
+    a write after it was found held nowhere else, and before the store lost it. One that
+    survived is held like any write, and an excused delete that survived may have been
+    collected, taking the key with it.
     """
     excused = set(lost_to_operator)
     by_key: dict[str, list[Write]] = {}
+    excused_deletes: dict[str, list[Write]] = {}
     for write in writes:
         if (write.key, write.hlc, write.node) not in excused:
             by_key.setdefault(write.key, []).append(write)
+        elif write.value is None:
+            excused_deletes.setdefault(write.key, []).append(write)
     maybe: set[tuple[str, str, bytes | None]] = {(u.node, u.key, u.value) for u in unacknowledged}
     acked_versions = {(w.key, w.node, w.hlc): w.value for w in writes}
     nodes = sorted(states)
@@ -95,7 +102,11 @@ def judge(
                 landed += 1
             else:
                 phantoms.append(f"{key}: holds {_show(final)}, which no write explains")
-        collected = final is None and (winner is None or winner.value is None)
+        collected = final is None and (
+            winner is None
+            or winner.value is None
+            or any(d.order > winner.order for d in excused_deletes.get(key, ()))
+        )
         if (
             final is None
             and not collected

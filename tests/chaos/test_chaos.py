@@ -25,7 +25,7 @@ import pytest
 from harness.chaos import ChaosMesh, ChaosNode, Workload, open_chaos_mesh
 from harness.faults import FAULT_KINDS, MEMBERSHIP_KINDS, run_chaos
 from harness.judge import judge
-from harness.mesh import Unacknowledged, Write, change_order, lww_winner
+from harness.mesh import Unacknowledged, Version, Write, change_order, lww_winner
 from replication_engine import codec, knowledge
 from replication_engine.clock import physical_ms
 from replication_engine.cursor import QUARANTINE_ENTRY_MAX_BYTES, CursorError
@@ -136,6 +136,22 @@ def test_judge_reports_loss_resurrection_phantom_and_divergence() -> None:
     assert any(p.startswith("d:") for p in verdict.resurrections)
     assert any(p.startswith("k:") for p in verdict.lost)  # node a's view is the reference
     assert any(p.startswith("p:") for p in verdict.phantoms)
+
+
+def test_judge_lets_a_delete_excused_as_lost_to_an_operator_have_spread() -> None:
+    """A write excused as lost to an operator (only its origin held it when the fault was
+    prepared) may still have reached a peer before the origin's store lost it. A delete that
+    did, and was collected, leaves its key gone everywhere: that is no loss of the older value
+    it superseded. An excused delete older than the value excuses nothing."""
+    value, delete = Write("e", "k", b"v", 10), Write("a", "k", None, 12)
+    excused = [("k", 12, "a")]
+    gone: dict[str, dict[str, Version]] = {n: {} for n in "ae"}
+    assert judge(gone, [value, delete], lost_to_operator=excused).ok
+    kept = {n: {"k": value.version} for n in "ae"}
+    assert judge(kept, [value, delete], lost_to_operator=excused).ok
+    older = Write("a", "k", None, 8)
+    verdict = judge(gone, [value, older], lost_to_operator=[("k", 8, "a")])
+    assert [p.split(":")[0] for p in verdict.lost] == ["k"]
 
 
 def test_the_checker_judges_by_the_packages_order() -> None:
