@@ -10,8 +10,9 @@ or behind; a node's cursor database deleted; a Redis restored from a backup or r
 without its data; with ``membership``, a node joining late and one forgotten for good.
 
 Then faults stop, writers stop, the mesh quiesces and the end state is checked:
-:func:`harness.judge.judge` on the versions, plus a gap counted for every trim below a cursor
-and exactly the injected corrupt entries quarantined.
+:func:`harness.judge.judge` on the versions, plus a gap counted for every trim below a cursor,
+exactly the injected corrupt entries quarantined, and every value dropped by absence found below
+a delete of its key (:func:`harness.judge.unexplained_drops`).
 
 Used by ``tests/chaos`` (bounded runs) and ``python -m bench.chaos`` (long runs).
 """
@@ -34,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from harness.chaos import BOOTSTRAP_DEADLINE_S, ChaosMesh, ChaosNode, Workload
-from harness.judge import Judgement, judge
+from harness.judge import Judgement, judge, unexplained_drops
 from harness.mesh import (
     DEFAULT_PREFIX,
     RESTART_DEADLINE_S,
@@ -537,6 +538,7 @@ class ChaosReport:
     settled_s: float | None = None  # until every tombstone was collected everywhere
     lost_to_operator: int = 0  # writes only a restored, wiped or forgotten node held
     absence_drops: float = 0.0  # versions dropped as proven dead by a peer's claims
+    absence_drops_checked: int = 0  # of the values among them, those checked against deletes
     failures: list[str] = field(default_factory=list)
     gaps_total: float = 0.0
     quarantined_metric: float = 0.0
@@ -569,6 +571,7 @@ class ChaosReport:
             "writes_lost": len(j.lost) if j else None,
             "writes_lost_to_operator_action": self.lost_to_operator,
             "absence_drops": self.absence_drops,
+            "absence_drops_of_values_checked": self.absence_drops_checked,
             "resurrections": len(j.resurrections) if j else None,
             "phantom_versions": len(j.phantoms) if j else None,
             "divergent_keys": len(j.divergent) if j else None,
@@ -790,6 +793,9 @@ async def _check(
         report.failures.append(f"merkle roots differ: {report.roots}")
     judgement = judge(states, workload.writes, workload.unacknowledged, runner.lost_to_operator)
     report.judgement = judgement
+    drops = {node.node_id: node.dropped_by_absence() for node in mesh.live}
+    report.absence_drops_checked = sum(len(d) for d in drops.values())
+    report.failures.extend(unexplained_drops(drops, workload.writes, workload.unacknowledged))
     for label, problems in (
         ("lost", judgement.lost),
         ("resurrected", judgement.resurrections),

@@ -9,12 +9,12 @@ explains. "Winner" and "superseded" are the package's own order (``knowledge.ord
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from harness.mesh import Unacknowledged, Version, Write, version_order
 
-__all__ = ["Judgement", "judge"]
+__all__ = ["Judgement", "judge", "unexplained_drops"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +137,34 @@ def judge(
         phantoms=phantoms,
         divergent=divergent,
     )
+
+
+def unexplained_drops(
+    drops: Mapping[str, Iterable[tuple[str, int, str]]],
+    writes: Sequence[Write],
+    unacknowledged: Sequence[Unacknowledged] = (),
+) -> list[str]:
+    """Absence drops that no delete explains, per node: ``(key, hlc, origin)`` of the values
+    each node dropped because a peer lacked the key while its claims covered the version.
+
+    A peer lacks a version its claims cover only when a delete at or above it was collected
+    there (docs/DELETES.md), so every such drop must sit below a delete of its key that the
+    workload made (acknowledged, excused or not, or unacknowledged). One that does not is a
+    claim that went too far: a version thrown away that was not dead. This catches it even
+    where a later write of the key hides the loss from the final states.
+    """
+    deletes: dict[str, list[tuple[int, str]]] = {}
+    for write in writes:
+        if write.value is None:
+            deletes.setdefault(write.key, []).append((write.hlc, write.node))
+    maybe_deleted = {u.key for u in unacknowledged if u.value is None}
+    problems = []
+    for node in sorted(drops):
+        for key, hlc, origin in sorted(drops[node]):
+            if key in maybe_deleted or any(d >= (hlc, origin) for d in deletes.get(key, ())):
+                continue
+            problems.append(f"{node} dropped {key}@{hlc:016x}/{origin}, which no delete explains")
+    return problems
 
 
 def _show(version: Version | None) -> str:

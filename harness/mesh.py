@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import sqlite3
 import time
 from collections.abc import (
@@ -54,6 +55,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from replication_engine import codec, knowledge
 from replication_engine.clock import HLC
 from replication_engine.codec import Change, StreamId
+from replication_engine.cold_path.claims import ABSENT_REASON
 from replication_engine.config import EngineConfig
 from replication_engine.connection import _CancelSafeSend
 from replication_engine.engine import ReplicationEngine
@@ -457,6 +459,22 @@ class MeshNode:
         with contextlib.closing(sqlite3.connect(self.cursor_path)) as db:
             rows = db.execute("SELECT peer_id, stream_id, reason FROM quarantine").fetchall()
         return [(str(p), str(s), str(r)) for p, s, r in rows]
+
+    def dropped_by_absence(self) -> list[tuple[str, int, str]]:
+        """(key, hlc, origin) of every value this node dropped by absence (docs/DELETES.md,
+        "Absence by knowledge") whose quarantine row is still on disk: a lost cursor
+        database, or the quarantine's bound, takes rows with it."""
+        if not self.cursor_path.exists():
+            return []
+        with contextlib.closing(sqlite3.connect(self.cursor_path)) as db:
+            rows = db.execute(
+                "SELECT key, raw FROM quarantine WHERE reason LIKE ?", (f"{ABSENT_REASON}:%",)
+            ).fetchall()
+        dropped = []
+        for key, raw in rows:
+            meta = json.loads(json.loads(raw)["meta"])
+            dropped.append((str(key), int(meta["hlc"], 16), str(meta["origin"])))
+        return dropped
 
 
 # ------------------------------------------------------------------------------------ mesh

@@ -24,7 +24,7 @@ import pytest
 
 from harness.chaos import ChaosMesh, ChaosNode, Workload, open_chaos_mesh
 from harness.faults import FAULT_KINDS, MEMBERSHIP_KINDS, run_chaos
-from harness.judge import judge
+from harness.judge import judge, unexplained_drops
 from harness.mesh import Unacknowledged, Version, Write, change_order, lww_winner
 from replication_engine import codec, knowledge
 from replication_engine.clock import physical_ms
@@ -152,6 +152,27 @@ def test_judge_lets_a_delete_excused_as_lost_to_an_operator_have_spread() -> Non
     older = Write("a", "k", None, 8)
     verdict = judge(gone, [value, older], lost_to_operator=[("k", 8, "a")])
     assert [p.split(":")[0] for p in verdict.lost] == ["k"]
+
+
+def test_an_absence_drop_needs_a_delete_above_it() -> None:
+    """A node drops a value by absence only when a peer's claims cover it while the peer lacks
+    the key: a delete at or above it was collected there. A drop that no delete explains is a
+    claim that went too far, reported even where a later write hides it from the end state."""
+    writes = [
+        Write("a", "k", b"v", 10),
+        Write("b", "k", None, 12),
+        Write("a", "j", b"v", 10),
+        Write("b", "j", None, 8),
+        Write("a", "j", b"w", 20),
+    ]
+    maybe = [Unacknowledged("c", "m", None, "ConnectionError")]
+    drops = {"a": [("k", 10, "a"), ("m", 5, "b")], "b": [("k", 12, "b")], "c": [("j", 10, "a")]}
+    assert unexplained_drops(drops, writes, maybe) == [
+        "c dropped j@000000000000000a/a, which no delete explains"
+    ]
+    assert unexplained_drops({"a": [("m", 5, "b")]}, writes) == [
+        "a dropped m@0000000000000005/b, which no delete explains"
+    ]
 
 
 def test_the_checker_judges_by_the_packages_order() -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.chaos import ChaosMesh, ChaosNode, Workload, open_chaos_mesh
+from harness.judge import unexplained_drops
 from replication_engine.clock import wall_clock_ms as clock_ms
 from replication_engine.codec import Change
 from replication_engine.config import EngineConfig
@@ -232,6 +233,11 @@ async def test_a_redis_restored_from_a_backup_older_than_a_collection_brings_not
             assert await holds_value(mesh["b"], key), key
         reasons = [reason for _p, _s, reason in mesh["b"].quarantined()]
         assert sum(r.startswith("absent_on_peer") for r in reasons) == 5, reasons
+        # The chaos checker reads the same rows back: each drop sits below its key's delete.
+        dropped = mesh["b"].dropped_by_absence()
+        assert sorted(key for key, _hlc, _origin in dropped) == [f"doomed:{i}" for i in range(5)]
+        assert {origin for _key, _hlc, origin in dropped} == {"a"}
+        assert unexplained_drops({"b": dropped}, workload.writes) == []
 
 
 # ------------------------------------------------------------------------------------ scenario 4
