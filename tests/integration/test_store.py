@@ -9,6 +9,7 @@ every CDC entry the scripts write must decode like one ``codec.encode_entry`` pr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -308,6 +309,41 @@ async def test_lua_tree_equals_model(
         + [tomb(rnd.choice(keys), ahead + 100 + i) for i in range(20)]
     )
     assert ApplyStatus.APPLIED in statuses
+    await assert_tree_matches_model(store)
+
+
+async def test_an_interior_node_of_many_children_is_a_hash_table_holding_the_same_digests(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    """Redis keeps a hash of up to 512 entries as a listpack, where each field read or written
+    is a scan: a node of the default fanout's 256 children made the tree's upkeep a third of the
+    apply. Past 64 children the scripts make the node a hash table; its content is unchanged."""
+    store = await open_store(redis_server.url, prefix="dense:")  # the default 256 x 2
+    geometry = store.geometry
+    crowded: dict[str, str] = {}  # leaf path -> one key, all under level-1 node "00"
+    sparse: dict[str, str] = {}  # the same, 10 leaves under node "01"
+    for i in itertools.count():
+        key = f"k{i}"
+        path = geometry.leaf_path(key)
+        if path.startswith("00") and len(crowded) < 70:
+            crowded.setdefault(path, key)
+        elif path.startswith("01") and len(sparse) < 10:
+            sparse.setdefault(path, key)
+        if len(crowded) == 70 and len(sparse) == 10:
+            break
+    keys = list(crowded.values()) + list(sparse.values())
+    await store.put_many([(key, b"local", "application/octet-stream") for key in keys[:40]])
+    ahead = clock.physical_ms(store.clock.last) - NOW_MS + 1_000
+    await store.apply_batch([put(key, b"remote", ahead) for key in keys[40:]])  # the apply path
+    node = f"{store.keys.part}mk:"
+    assert await store.redis.object("encoding", node + "00") == b"hashtable"
+    assert await store.redis.hlen(node + "00") == 70
+    # A node of few children stays compact: the conversion only pays where scans are long.
+    assert await store.redis.object("encoding", node + "01") in (b"listpack", b"ziplist")
+    await assert_tree_matches_model(store)
+    # Deletes go through the same flush, and leave nothing behind either.
+    for key in keys[:20]:
+        await store.delete(key)
     await assert_tree_matches_model(store)
 
 

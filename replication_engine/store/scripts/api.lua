@@ -7,7 +7,7 @@
 -- itself which partition and leaf bucket it belongs in, and refuses the whole call, writing
 -- nothing, when a declared key is in the wrong partition or the store cannot take it. Every
 -- key it touches shares the declared key's hash tag: one Redis Cluster slot per call.
-local LIBRARY_VERSION = 3
+local LIBRARY_VERSION = 4
 local MAX_KEY_BYTES = 4096
 local MAX_CONTENT_TYPE = 256
 local MAX_TRACE_PARENT = 256
