@@ -3,7 +3,8 @@
     python -m bench.idle [--partitions 1,16,64] [--seconds 10]
 
 For each count, two engines in this process replicate with each other (a full mesh of two real
-``redis-server`` processes, default settings but the geometry: fanout = partitions, depth 2),
+``redis-server`` processes, default settings but the geometry: fanout = partitions, depth 2;
+the test harness's short blocking read and disabled cold path are put back to the defaults),
 nothing is written, and the process's CPU time is read over ``--seconds`` once both have
 started and settled. Each partition of a node tails each peer, certifies its record, collects
 and scrubs on its own schedule, so the cost grows with the partitions; one partition is the
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from harness.mesh import open_mesh, redis_processes
+from replication_engine.config.models import HotPathConfig
 
 SETTLE_S = 3.0
 
@@ -32,7 +34,14 @@ def _cpu_seconds() -> float:
 async def idle_share(partitions: int, seconds: float, workdir: Path) -> float:
     """CPU of two idle engines of ``partitions`` partitions, as a share of one core."""
     fanout = partitions if partitions > 1 else 256
-    common = {"settings": {"merkle": {"fanout": fanout, "depth": 2, "partitions": partitions}}}
+    defaults = HotPathConfig()
+    common = {
+        "settings": {
+            "merkle": {"fanout": fanout, "depth": 2, "partitions": partitions},
+            "hot_path": {"block_timeout_sec": defaults.block_timeout_sec},
+            "cold_path": {"enabled": True},
+        }
+    }
     with redis_processes(workdir) as make:
         async with open_mesh(make, workdir, {"a": ["b"], "b": ["a"]}, common=common):
             await asyncio.sleep(SETTLE_S)  # the first reads, certifications and repairs
