@@ -577,8 +577,16 @@ class ReplicationEngine:
                 return
 
     def _any_catching_up(self) -> bool:
+        """Whether a tailer is working through a backlog, or has not read its peer yet.
+
+        The periodic repair cycle waits for both: what it would fetch is on its way by the
+        stream, and drilling into a peer far ahead (every interior node of its tree) costs the
+        catch-up it would duplicate. A tailer that starts at the head is past this after its
+        first read.
+        """
         return any(
-            t.catching_up and t.mode is TailerMode.CATCHING_UP for t in self.tailers.values()
+            t.catching_up and t.mode in (TailerMode.STARTING, TailerMode.CATCHING_UP)
+            for t in self.tailers.values()
         )
 
     @staticmethod

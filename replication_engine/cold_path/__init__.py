@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 # The shortest wait between cycles while a requested repair is pending: its peer may be
 # skipped for a reason with no backoff (an open breaker), which must not spin the loop.
 _RETRY_FLOOR_SEC = 0.5
+# How soon a cycle skipped because a tailer was catching up is tried again: the catch-up's end
+# should not wait out a whole interval for its in-sync check.
+_CATCH_UP_RECHECK_SEC = 1.0
 
 
 class ColdPath:
@@ -84,7 +87,8 @@ class ColdPath:
         settings: the ``cold_path`` config section.
         metrics: the engine's metrics.
         is_catching_up: True while a tailer is still catching up; periodic cycles wait for it
-            (the stream will deliver what a repair would fetch), requested repairs do not.
+            (the stream will deliver what a repair would fetch), trying again every second,
+            and requested repairs do not.
         local_breaker: wraps every apply on our store, so a failing local Redis trips the same
             breaker the hot path uses.
         clock: monotonic seconds for backoff and root-cache ages; tests inject a fake one.
@@ -220,23 +224,27 @@ class ColdPath:
         while not self._stopping.is_set():
             woken = self._wake.is_set()
             self._wake.clear()
+            skipped = False
             if self.settings.enabled or woken or self._requests:
                 try:
-                    await self.repair_once()
+                    skipped = (await self.repair_once()).skipped_reason == "catching_up"
                 except Exception as exc:  # never let one bad cycle end the loop
                     log.exception("repair.cycle_failed", extra={"error": describe(exc)})
                     self.metrics.repair_cycles.labels("error").inc()
             if self._stopping.is_set():
                 return
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._next_wait()):
+                async with asyncio.timeout(self._next_wait(skipped)):
                     await self._wake.wait()
 
-    def _next_wait(self) -> float:
+    def _next_wait(self, skipped: bool = False) -> float:
         """Until the next cycle: the interval, or sooner when a requested repair is waiting
         for a peer's backoff to end (a recovery must not wait a whole interval, which with
-        ``enabled`` false is the only other thing that would wake it)."""
+        ``enabled`` false is the only other thing that would wake it), or when this cycle was
+        ``skipped`` for a catch-up (the cycle runs once it ends)."""
         wait = self.settings.interval_sec
+        if skipped:
+            wait = min(wait, _CATCH_UP_RECHECK_SEC)
         peers = self._requests.peers()
         if peers:
             soonest = min(self.backoff_remaining(peer_id) for peer_id in peers)

@@ -398,6 +398,41 @@ async def test_shutdown_during_catch_up_saves_exactly_what_was_applied_and_resum
         assert resumed.applied == entries - len(covered)
 
 
+async def test_the_repair_cycle_waits_out_a_catch_up_and_runs_as_soon_as_it_ends(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """A node starting 5,000 entries behind its peer gets them by the stream. Its repair cycle
+    neither drills into the peer before the tailer has read (it would fetch what the stream is
+    about to bring, and read every interior node of the peer's tree to find it) nor while the
+    tailer catches up; its in-sync check then runs once the catch-up ends, not an interval
+    (an hour here) later."""
+    entries = 5_000
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        engines=[],
+        common={
+            "settings": {
+                "cold_path": {"enabled": True, "interval_sec": 3600},
+                "hot_path": {"max_batch_size": 200},
+            }
+        },
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        await preload(b.store, entries)
+        engine = await mesh.start_engine("a")
+        await async_wait_until(
+            lambda: a.metric_total("replication_repair_cycles_total", result="ok") >= 1,
+            timeout=CONVERGE_TIMEOUT_S,
+            message="a's repair cycle ran after the catch-up",
+        )
+        assert engine.tailers["b"].stats.applied == entries
+        assert a.metric_total("replication_repair_cycles_total", result="skipped") >= 1
+        assert a.metric_total("replication_repair_items_fetched_total") == 0
+        assert await a.store.merkle_root() == await b.store.merkle_root()
+
+
 # ------------------------------------------------------------------------------------ supervision
 
 
