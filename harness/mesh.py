@@ -645,26 +645,31 @@ class Mesh(Generic[NodeT]):
 
     # ------------------------------------------------------------------ idle
 
-    async def _tails(self) -> dict[str, StreamId | None]:
-        tails: dict[str, StreamId | None] = {}
+    async def _tails(self) -> dict[tuple[str, str], StreamId | None]:
+        """The tail of every stream: (node, partition) -> its last entry's id."""
+        tails: dict[tuple[str, str], StreamId | None] = {}
         for node in self.live:
-            tail = await node.store.stream_tail()
-            tails[node.node_id] = None if tail is None else codec.parse_stream_id(tail)
+            for name, part in partitions_of(node.store).items():
+                tail = await part.stream_tail()
+                tails[node.node_id, name] = None if tail is None else codec.parse_stream_id(tail)
         return tails
 
     async def idle(self) -> bool:
         """Every running tailer is at its peer's stream tail, and no stream grew meanwhile.
 
         Reading the tails before and after checking the cursors closes the race where one node
-        finishes an apply (growing its own stream) between the checks of two tailers.
+        finishes an apply (growing its own stream) between the checks of two tailers. A store
+        of many partitions has a stream, and each peer a tailer, per partition.
         """
         before = await self._tails()
         for node in self.running_nodes():
             engine = node.running()
-            if set(engine.tailers) != set(node.peer_ids):
+            lanes = {lane_of(name): tailer for name, tailer in engine.tailers.items()}
+            parts = partitions_of(node.store)
+            if set(lanes) != {(peer, part) for peer in node.peer_ids for part in parts}:
                 return False
-            for peer_id, tailer in engine.tailers.items():
-                tail = before[peer_id]
+            for lane, tailer in lanes.items():
+                tail = before[lane]
                 if tailer.mode != "tailing" or tailer.lag_events != 0:
                     return False
                 if tail is not None and (tailer.cursor is None or tailer.cursor < tail):

@@ -224,6 +224,8 @@ async def test_two_nodes_of_many_partitions_converge_and_collect_their_deletes(
         assert status["peers"]["b"]["mode"] == "tailing"
         ready, why = engine.readiness()
         assert ready, why
+        # The harness sees each partition's tailer at its own stream's tail.
+        await mesh.wait_idle(SETTLE_S)
 
 
 async def test_a_restart_resumes_every_partition_from_its_own_cursor(
