@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keys", type=int, default=40, help="size of the shared key space")
     parser.add_argument("--rate", type=float, default=25.0, help="writes/s per node")
     parser.add_argument(
+        "--preload",
+        type=int,
+        default=0,
+        help="keys put on the first node before the faults (large tree nodes from the start)",
+    )
+    parser.add_argument(
         "--kinds", default=",".join(FAULT_KINDS), help="comma-separated fault kinds (default: all)"
     )
     parser.add_argument("--converge-timeout", type=float, default=180.0)
@@ -105,6 +111,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> ChaosReport:
             progress=say,
             membership=not args.no_membership,
             cluster_node=args.cluster_node,
+            preload=args.preload,
         )
 
 

@@ -67,6 +67,8 @@ __all__ = [
 BOOTSTRAP_DEADLINE_S = 60.0
 # Bound on a graceful engine shutdown during a fault.
 SHUTDOWN_BOUND_S = 15.0
+# Keys per put_many call of a preload.
+PRELOAD_BATCH = 1000
 
 # Engine settings of a chaos node: both paths on, short timeouts so faults are noticed and
 # healed within seconds (cold path every second, peer op timeout 1 s, circuit reset 1 s).
@@ -583,6 +585,24 @@ class Workload:
         write = Write(node_id, key, value, hlc)
         self.writes.append(write)
         return write
+
+    async def preload(self, node_id: str, count: int) -> None:
+        """Put the first ``count`` keys on one node in batches, each write recorded: a large
+        key space whose tree nodes are big before any fault (the workload alone fills one
+        slowly)."""
+        keys = self.keys[:count]
+        for start in range(0, len(keys), PRELOAD_BATCH):
+            batch = [
+                (key, f"{node_id}:{next(self._seq)}".encode(), "binary")
+                for key in keys[start : start + PRELOAD_BATCH]
+            ]
+            hlcs = await self.mesh[node_id].store.put_many(
+                batch, replicas=self.replicas.get(node_id, 0)
+            )
+            self.writes.extend(
+                Write(node_id, key, value, hlc)
+                for (key, value, _ct), hlc in zip(batch, hlcs, strict=True)
+            )
 
     def value(self, node_id: str, rng: random.Random) -> bytes:
         # Sometimes long enough (>= 64 bytes) to travel zstd-compressed.

@@ -626,8 +626,12 @@ async def run_chaos(
     progress: Callable[[str], None] | None = None,
     membership: bool = True,
     cluster_node: bool = False,
+    preload: int = 0,
 ) -> ChaosReport:
     """One seeded run: mesh up, workload and faults for ``duration_s``, quiesce, judge.
+
+    ``preload`` keys (of the ``keys``) are put on the first node just before the fault phase,
+    so that a large key space has large tree nodes from the start.
 
     ``config`` is deep-merged into every node's engine configuration (e.g.
     ``{"local": {"stream_maxlen": 50}}`` for streams that trim themselves under load).
@@ -696,6 +700,8 @@ async def run_chaos(
         say(f"end   {fault.describe()}")
 
     try:
+        if preload:
+            await workload.preload(node_ids[0], min(preload, keys))
         workload.start()
         runner.epoch = phase_start = time.monotonic()
         async with asyncio.TaskGroup() as group:

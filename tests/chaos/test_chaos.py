@@ -208,6 +208,33 @@ async def test_ci_sized_full_checker_run_with_every_fault_kind(
     assert summary["corrupt_entries_injected"] > 0
 
 
+async def test_ci_sized_checker_run_over_a_large_key_space(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """The checker over 100,000 keys, 30,000 of them written before the faults: a level-1 tree
+    node then holds about 90 children (the default 40 keys never fill one), which the apply
+    path keeps as a hash table, and with so few writes per key a lost or wrongly dropped
+    version is rarely hidden by a later write. Restores and wipes bring back versions whose
+    deletes were collected meanwhile, and every value dropped by absence is checked against
+    the deletes made."""
+    report = await run_chaos(
+        CI_SEED,
+        tmp_path / "run",
+        redis_factory,
+        nodes=3,
+        duration_s=30.0,
+        converge_timeout_s=120.0,
+        keys=100_000,
+        rate_per_node=100.0,
+        preload=30_000,
+    )
+    print(report.render())
+    assert report.ok, report.render()
+    summary = report.summary()
+    assert summary["keys"] >= 30_000 and summary["writes_acknowledged"] > 30_000
+    assert summary["writes_lost"] == 0 and summary["resurrections"] == 0
+
+
 @pytest.mark.skipif(redis_cli_binary() is None, reason="no redis-cli binary to create a cluster")
 async def test_ci_sized_checker_run_with_a_cluster_node(
     redis_factory: RedisFactory, tmp_path: Path
