@@ -1,7 +1,7 @@
 """End-to-end replication lag in a 3-node full mesh under a steady write rate. Prints figures.
 
     python -m bench.lag [--rate R] [--seconds S] [--relay on|off|both] [--writers N]
-                        [--min-read-interval-sec S]
+                        [--min-read-interval-sec S] [--tailer engine|bare|both]
 
 Every part runs as it would in production, each in its own process: three ``redis-server``s, one
 engine process per node (hot path only), and ``N`` writer processes that together issue ``R``
@@ -17,6 +17,13 @@ received twice (relayed by a peer) count once: the second copy is a duplicate, n
 The part of it that is the write reaching its own node's stream (the entry id's milliseconds,
 Redis's clock, minus ``updated_at``) is printed on its own line: the rest is the engines'.
 
+``--tailer bare`` runs, in place of each engine process, a process of bare redis-py loops, one
+per peer, reading at the same spacing (``--min-read-interval-sec``, 0 for none): ``XREAD BLOCK``
+for the next entry, ``XRANGE`` the batch, decompress and verify each entry, write it with a
+pipelined ``HSET``. It keeps no tree, record, anchor or cursor, so it is a floor for what any
+tailer written on redis-py gets on this machine at this rate, not a rival: lag is measured the
+same way, when its ``HSET`` pipeline returned.
+
 Diagnostics: ``BENCH_LAG_PROFILE=/tmp/lag`` writes a cProfile of each engine process to
 ``/tmp/lag-<node>.prof``.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -32,14 +40,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from redis.asyncio import Redis
 
 from bench.hot_path import PREFIX, json_payload, servers, workspace
-from replication_engine import clock
+from replication_engine import clock, codec
 from replication_engine.codec import Change
-from replication_engine.config import EngineConfig
+from replication_engine.config import EngineConfig, HotPathConfig, default_of
 from replication_engine.engine import ReplicationEngine
 from replication_engine.knowledge import ApplyStatus
+from replication_engine.store.layout import Keyspace
 from replication_engine.store.protocol import ApplyResult, PreparedApply, StreamBatch
 from replication_engine.store.redis_store import RedisStore
 
@@ -49,6 +60,9 @@ VALUE_BYTES = 200
 # A writer's shortest sleep between checks for due writes (seconds); late writes are counted.
 TICK_S = 0.005
 LATE_S = 0.05
+# Where a bare loop counts the entries it wrote (its node's Redis), for the parent to wait on.
+APPLIED_KEY = "bench:lag:applied"
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 # ------------------------------------------------------------------------------------ engine
@@ -130,6 +144,61 @@ async def _engine_process(
     print(json.dumps(report), flush=True)
 
 
+async def _bare_process(node: str, urls: dict[str, str], interval: float) -> None:
+    """Bare loops tailing every peer into ``node``'s Redis until stdin closes (see the module
+    docstring); each counts what it wrote in ``APPLIED_KEY`` so the parent can wait for the
+    end. Prints its lag samples as JSON."""
+    keys = Keyspace(PREFIX)
+    local = Redis.from_url(urls[node])
+    samples: list[int] = []
+    batches = 0
+    stop = asyncio.Event()
+
+    async def tail(peer_url: str) -> None:
+        nonlocal batches
+        source = Redis.from_url(peer_url)
+        cursor: bytes = b"0-0"  # a fresh server: the stream starts with the writer
+        last_start = 0.0
+        while not stop.is_set():
+            wait = last_start + interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            last_start = time.monotonic()
+            if not await source.xread({keys.cdc: cursor}, count=1, block=200):
+                continue
+            entries = cast(
+                _Entries, await source.xrange(keys.cdc, min=b"(" + cursor, max="+", count=1000)
+            )
+            if not entries:
+                continue
+            async with local.pipeline(transaction=False) as pipe:
+                for _raw_id, fields in entries:
+                    value = codec.decode_payload(fields[b"data"])
+                    codec.verify_hash(value, fields[b"hash"].decode())
+                    pipe.hset(
+                        keys.item(fields[b"key"].decode()),
+                        mapping={"d": fields[b"data"], "h": fields[b"hash"], "m": fields[b"meta"]},
+                    )
+                pipe.incrby(APPLIED_KEY, len(entries))
+                await pipe.execute()
+            now = clock.wall_clock_ms()
+            batches += 1
+            for _raw_id, fields in entries:
+                samples.append(now - int(codec.decode_meta(fields[b"meta"])["updated_at"]))
+            cursor = entries[-1][0]
+        await source.aclose()
+
+    tasks = [asyncio.create_task(tail(url)) for peer, url in urls.items() if peer != node]
+    print("ready", flush=True)
+    cpu_ready = time.process_time()
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    cpu = time.process_time() - cpu_ready
+    stop.set()
+    await asyncio.gather(*tasks)
+    await local.aclose()
+    print(json.dumps({"samples": samples, "split": [], "cpu_s": cpu, "batches": batches}))
+
+
 # ------------------------------------------------------------------------------------ writer
 
 
@@ -209,6 +278,19 @@ async def _roots_settle(stores: dict[str, RedisStore], timeout: float) -> float:
     raise TimeoutError(f"the mesh did not converge within {timeout} s")
 
 
+async def _bare_done(stores: dict[str, RedisStore], writes: int, timeout: float) -> float:
+    """Seconds until the bare loops wrote every write on each of the other nodes."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        done = 0
+        for store in stores.values():
+            done += int(await store.redis.get(APPLIED_KEY) or 0)
+        if done >= writes * (len(stores) - 1):
+            return time.monotonic() - started
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"the bare loops did not finish within {timeout} s")
+
+
 async def _redis_cpu(store: RedisStore) -> float:
     info = await store.redis.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
@@ -226,23 +308,32 @@ async def run_once(
     writers: int,
     workdir: Path,
     hot_path: dict[str, Any],
+    tailer: str = "engine",
 ) -> None:
+    what = "engine processes" if tailer == "engine" else "bare-loop processes (no engine)"
     print(
         f"  relay {'on' if relay else 'off'}: {rate:,.0f} writes/s for {seconds:g} s, "
-        f"{writers} writer process(es), 3 engine processes, 3 redis-servers, "
+        f"{writers} writer process(es), 3 {what}, 3 redis-servers, "
         f"hot_path {hot_path or 'defaults'}"
     )
     with servers(len(NODES), workdir) as procs:
         urls = {n: p.url for n, p in zip(NODES, procs, strict=True)}
         stores = {n: await RedisStore.connect(urls[n], node_id=n, prefix=PREFIX) for n in NODES}
+        interval = hot_path.get(
+            "min_read_interval_sec", default_of(HotPathConfig, "min_read_interval_sec")
+        )
         engines = {
-            n: await _child(
-                "engine",
-                node=n,
-                urls=urls,
-                cursor_path=str(workdir / f"lag-{n}-{time.monotonic_ns()}.db"),
-                relay=relay,
-                hot_path=hot_path,
+            n: (
+                await _child(
+                    "engine",
+                    node=n,
+                    urls=urls,
+                    cursor_path=str(workdir / f"lag-{n}-{time.monotonic_ns()}.db"),
+                    relay=relay,
+                    hot_path=hot_path,
+                )
+                if tailer == "engine"
+                else await _child("bare", node=n, urls=urls, interval=interval)
             )
             for n in NODES
         }
@@ -263,7 +354,11 @@ async def run_once(
                 out, _ = await proc.communicate()
                 results.append(json.loads(out.decode().strip().splitlines()[-1]))
             writes_done = time.perf_counter()
-            settle = await _roots_settle(stores, timeout=120)
+            written = sum(r["writes"] for r in results)
+            if tailer == "engine":
+                settle = await _roots_settle(stores, timeout=120)
+            else:
+                settle = await _bare_done(stores, written, timeout=120)
             wall = time.perf_counter() - wall_before
             redis_cpu = {n: await _redis_cpu(s) - redis_cpu_before[n] for n, s in stores.items()}
             samples: dict[str, list[int]] = {}
@@ -329,6 +424,7 @@ async def bench_lag(
     writers: int,
     workdir: Path | None = None,
     min_read_interval_sec: float | None = None,
+    tailer: str = "engine",
 ) -> None:
     print("(b) end-to-end lag (write on one node to applied on another), 3-node full mesh")
     print(f"    method: {__doc__.split('Lag of one replicated write = ')[1].split('.')[0]}")
@@ -336,13 +432,14 @@ async def bench_lag(
     hot_path: dict[str, Any] = {}
     if min_read_interval_sec is not None:
         hot_path["min_read_interval_sec"] = min_read_interval_sec
-    if workdir is None:
-        async with workspace() as tmp:
-            for mode in modes:
-                await run_once(rate, seconds, mode, writers, tmp, hot_path)
-    else:
-        for mode in modes:
-            await run_once(rate, seconds, mode, writers, workdir, hot_path)
+    tailers = ["engine", "bare"] if tailer == "both" else [tailer]
+    runs = [(mode, kind) for mode in modes for kind in tailers]
+    async with contextlib.AsyncExitStack() as stack:
+        where = workdir if workdir is not None else await stack.enter_async_context(workspace())
+        for mode, kind in runs:
+            if kind == "bare" and mode:
+                continue  # a bare loop never relays
+            await run_once(rate, seconds, mode, writers, where, hot_path, kind)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -362,7 +459,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="hot_path.min_read_interval_sec of the engines, seconds (default: the config default)",
     )
     parser.add_argument(
-        "--role", choices=["main", "writer", "engine"], default="main", help=argparse.SUPPRESS
+        "--tailer",
+        choices=["engine", "bare", "both"],
+        default="engine",
+        help="what tails the streams: the engine, bare redis-py loops (a floor), or both",
+    )
+    parser.add_argument(
+        "--role",
+        choices=["main", "writer", "engine", "bare"],
+        default="main",
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--child-args", default="{}", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -375,10 +481,18 @@ def run() -> None:
         asyncio.run(_writer_process(**child))
     elif args.role == "engine":
         asyncio.run(_engine_process(**child))
+    elif args.role == "bare":
+        asyncio.run(_bare_process(**child))
     else:
         asyncio.run(
             bench_lag(
-                args.rate, args.seconds, args.relay, args.writers, None, args.min_read_interval_sec
+                args.rate,
+                args.seconds,
+                args.relay,
+                args.writers,
+                None,
+                args.min_read_interval_sec,
+                args.tailer,
             )
         )
 
