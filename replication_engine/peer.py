@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 
 import pybreaker
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from replication_engine import clock
-from replication_engine.codec import StreamId, parse_stream_id
+from replication_engine.codec import CodecError, StreamId, parse_stream_id
 from replication_engine.config import HotPathConfig, PeerConfig, default_of
 from replication_engine.connection import (
     Failure,
@@ -36,8 +36,14 @@ from replication_engine.merkle import ZERO, GeometryError
 from replication_engine.observability.metrics import Metrics
 from replication_engine.redaction import redact_url
 from replication_engine.resilience import breaker_remaining, breaker_state, make_breaker
+from replication_engine.store.functions import MAX_KEYS_PER_CALL
 from replication_engine.store.layout import Keyspace, text
-from replication_engine.store.reader import ReadCounter, TreeReader
+from replication_engine.store.reader import (
+    FunctionFallback,
+    MalformedReply,
+    ReadCounter,
+    TreeReader,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,6 +88,44 @@ def _record(raw: Any) -> NodeRecord | None:
     if isinstance(raw, BaseException):
         raise raw
     return NodeRecord.from_fields({text(k): text(v) for k, v in (raw or {}).items()})
+
+
+def _id_or_none(raw: Any) -> StreamId | None:
+    return None if raw is None else parse_stream_id(raw)
+
+
+def _function_read(reply: Any) -> tuple[Any, NodeRecord | None, StreamInfo, list[Entry]]:
+    """``re_read``'s reply as the pipeline's parts: layout, record, stream facts, entries."""
+    if type(reply) is not list or len(reply) != 4:
+        raise MalformedReply(f"re_read answered {type(reply).__name__}")
+    layout, flat, facts, raw_entries = reply
+    if type(flat) is not list or len(flat) % 2 or not all(type(x) is bytes for x in flat):
+        raise MalformedReply("re_read answered a record that is not field/value pairs")
+    if type(facts) is not list or len(facts) != 5 or type(raw_entries) is not list:
+        raise MalformedReply("re_read answered no stream facts or entries")
+    entries: list[Entry] = []
+    for entry in raw_entries:
+        if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not bytes:
+            raise MalformedReply("re_read answered an entry that is not [id, fields]")
+        fields = entry[1]
+        if type(fields) is not list or len(fields) % 2:
+            raise MalformedReply("re_read answered entry fields that are not pairs")
+        pairs = iter(fields)
+        entries.append((entry[0], dict(zip(pairs, pairs, strict=True))))
+    length, first, last, max_deleted, added = facts
+    try:
+        info = StreamInfo(
+            length=int(length),
+            first=_id_or_none(first),
+            last=_id_or_none(last),
+            max_deleted=_id_or_none(max_deleted),
+            entries_added=None if added is None else int(added),
+        )
+    except (TypeError, ValueError, CodecError) as exc:
+        raise MalformedReply(f"re_read answered unreadable stream facts: {exc}") from None
+    pairs = iter(flat)
+    record = NodeRecord.from_fields({text(k): text(v) for k, v in zip(pairs, pairs, strict=True)})
+    return layout, record, info, entries
 
 
 def parse_stream_info(raw: Any) -> StreamInfo:
@@ -221,8 +265,14 @@ class Peer:
         self.partitions = partitions
         self._link = _Link()
         self._facts = _FactsBatch()
+        # Shared with the partitions' views: one decision per peer.
+        self._re_read = FunctionFallback("re_read")
         self._is_view = False
-        metrics.peer_connected.labels(node_id).set(0)
+        # Labelled once: every call of the peer updates them.
+        self._latency = metrics.peer_latency.labels(node_id)
+        self._connected = metrics.peer_connected.labels(node_id)
+        self._stalled = metrics.peer_stalled.labels(node_id)
+        self._connected.set(0)
         metrics.watch_circuit(metrics.peer_circuit.labels(node_id), lambda: self.circuit_state)
 
     def partition(self, name: str) -> Peer:
@@ -293,9 +343,9 @@ class Peer:
         link.last_error = None
         if what != "xread":  # a blocking read's latency is the block time, not the peer's
             link.latency_ms = elapsed * 1000
-            self.metrics.peer_latency.labels(self.node_id).observe(elapsed)
-        self.metrics.peer_connected.labels(self.node_id).set(1)
-        self.metrics.peer_stalled.labels(self.node_id).set(0)
+            self._latency.observe(elapsed)
+        self._connected.set(1)
+        self._stalled.set(0)
 
     def _failed(self, exc: BaseException, what: str) -> None:
         message = _describe(exc)
@@ -307,7 +357,7 @@ class Peer:
             )
         link.connected = False
         link.last_error = message
-        self.metrics.peer_connected.labels(self.node_id).set(0)
+        self._connected.set(0)
 
     @property
     def circuit_state(self) -> str:
@@ -333,7 +383,11 @@ class Peer:
         self, cursor: StreamId, count: int, *, block_ms: int | None
     ) -> tuple[NodeRecord | None, StreamInfo, list[Entry]]:
         """The peer's record, its stream's facts and up to ``count`` entries after ``cursor``,
-        read together: one pipeline that Redis runs back to back.
+        read together: one call of the peer's read-only function ``re_read``, which Redis runs
+        as one atomic step, or, where the peer cannot run it (Redis 6.2, an older library, a
+        user without ``FCALL_RO``), one pipeline of the same reads, which Redis runs back to
+        back (a pipeline sent in one write is read, and so run, before any other client's
+        command).
 
         The record is read first: whatever it claims was in the stream before the entries were
         read (docs/DELETES.md, "Claims", way 2), and the stream's facts describe exactly the
@@ -352,6 +406,11 @@ class Peer:
             )
 
         async def run() -> tuple[Any, NodeRecord | None, StreamInfo, list[Entry]]:
+            if count <= MAX_KEYS_PER_CALL and self._re_read.usable():
+                try:
+                    return await self._read_by_function(cursor, count)
+                except (RedisError, MalformedReply) as exc:
+                    self._re_read.failed(exc)
             async with self.query.pipeline(transaction=False) as pipe:
                 pipe.hget(self.keys.part_meta, "partitions")
                 pipe.hgetall(self.keys.record)
@@ -365,6 +424,15 @@ class Peer:
         layout, record, info, entries = await self.call(run, what="xrange")
         self._check_layout(layout, self.keys.partition)
         return record, info, entries
+
+    async def _read_by_function(
+        self, cursor: StreamId, count: int
+    ) -> tuple[Any, NodeRecord | None, StreamInfo, list[Entry]]:
+        keys = self.keys
+        reply = await self.query.fcall_ro(
+            "re_read", 3, keys.part_meta, keys.record, keys.cdc, str(cursor), str(count)
+        )
+        return _function_read(reply)
 
     def _check_layout(self, partitions: Any, name: str) -> None:
         """Refuse a partition of a store laid out otherwise than this node reads it: its

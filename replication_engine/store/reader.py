@@ -27,15 +27,42 @@ from replication_engine.store.layout import Keyspace, text
 
 log = logging.getLogger(__name__)
 
-# How long a reader keeps to pipelines after ``re_hashes`` failed it (Redis 6.2, an older
-# library, a user without FCALL_RO, a function of that name that is not ours) before it tries
-# again: a peer may be upgraded meanwhile.
+# How long a reader keeps to the built-in commands after a read-only function of the store's
+# library failed it (Redis 6.2, an older library, a user without FCALL_RO, a function of that
+# name that is not ours) before it tries again: a peer may be upgraded meanwhile.
 BULK_RETRY_SEC = 600.0
 _BYTES = {bytes}  # the one type every part of a re_hashes reply must have
 
 
-class _Malformed(Exception):
-    """A reply of ``re_hashes`` that is not a list of flat field/value lists."""
+class MalformedReply(Exception):
+    """A function's reply that is not shaped as the library's function of that name answers."""
+
+
+@dataclass(slots=True)
+class FunctionFallback:
+    """Whether to try one of the library's read-only functions before the built-in commands
+    that read the same thing.
+
+    The function is only a faster way to read it: whenever it fails other than by the server
+    being unavailable (which the commands would meet too), the commands decide for the next
+    ``BULK_RETRY_SEC``, and their errors are the ones raised.
+    """
+
+    name: str
+    until: float = 0.0  # monotonic time until which the commands are used
+
+    def usable(self) -> bool:
+        return time.monotonic() >= self.until
+
+    def failed(self, exc: Exception) -> None:
+        """Fall back for a while, or re-raise ``exc`` when it says the server is unavailable."""
+        if isinstance(exc, RedisError) and failure(exc) is Failure.UNAVAILABLE:
+            raise exc
+        self.until = time.monotonic() + BULK_RETRY_SEC
+        log.info(
+            "reader.pipelined",
+            extra={"function": self.name, "why": str(exc)[:200], "retry_in_sec": BULK_RETRY_SEC},
+        )
 
 
 @dataclass(slots=True)
@@ -88,7 +115,7 @@ class TreeReader:
         self.keys = keyspace
         self.counter = counter or ReadCounter()
         self.max_payload = max_payload
-        self._pipeline_until = 0.0  # monotonic time until which hashes are read by pipeline
+        self._function = FunctionFallback("re_hashes")
 
     async def geometry(self) -> Geometry | None:
         raw = await self.redis.hgetall(self.keys.meta)
@@ -137,25 +164,15 @@ class TreeReader:
         return out
 
     async def _hashes(self, names: Sequence[str]) -> list[dict[bytes, bytes]]:
-        """``HGETALL`` of each of ``names`` (all in one partition), in one round trip.
-
-        The function is only a faster way to read the same: whenever it fails other than by
-        the server being unavailable (which the pipeline would meet too), the built-in
-        commands decide, and their errors are the ones raised.
-        """
+        """``HGETALL`` of each of ``names`` (all in one partition), in one round trip: one
+        ``re_hashes`` call, or a pipeline where the function fails (see FunctionFallback)."""
         if not names:
             return []
-        if time.monotonic() >= self._pipeline_until:
+        if self._function.usable():
             try:
                 return await self._hashes_by_function(names)
-            except (RedisError, _Malformed) as exc:
-                if isinstance(exc, RedisError) and failure(exc) is Failure.UNAVAILABLE:
-                    raise
-                self._pipeline_until = time.monotonic() + BULK_RETRY_SEC
-                log.info(
-                    "reader.pipelined",
-                    extra={"why": str(exc)[:200], "retry_in_sec": BULK_RETRY_SEC},
-                )
+            except (RedisError, MalformedReply) as exc:
+                self._function.failed(exc)
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(name)
@@ -172,10 +189,10 @@ class TreeReader:
             replies = await self.redis.fcall_ro("re_hashes", len(chunk), *chunk)
             self.counter.round_trips += 1
             if type(replies) is not list or len(replies) != len(chunk):
-                raise _Malformed(f"re_hashes answered {type(replies).__name__}")
+                raise MalformedReply(f"re_hashes answered {type(replies).__name__}")
             for flat in replies:
                 if type(flat) is not list or len(flat) % 2 or not set(map(type, flat)) <= _BYTES:
-                    raise _Malformed("re_hashes answered a hash that is not field/value pairs")
+                    raise MalformedReply("re_hashes answered a hash that is not field/value pairs")
                 self.counter.bytes_read += sum(map(len, flat))
                 pairs = iter(flat)
                 out.append(dict(zip(pairs, pairs, strict=True)))
