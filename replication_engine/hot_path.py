@@ -2,8 +2,9 @@
 
 Per batch: read (XRANGE while catching up, XREAD BLOCK at the head), decode and verify, quarantine
 what fails, drop echoes of our own writes, coalesce per key, apply through the store's one apply
-path, and only then save the cursor. A crash anywhere re-reads at most one batch, which the
-idempotent apply absorbs.
+path, and only then save the cursor. A crash anywhere re-reads at most one batch, or, at the
+head of a busy stream, where saves are spaced ``CURSOR_SAVE_EVERY_SEC`` apart, at most that long's
+batches: the idempotent apply absorbs both.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ log = logging.getLogger(__name__)
 _PRESSURE_POLL_SEC = 0.5
 # Entries decoded between yields to the event loop (see Tailer._decode).
 _DECODE_SLICE = 64
+# At the head of a stream that grows by at least one entry per read interval, the longest a cursor
+# that is applied goes unsaved: one SQLite write per read there cost a tenth of a read cycle's
+# CPU. Otherwise a tailer saves after every batch, and it always saves when it stops; a blocking
+# read with a cursor unsaved ends by this deadline. So only a crash re-reads, at most this long's
+# batches.
+CURSOR_SAVE_EVERY_SEC = 1.0
 # Weight of the newest batch in the running mean of entry sizes that bounds reads in bytes.
 _ENTRY_SIZE_WEIGHT = 0.3
 
@@ -143,6 +150,21 @@ class TailerStats:
     refused: int = 0  # the store refused them (a wrong-typed key): quarantined
 
 
+class _PeerSeries:
+    """The tailer's metric series, labelled once: a read cycle at the head updates a dozen of
+    them, and finding a labelled child costs more than updating it."""
+
+    def __init__(self, metrics: Metrics, peer_id: str) -> None:
+        self.batch_size = metrics.batch_size.labels(peer_id)
+        self.events_read = metrics.events_read.labels(peer_id)
+        self.events_applied = metrics.events_applied.labels(peer_id)
+        self.events_deduped = metrics.events_deduped.labels(peer_id)
+        self.batch_flushes = metrics.batch_flushes.labels(peer_id)
+        self.batch_flush_seconds = metrics.batch_flush_seconds.labels(peer_id)
+        self.lag = metrics.lag.labels(peer_id)
+        self.lag_events = metrics.lag_events.labels(peer_id)
+
+
 @dataclass(frozen=True, slots=True)
 class _Read:
     """A read started ahead of its turn, and the count it asked for."""
@@ -231,6 +253,7 @@ class Tailer:
         self._head_read_at: float | None = None  # when the last read at the head started
         self._last_read_had_entries = False
         self._saved: StreamId | None = None  # the cursor this tailer last saved
+        self._saved_at = 0.0  # when (monotonic)
         self.tail: StreamId | None = None
         self.lag_ms: int | None = None  # unknown until the first read answers
         self.lag_events: int | None = None
@@ -245,9 +268,11 @@ class Tailer:
         self._gap_seen: tuple[StreamId | None, StreamId | None] | None = None
         self._entry_bytes: float | None = None  # running mean size of one entry
         self._stop = asyncio.Event()
+        self._stop_signal: asyncio.Future[None] | None = None  # set with _stop, awaitable
         self._retry = Backoff(settings.retry_base_sec, settings.retry_max_sec)
         self._peer_id = peer.node_id
-        metrics.batch_size.labels(self._peer_id).set(self.sizer.size)
+        self._series = _PeerSeries(metrics, self._peer_id)
+        self._series.batch_size.set(self.sizer.size)
         metrics.publish_tailer_mode(self._peer_id, self._mode, _ALL_MODES)
 
     @property
@@ -266,6 +291,16 @@ class Tailer:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._stop_signal is not None and not self._stop_signal.done():
+            self._stop_signal.set_result(None)
+
+    def _stopping(self) -> asyncio.Future[None]:
+        """A future done once stopped: read and linger race it without a task per wait."""
+        if self._stop_signal is None:
+            self._stop_signal = asyncio.get_running_loop().create_future()
+            if self._stop.is_set():
+                self._stop_signal.set_result(None)
+        return self._stop_signal
 
     async def run(self) -> None:
         """The task body. Returns when stopped; raises only on a bug or a cursor failure.
@@ -274,7 +309,7 @@ class Tailer:
         process: batch N+1 is read from the peer and decoded here while batch N is applied by
         the local Redis. Commits stay strictly in stream order (one in flight at a time), so the
         saved cursor only ever covers applied batches. At the head of the stream each batch is
-        committed before the next read, which then starts from the saved cursor.
+        committed before the next read, which then starts where it ended.
         """
         try:
             if self.cursor is None:
@@ -314,15 +349,16 @@ class Tailer:
                         if not await finished:
                             break  # stopping with the previous batch unapplied: re-read later
                     if prepared is not None:
-                        committing = asyncio.create_task(
-                            self._commit_prepared(*prepared),
-                            name=f"tailer[{self._peer_id}].commit",
-                        )
-                        if not full:
-                            finished, committing = committing, None
-                            await finished
+                        if full:
+                            committing = asyncio.create_task(
+                                self._commit_prepared(*prepared),
+                                name=f"tailer[{self._peer_id}].commit",
+                            )
+                        else:
+                            await self._commit_prepared(*prepared)
             finally:
                 await self._settle(ahead, committing)
+            await self._save_cursor()
         finally:
             self.mode = TailerMode.STOPPED
 
@@ -452,6 +488,13 @@ class Tailer:
                     return None
                 if self._entries_waiting():
                     block_ms = None
+                elif self.cursor != self._saved:
+                    if self._may_defer_save():
+                        # A busy stream that paused: wait no longer than the save falls due.
+                        due = self._saved_at + CURSOR_SAVE_EVERY_SEC - time.monotonic()
+                        block_ms = max(1, min(block_ms, int(due * 1000)))
+                    else:
+                        await self._save_cursor()  # the stream may stay quiet for long
             count = self._read_count()
             read = asyncio.create_task(
                 self.peer.read_batch(self.cursor, count, block_ms=block_ms),
@@ -459,12 +502,11 @@ class Tailer:
             )
         else:
             read, count = ahead.task, ahead.count
-        stop = asyncio.create_task(self._stop.wait(), name=f"tailer[{self._peer_id}].stop")
         started = time.perf_counter()
         try:
-            await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+            racing: set[asyncio.Future[Any]] = {read, self._stopping()}
+            await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stop.cancel()
             if not read.done():  # stopping: nothing is in hand yet, so dropping the read is safe
                 read.cancel()
                 # Bounded: redis-py can swallow a cancellation while it is connecting.
@@ -510,8 +552,10 @@ class Tailer:
         wait = 0.0
         if self._head_read_at is not None:
             wait = self._head_read_at + self.settings.min_read_interval_sec - now
-        if wait > 0 and await sleep_or_stop(self._stop, wait):
-            return True
+        if wait > 0:
+            await asyncio.wait({self._stopping()}, timeout=wait)
+            if self._stop.is_set():
+                return True
         self._head_read_at = time.monotonic()
         return False
 
@@ -549,7 +593,7 @@ class Tailer:
             self.catching_up = False
             self.sizer.observe(0)
             self._publish_lag(info)
-            self.metrics.batch_size.labels(self._peer_id).set(self.sizer.size)
+            self._series.batch_size.set(self.sizer.size)
         self._read_pos = last_id
         prepared = self.store.prepare_apply(changes, relay=self.settings.relay) if changes else None
         rejected = prepared is not None and len(prepared.accepted) < prepared.size
@@ -616,7 +660,7 @@ class Tailer:
                 flush_seconds=flush,
                 flush_slo_seconds=self.settings.flush_slo_sec,
             )
-        self.metrics.batch_size.labels(self._peer_id).set(self.sizer.size)
+        self._series.batch_size.set(self.sizer.size)
         self._publish_lag(info)
         return True
 
@@ -697,7 +741,7 @@ class Tailer:
             coalesced.pop(change.key, None)
             coalesced[change.key] = change
         self.stats.read += len(entries)
-        self.metrics.events_read.labels(self._peer_id).inc(len(entries))
+        self._series.events_read.inc(len(entries))
         if entries:
             mean = size / len(entries)
             self._entry_bytes = (
@@ -827,26 +871,43 @@ class Tailer:
                 # restarted or recovered, a bootstrap that could not take claims): nothing this
                 # stream carries is claimed until a complete repair anchors it again.
                 self.on_unanchored(self._peer_id)
-        try:
-            # A read at the head that only took claims leaves the cursor where this tailer
-            # last saved it: no write to the database for it.
-            if last_id != self._saved:
-                await self.cursors.save(self._peer_id, str(last_id))
-                self._saved = last_id
-        except CursorError as exc:
-            raise CursorSaveFailed(
-                f"peer {self._peer_id}: cursor {last_id} was applied but could not be saved; "
-                f"stopping this tailer rather than apply past an unsaved cursor: {exc}"
-            ) from exc
         self.cursor = last_id
+        if not self._may_defer_save():
+            await self._save_cursor()
         flush = time.perf_counter() - started
         self.stats.batches += 1
         self.last_batch_at = time.time()
-        self.metrics.batch_flushes.labels(self._peer_id).inc()
-        self.metrics.batch_flush_seconds.labels(self._peer_id).observe(flush)
+        self._series.batch_flushes.inc()
+        self._series.batch_flush_seconds.observe(flush)
         if flush > self.settings.flush_slo_sec:
             self.metrics.slo_breaches.labels("batch_flush_latency").inc()
         return None
+
+    def _may_defer_save(self) -> bool:
+        """At the head of a stream that grows by at least one entry per read interval, the
+        next read is due within the interval and will find entries: its save covers this
+        one's, up to ``CURSOR_SAVE_EVERY_SEC`` after the last."""
+        if self.catching_up or self.growth_per_sec is None:
+            return False
+        if self.growth_per_sec * self.settings.min_read_interval_sec < 1.0:
+            return False
+        return time.monotonic() - self._saved_at < CURSOR_SAVE_EVERY_SEC
+
+    async def _save_cursor(self) -> None:
+        """Save the applied cursor if it moved. A read at the head that only took claims leaves
+        it where this tailer last saved it: no write to the database for it."""
+        cursor = self.cursor
+        if cursor is None or cursor == self._saved:
+            return
+        try:
+            await self.cursors.save(self._peer_id, str(cursor))
+        except CursorError as exc:
+            raise CursorSaveFailed(
+                f"peer {self._peer_id}: cursor {cursor} was applied but could not be saved; "
+                f"stopping this tailer rather than apply further past an unsaved cursor: {exc}"
+            ) from exc
+        self._saved = cursor
+        self._saved_at = time.monotonic()
 
     async def _count(
         self, changes: list[Change], statuses: list[ApplyStatus], refused: Mapping[int, str]
@@ -863,8 +924,8 @@ class Tailer:
         self.stats.applied += applied
         self.stats.deduped += deduped
         self.stats.known += known
-        self.metrics.events_applied.labels(self._peer_id).inc(applied)
-        self.metrics.events_deduped.labels(self._peer_id).inc(deduped)
+        self._series.events_applied.inc(applied)
+        self._series.events_deduped.inc(deduped)
         set_aside = [
             (i, "refused", f"refused by the local store: {why}") for i, why in refused.items()
         ]
@@ -923,5 +984,5 @@ class Tailer:
         self._track_growth(info)
         self.lag_ms = codec.lag_ms(self.cursor, info.last, info.first)
         self.lag_events = codec.lag_events(self.cursor, info.first, info.last, info.length)
-        self.metrics.lag.labels(self._peer_id).set(self.lag_ms / 1000)
-        self.metrics.lag_events.labels(self._peer_id).set(self.lag_events)
+        self._series.lag.set(self.lag_ms / 1000)
+        self._series.lag_events.set(self.lag_events)

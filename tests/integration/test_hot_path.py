@@ -39,7 +39,7 @@ from harness.mesh import (
     stream_version,
     xread_calls,
 )
-from replication_engine import clock, codec
+from replication_engine import clock, codec, hot_path
 from replication_engine.codec import STREAM_START, ZSTD_MAGIC, Change, StreamId
 from replication_engine.cursor import CursorStore
 from replication_engine.engine import ReplicationEngine
@@ -1096,3 +1096,67 @@ async def test_a_node_upgraded_to_the_relay_default_keeps_the_mesh_converging(
         # a re-emits nothing now: since the restart its stream holds only its own writes.
         since = [change for _, change in await read_stream(a.store)][restarted_at:]
         assert since and all(change.origin == "a" for change in since)
+
+
+# ------------------------------------------------------------------------------------ cursor saves
+
+
+async def test_a_busy_stream_saves_its_cursor_once_a_second_and_a_pause_saves_it_by_then(
+    redis_factory: RedisFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the head of a stream that grows by more than an entry per read interval, the cursor
+    is saved at most about once per CURSOR_SAVE_EVERY_SEC, never past what is applied; when the
+    stream pauses, the save is due by then, not when the blocking read (10 s here) gives up;
+    a stop saves what was applied."""
+    saves: list[tuple[float, StreamId, StreamId | None]] = []
+    watched: list[Any] = []  # a's tailer of b, once it runs
+    original = CursorStore.save
+
+    async def counting(self: CursorStore, peer_id: str, stream_id: str) -> None:
+        applied = watched[0].cursor if watched else None
+        saves.append((time.monotonic(), codec.parse_stream_id(stream_id), applied))
+        await original(self, peer_id, stream_id)
+
+    monkeypatch.setattr(CursorStore, "save", counting)
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        common={"settings": {"hot_path": {"block_timeout_sec": 10.0}}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        log = WriteLog()
+        await put_many(log, b, ["warm-up"])
+        await mesh.wait_idle()
+        tailer = a.tailer("b")
+        watched.append(tailer)
+        batches, started = tailer.stats.batches, time.monotonic()
+        deadline = started + 3.0
+        rounds = 0
+        while time.monotonic() < deadline:  # ~400 writes/s: 8 per 20 ms read interval
+            await put_many(log, b, [f"busy:{rounds}:{i}" for i in range(8)], concurrency=8)
+            rounds += 1
+            await asyncio.sleep(0.02)
+        # The stream's rate is known after a window or two of reads (0.2 s each); from then
+        # on the busy stream is saved about once a second.
+        settled = started + 0.5
+        busy_saves = [t for t, _, _ in saves if t >= settled]
+        busy_batches = tailer.stats.batches - batches
+        assert busy_batches >= 60, f"only {busy_batches} batches: the stream was not busy"
+        spread = time.monotonic() - settled
+        assert len(busy_saves) <= spread / hot_path.CURSOR_SAVE_EVERY_SEC + 1, busy_saves
+        assert all(saved <= applied for _, saved, applied in saves if applied is not None)
+
+        paused = time.monotonic()
+        tail = await b.store.stream_tail()
+        await async_wait_until(
+            lambda: str(a.saved_cursor("b")) == tail,
+            timeout=hot_path.CURSOR_SAVE_EVERY_SEC + 2.0,
+            message="the cursor saved after the stream paused",
+        )
+        assert time.monotonic() - paused < 10.0
+        await put_many(log, b, ["last"])
+        await mesh.wait_idle()
+        applied = tailer.cursor
+        await mesh.stop_engine("a")
+        assert a.saved_cursor("b") == applied
