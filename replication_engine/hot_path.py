@@ -248,11 +248,12 @@ class Tailer:
             else None
         )
         self.stats = TailerStats()
-        self.cursor: StreamId | None = None  # saved: everything up to here is applied
+        # Everything up to here is applied; saved too, but for at most CURSOR_SAVE_EVERY_SEC.
+        self.cursor: StreamId | None = None
         self._read_pos: StreamId | None = None  # decoded, maybe not yet applied (pipelining)
         self._head_read_at: float | None = None  # when the last read at the head started
         self._last_read_had_entries = False
-        self._saved: StreamId | None = None  # the cursor this tailer last saved
+        self._saved: StreamId | None = None  # the cursor in the database, as last read or saved
         self._saved_at = 0.0  # when (monotonic)
         self.tail: StreamId | None = None
         self.lag_ms: int | None = None  # unknown until the first read answers
@@ -396,7 +397,7 @@ class Tailer:
         saved = await self.cursors.get(self._peer_id)
         stored = await self._stored_position()
         if saved is not None:
-            cursor = codec.parse_stream_id(saved)
+            cursor = self._saved = codec.parse_stream_id(saved)
             if stored is not None and stored < cursor:
                 log.warning(
                     "store.behind_cursor",
@@ -902,6 +903,8 @@ class Tailer:
         try:
             await self.cursors.save(self._peer_id, str(cursor))
         except CursorError as exc:
+            # What this tailer reports from now on is what is saved, not what it applied.
+            self.cursor = self._saved
             raise CursorSaveFailed(
                 f"peer {self._peer_id}: cursor {cursor} was applied but could not be saved; "
                 f"stopping this tailer rather than apply further past an unsaved cursor: {exc}"

@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 
 import pybreaker
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from replication_engine import clock
-from replication_engine.codec import CodecError, StreamId, parse_stream_id
+from replication_engine.codec import StreamId, parse_stream_id
 from replication_engine.config import HotPathConfig, PeerConfig, default_of
 from replication_engine.connection import (
     Failure,
@@ -38,12 +38,7 @@ from replication_engine.redaction import redact_url
 from replication_engine.resilience import breaker_remaining, breaker_state, make_breaker
 from replication_engine.store.functions import MAX_KEYS_PER_CALL
 from replication_engine.store.layout import Keyspace, text
-from replication_engine.store.reader import (
-    FunctionFallback,
-    MalformedReply,
-    ReadCounter,
-    TreeReader,
-)
+from replication_engine.store.reader import FunctionFallback, ReadCounter, TreeReader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -95,21 +90,25 @@ def _id_or_none(raw: Any) -> StreamId | None:
 
 
 def _function_read(reply: Any) -> tuple[Any, NodeRecord | None, StreamInfo, list[Entry]]:
-    """``re_read``'s reply as the pipeline's parts: layout, record, stream facts, entries."""
+    """``re_read``'s reply as the pipeline's parts: layout, record, stream facts, entries.
+
+    Raises ValueError for a reply not shaped as ours is (a function of that name that is not
+    ours): the caller then reads with the commands.
+    """
     if type(reply) is not list or len(reply) != 4:
-        raise MalformedReply(f"re_read answered {type(reply).__name__}")
+        raise ValueError(f"re_read answered {type(reply).__name__}")
     layout, flat, facts, raw_entries = reply
     if type(flat) is not list or len(flat) % 2 or not all(type(x) is bytes for x in flat):
-        raise MalformedReply("re_read answered a record that is not field/value pairs")
+        raise ValueError("re_read answered a record that is not field/value pairs")
     if type(facts) is not list or len(facts) != 5 or type(raw_entries) is not list:
-        raise MalformedReply("re_read answered no stream facts or entries")
+        raise ValueError("re_read answered no stream facts or entries")
     entries: list[Entry] = []
     for entry in raw_entries:
         if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not bytes:
-            raise MalformedReply("re_read answered an entry that is not [id, fields]")
+            raise ValueError("re_read answered an entry that is not [id, fields]")
         fields = entry[1]
         if type(fields) is not list or len(fields) % 2:
-            raise MalformedReply("re_read answered entry fields that are not pairs")
+            raise ValueError("re_read answered entry fields that are not pairs")
         pairs = iter(fields)
         entries.append((entry[0], dict(zip(pairs, pairs, strict=True))))
     length, first, last, max_deleted, added = facts
@@ -121,8 +120,8 @@ def _function_read(reply: Any) -> tuple[Any, NodeRecord | None, StreamInfo, list
             max_deleted=_id_or_none(max_deleted),
             entries_added=None if added is None else int(added),
         )
-    except (TypeError, ValueError, CodecError) as exc:
-        raise MalformedReply(f"re_read answered unreadable stream facts: {exc}") from None
+    except (TypeError, ValueError) as exc:  # CodecError is a ValueError too
+        raise ValueError(f"re_read answered unreadable stream facts: {exc}") from None
     pairs = iter(flat)
     record = NodeRecord.from_fields({text(k): text(v) for k, v in zip(pairs, pairs, strict=True)})
     return layout, record, info, entries
@@ -406,11 +405,10 @@ class Peer:
             )
 
         async def run() -> tuple[Any, NodeRecord | None, StreamInfo, list[Entry]]:
-            if count <= MAX_KEYS_PER_CALL and self._re_read.usable():
-                try:
-                    return await self._read_by_function(cursor, count)
-                except (RedisError, MalformedReply) as exc:
-                    self._re_read.failed(exc)
+            if count <= MAX_KEYS_PER_CALL:
+                read = await self._re_read.attempt(lambda: self._read_by_function(cursor, count))
+                if read is not None:
+                    return read
             async with self.query.pipeline(transaction=False) as pipe:
                 pipe.hget(self.keys.part_meta, "partitions")
                 pipe.hgetall(self.keys.record)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -26,6 +26,7 @@ from replication_engine.store.functions import MAX_KEYS_PER_CALL
 from replication_engine.store.layout import Keyspace, text
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # How long a reader keeps to the built-in commands after a read-only function of the store's
 # library failed it (Redis 6.2, an older library, a user without FCALL_RO, a function of that
@@ -34,8 +35,8 @@ BULK_RETRY_SEC = 600.0
 _BYTES = {bytes}  # the one type every part of a re_hashes reply must have
 
 
-class MalformedReply(Exception):
-    """A function's reply that is not shaped as the library's function of that name answers."""
+class _Malformed(ValueError):
+    """A reply of ``re_hashes`` that is not a list of flat field/value lists."""
 
 
 @dataclass(slots=True)
@@ -44,25 +45,33 @@ class FunctionFallback:
     that read the same thing.
 
     The function is only a faster way to read it: whenever it fails other than by the server
-    being unavailable (which the commands would meet too), the commands decide for the next
+    being unavailable (which the commands would meet too), or answers what its parser refuses
+    (a ValueError: a function of that name that is not ours), the commands decide for the next
     ``BULK_RETRY_SEC``, and their errors are the ones raised.
     """
 
     name: str
     until: float = 0.0  # monotonic time until which the commands are used
 
-    def usable(self) -> bool:
-        return time.monotonic() >= self.until
-
-    def failed(self, exc: Exception) -> None:
-        """Fall back for a while, or re-raise ``exc`` when it says the server is unavailable."""
-        if isinstance(exc, RedisError) and failure(exc) is Failure.UNAVAILABLE:
-            raise exc
-        self.until = time.monotonic() + BULK_RETRY_SEC
-        log.info(
-            "reader.pipelined",
-            extra={"function": self.name, "why": str(exc)[:200], "retry_in_sec": BULK_RETRY_SEC},
-        )
+    async def attempt(self, read: Callable[[], Awaitable[T]]) -> T | None:
+        """What ``read`` (a call of the function, parsed) returns, or None: use the commands."""
+        if time.monotonic() < self.until:
+            return None
+        try:
+            return await read()
+        except (RedisError, ValueError) as exc:
+            if isinstance(exc, RedisError) and failure(exc) is Failure.UNAVAILABLE:
+                raise
+            self.until = time.monotonic() + BULK_RETRY_SEC
+            log.info(
+                "reader.pipelined",
+                extra={
+                    "function": self.name,
+                    "why": str(exc)[:200],
+                    "retry_in_sec": BULK_RETRY_SEC,
+                },
+            )
+            return None
 
 
 @dataclass(slots=True)
@@ -168,11 +177,9 @@ class TreeReader:
         ``re_hashes`` call, or a pipeline where the function fails (see FunctionFallback)."""
         if not names:
             return []
-        if self._function.usable():
-            try:
-                return await self._hashes_by_function(names)
-            except (RedisError, MalformedReply) as exc:
-                self._function.failed(exc)
+        read = await self._function.attempt(lambda: self._hashes_by_function(names))
+        if read is not None:
+            return read
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(name)
@@ -189,10 +196,10 @@ class TreeReader:
             replies = await self.redis.fcall_ro("re_hashes", len(chunk), *chunk)
             self.counter.round_trips += 1
             if type(replies) is not list or len(replies) != len(chunk):
-                raise MalformedReply(f"re_hashes answered {type(replies).__name__}")
+                raise _Malformed(f"re_hashes answered {type(replies).__name__}")
             for flat in replies:
                 if type(flat) is not list or len(flat) % 2 or not set(map(type, flat)) <= _BYTES:
-                    raise MalformedReply("re_hashes answered a hash that is not field/value pairs")
+                    raise _Malformed("re_hashes answered a hash that is not field/value pairs")
                 self.counter.bytes_read += sum(map(len, flat))
                 pairs = iter(flat)
                 out.append(dict(zip(pairs, pairs, strict=True)))
