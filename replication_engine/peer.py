@@ -36,9 +36,8 @@ from replication_engine.merkle import ZERO, GeometryError
 from replication_engine.observability.metrics import Metrics
 from replication_engine.redaction import redact_url
 from replication_engine.resilience import breaker_remaining, breaker_state, make_breaker
-from replication_engine.store.functions import MAX_KEYS_PER_CALL
 from replication_engine.store.layout import Keyspace, text
-from replication_engine.store.reader import FunctionFallback, ReadCounter, TreeReader
+from replication_engine.store.reader import ReadCounter, TreeReader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,48 +82,6 @@ def _record(raw: Any) -> NodeRecord | None:
     if isinstance(raw, BaseException):
         raise raw
     return NodeRecord.from_fields({text(k): text(v) for k, v in (raw or {}).items()})
-
-
-def _id_or_none(raw: Any) -> StreamId | None:
-    return None if raw is None else parse_stream_id(raw)
-
-
-def _function_read(reply: Any) -> tuple[Any, NodeRecord | None, StreamInfo, list[Entry]]:
-    """``re_read``'s reply as the pipeline's parts: layout, record, stream facts, entries.
-
-    Raises ValueError for a reply not shaped as ours is (a function of that name that is not
-    ours): the caller then reads with the commands.
-    """
-    if type(reply) is not list or len(reply) != 4:
-        raise ValueError(f"re_read answered {type(reply).__name__}")
-    layout, flat, facts, raw_entries = reply
-    if type(flat) is not list or len(flat) % 2 or not all(type(x) is bytes for x in flat):
-        raise ValueError("re_read answered a record that is not field/value pairs")
-    if type(facts) is not list or len(facts) != 5 or type(raw_entries) is not list:
-        raise ValueError("re_read answered no stream facts or entries")
-    entries: list[Entry] = []
-    for entry in raw_entries:
-        if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not bytes:
-            raise ValueError("re_read answered an entry that is not [id, fields]")
-        fields = entry[1]
-        if type(fields) is not list or len(fields) % 2:
-            raise ValueError("re_read answered entry fields that are not pairs")
-        pairs = iter(fields)
-        entries.append((entry[0], dict(zip(pairs, pairs, strict=True))))
-    length, first, last, max_deleted, added = facts
-    try:
-        info = StreamInfo(
-            length=int(length),
-            first=_id_or_none(first),
-            last=_id_or_none(last),
-            max_deleted=_id_or_none(max_deleted),
-            entries_added=None if added is None else int(added),
-        )
-    except (TypeError, ValueError) as exc:  # CodecError is a ValueError too
-        raise ValueError(f"re_read answered unreadable stream facts: {exc}") from None
-    pairs = iter(flat)
-    record = NodeRecord.from_fields({text(k): text(v) for k, v in zip(pairs, pairs, strict=True)})
-    return layout, record, info, entries
 
 
 def parse_stream_info(raw: Any) -> StreamInfo:
@@ -264,8 +221,6 @@ class Peer:
         self.partitions = partitions
         self._link = _Link()
         self._facts = _FactsBatch()
-        # Shared with the partitions' views: one decision per peer.
-        self._re_read = FunctionFallback("re_read")
         self._is_view = False
         # Labelled once: every call of the peer updates them.
         self._latency = metrics.peer_latency.labels(node_id)
@@ -382,11 +337,7 @@ class Peer:
         self, cursor: StreamId, count: int, *, block_ms: int | None
     ) -> tuple[NodeRecord | None, StreamInfo, list[Entry]]:
         """The peer's record, its stream's facts and up to ``count`` entries after ``cursor``,
-        read together: one call of the peer's read-only function ``re_read``, which Redis runs
-        as one atomic step, or, where the peer cannot run it (Redis 6.2, an older library, a
-        user without ``FCALL_RO``), one pipeline of the same reads, which Redis runs back to
-        back (a pipeline sent in one write is read, and so run, before any other client's
-        command).
+        read together: one pipeline that Redis runs back to back.
 
         The record is read first: whatever it claims was in the stream before the entries were
         read (docs/DELETES.md, "Claims", way 2), and the stream's facts describe exactly the
@@ -405,10 +356,6 @@ class Peer:
             )
 
         async def run() -> tuple[Any, NodeRecord | None, StreamInfo, list[Entry]]:
-            if count <= MAX_KEYS_PER_CALL:
-                read = await self._re_read.attempt(lambda: self._read_by_function(cursor, count))
-                if read is not None:
-                    return read
             async with self.query.pipeline(transaction=False) as pipe:
                 pipe.hget(self.keys.part_meta, "partitions")
                 pipe.hgetall(self.keys.record)
@@ -422,15 +369,6 @@ class Peer:
         layout, record, info, entries = await self.call(run, what="xrange")
         self._check_layout(layout, self.keys.partition)
         return record, info, entries
-
-    async def _read_by_function(
-        self, cursor: StreamId, count: int
-    ) -> tuple[Any, NodeRecord | None, StreamInfo, list[Entry]]:
-        keys = self.keys
-        reply = await self.query.fcall_ro(
-            "re_read", 3, keys.part_meta, keys.record, keys.cdc, str(cursor), str(count)
-        )
-        return _function_read(reply)
 
     def _check_layout(self, partitions: Any, name: str) -> None:
         """Refuse a partition of a store laid out otherwise than this node reads it: its

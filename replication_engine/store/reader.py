@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -26,52 +26,16 @@ from replication_engine.store.functions import MAX_KEYS_PER_CALL
 from replication_engine.store.layout import Keyspace, text
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-# How long a reader keeps to the built-in commands after a read-only function of the store's
-# library failed it (Redis 6.2, an older library, a user without FCALL_RO, a function of that
-# name that is not ours) before it tries again: a peer may be upgraded meanwhile.
+# How long a reader keeps to pipelines after ``re_hashes`` failed it (Redis 6.2, an older
+# library, a user without FCALL_RO, a function of that name that is not ours) before it tries
+# again: a peer may be upgraded meanwhile.
 BULK_RETRY_SEC = 600.0
 _BYTES = {bytes}  # the one type every part of a re_hashes reply must have
 
 
-class _Malformed(ValueError):
+class _Malformed(Exception):
     """A reply of ``re_hashes`` that is not a list of flat field/value lists."""
-
-
-@dataclass(slots=True)
-class FunctionFallback:
-    """Whether to try one of the library's read-only functions before the built-in commands
-    that read the same thing.
-
-    The function is only a faster way to read it: whenever it fails other than by the server
-    being unavailable (which the commands would meet too), or answers what its parser refuses
-    (a ValueError: a function of that name that is not ours), the commands decide for the next
-    ``BULK_RETRY_SEC``, and their errors are the ones raised.
-    """
-
-    name: str
-    until: float = 0.0  # monotonic time until which the commands are used
-
-    async def attempt(self, read: Callable[[], Awaitable[T]]) -> T | None:
-        """What ``read`` (a call of the function, parsed) returns, or None: use the commands."""
-        if time.monotonic() < self.until:
-            return None
-        try:
-            return await read()
-        except (RedisError, ValueError) as exc:
-            if isinstance(exc, RedisError) and failure(exc) is Failure.UNAVAILABLE:
-                raise
-            self.until = time.monotonic() + BULK_RETRY_SEC
-            log.info(
-                "reader.pipelined",
-                extra={
-                    "function": self.name,
-                    "why": str(exc)[:200],
-                    "retry_in_sec": BULK_RETRY_SEC,
-                },
-            )
-            return None
 
 
 @dataclass(slots=True)
@@ -124,7 +88,7 @@ class TreeReader:
         self.keys = keyspace
         self.counter = counter or ReadCounter()
         self.max_payload = max_payload
-        self._function = FunctionFallback("re_hashes")
+        self._pipeline_until = 0.0  # monotonic time until which hashes are read by pipeline
 
     async def geometry(self) -> Geometry | None:
         raw = await self.redis.hgetall(self.keys.meta)
@@ -173,13 +137,25 @@ class TreeReader:
         return out
 
     async def _hashes(self, names: Sequence[str]) -> list[dict[bytes, bytes]]:
-        """``HGETALL`` of each of ``names`` (all in one partition), in one round trip: one
-        ``re_hashes`` call, or a pipeline where the function fails (see FunctionFallback)."""
+        """``HGETALL`` of each of ``names`` (all in one partition), in one round trip.
+
+        The function is only a faster way to read the same: whenever it fails other than by
+        the server being unavailable (which the pipeline would meet too), the built-in
+        commands decide, and their errors are the ones raised.
+        """
         if not names:
             return []
-        read = await self._function.attempt(lambda: self._hashes_by_function(names))
-        if read is not None:
-            return read
+        if time.monotonic() >= self._pipeline_until:
+            try:
+                return await self._hashes_by_function(names)
+            except (RedisError, _Malformed) as exc:
+                if isinstance(exc, RedisError) and failure(exc) is Failure.UNAVAILABLE:
+                    raise
+                self._pipeline_until = time.monotonic() + BULK_RETRY_SEC
+                log.info(
+                    "reader.pipelined",
+                    extra={"why": str(exc)[:200], "retry_in_sec": BULK_RETRY_SEC},
+                )
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(name)

@@ -25,11 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from harness.mesh import full_mesh, open_mesh
-from replication_engine import codec
-from replication_engine.codec import STREAM_START
 from replication_engine.merkle import Geometry, combine
-from replication_engine.observability.metrics import Metrics
-from replication_engine.peer import Peer, StreamInfo
 from replication_engine.store import functions
 from replication_engine.store.reader import TreeReader
 from replication_engine.store.redis_store import RedisStore
@@ -414,97 +410,3 @@ async def test_a_re_hashes_that_is_not_ours_changes_nothing_the_reader_returns(
     hgetalls = await _calls(store.redis, "hgetall")
     assert await reader.items(keys) == expected
     assert await _calls(store.redis, "hgetall") == hgetalls + len(keys), "pipelined from then on"
-
-
-async def _read_everything(peer: Peer, ids: list[bytes]) -> list[Any]:
-    """What a tailer reads of a stream of ``ids`` in batches of 7: from the start, from the
-    middle, at the end, and of a partition that has no stream yet."""
-    reads = [
-        await peer.read_batch(STREAM_START, 7, block_ms=None),
-        await peer.read_batch(codec.parse_stream_id(ids[5]), 7, block_ms=None),
-        await peer.read_batch(codec.parse_stream_id(ids[-1]), 7, block_ms=None),
-        await peer.partition("9").read_batch(STREAM_START, 7, block_ms=None),
-    ]
-    return [(record, info, entries) for record, info, entries in reads]
-
-
-async def test_a_tailer_reads_a_batch_in_one_re_read_call_and_the_same_without_it(
-    store: RedisStore, redis_server: RedisHandle
-) -> None:
-    """A tailer reads a peer's record, stream facts and entries with one ``re_read`` call per
-    batch; a peer that cannot run it (6.2, an older library, a user without FCALL_RO) is read
-    with a pipeline of the same commands, and the tailer gets exactly the same."""
-    await store.open_record(mode="mesh", relay=False)
-    await store.put_many([(f"k{i}", f"value {i}".encode(), "text") for i in range(20)])
-    await store.delete("k3")
-    first_id = (await store.redis.xrange(store.keys.cdc, count=1))[0][0]
-    await store.redis.xdel(store.keys.cdc, first_id)  # a removed entry: max-deleted-entry-id
-
-    ids = [entry_id for entry_id, _ in await store.redis.xrange(store.keys.cdc)]
-    one_call = Peer("a", redis_server.url, prefix=PREFIX, metrics=Metrics())
-    fcalls, xranges = await _calls(store.redis, "fcall_ro"), await _calls(store.redis, "xrange")
-    by_function = await _read_everything(one_call, ids)
-    if HAS_FUNCTIONS:
-        assert await _calls(store.redis, "fcall_ro") == fcalls + 4
-        await store.redis.function_delete(functions.LIBRARY)  # as on a peer with an older one
-    pipelined = Peer("a", redis_server.url, prefix=PREFIX, metrics=Metrics())
-    fcalls, xranges = await _calls(store.redis, "fcall_ro"), await _calls(store.redis, "xrange")
-    by_pipeline = await _read_everything(pipelined, ids)
-    assert await _calls(store.redis, "xrange") == xranges + 4
-    if HAS_FUNCTIONS:
-        assert await _calls(store.redis, "fcall_ro") == fcalls + 1, "tried once, then pipelined"
-    assert by_function == by_pipeline
-    (record, info, entries), middle, (_, _, at_end), (none, nothing, empty) = by_function
-    assert record is not None and len(entries) == 7 and at_end == [] and len(middle[2]) == 7
-    assert info.length == 20 and info.first is not None and info.first > STREAM_START
-    assert none is None and nothing == StreamInfo(0, None, None, None) and empty == []
-    if HAS_FUNCTIONS:
-        assert info.max_deleted == codec.parse_stream_id(first_id) and info.entries_added == 21
-    await one_call.close()
-    await pipelined.close()
-
-
-@needs_functions
-@pytest.mark.parametrize(
-    "body",
-    [
-        "return 42",
-        "return {1, 2, 3, 4}",
-        "return {false, {}, {0, false, false, false, false}, {{'1-1', {'a'}}}}",
-        "return {false, {}, {'x', false, false, false, false}, {}}",
-        "return redis.error_reply('ERR no')",
-    ],
-)
-async def test_a_re_read_that_is_not_ours_changes_nothing_the_tailer_reads(
-    store: RedisStore, redis_server: RedisHandle, body: str
-) -> None:
-    """A peer's operator can register any function of that name: whatever it answers, the
-    tailer reads with the built-in commands instead and gets what they give."""
-    await store.put_many([(f"k{i}", f"value {i}".encode(), "text") for i in range(5)])
-    before = Peer("a", redis_server.url, prefix=PREFIX, metrics=Metrics())
-    expected = await before.read_batch(STREAM_START, 100, block_ms=None)
-    await before.close()
-    await store.redis.function_delete(functions.LIBRARY)
-    await store.redis.function_load(
-        "#!lua name=impostor\n"
-        f"redis.register_function{{function_name = 're_read', callback = function() {body} end,"
-        " flags = {'no-writes'}}"
-    )
-    peer = Peer("a", redis_server.url, prefix=PREFIX, metrics=Metrics())
-    assert await peer.read_batch(STREAM_START, 100, block_ms=None) == expected
-    fcalls = await _calls(store.redis, "fcall_ro")
-    assert await peer.read_batch(STREAM_START, 100, block_ms=None) == expected
-    assert await _calls(store.redis, "fcall_ro") == fcalls, "pipelined from then on"
-    await peer.close()
-
-
-@needs_functions
-async def test_re_read_refuses_other_keys_or_counts(store: RedisStore) -> None:
-    keys = store.keys
-    with pytest.raises(ResponseError, match="re_read takes 3 keys"):
-        await store.redis.fcall_ro("re_read", 2, keys.part_meta, keys.record, "0-0", "1")
-    for count in ("0", "1.5", "x", str(functions.MAX_KEYS_PER_CALL + 1)):
-        with pytest.raises(ResponseError, match="count must be an integer"):
-            await store.redis.fcall_ro(
-                "re_read", 3, keys.part_meta, keys.record, keys.cdc, "0-0", count
-            )

@@ -7,7 +7,7 @@
 -- itself which partition and leaf bucket it belongs in, and refuses the whole call, writing
 -- nothing, when a declared key is in the wrong partition or the store cannot take it. Every
 -- key it touches shares the declared key's hash tag: one Redis Cluster slot per call.
-local LIBRARY_VERSION = 5
+local LIBRARY_VERSION = 4
 local MAX_KEY_BYTES = 4096
 local MAX_CONTENT_TYPE = 256
 local MAX_TRACE_PARENT = 256
@@ -342,44 +342,6 @@ local function re_hashes(keys, args)
   return out
 end
 
--- re_read (read-only): KEYS = a partition's meta, record and stream; ARGS = a stream id and a
--- count. What a peer's tailer reads with every batch, in one atomic step: the layout (the meta's
--- 'partitions', or nil), the record as HGETALL gives it, the stream's facts {length, first id,
--- last generated id, max deleted id, entries added} (nil where the stream or the server has no
--- such fact), and up to count entries after the id as XRANGE gives them. The facts and the
--- record therefore describe exactly the stream the entries came from. It reads nothing the
--- caller could not read with HGET, HGETALL, XINFO STREAM and XRANGE.
-local function re_read(keys, args)
-  if #keys ~= 3 or #args ~= 2 then
-    return refuse('re_read takes 3 keys (meta, record, stream) and 2 arguments (after, count)')
-  end
-  local count = tonumber(args[2])
-  if not count or count < 1 or count > MAX_KEYS_PER_CALL or count % 1 ~= 0 then
-    return refuse('re_read: count must be an integer from 1 to ' .. MAX_KEYS_PER_CALL)
-  end
-  local call = redis.call
-  local layout = call('HGET', keys[1], 'partitions')
-  local record = call('HGETALL', keys[2])
-  local facts = {0, false, false, false, false}
-  if call('EXISTS', keys[3]) == 0 then return {layout, record, facts, {}} end
-  local info = call('XINFO', 'STREAM', keys[3])
-  for i = 1, #info, 2 do
-    local name, value = info[i], info[i + 1]
-    if name == 'length' then
-      facts[1] = value
-    elseif name == 'first-entry' then
-      facts[2] = value and value[1] or false
-    elseif name == 'last-generated-id' then
-      facts[3] = value
-    elseif name == 'max-deleted-entry-id' then
-      facts[4] = value
-    elseif name == 'entries-added' then
-      facts[5] = value
-    end
-  end
-  return {layout, record, facts, call('XRANGE', keys[3], '(' .. args[1], '+', 'COUNT', count)}
-end
-
 local function re_version()
   return LIBRARY_VERSION
 end
@@ -390,5 +352,4 @@ register('re_del', re_del, false)
 register('re_write', re_write, false)
 register('re_get', re_get, true)
 register('re_hashes', re_hashes, true)
-register('re_read', re_read, true)
 register('re_version', re_version, true)
