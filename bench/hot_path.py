@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from replication_engine import clock, codec
 from replication_engine.codec import Change, StreamId
@@ -224,6 +225,41 @@ def _caught_up(engine: ReplicationEngine, tail: StreamId, partitions: int) -> bo
     )
 
 
+def queue_bare_writes(pipe: Pipeline, keys: Keyspace, entries: _Entries) -> None:
+    """What a bare loop does with each entry: decompress, verify the hash, ``HSET`` (queued)."""
+    for _raw_id, fields in entries:
+        value = codec.decode_payload(fields[b"data"])
+        codec.verify_hash(value, fields[b"hash"].decode())
+        pipe.hset(
+            keys.item(fields[b"key"].decode()),
+            mapping={"d": fields[b"data"], "h": fields[b"hash"], "m": fields[b"meta"]},
+        )
+
+
+async def bare_head_batches(
+    source: Redis, keys: Keyspace, interval: float, stop: asyncio.Event
+) -> AsyncIterator[_Entries]:
+    """Batches at the head of ``source``'s stream (fresh: it starts with the writer), reads
+    ``interval`` apart, until ``stop``: what any tailer on redis-py must do, an ``XREAD BLOCK``
+    for the next entry, then an ``XRANGE`` of the batch."""
+    cursor = b"0-0"
+    last_start = 0.0
+    while not stop.is_set():
+        wait = last_start + interval - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        last_start = time.monotonic()
+        if not await source.xread({keys.cdc: cursor}, count=1, block=200):
+            continue
+        entries = cast(
+            _Entries,
+            await source.xrange(keys.cdc, min=b"(" + cursor, max="+", count=BASELINE_BATCH),
+        )
+        if entries:
+            yield entries
+            cursor = entries[-1][0]
+
+
 async def baseline_catch_up(peer_url: str, target_url: str, tail: StreamId) -> float:
     """XRANGE -> decode_payload -> verify_hash -> pipelined HSET, nothing else."""
     source, target = Redis.from_url(peer_url), Redis.from_url(target_url)
@@ -238,17 +274,7 @@ async def baseline_catch_up(peer_url: str, target_url: str, tail: StreamId) -> f
             if not entries:
                 break
             async with target.pipeline(transaction=False) as pipe:
-                for _raw_id, fields in entries:
-                    value = codec.decode_payload(fields[b"data"])
-                    codec.verify_hash(value, fields[b"hash"].decode())
-                    pipe.hset(
-                        keys.item(fields[b"key"].decode()),
-                        mapping={
-                            "d": fields[b"data"],
-                            "h": fields[b"hash"],
-                            "meta": fields[b"meta"],
-                        },
-                    )
+                queue_bare_writes(pipe, keys, entries)
                 await pipe.execute()
             last = codec.parse_stream_id(entries[-1][0])
             if last >= tail:

@@ -40,11 +40,18 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from redis.asyncio import Redis
 
-from bench.hot_path import PREFIX, json_payload, servers, workspace
+from bench.hot_path import (
+    PREFIX,
+    bare_head_batches,
+    json_payload,
+    queue_bare_writes,
+    servers,
+    workspace,
+)
 from replication_engine import clock, codec
 from replication_engine.codec import Change
 from replication_engine.config import EngineConfig, HotPathConfig, default_of
@@ -62,7 +69,6 @@ TICK_S = 0.005
 LATE_S = 0.05
 # Where a bare loop counts the entries it wrote (its node's Redis), for the parent to wait on.
 APPLIED_KEY = "bench:lag:applied"
-_Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 # ------------------------------------------------------------------------------------ engine
@@ -157,35 +163,15 @@ async def _bare_process(node: str, urls: dict[str, str], interval: float) -> Non
     async def tail(peer_url: str) -> None:
         nonlocal batches
         source = Redis.from_url(peer_url)
-        cursor: bytes = b"0-0"  # a fresh server: the stream starts with the writer
-        last_start = 0.0
-        while not stop.is_set():
-            wait = last_start + interval - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            last_start = time.monotonic()
-            if not await source.xread({keys.cdc: cursor}, count=1, block=200):
-                continue
-            entries = cast(
-                _Entries, await source.xrange(keys.cdc, min=b"(" + cursor, max="+", count=1000)
-            )
-            if not entries:
-                continue
+        async for entries in bare_head_batches(source, keys, interval, stop):
             async with local.pipeline(transaction=False) as pipe:
-                for _raw_id, fields in entries:
-                    value = codec.decode_payload(fields[b"data"])
-                    codec.verify_hash(value, fields[b"hash"].decode())
-                    pipe.hset(
-                        keys.item(fields[b"key"].decode()),
-                        mapping={"d": fields[b"data"], "h": fields[b"hash"], "m": fields[b"meta"]},
-                    )
+                queue_bare_writes(pipe, keys, entries)
                 pipe.incrby(APPLIED_KEY, len(entries))
                 await pipe.execute()
             now = clock.wall_clock_ms()
             batches += 1
             for _raw_id, fields in entries:
                 samples.append(now - int(codec.decode_meta(fields[b"meta"])["updated_at"]))
-            cursor = entries[-1][0]
         await source.aclose()
 
     tasks = [asyncio.create_task(tail(url)) for peer, url in urls.items() if peer != node]

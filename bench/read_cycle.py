@@ -25,19 +25,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import cast
 
 from redis.asyncio import Redis
 
-from bench.hot_path import PREFIX, servers, workspace
-from replication_engine import codec
+from bench.hot_path import PREFIX, bare_head_batches, queue_bare_writes, servers, workspace
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
 from replication_engine.store.layout import Keyspace
 from replication_engine.store.redis_store import RedisStore
-
-_Entries = list[tuple[bytes, dict[bytes, bytes]]]
-BARE_BATCH = 1000
 
 
 async def _reads(url: str) -> tuple[int, int]:
@@ -119,31 +114,10 @@ async def bare_run(
     stop = asyncio.Event()
 
     async def tail() -> None:
-        cursor = "0-0"  # a fresh server: the stream starts with the writer
-        last_start = 0.0
-        while not stop.is_set():
-            wait = last_start + interval - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            last_start = time.monotonic()
-            if not await source.xread({keys.cdc: cursor}, count=1, block=200):
-                continue
-            entries = cast(
-                _Entries,
-                await source.xrange(keys.cdc, min=f"({cursor}", max="+", count=BARE_BATCH),
-            )
-            if not entries:
-                continue
+        async for entries in bare_head_batches(source, keys, interval, stop):
             async with target.pipeline(transaction=False) as pipe:
-                for _raw_id, fields in entries:
-                    value = codec.decode_payload(fields[b"data"])
-                    codec.verify_hash(value, fields[b"hash"].decode())
-                    pipe.hset(
-                        keys.item(fields[b"key"].decode()),
-                        mapping={"d": fields[b"data"], "h": fields[b"hash"], "m": fields[b"meta"]},
-                    )
+                queue_bare_writes(pipe, keys, entries)
                 await pipe.execute()
-            cursor = entries[-1][0].decode()
 
     task = asyncio.create_task(tail())
     try:
