@@ -398,6 +398,12 @@ async def test_shutdown_during_catch_up_saves_exactly_what_was_applied_and_resum
         assert resumed.applied == entries - len(covered)
 
 
+@pytest.mark.skipif(
+    redis_server_version(find_redis_server())[0] < 7,
+    reason="Redis 6.2 cannot say whether a stream read from its start was trimmed: the tailer "
+    "reports a gap and the repair it asks for fetches items the stream was about to bring, "
+    "which this test forbids (README, Known limitations)",
+)
 async def test_the_repair_cycle_waits_out_a_catch_up_and_runs_as_soon_as_it_ends(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
