@@ -1136,7 +1136,7 @@ async def test_a_busy_stream_saves_its_cursor_once_a_second_and_a_pause_saves_it
         while time.monotonic() < deadline:  # ~400 writes/s: 8 per 20 ms read interval
             await put_many(log, b, [f"busy:{rounds}:{i}" for i in range(8)], concurrency=8)
             rounds += 1
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # sync-ok: load pacing
         # The stream's rate is known after a window or two of reads (0.2 s each); from then
         # on the busy stream is saved about once a second.
         settled = started + 0.5
