@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 LIBRARY = "replication_engine"
 # Raise with every change to scripts/api.lua or scripts/common.lua that a loaded library must
 # pick up; the test suite checks that it matches the source's LIBRARY_VERSION.
-VERSION = 4
+VERSION = 5
 # Keys one call of a function may declare (MAX_KEYS_PER_CALL in scripts/api.lua).
 MAX_KEYS_PER_CALL = 10_000
 
@@ -42,9 +42,14 @@ def shared_source() -> str:
 
 
 def script_source(name: str) -> str:
-    """One of the store's scripts: the shared code, the partition it works on (ARGV[1..3]),
-    then the script's own body."""
-    return f"{_source('common.lua')}\nbegin(ARGV[1], ARGV[2], ARGV[3])\n{_source(name)}"
+    """One of the store's scripts: the shared code, the check that the partition's slot is not
+    migrating (``slot_moving`` in common.lua), the partition it works on (ARGV[1..3]), then
+    the script's own body."""
+    prologue = (
+        "do local moving = slot_moving(ARGV[1]) if moving then return moving end end\n"
+        "begin(ARGV[1], ARGV[2], ARGV[3])\n"
+    )
+    return f"{_source('common.lua')}\n{prologue}{_source(name)}"
 
 
 def library_source() -> str:

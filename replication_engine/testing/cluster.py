@@ -124,14 +124,19 @@ def node_id_of(node: RedisHandle) -> str:
 
 def migrate_slot(cluster: Cluster, slot: int, source: RedisHandle, target: RedisHandle) -> int:
     """Move one slot from ``source`` to ``target`` as ``redis-cli --cluster reshard`` does, key
-    batch by key batch (clients meet ASK and TRYAGAIN meanwhile); returns the keys moved."""
+    batch by key batch (clients meet ASK and TRYAGAIN meanwhile); returns the keys moved.
+
+    The keys move in name order, as Redis 6.2 lists them (``CLUSTER GETKEYSINSLOT``); Redis 7.0
+    lists the newest first, which happens to move a partition's meta and record after the rest,
+    and later servers list them in no set order. Name order moves the meta before the tree, so
+    a call that a partial partition let run on the wrong master would show here."""
     source_id, target_id = node_id_of(source), node_id_of(target)
     with target.client() as to, source.client() as frm:
         to.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
         frm.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
         moved = 0
         while True:
-            keys = frm.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+            keys = sorted(frm.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1_000_000))[:100]
             if not keys:
                 break
             frm.execute_command("MIGRATE", target.host, target.port, "", 0, 10_000, "KEYS", *keys)

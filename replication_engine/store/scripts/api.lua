@@ -7,7 +7,7 @@
 -- itself which partition and leaf bucket it belongs in, and refuses the whole call, writing
 -- nothing, when a declared key is in the wrong partition or the store cannot take it. Every
 -- key it touches shares the declared key's hash tag: one Redis Cluster slot per call.
-local LIBRARY_VERSION = 4
+local LIBRARY_VERSION = 5
 local MAX_KEY_BYTES = 4096
 local MAX_CONTENT_TYPE = 256
 local MAX_TRACE_PARENT = 256
@@ -85,6 +85,8 @@ local function open_partition(declared)
   end
   local prefix, part = string.sub(declared, 1, open - 1), string.sub(declared, open + 1, close - 1)
   local tag = prefix .. '{' .. part .. '}'
+  local moving = slot_moving(tag)
+  if moving then return nil, moving end
   local m = redis.call('HMGET', tag .. 'meta', 'format', 'fanout', 'depth', 'partitions', 'id',
     'maxlen', 'max_payload')
   if not m[1] then

@@ -125,6 +125,25 @@ end
 
 -- ------------------------------------------------------------------------ checks before writing
 
+-- On a Redis Cluster, a slot migration (CLUSTER SETSLOT ... MIGRATING / IMPORTING, then MIGRATE
+-- key batch by key batch) leaves a partition's keys split between two masters. Redis routes a
+-- call by the keys it declares, and a call declares one; the keys it touches besides (the
+-- stream, the tree, the record) may not have moved yet, and a write to one of those on the
+-- target would make a second copy of it there (MIGRATE then fails with BUSYKEY, and REPLACE
+-- drops one copy's writes). So no call runs while its partition's slot moves: it reads two keys
+-- of the slot that never exist, which fails on either master during a migration (the source
+-- answers ASK for them, the target TRYAGAIN or "non local key") and reads 0 otherwise. The
+-- reply is a TRYAGAIN error, which clients retry; nothing has been read or written yet.
+-- tag is the partition's key prefix ('P{0}'). Returns nil, or the error reply.
+local function slot_moving(tag)
+  local probe = redis.pcall('EXISTS', tag .. 'never:1', tag .. 'never:2')
+  if type(probe) == 'table' and probe.err then
+    return redis.error_reply('TRYAGAIN the hash slot of ' .. tag .. ' is migrating between ' ..
+      'cluster masters; nothing was read or written: retry when the migration ends')
+  end
+  return nil
+end
+
 local function fail(key, message)
   return redis.error_reply(message .. ' (key ' .. key .. ')')
 end
