@@ -820,8 +820,19 @@ async def test_replication_moves_the_hot_path_metrics(
                 "replication_cdc_events_read_total",
                 "replication_cdc_events_applied_total",
                 "replication_batch_flush_total",
+                "replication_repair_items_applied_total",
             )
             return {name: metric(engine, name, peer="b") for name in names}
+
+        def applied(counts: dict[str, float]) -> float:
+            """Events the hot path applied, plus items a repair applied first (each write is
+            applied once, by one path). On Redis 6.2 a stream read from its start is a gap (6.2
+            cannot show nothing was trimmed), whose repair races the hot path for the first
+            writes; on 7.0 the repair count stays 0."""
+            return (
+                counts["replication_cdc_events_applied_total"]
+                + counts["replication_repair_items_applied_total"]
+            )
 
         for i in range(50):
             await log.put(mesh["b"], f"k{i}", b"x")
@@ -829,7 +840,8 @@ async def test_replication_moves_the_hot_path_metrics(
         await mesh.wait_idle()
         before = sample()
         assert before["replication_cdc_events_read_total"] >= 50
-        assert before["replication_cdc_events_applied_total"] >= 50
+        assert applied(before) >= 50
+        assert before["replication_cdc_events_applied_total"] > 0
         assert before["replication_batch_flush_total"] >= 1
         assert metric(engine, "replication_batch_size_entries", peer="b") > 0
         registry = engine.metrics.registry
@@ -849,8 +861,7 @@ async def test_replication_moves_the_hot_path_metrics(
             after["replication_cdc_events_read_total"]
             >= before["replication_cdc_events_read_total"] + 30
         )
-        assert (
-            after["replication_cdc_events_applied_total"]
-            >= before["replication_cdc_events_applied_total"] + 30
-        )
+        assert applied(after) >= applied(before) + 30
+        hot = "replication_cdc_events_applied_total"
+        assert after[hot] > before[hot]
         assert after["replication_batch_flush_total"] > before["replication_batch_flush_total"]
