@@ -348,6 +348,12 @@ async def bench_throughput(backlog: int, relay: str, workdir: Path) -> dict[str,
 # ------------------------------------------------------------------------------------ (c)
 
 
+async def redis_cpu(redis: Redis) -> float:
+    """CPU seconds (user + system) a Redis server has used, from ``INFO cpu``."""
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def _proc_status(pid: int) -> dict[str, int]:
     out: dict[str, int] = {}
     with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:

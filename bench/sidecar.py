@@ -38,7 +38,14 @@ from typing import Any
 import yaml
 from redis.asyncio import Redis
 
-from bench.hot_path import PAYLOAD_BYTES, PREFIX, baseline_catch_up, json_payload, servers
+from bench.hot_path import (
+    PAYLOAD_BYTES,
+    PREFIX,
+    baseline_catch_up,
+    json_payload,
+    redis_cpu,
+    servers,
+)
 from replication_engine import codec
 from replication_engine.codec import StreamId
 from replication_engine.knowledge import NodeRecord
@@ -108,14 +115,23 @@ async def applied_up_to(local: Redis) -> StreamId | None:
     return None if anchor is None else StreamId(*anchor.stream_id)
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def sidecar_catch_up(
     peer_url: str, local_url: str, tail: StreamId, workdir: Path
-) -> tuple[float, int]:
+) -> tuple[float, int, dict[str, float]]:
     """Seconds from spawning the sidecar until its store has applied ``tail``; its exit code
-    after SIGTERM (0 for a clean drain)."""
+    after SIGTERM (0 for a clean drain); the CPU seconds the sidecar, the local Redis and the
+    peer's Redis spent meanwhile."""
     config = sidecar_config(local_url, peer_url, workdir)
     log = (workdir / f"{config.stem}.log").open("wb")
-    local = Redis.from_url(local_url)
+    local, peer = Redis.from_url(local_url), Redis.from_url(peer_url)
+    redis_before = {"local": await redis_cpu(local), "peer": await redis_cpu(peer)}
     started = time.perf_counter()
     child = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -132,6 +148,9 @@ async def sidecar_catch_up(
             position = await applied_up_to(local)
             if position is not None and position >= tail:
                 elapsed = time.perf_counter() - started
+                cpu = {"sidecar": process_cpu(child.pid)}
+                for name, redis in (("local", local), ("peer", peer)):
+                    cpu[name] = await redis_cpu(redis) - redis_before[name]
                 break
             if child.returncode is not None:
                 raise RuntimeError(f"the sidecar exited with {child.returncode}; see {log.name}")
@@ -145,8 +164,9 @@ async def sidecar_catch_up(
             child.kill()
             await child.wait()
         await local.aclose()
+        await peer.aclose()
         log.close()
-    return elapsed, code
+    return elapsed, code, cpu
 
 
 async def run(backlog: int, repeat: int, workdir: Path) -> None:
@@ -163,7 +183,7 @@ async def run(backlog: int, repeat: int, workdir: Path) -> None:
         for i in range(repeat):
             with servers(3, workdir) as (before, local, after):
                 base_before = await baseline_catch_up(peer.url, before.url, tail)
-                seconds, code = await sidecar_catch_up(peer.url, local.url, tail, workdir)
+                seconds, code, cpu = await sidecar_catch_up(peer.url, local.url, tail, workdir)
                 base_after = await baseline_catch_up(peer.url, after.url, tail)
             base_rate = backlog / ((base_before + base_after) / 2)
             rate = backlog / seconds
@@ -173,7 +193,9 @@ async def run(backlog: int, repeat: int, workdir: Path) -> None:
             print(
                 f"  run {i + 1}: bare loop {base_rate:,.0f} events/s ({base_before:.2f} s before, "
                 f"{base_after:.2f} s after); sidecar {rate:,.0f} events/s ({seconds:.2f} s from "
-                f"spawn, exit {code}); ratio {rate / base_rate:.2f} (target >= 0.9)"
+                f"spawn, exit {code}); ratio {rate / base_rate:.2f} (target >= 0.9)\n"
+                f"    CPU meanwhile: sidecar {cpu['sidecar']:.2f} s, local redis "
+                f"{cpu['local']:.2f} s, peer redis {cpu['peer']:.2f} s"
             )
     print(
         f"  ratio median {statistics.median(ratios):.2f} (range {min(ratios):.2f}-"
