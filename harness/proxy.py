@@ -31,6 +31,9 @@ STOP_TIMEOUT_S = 5.0
 THREAD_TIMEOUT_S = 10.0
 
 _T = TypeVar("_T")
+# What split_requests runs between two requests: (the request just forwarded, the proxy's
+# (host, port) on the server connection).
+BetweenRequests = Callable[[bytes, tuple[str, int]], Coroutine[Any, Any, None]]
 
 
 @dataclass
@@ -65,6 +68,38 @@ class _Link:
         self.upstream.transport.abort()
 
 
+def split_resp_requests(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """The whole RESP requests (``*<n>`` arrays of ``$<len>`` bulk strings, as clients send)
+    at the start of ``buffer``, and the incomplete rest. Anything else passes as one piece."""
+    requests: list[bytes] = []
+    at = 0
+    while at < len(buffer):
+        if buffer[at : at + 1] != b"*":
+            return [*requests, buffer[at:]], b""
+        end = _resp_request_end(buffer, at)
+        if end is None:
+            break
+        requests.append(buffer[at:end])
+        at = end
+    return requests, buffer[at:]
+
+
+def _resp_request_end(buffer: bytes, start: int) -> int | None:
+    """Where the request starting at ``start`` ends, or None when it has not all arrived."""
+    header_end = buffer.find(b"\r\n", start)
+    if header_end < 0:
+        return None
+    at = header_end + 2
+    for _ in range(int(buffer[start + 1 : header_end])):
+        line_end = buffer.find(b"\r\n", at)  # "$<len>": buffer[at] is the "$"
+        if line_end < 0:
+            return None
+        at = line_end + 2 + int(buffer[at + 1 : line_end]) + 2
+        if at > len(buffer):
+            return None
+    return at
+
+
 class TcpProxy:
     """Asyncio TCP proxy with switchable faults; all methods run on the loop that started it.
 
@@ -75,6 +110,12 @@ class TcpProxy:
             until ``heal()``.
         ``blackhole()``: connections stay open but bytes are read and discarded in both
             directions until ``heal()``; a client only notices through its own timeout.
+        ``split_requests(s, between=hook)``: requests reach the server one at a time, ``s``
+            apart, so the commands of one pipeline run apart from each other and other
+            clients' commands can run in between (as behind a middlebox that re-segments a
+            stream). ``hook(request, address)``, awaited after each request is forwarded and
+            before the next, is where a test puts such a command; ``address`` is the proxy's
+            end of the server connection, as the server's ``CLIENT LIST`` shows it.
 
     Resource handling: ``stop()`` closes the listener, resets every connection and awaits
     every connection task, so no task outlives the proxy.
@@ -94,6 +135,8 @@ class TcpProxy:
         self._listen_port = listen_port
         self.stats = ProxyStats()
         self._delay_s = 0.0
+        self._split_s: float | None = None
+        self._between: BetweenRequests | None = None
         self._is_cut = False
         self._is_blackholed = False
         self._is_stopping = False
@@ -142,6 +185,12 @@ class TcpProxy:
         if seconds < 0:
             raise ValueError(f"seconds={seconds!r}: expected >= 0")
         self._delay_s = seconds
+
+    def split_requests(self, seconds: float | None, between: BetweenRequests | None = None) -> None:
+        """Forward each RESP request on its own, ``seconds`` after the one before (None: off)."""
+        if seconds is not None and seconds < 0:
+            raise ValueError(f"seconds={seconds!r}: expected >= 0 or None")
+        self._split_s, self._between = seconds, between
 
     def cut(self) -> None:
         self._is_cut = True
@@ -209,6 +258,7 @@ class TcpProxy:
         *,
         upstream: bool,
     ) -> None:
+        pending = b""  # the start of a request not yet forwarded whole (split_requests)
         try:
             while True:
                 data = await reader.read(CHUNK_BYTES)
@@ -219,8 +269,18 @@ class TcpProxy:
                     await asyncio.sleep(self._delay_s)
                 if self._is_blackholed:
                     continue
-                writer.write(data)
-                await writer.drain()
+                if upstream and (self._split_s is not None or pending):
+                    requests, pending = split_resp_requests(pending + data)
+                    for request in requests:
+                        writer.write(request)
+                        await writer.drain()
+                        # The fault itself: requests reach the server this far apart.
+                        await asyncio.sleep(self._split_s or 0.0)
+                        if self._between is not None:
+                            await self._between(request, writer.get_extra_info("sockname"))
+                else:
+                    writer.write(data)
+                    await writer.drain()
                 if upstream:
                     self.stats.bytes_up += len(data)
                 else:

@@ -336,18 +336,19 @@ class Peer:
     async def read_batch(
         self, cursor: StreamId, count: int, *, block_ms: int | None
     ) -> tuple[NodeRecord | None, StreamInfo, list[Entry]]:
-        """The peer's record, its stream's facts and up to ``count`` entries after ``cursor``,
-        read together: one pipeline that Redis runs back to back.
+        """The peer's record, up to ``count`` entries after ``cursor`` and its stream's facts,
+        read in that order in one pipeline.
 
-        The record is read first: whatever it claims was in the stream before the entries were
-        read (docs/DELETES.md, "Claims", way 2), and the stream's facts describe exactly the
-        stream the entries came from, so a trim past ``cursor`` is seen as the gap it is.
+        The order is what makes the read safe, not the pipeline: Redis runs one connection's
+        commands in order, but other clients' commands may run between them (a pipeline that
+        reaches the server in pieces). The record is read first: whatever it claims was in the
+        stream before the entries were read (docs/DELETES.md, "Claims", way 2). The facts are
+        read last: trimming only ever removes the oldest entries, so if they show nothing
+        trimmed past ``cursor``, nothing was when the entries were read, and a trim that ran
+        in between shows as a gap (at worst one that cost nothing: an extra repair).
 
         With ``block_ms``, an ``XREAD BLOCK`` first waits (up to ``block_ms``) for an entry
-        after ``cursor``; only then is the batch read. The blocking read itself never supplies
-        entries: it is answered after whatever woke it has run, which can be a script that
-        appended and trimmed many entries, so the facts read before it would no longer match
-        the entries it returns (a gap nobody would see).
+        after ``cursor``; only then is the batch read, with the record read before it.
         """
         if block_ms is not None:
             await self.call(
@@ -359,9 +360,9 @@ class Peer:
             async with self.query.pipeline(transaction=False) as pipe:
                 pipe.hget(self.keys.part_meta, "partitions")
                 pipe.hgetall(self.keys.record)
-                pipe.xinfo_stream(self.keys.cdc)
                 pipe.xrange(self.keys.cdc, min=f"({cursor}", max="+", count=count)
-                layout, record_raw, info_raw, entries_raw = await pipe.execute(raise_on_error=False)
+                pipe.xinfo_stream(self.keys.cdc)
+                layout, record_raw, entries_raw, info_raw = await pipe.execute(raise_on_error=False)
             if isinstance(entries_raw, BaseException):
                 raise entries_raw
             return layout, _record(record_raw), parse_stream_info(info_raw), entries_raw or []

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import xxhash
 import zstandard
+from redis.asyncio import Redis
 
 from harness.mesh import (
     EXACT_STREAM_FACTS,
@@ -39,10 +40,14 @@ from harness.mesh import (
     stream_version,
     xread_calls,
 )
+from harness.proxy import TcpProxy
 from replication_engine import clock, codec, hot_path
 from replication_engine.codec import STREAM_START, ZSTD_MAGIC, Change, StreamId
 from replication_engine.cursor import CursorStore
 from replication_engine.engine import ReplicationEngine
+from replication_engine.observability.metrics import Metrics
+from replication_engine.peer import Peer
+from replication_engine.store.layout import Keyspace
 from replication_engine.testing import RedisFactory, async_wait_until
 
 # Mesh nodes re-emit what they apply only when told to (a mesh node's default is off): the
@@ -475,6 +480,55 @@ async def test_entries_deleted_from_peer_stream_are_reported_as_a_gap(
         assert await a.store.get("late:19") is not None
         await assert_gap_reported(a, "b")
         await assert_gap_repaired(a, "late:0")
+
+
+async def test_a_trim_between_the_commands_of_one_read_is_seen_as_a_gap(
+    redis_factory: RedisFactory,
+) -> None:
+    """A read's commands can reach the peer's Redis apart (behind a middlebox that re-segments
+    the pipeline), with other clients' commands run in between. A trim that runs between them
+    is a gap in what the read returns: its entries follow the cursor without a hole, or its
+    stream facts say that the stream was trimmed past the cursor. Here the trim runs just after
+    the first of the read's two stream commands, whichever that is."""
+    server = redis_factory()
+    keys = Keyspace("app:")
+    direct = Redis.from_url(server.url)
+    ids = [codec.parse_stream_id(await direct.xadd(keys.cdc, {"n": i})) for i in range(10)]
+    cursor = ids[1]
+    trimmed: list[bytes] = []
+
+    async def trim_after_first_stream_command(request: bytes, address: tuple[str, int]) -> None:
+        name = request.split(b"\r\n")[2].lower()
+        if trimmed or name not in (b"xrange", b"xinfo"):
+            return
+
+        async def executed() -> bool:
+            for client in await direct.client_list():
+                if client["addr"] == f"{address[0]}:{address[1]}":
+                    return str(client["cmd"]).startswith(name.decode())
+            return False
+
+        await async_wait_until(executed, timeout=10, message=f"{name!r} run by the server")
+        await direct.xtrim(keys.cdc, minid=str(ids[5]), approximate=False)  # 4 after the cursor
+        trimmed.append(name)
+
+    proxy = TcpProxy(server.host, server.port)
+    await proxy.start()
+    peer = Peer("b", proxy.url_for(), prefix="app:", metrics=Metrics())
+    try:
+        proxy.split_requests(0.0, between=trim_after_first_stream_command)
+        _record, info, entries = await peer.read_batch(cursor, 3, block_ms=None)
+    finally:
+        await peer.close()
+        await proxy.stop()
+        await direct.aclose()
+    assert trimmed, "the read sent no stream command through the proxy"
+    read = [codec.parse_stream_id(raw_id) for raw_id, _fields in entries]
+    assert read == ids[2:5] or info.trimmed_past(cursor), (
+        f"the read returned {[str(i) for i in read]} after {cursor} with facts {info} that "
+        f"show no gap, though {[str(i) for i in ids[2:5]]} came first (trimmed after "
+        f"{trimmed[0]!r})"
+    )
 
 
 async def test_corrupt_entries_are_quarantined_and_good_ones_apply(
