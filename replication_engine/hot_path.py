@@ -10,6 +10,7 @@ batches: the idempotent apply absorbs both.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -843,14 +844,19 @@ class Tailer:
     async def _apply_and_save(self, batch: Batch, last_id: StreamId) -> float | None:
         """One attempt. None on success, else seconds to wait before the next attempt."""
         started = time.perf_counter()
-        prepared = batch.prepared
-        if prepared is None and batch.source is not None:
+        prepared, source = batch.prepared, batch.source
+        if prepared is None and source is not None:
             prepared = self.store.prepare_apply([], relay=self.settings.relay)
+        if source is not None and source.claims and self.repair_pending(self._peer_id):
+            # The claims were decided when this batch was read, maybe while the batch before
+            # it was being applied; that apply refused an entry since, which waits for its
+            # repair, and no claim may cover it until then (docs/DELETES.md, "Claims").
+            source = dataclasses.replace(source, claims={})
         if prepared is not None:
             try:
                 with self.local_breaker.calling():
                     with continue_trace(batch.changes):
-                        result = await self.store.apply_prepared(prepared, batch.source)
+                        result = await self.store.apply_prepared(prepared, source)
             except pybreaker.CircuitBreakerError:
                 self.mode = TailerMode.LOCAL_STORE_UNAVAILABLE
                 return breaker_remaining(self.local_breaker)

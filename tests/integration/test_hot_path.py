@@ -1155,6 +1155,41 @@ async def test_a_node_upgraded_to_the_relay_default_keeps_the_mesh_converging(
 # ------------------------------------------------------------------------------------ cursor saves
 
 
+async def test_claims_read_with_a_batch_wait_for_the_refusals_of_the_batch_before_it(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    """A batch's claims are decided when it is read and decoded, which can be while the batch
+    before it is still being applied; that apply may refuse an entry (here its key holds a
+    string). The refused write waits for its repair, and until then the store claims nothing
+    that covers it: not even through a batch read before the refusal was known."""
+    fixed = {"batch_size": 25, "min_batch_size": 25, "max_batch_size": 25}
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        engines=[],
+        common={"settings": {"hot_path": {**fixed, "adaptive_batch_size": False}}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        # b's record, and its claim to every write in its stream, as its engine would make them.
+        await b.store.open_record(mode="mesh", relay=False)
+        writes = [(f"before:{i}", b"v", "text/plain") for i in range(10)]
+        writes += [("blocked", b"v", "text/plain")]
+        writes += [(f"after:{i}", b"v", "text/plain") for i in range(29)]  # 40: 25, then 15
+        hlcs = await b.store.put_many(writes)
+        await b.store.certify(
+            expected_run="", expected_nonces=[], nonce="n", advance=True, state="ok"
+        )
+        await a.store.redis.set(a.store.keys.item("blocked"), "not a hash")
+        await mesh.start_engine("a")
+        await mesh.wait_idle()
+        tailer = a.tailer("b")
+        assert tailer.stats.refused == 1 and tailer.stats.applied == 39, tailer.stats
+        record = await a.store.record()
+        assert record is not None
+        assert record.claim("b") < hlcs[10], "a claims b's write it refused"
+
+
 async def test_a_busy_stream_saves_its_cursor_once_a_second_and_a_pause_saves_it_by_then(
     redis_factory: RedisFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
