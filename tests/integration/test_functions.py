@@ -164,6 +164,30 @@ async def test_a_call_with_wrong_declared_keys_is_refused_saying_why_and_writes_
     assert await store.redis.keys("*item:k") == []
 
 
+@needs_functions
+async def test_a_writer_denied_exists_is_told_what_to_grant_not_told_to_retry(
+    store: RedisStore, redis_server: RedisHandle
+) -> None:
+    """Every call first reads two never-written keys, to refuse while its slot migrates
+    (docs/FORMAT.md); a caller whose ACL denies that read is told which grant it lacks, not
+    sent to retry a migration that is not happening."""
+    admin = Redis.from_url(redis_server.url)
+    await admin.acl_setuser(
+        "writer", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-exists"]
+    )
+    writer = Redis.from_url(redis_server.url, username="writer", password="pw")
+    try:
+        with pytest.raises(
+            ResponseError, match=r"can't run this command.*grant the caller EXISTS"
+        ) as refused:
+            await writer.fcall("re_put", 1, f"{PREFIX}{{0}}item:k", "v")
+        assert "TRYAGAIN" not in str(refused.value)
+        assert await admin.exists(f"{PREFIX}{{0}}item:k") == 0
+    finally:
+        await writer.aclose()
+        await admin.aclose()
+
+
 async def test_a_key_that_is_not_utf8_and_a_bad_hash_are_refused(store: RedisStore) -> None:
     not_utf8 = f"{PREFIX}{{0}}item:".encode() + b"\xff\xfe"
     with pytest.raises(ResponseError, match="not valid UTF-8"):

@@ -133,15 +133,23 @@ end
 -- drops one copy's writes). So no call runs while its partition's slot moves: it reads two keys
 -- of the slot that never exist, which fails on either master during a migration (the source
 -- answers ASK for them, the target TRYAGAIN or "non local key") and reads 0 otherwise. The
--- reply is a TRYAGAIN error, which clients retry; nothing has been read or written yet.
+-- reply is a TRYAGAIN error, which clients retry; nothing has been read or written yet. Any
+-- other failure of the read (a caller whose ACL denies it) is returned as it is, saying what
+-- the read was for: retrying would not help.
 -- tag is the partition's key prefix ('P{0}'). Returns nil, or the error reply.
+local CLUSTER_STATES = {'non local key', 'ASK', 'MOVED', 'TRYAGAIN', 'CLUSTERDOWN'}
 local function slot_moving(tag)
   local probe = redis.pcall('EXISTS', tag .. 'never:1', tag .. 'never:2')
-  if type(probe) == 'table' and probe.err then
-    return redis.error_reply('TRYAGAIN the hash slot of ' .. tag .. ' is migrating between ' ..
-      'cluster masters; nothing was read or written: retry when the migration ends')
+  if type(probe) ~= 'table' or not probe.err then return nil end
+  for _, state in ipairs(CLUSTER_STATES) do
+    if string.find(probe.err, state, 1, true) then
+      return redis.error_reply('TRYAGAIN the hash slot of ' .. tag .. ' is migrating ' ..
+        'between cluster masters; nothing was read or written: retry when the migration ends')
+    end
   end
-  return nil
+  return redis.error_reply(probe.err .. ' (every call of the store first reads ' .. tag ..
+    'never:1 and ' .. tag .. 'never:2 with EXISTS, to refuse while a slot migrates: grant ' ..
+    'the caller EXISTS on them)')
 end
 
 local function fail(key, message)
