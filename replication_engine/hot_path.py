@@ -878,12 +878,14 @@ class Tailer:
                 # restarted or recovered, a bootstrap that could not take claims): nothing this
                 # stream carries is claimed until a complete repair anchors it again.
                 self.on_unanchored(self._peer_id)
+        # The cursor and the batch count move together, with no await between them: a status
+        # read while the cursor is saved shows the batch both applied and counted.
         self.cursor = last_id
+        self.stats.batches += 1
+        self.last_batch_at = time.time()
         if not self._may_defer_save():
             await self._save_cursor()
         flush = time.perf_counter() - started
-        self.stats.batches += 1
-        self.last_batch_at = time.time()
         self._series.batch_flushes.inc()
         self._series.batch_flush_seconds.observe(flush)
         if flush > self.settings.flush_slo_sec:
