@@ -27,7 +27,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench.hot_path import PREFIX, json_payload, servers, workspace
+from bench.hot_path import PREFIX, json_payload, redis_cpu, servers, workspace
 from replication_engine.config import EngineConfig
 from replication_engine.engine import ReplicationEngine
 from replication_engine.store.layout import Keyspace
@@ -39,11 +39,6 @@ VALUE_BYTES = 1024
 DEADLINE_S = 600.0
 # The peer's item keys, as the bare loop scans them.
 ITEMS = Keyspace(PREFIX).item_pattern
-
-
-async def _cpu(redis: Redis) -> float:
-    info = await redis.info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
 async def preload(url: str, items: int) -> None:
@@ -64,7 +59,7 @@ async def bare_copy(peer_url: str, target_url: str) -> tuple[float, int, float]:
     """Seconds, items copied and the peer's CPU seconds, for SCAN + HGETALL + HSET."""
     source, target = Redis.from_url(peer_url), Redis.from_url(target_url)
     try:
-        cpu_before = await _cpu(source)
+        cpu_before = await redis_cpu(source)
         started = time.perf_counter()
         copied, cursor = 0, 0
         while True:
@@ -82,7 +77,7 @@ async def bare_copy(peer_url: str, target_url: str) -> tuple[float, int, float]:
             if cursor == 0:
                 break
         elapsed = time.perf_counter() - started
-        return elapsed, copied, await _cpu(source) - cpu_before
+        return elapsed, copied, await redis_cpu(source) - cpu_before
     finally:
         await source.aclose()
         await target.aclose()
@@ -105,7 +100,7 @@ async def engine_copy(peer_url: str, target_url: str, workdir: Path) -> tuple[fl
     engine = ReplicationEngine(config)
     try:
         want = await peer.merkle_root()
-        cpu_before = await _cpu(source)
+        cpu_before = await redis_cpu(source)
         started = time.perf_counter()
         await engine.start()
         store = engine.store
@@ -116,7 +111,7 @@ async def engine_copy(peer_url: str, target_url: str, workdir: Path) -> tuple[fl
 
         await async_wait_until(same_root, timeout=DEADLINE_S, interval=0.05)
         elapsed = time.perf_counter() - started
-        return elapsed, await _cpu(source) - cpu_before
+        return elapsed, await redis_cpu(source) - cpu_before
     finally:
         await engine.shutdown()
         await peer.close()

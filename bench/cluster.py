@@ -31,7 +31,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bench.hot_path import PREFIX, engine_catch_up, preload
+from bench.hot_path import PREFIX, engine_catch_up, preload, redis_cpu
 from harness.mesh import redis_processes
 from replication_engine.codec import StreamId
 from replication_engine.config import EngineConfig
@@ -47,10 +47,9 @@ async def cpu_seconds(nodes: list[RedisHandle]) -> float:
     for node in nodes:
         redis = Redis(host=node.host, port=node.port)
         try:
-            info = await redis.info("cpu")
+            total += await redis_cpu(redis)
         finally:
             await redis.aclose()
-        total += float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
     return total
 
 

@@ -49,6 +49,7 @@ from bench.hot_path import (
     bare_head_batches,
     json_payload,
     queue_bare_writes,
+    redis_cpu,
     servers,
     workspace,
 )
@@ -277,11 +278,6 @@ async def _bare_done(stores: dict[str, RedisStore], writes: int, timeout: float)
     raise TimeoutError(f"the bare loops did not finish within {timeout} s")
 
 
-async def _redis_cpu(store: RedisStore) -> float:
-    info = await store.redis.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
 def percentile(values: list[int], q: float) -> float:
     ordered = sorted(values)
     return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
@@ -329,7 +325,7 @@ async def run_once(
                 line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
                 if line.strip() != b"ready":
                     raise RuntimeError(f"engine process did not start: {line!r}")
-            redis_cpu_before = {n: await _redis_cpu(s) for n, s in stores.items()}
+            redis_cpu_before = {n: await redis_cpu(s.redis) for n, s in stores.items()}
             wall_before = time.perf_counter()
             writer_procs = [
                 await _child("writer", urls=urls, rate=rate / writers, seconds=seconds, seed=i)
@@ -346,7 +342,9 @@ async def run_once(
             else:
                 settle = await _bare_done(stores, written, timeout=120)
             wall = time.perf_counter() - wall_before
-            redis_cpu = {n: await _redis_cpu(s) - redis_cpu_before[n] for n, s in stores.items()}
+            redis_used = {
+                n: await redis_cpu(s.redis) - redis_cpu_before[n] for n, s in stores.items()
+            }
             samples: dict[str, list[int]] = {}
             to_stream: list[int] = []
             cpu: dict[str, float] = {}
@@ -376,7 +374,7 @@ async def run_once(
         f"({writes_done - wall_before:.1f} s of writing); engine CPU "
         + ", ".join(f"{n} {c:.1f} s" for n, c in cpu.items())
         + "; redis CPU "
-        + ", ".join(f"{n} {c:.1f} s" for n, c in redis_cpu.items())
+        + ", ".join(f"{n} {c:.1f} s" for n, c in redis_used.items())
         + f"; writer CPU {sum(r['cpu_s'] for r in results):.1f} s; over {wall:.1f} s wall "
         f"on {os.cpu_count()} CPUs"
     )
