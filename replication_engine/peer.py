@@ -38,6 +38,7 @@ from replication_engine.redaction import redact_url
 from replication_engine.resilience import breaker_remaining, breaker_state, make_breaker
 from replication_engine.store.layout import Keyspace, text
 from replication_engine.store.reader import ReadCounter, TreeReader
+from replication_engine.wire import Command, Wire
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,10 +79,25 @@ class StreamInfo:
         return self.entries_added is None or self.entries_added > self.length
 
 
+def _pairs(raw: Any) -> dict[Any, Any]:
+    """A hash or map reply as a dict: redis-py's callbacks give one, and so does a RESP3 map
+    read off a :class:`~replication_engine.wire.Wire`; a RESP2 reply there is the flat list of
+    its pairs."""
+    if isinstance(raw, dict):
+        return raw
+    pairs = iter(raw or ())
+    return dict(zip(pairs, pairs, strict=True))
+
+
 def _record(raw: Any) -> NodeRecord | None:
     if isinstance(raw, BaseException):
         raise raw
-    return NodeRecord.from_fields({text(k): text(v) for k, v in (raw or {}).items()})
+    return NodeRecord.from_fields({text(k): text(v) for k, v in _pairs(raw).items()})
+
+
+def _entries(raw: Any) -> list[Entry]:
+    """``XRANGE``'s entries, each as redis-py gives them: (id, fields as a dict)."""
+    return [(entry_id, _pairs(fields)) for entry_id, fields in raw or ()]
 
 
 def parse_stream_info(raw: Any) -> StreamInfo:
@@ -91,6 +107,7 @@ def parse_stream_info(raw: Any) -> StreamInfo:
         raise raw
     if isinstance(raw, BaseException):
         raise raw
+    raw = {text(name): value for name, value in _pairs(raw).items()}
 
     def entry_id(value: Any) -> StreamId | None:
         if value is None:
@@ -214,6 +231,11 @@ class Peer:
             client_name=None,
             **common,
         )
+        self._op_timeout_sec = op_timeout_sec
+        # The tailer's reads of a standalone peer, on a connection of their own (the wait and
+        # the batch in one round trip); a cluster's go through its client, routed by slot.
+        self._wire: Wire | None = None if cluster else Wire(self.query, timeout=op_timeout_sec)
+        self._wires = [self._wire] if self._wire is not None else []
         self.counter = ReadCounter()
         self.reader = TreeReader(self.query, self.keys, counter=self.counter)
         # The layout this node reads the peer with: a partition of another layout holds
@@ -240,6 +262,9 @@ class Peer:
         # repairs of the same peer run.
         view.counter = ReadCounter()
         view.reader = TreeReader(self.query, view.keys, counter=view.counter)
+        if self._wire is not None:  # its tailer blocks on its own connection
+            view._wire = Wire(self.query, timeout=self._op_timeout_sec)
+            self._wires.append(view._wire)
         view._is_view = True
         return view
 
@@ -350,25 +375,46 @@ class Peer:
         With ``block_ms``, an ``XREAD BLOCK`` first waits (up to ``block_ms``) for an entry
         after ``cursor``; only then is the batch read, with the record read before it.
         """
-        if block_ms is not None:
+        keys = self.keys
+        batch: list[Command] = [
+            ("HGET", keys.part_meta, "partitions"),
+            ("HGETALL", keys.record),
+            ("XRANGE", keys.cdc, f"({cursor}", "+", "COUNT", count),
+            ("XINFO", "STREAM", keys.cdc),
+        ]
+        wire = self._wire
+        if wire is not None and block_ms is not None:
+            # The wait rides in front of the batch: one round trip for both.
+            batch.insert(
+                0, ("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", keys.cdc, str(cursor))
+            )
+        elif block_ms is not None:
             await self.call(
-                lambda: self.stream.xread({self.keys.cdc: str(cursor)}, count=1, block=block_ms),
+                lambda: self.stream.xread({keys.cdc: str(cursor)}, count=1, block=block_ms),
                 what="xread",
             )
 
         async def run() -> tuple[Any, NodeRecord | None, StreamInfo, list[Entry]]:
-            async with self.query.pipeline(transaction=False) as pipe:
-                pipe.hget(self.keys.part_meta, "partitions")
-                pipe.hgetall(self.keys.record)
-                pipe.xrange(self.keys.cdc, min=f"({cursor}", max="+", count=count)
-                pipe.xinfo_stream(self.keys.cdc)
-                layout, record_raw, entries_raw, info_raw = await pipe.execute(raise_on_error=False)
-            if isinstance(entries_raw, BaseException):
-                raise entries_raw
-            return layout, _record(record_raw), parse_stream_info(info_raw), entries_raw or []
+            if wire is not None:
+                timeout = self._op_timeout_sec + (block_ms or 0) / 1000
+                replies = await wire.execute(batch, timeout=timeout)
+            else:
+                async with self.query.pipeline(transaction=False) as pipe:
+                    pipe.hget(keys.part_meta, "partitions")
+                    pipe.hgetall(keys.record)
+                    pipe.xrange(keys.cdc, min=f"({cursor}", max="+", count=count)
+                    pipe.xinfo_stream(keys.cdc)
+                    replies = await pipe.execute(raise_on_error=False)
+            *waited, layout, record_raw, entries_raw, info_raw = replies
+            for reply in (*waited, entries_raw):
+                if isinstance(reply, BaseException):
+                    raise reply
+            return layout, _record(record_raw), parse_stream_info(info_raw), _entries(entries_raw)
 
-        layout, record, info, entries = await self.call(run, what="xrange")
-        self._check_layout(layout, self.keys.partition)
+        # A wait's latency is the block time, not the peer's: "xread" is not timed.
+        what = "xread" if wire is not None and block_ms is not None else "xrange"
+        layout, record, info, entries = await self.call(run, what=what)
+        self._check_layout(layout, keys.partition)
         return record, info, entries
 
     def _check_layout(self, partitions: Any, name: str) -> None:
@@ -474,6 +520,8 @@ class Peer:
     async def close(self) -> None:
         if self._is_view:
             return  # the peer's connections are closed by the peer
+        for wire in self._wires:
+            wire.close()
         for client in (self.query, self.stream):
             try:
                 await client.aclose()

@@ -1,0 +1,194 @@
+"""One connection that sends a whole pipeline as one write and takes its replies as one result.
+
+A tailer at the head of a busy stream makes a hundred read cycles a second per peer, each a
+pipeline of four or five commands. redis-py reads each reply of a pipeline as its own await
+under its own timeout, through its pool, retry and response-callback layers: about 250 us of
+CPU per read cycle on the 2-core machine of our benchmarks, against about 50 us for the same
+bytes written once and parsed by hiredis as they arrive (``bench.read_cycle`` and stop 28's note
+give the figures). At the head that is a fifth of the engine's CPU per batch.
+
+A :class:`Wire` does only that part itself. Its connection is opened by redis-py, from the
+pool of the client it is built on: the same address, TLS context, ACL user, database, client
+name and connect timeout, with redis-py's own handshake and errors. Then it takes the
+connection's transport over. Error replies become redis-py's exception classes
+(``BaseParser.parse_error``), so :func:`replication_engine.connection.failure` judges them as
+it judges any other call; a lost connection or a timeout raises redis-py's
+``ConnectionError`` or ``TimeoutError``.
+
+One rule keeps replies matched to their pipelines: a pipeline whose replies are not all read
+(cancelled, timed out, a protocol error) closes the connection, so no later pipeline can read
+them; the next call connects again. Pipelines may queue on one wire, in order, but a blocking
+command holds up the ones behind it: give each blocking reader its own wire.
+
+Standalone servers only: a Redis Cluster routes each command by its slot, which is the cluster
+client's work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import hiredis
+from redis._parsers import BaseParser
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+__all__ = ["Command", "Wire", "pack"]
+
+# A command: its name and arguments, as redis-py would send them.
+Command = Sequence[bytes | str | int]
+
+_INCOMPLETE = object()  # what hiredis's reader returns while a reply is still arriving
+
+
+def pack(commands: Iterable[Command]) -> bytes:
+    """The RESP request for ``commands``, in one buffer."""
+    parts: list[bytes] = []
+    for command in commands:
+        parts.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            if isinstance(arg, str):
+                arg = arg.encode()
+            elif isinstance(arg, int):
+                arg = b"%d" % arg
+            parts.append(b"$%d\r\n" % len(arg))
+            parts.append(arg)
+            parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class _Replies(asyncio.Protocol):
+    """Parses the replies of the pipelines sent on one transport, in the order they were sent."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        # Held, not only its transport: a stream writer collected while its transport is open
+        # closes it (asyncio, CPython 3.11.5 and later).
+        self.writer = writer
+        self.transport = writer.transport
+        self.reader = hiredis.Reader(
+            protocolError=InvalidResponse,
+            replyError=BaseParser.parse_error,
+            notEnoughData=_INCOMPLETE,
+        )
+        # Each pipeline sent and not answered yet: its future, how many replies, those read.
+        self.waiting: deque[tuple[asyncio.Future[list[Any]], int, list[Any]]] = deque()
+        self.lost: BaseException | None = None
+
+    def expect(self, count: int) -> asyncio.Future[list[Any]]:
+        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.waiting.append((done, count, []))
+        return done
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        try:
+            while self.waiting:
+                done, count, replies = self.waiting[0]
+                while len(replies) < count:
+                    reply = self.reader.gets()
+                    if reply is _INCOMPLETE:
+                        return
+                    replies.append(reply)
+                self.waiting.popleft()
+                if not done.done():
+                    done.set_result(replies)
+        except InvalidResponse as exc:  # not RESP: nothing after it can be matched
+            self._fail(exc)
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # the server closed its end: close ours, which fails what waits
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError(f"connection lost: {exc}" if exc else "connection closed"))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.lost = exc
+        while self.waiting:
+            done, _, _ = self.waiting.popleft()
+            if not done.done():
+                done.set_exception(exc)
+
+
+class Wire:
+    """A lazily opened connection, built on ``client``'s pool settings, for whole pipelines.
+
+    ``timeout`` bounds each call, None for no bound, as a socket timeout of None is (a call
+    may give its own, for a blocking command); connecting is bounded by the pool's connect
+    timeout, as for any of its connections.
+    """
+
+    def __init__(self, client: Redis, *, timeout: float | None) -> None:
+        self._pool = client.connection_pool
+        self._timeout = timeout
+        self._replies: _Replies | None = None
+        self._connecting = asyncio.Lock()
+
+    @property
+    def connected(self) -> bool:
+        return self._replies is not None and self._replies.lost is None
+
+    async def execute(
+        self, commands: Sequence[Command], *, timeout: float | None = None
+    ) -> list[Any]:
+        """The replies of ``commands``, sent as one write; an error reply is an exception in
+        its place (as redis-py's ``execute(raise_on_error=False)`` gives it)."""
+        if not commands:
+            return []
+        replies = await self._connect()
+        transport = replies.transport
+        assert isinstance(transport, asyncio.WriteTransport)
+        done = replies.expect(len(commands))
+        transport.write(pack(commands))
+        try:
+            async with asyncio.timeout(self._timeout if timeout is None else timeout):
+                return await done
+        except TimeoutError:
+            self._drop(replies)
+            raise RedisTimeoutError("Timeout reading from the server") from None
+        except BaseException:
+            # Cancelled, or the connection failed: replies still owed must not be read by
+            # the next pipeline.
+            self._drop(replies)
+            raise
+
+    async def _connect(self) -> _Replies:
+        async with self._connecting:
+            if self._replies is not None and self._replies.lost is None:
+                return self._replies
+            connection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+            await connection.connect()
+            # redis-py's connection ran the handshake (TLS, AUTH, SELECT, CLIENT SETNAME)
+            # over asyncio streams; its transport now carries nothing but our pipelines.
+            reader, writer = connection._reader, connection._writer
+            if reader is None or writer is None:
+                raise RedisConnectionError("the connection closed during its handshake")
+            # Detached, so that redis-py's object, once collected, does not close it.
+            connection._reader = connection._writer = None
+            transport = writer.transport
+            # Bytes after the handshake's replies are not ours to parse; an end of stream
+            # already seen would never reach our protocol.
+            if getattr(reader, "_buffer", b"") or reader.at_eof() or transport.is_closing():
+                transport.close()
+                raise RedisConnectionError("the connection closed or spoke out of turn")
+            replies = _Replies(writer)
+            transport.set_protocol(replies)
+            self._replies = replies
+            return replies
+
+    def _drop(self, replies: _Replies) -> None:
+        replies.transport.close()
+        if replies.lost is None:
+            replies.lost = RedisConnectionError("connection dropped")
+        if self._replies is replies:
+            self._replies = None
+
+    def close(self) -> None:
+        """Close the connection, if open; a later call opens a new one."""
+        if self._replies is not None:
+            self._drop(self._replies)

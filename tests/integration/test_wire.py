@@ -1,0 +1,194 @@
+"""A Wire against real redis-server processes: replies in order with errors in their place, the
+client's ACL user and TLS, and no reply ever read by the wrong pipeline (cancelled, timed out,
+or cut off by a restart)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from replication_engine.connection import Failure, TlsOptions, failure, make_client
+from replication_engine.testing import (
+    RedisFactory,
+    async_wait_until,
+    find_redis_server,
+    make_test_ca,
+    redis_supports_tls,
+)
+from replication_engine.wire import Wire
+
+
+async def _wire_clients(direct: Redis) -> list[dict[str, object]]:
+    """The server's clients other than ``direct`` itself."""
+    me = await direct.client_id()
+    return [c for c in await direct.client_list() if int(c["id"]) != me]
+
+
+async def test_a_pipeline_gets_each_reply_in_order_with_an_error_in_its_place(
+    redis_factory: RedisFactory,
+) -> None:
+    server = redis_factory()
+    client = make_client(server.url)
+    wire = Wire(client, timeout=5.0)
+    try:
+        await client.set("text", b"v")
+        value = bytes(range(256)) * 8  # every byte value, and more than one TCP segment's worth
+        for i in range(300):
+            await client.xadd("s", {"n": i, "blob": value})
+        replies = await wire.execute(
+            [
+                ("GET", "text"),
+                ("HGETALL", "text"),  # WRONGTYPE
+                ("XRANGE", "s", "-", "+"),
+                ("INCRBY", "n", 7),
+                ("GET", "missing"),
+            ]
+        )
+        assert replies[0] == b"v"
+        assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
+        assert failure(replies[1]) is Failure.REFUSED
+        assert len(replies[2]) == 300
+        assert [fields[fields.index(b"blob") + 1] for _id, fields in replies[2]] == [value] * 300
+        assert replies[3:] == [7, None]
+        # The same connection again: one open, its replies all read.
+        assert await wire.execute([("GET", "text")]) == [b"v"]
+        assert len(await _wire_clients(client)) == 1
+    finally:
+        wire.close()
+        await client.aclose()
+
+
+async def test_a_cancelled_pipeline_closes_its_connection_and_the_next_gets_its_own_reply(
+    redis_factory: RedisFactory,
+) -> None:
+    """A caller that gives up on a blocked read must not leave the connection blocked (the
+    next pipeline would wait behind it) nor owing a reply: the connection is closed."""
+    server = redis_factory()
+    client = make_client(server.url)
+    wire = Wire(client, timeout=5.0)
+    try:
+        await client.set("k", b"mine")
+        blocked = asyncio.create_task(
+            wire.execute([("XREAD", "BLOCK", 0, "STREAMS", "s", "$")], timeout=60.0)
+        )
+
+        async def reading() -> bool:
+            return any(c["cmd"] == "xread" for c in await _wire_clients(client))
+
+        await async_wait_until(reading, timeout=10, message="the XREAD blocks on the server")
+        blocked.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await blocked
+
+        async def closed() -> bool:
+            return not await reading()
+
+        await async_wait_until(closed, timeout=10, message="the blocked connection closed")
+        await client.xadd("s", {"would": "be misread"})
+        assert await wire.execute([("GET", "k")]) == [b"mine"]
+    finally:
+        wire.close()
+        await client.aclose()
+
+
+async def test_a_timeout_is_redis_timeout_and_the_next_call_connects_afresh(
+    redis_factory: RedisFactory,
+) -> None:
+    server = redis_factory()
+    client = make_client(server.url)
+    wire = Wire(client, timeout=0.3)
+    try:
+        await client.set("k", b"1")
+        assert await wire.execute([("GET", "k")]) == [b"1"]
+        (before,) = await _wire_clients(client)
+        server.pause()  # SIGSTOP: the connection stays up, nothing answers
+        try:
+            with pytest.raises(RedisTimeoutError) as raised:
+                await wire.execute([("INCR", "k")])
+            assert failure(raised.value) is Failure.UNAVAILABLE
+        finally:
+            server.resume()
+        # The INCR ran once the server woke; its late reply went nowhere.
+        assert await wire.execute([("GET", "k")], timeout=5.0) == [b"2"]
+        (after,) = await _wire_clients(client)
+        assert after["id"] != before["id"], "the timed-out connection was used again"
+    finally:
+        wire.close()
+        await client.aclose()
+
+
+async def test_a_restart_fails_the_waiting_call_as_unavailable_then_the_wire_reconnects(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    server = redis_factory(appendonly=True, appendfsync="always")
+    client = make_client(server.url, socket_timeout=2.0, connect_timeout=2.0)
+    wire = Wire(client, timeout=30.0)
+    try:
+        waiting = asyncio.create_task(wire.execute([("BLPOP", "never", 0)], timeout=30.0))
+
+        async def blocking() -> bool:
+            return any(c["cmd"] == "blpop" for c in await _wire_clients(client))
+
+        await async_wait_until(blocking, timeout=10, message="the BLPOP blocks on the server")
+        server.kill()
+        with pytest.raises(RedisConnectionError) as raised:
+            await asyncio.wait_for(waiting, 10)  # failed by the closed socket, not its timeout
+        assert failure(raised.value) is Failure.UNAVAILABLE
+        with pytest.raises((RedisConnectionError, OSError)):
+            await wire.execute([("PING",)])
+        server.restart()
+        assert await wire.execute([("PING",)]) in ([b"PONG"], [True])
+    finally:
+        wire.close()
+        await client.aclose()
+
+
+async def test_the_wire_speaks_as_the_clients_acl_user(redis_factory: RedisFactory) -> None:
+    server = redis_factory()
+    admin = server.client()
+    admin.acl_setuser(
+        "reader",
+        enabled=True,
+        passwords=["+s3cret"],
+        keys=["app:*"],
+        commands=["+get", "+acl|whoami"],
+    )
+    client = make_client(server.url, username="reader", password="s3cret")
+    wire = Wire(client, timeout=5.0)
+    try:
+        admin.set("app:k", b"v")
+        replies = await wire.execute([("ACL", "WHOAMI"), ("GET", "app:k"), ("SET", "app:k", 1)])
+        assert replies[:2] == [b"reader", b"v"]
+        assert isinstance(replies[2], NoPermissionError)
+        assert failure(replies[2]) is Failure.DENIED
+    finally:
+        wire.close()
+        await client.aclose()
+        admin.close()
+
+
+async def test_the_wire_speaks_over_the_clients_verified_tls(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is needed to generate test certificates")
+    if not redis_supports_tls(find_redis_server()):
+        pytest.skip(f"{find_redis_server()} was built without TLS")
+    ca = make_test_ca(tmp_path / "ca")
+    server = redis_factory(tls=ca)
+    client = make_client(server.url, tls=TlsOptions(ca_file=str(ca.ca_cert)))
+    wire = Wire(client, timeout=5.0)
+    try:
+        await client.set("k", b"over tls")
+        assert await wire.execute([("GET", "k")]) == [b"over tls"]
+        assert len(await _wire_clients(client)) == 1
+    finally:
+        wire.close()
+        await client.aclose()
