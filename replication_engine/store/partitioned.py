@@ -108,6 +108,8 @@ class PartitionedStore:
             return self._first
 
     async def close(self) -> None:
+        for store in self.partitions.values():
+            store.close_wire()
         await self.redis.aclose()
 
     # ------------------------------------------------------------------------ writes

@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import msgpack
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
     AuthenticationError,
@@ -68,6 +68,7 @@ from replication_engine.store.protocol import (
     UnreadableItem,
 )
 from replication_engine.store.reader import ReadCounter, TreeReader, item_from_hash
+from replication_engine.wire import Wire
 
 __all__ = [
     "InvalidWriteError",
@@ -287,6 +288,13 @@ class RedisStore:
         self.reader = TreeReader(redis, self.keys, counter=ReadCounter(), max_payload=max_payload)
         self._api = functions.Api(redis)
         self._apply = redis.register_script(functions.script_source("apply.lua"))
+        # The apply script's calls, each one write and one read (replication_engine.wire): the
+        # hot path makes one per batch. A cluster's go through its client, routed by slot.
+        self._wire = (
+            None
+            if isinstance(redis, RedisCluster)
+            else Wire(redis, timeout=redis.connection_pool.connection_kwargs.get("socket_timeout"))
+        )
         self._gc = redis.register_script(functions.script_source("gc.lua"))
         self._discard = redis.register_script(functions.script_source("discard.lua"))
         self._inherit = redis.register_script(functions.script_source("inherit.lua"))
@@ -430,7 +438,13 @@ class RedisStore:
             self.clock.observe(clock.from_hex(raw))
 
     async def close(self) -> None:
+        self.close_wire()
         await self.redis.aclose()
+
+    def close_wire(self) -> None:
+        """Close this partition's own connection (the client's are closed with the client)."""
+        if self._wire is not None:
+            self._wire.close()
 
     # ------------------------------------------------------------------------ local writes
 
@@ -779,9 +793,7 @@ class RedisStore:
             # nothing about its origin. The anchor still moves (the stream was read on).
             source = replace(source, claims={})
         try:
-            reply = await self._apply(
-                keys=self._declared, args=self._apply_args(prepared, packed, source)
-            )
+            reply = await self._run_apply(self._apply_args(prepared, packed, source))
         except ResponseError as exc:
             # A state of the server (loading, failing over, a cluster down or resharding) is
             # no item's fault: the whole batch waits for it. Only a refusal is narrowed down.
@@ -806,6 +818,19 @@ class RedisStore:
             refused[start + int(reply[i]) - 1] = text(reply[i + 1])
         anchor = text(reply[1])
         return None if not anchor else anchor == "1"
+
+    async def _run_apply(self, args: list[Any]) -> Any:
+        """The apply script's reply; its errors raised as redis-py raises them."""
+        if self._wire is None:
+            return await self._apply(keys=self._declared, args=args)
+        (reply,) = await self._wire.execute(
+            [("EVALSHA", self._apply.sha, len(self._declared), *self._declared, *args)]
+        )
+        if isinstance(reply, NoScriptError):  # a restarted or flushed Redis: load it again
+            return await self._apply(keys=self._declared, args=args)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
 
     def _apply_args(
         self, prepared: PreparedApply, packed: bytes, source: StreamBatch | None

@@ -440,6 +440,26 @@ async def test_two_servers_converge_under_any_order_and_duplicates(
     await _assert_converged(a, b, changes)
 
 
+async def test_an_apply_after_the_script_cache_was_flushed_loads_the_script_again(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    """A Redis restarted without persistence, or ``SCRIPT FLUSH``, forgets the apply script:
+    the next apply loads it again and applies, instead of refusing the batch."""
+    store = await open_store(redis_server.url)
+    assert await store.apply_batch([put("k1", b"v1", 10)]) == [ApplyStatus.APPLIED]
+    direct = redis_server.client()
+    try:
+        direct.script_flush()
+        assert await store.apply_batch([put("k2", b"v2", 20)]) == [ApplyStatus.APPLIED]
+        item = await store.get("k2")
+        assert item is not None and item.value == b"v2"
+        stats = direct.info("commandstats")
+        loads = stats.get("cmdstat_script|load") or stats.get("cmdstat_script") or {}
+        assert loads.get("calls", 0) >= 1  # 6.2 counts SCRIPT's subcommands together
+    finally:
+        direct.close()
+
+
 # ---------------------------------------------------------------------------- last writer wins
 
 
