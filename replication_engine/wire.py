@@ -1,11 +1,12 @@
 """One connection that sends a whole pipeline as one write and takes its replies as one result.
 
-A tailer at the head of a busy stream makes a hundred read cycles a second per peer, each a
-pipeline of four or five commands. redis-py reads each reply of a pipeline as its own await
-under its own timeout, through its pool, retry and response-callback layers: about 250 us of
-CPU per read cycle on the 2-core machine of our benchmarks, against about 50 us for the same
-bytes written once and parsed by hiredis as they arrive (``bench.read_cycle`` and stop 28's note
-give the figures). At the head that is a fifth of the engine's CPU per batch.
+A tailer at the head of a busy stream makes a hundred or more read cycles a second per peer,
+each a pipeline of four or five commands and one apply call. redis-py reads each reply as its
+own await under its own timeout, through its pool, retry and response-callback layers: about
+250 us of CPU for a tailer's read of four commands on the 2-core benchmark machine, against
+about 50 us for the same bytes written at once and parsed by hiredis as they arrive. That was
+a fifth to a third of the engine's CPU per batch at the head (README, "Measured": read cycle,
+replication lag).
 
 A :class:`Wire` does only that part itself. Its connection is opened by redis-py, from the
 pool of the client it is built on: the same address, TLS context, ACL user, database, client
@@ -17,8 +18,9 @@ it judges any other call; a lost connection or a timeout raises redis-py's
 
 One rule keeps replies matched to their pipelines: a pipeline whose replies are not all read
 (cancelled, timed out, a protocol error) closes the connection, so no later pipeline can read
-them; the next call connects again. Pipelines may queue on one wire, in order, but a blocking
-command holds up the ones behind it: give each blocking reader its own wire.
+them; the pipelines queued behind it fail as on any lost connection, and the next call
+connects again. Pipelines may queue on one wire, in order, but a blocking command holds up the
+ones behind it: give each blocking reader its own wire.
 
 Standalone servers only: a Redis Cluster routes each command by its slot, which is the cluster
 client's work.
