@@ -223,18 +223,21 @@ class Peer:
         # A peer that is a Redis Cluster is read through a cluster client, seeded by ``url``.
         make = client_maker(cluster, cluster_addresses)
         self.query: Redis = make(url, socket_timeout=op_timeout_sec, client_name=None, **common)
-        self.stream: Redis = make(
-            url,
-            socket_timeout=block_timeout_sec + op_timeout_sec,
-            # A blocking read per partition (a Cluster refuses one read across slots).
-            max_connections=partitions + 1,
-            client_name=None,
-            **common,
-        )
         self._op_timeout_sec = op_timeout_sec
-        # The tailer's reads of a standalone peer, on a connection of their own (the wait and
-        # the batch in one round trip); a cluster's go through its client, routed by slot.
+        # The tailer's reads of a standalone peer go over a connection of their own, the wait
+        # and the batch in one round trip; a cluster's through its clients, routed by slot,
+        # the wait on a client of its own with a blocking read per partition (a Cluster
+        # refuses one read across slots).
         self._wire: Wire | None = None if cluster else Wire(self.query, timeout=op_timeout_sec)
+        self.stream: Redis | None = None
+        if cluster:
+            self.stream = make(
+                url,
+                socket_timeout=block_timeout_sec + op_timeout_sec,
+                max_connections=partitions + 1,
+                client_name=None,
+                **common,
+            )
         self._wires = [self._wire] if self._wire is not None else []
         self.counter = ReadCounter()
         self.reader = TreeReader(self.query, self.keys, counter=self.counter)
@@ -389,8 +392,10 @@ class Peer:
                 0, ("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", keys.cdc, str(cursor))
             )
         elif block_ms is not None:
+            stream = self.stream
+            assert stream is not None  # a cluster peer's
             await self.call(
-                lambda: self.stream.xread({keys.cdc: str(cursor)}, count=1, block=block_ms),
+                lambda: stream.xread({keys.cdc: str(cursor)}, count=1, block=block_ms),
                 what="xread",
             )
 
@@ -523,6 +528,8 @@ class Peer:
         for wire in self._wires:
             wire.close()
         for client in (self.query, self.stream):
+            if client is None:
+                continue
             try:
                 await client.aclose()
             except Exception as exc:  # closing a dead connection must not fail shutdown
