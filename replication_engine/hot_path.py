@@ -44,12 +44,15 @@ log = logging.getLogger(__name__)
 _PRESSURE_POLL_SEC = 0.5
 # Entries decoded between yields to the event loop (see Tailer._decode).
 _DECODE_SLICE = 64
-# At the head of a stream that grows by at least one entry per read interval, the longest a cursor
-# that is applied goes unsaved: one SQLite write per read there cost a tenth of a read cycle's
-# CPU. Otherwise a tailer saves after every batch, and it always saves when it stops; a blocking
-# read with a cursor unsaved ends by this deadline. So only a crash re-reads, at most this long's
-# batches.
+# At the head of a stream that grows by at least BUSY_STREAM_PER_SEC entries a second, the
+# longest a cursor that is applied goes unsaved: one SQLite write per read there cost a tenth of
+# a read cycle's CPU. Otherwise a tailer saves after every batch, and it always saves when it
+# stops; a blocking read with a cursor unsaved ends by this deadline. So only a crash re-reads,
+# at most this long's batches.
 CURSOR_SAVE_EVERY_SEC = 1.0
+# Set apart from the read interval (it was one entry per interval, 100/s at the 10 ms default),
+# so that a shorter interval does not bring back a save per batch at 100-200 writes/s.
+BUSY_STREAM_PER_SEC = 100.0
 # Weight of the newest batch in the running mean of entry sizes that bounds reads in bytes.
 _ENTRY_SIZE_WEIGHT = 0.3
 
@@ -893,12 +896,11 @@ class Tailer:
         return None
 
     def _may_defer_save(self) -> bool:
-        """At the head of a stream that grows by at least one entry per read interval, the
-        next read is due within the interval and will find entries: its save covers this
-        one's, up to ``CURSOR_SAVE_EVERY_SEC`` after the last."""
+        """At the head of a busy stream the next read is due soon and will find entries: its
+        save covers this one's, up to ``CURSOR_SAVE_EVERY_SEC`` after the last."""
         if self.catching_up or self.growth_per_sec is None:
             return False
-        if self.growth_per_sec * self.settings.min_read_interval_sec < 1.0:
+        if self.growth_per_sec < BUSY_STREAM_PER_SEC:
             return False
         return time.monotonic() - self._saved_at < CURSOR_SAVE_EVERY_SEC
 

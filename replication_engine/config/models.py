@@ -347,7 +347,7 @@ class HotPathConfig(_Section):
     rate_limit_burst: int = Field(default=1000, ge=1, description="Events allowed above the rate.")
     shutdown_timeout_sec: Duration = Field(default=10.0, description="Drain time on shutdown (s).")
     min_read_interval_sec: DurationOrZero = Field(
-        default=0.01,
+        default=0.005,
         description=(
             "At the head of a peer's stream, the least time between two reads: writes arriving "
             "within it are applied together (adds at most this much lag; 0 reads at once)."
