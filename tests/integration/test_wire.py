@@ -5,8 +5,11 @@ or cut off by a restart)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -25,6 +28,18 @@ from replication_engine.testing import (
 from replication_engine.wire import Wire
 
 
+@contextlib.asynccontextmanager
+async def wired(url: str, *, timeout: float, **client: Any) -> AsyncIterator[tuple[Redis, Wire]]:
+    """A client made as the engine makes its clients, and a Wire on it; both closed after."""
+    redis = make_client(url, **client)
+    wire = Wire(redis, timeout=timeout)
+    try:
+        yield redis, wire
+    finally:
+        wire.close()
+        await redis.aclose()
+
+
 async def _wire_clients(direct: Redis) -> list[dict[str, object]]:
     """The server's clients other than ``direct`` itself."""
     me = await direct.client_id()
@@ -35,9 +50,7 @@ async def test_a_pipeline_gets_each_reply_in_order_with_an_error_in_its_place(
     redis_factory: RedisFactory,
 ) -> None:
     server = redis_factory()
-    client = make_client(server.url)
-    wire = Wire(client, timeout=5.0)
-    try:
+    async with wired(server.url, timeout=5.0) as (client, wire):
         await client.set("text", b"v")
         value = bytes(range(256)) * 8  # every byte value, and more than one TCP segment's worth
         for i in range(300):
@@ -60,9 +73,6 @@ async def test_a_pipeline_gets_each_reply_in_order_with_an_error_in_its_place(
         # The same connection again: one open, its replies all read.
         assert await wire.execute([("GET", "text")]) == [b"v"]
         assert len(await _wire_clients(client)) == 1
-    finally:
-        wire.close()
-        await client.aclose()
 
 
 async def test_a_cancelled_pipeline_closes_its_connection_and_the_next_gets_its_own_reply(
@@ -71,9 +81,7 @@ async def test_a_cancelled_pipeline_closes_its_connection_and_the_next_gets_its_
     """A caller that gives up on a blocked read must not leave the connection blocked (the
     next pipeline would wait behind it) nor owing a reply: the connection is closed."""
     server = redis_factory()
-    client = make_client(server.url)
-    wire = Wire(client, timeout=5.0)
-    try:
+    async with wired(server.url, timeout=5.0) as (client, wire):
         await client.set("k", b"mine")
         blocked = asyncio.create_task(
             wire.execute([("XREAD", "BLOCK", 0, "STREAMS", "s", "$")], timeout=60.0)
@@ -93,18 +101,13 @@ async def test_a_cancelled_pipeline_closes_its_connection_and_the_next_gets_its_
         await async_wait_until(closed, timeout=10, message="the blocked connection closed")
         await client.xadd("s", {"would": "be misread"})
         assert await wire.execute([("GET", "k")]) == [b"mine"]
-    finally:
-        wire.close()
-        await client.aclose()
 
 
 async def test_a_timeout_is_redis_timeout_and_the_next_call_connects_afresh(
     redis_factory: RedisFactory,
 ) -> None:
     server = redis_factory()
-    client = make_client(server.url)
-    wire = Wire(client, timeout=0.3)
-    try:
+    async with wired(server.url, timeout=0.3) as (client, wire):
         await client.set("k", b"1")
         assert await wire.execute([("GET", "k")]) == [b"1"]
         (before,) = await _wire_clients(client)
@@ -119,18 +122,16 @@ async def test_a_timeout_is_redis_timeout_and_the_next_call_connects_afresh(
         assert await wire.execute([("GET", "k")], timeout=5.0) == [b"2"]
         (after,) = await _wire_clients(client)
         assert after["id"] != before["id"], "the timed-out connection was used again"
-    finally:
-        wire.close()
-        await client.aclose()
 
 
 async def test_a_restart_fails_the_waiting_call_as_unavailable_then_the_wire_reconnects(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
     server = redis_factory(appendonly=True, appendfsync="always")
-    client = make_client(server.url, socket_timeout=2.0, connect_timeout=2.0)
-    wire = Wire(client, timeout=30.0)
-    try:
+    async with wired(server.url, timeout=30.0, socket_timeout=2.0, connect_timeout=2.0) as (
+        client,
+        wire,
+    ):
         waiting = asyncio.create_task(wire.execute([("BLPOP", "never", 0)], timeout=30.0))
 
         async def blocking() -> bool:
@@ -145,9 +146,6 @@ async def test_a_restart_fails_the_waiting_call_as_unavailable_then_the_wire_rec
             await wire.execute([("PING",)])
         server.restart()
         assert await wire.execute([("PING",)]) in ([b"PONG"], [True])
-    finally:
-        wire.close()
-        await client.aclose()
 
 
 async def test_the_wire_speaks_as_the_clients_acl_user(redis_factory: RedisFactory) -> None:
@@ -160,18 +158,13 @@ async def test_the_wire_speaks_as_the_clients_acl_user(redis_factory: RedisFacto
         keys=["app:*"],
         commands=["+get", "+acl|whoami"],
     )
-    client = make_client(server.url, username="reader", password="s3cret")
-    wire = Wire(client, timeout=5.0)
-    try:
+    async with wired(server.url, timeout=5.0, username="reader", password="s3cret") as (_, wire):
         admin.set("app:k", b"v")
         replies = await wire.execute([("ACL", "WHOAMI"), ("GET", "app:k"), ("SET", "app:k", 1)])
         assert replies[:2] == [b"reader", b"v"]
         assert isinstance(replies[2], NoPermissionError)
         assert failure(replies[2]) is Failure.DENIED
-    finally:
-        wire.close()
-        await client.aclose()
-        admin.close()
+    admin.close()
 
 
 async def test_the_wire_speaks_over_the_clients_verified_tls(
@@ -183,12 +176,10 @@ async def test_the_wire_speaks_over_the_clients_verified_tls(
         pytest.skip(f"{find_redis_server()} was built without TLS")
     ca = make_test_ca(tmp_path / "ca")
     server = redis_factory(tls=ca)
-    client = make_client(server.url, tls=TlsOptions(ca_file=str(ca.ca_cert)))
-    wire = Wire(client, timeout=5.0)
-    try:
+    async with wired(server.url, timeout=5.0, tls=TlsOptions(ca_file=str(ca.ca_cert))) as (
+        client,
+        wire,
+    ):
         await client.set("k", b"over tls")
         assert await wire.execute([("GET", "k")]) == [b"over tls"]
         assert len(await _wire_clients(client)) == 1
-    finally:
-        wire.close()
-        await client.aclose()
