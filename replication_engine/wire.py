@@ -42,8 +42,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = ["Command", "Wire", "pack"]
 
-# A command: its name and arguments, as redis-py would send them.
-Command = Sequence[bytes | str | int]
+# A command: its name and arguments (text is sent as UTF-8, numbers as their decimal text).
+Command = Sequence[bytes | str | int | float]
 
 _INCOMPLETE = object()  # what hiredis's reader returns while a reply is still arriving
 
@@ -56,8 +56,13 @@ def pack(commands: Iterable[Command]) -> bytes:
         for arg in command:
             if isinstance(arg, str):
                 arg = arg.encode()
+            elif isinstance(arg, bool) or not isinstance(arg, bytes | int | float):
+                # redis-py refuses these too: a bool or an object has no one text on the wire.
+                raise TypeError(f"a {type(arg).__name__} is not a Redis argument")
             elif isinstance(arg, int):
                 arg = b"%d" % arg
+            elif isinstance(arg, float):
+                arg = repr(arg).encode()
             parts.append(b"$%d\r\n" % len(arg))
             parts.append(arg)
             parts.append(b"\r\n")
