@@ -136,10 +136,6 @@ class Wire:
         self._replies: _Replies | None = None
         self._connecting = asyncio.Lock()
 
-    @property
-    def connected(self) -> bool:
-        return self._replies is not None and self._replies.lost is None
-
     async def execute(
         self, commands: Sequence[Command], *, timeout: float | None = None
     ) -> list[Any]:
