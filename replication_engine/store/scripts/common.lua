@@ -18,7 +18,8 @@
 local P, W, SELF, HLC_KEY, ROOT_KEY, TOMBS_KEY, CDC_KEY, REC, MK, ITEM
 local FANOUT, DEPTH, BITS, BUCKET_DIV, HEX_PATH
 -- A hash value longer than a listpack holds at the default hash-max-listpack-value (64): see
--- make_dense(). Built by begin(), where the string library is at hand.
+-- make_dense(). Built there, the first time a node is converted: a script runs this file anew
+-- on every call, and building it up front cost a tenth of an apply call's fixed cost.
 local WIDE
 -- Local versions count writes on their origin; Lua numbers are exact only up to 2^53 - 1.
 local MAX_VERSION = 9007199254740991
@@ -63,7 +64,6 @@ local function begin(prefix, geometry, self_id)
   HLC_KEY, ROOT_KEY, TOMBS_KEY = P .. 'hlc', P .. 'mk:root', P .. 'tombs'
   CDC_KEY, REC, MK, ITEM = P .. 'cdc', P .. 'node', P .. 'mk:', P .. 'item:'
   CLAIMS, ANCESTOR_OK, LEAF_DELTA, LEAF_ORDER, ANCESTORS_OF = {}, {}, {}, {}, {}
-  WIDE = WIDE or string.rep('-', 1025)
 end
 
 local function bytes_gt(a, b)
@@ -368,6 +368,7 @@ local function make_dense(hash, added)
   local encoding = pcall_('OBJECT', 'ENCODING', hash)
   if (encoding == 'listpack' or encoding == 'ziplist')
       and call('HLEN', hash) + added >= DENSE_FIELDS then
+    WIDE = WIDE or string.rep('-', 1025)
     call('HSET', hash, '~', WIDE)
     call('HDEL', hash, '~')
   end
