@@ -402,7 +402,7 @@ class Peer:
         async def run() -> tuple[Any, NodeRecord | None, StreamInfo, list[Entry]]:
             if wire is not None:
                 timeout = self._op_timeout_sec + (block_ms or 0) / 1000
-                replies = await wire.execute(batch, timeout=timeout)
+                replies = await wire.execute(batch, timeout=timeout, blocking=block_ms is not None)
             else:
                 async with self.query.pipeline(transaction=False) as pipe:
                     pipe.hget(keys.part_meta, "partitions")

@@ -16,11 +16,14 @@ connection's transport over. Error replies become redis-py's exception classes
 it judges any other call; a lost connection or a timeout raises redis-py's
 ``ConnectionError`` or ``TimeoutError``.
 
-One rule keeps replies matched to their pipelines: a pipeline whose replies are not all read
-(cancelled, timed out, a protocol error) closes the connection, so no later pipeline can read
-them; the pipelines queued behind it fail as on any lost connection, and the next call
-connects again. Pipelines may queue on one wire, in order, but a blocking command holds up the
-ones behind it: give each blocking reader its own wire.
+Replies are matched to pipelines by their order alone. A pipeline whose caller gives up
+(cancelled) stays in that order: its replies are read as they come and dropped, so the
+pipelines of other callers queued on the wire go on unharmed. Three cases close the connection
+instead, failing every pipeline queued on it as on any lost connection (the next call connects
+again): a timeout (the server may be stuck), a protocol error (nothing after it can be
+matched), and a cancelled pipeline that holds a blocking command (``blocking=True``), which
+would hold up the pipelines behind it for as long as it blocks. For the same reason, give each
+blocking reader its own wire.
 
 Standalone servers only: a Redis Cluster routes each command by its slot, which is the cluster
 client's work.
@@ -137,10 +140,11 @@ class Wire:
         self._connecting = asyncio.Lock()
 
     async def execute(
-        self, commands: Sequence[Command], *, timeout: float | None = None
+        self, commands: Sequence[Command], *, timeout: float | None = None, blocking: bool = False
     ) -> list[Any]:
         """The replies of ``commands``, sent as one write; an error reply is an exception in
-        its place (as redis-py's ``execute(raise_on_error=False)`` gives it)."""
+        its place (as redis-py's ``execute(raise_on_error=False)`` gives it). ``blocking``:
+        the pipeline holds a command that may block (``XREAD BLOCK``, ``BLPOP``)."""
         if not commands:
             return []
         replies = await self._connect()
@@ -154,11 +158,20 @@ class Wire:
         except TimeoutError:
             self._drop(replies)
             raise RedisTimeoutError("Timeout reading from the server") from None
-        except BaseException:
-            # Cancelled, or the connection failed: replies still owed must not be read by
-            # the next pipeline.
-            self._drop(replies)
+        except asyncio.CancelledError:
+            # The replies still owed are read and dropped where they stand in the order
+            # (``done`` is cancelled); only a blocking command would hold the others up.
+            if blocking:
+                self._drop(replies)
             raise
+        except BaseException:
+            self._drop(replies)  # the connection failed: whatever is owed never comes
+            raise
+
+    @property
+    def in_flight(self) -> int:
+        """Pipelines sent on the open connection and not answered yet, abandoned ones included."""
+        return len(self._replies.waiting) if self._replies is not None else 0
 
     async def _connect(self) -> _Replies:
         async with self._connecting:

@@ -75,7 +75,34 @@ async def test_a_pipeline_gets_each_reply_in_order_with_an_error_in_its_place(
         assert len(await _wire_clients(client)) == 1
 
 
-async def test_a_cancelled_pipeline_closes_its_connection_and_the_next_gets_its_own_reply(
+async def test_a_cancelled_pipeline_leaves_the_ones_behind_it_their_own_replies(
+    redis_factory: RedisFactory,
+) -> None:
+    """Callers share a wire (a partition's tailers share its apply connection): one giving up
+    must neither fail the others' pipelines nor hand them its replies."""
+    server = redis_factory()
+    async with wired(server.url, timeout=10.0) as (client, wire):
+        assert await wire.execute([("SET", "k", 0)]) in ([b"OK"], [True])
+        (before,) = await _wire_clients(client)
+        server.pause()  # SIGSTOP: both pipelines are sent, neither is answered
+        try:
+            given_up = asyncio.create_task(wire.execute([("INCR", "k"), ("INCR", "k")]))
+            behind = asyncio.create_task(wire.execute([("GET", "k")]))
+            await async_wait_until(lambda: wire.in_flight == 2, timeout=10, message="both sent")
+            given_up.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await given_up
+        finally:
+            server.resume()
+        # The abandoned INCRs ran and their replies were dropped in their place.
+        assert await behind == [b"2"]
+        assert await wire.execute([("INCR", "k")]) == [3]
+        assert wire.in_flight == 0
+        (after,) = await _wire_clients(client)
+        assert after["id"] == before["id"], "the connection was closed for a cancelled caller"
+
+
+async def test_a_cancelled_blocking_pipeline_closes_its_connection(
     redis_factory: RedisFactory,
 ) -> None:
     """A caller that gives up on a blocked read must not leave the connection blocked (the
@@ -84,7 +111,7 @@ async def test_a_cancelled_pipeline_closes_its_connection_and_the_next_gets_its_
     async with wired(server.url, timeout=5.0) as (client, wire):
         await client.set("k", b"mine")
         blocked = asyncio.create_task(
-            wire.execute([("XREAD", "BLOCK", 0, "STREAMS", "s", "$")], timeout=60.0)
+            wire.execute([("XREAD", "BLOCK", 0, "STREAMS", "s", "$")], timeout=60.0, blocking=True)
         )
 
         async def reading() -> bool:
