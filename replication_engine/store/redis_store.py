@@ -286,15 +286,20 @@ class RedisStore:
         # Why local writes are paused (the engine restoring the HLC floor), or None.
         self.writes_paused: str | None = None
         self.reader = TreeReader(redis, self.keys, counter=ReadCounter(), max_payload=max_payload)
-        self._api = functions.Api(redis)
         self._apply = redis.register_script(functions.script_source("apply.lua"))
-        # The apply script's calls, each one write and one read (replication_engine.wire): the
-        # hot path makes one per batch. A cluster's go through its client, routed by slot.
-        self._wire = (
-            None
-            if isinstance(redis, RedisCluster)
-            else Wire(redis, timeout=redis.connection_pool.connection_kwargs.get("socket_timeout"))
-        )
+        # The apply script's calls and the local writes, each one write and one read
+        # (replication_engine.wire), each on its own connection: the hot path makes one apply
+        # per batch, and a write that times out closes only the writes' connection. A
+        # cluster's go through its client, routed by slot.
+        self._wire: Wire | None = None
+        writes: Wire | None = None
+        concurrency = 64
+        if not isinstance(redis, RedisCluster):
+            pool = redis.connection_pool
+            timeout = pool.connection_kwargs.get("socket_timeout")
+            self._wire, writes = Wire(redis, timeout=timeout), Wire(redis, timeout=timeout)
+            concurrency = pool.max_connections
+        self._api = functions.Api(redis, wire=writes, concurrency=concurrency)
         self._gc = redis.register_script(functions.script_source("gc.lua"))
         self._discard = redis.register_script(functions.script_source("discard.lua"))
         self._inherit = redis.register_script(functions.script_source("inherit.lua"))
@@ -442,9 +447,11 @@ class RedisStore:
         await self.redis.aclose()
 
     def close_wire(self) -> None:
-        """Close this partition's own connection (the client's are closed with the client)."""
+        """Close this partition's own connections, for applies and for writes (the client's are
+        closed with the client)."""
         if self._wire is not None:
             self._wire.close()
+        self._api.close()
 
     # ------------------------------------------------------------------------ local writes
 

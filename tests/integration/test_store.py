@@ -278,6 +278,59 @@ async def test_more_concurrent_writers_than_pool_connections(
     assert len(set(hlcs)) == 64
 
 
+async def _functions_or_skip(store: RedisStore) -> None:
+    if not (await store.load_functions()).functions:
+        pytest.skip("Redis 6.2 has no functions: its writes go through redis-py's pool")
+
+
+async def test_writes_in_flight_are_bounded_by_the_pool_size(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    """Local writes share one pipelined connection; at most as many are in flight on it as the
+    client's pool has connections, as the pool bounded them before (the rest wait their turn)."""
+    store = await open_store(redis_server.url)
+    await _functions_or_skip(store)
+    await store.put("warm", b"up")  # connected: the puts below are sent as they are made
+    redis_server.pause()  # nothing is answered: what is sent stays in flight
+    try:
+        puts = [asyncio.create_task(store.put(f"k{i}", b"v")) for i in range(100)]
+        await async_wait_until(
+            lambda: store._api.in_flight >= 64, timeout=10, message="64 puts sent"
+        )
+        for _ in range(10):
+            await asyncio.sleep(0)  # a yield, not a wait: let every waiting put try to send
+        assert store._api.in_flight == 64
+    finally:
+        redis_server.resume()
+    hlcs = await asyncio.gather(*puts)
+    assert len(set(hlcs)) == 100 and store._api.in_flight == 0
+    assert await store.get("k99") is not None
+
+
+async def test_a_cancelled_put_does_not_fail_the_puts_made_alongside_it(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    """An embedding application cancels calls (a request timed out): the other writes sharing
+    the connection must not fail with it."""
+    store = await open_store(redis_server.url)
+    await _functions_or_skip(store)
+    await store.put("warm", b"up")
+    redis_server.pause()
+    try:
+        given_up = asyncio.create_task(store.put("given-up", b"v"))
+        alongside = asyncio.create_task(store.put("alongside", b"v"))
+        await async_wait_until(lambda: store._api.in_flight == 2, timeout=10, message="both sent")
+        given_up.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+    finally:
+        redis_server.resume()
+    await alongside
+    made = [await store.get(key) for key in ("alongside", "given-up")]
+    # The second too: sent before it was given up, so Redis made it (a cancel undoes no write).
+    assert [item.value if item else None for item in made] == [b"v", b"v"]
+
+
 # ---------------------------------------------------------------------------- the tree
 
 
@@ -622,14 +675,13 @@ async def test_script_clock_rolls_the_counter_into_ms(
     seeded = await open_store(redis_server.url)
     remote = clock.pack(NOW_MS + 60_000, clock.MAX_COUNTER)
     await seeded.apply_batch([Change.put("r", b"v", hlc=remote, origin="node-b")])
-    client = make_client(redis_server.url)
+    # Built without connect(): its HLC has not observed the stored clock.
+    blind = RedisStore(make_client(redis_server.url), node_id="node-c", hlc=HLC(ManualClock(1_000)))
     try:
-        # Built without connect(): its HLC has not observed the stored clock.
-        blind = RedisStore(client, node_id="node-c", hlc=HLC(ManualClock(1_000)))
         assert await blind.put("k", b"v") == clock.pack(NOW_MS + 60_001, 0)
         assert await blind.put("k", b"w") == clock.pack(NOW_MS + 60_001, 1)
     finally:
-        await client.aclose()
+        await blind.close()  # its own connections, and the client's
 
 
 async def test_local_writes_order_after_applied_future_clock(
