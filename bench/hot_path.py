@@ -348,6 +348,16 @@ async def bench_throughput(backlog: int, relay: str, workdir: Path) -> dict[str,
 # ------------------------------------------------------------------------------------ (c)
 
 
+async def command_usec(redis: Redis) -> dict[str, tuple[int, int]]:
+    """Calls and microseconds per command so far, from ``INFO commandstats`` (subtract two)."""
+    stats = await redis.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): (int(fields["calls"]), int(fields["usec"]))
+        for name, fields in stats.items()
+        if isinstance(fields, dict)
+    }
+
+
 async def redis_cpu(redis: Redis) -> float:
     """CPU seconds (user + system) a Redis server has used, from ``INFO cpu``."""
     info = await redis.info("cpu")

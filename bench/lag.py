@@ -24,8 +24,10 @@ pipelined ``HSET``. It keeps no tree, record, anchor or cursor, so it is a floor
 tailer written on redis-py gets on this machine at this rate, not a rival: lag is measured the
 same way, when its ``HSET`` pipeline returned.
 
-Diagnostics: ``BENCH_LAG_PROFILE=/tmp/lag`` writes a cProfile of each engine process to
-``/tmp/lag-<node>.prof``.
+Diagnostics: the servers' time per command (``INFO commandstats``, every node, over the run) is
+printed beside the CPU figures: the engines' apply script (``evalsha``) and the writers'
+``fcall`` each hold their server while they run. ``BENCH_LAG_PROFILE=/tmp/lag`` writes a
+cProfile of each engine process to ``/tmp/lag-<node>.prof``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from redis.asyncio import Redis
 from bench.hot_path import (
     PREFIX,
     bare_head_batches,
+    command_usec,
     json_payload,
     queue_bare_writes,
     redis_cpu,
@@ -326,6 +329,7 @@ async def run_once(
                 if line.strip() != b"ready":
                     raise RuntimeError(f"engine process did not start: {line!r}")
             redis_cpu_before = {n: await redis_cpu(s.redis) for n, s in stores.items()}
+            commands_before = {n: await command_usec(s.redis) for n, s in stores.items()}
             wall_before = time.perf_counter()
             writer_procs = [
                 await _child("writer", urls=urls, rate=rate / writers, seconds=seconds, seed=i)
@@ -345,6 +349,14 @@ async def run_once(
             redis_used = {
                 n: await redis_cpu(s.redis) - redis_cpu_before[n] for n, s in stores.items()
             }
+            commands: dict[str, list[int]] = {}  # command -> [calls, usec], every node's
+            for n, s in stores.items():
+                before = commands_before[n]
+                for name, (calls, usec) in (await command_usec(s.redis)).items():
+                    was = before.get(name, (0, 0))
+                    total = commands.setdefault(name, [0, 0])
+                    total[0] += calls - was[0]
+                    total[1] += usec - was[1]
             samples: dict[str, list[int]] = {}
             to_stream: list[int] = []
             cpu: dict[str, float] = {}
@@ -377,6 +389,16 @@ async def run_once(
         + ", ".join(f"{n} {c:.1f} s" for n, c in redis_used.items())
         + f"; writer CPU {sum(r['cpu_s'] for r in results):.1f} s; over {wall:.1f} s wall "
         f"on {os.cpu_count()} CPUs"
+    )
+    # What the servers' time went to (the bench's own INFO and convergence checks included):
+    # the engines' applies and the writers' calls are scripts, each blocking its server.
+    busiest = sorted(commands.items(), key=lambda kv: -kv[1][1])[:6]
+    print(
+        "    redis time by command, all nodes (what a script calls counts in its time too): "
+        + ", ".join(
+            f"{name} {usec / 1e6:.2f} s ({calls:,} calls, {usec / max(1, calls):.0f} us each)"
+            for name, (calls, usec) in busiest
+        )
     )
     per_batch_ms = sum(cpu.values()) / max(1, batches) * 1000
     print(
