@@ -168,6 +168,13 @@ class Wire:
             self._drop(replies)  # the connection failed: whatever is owed never comes
             raise
 
+    async def call(self, command: Command, *, timeout: float | None = None) -> Any:
+        """The reply of one command; an error reply is raised, as redis-py raises it."""
+        (reply,) = await self.execute([command], timeout=timeout)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
     @property
     def in_flight(self) -> int:
         """Pipelines sent on the open connection and not answered yet, abandoned ones included."""

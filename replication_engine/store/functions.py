@@ -135,19 +135,19 @@ async def ensure_loaded(redis: Redis, key: str | None = None) -> Loaded:
 class Api:
     """Calls the library's functions: ``FCALL`` on Redis 7, ``EVALSHA`` on Redis 6.2.
 
-    With ``wire``, an ``FCALL`` goes out on it, one write and one read, rather than through
-    redis-py's pool: twice the puts a second from 64 concurrent writers, and a third less CPU
-    in a writer process (README, "Measured": write path, replication lag). Its callers share
-    it, pipelined in order; ``concurrency`` bounds how many calls are in flight on it at once,
-    as the pool bounded them by its connections.
+    With ``wire`` (built on ``redis``), an ``FCALL`` goes out on it, one write and one read,
+    rather than through redis-py's pool: twice the puts a second from 64 concurrent writers,
+    and a third less CPU in a writer process (README, "Measured": write path, replication
+    lag). Its callers share it, pipelined in order; at most as many calls are in flight on it
+    as the pool has connections, as the pool bounded them.
     """
 
-    def __init__(self, redis: Redis, *, wire: Wire | None = None, concurrency: int = 64) -> None:
+    def __init__(self, redis: Redis, *, wire: Wire | None = None) -> None:
         self._redis = redis
         self._fallback = redis.register_script(fallback_source())
         self._functions = True
         self._wire = wire
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = asyncio.Semaphore(redis.connection_pool.max_connections if wire else 1)
 
     def use(self, loaded: Loaded) -> None:
         self._functions = loaded.functions
@@ -165,10 +165,7 @@ class Api:
         """Call one function; with ``client`` (a pipeline), queue it there instead."""
         if self._functions and client is None and self._wire is not None:
             async with self._slots:
-                (reply,) = await self._wire.execute([("FCALL", name, len(keys), *keys, *args)])
-            if isinstance(reply, BaseException):
-                raise reply
-            return reply
+                return await self._wire.call(("FCALL", name, len(keys), *keys, *args))
         if self._functions:
             target = client if client is not None else self._redis
             return await target.fcall(name, len(keys), *keys, *args)

@@ -293,13 +293,10 @@ class RedisStore:
         # cluster's go through its client, routed by slot.
         self._wire: Wire | None = None
         writes: Wire | None = None
-        concurrency = 64
         if not isinstance(redis, RedisCluster):
-            pool = redis.connection_pool
-            timeout = pool.connection_kwargs.get("socket_timeout")
+            timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
             self._wire, writes = Wire(redis, timeout=timeout), Wire(redis, timeout=timeout)
-            concurrency = pool.max_connections
-        self._api = functions.Api(redis, wire=writes, concurrency=concurrency)
+        self._api = functions.Api(redis, wire=writes)
         self._gc = redis.register_script(functions.script_source("gc.lua"))
         self._discard = redis.register_script(functions.script_source("discard.lua"))
         self._inherit = redis.register_script(functions.script_source("inherit.lua"))
@@ -830,14 +827,12 @@ class RedisStore:
         """The apply script's reply; its errors raised as redis-py raises them."""
         if self._wire is None:
             return await self._apply(keys=self._declared, args=args)
-        (reply,) = await self._wire.execute(
-            [("EVALSHA", self._apply.sha, len(self._declared), *self._declared, *args)]
-        )
-        if isinstance(reply, NoScriptError):  # a restarted or flushed Redis: load it again
+        try:
+            return await self._wire.call(
+                ("EVALSHA", self._apply.sha, len(self._declared), *self._declared, *args)
+            )
+        except NoScriptError:  # a restarted or flushed Redis: load it again
             return await self._apply(keys=self._declared, args=args)
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
 
     def _apply_args(
         self, prepared: PreparedApply, packed: bytes, source: StreamBatch | None
