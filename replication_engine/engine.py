@@ -325,7 +325,7 @@ class ReplicationEngine:
             )
         await asyncio.gather(*(self._open_membership(part) for part in self.parts.values()))
         if cfg.http.enabled:
-            # Imported only when serving: aiohttp is about 0.1 s of an embedder's start-up.
+            # Imported only when serving: an embedder with its own endpoints never loads it.
             from replication_engine.observability.http import HttpServer
 
             self.http = HttpServer(self, cfg.http.host, cfg.http.port)

@@ -67,4 +67,3 @@ def setup_logging(level: str = "INFO", *, json_format: bool | None = None) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,86 @@
+"""``parse_head``, the HTTP server's only contact with what a client sends: any bytes give a
+Request or an HttpError with a status the server can send, and a well-formed request gives back
+what it asked for."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from replication_engine.observability.http import REASONS, HttpError, Request, parse_head
+
+_TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_NAMES = st.text(_TOKEN_CHARS, min_size=1, max_size=12).filter(
+    lambda n: n.lower() not in ("connection", "content-length", "transfer-encoding")
+)
+# Field values: visible ASCII and spaces, not starting or ending with a space (parse_head
+# strips those, as RFC 9112 says a recipient must).
+_VALUES = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=20)
+_PATHS = st.text(
+    st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="?"), max_size=20
+).map(lambda p: "/" + p)
+
+
+def head(method: str, target: str, version: str, headers: list[tuple[str, str]]) -> bytes:
+    lines = [f"{method} {target} {version}", *(f"{n}: {v}" for n, v in headers), "", ""]
+    return "\r\n".join(lines).encode()
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_give_a_request_or_a_status_to_send(raw: bytes) -> None:
+    for candidate in (raw, raw + b"\r\n\r\n", b"GET / HTTP/1.1\r\n" + raw + b"\r\n\r\n"):
+        try:
+            request = parse_head(candidate)
+        except HttpError as exc:
+            assert exc.status in REASONS and exc.detail
+        else:
+            assert request.method in ("GET", "HEAD")
+            assert request.path.startswith("/") and "?" not in request.path
+
+
+@given(
+    st.sampled_from(["GET", "HEAD"]),
+    _PATHS,
+    st.one_of(st.none(), _VALUES.map(lambda q: "?" + q)),
+    st.sampled_from(["HTTP/1.0", "HTTP/1.1"]),
+    st.sampled_from([None, "close", "keep-alive", "Keep-Alive, Upgrade", "upgrade, CLOSE"]),
+    st.lists(st.tuples(_NAMES, _VALUES), max_size=5),
+)
+def test_a_well_formed_request_parses_to_what_it_asked(
+    method: str,
+    path: str,
+    query: str | None,
+    version: str,
+    connection: str | None,
+    headers: list[tuple[str, str]],
+) -> None:
+    if connection is not None:
+        headers = [*headers, ("Connection", connection)]
+    tokens = {t.strip().lower() for t in (connection or "").split(",")}
+    keep_alive = "close" not in tokens and (version == "HTTP/1.1" or "keep-alive" in tokens)
+    parsed = parse_head(head(method, path + (query or ""), version, headers))
+    assert parsed == Request(method, path, keep_alive)
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        (("Content-Length", "0"), None),
+        (("Content-Length", "000"), None),
+        (("Content-Length", "1"), 413),
+        (("Content-Length", "0010"), 413),
+        (("Content-Length", "1e3"), 400),
+        (("Transfer-Encoding", "identity"), 413),
+    ],
+)
+def test_a_request_that_announces_a_body_is_refused(
+    extra: tuple[str, str], status: int | None
+) -> None:
+    raw = head("GET", "/ready", "HTTP/1.1", [extra])
+    if status is None:
+        assert parse_head(raw) == Request("GET", "/ready", True)
+    else:
+        with pytest.raises(HttpError) as refused:
+            parse_head(raw)
+        assert refused.value.status == status
