@@ -24,7 +24,7 @@ from typing import Any
 
 import atheris
 
-# Only our own modules: instrumenting every dependency (pydantic, aiohttp, redis) makes start-up
+# Only our own modules: instrumenting every dependency (pydantic, redis) makes start-up
 # take minutes and adds coverage noise the fuzzer cannot use.
 with atheris.instrument_imports(include=["replication_engine"]):
     from replication_engine import clock, codec

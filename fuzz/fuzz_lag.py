@@ -14,7 +14,7 @@ import sys
 
 import atheris
 
-# Only our own modules: instrumenting every dependency (pydantic, aiohttp, redis) makes start-up
+# Only our own modules: instrumenting every dependency (pydantic, redis) makes start-up
 # take minutes and adds coverage noise the fuzzer cannot use.
 with atheris.instrument_imports(include=["replication_engine"]):
     from replication_engine import codec

@@ -153,8 +153,32 @@ def config_seeds() -> None:
     _write("config", "mapping_form.yaml", b"\x01" + CONFIGS["peers.yaml"].encode())
 
 
+def http_head_seeds() -> None:
+    heads = {
+        "probe": b"GET /ready HTTP/1.1\r\nHost: node-a:8080\r\nUser-Agent: kube-probe/1.30\r\n"
+        b"Accept: */*\r\nConnection: close\r\n\r\n",
+        "scrape": b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\n"
+        b"X-Prometheus-Scrape-Timeout-Seconds: 10\r\n\r\n",
+        "head_1_0": b"HEAD /status HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n",
+        "post_body": b"POST /health HTTP/1.1\r\nContent-Length: 0005\r\n\r\n",
+        "chunked": b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "bare_lf": b"GET /health HTTP/1.1\nHost: a\n\n",
+        "http2": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    }
+    for name, data in heads.items():
+        _write("http_head", name, data)
+
+
 def main() -> None:
-    for target in ("decompress", "stream_id", "lag", "cdc_decode", "merkle_diff", "config"):
+    for target in (
+        "decompress",
+        "stream_id",
+        "lag",
+        "cdc_decode",
+        "merkle_diff",
+        "config",
+        "http_head",
+    ):
         shutil.rmtree(CORPUS / target, ignore_errors=True)
     decompress_seeds()
     stream_id_seeds()
@@ -162,6 +186,7 @@ def main() -> None:
     cdc_seeds()
     random_seeds("merkle_diff", 4, 128)
     config_seeds()
+    http_head_seeds()
     for folder in sorted(CORPUS.iterdir()):
         print(f"{folder.name}: {len(list(folder.iterdir()))} seeds")
 
