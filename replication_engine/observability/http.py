@@ -5,13 +5,14 @@
 configured lag). Keeping the two apart stops a lagging node from being restarted in a loop.
 
 Four GET endpoints do not need a web framework: aiohttp cost 0.15 s of the sidecar's 0.55 s
-start-up (its import alone) and eight packages in the image. What a framework did for us, this
-module does in the open: requests are bounded (a head of at most ``MAX_HEAD_BYTES``, sent within
-``head_timeout_sec``), bodies are never read (a request that announces one is answered and its
-connection closed, so no body is ever taken for the next request), connections are bounded
-(``max_connections``; the next one gets a 503), and a client that stops reading its reply is
-dropped after the same timeout. Anything the parser refuses is answered with a 4xx or 5xx status
-and the connection closed: the server never guesses where a bad request ends.
+start-up (its import alone) and, with what it depends on, nine packages in the image. What a
+framework did for us, this module does in the open: requests are bounded (a head of at most
+``MAX_HEAD_BYTES``, sent within ``head_timeout_sec``), bodies are never read (a request that
+announces one is answered and its connection closed, so no body is ever taken for the next
+request), connections are bounded (``max_connections``; the next ones get a 503, and past twice
+that many, a closed socket), and a client that stops reading its reply is dropped after the
+same timeout. Anything the parser refuses is answered with a 4xx or 5xx status and the
+connection closed: the server never guesses where a bad request ends.
 """
 
 from __future__ import annotations
@@ -186,6 +187,9 @@ class HttpServer:
         task = asyncio.current_task()
         assert task is not None
         crowded = len(self._connections) >= self.max_connections
+        if len(self._connections) >= 2 * self.max_connections:
+            writer.transport.abort()  # a flood: even the 503s (a second each) are at their bound
+            return
         self._connections[task] = writer
         try:
             if crowded:

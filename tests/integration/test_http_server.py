@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from replication_engine.observability import http
 from replication_engine.observability.http import MAX_HEAD_BYTES, HttpServer
 from replication_engine.testing import async_wait_until
 
@@ -208,6 +209,37 @@ async def test_connections_past_the_limit_get_503_and_the_others_are_served(
     finally:
         for _, writer in idle:
             writer.close()
+
+
+async def test_past_twice_the_limit_a_connection_is_closed_unanswered(
+    server: HttpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The refused connections below stay open (they never close): a long linger keeps them
+    # counted while the last one arrives.
+    monkeypatch.setattr(http, "LINGER_SEC", 60.0)
+    served = HttpServer(Probe(), "127.0.0.1", 0, head_timeout_sec=60.0, max_connections=2)
+    await served.start()
+    held = []
+    try:
+        for _ in range(4):
+            held.append(await asyncio.open_connection("127.0.0.1", served.port))
+        await async_wait_until(
+            lambda: served.connections == 4, timeout=READ_TIMEOUT_S, message="4 connections held"
+        )
+        for reader, _ in held[2:]:
+            assert (await read_reply(reader))[0] == 503
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        held.append((reader, writer))
+        async with asyncio.timeout(READ_TIMEOUT_S):
+            try:
+                assert await reader.read() == b"", "a fifth connection got an answer"
+            except ConnectionResetError:
+                pass  # closed unanswered, as a reset
+        assert served.connections == 4
+    finally:
+        for _, writer in held:
+            writer.close()
+        await served.stop()
 
 
 async def test_a_failing_endpoint_answers_500_and_the_server_keeps_serving(
