@@ -28,6 +28,7 @@ from replication_engine.errors import ReplicationError
 from replication_engine.hot_path import CursorSaveFailed, Tailer, TailerMode, TailerSettings
 from replication_engine.membership import Membership
 from replication_engine.merkle import Geometry, GeometryError
+from replication_engine.observability.http import HttpServer
 from replication_engine.observability.metrics import ENGINE_STATES, Metrics
 from replication_engine.peer import Peer
 from replication_engine.redaction import redact_url
@@ -39,7 +40,6 @@ from replication_engine.store.redis_store import RedisStore
 
 if TYPE_CHECKING:
     from replication_engine.cold_path import ColdPath, RepairStats
-    from replication_engine.observability.http import HttpServer
 
 log = logging.getLogger(__name__)
 _Shared = TypeVar("_Shared", ColdPathConfig, ScrubConfig)
@@ -325,9 +325,6 @@ class ReplicationEngine:
             )
         await asyncio.gather(*(self._open_membership(part) for part in self.parts.values()))
         if cfg.http.enabled:
-            # Imported only when serving: an embedder with its own endpoints never loads it.
-            from replication_engine.observability.http import HttpServer
-
             self.http = HttpServer(self, cfg.http.host, cfg.http.port)
             try:
                 await self.http.start()
