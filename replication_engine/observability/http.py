@@ -59,13 +59,13 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
 
 
-class HttpError(Exception):
-    """A request refused before it reached an endpoint; its connection is then closed."""
+@dataclass(frozen=True)
+class Refusal:
+    """A request refused before it reached an endpoint: the status to send, and why. Its
+    connection is then closed."""
 
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
+    status: int
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -75,33 +75,33 @@ class Request:
     keep_alive: bool
 
 
-def parse_head(head: bytes) -> Request:
+def parse_head(head: bytes) -> Request | Refusal:
     """A request's head (request line and headers, ending in an empty line) as a Request, or
-    HttpError saying why not. Pure, so the fuzz target drives it with arbitrary bytes."""
+    the Refusal to answer it with. Pure, so the fuzz target drives it with arbitrary bytes."""
     lines = head.split(b"\r\n")
     if len(lines) < 3 or lines[-1] != b"" or lines[-2] != b"":
-        raise HttpError(400, "a request head ends with an empty line (CRLF CRLF)")
+        return Refusal(400, "a request head ends with an empty line (CRLF CRLF)")
     parts = lines[0].split(b" ")
     if len(parts) != 3:
-        raise HttpError(400, "the request line is: method, target and version, one space apart")
+        return Refusal(400, "the request line is: method, target and version, one space apart")
     method, target, version = parts
     if not _TOKEN.fullmatch(method):
-        raise HttpError(400, "the method is not a token")
+        return Refusal(400, "the method is not a token")
     found = _VERSION.fullmatch(version)
     if found is None:
-        raise HttpError(400, "the version is not HTTP/<digit>.<digit>")
+        return Refusal(400, "the version is not HTTP/<digit>.<digit>")
     if found.group(1) != b"1":
-        raise HttpError(505, "this server speaks HTTP/1.0 and HTTP/1.1")
+        return Refusal(505, "this server speaks HTTP/1.0 and HTTP/1.1")
     if not target.startswith(b"/") or any(c <= 0x20 or c == 0x7F for c in target):
-        raise HttpError(400, "the target is not a path (origin form: /path?query)")
+        return Refusal(400, "the target is not a path (origin form: /path?query)")
     connection: set[bytes] = set()
     body = False
     for line in lines[1:-2]:
         if b"\r" in line or b"\n" in line or b"\0" in line:
-            raise HttpError(400, "a header line holds a bare CR, LF or NUL")
+            return Refusal(400, "a header line holds a bare CR, LF or NUL")
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.fullmatch(name):
-            raise HttpError(400, "a header line is not name: value")
+            return Refusal(400, "a header line is not name: value")
         name, value = name.lower(), value.strip(b" \t")
         if name == b"connection":
             connection.update(t.strip(b" \t").lower() for t in value.split(b","))
@@ -109,12 +109,12 @@ def parse_head(head: bytes) -> Request:
             body = True
         elif name == b"content-length":
             if not value.isdigit():
-                raise HttpError(400, "Content-Length is not a number")
+                return Refusal(400, "Content-Length is not a number")
             body = body or value.strip(b"0") != b""  # no int(): it refuses 5,000 digits
     if method not in (b"GET", b"HEAD"):
-        raise HttpError(405, f"only {ALLOWED} are served")
+        return Refusal(405, f"only {ALLOWED} are served")
     if body:
-        raise HttpError(413, "these endpoints take no request body")
+        return Refusal(413, "these endpoints take no request body")
     minor = found.group(2)
     keep_alive = b"close" not in connection and (minor != b"0" or b"keep-alive" in connection)
     path = target.split(b"?", 1)[0].decode("ascii", "replace")
@@ -223,10 +223,9 @@ class HttpServer:
             except TimeoutError:
                 await self._finish(reader, writer, _error(408, "no complete request head in time"))
                 return
-            try:
-                request = parse_head(head)
-            except HttpError as exc:
-                await self._finish(reader, writer, _error(exc.status, exc.detail))
+            request = parse_head(head)
+            if isinstance(request, Refusal):
+                await self._finish(reader, writer, _error(request.status, request.detail))
                 return
             status, body, content_type = self._answer(request.path)
             reply = _response(
