@@ -590,8 +590,13 @@ async def test_a_write_brought_back_after_it_was_written_off_does_not_split_the_
             return all([(await record(n)).claim("c") >= newer.hlc for n in mesh])
 
         await async_wait_until(written_off_everywhere, timeout=SETTLE_S, message="claims past it")
+        # a's engine is stopped across the restore so that the precondition is read before
+        # anything can repair it: running, the engine could take the surviving version while
+        # the harness still waits for the restored Redis (it did once in CI).
+        await mesh.stop_engine("a")
         await mesh.restore_redis("a", tmp_path / "with-newer")
         assert await a_holds_newer(), "the backup brings the written-off write back"
+        await mesh.start_engine("a")
         await mesh.wait_converged(SETTLE_S)
         for node in mesh:
             item = await node.store.get("k")
