@@ -37,6 +37,10 @@ from replication_engine.testing.cluster import (
 from replication_engine.testing.redis_proc import RedisHandle, RedisProcess
 
 PREFIX = "demo:"
+# Seconds past --duration after which a demo that has not finished is stuck (a bug): set-up,
+# a cluster failover (up to 30 s), the trimmed-stream fault (up to 10 s) and the convergence
+# wait (60 s) fit well inside it.
+STUCK_AFTER_SEC = 150.0
 # The layout of every store when one node is a cluster: 16 partitions, 4096 leaf buckets.
 SPLIT: dict[str, Any] = {"fanout": 16, "depth": 3, "partitions": 16}
 
@@ -560,9 +564,56 @@ async def run_demo(
             workdir=Path(tmp),
             cluster=cluster,
         )
+        main = asyncio.current_task()
+        assert main is not None
+        stuck = False
+
+        async def watchdog() -> None:
+            # A demo that stops moving says where it stands instead of hanging silently:
+            # printed before the cancel, while every task still waits where it got stuck.
+            nonlocal stuck
+            await asyncio.sleep(duration + STUCK_AFTER_SEC)
+            stuck = True
+            print(_where_tasks_wait(), file=sys.stderr, flush=True)
+            main.cancel()
+
+        dog = asyncio.create_task(watchdog(), name="demo.watchdog")
         try:
             result = await demo.run()
+        except asyncio.CancelledError:
+            if not stuck:
+                raise
+            main.uncancel()
+            raise RuntimeError(
+                f"the demo was still running {duration + STUCK_AFTER_SEC:.0f} s after it began "
+                "(its writes last --duration, then it waits up to 60 s to converge); where each "
+                "task waited is printed above"
+            ) from None
         finally:
+            dog.cancel()
             await demo.teardown()
     print(summary(result), file=out, flush=True)
     return result
+
+
+def _where_tasks_wait() -> str:
+    """Every other task of this loop and where it waits: its chain of awaits, outermost first
+    (``Task.get_stack`` gives a suspended task's outermost frame alone)."""
+    lines = ["demo: stuck; the tasks and where they wait:"]
+    here = asyncio.current_task()
+    for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
+        if task is here:
+            continue
+        lines.append(f"  task {task.get_name()}:")
+        awaiting: Any = task.get_coro()
+        while awaiting is not None:
+            frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "gi_frame", None)
+            if frame is None:
+                break
+            lines.append(
+                f"    {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+            )
+            awaiting = getattr(awaiting, "cr_await", None) or getattr(
+                awaiting, "gi_yieldfrom", None
+            )
+    return "\n".join(lines)

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from harness.mesh import CONVERGE_TIMEOUT_S, EXACT_STREAM_FACTS, open_mesh
-from replication_engine import __version__, cli
+from replication_engine import __version__, cli, demo
 from replication_engine.clock import HLC
 from replication_engine.codec import Change
 from replication_engine.cursor import CursorStore
@@ -71,17 +71,31 @@ async def run_cli(
     timeout: float = COMMAND_TIMEOUT_S,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the command to completion in a thread, so an in-process engine keeps serving."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [*CLI, *args],
-        cwd=cwd,
-        env={**cli_env(), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    """Run the command to completion in a thread, so an in-process engine keeps serving. A
+    command that overruns ``timeout`` fails the test with the end of what it printed."""
+    try:
+        return await asyncio.to_thread(
+            subprocess.run,
+            [*CLI, *args],
+            cwd=cwd,
+            env={**cli_env(), **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        printed = [_text(exc.stdout)[-4000:], _text(exc.stderr)[-4000:]]
+        raise AssertionError(
+            f"{' '.join(args)} still ran after {timeout} s; its stdout, then stderr:\n"
+            + "\n---\n".join(printed)
+        ) from None
+
+
+def _text(output: str | bytes | None) -> str:
+    if isinstance(output, bytes):
+        return output.decode("utf-8", "replace")
+    return output or ""
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
@@ -857,6 +871,18 @@ async def test_demo_converges(tmp_path: Path) -> None:
     assert "converged:            YES" in result.stdout
     # The lag it shows was measured (it reads each node's relayed entries).
     assert "lag before faults:    p50 n/a" not in result.stdout, result.stdout[-3000:]
+
+
+async def test_a_demo_that_overruns_its_schedule_says_where_its_tasks_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Past the watchdog before its first node has even started: the demo must not hang.
+    monkeypatch.setattr(demo, "STUCK_AFTER_SEC", 0.0)
+    with pytest.raises(RuntimeError, match="still running 0 s after it began"):
+        await demo.run_demo(nodes=2, duration=0.0, out=sys.stdout)
+    printed = capsys.readouterr().err
+    assert "demo: stuck; the tasks and where they wait:" in printed, printed
+    assert "in run_demo" in printed, printed
 
 
 @pytest.mark.slow
