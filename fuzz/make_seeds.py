@@ -33,6 +33,11 @@ def _write(target: str, name: str, data: bytes) -> None:
     (folder / name).write_bytes(data)
 
 
+def _write_each(target: str, seeds: dict[str, bytes]) -> None:
+    for name, data in seeds.items():
+        _write(target, name, data)
+
+
 def decompress_seeds() -> None:
     rnd = random.Random(SEED)
     _write("decompress", "raw_small", b"hello")
@@ -47,16 +52,17 @@ def decompress_seeds() -> None:
 
 
 def stream_id_seeds() -> None:
-    ids = {
-        "zero": b"0-0",
-        "typical": b"1700000000000-5\n1700000000000-6",
-        "ms_only": b"42\n42-0",
-        "max": b"18446744073709551615-18446744073709551615\n18446744073709551615-0",
-        "bad": b"1-2-3\n-5\n1-",
-        "order": b"9-0\n10-0\n9-18446744073709551615",
-    }
-    for name, data in ids.items():
-        _write("stream_id", name, data)
+    _write_each(
+        "stream_id",
+        {
+            "zero": b"0-0",
+            "typical": b"1700000000000-5\n1700000000000-6",
+            "ms_only": b"42\n42-0",
+            "max": b"18446744073709551615-18446744073709551615\n18446744073709551615-0",
+            "bad": b"1-2-3\n-5\n1-",
+            "order": b"9-0\n10-0\n9-18446744073709551615",
+        },
+    )
 
 
 def random_seeds(target: str, count: int, size: int) -> None:
@@ -154,19 +160,20 @@ def config_seeds() -> None:
 
 
 def http_head_seeds() -> None:
-    heads = {
-        "probe": b"GET /ready HTTP/1.1\r\nHost: node-a:8080\r\nUser-Agent: kube-probe/1.30\r\n"
-        b"Accept: */*\r\nConnection: close\r\n\r\n",
-        "scrape": b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\n"
-        b"X-Prometheus-Scrape-Timeout-Seconds: 10\r\n\r\n",
-        "head_1_0": b"HEAD /status HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n",
-        "post_body": b"POST /health HTTP/1.1\r\nContent-Length: 0005\r\n\r\n",
-        "chunked": b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-        "bare_lf": b"GET /health HTTP/1.1\nHost: a\n\n",
-        "http2": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-    }
-    for name, data in heads.items():
-        _write("http_head", name, data)
+    _write_each(
+        "http_head",
+        {
+            "probe": b"GET /ready HTTP/1.1\r\nHost: node-a:8080\r\nUser-Agent: kube-probe/1.30\r\n"
+            b"Accept: */*\r\nConnection: close\r\n\r\n",
+            "scrape": b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\n"
+            b"X-Prometheus-Scrape-Timeout-Seconds: 10\r\n\r\n",
+            "head_1_0": b"HEAD /status HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n",
+            "post_body": b"POST /health HTTP/1.1\r\nContent-Length: 0005\r\n\r\n",
+            "chunked": b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "bare_lf": b"GET /health HTTP/1.1\nHost: a\n\n",
+            "http2": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        },
+    )
 
 
 def main() -> None:
