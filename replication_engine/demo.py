@@ -28,6 +28,7 @@ from replication_engine.engine import ReplicationEngine
 from replication_engine.store.layout import text
 from replication_engine.store.partitioned import PartitionedStore
 from replication_engine.store.redis_store import RedisStore
+from replication_engine.testing import awaiting_frames
 from replication_engine.testing.cluster import (
     Cluster,
     redis_cli_binary,
@@ -597,23 +598,14 @@ async def run_demo(
 
 
 def _where_tasks_wait() -> str:
-    """Every other task of this loop and where it waits: its chain of awaits, outermost first
-    (``Task.get_stack`` gives a suspended task's outermost frame alone)."""
+    """Every other task of this loop and where it waits, outermost call first."""
     lines = ["demo: stuck; the tasks and where they wait:"]
     here = asyncio.current_task()
     for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
         if task is here:
             continue
         lines.append(f"  task {task.get_name()}:")
-        awaiting: Any = task.get_coro()
-        while awaiting is not None:
-            frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "gi_frame", None)
-            if frame is None:
-                break
-            lines.append(
-                f"    {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
-            )
-            awaiting = getattr(awaiting, "cr_await", None) or getattr(
-                awaiting, "gi_yieldfrom", None
-            )
+        for frame in awaiting_frames(task):
+            code = frame.f_code
+            lines.append(f"    {code.co_filename}:{frame.f_lineno} in {code.co_name}")
     return "\n".join(lines)

@@ -147,6 +147,7 @@ class Api:
         self._fallback = redis.register_script(fallback_source())
         self._functions = True
         self._wire = wire
+        # Only a wire's calls take a slot; a cluster client (no wire) has no connection_pool.
         self._slots = asyncio.Semaphore(redis.connection_pool.max_connections if wire else 1)
 
     def use(self, loaded: Loaded) -> None:

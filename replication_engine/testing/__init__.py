@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar, overload
 
 from replication_engine.testing.redis_proc import (
@@ -41,6 +42,7 @@ __all__ = [
     "TlsFiles",
     "TlsToolingUnavailable",
     "async_wait_until",
+    "awaiting_frames",
     "find_redis_server",
     "free_port",
     "make_test_ca",
@@ -51,6 +53,20 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+
+
+def awaiting_frames(task: asyncio.Task[Any]) -> list[FrameType]:
+    """Where a suspended task waits: the frame of each coroutine (or generator) in its chain of
+    awaits, outermost first. ``Task.get_stack`` gives a suspended task's outermost frame alone."""
+    frames: list[FrameType] = []
+    awaiting: Any = task.get_coro()
+    while awaiting is not None:
+        frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(frame)
+        awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "gi_yieldfrom", None)
+    return frames
 
 
 def open_files(path: Path) -> int:

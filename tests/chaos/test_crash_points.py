@@ -44,7 +44,7 @@ from replication_engine.engine import ReplicationEngine
 from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
 from replication_engine.store.redis_store import RedisStore
-from replication_engine.testing import RedisFactory, async_wait_until, open_files
+from replication_engine.testing import RedisFactory, async_wait_until, awaiting_frames, open_files
 
 PREFIX = "app:"
 # In-process crashes (cancellations) per run: the brief's 1,000 and a margin.
@@ -195,12 +195,11 @@ def crash_point(engine: ReplicationEngine) -> str:
     names: list[str] = []
     ours = (engine, *engine.tailers.values())  # not the reference engine's tasks
     for task in asyncio.all_tasks():
-        coro: Any = task.get_coro()
-        owner = coro.cr_frame.f_locals.get("self") if getattr(coro, "cr_frame", None) else None
-        chain = []
-        while coro is not None and hasattr(coro, "cr_code"):
-            chain.append(coro.cr_code.co_name)
-            coro = coro.cr_await
+        frames = awaiting_frames(task)
+        if not frames:
+            continue
+        owner = frames[0].f_locals.get("self")
+        chain = [frame.f_code.co_name for frame in frames]
         if any(owner is o for o in ours) and chain[0] in ("_supervise_tailer", "_apply_and_save"):
             names.extend(chain)
     if "apply_batch" in names or "apply_prepared" in names:
