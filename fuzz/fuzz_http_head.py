@@ -32,7 +32,9 @@ def TestOneInput(data: bytes) -> None:
     if not request.path.isascii() or "\ufffd" in request.path:
         return  # a non-ASCII target: its path is shown, not re-sent
     connection = "keep-alive" if request.keep_alive else "close"
-    again = f"{request.method} {request.path} HTTP/1.1\r\nConnection: {connection}\r\n\r\n"
+    again = (
+        f"{request.method} {request.path} HTTP/1.1\r\nHost: a\r\nConnection: {connection}\r\n\r\n"
+    )
     assert parse_head(again.encode()) == request, (data, request)
 
 

@@ -262,7 +262,7 @@ async def _run(config_path: str, *, json_format: bool) -> int:
         "cli.running",
         extra={
             "node": config.local_node_id,
-            "http_url": f"http://{engine.http.host}:{engine.http.port}" if engine.http else None,
+            "http_url": engine.http.url if engine.http else None,
             "peer_urls": [redact_url(p.redis_url) for p in config.peers],
         },
     )

@@ -96,6 +96,7 @@ def parse_head(head: bytes) -> Request | Refusal:
         return Refusal(400, "the target is not a path (origin form: /path?query)")
     connection: set[bytes] = set()
     body = False
+    hosts = 0
     for line in lines[1:-2]:
         if b"\r" in line or b"\n" in line or b"\0" in line:
             return Refusal(400, "a header line holds a bare CR, LF or NUL")
@@ -103,7 +104,9 @@ def parse_head(head: bytes) -> Request | Refusal:
         if not colon or not _TOKEN.fullmatch(name):
             return Refusal(400, "a header line is not name: value")
         name, value = name.lower(), value.strip(b" \t")
-        if name == b"connection":
+        if name == b"host":
+            hosts += 1
+        elif name == b"connection":
             connection.update(t.strip(b" \t").lower() for t in value.split(b","))
         elif name == b"transfer-encoding":
             body = True
@@ -116,6 +119,12 @@ def parse_head(head: bytes) -> Request | Refusal:
     if body:
         return Refusal(413, "these endpoints take no request body")
     minor = found.group(2)
+    # RFC 9112 3.2: a server must refuse an HTTP/1.1 request without a Host, and any request
+    # with more than one (proxies may disagree on which one counts).
+    if hosts > 1:
+        return Refusal(400, "a request has at most one Host header")
+    if hosts == 0 and minor != b"0":
+        return Refusal(400, "an HTTP/1.1 request names its Host")
     keep_alive = b"close" not in connection and (minor != b"0" or b"keep-alive" in connection)
     path = target.split(b"?", 1)[0].decode("ascii", "replace")
     return Request(method.decode("ascii"), path, keep_alive)
@@ -155,7 +164,9 @@ class HttpServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Where to reach the server; an IPv6 address goes in brackets, as URLs write it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def connections(self) -> int:

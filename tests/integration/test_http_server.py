@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -96,7 +97,7 @@ async def test_a_kept_alive_connection_answers_one_request_after_another(
             status, headers, body = await read_reply(reader)
             assert status == expected, (path, body)
             assert headers["connection"] == "keep-alive"
-        writer.write(b"GET /status?verbose=1 HTTP/1.1\r\nConnection: close\r\n\r\n")
+        writer.write(b"GET /status?verbose=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         status, headers, body = await read_reply(reader)
         assert status == 200 and headers["connection"] == "close"
         assert headers["content-type"].startswith("application/json")
@@ -125,7 +126,9 @@ async def test_head_says_the_length_of_the_body_it_leaves_out(server: HttpServer
     reader, writer = await connect(server)
     try:
         # Pipelined: if HEAD sent a body, the GET's reply would not start where it is read.
-        writer.write(b"HEAD /metrics HTTP/1.1\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n")
+        writer.write(
+            b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
         async with asyncio.timeout(READ_TIMEOUT_S):
             head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 21\r\n" in head
@@ -151,6 +154,9 @@ async def test_head_says_the_length_of_the_body_it_leaves_out(server: HttpServer
         (b"GET /health HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", 413),
         (b"GET /health HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 413),
         (b"GET /health HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 413),
+        (b"GET /health HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 names its Host
+        (b"GET /health HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", 400),
+        (b"GET /health HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", 400),
     ],
 )
 async def test_a_refused_request_gets_its_status_and_a_closed_connection(
@@ -165,7 +171,7 @@ async def test_a_refused_request_gets_its_status_and_a_closed_connection(
 
 async def test_a_post_with_a_body_is_refused_without_reading_it(server: HttpServer) -> None:
     # The body would parse as a request of its own if the server read on after the head.
-    smuggled = b"GET /status HTTP/1.1\r\n\r\n"
+    smuggled = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
     raw = b"POST /ready HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled
     status, headers, _, ended = await exchange(server, raw)
     assert (status, headers["allow"]) == (405, "GET, HEAD")
@@ -201,10 +207,10 @@ async def test_connections_past_the_limit_get_503_and_the_others_are_served(
             timeout=READ_TIMEOUT_S,
             message="every idle connection accepted",
         )
-        status, _, body, ended = await exchange(server, b"GET /health HTTP/1.1\r\n\r\n")
+        status, _, body, ended = await exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 503 and ended, body
         reader, writer = idle[0]
-        writer.write(b"GET /health HTTP/1.1\r\n\r\n")
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await read_reply(reader))[0] == 200
     finally:
         for _, writer in idle:
@@ -248,10 +254,12 @@ async def test_a_failing_endpoint_answers_500_and_the_server_keeps_serving(
     probe = server.probed
     assert isinstance(probe, Probe)
     probe.broken = True
-    status, _, body, _ = await exchange(server, b"GET /status HTTP/1.1\r\n\r\n")
+    status, _, body, _ = await exchange(server, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 500 and b"a bug" not in body, "the reply must not carry internals"
     probe.broken = False
-    status, _, _, _ = await exchange(server, b"GET /status HTTP/1.1\r\nConnection: close\r\n\r\n")
+    status, _, _, _ = await exchange(
+        server, b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     assert status == 200
 
 
@@ -260,7 +268,7 @@ async def test_stop_ends_kept_alive_connections_instead_of_waiting_for_them() ->
     await served.start()
     reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
     try:
-        writer.write(b"GET /health HTTP/1.1\r\n\r\n")
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await read_reply(reader))[0] == 200
         async with asyncio.timeout(READ_TIMEOUT_S):  # far below the 60 s idle allowance
             await served.stop()
@@ -268,3 +276,22 @@ async def test_stop_ends_kept_alive_connections_instead_of_waiting_for_them() ->
         assert served.connections == 0
     finally:
         writer.close()
+
+
+async def test_a_server_on_an_ipv6_address_is_reached_at_the_url_it_reports() -> None:
+    served = HttpServer(Probe(), "::1", 0)
+    try:
+        await served.start()
+    except OSError as exc:  # a host or container without IPv6 loopback
+        pytest.skip(f"cannot listen on ::1 here: {exc}")
+    try:
+        assert served.url == f"http://[::1]:{served.port}"
+
+        def fetch() -> tuple[int, bytes]:
+            with urllib.request.urlopen(served.url + "/health", timeout=READ_TIMEOUT_S) as resp:
+                return resp.status, resp.read()
+
+        status, body = await asyncio.to_thread(fetch)
+        assert status == 200 and json.loads(body)["status"] == "ok"
+    finally:
+        await served.stop()

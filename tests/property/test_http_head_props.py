@@ -12,7 +12,7 @@ from replication_engine.observability.http import REASONS, Refusal, Request, par
 
 _TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _NAMES = st.text(_TOKEN_CHARS, min_size=1, max_size=12).filter(
-    lambda n: n.lower() not in ("connection", "content-length", "transfer-encoding")
+    lambda n: n.lower() not in ("connection", "content-length", "transfer-encoding", "host")
 )
 # Field values: visible ASCII and spaces, not starting or ending with a space (parse_head
 # strips those, as RFC 9112 says a recipient must).
@@ -23,13 +23,20 @@ _PATHS = st.text(
 
 
 def head(method: str, target: str, version: str, headers: list[tuple[str, str]]) -> bytes:
-    lines = [f"{method} {target} {version}", *(f"{n}: {v}" for n, v in headers), "", ""]
+    """A request head with these headers, after a Host header (which HTTP/1.1 requires)."""
+    lines = [f"{method} {target} {version}", "Host: node-a:9100"]
+    lines += [*(f"{n}: {v}" for n, v in headers), "", ""]
     return "\r\n".join(lines).encode()
 
 
 @given(st.binary(max_size=300))
 def test_any_bytes_give_a_request_or_a_status_to_send(raw: bytes) -> None:
-    for candidate in (raw, raw + b"\r\n\r\n", b"GET / HTTP/1.1\r\n" + raw + b"\r\n\r\n"):
+    for candidate in (
+        raw,
+        raw + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\n" + raw + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\n" + raw + b"\r\n\r\n",
+    ):
         request = parse_head(candidate)
         if isinstance(request, Refusal):
             assert request.status in REASONS and request.detail
@@ -81,3 +88,31 @@ def test_a_request_that_announces_a_body_is_refused(
         assert parsed == Request("GET", "/ready", True)
     else:
         assert isinstance(parsed, Refusal) and parsed.status == status
+
+
+@given(
+    st.sampled_from(["GET", "HEAD"]),
+    _PATHS,
+    st.sampled_from(["HTTP/1.0", "HTTP/1.1"]),
+    st.lists(st.tuples(_NAMES, _VALUES), max_size=5),
+    st.lists(_VALUES, max_size=3),
+    st.sampled_from(["Host", "host", "HOST"]),
+)
+def test_a_request_is_refused_unless_it_names_one_host_where_its_version_requires_one(
+    method: str,
+    path: str,
+    version: str,
+    headers: list[tuple[str, str]],
+    hosts: list[str],
+    spelling: str,
+) -> None:
+    """RFC 9112 3.2: HTTP/1.1 requires exactly one Host; HTTP/1.0 may leave it out, but two are
+    refused whatever the version."""
+    lines = [f"{method} {path} {version}", *(f"{n}: {v}" for n, v in headers)]
+    lines += [f"{spelling}: {h}" for h in hosts]
+    parsed = parse_head("\r\n".join([*lines, "", ""]).encode())
+    if len(hosts) == 1 or (not hosts and version == "HTTP/1.0"):
+        assert isinstance(parsed, Request) and parsed.path == path
+    else:
+        assert isinstance(parsed, Refusal) and parsed.status == 400
+        assert "Host" in parsed.detail
