@@ -64,6 +64,16 @@ def _add_logging_options(parser: argparse.ArgumentParser, *, on_subcommand: bool
     )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="replication-engine",
@@ -159,6 +169,28 @@ def _parser() -> argparse.ArgumentParser:
         choices=["check", "repair"],
         help="also check the local Merkle tree against its leaves (repair: rebuild what differs)",
     )
+    quarantine = sub.add_parser(
+        "quarantine",
+        help="what this node set aside: rejected entries and values dropped or written off",
+        description="Reads the cursor database (cursor.sqlite_path) read-only, beside a "
+        "running sidecar or without one. Exit status: 0, 1 when --value finds no whole value "
+        "in the row, 2 when there is no such row or the database cannot be read.",
+    )
+    quarantine.add_argument("--config", required=True, help="this node's config file")
+    quarantine.add_argument("--limit", type=_positive_int, default=20, help="rows (default 20)")
+    quarantine.add_argument("--peer", help="only rows of this peer (or of this node's own drops)")
+    quarantine.add_argument(
+        "--reason", help="only reasons starting with this, e.g. absent_on_peer, hash_mismatch"
+    )
+    quarantine.add_argument("--key", help="only rows of this key")
+    quarantine.add_argument("--json", action="store_true", help="one JSON object per row, raw")
+    quarantine.add_argument(
+        "--value",
+        type=int,
+        metavar="ID",
+        help="write the value row ID carried to stdout, decompressed and checked against its "
+        "content hash (to write it again)",
+    )
     for command in sub.choices.values():
         _add_logging_options(command, on_subcommand=True)
     return parser
@@ -219,6 +251,20 @@ def main(argv: list[str] | None = None) -> int:
             from replication_engine.tools import load_functions
 
             return asyncio.run(load_functions(load_config(args.config)))
+        if args.command == "quarantine":
+            from replication_engine.tools import quarantine, quarantine_value
+
+            config = load_config(args.config)
+            if args.value is not None:
+                return quarantine_value(config, args.value)
+            return quarantine(
+                config,
+                limit=args.limit,
+                peer=args.peer,
+                reason=args.reason,
+                key=args.key,
+                as_json=args.json,
+            )
         if args.command == "forget":
             from replication_engine.tools import forget
 

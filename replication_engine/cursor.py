@@ -18,6 +18,7 @@ import contextlib
 import copy
 import json
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -28,7 +29,7 @@ from typing import Any
 
 import aiosqlite
 
-from replication_engine.codec import CodecError, parse_stream_id
+from replication_engine.codec import CodecError, decode_payload, parse_stream_id, verify_hash
 from replication_engine.errors import ReplicationError
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "CursorStore",
     "QuarantineRecord",
     "RawFields",
+    "quarantined_value",
+    "read_quarantine",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,8 @@ QUARANTINE_TEXT_MAX_BYTES = 4096
 BUSY_TIMEOUT_MS = 5000
 # Prefix marking a quarantined field stored as base64 because it was not printable UTF-8.
 BASE64_PREFIX = "base64:"
+# What _field_text appends to a field it cut.
+_TRUNCATION_NOTE = re.compile(r" \.\.\.\[truncated, (\d+) bytes\]\Z")
 # How long a cancelled open() waits for SQLite to finish opening the file, to close it: a local
 # open takes milliseconds, and a hung file system must not hang the caller's shutdown as well.
 ABANDONED_OPEN_WAIT_S = 5.0
@@ -115,6 +120,7 @@ _UPSERT_CURSOR = (
     "ON CONFLICT (peer_id) DO UPDATE SET "
     "stream_id = excluded.stream_id, updated_ms = excluded.updated_ms"
 )
+_QUARANTINE_COLUMNS = "id, peer_id, stream_id, key, reason, raw, at_ms"
 # Keeps the newest `max_rows` rows: everything at or below the id just past them goes.
 _TRIM_QUARANTINE = (
     "DELETE FROM quarantine WHERE id <= "
@@ -771,7 +777,7 @@ class CursorStore:
         """
         if limit < 1:
             raise ValueError(f"limit: must be >= 1, got {limit}")
-        columns = "id, peer_id, stream_id, key, reason, raw, at_ms"
+        columns = _QUARANTINE_COLUMNS
         if peer_id is not None:
             peer_id = self._lane(peer_id)
         if peer_id is None:
@@ -791,26 +797,7 @@ class CursorStore:
         return [self._record(row) for row in rows]
 
     def _record(self, row: sqlite3.Row) -> QuarantineRecord:
-        try:
-            raw = json.loads(row[5])
-            if not isinstance(raw, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            raise CursorError(
-                f"cursor database {self.path}: quarantine row {row[0]} has unreadable raw "
-                f"fields ({exc})",
-                path=self.path,
-                peer=row[1],
-            ) from exc
-        return QuarantineRecord(
-            id=int(row[0]),
-            peer_id=str(row[1]),
-            stream_id=str(row[2]),
-            key=None if row[3] is None else str(row[3]),
-            reason=str(row[4]),
-            raw={str(name): str(value) for name, value in raw.items()},
-            at_ms=int(row[6]),
-        )
+        return _quarantine_record(row, self.path)
 
     async def quarantine_count(self) -> int:
         """How many quarantined entries are kept now."""
@@ -953,3 +940,123 @@ class CursorStore:
         """
         rows = await self._read("read cursors", None, "SELECT MAX(updated_ms) FROM cursors")
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+
+def _quarantine_record(row: sqlite3.Row | tuple[Any, ...], path: str) -> QuarantineRecord:
+    try:
+        raw = json.loads(row[5])
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise CursorError(
+            f"cursor database {path}: quarantine row {row[0]} has unreadable raw fields ({exc})",
+            path=path,
+            peer=row[1],
+        ) from exc
+    return QuarantineRecord(
+        id=int(row[0]),
+        peer_id=str(row[1]),
+        stream_id=str(row[2]),
+        key=None if row[3] is None else str(row[3]),
+        reason=str(row[4]),
+        raw={str(name): str(value) for name, value in raw.items()},
+        at_ms=int(row[6]),
+    )
+
+
+def read_quarantine(
+    path: str | Path,
+    *,
+    limit: int = 100,
+    peer_id: str | None = None,
+    reason: str | None = None,
+    key: str | None = None,
+    row_id: int | None = None,
+) -> tuple[list[QuarantineRecord], int]:
+    """Quarantined entries, newest first, and how many the file keeps in all, for an operator.
+
+    Opened read-only, so it runs beside a live engine (WAL lets a reader in while the engine
+    writes) and never creates, migrates or trims the file as ``CursorStore.open`` does.
+    ``peer_id`` matches the peer's rows in every partition (``<peer>{<partition>}``); ``reason``
+    is a prefix (``absent_on_peer``, ``hash_mismatch``); ``key`` is exact.
+
+    Raises:
+        CursorError: no database at ``path``, or it cannot be read.
+        ValueError: ``limit`` is below 1.
+    """
+    if limit < 1:
+        raise ValueError(f"limit: must be >= 1, got {limit}")
+    location = str(path)
+    if not Path(location).is_file():
+        raise CursorError(
+            f"cursor database {location}: no such file (cursor.sqlite_path of the config; the "
+            "engine creates it when it first runs)",
+            path=location,
+        )
+    where: list[str] = []
+    params: list[Any] = []
+    if peer_id is not None:
+        where.append("(peer_id = ? OR substr(peer_id, 1, length(?) + 1) = ? || '{')")
+        params += [peer_id, peer_id, peer_id]
+    if reason is not None:
+        where.append("substr(reason, 1, length(?)) = ?")
+        params += [reason, reason]
+    if key is not None:
+        where.append("key = ?")
+        params.append(key)
+    if row_id is not None:
+        where.append("id = ?")
+        params.append(row_id)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    uri = f"{Path(location).resolve().as_uri()}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            rows = db.execute(
+                f"SELECT {_QUARANTINE_COLUMNS} FROM quarantine{clause} ORDER BY id DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+            total = int(db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0])
+    except sqlite3.Error as exc:
+        raise CursorError(
+            f"cursor database {location}: cannot read the quarantine: {exc}", path=location
+        ) from exc
+    return [_quarantine_record(row, location) for row in rows], total
+
+
+def quarantined_value(record: QuarantineRecord) -> bytes:
+    """The value a quarantined version carried, decompressed and checked against its content
+    hash: what an operator writes again when a value set aside should live (docs/DELETES.md).
+
+    A kept field is text, or ``base64:`` and its bytes when it was not printable; a value that
+    happens to read like either is told apart by the hash, which only the true bytes match.
+
+    Raises:
+        CursorError: the row carries no value (a delete, an entry without data or hash), its
+            data was cut when kept, or what is kept does not match the content hash.
+    """
+    where = f"quarantine row {record.id}"
+    data, hash_hex = record.raw.get("data"), record.raw.get("hash")
+    if record.raw.get("op") == "DEL" or data is None or not hash_hex:
+        raise CursorError(f"{where}: a delete or an entry without data and hash: no value")
+    candidates = [data.encode("utf-8", "surrogateescape")]
+    if data.startswith(BASE64_PREFIX):
+        with contextlib.suppress(ValueError):
+            candidates.insert(0, base64.b64decode(data[len(BASE64_PREFIX) :], validate=True))
+    for payload in candidates:
+        try:
+            value = decode_payload(payload)
+            verify_hash(value, hash_hex)
+        except CodecError:
+            continue
+        return value
+    cut = _TRUNCATION_NOTE.search(data)
+    if cut is not None:
+        raise CursorError(
+            f"{where}: its data was {cut.group(1)} bytes, of which the first "
+            f"{QUARANTINE_FIELD_MAX_BYTES} were kept: the whole value is not in the quarantine"
+        )
+    raise CursorError(
+        f"{where}: the data kept does not match its content hash {hash_hex[:64]} (the entry "
+        "may have been quarantined for that): its raw fields show what arrived"
+    )

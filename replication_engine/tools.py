@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
+import json
 import sys
 import time
 from collections import Counter
@@ -20,7 +22,13 @@ from redis.exceptions import RedisError
 from replication_engine import clock, codec
 from replication_engine.config import EngineConfig
 from replication_engine.connection import TlsOptions, client_maker, make_client
-from replication_engine.cursor import CursorStore
+from replication_engine.cursor import (
+    CursorError,
+    CursorStore,
+    QuarantineRecord,
+    quarantined_value,
+    read_quarantine,
+)
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import NodeRecord, frontier
 from replication_engine.merkle import ZERO, DrillPlan, Geometry
@@ -573,3 +581,96 @@ async def forget(config: EngineConfig, node_id: str, *, out: TextIO = sys.stdout
         file=out,
     )
     return 0
+
+
+# Characters of a reason shown in the quarantine table (--json shows it whole).
+REASON_WIDTH = 60
+
+
+def quarantine(
+    config: EngineConfig,
+    *,
+    limit: int = 20,
+    peer: str | None = None,
+    reason: str | None = None,
+    key: str | None = None,
+    as_json: bool = False,
+    out: TextIO = sys.stdout,
+) -> int:
+    """List what this node set aside (docs/FORMAT.md, "Cursor database"), newest first.
+
+    Reads the cursor database read-only, so it works beside a running sidecar and in an image
+    without the ``sqlite3`` shell. Returns 0, or 2 when the database cannot be read.
+    """
+    try:
+        rows, total = read_quarantine(
+            config.cursor.sqlite_path, limit=limit, peer_id=peer, reason=reason, key=key
+        )
+    except CursorError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    if as_json:
+        for row in rows:
+            print(json.dumps(_quarantine_json(row), ensure_ascii=False), file=out)
+        return 0
+    print(f"{'id':>6}  {'at (UTC)':19}  {'peer':12}  {'stream id':24}  key / reason", file=out)
+    for row in rows:
+        reason_text = row.reason if len(row.reason) <= REASON_WIDTH else row.reason[:57] + "..."
+        print(
+            f"{row.id:>6}  {_utc(row.at_ms)}  {row.peer_id:12}  {row.stream_id:24}  "
+            f"{row.key if row.key is not None else '(key unreadable)'}\n"
+            f"{'':>6}  {reason_text}",
+            file=out,
+        )
+    filters = [
+        f"{name} {value}"
+        for name, value in (("peer", peer), ("reason", reason), ("key", key))
+        if value is not None
+    ]
+    print(
+        f"{len(rows)} shown, newest first ({'; '.join(filters) or 'no filter'}; --limit "
+        f"{limit}); {total} kept in all (at most cursor.quarantine_max_rows, "
+        f"{config.cursor.quarantine_max_rows}). A value: --value ID.",
+        file=out,
+    )
+    return 0
+
+
+def quarantine_value(config: EngineConfig, row_id: int, out: Any = None) -> int:
+    """Write the value quarantine row ``row_id`` carried to ``out`` (stdout's bytes), as the
+    application wrote it: decompressed and checked against its content hash. Returns 0, 1
+    when the row has no whole value, 2 when there is no such row or no database."""
+    try:
+        rows, _total = read_quarantine(config.cursor.sqlite_path, limit=1, row_id=row_id)
+    except CursorError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"no quarantine row {row_id} in {config.cursor.sqlite_path}", file=sys.stderr)
+        return 2
+    try:
+        value = quarantined_value(rows[0])
+    except CursorError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    sink = out if out is not None else sys.stdout.buffer
+    sink.write(value)
+    sink.flush()
+    return 0
+
+
+def _utc(at_ms: int) -> str:
+    moment = datetime.datetime.fromtimestamp(at_ms / 1000, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _quarantine_json(row: QuarantineRecord) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "at_ms": row.at_ms,
+        "peer": row.peer_id,
+        "stream_id": row.stream_id,
+        "key": row.key,
+        "reason": row.reason,
+        "raw": row.raw,
+    }

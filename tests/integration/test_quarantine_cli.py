@@ -1,0 +1,160 @@
+"""``replication-engine quarantine``: what an operator reads of the quarantine, and the values
+it gives back, from a real cursor database written by ``CursorStore`` (a real process each)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import yaml
+
+from replication_engine import codec
+from replication_engine.codec import Change
+from replication_engine.cursor import QUARANTINE_FIELD_MAX_BYTES, CursorStore
+
+COMMAND_TIMEOUT_S = 60.0
+# Compressible JSON, which the stream carries zstd-compressed; binary that stays raw.
+JSON_VALUE = json.dumps({"name": "ada", "bio": "x" * 6000}).encode()
+BINARY_VALUE = random.Random(3).randbytes(3000)
+# Incompressible and over the kept field size: only a prefix of it is in the quarantine.
+TOO_BIG = random.Random(4).randbytes(QUARANTINE_FIELD_MAX_BYTES + 900)
+
+
+def put(key: str, value: bytes, hlc: int = 7) -> dict[str, bytes]:
+    return codec.encode_entry(Change.put(key, value, hlc=hlc, origin="b"))
+
+
+@pytest.fixture
+async def config(tmp_path: Path) -> Path:
+    """A node whose quarantine holds, oldest first: a value of its own dropped by absence, a
+    corrupt entry from b, a delete from b, two values from b (one in partition 3's lane), and
+    a value too big to keep whole."""
+    db = tmp_path / "cursors.db"
+    store = await CursorStore.open(db)
+    try:
+        await store.quarantine_add(
+            "me", "0-0", "doc:1", "absent_on_peer: b", put("doc:1", JSON_VALUE)
+        )
+        corrupt = {b"op": b"PUT", b"key": b"k:2", b"data": b"zz", b"hash": b"0" * 32}
+        await store.quarantine_add("b", "17-0", "k:2", "hash_mismatch: content hash", corrupt)
+        gone = codec.encode_entry(Change.delete("k:3", hlc=8, origin="b"))
+        await store.quarantine_add("b", "18-0", "k:3", "clock_skew: ahead", gone)
+        await store.quarantine_add("b", "19-0", "bin:4", "written_off", put("bin:4", BINARY_VALUE))
+        await store.scoped("3").quarantine_add(
+            "b", "20-0", "p:5", "absent_on_peer", put("p:5", b"v")
+        )
+        await store.quarantine_add("me", "0-0", "big:6", "absent_on_peer: c", put("big:6", TOO_BIG))
+    finally:
+        await store.close()
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "local_node_id": "me",
+                "local": {"redis_url": "redis://127.0.0.1:1/0", "prefix": "t:"},
+                "cursor": {"sqlite_path": str(db), "quarantine_max_rows": 2},
+            }
+        )
+    )
+    return path
+
+
+def quarantine(config: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "replication_engine", "quarantine", "--config", str(config), *args],
+        capture_output=True,
+        timeout=COMMAND_TIMEOUT_S,
+        check=False,
+    )
+
+
+def listed(config: Path, *args: str) -> list[dict[str, object]]:
+    done = quarantine(config, "--json", *args)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.decode().splitlines()]
+
+
+def ids(rows: Sequence[dict[str, object]]) -> list[object]:
+    return [row["id"] for row in rows]
+
+
+def test_the_table_lists_the_newest_first_with_key_and_reason(config: Path) -> None:
+    done = quarantine(config, "--limit", "3")
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    lines = text.splitlines()
+    assert [line.split()[0] for line in lines[1:7:2]] == ["6", "5", "4"]
+    assert "big:6" in lines[1] and "absent_on_peer: c" in lines[2]
+    assert "3 shown" in lines[-1] and "6 kept in all" in lines[-1]
+
+
+def test_rows_are_filtered_by_peer_in_every_partition_reason_prefix_and_key(config: Path) -> None:
+    assert ids(listed(config, "--peer", "b")) == [5, 4, 3, 2]
+    assert listed(config, "--peer", "b")[0]["peer"] == "b{3}"
+    assert ids(listed(config, "--reason", "absent_on_peer")) == [6, 5, 1]
+    assert ids(listed(config, "--reason", "absent_on_peer", "--peer", "me")) == [6, 1]
+    assert ids(listed(config, "--key", "k:2")) == [2]
+    assert listed(config, "--key", "nothing") == []
+
+
+def test_json_rows_carry_what_arrived(config: Path) -> None:
+    (row,) = listed(config, "--key", "k:2")
+    assert row["reason"] == "hash_mismatch: content hash"
+    assert row["raw"] == {"op": "PUT", "key": "k:2", "data": "zz", "hash": "0" * 32}
+
+
+@pytest.mark.parametrize(("row", "value"), [(1, JSON_VALUE), (4, BINARY_VALUE), (5, b"v")])
+def test_a_value_set_aside_comes_back_byte_for_byte(config: Path, row: int, value: bytes) -> None:
+    done = quarantine(config, "--value", str(row))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == value
+
+
+@pytest.mark.parametrize(
+    ("row", "why"),
+    [
+        (6, f"of which the first {QUARANTINE_FIELD_MAX_BYTES} were kept"),
+        (2, "does not match its content hash"),
+        (3, "a delete"),
+    ],
+)
+def test_a_row_without_its_whole_value_says_why_and_writes_nothing(
+    config: Path, row: int, why: str
+) -> None:
+    done = quarantine(config, "--value", str(row))
+    assert done.returncode == 1 and done.stdout == b""
+    assert why in done.stderr.decode()
+
+
+def test_a_missing_row_or_database_is_named_and_nothing_is_created(
+    config: Path, tmp_path: Path
+) -> None:
+    done = quarantine(config, "--value", "99")
+    assert done.returncode == 2 and "no quarantine row 99" in done.stderr.decode()
+    settings = yaml.safe_load(config.read_text())
+    missing = tmp_path / "elsewhere" / "cursors.db"
+    settings["cursor"]["sqlite_path"] = str(missing)
+    config.write_text(yaml.safe_dump(settings))
+    done = quarantine(config)
+    assert done.returncode == 2 and "no such file" in done.stderr.decode()
+    assert not missing.parent.exists()
+
+
+async def test_it_reads_beside_a_running_engine_without_trimming(config: Path) -> None:
+    # The config keeps 2 rows at most: opening the file as the engine does would trim it.
+    settings = yaml.safe_load(await asyncio.to_thread(config.read_text))
+    engine_side = await CursorStore.open(settings["cursor"]["sqlite_path"])
+    try:
+        await engine_side.save("b", "20-0")
+        rows = await asyncio.to_thread(listed, config, "--limit", "100")
+        assert ids(rows) == [6, 5, 4, 3, 2, 1]
+        await engine_side.quarantine_add("b", "21-0", "k:7", "bad_meta", {b"op": b"PUT"})
+        assert ids(await asyncio.to_thread(listed, config, "--limit", "1")) == [7]
+    finally:
+        await engine_side.close()
