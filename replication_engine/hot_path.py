@@ -57,6 +57,22 @@ BUSY_STREAM_PER_SEC = 100.0
 _ENTRY_SIZE_WEIGHT = 0.3
 
 
+def _observe(task: asyncio.Task[Any]) -> None:
+    """Retrieve ``task``'s outcome whenever it ends, for a task that is given up on.
+
+    A task waited for only within a bound (a read that swallowed its cancellation while
+    connecting, an apply that outlasted the shutdown bound) may still fail after the wait, and
+    asyncio then logs "Task exception was never retrieved" with a traceback: noise that looks
+    like a crash in an operator's log, for a failure the tailer already handles by re-reading.
+    """
+    task.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class TailerMode(StrEnum):
     """What a tailer is doing: status "mode", and the metric replication_tailer_mode, which
     publishes every member (so a dashboard sees a mode end as well as begin)."""
@@ -374,8 +390,7 @@ class Tailer:
             # wait() never raises the read's own outcome, but a cancellation of this task
             # still propagates (suppressing BaseException around an await would swallow it).
             await asyncio.wait({ahead.task})
-            if not ahead.task.cancelled():
-                ahead.task.exception()  # retrieved: a read that failed as it was dropped
+            _observe(ahead.task)  # a read that failed as it was dropped
         if committing is None:
             return
         if not committing.done():
@@ -385,8 +400,7 @@ class Tailer:
         if not committing.done():
             committing.cancel()
             await asyncio.wait({committing}, timeout=self.settings.shutdown_timeout_sec)
-        if committing.done() and not committing.cancelled():
-            committing.exception()  # retrieved; a cursor failure already surfaced or will again
+        _observe(committing)  # a cursor failure already surfaced or will again
 
     # ------------------------------------------------------------------------ start position
 
@@ -516,6 +530,7 @@ class Tailer:
                 read.cancel()
                 # Bounded: redis-py can swallow a cancellation while it is connecting.
                 await asyncio.wait({read}, timeout=1.0)
+                _observe(read)  # it may still fail after that, with nobody reading it
         if self._stop.is_set() and not read.done():
             return None
         try:
@@ -808,8 +823,7 @@ class Tailer:
                 except asyncio.CancelledError:
                     if not attempt.done():
                         await asyncio.wait({attempt}, timeout=self.settings.shutdown_timeout_sec)
-                    if attempt.done() and not attempt.cancelled():
-                        attempt.exception()
+                    _observe(attempt)
                     raise
                 if outcome is None:
                     self._retry.reset()
