@@ -22,7 +22,7 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -87,6 +87,18 @@ _META_TABLE = """CREATE TABLE IF NOT EXISTS meta (
         value TEXT NOT NULL,
         updated_ms INTEGER NOT NULL
     )"""
+# Whole payloads of this store's own versions that it dropped or replaced (docs/DELETES.md,
+# "Written off" and "Claims"), beside their quarantine rows, whose fields are cut at
+# QUARANTINE_FIELD_MAX_BYTES: what an operator needs to write such a value again. Bounded in
+# bytes (the newest kept first). Added after schema version 1 like meta: created where missing,
+# ignored by older engines (whose row trims leave values that the next open removes).
+_VALUES_TABLE = """CREATE TABLE IF NOT EXISTS quarantine_values (
+        id INTEGER PRIMARY KEY,
+        size INTEGER NOT NULL,
+        data BLOB NOT NULL
+    )"""
+# Default of cursor.quarantine_max_value_bytes.
+QUARANTINE_MAX_VALUE_BYTES = 256 * 1024 * 1024
 _SCHEMA = (
     """CREATE TABLE cursors (
         peer_id TEXT PRIMARY KEY,
@@ -114,6 +126,7 @@ _SCHEMA = (
         PRIMARY KEY (peer_id, branch)
     ) WITHOUT ROWID""",
     _META_TABLE,
+    _VALUES_TABLE,
 )
 _UPSERT_CURSOR = (
     "INSERT INTO cursors (peer_id, stream_id, updated_ms) VALUES (?, ?, ?) "
@@ -121,6 +134,16 @@ _UPSERT_CURSOR = (
     "stream_id = excluded.stream_id, updated_ms = excluded.updated_ms"
 )
 _QUARANTINE_COLUMNS = "id, peer_id, stream_id, key, reason, raw, at_ms"
+# Values whose quarantine row is gone (rows are trimmed oldest first), then, newest first,
+# whatever goes past `max_bytes` in all (size is stored before data, so the sum never reads a
+# value's overflow pages).
+_TRIM_ORPHAN_VALUES = (
+    "DELETE FROM quarantine_values WHERE id < (SELECT COALESCE(MIN(id), 1 << 62) FROM quarantine)"
+)
+_TRIM_VALUES = (
+    "DELETE FROM quarantine_values WHERE id <= (SELECT id FROM (SELECT id, SUM(size) OVER "
+    "(ORDER BY id DESC) AS kept FROM quarantine_values) WHERE kept > ? ORDER BY id DESC LIMIT 1)"
+)
 # Keeps the newest `max_rows` rows: everything at or below the id just past them goes.
 _TRIM_QUARANTINE = (
     "DELETE FROM quarantine WHERE id <= "
@@ -168,6 +191,9 @@ class QuarantineRecord:
     reason: str
     raw: dict[str, str]
     at_ms: int
+    # The version's whole payload, where it was one of this store's own, kept whole and read
+    # (read_quarantine with row_id): see _VALUES_TABLE.
+    whole: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,13 +387,20 @@ class CursorStore:
     """
 
     def __init__(
-        self, db: aiosqlite.Connection, path: str, *, wal_mode: bool, quarantine_max_rows: int
+        self,
+        db: aiosqlite.Connection,
+        path: str,
+        *,
+        wal_mode: bool,
+        quarantine_max_rows: int,
+        quarantine_max_value_bytes: int = QUARANTINE_MAX_VALUE_BYTES,
     ) -> None:
         # Private: open() prepares the file before handing out a store.
         self._db: aiosqlite.Connection | None = db
         self._lock = asyncio.Lock()
         self._wal_mode = wal_mode
         self._quarantine_max_rows = quarantine_max_rows
+        self._quarantine_max_value_bytes = quarantine_max_value_bytes
         self.path = path
         self.evicted = 0
         # Set on a partition's view (scoped()): appended to every peer id and meta name.
@@ -387,7 +420,12 @@ class CursorStore:
 
     @classmethod
     async def open(
-        cls, path: str | Path, *, wal_mode: bool = True, quarantine_max_rows: int = 10_000
+        cls,
+        path: str | Path,
+        *,
+        wal_mode: bool = True,
+        quarantine_max_rows: int = 10_000,
+        quarantine_max_value_bytes: int = QUARANTINE_MAX_VALUE_BYTES,
     ) -> CursorStore:
         """Open (creating if needed) and check the cursor database.
 
@@ -395,6 +433,8 @@ class CursorStore:
             path: the SQLite file; missing parent directories are created.
             wal_mode: use WAL journaling; open fails if SQLite cannot turn it on.
             quarantine_max_rows: most quarantine rows kept; older ones are dropped.
+            quarantine_max_value_bytes: most bytes of whole values kept beside their rows
+                (``quarantine_add(value=...)``); older ones are dropped, their rows kept.
 
         Raises:
             CursorError: the file cannot be created or opened, is not a SQLite database, fails
@@ -404,6 +444,10 @@ class CursorStore:
         """
         if quarantine_max_rows < 1:
             raise ValueError(f"quarantine_max_rows: must be >= 1, got {quarantine_max_rows}")
+        if quarantine_max_value_bytes < 0:
+            raise ValueError(
+                f"quarantine_max_value_bytes: must be >= 0, got {quarantine_max_value_bytes}"
+            )
         location = str(path)
         if location != ":memory:":
             await asyncio.to_thread(_prepare_location, location)
@@ -413,7 +457,13 @@ class CursorStore:
             raise CursorError(
                 f"cursor database {location}: cannot open: {exc}", path=location
             ) from exc
-        store = cls(db, location, wal_mode=wal_mode, quarantine_max_rows=quarantine_max_rows)
+        store = cls(
+            db,
+            location,
+            wal_mode=wal_mode,
+            quarantine_max_rows=quarantine_max_rows,
+            quarantine_max_value_bytes=quarantine_max_value_bytes,
+        )
         try:
             await store._prepare()
         except BaseException:
@@ -523,6 +573,7 @@ class CursorStore:
         if "meta" not in tables:
             await db.execute(_META_TABLE)
             tables.add("meta")
+        await db.execute(_VALUES_TABLE)
         missing = [table for table in _TABLES if table not in tables]
         if missing:
             raise CursorError(
@@ -536,7 +587,12 @@ class CursorStore:
         async with self._transaction("trim quarantine", None) as db:
             async with db.execute(_TRIM_QUARANTINE, (self._quarantine_max_rows,)) as cursor:
                 dropped = max(cursor.rowcount, 0)
+            await self._trim_values(db)
         self.evicted += dropped
+
+    async def _trim_values(self, db: aiosqlite.Connection) -> None:
+        await db.execute(_TRIM_ORPHAN_VALUES)
+        await db.execute(_TRIM_VALUES, (self._quarantine_max_value_bytes,))
 
     # ----------------------------------------------------------------------------------------
     # Plumbing
@@ -732,11 +788,16 @@ class CursorStore:
         key: str | None,
         reason: str,
         raw: RawFields,
+        *,
+        value: bytes | None = None,
     ) -> int:
         """Keep a rejected entry for inspection, dropping the oldest rows beyond the bound.
 
         Each field of ``raw`` is stored as text (base64 when not printable UTF-8) and cut to
         ``QUARANTINE_FIELD_MAX_BYTES``; the whole entry to ``QUARANTINE_ENTRY_MAX_BYTES``.
+        ``value``, for a version of this store's own that it drops or replaces, is its whole
+        payload (``data`` as stored), kept beside the row within ``quarantine_max_value_bytes``
+        so that the value can be written again whatever its size.
 
         Returns:
             How many of the oldest rows were dropped to make room (each caller counts its own,
@@ -752,13 +813,20 @@ class CursorStore:
         stored_reason = _truncate_utf8(reason, QUARANTINE_TEXT_MAX_BYTES)
         encoded = _encode_raw(raw)
         async with self._transaction("quarantine entry", peer_id) as db:
-            await db.execute(
+            async with db.execute(
                 "INSERT INTO quarantine (peer_id, stream_id, key, reason, raw, at_ms) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (peer_id, stream_id, stored_key, stored_reason, encoded, _now_ms()),
-            )
+            ) as cursor:
+                row_id = cursor.lastrowid
+            if value is not None and len(value) <= self._quarantine_max_value_bytes:
+                await db.execute(
+                    "INSERT INTO quarantine_values (id, size, data) VALUES (?, ?, ?)",
+                    (row_id, len(value), bytes(value)),
+                )
             async with db.execute(_TRIM_QUARANTINE, (self._quarantine_max_rows,)) as cursor:
                 dropped = max(cursor.rowcount, 0)
+            await self._trim_values(db)
         self.evicted += dropped
         log.debug(
             "cursor.quarantine_added",
@@ -972,13 +1040,15 @@ def read_quarantine(
     reason: str | None = None,
     key: str | None = None,
     row_id: int | None = None,
+    values: bool = False,
 ) -> tuple[list[QuarantineRecord], int]:
     """Quarantined entries, newest first, and how many the file keeps in all, for an operator.
 
     Opened read-only, so it runs beside a live engine (WAL lets a reader in while the engine
     writes) and never creates, migrates or trims the file as ``CursorStore.open`` does.
     ``peer_id`` matches the peer's rows in every partition (``<peer>{<partition>}``); ``reason``
-    is a prefix (``absent_on_peer``, ``hash_mismatch``); ``key`` is exact.
+    is a prefix (``absent_on_peer``, ``hash_mismatch``); ``key`` is exact. With ``values``,
+    each record carries its whole value where one is kept (``QuarantineRecord.whole``).
 
     Raises:
         CursorError: no database at ``path``, or it cannot be read.
@@ -1017,11 +1087,22 @@ def read_quarantine(
                 (*params, limit),
             ).fetchall()
             total = int(db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0])
+            whole: dict[int, bytes] = {}
+            has_values = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'quarantine_values'"
+            ).fetchone()
+            for row in rows if values and has_values else ():
+                found = db.execute(
+                    "SELECT data FROM quarantine_values WHERE id = ?", (row[0],)
+                ).fetchone()
+                if found is not None:
+                    whole[int(row[0])] = bytes(found[0])
     except sqlite3.Error as exc:
         raise CursorError(
             f"cursor database {location}: cannot read the quarantine: {exc}", path=location
         ) from exc
-    return [_quarantine_record(row, location) for row in rows], total
+    records = [_quarantine_record(row, location) for row in rows]
+    return [replace(r, whole=whole.get(r.id)) for r in records], total
 
 
 def quarantined_value(record: QuarantineRecord) -> bytes:
@@ -1043,6 +1124,8 @@ def quarantined_value(record: QuarantineRecord) -> bytes:
     if data.startswith(BASE64_PREFIX):
         with contextlib.suppress(ValueError):
             candidates.insert(0, base64.b64decode(data[len(BASE64_PREFIX) :], validate=True))
+    if record.whole is not None:
+        candidates.insert(0, record.whole)
     for payload in candidates:
         try:
             value = decode_payload(payload)
@@ -1054,7 +1137,9 @@ def quarantined_value(record: QuarantineRecord) -> bytes:
     if cut is not None:
         raise CursorError(
             f"{where}: its data was {cut.group(1)} bytes, of which the first "
-            f"{QUARANTINE_FIELD_MAX_BYTES} were kept: the whole value is not in the quarantine"
+            f"{QUARANTINE_FIELD_MAX_BYTES} were kept: the whole value is not in the quarantine "
+            "(whole values are kept only of this node's own versions it dropped or replaced, "
+            "newest first within cursor.quarantine_max_value_bytes)"
         )
     raise CursorError(
         f"{where}: the data kept does not match its content hash {hash_hex[:64]} (the entry "

@@ -266,6 +266,7 @@ class ReplicationEngine:
                 cfg.cursor.sqlite_path,
                 wal_mode=cfg.cursor.wal_mode,
                 quarantine_max_rows=cfg.cursor.quarantine_max_rows,
+                quarantine_max_value_bytes=cfg.cursor.quarantine_max_value_bytes,
             )
         except Exception as exc:
             raise EngineError(f"cursor.sqlite_path: {exc}") from exc

@@ -641,7 +641,9 @@ def quarantine_value(config: EngineConfig, row_id: int, out: Any = None) -> int:
     application wrote it: decompressed and checked against its content hash. Returns 0, 1
     when the row has no whole value, 2 when there is no such row or no database."""
     try:
-        rows, _total = read_quarantine(config.cursor.sqlite_path, limit=1, row_id=row_id)
+        rows, _total = read_quarantine(
+            config.cursor.sqlite_path, limit=1, row_id=row_id, values=True
+        )
     except CursorError as exc:
         print(str(exc), file=sys.stderr)
         return 2

@@ -155,9 +155,15 @@ class Claims(Part):
         self.on_complete(peer.node_id, began)
 
     async def _quarantine(self, version: Change, reason: str) -> None:
-        """Keep a version about to be dropped or replaced, with why, for an operator."""
+        """Keep a version about to be dropped or replaced, with why, for an operator: its
+        payload whole (within cursor.quarantine_max_value_bytes), so it can be written again."""
         evicted = await self.cursors.quarantine_add(
-            self.local.store.node_id, "0-0", version.key, reason, codec.encode_entry(version)
+            self.local.store.node_id,
+            "0-0",
+            version.key,
+            reason,
+            codec.encode_entry(version),
+            value=None if version.tombstone else version.data,
         )
         self.metrics.quarantine_evicted.inc(evicted)
 

@@ -578,6 +578,14 @@ class CursorConfig(_Section):
     )
     wal_mode: bool = Field(default=True, description="Use WAL journaling.")
     quarantine_max_rows: int = Field(default=10_000, ge=1, description="Rejected events kept.")
+    quarantine_max_value_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=0,
+        description=(
+            "Bytes of whole values kept of versions this node drops or replaces (a row keeps "
+            "4 KiB of each field); the newest first, 0 for none."
+        ),
+    )
 
 
 class HttpConfig(_Section):

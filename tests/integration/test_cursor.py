@@ -19,6 +19,7 @@ from replication_engine.cursor import (
     BootstrapState,
     CursorError,
     CursorStore,
+    read_quarantine,
 )
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -538,3 +539,64 @@ async def test_a_partitions_view_keeps_its_own_cursors_bootstraps_and_meta(
     assert (await one.get("b"), await two.get("b")) == (None, "9-1")
     await one.close()
     assert await two.get("b") == "9-1"
+
+
+# ---------------------------------------------------------------------------- whole values
+
+
+def kept_values(path: Path) -> dict[str, bytes | None]:
+    """Each quarantined row's key and the whole value kept beside it (None where none is)."""
+    rows, _total = read_quarantine(path, limit=100, values=True)
+    return {str(row.key): row.whole for row in rows}
+
+
+async def test_whole_values_are_kept_newest_first_within_their_byte_bound(db_path: Path) -> None:
+    store = await CursorStore.open(db_path, quarantine_max_value_bytes=10_000)
+    try:
+        for i in range(3):
+            await store.quarantine_add(
+                "me", "0-0", f"k{i}", "absent_on_peer", {}, value=b"%d" % i * 4000
+            )
+        await store.quarantine_add("b", "1-0", "k3", "bad_meta", {})  # a peer's entry: no value
+        await store.quarantine_add("me", "0-0", "k4", "written_off", {}, value=b"v" * 10_001)
+    finally:
+        await store.close()
+    # k4's value alone is over the bound; k0's would take the kept values past it.
+    assert kept_values(db_path) == {
+        "k4": None,
+        "k3": None,
+        "k2": b"2" * 4000,
+        "k1": b"1" * 4000,
+        "k0": None,
+    }
+
+
+async def test_a_value_goes_with_its_row_and_a_lower_bound_applies_at_open(db_path: Path) -> None:
+    store = await CursorStore.open(db_path, quarantine_max_rows=2)
+    try:
+        for i in range(3):
+            await store.quarantine_add("me", "0-0", f"k{i}", "absent_on_peer", {}, value=b"x" * 100)
+    finally:
+        await store.close()
+    assert kept_values(db_path) == {"k2": b"x" * 100, "k1": b"x" * 100}
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        assert db.execute("SELECT COUNT(*) FROM quarantine_values").fetchone()[0] == 2
+    reopened = await CursorStore.open(db_path, quarantine_max_value_bytes=150)
+    await reopened.close()
+    assert kept_values(db_path) == {"k2": b"x" * 100, "k1": None}
+
+
+async def test_a_file_from_before_whole_values_gains_their_table(db_path: Path) -> None:
+    store = await CursorStore.open(db_path)
+    await store.quarantine_add("b", "1-0", "k", "bad_meta", {b"op": b"PUT"})
+    await store.close()
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        db.execute("DROP TABLE quarantine_values")
+        db.commit()
+    assert kept_values(db_path) == {"k": None}  # read as it is, without the table
+    store = await CursorStore.open(db_path)
+    try:
+        await store.quarantine_add("me", "0-0", "j", "written_off", {}, value=b"whole")
+    finally:
+        await store.close()
+    assert kept_values(db_path) == {"j": b"whole", "k": None}

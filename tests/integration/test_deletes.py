@@ -13,6 +13,7 @@ its origin's stream or through a repair.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -23,6 +24,7 @@ from harness.judge import unexplained_drops
 from replication_engine.clock import wall_clock_ms as clock_ms
 from replication_engine.codec import Change
 from replication_engine.config import EngineConfig
+from replication_engine.cursor import QUARANTINE_FIELD_MAX_BYTES, quarantined_value, read_quarantine
 from replication_engine.knowledge import ALL_WRITES, NodeRecord
 from replication_engine.testing import RedisFactory, async_wait_until
 
@@ -202,8 +204,12 @@ async def test_a_redis_restored_from_a_backup_older_than_a_collection_brings_not
 ) -> None:
     async with deletes_mesh(redis_factory, tmp_path) as mesh:
         workload = Workload(mesh, seed=4, keys=5)
+        # One of them too big for a quarantine row's 4 KiB fields (and incompressible): b keeps
+        # it whole when it drops it, so an operator could still write it again.
+        big = random.Random(4).randbytes(3 * QUARANTINE_FIELD_MAX_BYTES)
         for i in range(5):
-            assert await workload.write("a", f"doomed:{i}", b"deleted after the backup") is not None
+            value = big if i == 4 else b"deleted after the backup"
+            assert await workload.write("a", f"doomed:{i}", value) is not None
         await mesh.wait_converged(SETTLE_S)
         await mesh.backup_redis("b", tmp_path / "backup-b")
         for i in range(5):
@@ -236,6 +242,8 @@ async def test_a_redis_restored_from_a_backup_older_than_a_collection_brings_not
         # The chaos checker reads the same rows back: each drop sits below its key's delete.
         dropped = mesh["b"].dropped_by_absence()
         assert sorted(key for key, _hlc, _origin in dropped) == [f"doomed:{i}" for i in range(5)]
+        (kept,), _total = read_quarantine(mesh["b"].cursor_path, key="doomed:4", values=True)
+        assert quarantined_value(kept) == big
         assert {origin for _key, _hlc, origin in dropped} == {"a"}
         assert unexplained_drops({"b": dropped}, workload.writes) == []
 

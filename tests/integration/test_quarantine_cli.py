@@ -158,3 +158,18 @@ async def test_it_reads_beside_a_running_engine_without_trimming(config: Path) -
         assert ids(await asyncio.to_thread(listed, config, "--limit", "1")) == [7]
     finally:
         await engine_side.close()
+
+
+async def test_a_value_kept_whole_comes_back_whatever_its_size(config: Path) -> None:
+    settings = yaml.safe_load(await asyncio.to_thread(config.read_text))
+    store = await CursorStore.open(settings["cursor"]["sqlite_path"])
+    try:
+        entry = put("big:8", TOO_BIG)  # as the drop of a version of this store's own keeps it
+        await store.quarantine_add(
+            "me", "0-0", "big:8", "absent_on_peer: b", entry, value=entry["data"]
+        )
+    finally:
+        await store.close()
+    done = await asyncio.to_thread(quarantine, config, "--value", "7")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == TOO_BIG
