@@ -192,7 +192,7 @@ class QuarantineRecord:
     raw: dict[str, str]
     at_ms: int
     # The version's whole payload, where it was one of this store's own, kept whole and read
-    # (read_quarantine with row_id): see _VALUES_TABLE.
+    # (read_quarantine(values=True)): see _VALUES_TABLE.
     whole: bytes | None = None
 
 
