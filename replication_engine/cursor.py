@@ -194,6 +194,8 @@ class QuarantineRecord:
     # The version's whole payload, where it was one of this store's own, kept whole and read
     # (read_quarantine(values=True)): see _VALUES_TABLE.
     whole: bytes | None = None
+    # Its size, where one is kept (read_quarantine).
+    kept_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1079,30 +1081,38 @@ def read_quarantine(
         params.append(row_id)
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     uri = f"{Path(location).resolve().as_uri()}?mode=ro"
+    whole: dict[int, bytes] = {}
     try:
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, isolation_level=None)) as db:
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            rows = db.execute(
-                f"SELECT {_QUARANTINE_COLUMNS} FROM quarantine{clause} ORDER BY id DESC LIMIT ?",
-                (*params, limit),
-            ).fetchall()
-            total = int(db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0])
-            whole: dict[int, bytes] = {}
+            db.execute("BEGIN")  # one snapshot for the rows, the count and the values
             has_values = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'quarantine_values'"
             ).fetchone()
-            for row in rows if values and has_values else ():
-                found = db.execute(
-                    "SELECT data FROM quarantine_values WHERE id = ?", (row[0],)
-                ).fetchone()
-                if found is not None:
-                    whole[int(row[0])] = bytes(found[0])
+            size = "(SELECT size FROM quarantine_values v WHERE v.id = quarantine.id)"
+            rows = db.execute(
+                f"SELECT {_QUARANTINE_COLUMNS}, {size if has_values else 'NULL'} "
+                f"FROM quarantine{clause} ORDER BY id DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+            total = int(db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0])
+            for row in rows if values else ():
+                if row[7] is not None:
+                    found = db.execute(
+                        "SELECT data FROM quarantine_values WHERE id = ?", (row[0],)
+                    ).fetchone()
+                    if found is not None:
+                        whole[int(row[0])] = bytes(found[0])
+            db.execute("ROLLBACK")
     except sqlite3.Error as exc:
         raise CursorError(
             f"cursor database {location}: cannot read the quarantine: {exc}", path=location
         ) from exc
     records = [_quarantine_record(row, location) for row in rows]
-    return [replace(r, whole=whole.get(r.id)) for r in records], total
+    return [
+        replace(r, whole=whole.get(r.id), kept_bytes=row[7])
+        for r, row in zip(records, rows, strict=True)
+    ], total
 
 
 def quarantined_value(record: QuarantineRecord) -> bytes:

@@ -616,6 +616,8 @@ def quarantine(
     print(f"{'id':>6}  {'at (UTC)':19}  {'peer':12}  {'stream id':24}  key / reason", file=out)
     for row in rows:
         reason_text = row.reason if len(row.reason) <= REASON_WIDTH else row.reason[:57] + "..."
+        if row.kept_bytes is not None:
+            reason_text += f"  [value kept whole, {row.kept_bytes:,} bytes]"
         print(
             f"{row.id:>6}  {_utc(row.at_ms)}  {row.peer_id:12}  {row.stream_id:24}  "
             f"{row.key if row.key is not None else '(key unreadable)'}\n"
@@ -675,4 +677,5 @@ def _quarantine_json(row: QuarantineRecord) -> dict[str, Any]:
         "key": row.key,
         "reason": row.reason,
         "raw": row.raw,
+        "value_kept_bytes": row.kept_bytes,
     }

@@ -173,3 +173,8 @@ async def test_a_value_kept_whole_comes_back_whatever_its_size(config: Path) -> 
     done = await asyncio.to_thread(quarantine, config, "--value", "7")
     assert done.returncode == 0, done.stderr
     assert done.stdout == TOO_BIG
+    row, *others = await asyncio.to_thread(listed, config)
+    assert (row["id"], row["value_kept_bytes"]) == (7, len(entry["data"]))
+    assert [r["value_kept_bytes"] for r in others] == [None] * 6
+    table = await asyncio.to_thread(quarantine, config, "--limit", "1")
+    assert f"[value kept whole, {len(entry['data']):,} bytes]" in table.stdout.decode()
