@@ -174,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
         help="what this node set aside: rejected entries and values dropped or written off",
         description="Reads the cursor database (cursor.sqlite_path) read-only, beside a "
         "running sidecar or without one. Exit status: 0, 1 when --value finds no whole value "
-        "in the row, 2 when there is no such row or the database cannot be read.",
+        "in the row, 2 when there is no such row, the database cannot be read, or --value "
+        "would write binary data to a terminal.",
     )
     quarantine.add_argument("--config", required=True, help="this node's config file")
     quarantine.add_argument("--limit", type=_positive_int, default=20, help="rows (default 20)")

@@ -615,12 +615,14 @@ def quarantine(
         return 0
     print(f"{'id':>6}  {'at (UTC)':19}  {'peer':12}  {'stream id':24}  key / reason", file=out)
     for row in rows:
-        reason_text = row.reason if len(row.reason) <= REASON_WIDTH else row.reason[:57] + "..."
+        reason_text = _shown(row.reason)
+        if len(reason_text) > REASON_WIDTH:
+            reason_text = reason_text[: REASON_WIDTH - 3] + "..."
         if row.kept_bytes is not None:
             reason_text += f"  [value kept whole, {row.kept_bytes:,} bytes]"
+        key_text = _shown(row.key) if row.key is not None else "(key unreadable)"
         print(
-            f"{row.id:>6}  {_utc(row.at_ms)}  {row.peer_id:12}  {row.stream_id:24}  "
-            f"{row.key if row.key is not None else '(key unreadable)'}\n"
+            f"{row.id:>6}  {_utc(row.at_ms)}  {row.peer_id:12}  {row.stream_id:24}  {key_text}\n"
             f"{'':>6}  {reason_text}",
             file=out,
         )
@@ -641,7 +643,8 @@ def quarantine(
 def quarantine_value(config: EngineConfig, row_id: int, out: Any = None) -> int:
     """Write the value quarantine row ``row_id`` carried to ``out`` (stdout's bytes), as the
     application wrote it: decompressed and checked against its content hash. Returns 0, 1
-    when the row has no whole value, 2 when there is no such row or no database."""
+    when the row has no whole value, 2 when there is no such row or no database, or when the
+    value is binary and stdout a terminal."""
     try:
         rows, _total = read_quarantine(
             config.cursor.sqlite_path, limit=1, row_id=row_id, values=True
@@ -657,10 +660,33 @@ def quarantine_value(config: EngineConfig, row_id: int, out: Any = None) -> int:
     except CursorError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    if out is None and sys.stdout.isatty() and not _printable(value):
+        print(
+            f"quarantine row {row_id}: its value is {len(value):,} bytes that are not text; "
+            "send them to a file (... --value ID > value.bin) rather than to this terminal",
+            file=sys.stderr,
+        )
+        return 2
     sink = out if out is not None else sys.stdout.buffer
     sink.write(value)
     sink.flush()
     return 0
+
+
+def _printable(value: bytes) -> bool:
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(ch.isprintable() or ch in "\t\n\r" for ch in text)
+
+
+def _shown(text: str) -> str:
+    """Text from a peer (a key) as it may be printed on a terminal: control characters, which
+    could move the cursor or rewrite what the operator sees, are shown escaped."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
 
 
 def _utc(at_ms: int) -> str:

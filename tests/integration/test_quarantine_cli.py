@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
 import random
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from replication_engine.codec import Change
 from replication_engine.cursor import QUARANTINE_FIELD_MAX_BYTES, CursorStore
 
 COMMAND_TIMEOUT_S = 60.0
+CLI = (sys.executable, "-m", "replication_engine", "quarantine")
 # Compressible JSON, which the stream carries zstd-compressed; binary that stays raw.
 JSON_VALUE = json.dumps({"name": "ada", "bio": "x" * 6000}).encode()
 BINARY_VALUE = random.Random(3).randbytes(3000)
@@ -67,7 +70,7 @@ async def config(tmp_path: Path) -> Path:
 
 def quarantine(config: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "replication_engine", "quarantine", "--config", str(config), *args],
+        [*CLI, "--config", str(config), *args],
         capture_output=True,
         timeout=COMMAND_TIMEOUT_S,
         check=False,
@@ -178,3 +181,38 @@ async def test_a_value_kept_whole_comes_back_whatever_its_size(config: Path) -> 
     assert [r["value_kept_bytes"] for r in others] == [None] * 6
     table = await asyncio.to_thread(quarantine, config, "--limit", "1")
     assert f"[value kept whole, {len(entry['data']):,} bytes]" in table.stdout.decode()
+
+
+async def test_what_a_peer_sent_cannot_write_control_characters_to_the_terminal(
+    config: Path,
+) -> None:
+    settings = yaml.safe_load(await asyncio.to_thread(config.read_text))
+    store = await CursorStore.open(settings["cursor"]["sqlite_path"])
+    try:
+        hostile = "k\x1b[2J\x1b]0;owned\x07"
+        await store.quarantine_add("b", "30-0", hostile, "bad_meta", {b"key": hostile.encode()})
+    finally:
+        await store.close()
+    done = await asyncio.to_thread(quarantine, config, "--limit", "1")
+    assert done.returncode == 0, done.stderr
+    assert b"\x1b" not in done.stdout and b"\x07" not in done.stdout
+    assert "k\\x1b[2J\\x1b]0;owned\\x07" in done.stdout.decode()
+
+
+@pytest.mark.parametrize(("row", "code"), [(4, 2), (1, 0)])
+def test_a_binary_value_is_not_written_to_a_terminal(config: Path, row: int, code: int) -> None:
+    primary, secondary = pty.openpty()
+    try:
+        done = subprocess.run(
+            [*CLI, "--config", str(config), "--value", str(row)],
+            stdout=secondary,
+            stderr=subprocess.PIPE,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
+        )
+    finally:
+        os.close(secondary)
+        os.close(primary)
+    assert done.returncode == code, done.stderr
+    if code:
+        assert b"not text" in done.stderr and b"> value.bin" in done.stderr
