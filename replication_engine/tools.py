@@ -611,7 +611,7 @@ def quarantine(
         return 2
     if as_json:
         for row in rows:
-            print(json.dumps(_quarantine_json(row), ensure_ascii=False), file=out)
+            print(json.dumps(_quarantine_json(row)), file=out)  # ASCII: escapes reach no terminal
         return 0
     print(f"{'id':>6}  {'at (UTC)':19}  {'peer':12}  {'stream id':24}  key / reason", file=out)
     for row in rows:
