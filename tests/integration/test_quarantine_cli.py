@@ -189,14 +189,18 @@ async def test_what_a_peer_sent_cannot_write_control_characters_to_the_terminal(
     settings = yaml.safe_load(await asyncio.to_thread(config.read_text))
     store = await CursorStore.open(settings["cursor"]["sqlite_path"])
     try:
-        hostile = "k\x1b[2J\x1b]0;owned\x07"
+        hostile = "k\x1b[2J\x1b]0;owned\x07\x9b31m"  # C0 escapes, then a C1 CSI
         await store.quarantine_add("b", "30-0", hostile, "bad_meta", {b"key": hostile.encode()})
     finally:
         await store.close()
     done = await asyncio.to_thread(quarantine, config, "--limit", "1")
     assert done.returncode == 0, done.stderr
     assert b"\x1b" not in done.stdout and b"\x07" not in done.stdout
-    assert "k\\x1b[2J\\x1b]0;owned\\x07" in done.stdout.decode()
+    assert "\x9b" not in done.stdout.decode()
+    assert "k\\x1b[2J\\x1b]0;owned\\x07\\x9b31m" in done.stdout.decode()
+    as_json = await asyncio.to_thread(quarantine, config, "--limit", "1", "--json")
+    assert as_json.stdout.isascii() and b"\\u001b" in as_json.stdout
+    assert json.loads(as_json.stdout)["key"] == hostile
 
 
 @pytest.mark.parametrize(("row", "code"), [(4, 2), (1, 0)])
