@@ -14,9 +14,10 @@ from replication_engine import hot_path
 from replication_engine.peer import PeerUnavailable
 
 
-async def _read_that_swallows_its_cancel(release: asyncio.Event) -> None:
+async def _read_that_swallows_its_cancel(started: asyncio.Event, release: asyncio.Event) -> None:
+    started.set()
     try:
-        await asyncio.sleep(60)
+        await asyncio.Event().wait()  # a reply that never comes
     except asyncio.CancelledError:
         pass  # as redis-py may while connecting
     await release.wait()
@@ -27,17 +28,17 @@ async def _read_that_swallows_its_cancel(release: asyncio.Event) -> None:
 async def test_a_read_failing_after_it_was_given_up_on_is_retrieved(
     caplog: pytest.LogCaptureFixture, observed: bool
 ) -> None:
-    release = asyncio.Event()
-    task = asyncio.create_task(_read_that_swallows_its_cancel(release))
-    await asyncio.sleep(0)
+    started, release = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(_read_that_swallows_its_cancel(started, release))
+    await started.wait()  # the cancel lands inside the read, not before it starts
     task.cancel()
     await asyncio.wait({task}, timeout=0.05)  # the tailer's bounded wait
     assert not task.done(), "the read outlived the bound, as in the chaos run"
     if observed:
         hot_path._observe(task)
     release.set()
+    # The task's done callbacks run in the order they were added: _observe's before wait's.
     await asyncio.wait({task})
-    await asyncio.sleep(0)  # the done callbacks run
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         del task
         gc.collect()
