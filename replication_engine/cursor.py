@@ -38,6 +38,7 @@ __all__ = [
     "CursorStore",
     "QuarantineRecord",
     "RawFields",
+    "printable_text",
     "quarantined_value",
     "read_quarantine",
 ]
@@ -256,6 +257,12 @@ def _field_text(value: object, limit: int) -> str:
     if len(data) > limit:
         text += f" ...[truncated, {len(data)} bytes]"
     return text
+
+
+def printable_text(data: bytes) -> str | None:
+    """``data`` as text when it is printable UTF-8 (tabs and line breaks allowed), else None:
+    what the quarantine stores as is rather than in base64, and what may go to a terminal."""
+    return _printable_utf8(data, truncated=False)
 
 
 def _printable_utf8(data: bytes, *, truncated: bool) -> str | None:

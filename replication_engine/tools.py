@@ -26,6 +26,7 @@ from replication_engine.cursor import (
     CursorError,
     CursorStore,
     QuarantineRecord,
+    printable_text,
     quarantined_value,
     read_quarantine,
 )
@@ -660,7 +661,7 @@ def quarantine_value(config: EngineConfig, row_id: int, out: Any = None) -> int:
     except CursorError as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    if out is None and sys.stdout.isatty() and not _printable(value):
+    if out is None and sys.stdout.isatty() and printable_text(value) is None:
         print(
             f"quarantine row {row_id}: its value is {len(value):,} bytes that are not text; "
             "send them to a file (... --value ID > value.bin) rather than to this terminal",
@@ -671,14 +672,6 @@ def quarantine_value(config: EngineConfig, row_id: int, out: Any = None) -> int:
     sink.write(value)
     sink.flush()
     return 0
-
-
-def _printable(value: bytes) -> bool:
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return all(ch.isprintable() or ch in "\t\n\r" for ch in text)
 
 
 def _shown(text: str) -> str:
