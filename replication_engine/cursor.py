@@ -596,12 +596,16 @@ class CursorStore:
         async with self._transaction("trim quarantine", None) as db:
             async with db.execute(_TRIM_QUARANTINE, (self._quarantine_max_rows,)) as cursor:
                 dropped = max(cursor.rowcount, 0)
-            await self._trim_values(db)
+            await self._trim_values(db, orphans=True, bytes_bound=True)
         self.evicted += dropped
 
-    async def _trim_values(self, db: aiosqlite.Connection) -> None:
-        await db.execute(_TRIM_ORPHAN_VALUES)
-        await db.execute(_TRIM_VALUES, (self._quarantine_max_value_bytes,))
+    async def _trim_values(
+        self, db: aiosqlite.Connection, *, orphans: bool, bytes_bound: bool
+    ) -> None:
+        if orphans:
+            await db.execute(_TRIM_ORPHAN_VALUES)
+        if bytes_bound:
+            await db.execute(_TRIM_VALUES, (self._quarantine_max_value_bytes,))
 
     # ----------------------------------------------------------------------------------------
     # Plumbing
@@ -828,14 +832,18 @@ class CursorStore:
                 (peer_id, stream_id, stored_key, stored_reason, encoded, _now_ms()),
             ) as cursor:
                 row_id = cursor.lastrowid
+            kept = False
             if value is not None and len(value) <= self._quarantine_max_value_bytes:
+                kept = True
                 await db.execute(
                     "INSERT INTO quarantine_values (id, size, data) VALUES (?, ?, ?)",
                     (row_id, len(value), bytes(value)),
                 )
             async with db.execute(_TRIM_QUARANTINE, (self._quarantine_max_rows,)) as cursor:
                 dropped = max(cursor.rowcount, 0)
-            await self._trim_values(db)
+            # Only a dropped row can leave a value behind, and only a new value can pass the
+            # byte bound: a peer's rejected entry costs no pass over the values.
+            await self._trim_values(db, orphans=dropped > 0, bytes_bound=kept)
         self.evicted += dropped
         log.debug(
             "cursor.quarantine_added",
