@@ -525,6 +525,9 @@ class Tailer:
         try:
             racing: set[asyncio.Future[Any]] = {read, self._stopping()}
             await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            _observe(read)  # this task is cancelled: nobody reads the read's outcome, done or not
+            raise
         finally:
             if not read.done():  # stopping: nothing is in hand yet, so dropping the read is safe
                 read.cancel()
