@@ -728,7 +728,8 @@ class Tailer:
         for n, (raw_id, fields) in enumerate(entries):
             if n and n % _DECODE_SLICE == 0:
                 await asyncio.sleep(0)
-            size += sum(len(k) + len(v) for k, v in fields.items()) if fields else 0
+            if fields:  # len() mapped in C: a generator here cost more than the rest of a step
+                size += sum(map(len, fields)) + sum(map(len, fields.values()))
             try:
                 sid = codec.parse_stream_id(raw_id)
             except CodecError:  # ids come from Redis itself; keep the cursor where it was

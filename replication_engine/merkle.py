@@ -17,6 +17,7 @@ comparison found; the walkers only read.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -204,9 +205,25 @@ class Geometry:
 
 def leaf_digest(key: str, hlc: int, content_hash: str, tombstone: bool) -> str:
     """128-bit digest of one key's version; key is length-prefixed so no two inputs collide."""
+    return _leaf_bytes(key, hlc, content_hash, tombstone).hex()
+
+
+def leaf_digest_words(
+    key: str, hlc: int, content_hash: str, tombstone: bool
+) -> tuple[str, int, int, int, int]:
+    """:func:`leaf_digest` and the same 128 bits as four big-endian 32-bit words, the form in
+    which the store's scripts XOR digests into the tree (the apply path sends both)."""
+    raw = _leaf_bytes(key, hlc, content_hash, tombstone)
+    return (raw.hex(), *_WORDS.unpack(raw))
+
+
+_WORDS = struct.Struct(">IIII")
+
+
+def _leaf_bytes(key: str, hlc: int, content_hash: str, tombstone: bool) -> bytes:
     raw = key.encode("utf-8")
     text = b"%d:%s|%016x|%d|%s" % (len(raw), raw, hlc, 1 if tombstone else 0, content_hash.encode())
-    return hashlib.sha1(text).hexdigest()[:DIGEST_HEX]
+    return hashlib.sha1(text).digest()[:DIGEST_BYTES]
 
 
 def xor_hex(a: str, b: str) -> str:

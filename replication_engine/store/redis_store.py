@@ -53,7 +53,13 @@ from replication_engine.connection import (
 )
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import ApplyStatus, NodeRecord, hlc_hex
-from replication_engine.merkle import DrillPlan, FormatError, Geometry, GeometryError, leaf_digest
+from replication_engine.merkle import (
+    DrillPlan,
+    FormatError,
+    Geometry,
+    GeometryError,
+    leaf_digest_words,
+)
 from replication_engine.observability.tracing import current_trace_parent
 from replication_engine.redaction import redact_url
 from replication_engine.store import functions
@@ -692,11 +698,13 @@ class RedisStore:
         accepted: list[int] = []
         newest = 0
         for i, c in enumerate(changes):
-            if clock.physical_ms(c.hlc) > future:
+            hlc = c.hlc
+            if hlc >> clock.COUNTER_BITS > future:
                 continue
+            if not 0 <= hlc <= clock.MAX_HLC:
+                raise ValueError(f"HLC out of range: {hlc}")
             accepted.append(i)
-            digest = leaf_digest(c.key, c.hlc, c.content_hash, c.tombstone)
-            n = int(digest, 16)
+            digest, w1, w2, w3, w4 = leaf_digest_words(c.key, hlc, c.content_hash, c.tombstone)
             items.append(
                 [
                     c.key,
@@ -704,24 +712,25 @@ class RedisStore:
                     "1" if c.tombstone else "0",
                     c.data,
                     c.content_hash,
-                    clock.to_hex(c.hlc),
+                    f"{hlc:016x}",
                     c.origin,
                     c.content_type,
                     str(c.version),
                     str(c.updated_at),
                     c.trace_parent or "",
                     digest,
-                    n >> 96,
-                    (n >> 64) & 0xFFFFFFFF,
-                    (n >> 32) & 0xFFFFFFFF,
-                    n & 0xFFFFFFFF,
+                    w1,
+                    w2,
+                    w3,
+                    w4,
                     codec.encode_meta(c) if relay else b"",
                 ]
             )
             if replaces and i in replaces:
                 held_hlc, held_origin = replaces[i]
                 items[-1] += [clock.to_hex(held_hlc), held_origin]
-            newest = max(newest, c.hlc)
+            if hlc > newest:
+                newest = hlc
         chunks = [(start, end, _pack(items[start:end])) for start, end in self._chunk(items)]
         return PreparedApply(len(changes), accepted, newest, items, chunks, relay)
 

@@ -11,10 +11,11 @@ import hashlib
 import json
 from typing import Any
 
+import zstandard
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from replication_engine import clock
+from replication_engine import clock, codec
 from replication_engine.codec import (
     ZSTD_MAGIC,
     Change,
@@ -84,6 +85,58 @@ def test_entry_round_trip(change: Change, sid: StreamId) -> None:
 def test_encoded_meta_is_the_meta_as_json(change: Change, origin: str, content_type: str) -> None:
     change.origin, change.content_type = origin, content_type  # any text, quotes and all
     assert json.loads(encode_meta(change)) == change.meta()
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> bytes:
+    """zstd frames as a peer might send them: whole, cut, with a byte changed, padded, doubled,
+    with or without a checksum and a declared size."""
+    repeated = st.binary(min_size=1, max_size=8).map(lambda b: b * 300)
+    value = draw(st.binary(max_size=2000) | repeated)
+    frame = zstandard.ZstdCompressor(
+        level=draw(st.integers(1, 6)),
+        write_checksum=draw(st.booleans()),
+        write_content_size=draw(st.booleans()),
+    ).compress(value)
+    at = draw(st.integers(0, len(frame) - 1))
+    mutation = draw(st.sampled_from(["none", "cut", "flip", "pad", "double"]))
+    if mutation == "cut":
+        return frame[:at]
+    if mutation == "flip":
+        return frame[:at] + bytes([frame[at] ^ draw(st.integers(1, 255))]) + frame[at + 1 :]
+    if mutation == "pad":
+        return frame + draw(st.binary(min_size=1, max_size=8))
+    return frame + frame if mutation == "double" else frame
+
+
+def _outcome(decode: Any) -> bytes | str:
+    try:
+        return bytes(decode())
+    except CodecError as exc:
+        assert exc.reason in ("bad_zstd", "too_large"), exc.reason
+        return "refused"
+
+
+@given(frames(), st.integers(0, 3000))
+@settings(max_examples=400)
+def test_one_call_inflation_accepts_exactly_what_feeding_the_frame_accepts(
+    frame: bytes, limit: int
+) -> None:
+    """A frame with a declared size is inflated in one call; fed to a streaming decoder, as
+    decode_payload did before, it must give the same value or be refused too."""
+    assume(frame[:4] == ZSTD_MAGIC)
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
+        reference: bytes | str = "refused"  # no readable header
+    else:
+        step = len(frame) if declared >= 0 else 16  # as decode_payload fed frames before
+        reference = (
+            "refused"
+            if declared > limit
+            else _outcome(lambda: codec._inflate_stepwise(frame, step, limit, declared))
+        )
+    assert _outcome(lambda: decode_payload(frame, limit)) == reference
 
 
 @given(values)

@@ -21,6 +21,7 @@ from replication_engine.merkle import (
     diff_children,
     diff_leaf,
     leaf_digest,
+    leaf_digest_words,
 )
 
 
@@ -168,3 +169,20 @@ def test_planner_finds_exactly_the_keys_to_fetch(
     assert len(fetched) == len(set(fetched))  # no key is fetched twice
     assert set(fetched) == expected
     assert (local.root == remote.root) == (local_digests == remote_digests)
+
+
+@given(
+    st.text(min_size=1, max_size=40),
+    st.integers(0, (1 << 64) - 1),
+    st.text(alphabet="0123456789abcdef", min_size=32, max_size=32),
+    st.booleans(),
+)
+def test_leaf_digest_words_are_the_digest_cut_in_four(
+    key: str, hlc: int, content_hash: str, tombstone: bool
+) -> None:
+    """The apply path sends a leaf's digest twice, as hex and as the four 32-bit words the
+    scripts XOR; a word that disagreed with the hex would move a tree off its items."""
+    digest, *words = leaf_digest_words(key, hlc, content_hash, tombstone)
+    assert digest == leaf_digest(key, hlc, content_hash, tombstone)
+    assert len(digest) == 32
+    assert words == [int(digest[i : i + 8], 16) for i in range(0, 32, 8)]
