@@ -96,17 +96,8 @@ def _record(raw: Any) -> NodeRecord | None:
 
 
 def _entries(raw: Any) -> list[Entry]:
-    """``XRANGE``'s entries, each as redis-py gives them: (id, fields as a dict).
-
-    A RESP2 entry's fields (a flat list of an even length) are paired by slicing, in C: every
-    entry a tailer reads comes through here, and a call per entry cost more than the pairing.
-    """
-    return [
-        (entry_id, dict(zip(fields[::2], fields[1::2], strict=True)))
-        if type(fields) is list and not len(fields) & 1
-        else (entry_id, _pairs(fields))
-        for entry_id, fields in raw or ()
-    ]
+    """``XRANGE``'s entries, each as redis-py gives them: (id, fields as a dict)."""
+    return [(entry_id, _pairs(fields)) for entry_id, fields in raw or ()]
 
 
 def parse_stream_info(raw: Any) -> StreamInfo:
