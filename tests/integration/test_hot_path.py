@@ -1025,10 +1025,15 @@ async def test_reads_at_the_head_are_spaced_by_the_min_read_interval(
         for i in range(writes):
             await mesh["b"].store.put(f"trickle:{i}", b"v")
             await asyncio.sleep(0.01)  # sync-ok: the workload is a steady trickle
+        # Applied, or found already there: on Redis 6.2 (no entries-added count) a stream that
+        # did not exist when a tailer started reads as a possible gap at its first entry, and
+        # the repair that asks for can copy some of the trickle before the tailer applies it.
         await async_wait_until(
-            lambda: all(mesh[n].total("applied") >= writes for n in tailers),
+            lambda: all(
+                mesh[n].total("applied") + mesh[n].total("deduped") >= writes for n in tailers
+            ),
             timeout=RECOVERY_TIMEOUT_S,
-            message="both nodes applied the trickle",
+            message="both nodes read and applied the trickle",
         )
         elapsed = time.monotonic() - started
         batches = {n: t.stats.batches - before[n] for n, t in tailers.items()}
