@@ -19,8 +19,11 @@ from replication_engine.scrub import UNREADABLE_REASON
 from replication_engine.testing import RedisFactory, async_wait_until
 
 SETTLE_S = 20.0
-# A fast scrub: every subtree of these small stores each tick.
-SCRUB = {"settings": {"scrub": {"interval_sec": 0.05, "payload_items_per_sec": 1_000_000}}}
+# A fast scrub: every subtree of these small stores each tick (an empty subtree counts as one
+# item: 1,000 a tick covers the 256 of the default geometry and the items of these stores).
+# A budget in the millions made a tick of a near-empty store tens of thousands of calls, and
+# the stray scan, one page a tick after them, could take longer than a test waits.
+SCRUB = {"settings": {"scrub": {"interval_sec": 0.05, "payload_items_per_sec": 20_000}}}
 NO_SCRUB = {"settings": {"scrub": {"payload_items_per_sec": 0, "stray_scan": False}}}
 
 
