@@ -124,14 +124,15 @@ def process_cpu(pid: int) -> float:
 
 async def sidecar_catch_up(
     peer_url: str, local_url: str, tail: StreamId, workdir: Path
-) -> tuple[float, int, dict[str, float]]:
+) -> tuple[float, int, dict[str, float], dict[str, tuple[float, int]]]:
     """Seconds from spawning the sidecar until its store has applied ``tail``; its exit code
     after SIGTERM (0 for a clean drain); the CPU seconds the sidecar, the local Redis and the
-    peer's Redis spent meanwhile."""
+    peer's Redis spent meanwhile; the local Redis's seconds and calls per command."""
     config = sidecar_config(local_url, peer_url, workdir)
     log = (workdir / f"{config.stem}.log").open("wb")
     local, peer = Redis.from_url(local_url), Redis.from_url(peer_url)
     redis_before = {"local": await redis_cpu(local), "peer": await redis_cpu(peer)}
+    await local.config_resetstat()  # commandstats from here: the sidecar's calls only
     started = time.perf_counter()
     child = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -151,6 +152,7 @@ async def sidecar_catch_up(
                 cpu = {"sidecar": process_cpu(child.pid)}
                 for name, redis in (("local", local), ("peer", peer)):
                     cpu[name] = await redis_cpu(redis) - redis_before[name]
+                commands = await command_seconds(local)
                 break
             if child.returncode is not None:
                 raise RuntimeError(f"the sidecar exited with {child.returncode}; see {log.name}")
@@ -166,7 +168,30 @@ async def sidecar_catch_up(
         await local.aclose()
         await peer.aclose()
         log.close()
-    return elapsed, code, cpu
+    return elapsed, code, cpu, commands
+
+
+async def command_seconds(redis: Redis) -> dict[str, tuple[float, int]]:
+    """Seconds and calls per command since the last ``CONFIG RESETSTAT``, from commandstats."""
+    stats = await redis.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): (int(fields["usec"]) / 1e6, int(fields["calls"]))
+        for name, fields in stats.items()
+    }
+
+
+def describe_commands(commands: dict[str, tuple[float, int]], events: int) -> str:
+    """The local Redis's time by command, the apply script's per event and per call."""
+    script_s, calls = commands.get("evalsha", (0.0, 0))
+    rest = sorted(
+        ((s, name) for name, (s, _) in commands.items() if name != "evalsha"), reverse=True
+    )
+    others = ", ".join(f"{name} {s * 1e3:.0f} ms" for s, name in rest[:4])
+    per_call = script_s / calls * 1e3 if calls else 0.0
+    return (
+        f"apply script {script_s:.2f} s in {calls:,} calls ({script_s / events * 1e6:.1f} us "
+        f"per event, {per_call:.1f} ms per call); besides: {others or 'nothing'}"
+    )
 
 
 async def run(backlog: int, repeat: int, workdir: Path) -> None:
@@ -183,7 +208,9 @@ async def run(backlog: int, repeat: int, workdir: Path) -> None:
         for i in range(repeat):
             with servers(3, workdir) as (before, local, after):
                 base_before = await baseline_catch_up(peer.url, before.url, tail)
-                seconds, code, cpu = await sidecar_catch_up(peer.url, local.url, tail, workdir)
+                seconds, code, cpu, commands = await sidecar_catch_up(
+                    peer.url, local.url, tail, workdir
+                )
                 base_after = await baseline_catch_up(peer.url, after.url, tail)
             base_rate = backlog / ((base_before + base_after) / 2)
             rate = backlog / seconds
@@ -195,7 +222,8 @@ async def run(backlog: int, repeat: int, workdir: Path) -> None:
                 f"{base_after:.2f} s after); sidecar {rate:,.0f} events/s ({seconds:.2f} s from "
                 f"spawn, exit {code}); ratio {rate / base_rate:.2f} (target >= 0.9)\n"
                 f"    CPU meanwhile: sidecar {cpu['sidecar']:.2f} s, local redis "
-                f"{cpu['local']:.2f} s, peer redis {cpu['peer']:.2f} s"
+                f"{cpu['local']:.2f} s, peer redis {cpu['peer']:.2f} s\n"
+                f"    local redis: {describe_commands(commands, backlog)}"
             )
     print(
         f"  ratio median {statistics.median(ratios):.2f} (range {min(ratios):.2f}-"
