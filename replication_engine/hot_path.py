@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any
 
 import pybreaker
@@ -55,6 +55,18 @@ CURSOR_SAVE_EVERY_SEC = 1.0
 BUSY_STREAM_PER_SEC = 100.0
 # Weight of the newest batch in the running mean of entry sizes that bounds reads in bytes.
 _ENTRY_SIZE_WEIGHT = 0.3
+
+
+class _Outcome(Enum):
+    """How an attempt at a commit behind another ended, besides applied or failed."""
+
+    BEHIND_STOPPED = "the commit before stopped with its batch unapplied"
+    OUT_OF_TURN = "the store had not applied the batch before: send this one again"
+
+
+def _committed(task: asyncio.Task[bool]) -> bool:
+    """Whether a finished commit task applied its batch and saved its cursor."""
+    return not task.cancelled() and task.exception() is None and task.result()
 
 
 def _observe(task: asyncio.Task[Any]) -> None:
@@ -275,6 +287,7 @@ class Tailer:
         self._last_read_had_entries = False
         self._saved: StreamId | None = None  # the cursor in the database, as last read or saved
         self._saved_at = 0.0  # when (monotonic)
+        self._committed_at = 0.0  # when the last commit finished (perf_counter)
         self.tail: StreamId | None = None
         self.lag_ms: int | None = None  # unknown until the first read answers
         self.lag_events: int | None = None
@@ -328,8 +341,11 @@ class Tailer:
 
         While catching up, the work is a three-stage pipeline over two servers and this
         process: batch N+1 is read from the peer and decoded here while batch N is applied by
-        the local Redis. Commits stay strictly in stream order (one in flight at a time), so the
-        saved cursor only ever covers applied batches. At the head of the stream each batch is
+        the local Redis. Batch N+1's apply is sent as soon as it is decoded, behind batch N's
+        if that is still running, so the local Redis goes from one to the next without waiting
+        for this process to take N's reply; the store applies it only if N was applied (mode
+        ``n``, see ``_may_pipeline``). Commits finish strictly in stream order, so the saved
+        cursor only ever covers applied batches. At the head of the stream each batch is
         committed before the next read, which then starts where it ended.
         """
         try:
@@ -339,13 +355,11 @@ class Tailer:
                     return
                 self.cursor = cursor
             ahead: _Read | None = None
-            committing: asyncio.Task[bool] | None = None
+            committing: list[asyncio.Task[bool]] = []  # in stream order, at most two
             try:
                 while not self._stop.is_set():
-                    if ahead is None and committing is not None:
-                        finished, committing = committing, None
-                        if not await finished:
-                            break
+                    if ahead is None and not await self._finish(committing, keep=0):
+                        break
                     read = await self._read(ahead)
                     ahead = None
                     if read is None:
@@ -365,15 +379,18 @@ class Tailer:
                             count,
                         )
                     prepared = await self._prepare(record, info, entries, requested)
-                    if committing is not None:
-                        finished, committing = committing, None
-                        if not await finished:
-                            break  # stopping with the previous batch unapplied: re-read later
+                    pipelined = full and prepared is not None and self._may_pipeline(prepared[3])
+                    if not await self._finish(committing, keep=1 if pipelined else 0):
+                        break  # stopping with an earlier batch unapplied: re-read later
                     if prepared is not None:
                         if full:
-                            committing = asyncio.create_task(
-                                self._commit_prepared(*prepared),
-                                name=f"tailer[{self._peer_id}].commit",
+                            committing.append(
+                                asyncio.create_task(
+                                    self._commit_prepared(
+                                        *prepared, behind=committing[-1] if committing else None
+                                    ),
+                                    name=f"tailer[{self._peer_id}].commit",
+                                )
                             )
                         else:
                             await self._commit_prepared(*prepared)
@@ -383,24 +400,51 @@ class Tailer:
         finally:
             self.mode = TailerMode.STOPPED
 
-    async def _settle(self, ahead: _Read | None, committing: asyncio.Task[bool] | None) -> None:
-        """On the way out: drop the read in flight, let the commit in flight finish (bounded)."""
+    @staticmethod
+    async def _finish(committing: list[asyncio.Task[bool]], *, keep: int) -> bool:
+        """Wait for the oldest commits until ``keep`` are left in flight; False when one
+        stopped with its batch unapplied (so none after it saved its cursor either)."""
+        while len(committing) > keep:
+            if not await committing.pop(0):
+                return False
+        return True
+
+    def _may_pipeline(self, batch: Batch) -> bool:
+        """Whether ``batch`` may be sent while the one before it is still being applied.
+
+        Only a batch read on from the last (mode ``c``), in one apply call, to a store whose
+        applies reach Redis in the order they were sent: the store then applies it only if its
+        anchor shows the batch before it applied (mode ``n``), and says so when it did not,
+        which the commit answers by sending it again in its turn. A batch after a gap, or from
+        the stream's start, is sent in its turn, as is any batch with claims: what it claims
+        may depend on a refusal in the reply not read yet (docs/DELETES.md, "Claims").
+        """
+        source = batch.source
+        if source is None or source.mode != "c" or source.claims:
+            return False
+        if batch.prepared is not None and len(batch.prepared.chunks) > 1:
+            return False
+        return self.store.applies_in_order
+
+    async def _settle(self, ahead: _Read | None, committing: list[asyncio.Task[bool]]) -> None:
+        """On the way out: drop the read in flight, let the commits in flight finish (bounded)."""
         if ahead is not None:
             ahead.task.cancel()
             # wait() never raises the read's own outcome, but a cancellation of this task
             # still propagates (suppressing BaseException around an await would swallow it).
             await asyncio.wait({ahead.task})
             _observe(ahead.task)  # a read that failed as it was dropped
-        if committing is None:
-            return
-        if not committing.done():
+        bound = self.settings.shutdown_timeout_sec
+        if running := {task for task in committing if not task.done()}:
             # A commit that is cancelled still completes its attempt and saves its cursor
             # within the shutdown bound (see _commit); a graceful stop just lets it run.
-            await asyncio.wait({committing}, timeout=self.settings.shutdown_timeout_sec)
-        if not committing.done():
-            committing.cancel()
-            await asyncio.wait({committing}, timeout=self.settings.shutdown_timeout_sec)
-        _observe(committing)  # a cursor failure already surfaced or will again
+            await asyncio.wait(running, timeout=bound)
+        if running := {task for task in committing if not task.done()}:
+            for task in running:
+                task.cancel()
+            await asyncio.wait(running, timeout=bound)
+        for task in committing:
+            _observe(task)  # a cursor failure already surfaced or will again
 
     # ------------------------------------------------------------------------ start position
 
@@ -663,14 +707,26 @@ class Tailer:
         )
 
     async def _commit_prepared(
-        self, info: StreamInfo, requested: int, read: int, batch: Batch, last_id: StreamId
+        self,
+        info: StreamInfo,
+        requested: int,
+        read: int,
+        batch: Batch,
+        last_id: StreamId,
+        behind: asyncio.Task[bool] | None = None,
     ) -> bool:
-        """Apply and save one decoded batch, then adapt the batch size. False when stopped."""
+        """Apply and save one decoded batch, then adapt the batch size. False when stopped.
+
+        ``behind``: the commit of the batch before this one, if still in flight (see run).
+        """
         flush_started = time.perf_counter()
-        if not await self._commit(batch, last_id):
+        if not await self._commit(batch, last_id, behind):
             self._read_pos = None  # the next read goes from the saved cursor
             return False
-        flush = time.perf_counter() - flush_started
+        # Time spent queued behind the batch before is not this batch's: the sizer and the
+        # flush SLO judge what the store took for this one.
+        flush = time.perf_counter() - max(flush_started, self._committed_at)
+        self._committed_at = time.perf_counter()
         if batch.gap and (info.first, info.max_deleted) != self._gap_seen:
             # Asked only now: a repair that begins after this batch is applied covers both the
             # entries missed and this batch, and so lets the store anchor here again.
@@ -814,19 +870,28 @@ class Tailer:
 
     # ------------------------------------------------------------------------ apply + cursor
 
-    async def _commit(self, batch: Batch, last_id: StreamId) -> bool:
+    async def _commit(
+        self, batch: Batch, last_id: StreamId, behind: asyncio.Task[bool] | None = None
+    ) -> bool:
         """Apply ``batch`` then save ``last_id``, retrying with backoff until done or stopped.
 
         Once stopping, the batch in hand gets one more attempt and is otherwise left unapplied
         (its cursor unsaved, so it is re-read on the next start). Each attempt runs shielded:
         if the task is cancelled mid-apply, the attempt still finishes (within the shutdown
-        bound) and saves the cursor for what it applied.
+        bound) and saves the cursor for what it applied. With ``behind`` (the commit before,
+        in flight), nothing is counted or saved before that one has finished, and not at all
+        if it stopped with its batch unapplied.
         """
         while True:
             delay = 0.0
+            if behind is not None and behind.done():
+                if not _committed(behind):
+                    return False
+                behind = None
             if await self._admit(len(batch.changes)):
                 attempt = asyncio.create_task(
-                    self._apply_and_save(batch, last_id), name=f"tailer[{self._peer_id}].apply"
+                    self._apply_and_save(batch, last_id, behind),
+                    name=f"tailer[{self._peer_id}].apply",
                 )
                 try:
                     outcome = await asyncio.shield(attempt)
@@ -838,6 +903,10 @@ class Tailer:
                 if outcome is None:
                     self._retry.reset()
                     return True
+                if outcome is _Outcome.BEHIND_STOPPED:
+                    return False
+                if outcome is _Outcome.OUT_OF_TURN:
+                    continue  # the batch before is applied by now: send this one in its turn
                 self.stats.apply_failures += 1
                 delay = max(outcome, self._retry.next_delay())
             if self._stop.is_set() or await sleep_or_stop(self._stop, delay):
@@ -868,8 +937,11 @@ class Tailer:
             await self.limiter.acquire(events)
         return True
 
-    async def _apply_and_save(self, batch: Batch, last_id: StreamId) -> float | None:
-        """One attempt. None on success, else seconds to wait before the next attempt."""
+    async def _apply_and_save(
+        self, batch: Batch, last_id: StreamId, behind: asyncio.Task[bool] | None = None
+    ) -> float | _Outcome | None:
+        """One attempt. None on success, an ``_Outcome``, or seconds to wait before the next
+        attempt."""
         started = time.perf_counter()
         prepared, source = batch.prepared, batch.source
         if prepared is None and source is not None:
@@ -879,6 +951,9 @@ class Tailer:
             # it was being applied; that apply refused an entry since, which waits for its
             # repair, and no claim may cover it until then (docs/DELETES.md, "Claims").
             source = dataclasses.replace(source, claims={})
+        if behind is not None and source is not None:
+            source = dataclasses.replace(source, mode="n")  # applied only after the one before
+        result = None
         if prepared is not None:
             try:
                 with self.local_breaker.calling():
@@ -899,6 +974,14 @@ class Tailer:
                     },
                 )
                 return 0.0
+        if behind is not None:
+            await asyncio.wait({behind})  # counts and cursors move in stream order
+            if not _committed(behind):
+                return _Outcome.BEHIND_STOPPED
+            started = max(started, self._committed_at)
+        if result is not None:
+            if result.out_of_turn:
+                return _Outcome.OUT_OF_TURN
             await self._count(batch.changes, result.statuses, result.refused)
             if result.anchored is False:
                 # Unanchored (a gap, a start past the stream's start, the peer's stream

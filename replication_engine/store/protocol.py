@@ -62,9 +62,11 @@ class StreamBatch:
     claims it proves (docs/DELETES.md, "Claims", way 2).
 
     ``first`` and ``last`` are fixed-width stream ids (``knowledge.sid_key``); ``mode`` is
-    ``c`` (read on from the cursor), ``f`` (read from the start of a stream never trimmed) or
-    ``g`` (entries were missed before this batch); ``claims`` are raised only when the store's
-    anchor shows the stream was applied contiguously.
+    ``c`` (read on from the cursor), ``f`` (read from the start of a stream never trimmed),
+    ``g`` (entries were missed before this batch) or ``n`` (``c``, sent while the batch before
+    it may not be applied yet: applied only if the anchor shows that one applied, see
+    ``ApplyResult.out_of_turn``); ``claims`` are raised only when the store's anchor shows the
+    stream was applied contiguously.
     """
 
     peer: str
@@ -96,6 +98,9 @@ class ApplyResult:
     # With a tailer's batch: whether the store is anchored in the peer's stream after it
     # (docs/DELETES.md, "Claims"); None without one.
     anchored: bool | None = None
+    # A batch sent behind another (mode ``n``) that the store had not applied: nothing of it
+    # was applied (every status REJECTED), and it is to be sent again in its turn.
+    out_of_turn: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +151,12 @@ class Store(Protocol):
     geometry: Geometry
     keys: Keyspace
     reader: TreeReader
+
+    @property
+    def applies_in_order(self) -> bool:
+        """Whether ``apply_prepared`` calls made one after another reach Redis in that order
+        (one connection), so that a caller gains by not waiting for one before the next."""
+        ...
 
     async def put(self, key: str, value: bytes | str, content_type: str = ...) -> int: ...
     async def delete(self, key: str) -> int: ...

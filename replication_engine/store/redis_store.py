@@ -178,6 +178,10 @@ class StoreKeyError(StoreError, RuntimeError):
         self.key = key
 
 
+class _OutOfTurn(Exception):
+    """The apply script's answer to a batch sent behind one it has not applied (mode ``n``)."""
+
+
 # The apply script returns one status letter per item, as one string.
 _STATUS = {
     ord("a"): ApplyStatus.APPLIED,
@@ -771,11 +775,18 @@ class RedisStore:
         statuses: list[ApplyStatus] = []
         refused: dict[int, str] = {}
         chunks = prepared.chunks or ([(0, 0, b"")] if source is not None else [])
+        if source is not None and source.mode == "n" and len(chunks) > 1:
+            # The script checks the turn of the call that carries the source, the last one.
+            raise ValueError("a batch sent out of its turn (mode n) must fit in one call")
         for n, (start, end, packed) in enumerate(chunks):
             last = n == len(chunks) - 1
-            anchored = await self._apply_range(
-                prepared, start, end, packed, source if last else None, statuses, refused
-            )
+            try:
+                anchored = await self._apply_range(
+                    prepared, start, end, packed, source if last else None, statuses, refused
+                )
+            except _OutOfTurn:
+                result.out_of_turn = True
+                return result
             if last:
                 result.anchored = anchored
         if prepared.newest:
@@ -830,6 +841,8 @@ class RedisStore:
         for i in range(2, len(reply) - 1, 2):
             refused[start + int(reply[i]) - 1] = text(reply[i + 1])
         anchor = text(reply[1])
+        if anchor == "x":
+            raise _OutOfTurn
         return None if not anchor else anchor == "1"
 
     async def _run_apply(self, args: list[Any]) -> Any:
@@ -842,6 +855,11 @@ class RedisStore:
             )
         except NoScriptError:  # a restarted or flushed Redis: load it again
             return await self._apply(keys=self._declared, args=args)
+
+    @property
+    def applies_in_order(self) -> bool:
+        """One connection carries this store's applies; a cluster's are routed by its client."""
+        return self._wire is not None
 
     def _apply_args(
         self, prepared: PreparedApply, packed: bytes, source: StreamBatch | None

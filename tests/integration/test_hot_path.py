@@ -21,6 +21,7 @@ import pytest
 import xxhash
 import zstandard
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from harness.mesh import (
     EXACT_STREAM_FACTS,
@@ -48,6 +49,7 @@ from replication_engine.engine import ReplicationEngine
 from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
 from replication_engine.store.layout import Keyspace
+from replication_engine.store.protocol import ApplyResult, PreparedApply, StreamBatch
 from replication_engine.testing import RedisFactory, async_wait_until
 
 # Mesh nodes re-emit what they apply only when told to (a mesh node's default is off): the
@@ -1193,6 +1195,56 @@ async def test_claims_read_with_a_batch_wait_for_the_refusals_of_the_batch_befor
         record = await a.store.record()
         assert record is not None
         assert record.claim("b") < hlcs[10], "a claims b's write it refused"
+
+
+async def test_a_batch_sent_behind_one_that_fails_waits_its_turn_and_the_anchor_stays_set(
+    redis_factory: RedisFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While catching up, a batch's apply goes out while the one before it is still being
+    applied. Here that one fails (held until the next one was answered, then lost as a dropped
+    connection loses it). The next one must not land ahead of it: it is answered out of turn
+    and sent again once the failed one is applied, and every apply that lands leaves the store
+    anchored in the peer's stream, so no repair is needed to take the peer's claims."""
+    fixed = {"batch_size": 25, "min_batch_size": 25, "max_batch_size": 25}
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        engines=[],
+        common={"settings": {"hot_path": {**fixed, "adaptive_batch_size": False}}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        await b.store.open_record(mode="mesh", relay=False)
+        await b.store.put_many([(f"k:{i:03d}", b"v%d" % i, "text/plain") for i in range(100)])
+        apply = a.store.apply_prepared
+        seen: list[tuple[str, bool, bool | None]] = []  # (mode, out of turn, anchored after)
+        held = asyncio.Event()
+        answered = asyncio.Event()
+
+        async def first_held_then_lost(
+            prepared: PreparedApply, source: StreamBatch | None = None
+        ) -> ApplyResult:
+            if source is not None and not held.is_set():
+                held.set()
+                # The first batch: its read was full, so the next one is read, decoded and
+                # sent meanwhile. Once that one is answered, this one is lost, unapplied.
+                await asyncio.wait_for(answered.wait(), RECOVERY_TIMEOUT_S)
+                raise RedisConnectionError("injected: the apply was lost with its connection")
+            result = await apply(prepared, source)
+            seen.append((source.mode if source else "", result.out_of_turn, result.anchored))
+            answered.set()
+            return result
+
+        monkeypatch.setattr(a.store, "apply_prepared", first_held_then_lost)
+        await mesh.start_engine("a")
+        await mesh.wait_idle()
+        tailer = a.tailer("b")
+        assert seen[0] == ("n", True, None), f"the batch behind the held one: {seen}"
+        assert all(anchored for _, out_of_turn, anchored in seen if not out_of_turn), seen
+        assert tailer.stats.applied == 100 and tailer.stats.apply_failures == 1, tailer.stats
+        record = await a.store.record()
+        assert record is not None and record.anchors["b"].anchored
+        assert await snapshot(a.store) == await snapshot(b.store)
 
 
 async def test_a_busy_stream_saves_its_cursor_once_a_second_and_a_pause_saves_it_by_then(

@@ -9,6 +9,7 @@ every CDC entry the scripts write must decode like one ``codec.encode_entry`` pr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import random
@@ -28,6 +29,7 @@ from replication_engine.connection import make_client
 from replication_engine.errors import ReplicationError
 from replication_engine.knowledge import ALL_WRITES, ApplyStatus
 from replication_engine.merkle import ZERO, Geometry, GeometryError, MerkleModel, leaf_digest
+from replication_engine.store.protocol import StreamBatch
 from replication_engine.store.redis_store import (
     InvalidWriteError,
     NotReplicatedError,
@@ -623,6 +625,43 @@ async def test_apply_without_relay_writes_no_cdc_entry_and_the_same_tree(
     assert await cdc_entries(quiet) == []
     assert await quiet.merkle_root() == await relaying.merkle_root()
     assert (await quiet.get("k3")).value == b"v3"  # type: ignore[union-attr]
+
+
+async def test_a_batch_sent_out_of_its_turn_is_applied_only_after_the_one_before_it(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    """A tailer sends a batch while the one before it may still be applying (mode ``n``).
+    Until the store's anchor shows that one applied, the batch is answered out of turn and
+    nothing of it is written: no item, no leaf, no anchor. Once it is, the batch applies as a
+    contiguous one and the anchor stays set."""
+    store = await open_store(redis_server.url)
+    await store.open_record(mode="mesh", relay=False)
+    first, second = (
+        StreamBatch("b", "tok", sid(0), sid(1), "f"),
+        StreamBatch("b", "tok", sid(1), sid(2), "n"),
+    )
+    later = store.prepare_apply([put("late", b"v", 2)], relay=False)
+    root = await store.merkle_root()
+    result = await store.apply_prepared(later, second)
+    assert result.out_of_turn and result.statuses == [ApplyStatus.REJECTED]
+    assert await store.get("late") is None and await store.merkle_root() == root
+    record = await store.record()
+    assert record is not None and "b" not in record.anchors
+    applied = await store.apply_prepared(store.prepare_apply([put("early", b"v", 1)]), first)
+    assert applied.anchored and not applied.out_of_turn
+    other_token = dataclasses.replace(second, token="another")
+    assert (await store.apply_prepared(later, other_token)).out_of_turn
+    result = await store.apply_prepared(later, second)
+    assert not result.out_of_turn and result.anchored
+    assert result.statuses == [ApplyStatus.APPLIED]
+    record = await store.record()
+    assert record is not None and record.anchors["b"].anchored
+    assert record.anchors["b"].position == sid(2)
+
+
+def sid(ms: int) -> str:
+    """A fixed-width stream id, as a tailer's batch gives it."""
+    return f"{ms:020d}-{0:020d}"
 
 
 async def test_stream_is_capped(redis_server: RedisHandle, open_store: StoreFactory) -> None:

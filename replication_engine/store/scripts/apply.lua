@@ -20,17 +20,27 @@
 -- ARGV[12] = 'c' (read on from the cursor), 'f' (read from the start of a stream that holds
 -- every write its claims cover: never trimmed, in the epoch its record was created in) or 'g'
 -- (entries were missed before this batch), then origin, hlc pairs to claim when the batch is
--- applied contiguously.
+-- applied contiguously. 'n' is 'c' for a batch sent while the one before it was still in flight
+-- (the tailer pipelines its applies while catching up): it is applied only if the store's anchor
+-- shows that one applied (same token, the anchor at or past this batch's first id). Otherwise
+-- nothing is read or written and the reply is {'', 'x'}: the tailer sends the batch again once
+-- the one before it is applied. So a batch never lands ahead of a predecessor that failed, which
+-- would leave the anchor unset for nothing but a retry.
 --
 -- Returns {statuses, anchor, index, error, index, error, ...}: one status letter per item as one
 -- string ('a' applied, 'd' duplicate, 's' stale, 'k' known: at or below this store's claim for
 -- its origin, 'w' refused: the item's key, leaf or an ancestor holds the wrong type), whether
--- the peer's stream is anchored after this batch ('1', '0', or '' without a peer), then the
+-- the peer's stream is anchored after this batch ('1', '0', '' without a peer, 'x' for a batch
+-- sent out of its turn and not applied, see 'n' above), then the
 -- refused items' positions (1-based) and Redis's message for each.
 local maxlen, relay, src = ARGV[4], ARGV[5] == '1', ARGV[8]
 local problem = check_store_keys({HLC_KEY, 'string', ROOT_KEY, 'string', TOMBS_KEY, 'zset',
   CDC_KEY, 'stream', REC, 'hash'})
 if problem then return problem end
+if ARGV[12] == 'n' then
+  local cur = read_anchor(src)
+  if not cur or cur.token ~= ARGV[9] or bytes_gt(ARGV[10], cur.pos) then return {'', 'x'} end
+end
 local items = ARGV[7] ~= '' and cmsgpack.unpack(ARGV[7]) or {}
 local out, errors = {}, {}
 local applied = false
@@ -76,7 +86,7 @@ if src ~= '' then
   local token, first, last, mode = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
   local cur = read_anchor(src)
   local same = cur ~= nil and cur.token == token
-  local contiguous = mode == 'c' and same and not bytes_gt(first, cur.pos)
+  local contiguous = (mode == 'c' or mode == 'n') and same and not bytes_gt(first, cur.pos)
   local anchored = mode == 'f' or (contiguous and cur.anchored)
   local pos = last
   if same and bytes_gt(cur.pos, last) then pos = cur.pos end
