@@ -54,7 +54,7 @@ from replication_engine.store.redis_store import RedisStore
 from replication_engine.testing import find_redis_server, free_port, redis_server_version
 
 # Seconds to wait for the server under valgrind to answer (it starts ~50x slower).
-START_DEADLINE_S = 60.0
+START_DEADLINE_S = 180.0
 # The RDB both measured runs load (absent without --preload: the server starts empty).
 PRELOAD_RDB = "preload.rdb"
 

@@ -84,9 +84,10 @@ class PreparedApply:
     size: int  # changes in the batch, accepted or not
     accepted: list[int]  # their indexes that go to the script (the rest are REJECTED)
     newest: int  # the greatest HLC among the accepted changes
-    items: list[list[Any]]  # one script item per accepted change
+    items: list[list[Any]]  # one script item per accepted change, its data left out
     chunks: list[tuple[int, int, bytes]]  # (start, end) into items, packed; bounded in bytes
     relay: bool  # whether the script re-emits applied versions on this node's stream
+    data: list[bytes] = field(default_factory=list)  # each item's stored payload, sent apart
 
 
 @dataclass(slots=True)

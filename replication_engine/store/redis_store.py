@@ -699,6 +699,7 @@ class RedisStore:
         # every later local write) into the future, possibly to the end of the HLC range.
         future = self.clock.wall() + self.max_clock_offset_ms
         items: list[list[Any]] = []
+        data: list[bytes] = []
         accepted: list[int] = []
         newest = 0
         for i, c in enumerate(changes):
@@ -709,12 +710,13 @@ class RedisStore:
                 raise ValueError(f"HLC out of range: {hlc}")
             accepted.append(i)
             digest, w1, w2, w3, w4 = leaf_digest_words(c.key, hlc, c.content_hash, c.tombstone)
+            data.append(c.data)
             items.append(
                 [
                     c.key,
                     "",
                     "1" if c.tombstone else "0",
-                    c.data,
+                    "",  # the data goes as an argument of its own (see apply.lua)
                     c.content_hash,
                     f"{hlc:016x}",
                     c.origin,
@@ -735,12 +737,16 @@ class RedisStore:
                 items[-1] += [clock.to_hex(held_hlc), held_origin]
             if hlc > newest:
                 newest = hlc
-        chunks = [(start, end, _pack(items[start:end])) for start, end in self._chunk(items)]
-        return PreparedApply(len(changes), accepted, newest, items, chunks, relay)
+        chunks = [
+            (start, end, _pack(items[start:end])) for start, end in self._chunk(items, data)
+        ]
+        return PreparedApply(len(changes), accepted, newest, items, chunks, relay, data)
 
-    def _chunk(self, items: list[list[Any]]) -> list[tuple[int, int]]:
+    def _chunk(self, items: list[list[Any]], data: list[bytes]) -> list[tuple[int, int]]:
         """Consecutive ranges of ``items`` holding at most ``max_batch_bytes`` of data each."""
-        return self._ranges([len(it[3]) + len(it[16]) + len(it[0]) + 256 for it in items])
+        return self._ranges(
+            [len(d) + len(it[16]) + len(it[0]) + 256 for it, d in zip(items, data, strict=True)]
+        )
 
     def _ranges(self, weights: Sequence[int], most: int | None = None) -> list[tuple[int, int]]:
         """Consecutive ranges whose weights add up to at most ``max_batch_bytes`` (a range of
@@ -817,7 +823,9 @@ class RedisStore:
             # nothing about its origin. The anchor still moves (the stream was read on).
             source = replace(source, claims={})
         try:
-            reply = await self._run_apply(self._apply_args(prepared, packed, source))
+            reply = await self._run_apply(
+                self._apply_args(prepared, packed, prepared.data[start:end], source)
+            )
         except ResponseError as exc:
             # A state of the server (loading, failing over, a cluster down or resharding) is
             # no item's fault: the whole batch waits for it. Only a refusal is narrowed down.
@@ -862,7 +870,11 @@ class RedisStore:
         return self._wire is not None
 
     def _apply_args(
-        self, prepared: PreparedApply, packed: bytes, source: StreamBatch | None
+        self,
+        prepared: PreparedApply,
+        packed: bytes,
+        data: list[bytes],
+        source: StreamBatch | None,
     ) -> list[Any]:
         args: list[Any] = [
             *self._base_args,
@@ -872,8 +884,8 @@ class RedisStore:
             packed,
         ]
         if source is None:
-            return [*args, "", "", "", "", ""]
-        args += [source.peer, source.token, source.first, source.last, source.mode]
+            return [*args, "", "", "", "", "", *data]
+        args += [source.peer, source.token, source.first, source.last, source.mode, *data]
         for origin, hlc in sorted(source.claims.items()):
             args += [origin, hlc_hex(hlc)]
         return args

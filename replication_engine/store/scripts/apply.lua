@@ -3,7 +3,8 @@
 -- stream, so nodes that tail only this one get it too), ARGV[6] = the greatest HLC in the batch
 -- (the store clock observes it once any item applies), ARGV[7] = the items, one MessagePack
 -- array (old-spec raw strings and unsigned integers only) of 17-element arrays: key, '' (the
--- leaf path is worked out here, from the key), tombstone flag, data, content hash, hlc, origin, content type, version, updated_at,
+-- leaf path is worked out here, from the key), tombstone flag, '' (the data: see ARGV[13] on),
+-- content hash, hlc, origin, content type, version, updated_at,
 -- trace parent, leaf digest, the leaf digest again as its four 32-bit words (the script XORs
 -- words; converting here costs the server more), and the stream entry's meta JSON when
 -- relaying (else ''). A cold-path item that replaces a written-off version (docs/DELETES.md,
@@ -18,14 +19,20 @@
 -- ARGV[8] = the peer ('' for none: a cold-path batch), ARGV[9] = the peer stream's token,
 -- ARGV[10] and ARGV[11] = the batch's first exclusive and last stream ids (fixed width),
 -- ARGV[12] = 'c' (read on from the cursor), 'f' (read from the start of a stream that holds
--- every write its claims cover: never trimmed, in the epoch its record was created in) or 'g'
--- (entries were missed before this batch), then origin, hlc pairs to claim when the batch is
--- applied contiguously. 'n' is 'c' for a batch sent while the one before it was still in flight
--- (the tailer pipelines its applies while catching up): it is applied only if the store's anchor
--- shows that one applied (same token, the anchor at or past this batch's first id). Otherwise
--- nothing is read or written and the reply is {'', 'x'}: the tailer sends the batch again once
--- the one before it is applied. So a batch never lands ahead of a predecessor that failed, which
--- would leave the anchor unset for nothing but a retry.
+-- every write its claims cover: never trimmed, in the epoch its record was created in), 'g'
+-- (entries were missed before this batch) or 'n' ('c' for a batch sent while the one before it
+-- was still in flight: the tailer pipelines its applies while catching up). An 'n' batch is
+-- applied only if the store's anchor shows the one before it applied (same token, the anchor at
+-- or past this batch's first id); otherwise nothing is read or written and the reply is
+-- {'', 'x'}, and the tailer sends the batch again once the one before it is applied. So a batch
+-- never lands ahead of a predecessor that failed, which would leave the anchor unset for
+-- nothing but a retry.
+--
+-- ARGV[13] to ARGV[12 + the number of items] = each item's data (its stored payload), in item
+-- order, then origin, hlc pairs to claim when the batch is applied contiguously. The data is kept
+-- out of the packed items: Redis 7 hashes every byte of every string that enters Lua
+-- (redis#9449, about 14 instructions a byte), and a payload inside the packed argument was
+-- hashed twice, once there and once unpacked.
 --
 -- Returns {statuses, anchor, index, error, index, error, ...}: one status letter per item as one
 -- string ('a' applied, 'd' duplicate, 's' stale, 'k' known: at or below this store's claim for
@@ -46,7 +53,7 @@ local out, errors = {}, {}
 local applied = false
 for n = 1, #items do
   local it = items[n]
-  local key, tomb, hash, hlc, origin = it[1], it[3], it[5], it[6], it[7]
+  local key, tomb, data, hash, hlc, origin = it[1], it[3], ARGV[12 + n], it[5], it[6], it[7]
   local path = path_of(key)
   local cur, why = read_checked(key, path)
   local status = 'a'
@@ -65,7 +72,7 @@ for n = 1, #items do
     end
   end
   if status == 'a' then
-    local refused = write_item(key, path, tomb, it[4], hash, hlc, origin, it[8], it[9], it[10],
+    local refused = write_item(key, path, tomb, data, hash, hlc, origin, it[8], it[9], it[10],
       it[11], cur, it[12], it[13], it[14], it[15], it[16])
     if refused then
       status = 'w'
@@ -73,7 +80,7 @@ for n = 1, #items do
     else
       applied = true
       if relay then
-        emit(maxlen, key, tomb, it[4], hash, hlc, origin, it[8], it[9], it[10], it[11], it[17])
+        emit(maxlen, key, tomb, data, hash, hlc, origin, it[8], it[9], it[10], it[11], it[17])
       end
     end
   end
@@ -94,7 +101,7 @@ if src ~= '' then
   local since = last
   if contiguous and not cur.anchored and cur.since ~= '' then since = cur.since end
   write_anchor(src, token, pos, anchored, since)
-  if anchored and #errors == 0 then raise_claims(13) end
+  if anchored and #errors == 0 then raise_claims(13 + #items) end
   anchor_state = anchored and '1' or '0'
 end
 local reply = {table.concat(out), anchor_state}
