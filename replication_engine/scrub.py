@@ -90,8 +90,15 @@ class Scrub:
     async def tick(self) -> None:
         if self.settings.payload_items_per_sec > 0:
             self._budget += self.settings.payload_items_per_sec * self.settings.interval_sec
-            while self._budget > 0:
+            # At most one pass a tick: an empty subtree counts as one item, so on a store far
+            # smaller than the budget, the budget alone let a tick re-check the same subtrees
+            # thousands of times, one call each.
+            for _ in self._parents:
+                if self._budget <= 0:
+                    break
                 self._budget -= await self._check_parent()
+            else:
+                self._budget = 0.0  # a whole pass done: what is left would only repeat it
             if self._budget < 0:
                 self._budget = 0.0  # one large subtree does not starve the ticks after it
         if self.settings.stray_scan:

@@ -488,7 +488,7 @@ class ScrubConfig(_Section):
             "Stored payloads re-read and verified against their content hash per second, on "
             "average (0 = off). One that does not verify is kept in the quarantine and replaced "
             "by a peer's copy that does. Each tick checks whole subtrees, so a tick can exceed "
-            "its share by one subtree."
+            "its share by one subtree, and checks each subtree at most once."
         ),
     )
     stray_scan: bool = Field(

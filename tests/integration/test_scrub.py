@@ -15,8 +15,12 @@ import pytest
 
 from harness.mesh import DEFAULT_PREFIX, metric, open_mesh
 from replication_engine.codec import CodecError
-from replication_engine.scrub import UNREADABLE_REASON
-from replication_engine.testing import RedisFactory, async_wait_until
+from replication_engine.config import ScrubConfig
+from replication_engine.cursor import CursorStore
+from replication_engine.observability.metrics import Metrics
+from replication_engine.scrub import UNREADABLE_REASON, Scrub
+from replication_engine.store.redis_store import RedisStore
+from replication_engine.testing import RedisFactory, RedisHandle, async_wait_until
 
 SETTLE_S = 20.0
 # A fast scrub: every subtree of these small stores each tick (an empty subtree counts as one
@@ -25,6 +29,40 @@ SETTLE_S = 20.0
 # the stray scan, one page a tick after them, could take longer than a test waits.
 SCRUB = {"settings": {"scrub": {"interval_sec": 0.05, "payload_items_per_sec": 20_000}}}
 NO_SCRUB = {"settings": {"scrub": {"payload_items_per_sec": 0, "stray_scan": False}}}
+
+
+async def test_a_tick_checks_each_subtree_at_most_once_whatever_the_budget(
+    redis_server: RedisHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty subtree counts as one item, so on a store far smaller than the budget the
+    budget alone would have a tick re-check the same subtrees, one call each, thousands of
+    times over: a busy loop on the local Redis. A tick stops after one whole pass."""
+    store = await RedisStore.connect(redis_server.url, node_id="a")
+    cursors = await CursorStore.open(tmp_path / "cursors.db")
+    try:
+        await store.put("k", b"v")
+        settings = ScrubConfig(interval_sec=1.0, payload_items_per_sec=1e6, stray_scan=False)
+        scrub = Scrub(store, cursors, Metrics(), settings, heal=None)
+        verify = store.verify_items
+        calls: list[str] = []
+
+        async def counted(parent: str) -> Any:
+            calls.append(parent)
+            if len(calls) > ticks[0] * len(store.leaf_parents()):
+                raise AssertionError(f"a tick went on past a whole pass ({len(calls)} calls)")
+            return await verify(parent)
+
+        ticks = [1]
+        monkeypatch.setattr(store, "verify_items", counted)
+        await scrub.tick()
+        assert len(calls) == len(set(calls)) == len(store.leaf_parents())
+        assert scrub.passes == 1 and scrub.items_checked == 1
+        ticks[0] = 2
+        await scrub.tick()  # the next tick starts the next pass, no budget carried over
+        assert scrub.passes == 2 and len(calls) == 2 * len(store.leaf_parents())
+    finally:
+        await cursors.close()
+        await store.close()
 
 
 def scrub_status(node: Any) -> dict[str, Any]:
