@@ -1162,6 +1162,20 @@ async def test_a_node_upgraded_to_the_relay_default_keeps_the_mesh_converging(
 # ------------------------------------------------------------------------------------ cursor saves
 
 
+def a_reads_b_in_batches_of_25(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> contextlib.AbstractAsyncContextManager[Mesh[MeshNode]]:
+    """Node a tailing b in batches of exactly 25, no engine started yet."""
+    fixed = {"batch_size": 25, "min_batch_size": 25, "max_batch_size": 25}
+    return open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        engines=[],
+        common={"settings": {"hot_path": {**fixed, "adaptive_batch_size": False}}},
+    )
+
+
 async def test_claims_read_with_a_batch_wait_for_the_refusals_of_the_batch_before_it(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
@@ -1169,14 +1183,7 @@ async def test_claims_read_with_a_batch_wait_for_the_refusals_of_the_batch_befor
     before it is still being applied; that apply may refuse an entry (here its key holds a
     string). The refused write waits for its repair, and until then the store claims nothing
     that covers it: not even through a batch read before the refusal was known."""
-    fixed = {"batch_size": 25, "min_batch_size": 25, "max_batch_size": 25}
-    async with open_mesh(
-        redis_factory,
-        tmp_path,
-        {"a": ["b"], "b": []},
-        engines=[],
-        common={"settings": {"hot_path": {**fixed, "adaptive_batch_size": False}}},
-    ) as mesh:
+    async with a_reads_b_in_batches_of_25(redis_factory, tmp_path) as mesh:
         a, b = mesh["a"], mesh["b"]
         # b's record, and its claim to every write in its stream, as its engine would make them.
         await b.store.open_record(mode="mesh", relay=False)
@@ -1205,14 +1212,7 @@ async def test_a_batch_sent_behind_one_that_fails_waits_its_turn_and_the_anchor_
     connection loses it). The next one must not land ahead of it: it is answered out of turn
     and sent again once the failed one is applied, and every apply that lands leaves the store
     anchored in the peer's stream, so no repair is needed to take the peer's claims."""
-    fixed = {"batch_size": 25, "min_batch_size": 25, "max_batch_size": 25}
-    async with open_mesh(
-        redis_factory,
-        tmp_path,
-        {"a": ["b"], "b": []},
-        engines=[],
-        common={"settings": {"hot_path": {**fixed, "adaptive_batch_size": False}}},
-    ) as mesh:
+    async with a_reads_b_in_batches_of_25(redis_factory, tmp_path) as mesh:
         a, b = mesh["a"], mesh["b"]
         await b.store.open_record(mode="mesh", relay=False)
         await b.store.put_many([(f"k:{i:03d}", b"v%d" % i, "text/plain") for i in range(100)])
