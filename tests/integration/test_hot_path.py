@@ -50,7 +50,8 @@ from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
 from replication_engine.store.layout import Keyspace
 from replication_engine.store.protocol import ApplyResult, PreparedApply, StreamBatch
-from replication_engine.testing import RedisFactory, async_wait_until
+from replication_engine.testing import RedisFactory, async_wait_until, find_redis_server
+from replication_engine.testing.redis_proc import redis_server_version
 
 # Mesh nodes re-emit what they apply only when told to (a mesh node's default is off): the
 # tests that count relayed entries, echoes or a chain's hops say so.
@@ -1231,8 +1232,10 @@ async def test_a_batch_sent_behind_one_that_fails_waits_its_turn_and_the_anchor_
                 await asyncio.wait_for(answered.wait(), RECOVERY_TIMEOUT_S)
                 raise RedisConnectionError("injected: the apply was lost with its connection")
             result = await apply(prepared, source)
-            seen.append((source.mode if source else "", result.out_of_turn, result.anchored))
-            answered.set()
+            if source is not None:  # the tailer's, not a repair's
+                seen.append((source.mode, result.out_of_turn, result.anchored))
+                if source.mode == "n":
+                    answered.set()
             return result
 
         monkeypatch.setattr(a.store, "apply_prepared", first_held_then_lost)
@@ -1240,11 +1243,16 @@ async def test_a_batch_sent_behind_one_that_fails_waits_its_turn_and_the_anchor_
         await mesh.wait_idle()
         tailer = a.tailer("b")
         assert seen[0] == ("n", True, None), f"the batch behind the held one: {seen}"
-        assert all(anchored for _, out_of_turn, anchored in seen if not out_of_turn), seen
         assert tailer.stats.applied == 100 and tailer.stats.apply_failures == 1, tailer.stats
+        assert await snapshot(a.store) == await snapshot(b.store)
+        if redis_server_version(find_redis_server())[0] < 7:
+            # Redis 6.2 has no entries-added count, so a read from a stream's start is taken
+            # for a gap (StreamInfo.trimmed_past) and nothing is anchored before a repair: only
+            # the order of the applies can be checked there.
+            return
+        assert all(anchored for _, out_of_turn, anchored in seen if not out_of_turn), seen
         record = await a.store.record()
         assert record is not None and record.anchors["b"].anchored
-        assert await snapshot(a.store) == await snapshot(b.store)
 
 
 async def test_a_busy_stream_saves_its_cursor_once_a_second_and_a_pause_saves_it_by_then(
