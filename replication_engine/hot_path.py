@@ -180,6 +180,9 @@ class TailerStats:
     backpressure_pauses: int = 0
     known: int = 0  # at or below this store's claim for their origin (replays, copies)
     refused: int = 0  # the store refused them (a wrong-typed key): quarantined
+    # Batches sent behind one still being applied and answered out of turn, because that one
+    # failed; each is sent again in its turn. Rises with apply_failures during a catch-up.
+    out_of_turn: int = 0
 
 
 class _PeerSeries:
@@ -304,6 +307,11 @@ class Tailer:
         self._stop = asyncio.Event()
         self._stop_signal: asyncio.Future[None] | None = None  # set with _stop, awaitable
         self._retry = Backoff(settings.retry_base_sec, settings.retry_max_sec)
+        # Counts the applies that did not land (failed, or answered out of turn), and notes when
+        # each commit sent its current attempt: an attempt sent before the latest such apply
+        # may be out of turn itself, so the commit behind it waits instead of pipelining.
+        self._misses = 0
+        self._sent_at: dict[asyncio.Task[Any] | None, int] = {}
         self._peer_id = peer.node_id
         self._series = _PeerSeries(metrics, self._peer_id)
         self._series.batch_size.set(self.sizer.size)
@@ -882,44 +890,60 @@ class Tailer:
         in flight), nothing is counted or saved before that one has finished, and not at all
         if it stopped with its batch unapplied.
         """
-        while True:
-            delay = 0.0
-            if behind is not None and behind.done():
-                if not _committed(behind):
+        me = asyncio.current_task()
+        try:
+            while True:
+                delay = 0.0
+                if behind is not None and self._sent_at.get(behind) != self._misses:
+                    # The batch before was not sent yet, or was sent before an apply missed (its
+                    # own, or the one before it): it is or may be sent again, and this one would
+                    # reach the store ahead of it and be answered out of turn, and so would each
+                    # batch after. This one goes in its turn instead, once that one is done.
+                    await asyncio.wait({behind})
+                if behind is not None and behind.done():
+                    if not _committed(behind):
+                        return False
+                    behind = None
+                if await self._admit(len(batch.changes)):
+                    self._sent_at[me] = self._misses
+                    attempt = asyncio.create_task(
+                        self._apply_and_save(batch, last_id, behind),
+                        name=f"tailer[{self._peer_id}].apply",
+                    )
+                    try:
+                        outcome = await asyncio.shield(attempt)
+                    except asyncio.CancelledError:
+                        if not attempt.done():
+                            await asyncio.wait(
+                                {attempt}, timeout=self.settings.shutdown_timeout_sec
+                            )
+                        _observe(attempt)
+                        raise
+                    if outcome is None:
+                        self._retry.reset()
+                        return True
+                    if outcome is _Outcome.BEHIND_STOPPED:
+                        return False
+                    if outcome is _Outcome.OUT_OF_TURN:
+                        self.stats.out_of_turn += 1
+                        self._misses += 1
+                        continue  # the batch before is applied by now: send this one in its turn
+                    self.stats.apply_failures += 1
+                    self._misses += 1
+                    delay = max(outcome, self._retry.next_delay())
+                if self._stop.is_set() or await sleep_or_stop(self._stop, delay):
+                    log.warning(
+                        "tailer.stopped_unapplied",
+                        extra={
+                            "peer": self._peer_id,
+                            "cursor": str(self.cursor),
+                            "hint": "stopping with a batch not applied; it is re-read at the next "
+                            "start",
+                        },
+                    )
                     return False
-                behind = None
-            if await self._admit(len(batch.changes)):
-                attempt = asyncio.create_task(
-                    self._apply_and_save(batch, last_id, behind),
-                    name=f"tailer[{self._peer_id}].apply",
-                )
-                try:
-                    outcome = await asyncio.shield(attempt)
-                except asyncio.CancelledError:
-                    if not attempt.done():
-                        await asyncio.wait({attempt}, timeout=self.settings.shutdown_timeout_sec)
-                    _observe(attempt)
-                    raise
-                if outcome is None:
-                    self._retry.reset()
-                    return True
-                if outcome is _Outcome.BEHIND_STOPPED:
-                    return False
-                if outcome is _Outcome.OUT_OF_TURN:
-                    continue  # the batch before is applied by now: send this one in its turn
-                self.stats.apply_failures += 1
-                delay = max(outcome, self._retry.next_delay())
-            if self._stop.is_set() or await sleep_or_stop(self._stop, delay):
-                log.warning(
-                    "tailer.stopped_unapplied",
-                    extra={
-                        "peer": self._peer_id,
-                        "cursor": str(self.cursor),
-                        "hint": "stopping with a batch not applied; it is re-read at the next "
-                        "start",
-                    },
-                )
-                return False
+        finally:
+            self._sent_at.pop(me, None)
 
     async def _admit(self, events: int) -> bool:
         """Backpressure and rate limit; False when the caller should re-check stop first."""

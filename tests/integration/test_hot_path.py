@@ -1212,7 +1212,9 @@ async def test_a_batch_sent_behind_one_that_fails_waits_its_turn_and_the_anchor_
     applied. Here that one fails (held until the next one was answered, then lost as a dropped
     connection loses it). The next one must not land ahead of it: it is answered out of turn
     and sent again once the failed one is applied, and every apply that lands leaves the store
-    anchored in the peer's stream, so no repair is needed to take the peer's claims."""
+    anchored in the peer's stream, so no repair is needed to take the peer's claims. Only that
+    one batch goes out of turn: the next waits for it instead of being sent ahead of its resend
+    (which made every later batch of the catch-up go out of turn once, and be sent twice)."""
     async with a_reads_b_in_batches_of_25(redis_factory, tmp_path) as mesh:
         a, b = mesh["a"], mesh["b"]
         await b.store.open_record(mode="mesh", relay=False)
@@ -1244,6 +1246,7 @@ async def test_a_batch_sent_behind_one_that_fails_waits_its_turn_and_the_anchor_
         tailer = a.tailer("b")
         assert seen[0] == ("n", True, None), f"the batch behind the held one: {seen}"
         assert tailer.stats.applied == 100 and tailer.stats.apply_failures == 1, tailer.stats
+        assert a.peer_status("b")["events_out_of_turn"] == 1, seen  # as status shows it
         assert await snapshot(a.store) == await snapshot(b.store)
         if redis_server_version(find_redis_server())[0] < 7:
             # Redis 6.2 has no entries-added count, so a read from a stream's start is taken
