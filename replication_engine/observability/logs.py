@@ -59,11 +59,40 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+# redis-py's cluster client logs a failed topology refresh at ERROR, though it keeps serving
+# from the topology it has and refreshes again at the next redirection: during a failover or a
+# slot migration it is expected, several times, and an ERROR line pages whoever watches them.
+# The engine judges a shard that stays unreachable itself (the local store's breaker, a
+# peer's breaker), so these lines are kept as warnings, with a hint.
+_CLUSTER_LOGGER = "redis.asyncio.cluster"
+_TRANSIENT_PREFIX = "Topology refresh failed"
+_TRANSIENT_HINT = (
+    "the cluster client keeps its current topology and refreshes again; expected during a "
+    "failover or slot migration, and the breakers report a shard that stays unreachable"
+)
+
+
+class _TransientClusterErrors(logging.Filter):
+    """Turns redis-py's failed-topology-refresh ERROR into a WARNING (see above)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.name == _CLUSTER_LOGGER
+            and record.levelno == logging.ERROR
+            and str(record.msg).startswith(_TRANSIENT_PREFIX)
+        ):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.hint = _TRANSIENT_HINT
+        return True
+
+
 def setup_logging(level: str = "INFO", *, json_format: bool | None = None) -> None:
+    """The sidecar's logging: one handler on the root logger (an embedder keeps its own)."""
     if json_format is None:
         json_format = not sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_format else TextFormatter())
+    handler.addFilter(_TransientClusterErrors())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
