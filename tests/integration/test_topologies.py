@@ -25,7 +25,7 @@ import functools
 import io
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -963,6 +963,26 @@ class StatusRow:
     flags: frozenset[str]
 
 
+async def settled_mesh_status(
+    config: EngineConfig, settled: Callable[[int, dict[str, StatusRow]], bool]
+) -> tuple[int, dict[str, StatusRow]]:
+    """``status --mesh`` once ``settled`` holds for it, or as it stands after STATUS_SETTLE_S
+    (the caller's assertions then say what differs). ``status`` reads the node's saved cursors,
+    and while a stream is busy a tailer saves its cursor about once a second
+    (``hot_path.CURSOR_SAVE_EVERY_SEC``), so right after the mesh goes idle the saved position
+    may trail what was applied by the last writes' few hundred milliseconds."""
+    last = [await run_mesh_status(config)]
+
+    async def shows_it() -> bool:
+        last[0] = await run_mesh_status(config)
+        return settled(*last[0])
+
+    if not settled(*last[0]):
+        with contextlib.suppress(AssertionError):  # the deadline: the caller's asserts report
+            await async_wait_until(shows_it, timeout=STATUS_SETTLE_S, interval=0.1)
+    return last[0]
+
+
 async def run_mesh_status(config: EngineConfig) -> tuple[int, dict[str, StatusRow]]:
     """``replication-engine status --mesh --config FILE``, as the CLI runs it, parsed."""
     out = io.StringIO()
@@ -988,6 +1008,9 @@ SLOW_APPLY_RATE = 100
 SLOW_BATCH = 20
 # Writes node b takes while node a's sidecar is down, in the mesh_status scenario.
 BURST_WRITES = 600
+# How long status --mesh may take to show what the mesh has settled into (see
+# settled_mesh_status): a few of a busy stream's cursor-save intervals.
+STATUS_SETTLE_S = 10.0
 
 
 async def test_load_balancer_health_mesh_status(
@@ -1009,7 +1032,7 @@ async def test_load_balancer_health_mesh_status(
             await log.put(b, f"early:{i}", b"v")
         await mesh.wait_idle()
         await mesh.wait_converged()
-        code, rows = await run_mesh_status(a.config)
+        code, rows = await settled_mesh_status(a.config, lambda code, _: code == 0)
         assert code == 0 and set(rows) == {"a", "b", "c", "d"}
         assert not any(row.flags for row in rows.values()), rows
 
@@ -1038,7 +1061,9 @@ async def test_load_balancer_health_mesh_status(
         # a's sidecar returns and catches up: no lag left; d stays divergent.
         await mesh.start_engine("a")
         await mesh.wait_idle()
-        code, rows = await run_mesh_status(a.config)
+        code, rows = await settled_mesh_status(
+            a.config, lambda _, rows: not any(rows[n].flags for n in "abc")
+        )
         assert code == 1
         assert {n: row.flags for n, row in rows.items()} == {
             "a": frozenset(),
@@ -1052,7 +1077,7 @@ async def test_load_balancer_health_mesh_status(
         await mesh.start_engine("d")
         await mesh.wait_idle()
         await mesh.wait_converged()
-        code, rows = await run_mesh_status(a.config)
+        code, rows = await settled_mesh_status(a.config, lambda code, _: code == 0)
         assert code == 0, rows
         assert len({row.root for row in rows.values()}) == 1
         assert not any(row.flags for row in rows.values()), rows
