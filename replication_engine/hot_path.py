@@ -200,6 +200,16 @@ class _PeerSeries:
         self.lag_events = metrics.lag_events.labels(peer_id)
 
 
+@dataclass(slots=True)
+class _Send:
+    """A commit's sends, for the commit behind it (see ``Tailer._turn``)."""
+
+    # How many applies had missed when its current attempt went out; None before the first.
+    misses: int | None = None
+    # Set once its first attempt has gone out, or once it is done, whichever comes first.
+    went: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
 @dataclass(frozen=True, slots=True)
 class _Read:
     """A read started ahead of its turn, and the count it asked for."""
@@ -307,11 +317,10 @@ class Tailer:
         self._stop = asyncio.Event()
         self._stop_signal: asyncio.Future[None] | None = None  # set with _stop, awaitable
         self._retry = Backoff(settings.retry_base_sec, settings.retry_max_sec)
-        # Counts the applies that did not land (failed, or answered out of turn), and notes when
-        # each commit sent its current attempt: an attempt sent before the latest such apply
-        # may be out of turn itself, so the commit behind it waits instead of pipelining.
+        # The applies that did not land (failed, or answered out of turn), and each commit in
+        # flight's sends: see _turn.
         self._misses = 0
-        self._sent_at: dict[asyncio.Task[Any] | None, int] = {}
+        self._sends: dict[asyncio.Task[Any] | None, _Send] = {}
         self._peer_id = peer.node_id
         self._series = _PeerSeries(metrics, self._peer_id)
         self._series.batch_size.set(self.sizer.size)
@@ -891,21 +900,19 @@ class Tailer:
         if it stopped with its batch unapplied.
         """
         me = asyncio.current_task()
+        sends = self._sends[me] = _Send()  # before any await: the commit behind looks it up
         try:
             while True:
                 delay = 0.0
-                if behind is not None and self._sent_at.get(behind) != self._misses:
-                    # The batch before was not sent yet, or was sent before an apply missed (its
-                    # own, or the one before it): it is or may be sent again, and this one would
-                    # reach the store ahead of it and be answered out of turn, and so would each
-                    # batch after. This one goes in its turn instead, once that one is done.
-                    await asyncio.wait({behind})
+                if behind is not None and not behind.done():
+                    await self._turn(behind)
                 if behind is not None and behind.done():
                     if not _committed(behind):
                         return False
                     behind = None
                 if await self._admit(len(batch.changes)):
-                    self._sent_at[me] = self._misses
+                    sends.misses = self._misses
+                    sends.went.set()
                     attempt = asyncio.create_task(
                         self._apply_and_save(batch, last_id, behind),
                         name=f"tailer[{self._peer_id}].apply",
@@ -943,7 +950,26 @@ class Tailer:
                     )
                     return False
         finally:
-            self._sent_at.pop(me, None)
+            sends.went.set()
+            del self._sends[me]
+
+    async def _turn(self, behind: asyncio.Task[bool]) -> None:
+        """Wait until this batch may be sent behind ``behind``, the commit of the batch before
+        it, or until that commit is done.
+
+        It must reach the store after that one's apply, so it waits for that apply to go out.
+        It then goes right behind it, unless an apply has missed since that one went out (that
+        one's own, or the one before it): then that one is or may be sent again, this one would
+        be answered out of turn, and so, each in its turn, would every batch after it. So it
+        waits for that commit to finish instead, and one miss costs one batch sent twice.
+        """
+        ahead = self._sends.get(behind)
+        if ahead is None:  # not started yet (tasks start in the order they were made)
+            await asyncio.wait({behind})
+            return
+        await ahead.went.wait()
+        if not behind.done() and ahead.misses != self._misses:
+            await asyncio.wait({behind})
 
     async def _admit(self, events: int) -> bool:
         """Backpressure and rate limit; False when the caller should re-check stop first."""
