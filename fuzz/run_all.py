@@ -4,18 +4,22 @@ Each target runs on a *copy* of its seed corpus in a temporary directory, so a C
 dirties the tree with the thousands of inputs libFuzzer adds. Crash inputs are kept under
 ``fuzz/crashes/<target>/`` for reproduction: ``python fuzz/fuzz_<target>.py <crash file>``.
 
-Usage: ``python fuzz/run_all.py [--seconds N] [--only cdc_decode,lag]``. Exits non-zero if any
-target crashed (or could not run).
+Usage: ``python fuzz/run_all.py [--seconds N] [--only cdc_decode,lag] [--jobs J]``. Targets run
+``J`` at a time (default: one per CPU; each target is one single-threaded process), so CI's
+fuzzing takes the time of ``ceil(targets / J)`` targets. Exits non-zero if any target crashed
+(or could not run).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=30, help="fuzzing time per target")
     parser.add_argument("--only", default="", help="comma-separated targets (default: all)")
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="targets run at a time"
+    )
     args = parser.parse_args(argv)
     targets = discover()
     if args.only:
@@ -118,19 +125,25 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown targets {unknown}; known: {targets}")
         targets = wanted
 
-    results = []
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+
+    def run(target: str, workdir: Path) -> Result:
+        print(f"fuzz {target}: running for {args.seconds}s", flush=True)
+        result = run_target(target, args.seconds, workdir)
+        status = "CRASH" if result.failed else "ok"
+        execs = result.executions if result.executions is not None else "?"
+        lines = [f"fuzz {target}: {status} executions={execs} returncode={result.returncode}"]
+        lines += [f"  saved {crash.relative_to(FUZZ_DIR.parent)}" for crash in result.crashes]
+        if result.failed and result.note:
+            lines.append("  " + result.note.replace("\n", "\n  "))
+        print("\n".join(lines), flush=True)  # one print: the lines of two targets never mix
+        return result
+
     with tempfile.TemporaryDirectory(prefix="re-fuzz-") as tmp:
-        for target in targets:
-            print(f"fuzz {target}: running for {args.seconds}s", flush=True)
-            result = run_target(target, args.seconds, Path(tmp))
-            results.append(result)
-            status = "CRASH" if result.failed else "ok"
-            execs = result.executions if result.executions is not None else "?"
-            print(f"fuzz {target}: {status} executions={execs} returncode={result.returncode}")
-            for crash in result.crashes:
-                print(f"  saved {crash.relative_to(FUZZ_DIR.parent)}")
-            if result.failed and result.note:
-                print("  " + result.note.replace("\n", "\n  "))
+        # Threads only wait on each target's own process; map keeps the targets' order.
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(run, targets, [Path(tmp)] * len(targets)))
 
     print()
     print(f"{'target':<14} {'executions':>12}  status")

@@ -193,3 +193,17 @@ def redis_factory(
 def redis_server(redis_factory: RedisFactory) -> RedisHandle:
     """One started server with default options."""
     return redis_factory()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With pytest-xdist (``-n 2 --dist loadgroup``, as CI runs), the heavy tests (the chaos
+    runs and those marked slow) go to one worker, one after another: each keeps a mesh of real
+    processes busy for tens of seconds, and two at once on a 2-core machine stretch each other
+    past their deadlines (a 100k-key join beside a chaos run did). The rest spreads over the
+    workers; most of their time is spent waiting on real servers, not computing."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    chaos = Path(__file__).parent / "chaos"
+    for item in items:
+        if chaos in item.path.parents or item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
