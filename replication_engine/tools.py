@@ -31,7 +31,7 @@ from replication_engine.cursor import (
     read_quarantine,
 )
 from replication_engine.errors import ReplicationError
-from replication_engine.knowledge import NodeRecord, frontier
+from replication_engine.knowledge import Anchor, NodeRecord, frontier
 from replication_engine.merkle import ZERO, DrillPlan, Geometry
 from replication_engine.migrate import Migration, MigrationError
 from replication_engine.peer import StreamInfo, parse_stream_info
@@ -299,25 +299,51 @@ async def check_deep(config: EngineConfig, *, limit: int, out: TextIO = sys.stdo
 _Row = tuple[str, str, str, str, str]
 
 
+@dataclass(frozen=True, slots=True)
+class _Applied:
+    """How far this node has applied one peer's stream (one partition's), by two readings.
+
+    The store's anchor (``Pnode``'s ``p:<peer>``) is written by the same script call as the
+    data it covers, so it is exact, sidecar running or not. The saved cursor trails it by up
+    to a cursor-save interval on a busy stream, and by whatever a killed sidecar never saved:
+    it is only the fallback, for a store without an anchor in the peer's current stream (a
+    peer that keeps no record, or a stream the store has not applied since it was replaced).
+    """
+
+    anchor: Anchor | None
+    saved: str | None
+
+    def position(self, peer_record: NodeRecord | None) -> codec.StreamId | None:
+        anchor = self.anchor
+        if anchor is not None and peer_record is not None and anchor.token == peer_record.token:
+            return codec.StreamId(*anchor.stream_id)
+        return codec.parse_stream_id(self.saved) if self.saved else None
+
+
 async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
     """Every node's root and stream head, and this node's lag behind each peer."""
     cursors = await _saved_cursors(config)
-    nodes = [(config.local_node_id, _local_reader(config))]
+    local_id = config.local_node_id
+    nodes = [(local_id, _local_reader(config))]
     nodes += [_peer_client(config, i) for i in range(len(config.peers))]
     split = _geometry(config).partitions > 1
     rows: list[_Row] = []
     roots: dict[str, str] = {}
-    # Per partition, each node's record: a partition's frontier is its own.
+    # Per partition, each node's record: a partition's frontier is its own. This node's come
+    # first, read before any peer's stream: its anchors are then never ahead of a stream head.
     records: dict[str, dict[str, NodeRecord]] = {r.keys.partition: {} for r in nodes[0][1]}
     try:
         for node_id, readers in nodes:
-            saved = [
+            applied = [
                 None
-                if node_id == config.local_node_id
-                else cursors.get(node_id + (f"{{{r.keys.partition}}}" if split else ""))
+                if node_id == local_id
+                else _Applied(
+                    _anchor(records[r.keys.partition].get(local_id), node_id),
+                    cursors.get(node_id + (f"{{{r.keys.partition}}}" if split else "")),
+                )
                 for r in readers
             ]
-            row, root, found = await _node_row(config, node_id, readers, saved)
+            row, root, found = await _node_row(config, node_id, readers, applied)
             rows.append(row)
             if root is not None:
                 roots[node_id] = root
@@ -330,6 +356,10 @@ async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
     bad = _print_rows(rows, roots, out)
     _print_frontier(records, out)
     return 1 if bad else 0
+
+
+def _anchor(record: NodeRecord | None, peer_id: str) -> Anchor | None:
+    return None if record is None else record.anchors.get(peer_id)
 
 
 async def _saved_cursors(config: EngineConfig) -> dict[str, str]:
@@ -346,12 +376,12 @@ async def _saved_cursors(config: EngineConfig) -> dict[str, str]:
 
 
 async def _node_row(
-    config: EngineConfig, node_id: str, readers: list[TreeReader], saved: list[str | None]
+    config: EngineConfig, node_id: str, readers: list[TreeReader], applied: list[_Applied | None]
 ) -> tuple[_Row, str | None, list[NodeRecord | None]]:
-    """One node's row, root (None when unreachable) and each partition's record; ``saved``
-    is this node's cursor in each partition's stream (None for this node, or a peer it never
-    read: no lag to show). Over partitions: the newest write, the largest lag, the events
-    behind summed."""
+    """One node's row, root (None when unreachable) and each partition's record; ``applied``
+    is how far this node has applied each partition's stream (None for this node itself; a
+    peer it never read has no lag to show). Over partitions: the newest write, the largest
+    lag, the events behind summed."""
     try:
         root = (await _root(readers)).hex()
         infos = [await _stream_info(reader) for reader in readers]
@@ -368,14 +398,17 @@ async def _node_row(
     if any(record is not None and record.recovering for record in records):
         marks.append("RECOVERING")
     lag = "-"
+    positions = [
+        None if at is None else at.position(record)
+        for at, record in zip(applied, records, strict=True)
+    ]
     behind = [
         (
-            codec.lag_ms(cursor, info.last),
-            codec.lag_events(cursor, info.first, info.last, info.length),
+            codec.lag_ms(position, info.last),
+            codec.lag_events(position, info.first, info.last, info.length),
         )
-        for info, cursor in (
-            (info, codec.parse_stream_id(at)) for info, at in zip(infos, saved, strict=True) if at
-        )
+        for info, position in zip(infos, positions, strict=True)
+        if position is not None
     ]
     if behind:
         lag_ms, events = max(ms for ms, _ in behind), sum(n for _, n in behind)
