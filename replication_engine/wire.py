@@ -147,11 +147,14 @@ class Wire:
         the pipeline holds a command that may block (``XREAD BLOCK``, ``BLPOP``)."""
         if not commands:
             return []
+        # Packed before a reply is expected: an argument that cannot be sent must fail this
+        # call alone, not leave a slot that would hand every later reply to the wrong caller.
+        packed = pack(commands)
         replies = await self._connect()
         transport = replies.transport
         assert isinstance(transport, asyncio.WriteTransport)
         done = replies.expect(len(commands))
-        transport.write(pack(commands))
+        transport.write(packed)
         try:
             async with asyncio.timeout(self._timeout if timeout is None else timeout):
                 return await done

@@ -96,8 +96,9 @@ _GC_BATCH = 500
 # Bytes of item data in one apply call. Redis refuses any single argument over 512 MB
 # (proto-max-bulk-len), and one bounded call keeps the server's pause and memory bounded too.
 DEFAULT_MAX_BATCH_BYTES = 64 * 1024 * 1024
-# Longest content type a peer accepts (codec.change_from_parts): refused at put, not at apply.
-MAX_CONTENT_TYPE_CHARS = 256
+# Longest content type, in UTF-8 bytes, that the write function takes (a peer takes as many
+# characters, codec.change_from_parts): refused at put, before anything is sent.
+MAX_CONTENT_TYPE_BYTES = 256
 # Prefix of the error a script raises when a store-wide key (clock, root, stream, record,
 # tombstone index) holds the wrong type: no single item is to blame, so nothing is isolated.
 _STORE_KEY_ERROR = "WRONGTYPE store key"
@@ -481,7 +482,8 @@ class RedisStore:
 
         Raises:
             InvalidWriteError: a value over ``max_payload``, a key no peer would accept
-                (empty, over 4096 bytes), or a content type over 256 characters.
+                (empty, over 4096 bytes), a value that is neither bytes nor text, or a content
+                type that is not text of at most 256 bytes in UTF-8.
             ReadOnlyStoreError: the store is a follower's.
             StoreUnavailableError: the local Redis did not answer, or writes are paused while
                 the HLC floor is restored (retryable; nothing was acknowledged).
@@ -619,16 +621,21 @@ class RedisStore:
         return self.keys.item(key)
 
     def _checked_value(self, value: bytes | str, content_type: str) -> bytes:
-        if isinstance(value, str):
-            value = value.encode("utf-8")
+        """The value's bytes, or InvalidWriteError: whatever would fail later (on the wire, in
+        the function, at a peer) is refused here, before anything of the write is sent."""
+        value = _as_bytes(value, "value")
         if len(value) > self.max_payload:
             raise InvalidWriteError(
                 f"value of {len(value)} bytes is over the payload limit of {self.max_payload} "
                 f"bytes that every peer enforces; nothing was written"
             )
-        if not isinstance(content_type, str) or len(content_type) > MAX_CONTENT_TYPE_CHARS:
+        # Bytes, as the function counts them: a content type of 200 'é' is 400 of them.
+        if (
+            not isinstance(content_type, str)
+            or len(_as_bytes(content_type, "content_type")) > MAX_CONTENT_TYPE_BYTES
+        ):
             raise InvalidWriteError(
-                f"content_type must be a string of at most {MAX_CONTENT_TYPE_CHARS} characters; "
+                f"content_type must be text of at most {MAX_CONTENT_TYPE_BYTES} bytes in UTF-8; "
                 f"nothing was written"
             )
         return value
@@ -737,9 +744,7 @@ class RedisStore:
                 items[-1] += [clock.to_hex(held_hlc), held_origin]
             if hlc > newest:
                 newest = hlc
-        chunks = [
-            (start, end, _pack(items[start:end])) for start, end in self._chunk(items, data)
-        ]
+        chunks = [(start, end, _pack(items[start:end])) for start, end in self._chunk(items, data)]
         return PreparedApply(len(changes), accepted, newest, items, chunks, relay, data)
 
     def _chunk(self, items: list[list[Any]], data: list[bytes]) -> list[tuple[int, int]]:
@@ -1264,6 +1269,25 @@ def _replica_wait(replicas: int, timeout_sec: float) -> tuple[int, int] | None:
             "replicas must be >= 0 and replica_timeout_sec > 0; nothing was written"
         )
     return (replicas, max(1, int(timeout_sec * 1000))) if replicas else None
+
+
+def _as_bytes(value: object, name: str) -> bytes:
+    """Bytes-like values as they are, text as UTF-8; anything else is the caller's mistake."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidWriteError(
+                f"{name} is text that UTF-8 cannot encode ({exc.reason} at position "
+                f"{exc.start}); nothing was written"
+            ) from None
+    raise InvalidWriteError(
+        f"{name} must be bytes or text, not {type(value).__name__}; nothing was written"
+    )
 
 
 def _pack(items: Iterable[list[Any]]) -> bytes:

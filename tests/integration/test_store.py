@@ -1177,13 +1177,18 @@ async def test_a_batch_is_cut_into_calls_of_bounded_bytes(
         ("k" * 4097, b"v", "binary", "limit 4096"),
         ("", b"v", "binary", "key is empty"),
         ("k", b"v", "t" * 257, "content_type"),
+        # 129 characters, 258 bytes: the function counts bytes.
+        ("k", b"v", "\u00e9" * 129, "at most 256 bytes"),
+        ("k", b"v", "a\udcff", "content_type is text that UTF-8 cannot encode"),
+        ("k", "a\udcff", "binary", "value is text that UTF-8 cannot encode"),
+        ("k", 42, "binary", "value must be bytes or text, not int"),
     ],
 )
 async def test_a_local_write_no_peer_would_accept_is_refused_and_nothing_is_written(
     redis_server: RedisHandle,
     open_store: StoreFactory,
     key: str,
-    value: bytes,
+    value: Any,
     content_type: str,
     expected: str,
 ) -> None:
@@ -1196,6 +1201,27 @@ async def test_a_local_write_no_peer_would_accept_is_refused_and_nothing_is_writ
 
     assert await store.merkle_root() == ZERO
     assert await cdc_entries(store) == []
+
+
+async def test_bytes_like_values_are_written_and_a_refused_put_leaves_others_their_replies(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    store = await open_store(redis_server.url)
+    await store.put("ba", bytearray(b"from a bytearray"))
+    await store.put("mv", memoryview(b"from a memoryview"))
+    with pytest.raises(InvalidWriteError):
+        await store.put("k", b"v", content_type="a\udcff")
+    # Concurrent puts on the shared connection after the refusal: each its own HLC and value.
+    keys = [f"p{i}" for i in range(5)]
+    hlcs = await asyncio.gather(*(store.put(k, k.encode()) for k in keys))
+    for key, hlc in zip(keys, hlcs, strict=True):
+        version = await store.get_version(key)
+        assert version is not None and version.hlc == hlc, key
+    got = {k: await store.get(k) for k in ("ba", "mv")}
+    assert {k: item.value for k, item in got.items() if item} == {
+        "ba": b"from a bytearray",
+        "mv": b"from a memoryview",
+    }
 
 
 async def test_a_peer_version_near_the_top_of_the_range_cannot_overflow_local_versions(

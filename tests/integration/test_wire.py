@@ -102,6 +102,20 @@ async def test_a_cancelled_pipeline_leaves_the_ones_behind_it_their_own_replies(
         assert after["id"] == before["id"], "the connection was closed for a cancelled caller"
 
 
+async def test_a_pipeline_that_cannot_be_sent_fails_alone(redis_factory: RedisFactory) -> None:
+    """An argument the protocol cannot carry fails its own call, before anything is sent or any
+    reply is expected: the calls after it on the shared connection get their own replies."""
+    server = redis_factory()
+    async with wired(server.url, timeout=2.0) as (client, wire):
+        assert await wire.execute([("SET", "k", 0)]) in ([b"OK"], [True])
+        with pytest.raises(TypeError):
+            await wire.execute([("INCR", "k"), ("SET", "other", object())])
+        assert wire.in_flight == 0
+        replies = await asyncio.gather(*(wire.execute([("INCR", "k")]) for _ in range(3)))
+        assert sorted(r[0] for r in replies) == [1, 2, 3], replies
+        assert await client.exists("other") == 0
+
+
 async def test_a_cancelled_blocking_pipeline_closes_its_connection(
     redis_factory: RedisFactory,
 ) -> None:
