@@ -11,7 +11,7 @@ from replication_engine.engine import EngineError, ReplicationEngine
 from replication_engine.errors import ReplicationError
 from replication_engine.merkle import FormatError, Geometry, GeometryError
 from replication_engine.migrate import MigrationError
-from replication_engine.peer import PeerLayoutError, PeerUnavailable
+from replication_engine.peer import PeerIdentityError, PeerLayoutError, PeerUnavailable
 from replication_engine.store import (
     ApplyStatus,
     Item,
@@ -25,6 +25,7 @@ from replication_engine.store.redis_store import (
     StoreAccessError,
     StoreError,
     StoreKeyError,
+    StoreOwnershipError,
     StoreUnavailableError,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "MigrationError",
     "NotReplicatedError",
     "PartitionedStore",
+    "PeerIdentityError",
     "PeerLayoutError",
     "PeerUnavailable",
     "ReadOnlyStoreError",
@@ -54,6 +56,7 @@ __all__ = [
     "StoreAccessError",
     "StoreError",
     "StoreKeyError",
+    "StoreOwnershipError",
     "StoreUnavailableError",
     "load_config",
 ]

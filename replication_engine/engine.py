@@ -30,13 +30,13 @@ from replication_engine.membership import Membership
 from replication_engine.merkle import Geometry, GeometryError
 from replication_engine.observability.http import HttpServer
 from replication_engine.observability.metrics import ENGINE_STATES, Metrics
-from replication_engine.peer import Peer
+from replication_engine.peer import Peer, PeerLayoutError
 from replication_engine.redaction import redact_url
 from replication_engine.resilience import Backoff, breaker_state, make_breaker, sleep_or_stop
 from replication_engine.scrub import Scrub
 from replication_engine.store.partitioned import PartitionedStore
 from replication_engine.store.protocol import RecordKeeper
-from replication_engine.store.redis_store import RedisStore
+from replication_engine.store.redis_store import RedisStore, StoreOwnershipError
 
 if TYPE_CHECKING:
     from replication_engine.cold_path import ColdPath, RepairStats
@@ -75,6 +75,7 @@ class PeerHealth:
     mode: TailerMode | None  # None without a tailer (hot path off)
     lag_ms: int | None  # None while not known: no read yet, or the peer unreachable
     lag_events: int | None
+    problem: str | None = None  # what to fix, for a mode that only a config change ends
 
 
 @dataclass(eq=False)
@@ -359,6 +360,8 @@ class ReplicationEngine:
             return await RedisStore.connect(cfg.local.redis_url, **options)
         except GeometryError as exc:
             raise EngineError(f"local store: {exc}") from exc
+        except StoreOwnershipError:
+            raise  # it names what to fix; it is not an outage
         except Exception as exc:
             raise EngineError(
                 f"local store at {_redacted(cfg.local.redis_url)} "
@@ -450,6 +453,8 @@ class ReplicationEngine:
         )
         try:
             await part.membership.open()
+        except StoreOwnershipError:
+            raise
         except Exception as exc:
             where = f" (partition {part.name})" if part.suffix else ""
             raise EngineError(
@@ -527,6 +532,8 @@ class ReplicationEngine:
                 self._record_crash(f"tailer:{part.lane(peer_id)}", exc, peer=(part, peer_id))
                 if isinstance(exc, CursorSaveFailed):
                     tailer.mode = TailerMode.CURSOR_SAVE_FAILED
+                elif isinstance(exc, PeerLayoutError):
+                    tailer.mode = TailerMode.PEER_MISMATCH  # not ready until the config is
                 if await sleep_or_stop(self._stop, backoff.next_delay()):
                     return
 
@@ -552,10 +559,19 @@ class ReplicationEngine:
         if peer is not None:
             part, peer_id = peer
             part.metrics.tailer_restarts.labels(peer_id).inc()
+        # A peer that is not what the config says is the operator's to fix: its message says
+        # what to change, and a traceback per restart would bury it.
+        mismatch = isinstance(exc, PeerLayoutError)
         log.error(
             "engine.task_crashed",
-            exc_info=exc,
-            extra={"task": name, "error": message, "hint": "restarting with backoff"},
+            exc_info=None if mismatch else exc,
+            extra={
+                "task": name,
+                "error": message,
+                "hint": "fix the peer's config; retrying with backoff"
+                if mismatch
+                else "restarting with backoff",
+            },
         )
 
     async def _health_loop(self, peer: Peer) -> None:
@@ -900,6 +916,9 @@ class ReplicationEngine:
             mode=tailer.mode if tailer is not None else None,
             lag_ms=tailer.lag_ms if lag_known and tailer is not None else None,
             lag_events=tailer.lag_events if lag_known and tailer is not None else None,
+            problem=self.tailer_errors.get(f"tailer:{part.lane(peer_id)}")
+            if tailer is not None and tailer.mode is TailerMode.PEER_MISMATCH
+            else None,
         )
 
     def _peer_health(self, peer_id: str) -> PeerHealth:
@@ -923,6 +942,7 @@ class ReplicationEngine:
             mode=mode,
             lag_ms=None if None in lags else max(lag for lag in lags if lag is not None),
             lag_events=None if None in counts else sum(n for n in counts if n is not None),
+            problem=next((lane.problem for lane in lanes if lane.problem), None),
         )
 
     def render_metrics(self) -> bytes:
@@ -960,7 +980,7 @@ class ReplicationEngine:
         max_lag_ms, max_events = slo.max_replication_lag_sec * 1000, slo.max_replication_lag_events
         reasons = []
         if h.mode is not None and not h.mode.vouches:
-            reasons.append(str(h.mode))
+            reasons.append(f"{h.mode}: {h.problem}" if h.problem else str(h.mode))
         elif h.mode is not None and h.connected and h.lag_ms is None:
             reasons.append("lag not known yet")
         if h.lag_ms is not None and h.lag_ms > max_lag_ms:

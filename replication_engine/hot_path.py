@@ -97,6 +97,7 @@ class TailerMode(StrEnum):
     BACKPRESSURE = "backpressure"
     LOCAL_STORE_UNAVAILABLE = "local_store_unavailable"
     CURSOR_SAVE_FAILED = "cursor_save_failed"
+    PEER_MISMATCH = "peer_mismatch"  # the store at the peer's address is not this peer's
     STOPPED = "stopped"
 
     @property
@@ -114,6 +115,7 @@ _UNVOUCHED = frozenset(
         TailerMode.BACKPRESSURE,
         TailerMode.LOCAL_STORE_UNAVAILABLE,
         TailerMode.CURSOR_SAVE_FAILED,
+        TailerMode.PEER_MISMATCH,
     }
 )
 

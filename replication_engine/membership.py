@@ -39,6 +39,7 @@ from replication_engine.knowledge import (
 )
 from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
+from replication_engine.store.redis_store import StoreOwnershipError
 
 if TYPE_CHECKING:
     from replication_engine.store.protocol import Certification, RecordKeeper
@@ -147,10 +148,14 @@ class Membership:
 
         Returns with the HLC floor restored, so local writes through the store can go on. A
         local store that does not answer (or refuses the record) does not stop the engine from
-        starting: the node counts as recovering, and every tick tries again.
+        starting: the node counts as recovering, and every tick tries again. A store whose
+        record names another node does (StoreOwnershipError): that is a wrong config, which no
+        retry mends, and an engine on it would take that node's writes for its own.
         """
         try:
             await self._open()
+        except StoreOwnershipError:
+            raise  # a wrong config, not an outage: retrying would not make the store ours
         except Exception as exc:
             self._opened = False
             self.state = RECOVERING

@@ -169,6 +169,13 @@ class PeerLayoutError(GeometryError):
     """The peer's store is laid out in another number of partitions than this node's."""
 
 
+class PeerIdentityError(PeerLayoutError):
+    """The store at a peer's address is another node's: its record names that node. The
+    peer's ``redis_url`` or ``prefix`` is wrong (the local store's own address, say), or two
+    nodes share a ``node_id``. Nothing read from it may be applied or claimed, nor its record
+    count as the peer's knowledge; like a layout mismatch, only a config change mends it."""
+
+
 @dataclass(slots=True)
 class _Link:
     connected: bool = False
@@ -414,13 +421,28 @@ class Peer:
             for reply in (*waited, entries_raw):
                 if isinstance(reply, BaseException):
                     raise reply
-            return layout, _record(record_raw), parse_stream_info(info_raw), _entries(entries_raw)
+            return (
+                layout,
+                self._checked(_record(record_raw)),
+                parse_stream_info(info_raw),
+                _entries(entries_raw),
+            )
 
         # A wait's latency is the block time, not the peer's: "xread" is not timed.
         what = "xread" if wire is not None and block_ms is not None else "xrange"
         layout, record, info, entries = await self.call(run, what=what)
         self._check_layout(layout, keys.partition)
         return record, info, entries
+
+    def _checked(self, record: NodeRecord | None) -> NodeRecord | None:
+        """The peer's record, if it is this peer's; PeerIdentityError if another node's."""
+        if record is not None and record.node_id and record.node_id != self.node_id:
+            raise PeerIdentityError(
+                f"peer {self.node_id}: the store at {self.display_url} (prefix "
+                f"{self.keys.prefix!r}) belongs to node {record.node_id!r}; this peer's "
+                f"redis_url or prefix is wrong, or two nodes share a node_id"
+            )
+        return record
 
     def _check_layout(self, partitions: Any, name: str) -> None:
         """Refuse a partition of a store laid out otherwise than this node reads it: its
@@ -493,16 +515,17 @@ class Peer:
             layout, record_raw, info_raw, root_raw = replies[4 * at : 4 * at + 4]
             try:
                 self._check_layout(layout, name)
+                record = self._checked(_record(record_raw))
             except PeerLayoutError as exc:
                 _settle(waiting[name], exc)
                 continue
             root = ZERO if root_raw is None else bytes.fromhex(root_raw.decode("ascii"))
             for _waiter, counter in waiting[name]:
                 counter.round_trips += 1
-            _settle(waiting[name], (_record(record_raw), parse_stream_info(info_raw), root))
+            _settle(waiting[name], (record, parse_stream_info(info_raw), root))
 
     async def record(self) -> NodeRecord | None:
-        return await self.call(self.reader.node_record, what="record")
+        return self._checked(await self.call(self.reader.node_record, what="record"))
 
     async def clock(self) -> int:
         """The peer store's HLC (0 when it has none): a floor for a store that lost its own."""

@@ -102,6 +102,8 @@ MAX_CONTENT_TYPE_BYTES = 256
 # Prefix of the error a script raises when a store-wide key (clock, root, stream, record,
 # tombstone index) holds the wrong type: no single item is to blame, so nothing is isolated.
 _STORE_KEY_ERROR = "WRONGTYPE store key"
+# What open.lua answers for a record that names another node.
+_NOT_OURS = "this store belongs to node"
 # Refusals that concern the server or the connection, never one item: not isolated by splitting.
 _STORE_WIDE = (
     AuthenticationError,
@@ -177,6 +179,12 @@ class StoreKeyError(StoreError, RuntimeError):
     def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(message)
         self.key = key
+
+
+class StoreOwnershipError(StoreKeyError):
+    """The local store's record names another node: ``local.redis_url`` or ``local.prefix``
+    points at another node's store, or ``local_node_id`` is wrong. An engine on it would take
+    that node's writes for its own, so it does not start; nothing was written."""
 
 
 class _OutOfTurn(Exception):
@@ -432,10 +440,18 @@ class RedisStore:
         }
         # Written only when it changes, so a user that may only read the store can open it,
         # and never over another node's: the id there is the origin its functions stamp on
-        # every write (the engine refuses a store that belongs to another node anyway).
+        # every write, so a store opened on another node's Redis would write as that node.
         raw = await self.redis.hgetall(self.keys.part_meta)
         current = {text(k): text(v) for k, v in raw.items()}
-        if current.get("id", self.node_id) == self.node_id and current != fields:
+        owner = current.get("id", self.node_id)
+        if owner != self.node_id:
+            raise StoreOwnershipError(
+                f"node {self.node_id!r}: the store at prefix {self.keys.prefix!r} belongs to node "
+                f"{owner!r}; local.redis_url or local.prefix names another node's store, or "
+                f"local_node_id is wrong; nothing was written",
+                self.keys.part_meta,
+            )
+        if current != fields:
             await self.redis.hset(self.keys.part_meta, mapping=dict[Any, Any](fields))
 
     @_store_api
@@ -971,7 +987,8 @@ class RedisStore:
         relay setting starts a new epoch.
 
         Raises:
-            StoreKeyError: the record belongs to another node, or is not a hash.
+            StoreOwnershipError: the record belongs to another node.
+            StoreKeyError: the record is not a hash.
         """
         try:
             outcome, inc, epoch = await self._open(
@@ -979,7 +996,14 @@ class RedisStore:
                 args=[*self._base_args, mode, "1" if relay else "0", _token(16), _token(8)],
             )
         except ResponseError as exc:
-            raise _store_error(exc) from exc
+            error = _store_error(exc)
+            if _NOT_OURS in str(exc):
+                raise StoreOwnershipError(
+                    f"node {self.node_id!r}: {_describe(exc)}; local.redis_url or local.prefix "
+                    f"names another node's store, or local_node_id is wrong; nothing was written",
+                    error.key,
+                ) from exc
+            raise error from exc
         return text(outcome), text(inc), text(epoch)
 
     async def certify(

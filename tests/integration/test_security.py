@@ -415,7 +415,7 @@ async def test_the_replicator_user_cannot_write_and_each_attempt_is_logged_by_re
         host=peer.host, port=peer.port, username="replicator", password=REPLICATOR_PASSWORD
     )
     replicator_store = await RedisStore.connect(
-        peer.url, node_id="a", prefix=PREFIX, username="replicator", password=REPLICATOR_PASSWORD
+        peer.url, node_id="b", prefix=PREFIX, username="replicator", password=REPLICATOR_PASSWORD
     )
     attempts = {
         "set": lambda: as_replicator.set(f"{PREFIX}x", b"1"),

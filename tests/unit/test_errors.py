@@ -23,12 +23,14 @@ EXPECTED = {
     "LocalStoreError": ("RuntimeError", True),
     "MigrationError": ("RuntimeError", False),
     "NotReplicatedError": ("RuntimeError", True),
+    "PeerIdentityError": ("ValueError", False),
     "PeerLayoutError": ("ValueError", False),
     "PeerUnavailable": ("ConnectionError", True),
     "ReadOnlyStoreError": ("RuntimeError", False),
     "StoreAccessError": ("PermissionError", False),
     "StoreError": ("Exception", False),
     "StoreKeyError": ("RuntimeError", False),
+    "StoreOwnershipError": ("RuntimeError", False),
     "StoreUnavailableError": ("ConnectionError", True),
 }
 

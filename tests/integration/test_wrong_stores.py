@@ -1,0 +1,123 @@
+"""An operator's address mistakes: a peer's URL that names the local store (or any other node's),
+and a node configured onto another node's store. Each must be refused with a message naming the
+problem, and must not cost a write: read as the peer, another node's store makes a node's own
+writes look absent from "the peer", and the cold path drops what a peer does not hold."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.mesh import build_config, connect_store
+from replication_engine import ReplicationEngine, StoreOwnershipError
+from replication_engine.hot_path import TailerMode
+from replication_engine.testing import RedisFactory, async_wait_until
+
+SETTLE_S = 30.0
+# The cold path on, quickly: the path that drops a key a peer does not hold.
+COLD = {"settings": {"cold_path": {"enabled": True, "interval_sec": 0.5}}}
+
+
+def repair_cycles(engine: ReplicationEngine) -> float:
+    return sum(
+        sample.value
+        for family in engine.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "replication_repair_cycles_total"
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(config: Any) -> AsyncIterator[tuple[ReplicationEngine, Any]]:
+    store = await connect_store(config)
+    engine = ReplicationEngine(config, store=store)
+    await engine.start()
+    try:
+        yield engine, store
+    finally:
+        await engine.shutdown(5.0)
+        await store.close()
+
+
+async def test_a_peer_whose_address_is_the_local_store_is_refused_and_costs_nothing(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    server = redis_factory()
+    # The same Redis under another name: no text comparison of URLs can catch it.
+    alias = server.url.replace("127.0.0.1", "localhost")
+    assert alias != server.url
+    config = build_config("a", {"a": server.url, "b": alias}, ["b"], tmp_path / "a.db", common=COLD)
+    async with running(config) as (engine, store):
+        await store.put("mine", b"only copy")
+
+        def refused_on_both_paths() -> bool:
+            peer = engine.status()["peers"]["b"]
+            repair = peer.get("repair") or {}
+            return peer["mode"] == TailerMode.PEER_MISMATCH and "belongs to node 'a'" in str(
+                repair.get("geometry_error")
+            )
+
+        await async_wait_until(refused_on_both_paths, timeout=SETTLE_S)
+        ready, reasons = engine.readiness()
+        # Two more cold-path cycles have run since: the write is still here.
+        seen = repair_cycles(engine)
+        await async_wait_until(lambda: repair_cycles(engine) >= seen + 2, timeout=SETTLE_S)
+        item = await store.get("mine")
+
+    assert not ready
+    assert any(
+        r.startswith("peer b: peer_mismatch: ") and "belongs to node 'a'" in r for r in reasons
+    ), reasons
+    assert item is not None and item.value == b"only copy"
+
+
+async def test_two_nodes_sharing_a_node_id_refuse_each_other_and_keep_their_writes(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    servers = {"a": redis_factory(), "b": redis_factory()}
+    urls = {n: s.url for n, s in servers.items()}
+    first = build_config("a", urls, ["b"], tmp_path / "1.db", common=COLD)
+    # The second node's config copied from the first, with only its addresses changed.
+    second = build_config(
+        "a", {"a": urls["b"], "b": urls["a"]}, ["b"], tmp_path / "2.db", common=COLD
+    )
+    async with running(first) as (one, one_store), running(second) as (two, two_store):
+        await one_store.put("on-first", b"1")
+        await two_store.put("on-second", b"2")
+        for engine in (one, two):
+            await async_wait_until(
+                lambda engine=engine: (
+                    engine.status()["peers"]["b"]["mode"] == TailerMode.PEER_MISMATCH
+                ),
+                timeout=SETTLE_S,
+            )
+        readiness = [one.readiness(), two.readiness()]
+        kept = [await one_store.get("on-first"), await two_store.get("on-second")]
+        crossed = [await one_store.get("on-second"), await two_store.get("on-first")]
+
+    assert [ready for ready, _ in readiness] == [False, False]
+    assert all(item is not None for item in kept)
+    assert crossed == [None, None]  # nothing read from a store that is not the peer's
+
+
+@pytest.mark.parametrize("how", ["store", "engine"])
+async def test_a_node_configured_onto_another_nodes_store_does_not_start(
+    redis_factory: RedisFactory, tmp_path: Path, how: str
+) -> None:
+    server = redis_factory()
+    owner = build_config("a", {"a": server.url, "b": server.url}, [], tmp_path / "a.db")
+    async with running(owner) as (_engine, store):
+        await store.put("k", b"a's")
+        root = await store.merkle_root()
+        alias = server.url.replace("127.0.0.1", "localhost")
+        wrong = build_config("b", {"b": alias}, [], tmp_path / "b.db")
+        with pytest.raises(StoreOwnershipError, match="belongs to node 'a'"):
+            if how == "store":
+                await connect_store(wrong)
+            else:
+                await ReplicationEngine(wrong).start()
+        assert await store.merkle_root() == root
