@@ -8,13 +8,14 @@ file, environment overrides and turning validation errors into a ``ConfigError``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import typing
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -29,7 +30,7 @@ from pydantic import (
 from replication_engine.config.errors import _FieldProblems, _number, _Problem
 from replication_engine.connection import address_problem
 from replication_engine.merkle import Geometry
-from replication_engine.redaction import redact_url
+from replication_engine.redaction import redact_url, register_secret
 
 log = logging.getLogger(__name__)
 
@@ -622,6 +623,21 @@ class EngineConfig(_Section):
     peers: list[PeerConfig] = Field(default_factory=list)
     cursor: CursorConfig = Field(default_factory=CursorConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+
+    @model_validator(mode="after")
+    def _register_secrets(self) -> Self:
+        """Every password this config holds is masked wherever it shows from now on, however
+        a message spells the URL around it (redaction.register_secret)."""
+        for url, password in [
+            (self.local.redis_url, self.local.password),
+            *((peer.redis_url, peer.password) for peer in self.peers),
+        ]:
+            register_secret(password.get_secret_value() if password is not None else None)
+            with contextlib.suppress(ValueError):
+                in_url = urlsplit(url).password
+                register_secret(in_url)
+                register_secret(unquote(in_url) if in_url else None)
+        return self
 
     @model_validator(mode="after")
     def _check_peers(self) -> Self:

@@ -890,10 +890,40 @@ def test_repr_str_and_redacted_dict_hide_passwords() -> None:
         ("u:pw@host", "u:***@host"),
         ("", ""),
         ("not a url", "not a url"),
+        # Mistyped schemes, as a config error quotes them.
+        ("got 'redis//:typo-pw@h:1/0'", "got 'redis//:***@h:1/0'"),
+        ("redis:://:typo-pw@h", "redis:***@h"),
+        ("//:typo-pw@h", "//:***@h"),
+        # An unescaped blank in the password.
+        ("at redis://:two words@h:1/0 failed", "at redis://:***@h:1/0 failed"),
+        # Not secrets: a user without a password, a Lua error's position, a cluster node's
+        # bus port, a URL without credentials ahead of an address.
+        ("rediss://user@host", "rediss://user@host"),
+        (
+            "ERR (call to f_re_put): @user_script:57: boom",
+            "ERR (call to f_re_put): @user_script:57: boom",
+        ),
+        ("10.0.0.1:6379@16379 master", "10.0.0.1:6379@16379 master"),
+        (
+            "redis://h:6379 refused; mail ops@example.com",
+            "redis://h:6379 refused; mail ops@example.com",
+        ),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+def test_a_configured_password_is_masked_wherever_it_shows() -> None:
+    secret = "Reg1stered-Only-Here"
+    EngineConfig.model_validate(
+        {
+            "local_node_id": "a",
+            "peers": [{"node_id": "b", "redis_url": "redis://h:1/0", "password": secret}],
+        }
+    )
+    shown = redact_url(f"AuthenticationError: invalid password {secret!r} for user default")
+    assert secret not in shown and "***" in shown
 
 
 @given(
