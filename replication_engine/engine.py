@@ -829,6 +829,9 @@ class ReplicationEngine:
                 "latency_ms": _round(peer.latency_ms),
                 "last_activity": peer.last_ok_wall,
                 "last_error": peer.last_error,
+                # False while the last read found nothing under the peer's prefix (log
+                # peer.no_store says why that may be).
+                "store_found": not peer.no_store,
             }
             single = self._single()
             if single is not None:

@@ -183,6 +183,9 @@ class _Link:
     last_ok_wall: float | None = None
     last_error: str | None = None
     latency_ms: float | None = None
+    # Whether the last read found no store at all (no partition meta, no record): said once
+    # per stretch, as a peer whose engine never started and a wrong prefix look the same.
+    no_store: bool = False
 
 
 class PeerUnavailable(ReplicationError, ConnectionError):
@@ -282,6 +285,11 @@ class Peer:
     @property
     def connected(self) -> bool:
         return self._link.connected
+
+    @property
+    def no_store(self) -> bool:
+        """Whether the last read found nothing stored under the prefix (see peer.no_store)."""
+        return self._link.no_store
 
     @property
     def last_ok(self) -> float | None:
@@ -432,7 +440,25 @@ class Peer:
         what = "xread" if wire is not None and block_ms is not None else "xrange"
         layout, record, info, entries = await self.call(run, what=what)
         self._check_layout(layout, keys.partition)
+        self._note_store(layout is None and record is None and not entries)
         return record, info, entries
+
+    def _note_store(self, absent: bool) -> None:
+        if absent and not self._link.no_store:
+            log.warning(
+                "peer.no_store",
+                extra={
+                    "peer": self.node_id,
+                    "prefix": self.keys.prefix,
+                    "url": self.display_url,
+                    "hint": "nothing is stored under this prefix there: the peer's engine has "
+                    "not started yet, or this peer's prefix or redis_url is wrong (it is read "
+                    "as an empty store meanwhile)",
+                },
+            )
+        elif not absent and self._link.no_store:
+            log.info("peer.store_found", extra={"peer": self.node_id, "prefix": self.keys.prefix})
+        self._link.no_store = absent
 
     def _checked(self, record: NodeRecord | None) -> NodeRecord | None:
         """The peer's record, if it is this peer's; PeerIdentityError if another node's."""

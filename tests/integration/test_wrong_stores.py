@@ -6,6 +6,7 @@ writes look absent from "the peer", and the cold path drops what a peer does not
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -121,3 +122,22 @@ async def test_a_node_configured_onto_another_nodes_store_does_not_start(
             else:
                 await ReplicationEngine(wrong).start()
         assert await store.merkle_root() == root
+
+
+async def test_a_peer_prefix_with_nothing_under_it_is_said_once_and_shown_in_status(
+    redis_factory: RedisFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    servers = {"a": redis_factory(), "b": redis_factory()}
+    urls = {n: s.url for n, s in servers.items()}
+    b_config = build_config("b", urls, ["a"], tmp_path / "b.db")
+    # a reads b under a prefix b does not use: it can only see an empty store there.
+    a_config = build_config(
+        "a", urls, ["b"], tmp_path / "a.db", peer_options={"prefix": "elsewhere:"}
+    )
+    with caplog.at_level(logging.INFO, logger="replication_engine.peer"):
+        async with running(b_config), running(a_config) as (a, _store):
+            await async_wait_until(
+                lambda: a.status()["peers"]["b"].get("store_found") is False, timeout=SETTLE_S
+            )
+    said = [r for r in caplog.records if r.getMessage() == "peer.no_store"]
+    assert len(said) == 1 and said[0].prefix == "elsewhere:", said  # type: ignore[attr-defined]
