@@ -57,6 +57,8 @@ META_NONCE_PENDING = "store_nonce_pending"
 META_FLOOR = "hlc_floor"
 # Batches of tombstones collected per tick at most: bounded work, the rest next tick.
 GC_BATCHES_PER_TICK = 8
+# How _known_by names a peer it could not ask.
+_UNASKED = "unreachable peer "
 # Seconds a peer's clock read may take while the HLC floor is restored.
 FLOOR_READ_TIMEOUT_SEC = 2.0
 
@@ -181,7 +183,14 @@ class Membership:
         own = await self.store.record()
         if outcome == "created":
             known_by = await self._known_by()
-            if known_by:
+            if known_by and known_by.startswith(_UNASKED):
+                # A new node whose peer is down looks the same as a wiped one: be safe.
+                await self._enter_recovery(
+                    f"the store has no record, and {known_by} whether it knows this node's "
+                    f"writes (a new node, or one whose Redis was wiped or replaced): "
+                    f"recovering, to be safe"
+                )
+            elif known_by:
                 await self._enter_recovery(
                     f"the store has no record, but {known_by} knows this node's writes: its "
                     f"Redis was wiped or replaced"
@@ -333,7 +342,7 @@ class Membership:
                 async with asyncio.timeout(FLOOR_READ_TIMEOUT_SEC):
                     record = await peer.record()
             except Exception:
-                return f"unreachable peer {peer.node_id} (it cannot be asked, so it may)"
+                return f"{_UNASKED}{peer.node_id} cannot be asked"
             self.records[peer.node_id] = record
             if record is not None and _knows_writes_of(record, self.node_id):
                 return f"peer {peer.node_id}"
