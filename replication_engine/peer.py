@@ -429,17 +429,13 @@ class Peer:
             for reply in (*waited, entries_raw):
                 if isinstance(reply, BaseException):
                     raise reply
-            return (
-                layout,
-                self._checked(_record(record_raw)),
-                parse_stream_info(info_raw),
-                _entries(entries_raw),
-            )
+            return layout, _record(record_raw), parse_stream_info(info_raw), _entries(entries_raw)
 
         # A wait's latency is the block time, not the peer's: "xread" is not timed.
         what = "xread" if wire is not None and block_ms is not None else "xrange"
         layout, record, info, entries = await self.call(run, what=what)
         self._check_layout(layout, keys.partition)
+        self._checked(record)  # after the call: a wrong config is not a failure of the link
         self._note_store(layout is None and record is None and not entries)
         return record, info, entries
 
