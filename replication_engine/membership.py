@@ -293,9 +293,12 @@ class Membership:
                     f"yet persisted may be lost"
                 )
             else:
+                # The same Redis process: no restart, so either the record was put back by
+                # hand (a restore into a running server) or another engine certifies it too.
                 why = (
-                    "the store's record does not hold the nonce this engine wrote last: it was "
-                    "restored or rewritten"
+                    f"the store's record does not hold the nonce this engine wrote last: "
+                    f"another engine for node {self.node_id} runs on this store (stop all but "
+                    f"one), or the record was restored or rewritten"
                 )
             if self.state == RECOVERING:
                 why = f"{why} (again, during its recovery: starting it over)"

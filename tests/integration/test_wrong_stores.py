@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from harness.mesh import build_config, connect_store
+from harness.mesh import build_config, connect_store, open_mesh
 from replication_engine import ReplicationEngine, StoreOwnershipError
 from replication_engine.hot_path import TailerMode
 from replication_engine.testing import RedisFactory, async_wait_until
@@ -141,3 +141,26 @@ async def test_a_peer_prefix_with_nothing_under_it_is_said_once_and_shown_in_sta
             )
     said = [r for r in caplog.records if r.getMessage() == "peer.no_store"]
     assert len(said) == 1 and said[0].prefix == "elsewhere:", said  # type: ignore[attr-defined]
+
+
+async def test_a_second_engine_for_one_node_is_named_as_the_likely_cause(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # Started twice by mistake, each with its own cursor database (two hosts, say): each finds
+    # the other's certification in the record, which looks like a store put back by hand.
+    fast = {"settings": {"membership": {"interval_sec": 0.2}}}
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b"], "b": ["a"]}, common=fast) as mesh:
+        first = mesh["a"].running()
+        config = mesh["a"].config
+        elsewhere = config.cursor.model_copy(update={"sqlite_path": str(tmp_path / "2.db")})
+        second_config = config.model_copy(update={"cursor": elsewhere})
+        async with running(second_config) as (second, _store):
+
+            def named() -> bool:
+                return any(
+                    "another engine for node a runs on this store" in reason
+                    for engine in (first, second)
+                    for reason in engine.readiness()[1]
+                )
+
+            await async_wait_until(named, timeout=SETTLE_S)
