@@ -1,7 +1,9 @@
 """An operator's address mistakes: a peer's URL that names the local store (or any other node's),
-and a node configured onto another node's store. Each must be refused with a message naming the
-problem, and must not cost a write: read as the peer, another node's store makes a node's own
-writes look absent from "the peer", and the cold path drops what a peer does not hold."""
+a node configured onto another node's store, a peer prefix with nothing under it, one node's
+engine started twice. Each must be refused with a message naming the problem (or, where it
+looks like a normal start, said), and must not cost a write: read as the peer, another node's
+store makes a node's own writes look absent from "the peer", and the cold path drops what a
+peer does not hold."""
 
 from __future__ import annotations
 
