@@ -71,7 +71,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    if value > _MAX_COUNT:
+        # SQLite's integers (a quarantine row id, a LIMIT) end here.
+        raise argparse.ArgumentTypeError(f"expected at most {_MAX_COUNT}, got {value}")
     return value
+
+
+_MAX_COUNT = 2**63 - 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,6 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     forget.add_argument("node", help="the member's node id")
     forget.add_argument("--config", required=True, help="this node's config file")
+    forget.add_argument(
+        "--force",
+        action="store_true",
+        help="forget it even though its store still answers (its writes are then dropped)",
+    )
 
     migrate = sub.add_parser(
         "migrate",
@@ -140,7 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument(
         "--dry-run", action="store_true", help="say what it would do, change nothing"
     )
-    migrate.add_argument("--batch", type=int, default=1000, help="keys per step (default 1000)")
+    migrate.add_argument(
+        "--batch", type=_positive_int, default=1000, help="keys per step (default 1000)"
+    )
 
     functions_cmd = sub.add_parser(
         "functions", help="the store's Redis Functions library (docs/FORMAT.md, 'Functions')"
@@ -156,7 +169,9 @@ def _parser() -> argparse.ArgumentParser:
         "checked (a node unreachable, another tree geometry).",
     )
     verify.add_argument("--config", required=True)
-    verify.add_argument("--limit", type=int, default=20, help="divergent keys to list per peer")
+    verify.add_argument(
+        "--limit", type=_positive_int, default=20, help="divergent keys to list per peer"
+    )
     verify.add_argument(
         "--deep",
         action="store_true",
@@ -187,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     quarantine.add_argument("--json", action="store_true", help="one JSON object per row, raw")
     quarantine.add_argument(
         "--value",
-        type=int,
+        type=_positive_int,
         metavar="ID",
         help="write the value row ID carried to stdout, decompressed and checked against its "
         "content hash (to write it again)",
@@ -269,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "forget":
             from replication_engine.tools import forget
 
-            return asyncio.run(forget(load_config(args.config), args.node))
+            return asyncio.run(forget(load_config(args.config), args.node, force=args.force))
     except ConfigError as exc:
         _report_failure(
             json_format,

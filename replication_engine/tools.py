@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from replication_engine import clock, codec
 from replication_engine.config import EngineConfig
+from replication_engine.config.models import _NODE_ID_RE
 from replication_engine.connection import TlsOptions, client_maker, make_client
 from replication_engine.cursor import (
     CursorError,
@@ -362,6 +363,25 @@ def _anchor(record: NodeRecord | None, peer_id: str) -> Anchor | None:
     return None if record is None else record.anchors.get(peer_id)
 
 
+async def _answers_as(config: EngineConfig, node_id: str) -> str | None:
+    """The address (password masked) where ``node_id``'s own store answers as that node, if it
+    is one of the config's peers and does, within FORGET_PROBE_SEC; else None."""
+    index = next((i for i, p in enumerate(config.peers) if p.node_id == node_id), None)
+    if index is None:
+        return None
+    _node, readers = _peer_client(config, index)
+    try:
+        async with asyncio.timeout(FORGET_PROBE_SEC):
+            record = await readers[0].node_record()
+    except Exception:  # down, unreachable, refusing: gone, as far as forget can tell
+        return None
+    finally:
+        await _close(readers)
+    if record is None or record.node_id != node_id:
+        return None
+    return redact_url(config.peers[index].redis_url)
+
+
 async def _saved_cursors(config: EngineConfig) -> dict[str, str]:
     """This node's cursor in each peer's stream, from the cursor database."""
     cursors: dict[str, str] = {}
@@ -404,7 +424,7 @@ async def _node_row(
     ]
     behind = [
         (
-            codec.lag_ms(position, info.last),
+            codec.lag_ms(position, info.last, info.first),  # from the first entry at most
             codec.lag_events(position, info.first, info.last, info.length),
         )
         for info, position in zip(infos, positions, strict=True)
@@ -572,6 +592,13 @@ async def migrate(
     except MigrationError as exc:
         say(f"migration stopped: {exc}")
         return 1
+    except RedisError as exc:  # down or refusing this user: run it again once fixed
+        print(
+            f"migration stopped: the local Redis at {redact_url(local.redis_url)} failed: "
+            f"{type(exc).__name__}: {redact_url(str(exc))}",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         await redis.aclose()
     say(
@@ -593,19 +620,62 @@ async def migrate(
     return 0
 
 
-async def forget(config: EngineConfig, node_id: str, *, out: TextIO = sys.stdout) -> int:
+# Seconds forget waits for the node's own store to answer before taking it for gone.
+FORGET_PROBE_SEC = 2.0
+
+
+async def forget(
+    config: EngineConfig, node_id: str, *, force: bool = False, out: TextIO = sys.stdout
+) -> int:
     """Add ``node_id`` to the local store's forgotten list (docs/DELETES.md, "Membership").
 
     Works with or without a running sidecar: the engine reads the list at its next tick and
-    every node learns it from this one's record. Returns 0, or 2 for this node's own id.
+    every node learns it from this one's record, for good. So it takes only a member of the
+    mesh (a typo would spread to every node and bar that name for ever), and not one whose
+    store still answers as that node, unless ``force``: a node forgotten while it takes writes
+    has them dropped everywhere, its own store included. Returns 0 (also for a node already
+    forgotten), 1 when this node's store cannot be opened, or 2 for a refusal.
     """
     if node_id == config.local_node_id:
         print(f"{node_id} is this node: a node cannot forget itself", file=out)
         return 2
-    store = await _local_store(config)
+    if not _NODE_ID_RE.fullmatch(node_id):
+        print(
+            f"{node_id!r} is not a node id (1-128 of A-Z a-z 0-9 . _ -); nothing changed", file=out
+        )
+        return 2
     try:
+        store = await _local_store(config)
+    except ReplicationError as exc:
+        print(f"cannot open this node's store: {redact_url(str(exc))}", file=sys.stderr)
+        return 1
+    try:
+        members, forgotten = await _parts(store)[0].add_to_record()  # adds nothing: a read
+        if node_id in forgotten:
+            print(f"{node_id} is forgotten already; nothing changed", file=out)
+            return 0
+        if node_id not in members:
+            known = ", ".join(sorted(members)) or "none recorded yet"
+            print(
+                f"{node_id} is not a member of this mesh (members: {known}); nothing changed",
+                file=out,
+            )
+            return 2
+        answering = await _answers_as(config, node_id)
+        if answering is not None and not force:
+            print(
+                f"{node_id}'s store answers at {answering}: forget is for a member gone for good. "
+                f"Stop its sidecar and its Redis first (a node forgotten while it takes writes "
+                f"has them dropped on every node, its own included), or pass --force; nothing "
+                f"changed",
+                file=out,
+            )
+            return 2
         for part in _parts(store):  # every partition keeps its own record
             members, forgotten = await part.add_to_record(forgotten=[node_id])
+    except ReplicationError as exc:
+        print(f"this node's store failed: {redact_url(str(exc))}", file=sys.stderr)
+        return 1
     finally:
         await store.close()
     print(

@@ -690,6 +690,56 @@ async def test_forget_adds_a_member_to_the_forgotten_list_of_the_local_store(
         assert forgotten == {"gone"} and members == {"a", "b"}
         itself = await run_cli(["forget", "a", "--config", str(config)], cwd=tmp_path)
         assert itself.returncode == 2 and "cannot forget itself" in itself.stdout
+        # Forgetting spreads to every node for good: a typo or a non-id is refused, and a
+        # second forget changes nothing.
+        typo = await run_cli(["forget", "gnoe", "--config", str(config)], cwd=tmp_path)
+        assert typo.returncode == 2 and "gnoe is not a member" in typo.stdout, typo
+        bad = await run_cli(["forget", "c d!", "--config", str(config)], cwd=tmp_path)
+        assert bad.returncode == 2 and "is not a node id" in bad.stdout, bad
+        again = await run_cli(["forget", "gone", "--config", str(config)], cwd=tmp_path)
+        assert again.returncode == 0 and "forgotten already" in again.stdout, again
+        assert await store.add_to_record() == ({"a", "b"}, {"gone"})
+
+
+async def test_forget_refuses_a_member_whose_store_still_answers_unless_forced(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    servers = {"a": redis_factory(), "b": redis_factory()}
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": servers["a"].url, "prefix": PREFIX},
+            "peers": [{"node_id": "b", "redis_url": servers["b"].url}],
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+        },
+    )
+    async with stores(("a", servers["a"].url), ("b", servers["b"].url)) as (store, peer):
+        await store.add_to_record(members=["a", "b"])
+        await peer.open_record(mode="mesh", relay=False)  # b's store answers as b
+        alive = await run_cli(["forget", "b", "--config", str(config)], cwd=tmp_path)
+        assert alive.returncode == 2 and "b's store answers at" in alive.stdout, alive
+        assert (await store.add_to_record())[1] == set()
+        forced = await run_cli(["forget", "b", "--force", "--config", str(config)], cwd=tmp_path)
+        assert forced.returncode == 0 and "forgot b" in forced.stdout, forced
+        assert (await store.add_to_record())[1] == {"b"}
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["forget", "gone"], "cannot open this node's store"),
+        (["migrate"], "migration stopped: the local Redis at"),
+    ],
+)
+async def test_a_tool_with_the_local_store_down_says_so_without_a_traceback(
+    tmp_path: Path, command: list[str], said: str
+) -> None:
+    config = local_only_config(tmp_path, f"redis://:pw-{free_port()}@127.0.0.1:{free_port()}/0")
+    result = await run_cli([*command, "--config", str(config)], cwd=tmp_path)
+    assert result.returncode == 1, result
+    assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "pw-" not in result.stderr
 
 
 async def test_functions_load_prepares_a_new_store_for_clients_and_migrate_says_nothing_to_do(
@@ -855,6 +905,32 @@ async def test_status_mesh_prints_every_node_root_and_flags_the_divergent_one(
     assert rows["c"].rstrip().endswith("DIVERGENT"), rows["c"]
     assert "DIVERGENT" not in rows["a"] and "DIVERGENT" not in rows["b"]
     assert "LAGGING" not in result.stdout
+
+
+async def test_status_mesh_measures_a_cursor_before_the_stream_from_its_first_entry(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    servers = {n: redis_factory() for n in ("a", "b")}
+    cursor_path = tmp_path / "cursors.db"
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": servers["a"].url, "prefix": PREFIX},
+            "peers": [{"node_id": "b", "redis_url": servers["b"].url}],
+            "cursor": {"sqlite_path": str(cursor_path)},
+        },
+    )
+    async with stores(*((n, s.url) for n, s in servers.items())) as (_a, b):
+        for i in range(5):
+            await b.put(f"k{i}", b"v")
+        async with await CursorStore.open(cursor_path) as cursors:
+            await cursors.save("b", "0-0")  # a reader that has read nothing yet
+        result = await run_cli(["status", "--mesh", "--config", str(config)], cwd=tmp_path)
+    row = next(line for line in result.stdout.splitlines() if line.startswith("b "))
+    lag_ms = int(row.split(" ms / ")[0].split()[-1])
+    # The backlog's span (the five puts took well under a minute), not the time since 1970.
+    assert 0 <= lag_ms < 60_000 and "5 ev" in row, row
 
 
 # ------------------------------------------------------------------------------------ demo
