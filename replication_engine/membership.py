@@ -57,6 +57,11 @@ META_NONCE_PENDING = "store_nonce_pending"
 META_FLOOR = "hlc_floor"
 # Batches of tombstones collected per tick at most: bounded work, the rest next tick.
 GC_BATCHES_PER_TICK = 8
+# What a node the mesh forgot says (docs/DELETES.md, "Forgetting a member").
+_FORGOTTEN = (
+    "the mesh forgot this node: every member drops its writes, so it takes none; to bring the "
+    "machine back, wipe its store and give it a new node id"
+)
 # How _known_by names a peer it could not ask.
 _UNASKED = "unreachable peer "
 # Seconds a peer's clock read may take while the HLC floor is restored.
@@ -473,6 +478,13 @@ class Membership:
             published, gone = await self.store.add_to_record(members=published, forgotten=gone)
         newly = gone - self.forgotten
         self.members, self.waited_for, self.forgotten = published, waited - gone, gone
+        if self.node_id in gone and self.store.writes_refused is None:
+            # Every member drops this node's writes now: taking one would acknowledge a loss.
+            self.store.writes_refused = _FORGOTTEN
+            log.error(
+                "membership.self_forgotten",
+                extra={"node": self.node_id, "hint": _FORGOTTEN},
+            )
         self._open_barriers(own)
         for peer in self.peers:
             if peer.node_id in newly:
@@ -688,6 +700,8 @@ class Membership:
         }
 
     def not_ready_reason(self) -> str | None:
+        if self.node_id in self.forgotten:
+            return _FORGOTTEN
         if self.state == SERVING:
             return None
         pending = ", ".join(sorted(self.recovery_pending)) or "-"

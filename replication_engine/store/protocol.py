@@ -219,6 +219,7 @@ class RecordKeeper(Store, Scrubbable, Protocol):
     read_only: bool
     max_batch_bytes: int
     writes_paused: str | None  # why local writes wait (the HLC floor being restored), or None
+    writes_refused: str | None  # why local writes are refused for good (a forgotten node)
 
     async def open_record(self, *, mode: str, relay: bool) -> tuple[str, str, str]: ...
     async def certify(

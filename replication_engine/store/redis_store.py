@@ -132,7 +132,8 @@ class StoreAccessError(StoreError, PermissionError):
 
 
 class ReadOnlyStoreError(StoreError, RuntimeError):
-    """A local write on a follower: followers only take writes from their upstream."""
+    """A local write on a follower (followers only take writes from their upstream), or on a
+    node the mesh forgot (every member drops its writes)."""
 
 
 class StoreUnavailableError(StoreError, ConnectionError):
@@ -304,6 +305,8 @@ class RedisStore:
         self.max_batch_bytes = max_batch_bytes
         # Why local writes are paused (the engine restoring the HLC floor), or None.
         self.writes_paused: str | None = None
+        # Why local writes are refused for good (the mesh forgot this node), or None.
+        self.writes_refused: str | None = None
         self.reader = TreeReader(redis, self.keys, counter=ReadCounter(), max_payload=max_payload)
         self._apply = redis.register_script(functions.script_source("apply.lua"))
         # The apply script's calls and the local writes, each one write and one read
@@ -659,6 +662,10 @@ class RedisStore:
     def _check_writable(self) -> None:
         if self.read_only:
             self._refuse_local_write()
+        if self.writes_refused is not None:
+            raise ReadOnlyStoreError(
+                f"node {self.node_id!r}: local writes are refused: {self.writes_refused}"
+            )
         if self.writes_paused is not None:
             raise StoreUnavailableError(
                 f"node {self.node_id!r}: local writes are paused: {self.writes_paused}"

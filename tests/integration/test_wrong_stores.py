@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from harness.mesh import build_config, connect_store, open_mesh
-from replication_engine import ReplicationEngine, StoreOwnershipError
+from replication_engine import ReadOnlyStoreError, ReplicationEngine, StoreOwnershipError
 from replication_engine.hot_path import TailerMode
 from replication_engine.testing import RedisFactory, async_wait_until
 
@@ -166,3 +166,23 @@ async def test_a_second_engine_for_one_node_is_named_as_the_likely_cause(
                 )
 
             await async_wait_until(named, timeout=SETTLE_S)
+
+
+async def test_a_node_the_mesh_forgot_refuses_writes_instead_of_losing_them(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # Forgotten while it still runs (engine.forget, or the CLI with --force): every member drops
+    # its writes from then on, so a write it acknowledged would be a write lost.
+    fast = {"settings": {"membership": {"interval_sec": 0.2}}}
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b"], "b": ["a"]}, common=fast) as mesh:
+        await mesh["b"].store.put("before", b"written while a member")
+        await mesh["a"].running().forget("b")
+        b = mesh["b"].running()
+
+        def told() -> bool:
+            return any("the mesh forgot this node" in reason for reason in b.readiness()[1])
+
+        await async_wait_until(told, timeout=SETTLE_S)
+        with pytest.raises(ReadOnlyStoreError, match="the mesh forgot this node"):
+            await mesh["b"].store.put("after", b"would be dropped everywhere")
+        assert await mesh["b"].store.get("after") is None
