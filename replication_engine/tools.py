@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from replication_engine import clock, codec
 from replication_engine.config import EngineConfig
-from replication_engine.config.models import _NODE_ID_RE
+from replication_engine.config.models import NODE_ID_RULE, is_node_id
 from replication_engine.connection import TlsOptions, client_maker, make_client
 from replication_engine.cursor import (
     CursorError,
@@ -639,10 +639,8 @@ async def forget(
     if node_id == config.local_node_id:
         print(f"{node_id} is this node: a node cannot forget itself", file=out)
         return 2
-    if not _NODE_ID_RE.fullmatch(node_id):
-        print(
-            f"{node_id!r} is not a node id (1-128 of A-Z a-z 0-9 . _ -); nothing changed", file=out
-        )
+    if not is_node_id(node_id):
+        print(f"{node_id!r} is not a node id ({NODE_ID_RULE}); nothing changed", file=out)
         return 2
     try:
         store = await _local_store(config)

@@ -123,9 +123,17 @@ def _is_number_text(text: str) -> bool:
     return True
 
 
+NODE_ID_RULE = "1-128 characters from A-Z a-z 0-9 . _ -"
+
+
+def is_node_id(value: str) -> bool:
+    """Whether ``value`` may name a node (the config's rule, for tools that take an id)."""
+    return _NODE_ID_RE.fullmatch(value) is not None
+
+
 def _check_node_id(value: str) -> str:
-    if not _NODE_ID_RE.fullmatch(value):
-        raise ValueError("expected 1-128 characters from A-Z a-z 0-9 . _ -")
+    if not is_node_id(value):
+        raise ValueError(f"expected {NODE_ID_RULE}")
     return value
 
 
