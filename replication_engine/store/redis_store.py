@@ -209,6 +209,10 @@ def _stored_version(fields: Mapping[bytes, bytes]) -> tuple[int, str] | None:
         return None
 
 
+# The error code scripts/api.lua refuses a forgotten node's writes with.
+_FORGOTTEN_CODE = "FORGOTTEN "
+
+
 @contextlib.contextmanager
 def _as_store_errors(node_id: str) -> Iterator[None]:
     """Redis's failures as the store's own errors, so that an embedder catches the package's
@@ -230,6 +234,11 @@ def _as_store_errors(node_id: str) -> Iterator[None]:
         if kind is Failure.DENIED:
             raise StoreAccessError(
                 f"node {node_id!r}: the local Redis refused this user: {words}"
+            ) from exc
+        if str(exc).startswith(_FORGOTTEN_CODE):
+            # The functions' refusal of a node the mesh forgot (scripts/api.lua): for good.
+            raise ReadOnlyStoreError(
+                f"node {node_id!r}: local writes are refused: {str(exc)[len(_FORGOTTEN_CODE) :]}"
             ) from exc
         if _is_refusal(exc):
             raise _store_error(exc) from exc

@@ -14,13 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.exceptions import ResponseError
 
 from harness.mesh import build_config, connect_store, open_mesh
 from replication_engine import ReadOnlyStoreError, ReplicationEngine, StoreOwnershipError
 from replication_engine.hot_path import TailerMode
-from replication_engine.testing import RedisFactory, async_wait_until
+from replication_engine.testing import (
+    RedisFactory,
+    async_wait_until,
+    find_redis_server,
+    redis_server_version,
+)
 
 SETTLE_S = 30.0
+HAS_FUNCTIONS = redis_server_version(find_redis_server())[0] >= 7
 # The cold path on, quickly: the path that drops a key a peer does not hold.
 COLD = {"settings": {"cold_path": {"enabled": True, "interval_sec": 0.5}}}
 
@@ -185,4 +192,23 @@ async def test_a_node_the_mesh_forgot_refuses_writes_instead_of_losing_them(
         await async_wait_until(told, timeout=SETTLE_S)
         with pytest.raises(ReadOnlyStoreError, match="the mesh forgot this node"):
             await mesh["b"].store.put("after", b"would be dropped everywhere")
+        # Every other client writes through the store's functions, and they refuse too: a
+        # store opened by another process (which has not heard) and a raw FCALL from another
+        # language.
+        other = await connect_store(mesh["b"].config)
+        try:
+            with pytest.raises(ReadOnlyStoreError, match="forgot node b"):
+                await other.put("elsewhere", b"would be dropped everywhere")
+            with pytest.raises(ReadOnlyStoreError, match="forgot node b"):
+                await other.delete("before")
+            if HAS_FUNCTIONS:
+                with pytest.raises(ResponseError, match=r"^FORGOTTEN the mesh forgot node b"):
+                    await other.redis.execute_command(
+                        "FCALL", "re_put", 1, other.keys.item("raw"), b"from another language"
+                    )
+        finally:
+            await other.close()
         assert await mesh["b"].store.get("after") is None
+        assert await mesh["b"].store.get("elsewhere") is None
+        assert await mesh["b"].store.get("raw") is None
+        assert await mesh["b"].store.get("before") is not None

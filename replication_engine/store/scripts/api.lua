@@ -7,7 +7,7 @@
 -- itself which partition and leaf bucket it belongs in, and refuses the whole call, writing
 -- nothing, when a declared key is in the wrong partition or the store cannot take it. Every
 -- key it touches shares the declared key's hash tag: one Redis Cluster slot per call.
-local LIBRARY_VERSION = 5
+local LIBRARY_VERSION = 6
 local MAX_KEY_BYTES = 4096
 local MAX_CONTENT_TYPE = 256
 local MAX_TRACE_PARENT = 256
@@ -176,10 +176,27 @@ local function write_local(w, store, path, cur, last)
   return {hlc, sid}
 end
 
+-- A node the mesh forgot (docs/DELETES.md, "Membership"): every member drops its writes from
+-- then on, its own store included, so a write taken here would be acknowledged and then lost.
+-- Its record lists it among the forgotten once its engine learns it; that is checked here, where
+-- every client's writes pass, and not only by the Python store. The error code FORGOTTEN lets a
+-- client tell it from a refused argument.
+local function forgotten_here()
+  local gone = call('HGET', REC, 'forgotten')
+  if gone and string.find(',' .. gone .. ',', ',' .. SELF .. ',', 1, true) then
+    return {err = 'FORGOTTEN the mesh forgot node ' .. SELF .. ': every member drops its ' ..
+      'writes, so it takes none; nothing was written. To bring the machine back, wipe its ' ..
+      'store and give it a new node id'}
+  end
+  return nil
+end
+
 -- Check everything a batch can fail on, then write it: a refused call writes nothing.
 local function write_all(keys, writes, store)
   local problem = check_store_keys({HLC_KEY, 'string', ROOT_KEY, 'string', TOMBS_KEY, 'zset',
-    CDC_KEY, 'stream'})
+    CDC_KEY, 'stream', REC, 'hash'})
+  if problem then return problem end
+  problem = forgotten_here()
   if problem then return problem end
   local paths, curs, seen = {}, {}, {}
   for i = 1, #writes do
