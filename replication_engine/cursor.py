@@ -89,8 +89,9 @@ _META_TABLE = """CREATE TABLE IF NOT EXISTS meta (
         updated_ms INTEGER NOT NULL
     )"""
 # Whole payloads of this store's own versions that it dropped or replaced (docs/DELETES.md,
-# "Written off" and "Claims"), beside their quarantine rows, whose fields are cut at
-# QUARANTINE_FIELD_MAX_BYTES: what an operator needs to write such a value again. Bounded in
+# "Written off" and "Claims"), and of peers' entries whose rows cut them, beside their
+# quarantine rows, whose fields are cut at QUARANTINE_FIELD_MAX_BYTES: what an operator needs
+# to write such a value again. Bounded in
 # bytes (the newest kept first). Added after schema version 1 like meta: created where missing,
 # ignored by older engines (whose row trims leave values that the next open removes).
 _VALUES_TABLE = """CREATE TABLE IF NOT EXISTS quarantine_values (
@@ -192,8 +193,8 @@ class QuarantineRecord:
     reason: str
     raw: dict[str, str]
     at_ms: int
-    # The version's whole payload, where it was one of this store's own, kept whole and read
-    # (read_quarantine(values=True)): see _VALUES_TABLE.
+    # The version's whole payload, where it was one of this store's own or the row cut a
+    # peer's, kept whole and read (read_quarantine(values=True)): see _VALUES_TABLE.
     whole: bytes | None = None
     # Its size, where one is kept (read_quarantine).
     kept_bytes: int | None = None
@@ -281,19 +282,24 @@ def _printable_utf8(data: bytes, *, truncated: bool) -> str | None:
     return None
 
 
-def _encode_raw(raw: RawFields) -> str:
+def _encode_raw(raw: RawFields) -> tuple[str, bytes | None]:
+    """The row's text for ``raw``, and the entry's ``data`` field whole when the row cut it."""
     fields: dict[str, str] = {}
     budget = QUARANTINE_ENTRY_MAX_BYTES
     items = list(raw.items())
+    data: bytes | None = None
     for position, (name, value) in enumerate(items):
         if budget <= 0:
             fields["..."] = f"{len(items) - position} more fields dropped"
             break
         key = _field_text(name, 256)
-        text = _field_text(value, min(QUARANTINE_FIELD_MAX_BYTES, budget))
+        limit = min(QUARANTINE_FIELD_MAX_BYTES, budget)
+        text = _field_text(value, limit)
         budget -= len(key) + len(text)
         fields[key] = text
-    return json.dumps(fields, ensure_ascii=False)
+        if key == "data" and isinstance(value, bytes | bytearray | memoryview):
+            data = bytes(value) if len(value) > limit else None
+    return json.dumps(fields, ensure_ascii=False), data
 
 
 def _prepare_location(location: str) -> None:
@@ -810,7 +816,8 @@ class CursorStore:
         ``QUARANTINE_FIELD_MAX_BYTES``; the whole entry to ``QUARANTINE_ENTRY_MAX_BYTES``.
         ``value``, for a version of this store's own that it drops or replaces, is its whole
         payload (``data`` as stored), kept beside the row within ``quarantine_max_value_bytes``
-        so that the value can be written again whatever its size.
+        so that the value can be written again whatever its size. Without it, a ``data``
+        field the row cuts is kept whole the same way.
 
         Returns:
             How many of the oldest rows were dropped to make room (each caller counts its own,
@@ -824,7 +831,12 @@ class CursorStore:
         _check_stream_id(stream_id, "stream_id")
         stored_key = None if key is None else _truncate_utf8(key, QUARANTINE_TEXT_MAX_BYTES)
         stored_reason = _truncate_utf8(reason, QUARANTINE_TEXT_MAX_BYTES)
-        encoded = _encode_raw(raw)
+        encoded, cut = _encode_raw(raw)
+        if value is None:
+            # A peer's entry whose payload the row cuts is kept whole beside it, as a value
+            # of this store's own is: a clock-skewed write of 5 KiB, set aside until the
+            # clocks agree, must not come back as its first 4 KiB.
+            value = cut
         async with self._transaction("quarantine entry", peer_id) as db:
             async with db.execute(
                 "INSERT INTO quarantine (peer_id, stream_id, key, reason, raw, at_ms) "
@@ -1163,8 +1175,8 @@ def quarantined_value(record: QuarantineRecord) -> bytes:
         raise CursorError(
             f"{where}: its data was {cut.group(1)} bytes, of which the first "
             f"{QUARANTINE_FIELD_MAX_BYTES} were kept: the whole value is not in the quarantine "
-            "(whole values are kept only of this node's own versions it dropped or replaced, "
-            "newest first within cursor.quarantine_max_value_bytes)"
+            "(whole values are kept newest first within cursor.quarantine_max_value_bytes, "
+            "and this one was over it or has been dropped since)"
         )
     raise CursorError(
         f"{where}: the data kept does not match its content hash {hash_hex[:64]} (the entry "

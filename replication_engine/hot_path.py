@@ -875,9 +875,14 @@ class Tailer:
                 "error": str(exc)[:200],
             },
         )
+        # The row's reason starts with the code, as every other quarantine row's does, so that
+        # `quarantine --reason clock_skew` (a prefix) finds what the metric counted.
+        text = str(exc)
+        if not text.startswith(exc.reason):
+            text = f"{exc.reason}: {text}"
         try:
             evicted = await self.cursors.quarantine_add(
-                self._peer_id, str(sid), key, str(exc)[:500], fields
+                self._peer_id, str(sid), key, text[:500], fields
             )
             self.metrics.quarantine_evicted.inc(evicted)
         except CursorError:

@@ -52,6 +52,11 @@ async def config(tmp_path: Path) -> Path:
         await store.scoped("3").quarantine_add(
             "b", "20-0", "p:5", "absent_on_peer", put("p:5", b"v")
         )
+    finally:
+        await store.close()
+    # A file whose value budget is under TOO_BIG: only the row's first bytes of it are kept.
+    store = await CursorStore.open(db, quarantine_max_value_bytes=QUARANTINE_FIELD_MAX_BYTES)
+    try:
         await store.quarantine_add("me", "0-0", "big:6", "absent_on_peer: c", put("big:6", TOO_BIG))
     finally:
         await store.close()
@@ -181,6 +186,21 @@ async def test_a_value_kept_whole_comes_back_whatever_its_size(config: Path) -> 
     assert [r["value_kept_bytes"] for r in others] == [None] * 6
     table = await asyncio.to_thread(quarantine, config, "--limit", "1")
     assert f"[value kept whole, {len(entry['data']):,} bytes]" in table.stdout.decode()
+
+
+async def test_a_peers_rejected_value_over_the_row_limit_comes_back_whole(config: Path) -> None:
+    # As the tailer keeps an entry it sets aside (a clock-skewed write): no value= given.
+    settings = yaml.safe_load(await asyncio.to_thread(config.read_text))
+    store = await CursorStore.open(settings["cursor"]["sqlite_path"])
+    try:
+        await store.quarantine_add("b", "22-0", "big:8", "clock_skew: ahead", put("big:8", TOO_BIG))
+    finally:
+        await store.close()
+    done = await asyncio.to_thread(quarantine, config, "--value", "7")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == TOO_BIG
+    (row,) = await asyncio.to_thread(listed, config, "--key", "big:8")
+    assert row["value_kept_bytes"] == len(TOO_BIG)
 
 
 async def test_what_a_peer_sent_cannot_write_control_characters_to_the_terminal(

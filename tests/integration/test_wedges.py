@@ -17,6 +17,11 @@ import pytest
 from harness.mesh import WriteLog, append_raw, metric, open_mesh
 from replication_engine import clock
 from replication_engine.codec import Change, encode_entry
+from replication_engine.cursor import (
+    QUARANTINE_FIELD_MAX_BYTES,
+    quarantined_value,
+    read_quarantine,
+)
 from replication_engine.testing import RedisFactory, async_wait_until
 
 # Deadline for an entry to be applied or a repair to land.
@@ -110,9 +115,10 @@ async def test_a_clock_skewed_entry_is_set_aside_without_dropping_an_earlier_val
         a, b = mesh["a"], mesh["b"]
         now = clock.wall_clock_ms()
         valid = Change.put("k", b"valid", hlc=clock.pack(now, 0), origin="b")
-        ahead = Change.put(
-            "k", b"from an hour ahead", hlc=clock.pack(now + 3_600_000, 0), origin="b"
-        )
+        # Incompressible and over the 4 KiB a quarantine row keeps of a field: set aside, the
+        # value must still come back whole once the origin's clock is right.
+        far = random.Random(17).randbytes(QUARANTINE_FIELD_MAX_BYTES * 3)
+        ahead = Change.put("k", far, hlc=clock.pack(now + 3_600_000, 0), origin="b")
         # Both in one batch, the skewed one last: coalescing must not let it hide the valid one.
         await append_raw(b.store, encode_entry(valid))
         await append_raw(b.store, encode_entry(ahead))
@@ -134,3 +140,5 @@ async def test_a_clock_skewed_entry_is_set_aside_without_dropping_an_earlier_val
             if r.getMessage() == "repair.requested"
         ]
         assert ("b", "clock_skew", 1) in requests, requests
+        (row,), _ = read_quarantine(a.cursor_path, reason="clock_skew", values=True)
+        assert quarantined_value(row) == far
