@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import importlib.metadata
 import json
 import logging
@@ -11,6 +12,7 @@ import platform
 import signal
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -122,9 +124,16 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="a running sidecar's status (its /status)")
     status.add_argument(
-        "--url", default=DEFAULT_STATUS_URL, help=f"the sidecar's HTTP base ({DEFAULT_STATUS_URL})"
+        "--url",
+        default=DEFAULT_STATUS_URL,
+        help=f"the sidecar's HTTP base or its /status ({DEFAULT_STATUS_URL}); user:password@ "
+        "in it is sent as HTTP Basic credentials",
     )
-    status.add_argument("--json", action="store_true", help="raw JSON")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON: the sidecar's /status as it is, or with --mesh the table's facts",
+    )
     status.add_argument(
         "--mesh", action="store_true", help="with --config: lag and root of every node in the mesh"
     )
@@ -249,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
                 from replication_engine.tools import mesh_status
 
-                return asyncio.run(mesh_status(load_config(args.config)))
+                return asyncio.run(mesh_status(load_config(args.config), as_json=args.json))
             return _status(args.url, raw=args.json, json_format=json_format)
         if args.command == "verify":
             from replication_engine.tools import verify
@@ -305,19 +314,33 @@ async def _run(config_path: str, *, json_format: bool) -> int:
 
     config = load_config(config_path)
     engine = ReplicationEngine(config)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # The first of these signals: each drains and stops the engine alike. SIGHUP too, which a
+    # closed terminal or a supervisor sends and whose default action would kill the process
+    # without saving a cursor.
+    stop: asyncio.Future[signal.Signals] = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, _stop_on, stop, sig)
     try:
         await engine.start()
     except EngineError as exc:
+        from replication_engine.tools import credentials_refused
+
+        text = str(exc)
+        refused = credentials_refused(exc)
+        if refused is not None:
+            # The engine calls a store it could not open unreachable; this Redis answered, and
+            # what it needs is another user or password, not a network fix.
+            text = (
+                f"the local Redis at {redact_url(config.local.redis_url)} refused the user or "
+                f"password: {type(refused).__name__}: {redact_url(str(refused))}"
+            )
         _report_failure(
             json_format,
             "engine.start_failed",
-            f"cannot start: {exc}",
+            f"cannot start: {text}",
             node=config.local_node_id,
-            error=f"{type(exc).__name__}: {exc}",
+            error=f"{type(exc).__name__}: {text}",
         )
         return 1
     log.info(
@@ -328,10 +351,16 @@ async def _run(config_path: str, *, json_format: bool) -> int:
             "peer_urls": [redact_url(p.redis_url) for p in config.peers],
         },
     )
-    await stop.wait()
-    log.info("cli.signal_received", extra={"hint": "shutting down"})
+    received = await stop
+    log.info("cli.signal_received", extra={"signal": received.name, "hint": "shutting down"})
     await engine.shutdown()
     return 0
+
+
+def _stop_on(stop: asyncio.Future[signal.Signals], sig: signal.Signals) -> None:
+    """Resolve ``stop`` with the first signal; one sent again while draining changes nothing."""
+    if not stop.done():
+        stop.set_result(sig)
 
 
 async def _demo(args: argparse.Namespace, *, json_format: bool) -> int:
@@ -372,16 +401,21 @@ async def _demo(args: argparse.Namespace, *, json_format: bool) -> int:
 
 
 def _status(url: str, *, raw: bool, json_format: bool) -> int:
+    # The sidecar's base or its /status itself, with or without a trailing '/'.
+    status_url = url.rstrip("/")
+    if not status_url.endswith("/status"):
+        status_url += "/status"
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as resp:
+        with urllib.request.urlopen(_get_with_credentials(status_url), timeout=5) as resp:
             body: dict[str, Any] = json.loads(resp.read())
     except (urllib.error.URLError, OSError, ValueError) as exc:
+        error = redact_url(str(exc))
         _report_failure(
             json_format,
             "status.unreachable",
-            f"cannot read {url}/status: {exc}",
-            url=url,
-            error=f"{type(exc).__name__}: {exc}",
+            f"cannot read {redact_url(status_url)}: {error}",
+            url=redact_url(url),
+            error=f"{type(exc).__name__}: {error}",
         )
         return 1
     if raw:
@@ -416,6 +450,23 @@ def _status(url: str, *, raw: bool, json_format: bool) -> int:
             + (f"  HELD BACK BY {held}" if held else "")
         )
     return 0
+
+
+def _get_with_credentials(url: str) -> urllib.request.Request:
+    """A GET of ``url`` that sends its ``user:password@``, if any, as HTTP Basic credentials:
+    urllib would take them for part of the host name."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return urllib.request.Request(url)
+    userinfo, _at, host = parts.netloc.rpartition("@")
+    user, _colon, password = userinfo.partition(":")
+    token = base64.b64encode(
+        f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    ).decode("ascii")
+    request = urllib.request.Request(parts._replace(netloc=host).geturl())
+    # Unredirected: a redirect elsewhere does not carry the password along.
+    request.add_unredirected_header("Authorization", f"Basic {token}")
+    return request
 
 
 def _dash(value: object) -> str:

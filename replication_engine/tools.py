@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 from redis.exceptions import RedisError
@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from replication_engine import clock, codec
 from replication_engine.config import EngineConfig
 from replication_engine.config.models import NODE_ID_RULE, is_node_id
-from replication_engine.connection import TlsOptions, client_maker, make_client
+from replication_engine.connection import Failure, TlsOptions, client_maker, failure, make_client
 from replication_engine.cursor import (
     CursorError,
     CursorStore,
@@ -163,6 +163,33 @@ VERIFY_DIFFERENT = 1
 VERIFY_UNCHECKED = 2
 
 
+def credentials_refused(exc: BaseException) -> BaseException | None:
+    """The Redis error in ``exc``'s chain of causes that refused the user or password (or
+    an ACL that refused the user a command), or None when there is none.
+
+    The chain, not ``exc`` alone: the store's errors wrap redis-py's, and being OSErrors as
+    well, :func:`~replication_engine.connection.failure` takes them for no answer.
+    """
+    cause: BaseException | None = exc
+    while cause is not None:
+        if failure(cause) is Failure.DENIED:
+            return cause
+        cause = cause.__cause__
+    return None
+
+
+def _unread(exc: BaseException) -> str:
+    """How verify and status --mesh flag a node they could not read: DENIED when its Redis
+    refused the user or password (credentials to fix), else UNREACHABLE (no answer)."""
+    return "DENIED" if credentials_refused(exc) is not None else "UNREACHABLE"
+
+
+def _unread_text(exc: BaseException) -> str:
+    """The flag of :func:`_unread` with what it means, for a line a person reads."""
+    flag = _unread(exc)
+    return f"{flag}: the Redis refused the user or password" if flag == "DENIED" else flag
+
+
 async def verify(
     config: EngineConfig,
     *,
@@ -186,7 +213,7 @@ async def verify(
         if deep:
             status = max(status, await check_deep(config, limit=limit, out=out))
     except (RedisError, ReplicationError, OSError) as exc:
-        print(f"{config.local_node_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
+        print(f"{config.local_node_id:<20} {_unread_text(exc)}: {redact_url(str(exc))}", file=out)
         return VERIFY_UNCHECKED
     geometry = _geometry(config)
     local = _local_reader(config)
@@ -196,7 +223,9 @@ async def verify(
         try:
             local_root = await _root(local)
         except (RedisError, ReplicationError, OSError) as exc:
-            print(f"{config.local_node_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
+            print(
+                f"{config.local_node_id:<20} {_unread_text(exc)}: {redact_url(str(exc))}", file=out
+            )
             return VERIFY_UNCHECKED
         print(f"{config.local_node_id:<20} root {local_root.hex()}  (local)", file=out)
         for peer_id, reader in readers:
@@ -229,7 +258,7 @@ async def _verify_peer(
         stored = await readers[0].geometry()
         root = await _root(readers)
     except Exception as exc:
-        print(f"{peer_id:<20} UNREACHABLE: {redact_url(str(exc))}", file=out)
+        print(f"{peer_id:<20} {_unread_text(exc)}: {redact_url(str(exc))}", file=out)
         return VERIFY_UNCHECKED
     if stored is not None and stored != geometry:
         print(
@@ -296,8 +325,29 @@ async def check_deep(config: EngineConfig, *, limit: int, out: TextIO = sys.stdo
     return VERIFY_EQUAL if found.clean else VERIFY_DIFFERENT
 
 
-# A row of ``status --mesh``: node, root (16 hex), last write, lag behind it, flags.
-_Row = tuple[str, str, str, str, str]
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """What ``status --mesh`` read of one node, whether printed as a table row or as JSON."""
+
+    node_id: str
+    root: str | None = None  # hex; None when the node could not be read
+    last_write_ms_ago: int | None = None  # None for an empty stream
+    lag_ms: int | None = None  # this node's lag behind it; None for itself, or never read
+    lag_events: int | None = None
+    flags: tuple[str, ...] = ()  # RECOVERING, LAGGING, DIVERGENT; UNREACHABLE or DENIED
+    failed: BaseException | None = None  # why it could not be read
+
+    def as_json(self) -> dict[str, Any]:
+        failed = self.failed
+        error = None if failed is None else f"{type(failed).__name__}: {redact_url(str(failed))}"
+        return {
+            "root": self.root,
+            "last_write_ms_ago": self.last_write_ms_ago,
+            "lag_ms": self.lag_ms,
+            "lag_events": self.lag_events,
+            "flags": list(self.flags),
+            "error": error,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,8 +371,11 @@ class _Applied:
         return codec.parse_stream_id(self.saved) if self.saved else None
 
 
-async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
-    """Every node's root and stream head, and this node's lag behind each peer."""
+async def mesh_status(
+    config: EngineConfig, *, as_json: bool = False, out: TextIO = sys.stdout
+) -> int:
+    """Every node's root and stream head, and this node's lag behind each peer: a table, or
+    with ``as_json`` one JSON document of the same facts. Returns 1 when a node is flagged."""
     cursors = await _saved_cursors(config)
     local_id = config.local_node_id
     nodes = [(local_id, _local_reader(config))]
@@ -344,19 +397,43 @@ async def mesh_status(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
                 )
                 for r in readers
             ]
-            row, root, found = await _node_row(config, node_id, readers, applied)
+            row, found = await _node_row(config, node_id, readers, applied)
             rows.append(row)
-            if root is not None:
-                roots[node_id] = root
+            if row.root is not None:
+                roots[node_id] = row.root
             for reader, record in zip(readers, found, strict=True):
                 if record is not None:
                     records[reader.keys.partition][node_id] = record
     finally:
         for _node_id, readers in nodes:
             await _close(readers)
-    bad = _print_rows(rows, roots, out)
-    _print_frontier(records, out)
-    return 1 if bad else 0
+    majority = _majority(roots)
+    rows = [
+        replace(row, flags=(*row.flags, "DIVERGENT"))
+        if majority is not None and row.root not in (None, majority)
+        else row
+        for row in rows
+    ]
+    held = _frontier_holder(records)
+    if as_json:
+        document = {
+            "node_id": local_id,
+            "nodes": {row.node_id: row.as_json() for row in rows},
+            "stable_frontier": None
+            if held is None
+            else {"behind_sec": round(held[0], 1), "held_lowest_by": held[1], "partition": held[2]},
+        }
+        print(json.dumps(document, indent=2), file=out)
+    else:
+        _print_rows(rows, out)
+        if held is not None:
+            behind, lowest, partition = held
+            where = f" (partition {partition})" if partition is not None else ""
+            print(
+                f"\nstable frontier: {behind:.1f}s behind now, held lowest by {lowest}{where}",
+                file=out,
+            )
+    return 1 if any(row.flags for row in rows) else 0
 
 
 def _anchor(record: NodeRecord | None, peer_id: str) -> Anchor | None:
@@ -397,8 +474,8 @@ async def _saved_cursors(config: EngineConfig) -> dict[str, str]:
 
 async def _node_row(
     config: EngineConfig, node_id: str, readers: list[TreeReader], applied: list[_Applied | None]
-) -> tuple[_Row, str | None, list[NodeRecord | None]]:
-    """One node's row, root (None when unreachable) and each partition's record; ``applied``
+) -> tuple[_Row, list[NodeRecord | None]]:
+    """One node's row and each partition's record (None where unread); ``applied``
     is how far this node has applied each partition's stream (None for this node itself; a
     peer it never read has no lag to show). Over partitions: the newest write, the largest
     lag, the events behind summed."""
@@ -406,8 +483,7 @@ async def _node_row(
         root = (await _root(readers)).hex()
         infos = [await _stream_info(reader) for reader in readers]
     except Exception as exc:
-        failed = (node_id, "-", "-", "-", f"UNREACHABLE ({type(exc).__name__})")
-        return failed, None, [None] * len(readers)
+        return _Row(node_id, flags=(_unread(exc),), failed=exc), [None] * len(readers)
     marks = []
     records: list[NodeRecord | None] = []
     for reader in readers:
@@ -417,7 +493,7 @@ async def _node_row(
         records.append(record)
     if any(record is not None and record.recovering for record in records):
         marks.append("RECOVERING")
-    lag = "-"
+    lag_ms = events = None
     positions = [
         None if at is None else at.position(record)
         for at, record in zip(applied, records, strict=True)
@@ -432,12 +508,11 @@ async def _node_row(
     ]
     if behind:
         lag_ms, events = max(ms for ms, _ in behind), sum(n for _, n in behind)
-        lag = f"{lag_ms} ms / {events} ev"
         if lag_ms > config.settings.slo.max_replication_lag_sec * 1000:
             marks.append("LAGGING")
     heads = [info.last for info in infos if info.last]
-    head_age = f"{time.time() * 1000 - max(heads).ms:.0f} ms ago" if heads else "empty"
-    return (node_id, root[:16], head_age, lag, " ".join(marks)), root, records
+    head_age = round(time.time() * 1000 - max(heads).ms) if heads else None
+    return _Row(node_id, root, head_age, lag_ms, events, tuple(marks)), records
 
 
 async def _stream_info(reader: TreeReader) -> StreamInfo:
@@ -449,19 +524,21 @@ async def _stream_info(reader: TreeReader) -> StreamInfo:
         raise
 
 
-def _print_rows(rows: list[_Row], roots: dict[str, str], out: TextIO) -> bool:
-    """Print the table, flagging a root other than the majority's; True if any row is flagged."""
-    majority = _majority(roots)
+def _print_rows(rows: list[_Row], out: TextIO) -> None:
+    """Print the table: a row per node, its root shortened to 16 hex digits."""
     print(
         f"{'node':<20} {'root':<17} {'last write':<16} {'local lag behind it':<24} flags", file=out
     )
-    bad = False
-    for node_id, root, head_age, lag, flags in rows:
-        if majority is not None and node_id in roots and roots[node_id] != majority:
-            flags = (flags + " DIVERGENT").strip()
-        bad = bad or bool(flags)
-        print(f"{node_id:<20} {root:<17} {head_age:<16} {lag:<24} {flags}", file=out)
-    return bad
+    for row in rows:
+        if row.failed is not None:
+            failed = f"{_unread_text(row.failed)} ({type(row.failed).__name__})"
+            print(f"{row.node_id:<20} {'-':<17} {'-':<16} {'-':<24} {failed}", file=out)
+            continue
+        root = (row.root or "-")[:16]
+        ago = "empty" if row.last_write_ms_ago is None else f"{row.last_write_ms_ago} ms ago"
+        lag = "-" if row.lag_ms is None else f"{row.lag_ms} ms / {row.lag_events} ev"
+        flags = " ".join(row.flags)
+        print(f"{row.node_id:<20} {root:<17} {ago:<16} {lag:<24} {flags}", file=out)
 
 
 def _majority(roots: dict[str, str]) -> str | None:
@@ -474,26 +551,24 @@ def _majority(roots: dict[str, str]) -> str | None:
     return ranked[0][0]
 
 
-def _print_frontier(partitions: dict[str, dict[str, NodeRecord]], out: TextIO) -> None:
-    """Who holds tombstone collection back: the member whose frontier is lowest (in the
-    partition whose stable frontier is oldest, on a node of many)."""
-    worst: tuple[float, str, str] | None = None
+def _frontier_holder(
+    partitions: dict[str, dict[str, NodeRecord]],
+) -> tuple[float, str, str | None] | None:
+    """Who holds tombstone collection back: (seconds the stable frontier is behind now, the
+    member whose frontier is lowest, the partition whose stable frontier is oldest on a node
+    of many, else None), or None when no member's record could be read."""
+    worst: tuple[float, str, str | None] | None = None
     for name, records in partitions.items():
         members = {m for record in records.values() for m in record.members} | set(records)
         members -= {f for record in records.values() for f in record.forgotten}
         members = {m for m in members if m in records}
         if not members:
             continue
-        lowest = min(members, key=lambda n: frontier(records[n], members))
+        lowest = min(sorted(members), key=lambda n: frontier(records[n], members))
         behind = time.time() - clock.physical_ms(frontier(records[lowest], members)) / 1000
-        where = f" (partition {name})" if len(partitions) > 1 else ""
         if worst is None or behind > worst[0]:
-            worst = (behind, lowest, where)
-    if worst is not None:
-        behind, lowest, where = worst
-        print(
-            f"\nstable frontier: {behind:.1f}s behind now, held lowest by {lowest}{where}", file=out
-        )
+            worst = (behind, lowest, name if len(partitions) > 1 else None)
+    return worst
 
 
 async def _local_store(config: EngineConfig) -> RedisStore | PartitionedStore:
@@ -526,12 +601,22 @@ def _parts(store: RedisStore | PartitionedStore) -> list[RedisStore]:
 async def load_functions(config: EngineConfig, *, out: TextIO = sys.stdout) -> int:
     """Load (or upgrade) the store's function library, and create the store if it is new, so
     that applications can write through the functions before the engine first starts."""
-    store = await _local_store(config)
     try:
-        loaded = await _parts(store)[0].load_functions()
-        sha = "" if loaded.functions else await store.redis.script_load(functions.fallback_source())
-    finally:
-        await store.close()
+        store = await _local_store(config)
+        try:
+            loaded = await _parts(store)[0].load_functions()
+            sha = ""
+            if not loaded.functions:
+                sha = await store.redis.script_load(functions.fallback_source())
+        finally:
+            await store.close()
+    except (RedisError, ReplicationError, OSError) as exc:  # down, refusing the user, not ours
+        print(
+            f"functions not loaded: the local store at {redact_url(config.local.redis_url)}: "
+            f"{_unread_text(exc)}: {type(exc).__name__}: {redact_url(str(exc))}",
+            file=sys.stderr,
+        )
+        return 1
     if loaded.functions:
         print(
             f"library {functions.LIBRARY} version {loaded.version}: {loaded.action}; "

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import http.server
 import importlib.metadata
 import json
 import os
@@ -19,6 +21,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -148,10 +151,12 @@ async def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> dict[str, Any]
     return result
 
 
-async def terminate(proc: subprocess.Popen[bytes]) -> tuple[int, float]:
-    """SIGTERM, then wait for the exit within the shutdown bound; (exit code, seconds)."""
+async def terminate(
+    proc: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGTERM
+) -> tuple[int, float]:
+    """``sig``, then wait for the exit within the shutdown bound; (exit code, seconds)."""
     started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     code = await asyncio.to_thread(proc.wait, SHUTDOWN_BOUND_S + 5.0)
     return code, time.monotonic() - started
 
@@ -380,6 +385,45 @@ async def test_run_stderr_is_one_json_object_per_line(
     # Every message is an event name; the facts are fields.
     for record in records:
         assert re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", record["msg"]), record
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGHUP, signal.SIGINT, signal.SIGTERM], ids=lambda sig: str(sig.name)
+)
+async def test_run_drains_and_exits_0_on_sighup_sigint_and_sigterm_naming_the_signal(
+    redis_factory: RedisFactory, tmp_path: Path, sig: signal.Signals
+) -> None:
+    local, peer = redis_factory(), redis_factory()
+    port = free_port()
+    cursor_path = tmp_path / "cursors.db"
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": local.url, "prefix": PREFIX},
+            "settings": {"hot_path": {"shutdown_timeout_sec": f"{SHUTDOWN_TIMEOUT_S}s"}},
+            "peers": [{"node_id": "b", "redis_url": peer.url}],
+            "cursor": {"sqlite_path": str(cursor_path)},
+            "http": {"listen": f"127.0.0.1:{port}"},
+        },
+    )
+    async with stores(("a", local.url), ("b", peer.url)) as (store_a, store_b):
+        with sidecar(config, tmp_path) as proc:
+            await wait_ready(port, proc)
+            await store_b.put("before-the-signal", b"1")
+            await key_arrives(store_a, "before-the-signal")
+            code, took = await terminate(proc, sig)
+        tail = await store_b.stream_tail()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert code == 0, f"exit {code} after {sig.name}: {stderr[-2000:]}"
+    assert took < SHUTDOWN_BOUND_S, f"exit took {took:.1f}s after {sig.name}"
+    records = json_lines(stderr)
+    (received,) = [r for r in records if r["msg"] == "cli.signal_received"]
+    assert received["signal"] == sig.name, received
+    assert [r["msg"] for r in records].count("engine.stopped") == 1, stderr[-2000:]
+    # Drained: the cursor in b's stream is saved at what was applied.
+    async with await CursorStore.open(cursor_path) as cursors:
+        assert await cursors.get("b") == tail
 
 
 async def test_run_with_the_example_config_pointed_at_test_servers(
@@ -730,6 +774,7 @@ async def test_forget_refuses_a_member_whose_store_still_answers_unless_forced(
     [
         (["forget", "gone"], "cannot open this node's store"),
         (["migrate"], "migration stopped: the local Redis at"),
+        (["functions", "load"], "functions not loaded: the local store at redis://:***@"),
     ],
 )
 async def test_a_tool_with_the_local_store_down_says_so_without_a_traceback(
@@ -740,6 +785,43 @@ async def test_a_tool_with_the_local_store_down_says_so_without_a_traceback(
     assert result.returncode == 1, result
     assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert "pw-" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["verify"], "a                    DENIED: the Redis refused the user or password: "),
+        (["status", "--mesh"], "DENIED: the Redis refused the user or password (Authentication"),
+        (["status", "--mesh", "--json"], '"DENIED"'),
+        (["run"], "cannot start: the local Redis at redis://:***@127.0.0.1:"),
+        (["functions", "load"], "functions not loaded: the local store at redis://:***@"),
+    ],
+    ids=["verify", "status-mesh", "status-mesh-json", "run", "functions-load"],
+)
+async def test_a_tool_whose_local_redis_refuses_the_password_says_so_and_not_unreachable(
+    redis_factory: RedisFactory, tmp_path: Path, command: list[str], said: str
+) -> None:
+    local = redis_factory(password="right-password")
+    wrong = "wrong-password"
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": f"redis://:{wrong}@127.0.0.1:{local.port}/0", "prefix": PREFIX},
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+            "http": {"enabled": False},
+        },
+    )
+    result = await run_cli(
+        [*command, "--config", str(config), "--log-format", "text"], cwd=tmp_path
+    )
+    printed = result.stdout + result.stderr
+    assert result.returncode in (1, 2), result
+    assert said in printed, printed
+    if command[0] == "run":
+        assert "refused the user or password: AuthenticationError" in result.stderr, printed
+    assert "unreachable" not in printed.lower(), printed
+    assert wrong not in printed and "Traceback" not in printed, printed
 
 
 async def test_functions_load_prepares_a_new_store_for_clients_and_migrate_says_nothing_to_do(
@@ -846,6 +928,86 @@ async def test_status_url_prints_the_table_of_a_running_sidecar(
     assert json.loads(raw.stdout)["peers"]["b"]["events_applied"] == 1
 
 
+async def test_status_url_may_be_the_status_endpoint_itself_as_well_as_the_base(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        overrides={"a": {"http": {"enabled": True, "listen": "127.0.0.1:0"}}},
+    ) as mesh:
+        engine = mesh["a"].running()
+        assert engine.http is not None
+        base = f"http://127.0.0.1:{engine.http.port}"
+        results = {
+            url: await run_cli(["status", "--url", url], cwd=tmp_path)
+            for url in (base, f"{base}/", f"{base}/status", f"{base}/status/")
+        }
+    for url, result in results.items():
+        assert result.returncode == 0, (url, result.stderr)
+        assert result.stdout.split()[:2] == ["node", "a"], (url, result.stdout)
+
+
+@contextmanager
+def basic_auth_server(user: str, password: str) -> Iterator[tuple[int, list[tuple[str, str]]]]:
+    """An HTTP server that answers GET /status only with these Basic credentials, as a proxy
+    in front of a sidecar may (the sidecar's own server asks for none): (port, the path and
+    Authorization header of every request)."""
+    expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    seen: list[tuple[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            authorization = self.headers.get("Authorization", "")
+            seen.append((self.path, authorization))
+            allowed = self.path == "/status" and authorization == expected
+            body = json.dumps({"node_id": "a"} if allowed else {"error": "no"}).encode()
+            self.send_response(200 if allowed else 401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="basic_auth_server")
+    thread.start()
+    try:
+        yield server.server_address[1], seen
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+async def test_status_url_sends_its_credentials_as_basic_auth_and_never_prints_the_password(
+    tmp_path: Path,
+) -> None:
+    with basic_auth_server("operator", SECRET) as (port, seen):
+        ok = await run_cli(
+            ["status", "--json", "--url", f"http://operator:{SECRET}@127.0.0.1:{port}/"],
+            cwd=tmp_path,
+        )
+        url = f"http://operator:wrong-{SECRET}@127.0.0.1:{port}"
+        text = await run_cli(["status", "--url", url, "--log-format", "text"], cwd=tmp_path)
+        piped = await run_cli(["status", "--url", url], cwd=tmp_path)
+    assert ok.returncode == 0, ok
+    assert json.loads(ok.stdout) == {"node_id": "a"}
+    expected = "Basic " + base64.b64encode(f"operator:{SECRET}".encode()).decode()
+    assert seen[0] == ("/status", expected), seen
+    masked = f"http://operator:***@127.0.0.1:{port}"
+    assert text.returncode == 1
+    assert text.stderr.startswith(f"cannot read {masked}/status: HTTP Error 401"), text.stderr
+    assert piped.returncode == 1
+    (record,) = json_lines(piped.stderr)
+    assert (record["msg"], record["url"]) == ("status.unreachable", masked), record
+    for result in (ok, text, piped):
+        assert SECRET not in result.stdout + result.stderr, result
+
+
 async def test_status_url_fails_with_exit_1_when_nothing_listens(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     text = await run_cli(["status", "--url", url, "--log-format", "text"], cwd=tmp_path)
@@ -905,6 +1067,60 @@ async def test_status_mesh_prints_every_node_root_and_flags_the_divergent_one(
     assert rows["c"].rstrip().endswith("DIVERGENT"), rows["c"]
     assert "DIVERGENT" not in rows["a"] and "DIVERGENT" not in rows["b"]
     assert "LAGGING" not in result.stdout
+
+
+async def test_status_mesh_json_prints_one_json_document_of_the_tables_facts(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    servers = {n: redis_factory() for n in ("a", "b", "c")}
+    cursor_path = tmp_path / "cursors.db"
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": servers["a"].url, "prefix": PREFIX},
+            "peers": [
+                *({"node_id": n, "redis_url": servers[n].url} for n in ("b", "c")),
+                {"node_id": "d", "redis_url": f"redis://127.0.0.1:{free_port()}/0"},
+            ],
+            "cursor": {"sqlite_path": str(cursor_path)},
+        },
+    )
+    async with stores(*((n, s.url) for n, s in servers.items())) as opened:
+        by_id = {s.node_id: s for s in opened}
+        same = shared_changes(30)
+        for store in opened:
+            await store.apply_batch(same)
+        await by_id["c"].put("only-on-c", b"x")
+        async with await CursorStore.open(cursor_path) as cursors:
+            tail = await by_id["b"].stream_tail()
+            assert tail is not None
+            await cursors.save("b", tail)  # caught up with b; c never read
+        roots = {s.node_id: (await s.merkle_root()).hex() for s in opened}
+        table = await run_cli(["status", "--mesh", "--config", str(config)], cwd=tmp_path)
+        result = await run_cli(
+            ["status", "--mesh", "--json", "--config", str(config)], cwd=tmp_path
+        )
+
+    assert result.returncode == table.returncode == 1, result  # c diverges, d does not answer
+    document = json.loads(result.stdout)  # all of stdout: one document, nothing else
+    assert document["node_id"] == "a"
+    nodes = document["nodes"]
+    assert list(nodes) == ["a", "b", "c", "d"], nodes
+    for node_id, root in roots.items():
+        assert nodes[node_id]["root"] == root, nodes[node_id]
+        assert isinstance(nodes[node_id]["last_write_ms_ago"], int), nodes[node_id]
+    assert (nodes["a"]["lag_ms"], nodes["a"]["lag_events"]) == (None, None)  # itself
+    assert (nodes["b"]["lag_ms"], nodes["b"]["lag_events"]) == (0, 0), nodes["b"]
+    assert [n["flags"] for n in nodes.values()] == [[], [], ["DIVERGENT"], ["UNREACHABLE"]]
+    assert nodes["d"]["root"] is None
+    assert nodes["d"]["error"].startswith("ConnectionError: "), nodes["d"]
+    # The same facts as the table's.
+    rows = {line.split()[0]: line for line in table.stdout.splitlines()[1:] if line.strip()}
+    assert rows["b"].split()[1] == nodes["b"]["root"][:16]
+    assert "0 ms / 0 ev" in rows["b"] and rows["c"].rstrip().endswith("DIVERGENT"), rows
+    # No store keeps a record yet (no engine ran): no frontier, as the table prints none.
+    assert document["stable_frontier"] is None and "stable frontier" not in table.stdout
 
 
 async def test_status_mesh_measures_a_cursor_before_the_stream_from_its_first_entry(
