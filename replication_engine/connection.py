@@ -89,8 +89,12 @@ class Failure(StrEnum):
 def failure(exc: BaseException) -> Failure | None:
     """The kind of a failed Redis call, or None when ``exc`` is not one (a bug of ours)."""
     # Order matters: redis-py derives its authentication errors from its ConnectionError,
-    # and the failover states (READONLY, MASTERDOWN, TRYAGAIN) from ResponseError.
-    if isinstance(exc, AuthenticationError | AuthorizationError | NoPermissionError):
+    # and the failover states (READONLY, MASTERDOWN, TRYAGAIN) from ResponseError. A
+    # PermissionError is an OSError, so it comes first too: the store's StoreAccessError is one,
+    # and so is a socket file this user may not open; either needs an operator.
+    if isinstance(
+        exc, AuthenticationError | AuthorizationError | NoPermissionError | PermissionError
+    ):
         return Failure.DENIED
     if isinstance(
         exc,

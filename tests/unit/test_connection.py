@@ -33,6 +33,7 @@ from redis.exceptions import (
     SlotNotCoveredError,
 )
 
+from replication_engine import StoreAccessError, StoreUnavailableError
 from replication_engine.connection import (
     Failure,
     TlsOptions,
@@ -275,6 +276,17 @@ def test_a_cluster_that_cannot_serve_is_unavailable_like_a_redis_that_is_down(
 
 def test_a_command_error_is_still_refused() -> None:
     assert failure(ResponseError("WRONGTYPE Operation against a key")) is Failure.REFUSED
+
+
+def test_the_stores_own_errors_keep_their_kind() -> None:
+    """The store's errors are OSErrors too (StoreAccessError a PermissionError): a tool that
+    classifies one must not take a refused password for a Redis that did not answer."""
+    assert failure(StoreAccessError("node 'a': the local Redis refused this user")) is (
+        Failure.DENIED
+    )
+    assert failure(StoreUnavailableError("node 'a': the local Redis did not answer")) is (
+        Failure.UNAVAILABLE
+    )
 
 
 @pytest.mark.parametrize(
