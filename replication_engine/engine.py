@@ -298,6 +298,8 @@ class ReplicationEngine:
                 cluster=peer_cfg.cluster,
                 cluster_addresses=peer_cfg.cluster_addresses,
                 partitions=geometry.partitions,
+                wall_ms=self._wall_ms(),
+                max_clock_offset_sec=cfg.local.max_clock_offset_sec,
             )
         split = self.partitioned
         for name, store in stores.items():

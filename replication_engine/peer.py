@@ -13,7 +13,7 @@ import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import pybreaker
@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 from replication_engine import clock
 from replication_engine.codec import StreamId, parse_stream_id
 from replication_engine.config import HotPathConfig, PeerConfig, default_of
+from replication_engine.config.models import is_node_id
 from replication_engine.connection import (
     Failure,
     TlsOptions,
@@ -31,7 +32,7 @@ from replication_engine.connection import (
     node_of,
 )
 from replication_engine.errors import ReplicationError
-from replication_engine.knowledge import NodeRecord
+from replication_engine.knowledge import ALL_WRITES, NodeRecord
 from replication_engine.merkle import ZERO, GeometryError
 from replication_engine.observability.metrics import Metrics
 from replication_engine.redaction import redact_url
@@ -218,8 +219,14 @@ class Peer:
         cluster: bool = False,
         cluster_addresses: Mapping[str, str] | None = None,
         partitions: int = 1,
+        wall_ms: Callable[[], int] = clock.wall_clock_ms,
+        max_clock_offset_sec: float = 300.0,
     ) -> None:
         self.node_id = node_id
+        # What bounds a plausible claim in the peer's record (see _plausible).
+        self._wall_ms = wall_ms
+        self._max_ahead_ms = int(max_clock_offset_sec * 1000)
+        self._record_problems: tuple[str, ...] = ()
         self.display_url = redact_url(url)
         self.keys = Keyspace(prefix)
         self.metrics = metrics
@@ -435,7 +442,8 @@ class Peer:
         what = "xread" if wire is not None and block_ms is not None else "xrange"
         layout, record, info, entries = await self.call(run, what=what)
         self._check_layout(layout, keys.partition)
-        self._checked(record)  # after the call: a wrong config is not a failure of the link
+        # After the call: a wrong config is not a failure of the link.
+        record = self._checked(record)
         self._note_store(layout is None and record is None and not entries)
         return record, info, entries
 
@@ -457,14 +465,74 @@ class Peer:
         self._link.no_store = absent
 
     def _checked(self, record: NodeRecord | None) -> NodeRecord | None:
-        """The peer's record, if it is this peer's; PeerIdentityError if another node's."""
-        if record is not None and record.node_id and record.node_id != self.node_id:
+        """The peer's record, if it is this peer's (PeerIdentityError if another node's), with
+        what no engine could have written left out (:meth:`_plausible`)."""
+        if record is None:
+            return None
+        if record.node_id and record.node_id != self.node_id:
             raise PeerIdentityError(
                 f"peer {self.node_id}: the store at {self.display_url} (prefix "
                 f"{self.keys.prefix!r}) belongs to node {record.node_id!r}; this peer's "
                 f"redis_url or prefix is wrong, or two nodes share a node_id"
             )
-        return record
+        return self._plausible(record)
+
+    def _plausible(self, record: NodeRecord) -> NodeRecord:
+        """``record`` without what no engine writes: ids that are no node ids in its lists or
+        claims, and claims, a certified ``self`` or a collection frontier past this node's
+        clock plus ``local.max_clock_offset_sec`` (the bound past which a write is refused as
+        clock skew), bar the all-writes claim about a node the record lists as forgotten.
+
+        A claim lets this node drop what the peer lacks, and a member's frontier lets it
+        collect tombstones: one from a broken or hand-edited record would drop live writes
+        everywhere it spreads. Left out, such a claim claims nothing, which only ever keeps
+        data (a drop or a collection waits). A clock set back here errs the same way. The
+        record stays in use; what was left out is logged once per change.
+        """
+        bound = clock.pack(self._wall_ms() + self._max_ahead_ms, clock.MAX_COUNTER)
+        forgotten = frozenset(f for f in record.forgotten if is_node_id(f))
+        members = frozenset(m for m in record.members if is_node_id(m))
+        problems = [
+            f"{name} {text!r} is not a node id"
+            for name, ids in (("member", record.members), ("forgotten", record.forgotten))
+            for text in sorted(ids - members - forgotten)
+        ]
+        claims: dict[str, int] = {}
+        for origin, claim in record.claims.items():
+            if not is_node_id(origin):
+                problems.append(f"claim about {origin!r}: not a node id")
+            elif claim > bound and not (claim == ALL_WRITES and origin in forgotten):
+                problems.append(f"claim about {origin} at {claim:016x}: past this node's clock")
+            else:
+                claims[origin] = claim
+        self_claim, collected = record.self_claim, record.collected
+        if self_claim > bound:
+            problems.append(f"self at {self_claim:016x}: past this node's clock")
+            self_claim = 0
+        if collected > bound:
+            problems.append(f"collected at {collected:016x}: past this node's clock")
+            collected = 0
+        said, self._record_problems = self._record_problems, tuple(problems)
+        if problems and self._record_problems != said:
+            log.warning(
+                "peer.record_implausible",
+                extra={
+                    "peer": self.node_id,
+                    "problems": [p[:200] for p in problems[:10]],
+                    "hint": "left out of what this node takes from the peer's record (claims "
+                    "nothing, drops nothing); a store no engine wrote, or edited by hand",
+                },
+            )
+        if not problems:
+            return record
+        return replace(
+            record,
+            claims=claims,
+            self_claim=self_claim,
+            collected=collected,
+            members=members,
+            forgotten=forgotten,
+        )
 
     def _check_layout(self, partitions: Any, name: str) -> None:
         """Refuse a partition of a store laid out otherwise than this node reads it: its

@@ -1,0 +1,125 @@
+"""A peer's record as input: what no engine writes in it is left out, never acted on.
+
+A peer's record says what its store holds (claims) and who the members are. A claim lets this
+node drop what the peer lacks, a member list holds collection back until that member is heard
+from: a record broken or edited by hand would, taken whole, drop live writes on every node it
+spreads to, or hold every delete forever. What no engine could have written is left out
+(``Peer._plausible``); the rest of the record is used as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from harness.mesh import MeshNode, open_mesh
+from replication_engine import clock
+from replication_engine.engine import ReplicationEngine
+from replication_engine.testing import RedisFactory, async_wait_until
+
+SETTLE_S = 30.0
+# The cold path on, quickly: the path that drops a version a peer's claims prove dead.
+COLD = {
+    "settings": {
+        "cold_path": {"enabled": True, "interval_sec": 0.3},
+        "membership": {"interval_sec": 0.2},
+    }
+}
+
+
+def repair_cycles(engine: ReplicationEngine) -> float:
+    return sum(
+        sample.value
+        for family in engine.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "replication_repair_cycles_total"
+    )
+
+
+async def hand_edit_record(node: MeshNode, **fields: str | bytes) -> None:
+    """Open the node's record as its engine would, set it serving (a new record starts in
+    recovery, and a recovering peer is never asked what it holds), then set ``fields``."""
+    await node.store.open_record(mode="mesh", relay=False)
+    serving: dict[str, str | bytes] = {"state": "ok", "reason": ""}
+    await node.store.redis.hset(node.store.keys.record, mapping={**serving, **fields})
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        "ffffffffffffffff",  # every write, about a node the record does not list as forgotten
+        f"{clock.pack(clock.wall_clock_ms() + 3_600_000, 0):016x}",  # an hour past any clock
+    ],
+    ids=["all-writes", "an-hour-ahead"],
+)
+async def test_a_claim_past_any_clock_drops_nothing(
+    redis_factory: RedisFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    claim: str,
+) -> None:
+    # h holds none of a's writes but claims to hold all of them: taken at its word, the cold
+    # path would drop every one of them from a as deleted and collected on h.
+    caplog.set_level(logging.WARNING, logger="replication_engine.peer")
+    async with open_mesh(
+        redis_factory, tmp_path, {"a": ["h"], "h": []}, common=COLD, engines=[]
+    ) as mesh:
+        a, h = mesh["a"], mesh["h"]
+        await hand_edit_record(h, **{"c:a": claim})
+        for i in range(20):
+            await a.store.put(f"k{i}", b"written on a")
+        engine = await mesh.start_engine("a")
+        begun = repair_cycles(engine)
+        await async_wait_until(
+            lambda: repair_cycles(engine) >= begun + 3,
+            timeout=SETTLE_S,
+            message="three repair cycles against h",
+        )
+        assert [await a.store.get(f"k{i}") is not None for i in range(20)] == [True] * 20
+        said = [r for r in caplog.records if r.getMessage() == "peer.record_implausible"]
+        assert len(said) == 1, "said once, not once per read"
+        assert f"claim about a at {claim}: past this node's clock" in said[0].problems  # type: ignore[attr-defined]
+
+
+async def test_a_forgotten_nodes_all_writes_claim_is_still_taken(
+    redis_factory: RedisFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What a store writes about a node the mesh forgot, once its forget barrier closed: every
+    # write of it. That one claim past every clock is an engine's, and stays in use.
+    caplog.set_level(logging.WARNING, logger="replication_engine.peer")
+    async with open_mesh(
+        redis_factory, tmp_path, {"a": ["h"], "h": []}, common=COLD, engines=[]
+    ) as mesh:
+        await hand_edit_record(mesh["h"], **{"c:z": "ffffffffffffffff", "forgotten": "z"})
+        await mesh.start_engine("a")
+        record = await mesh["a"].running().peers["h"].record()
+        assert record is not None and record.claims["z"] == clock.MAX_HLC
+        assert record.forgotten == {"z"}
+        assert not [r for r in caplog.records if r.getMessage() == "peer.record_implausible"]
+
+
+async def test_ids_that_are_no_node_ids_do_not_spread_into_the_mesh(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # A member never heard from holds collection back on every node that lists it, and a
+    # member list only grows: one garbage id would hold every delete of the mesh forever.
+    async with open_mesh(
+        redis_factory, tmp_path, {"a": ["h"], "h": []}, common=COLD, engines=[]
+    ) as mesh:
+        a, h = mesh["a"], mesh["h"]
+        await hand_edit_record(
+            h, members="a,h,g\x00\xff,,x y", forgotten="a b,\x01", **{"c:\x02": "0" * 16}
+        )
+        await mesh.start_engine("a")
+
+        async def published() -> frozenset[str] | None:
+            record = await a.store.record()
+            return record.members if record is not None and "h" in record.members else None
+
+        members = await async_wait_until(published, timeout=SETTLE_S, message="a lists h")
+        assert members == {"a", "h"}
+        own = await a.store.record()
+        assert own is not None and own.forgotten == frozenset()
+        assert set(own.claims) <= {"a", "h"}
