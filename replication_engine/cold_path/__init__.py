@@ -74,6 +74,9 @@ _RETRY_FLOOR_SEC = 0.5
 # How soon a cycle skipped because a tailer was catching up is tried again: the catch-up's end
 # should not wait out a whole interval for its in-sync check.
 _CATCH_UP_RECHECK_SEC = 1.0
+# Requests whose keys' versions the tailer quarantined because this store would not hold
+# them: a repair that meets the same versions does not keep them again.
+_KEPT_BY_THE_TAILER = ("clock_skew", "refused")
 
 
 class ColdPath:
@@ -135,7 +138,7 @@ class ColdPath:
         self._requests = RepairRequests()
         local = LocalStore(store, breaker=local_breaker, relay=relay)
         shared = Shared(local, cursors, settings, metrics, self._requests)
-        fetcher = Fetcher(shared)
+        self._fetcher = fetcher = Fetcher(shared)
         self._claims = Claims(shared, on_complete)
         self._repairs = RepairCycle(
             shared,
@@ -186,6 +189,9 @@ class ColdPath:
                 extra={"peer": peer_id, "reason": reason, "hint": "not a configured peer"},
             )
             return
+        keys = list(keys)
+        if reason in _KEPT_BY_THE_TAILER:
+            self._fetcher.rejections.hold_by_stream(peer_id, keys)
         dropped = self._requests.add(peer_id, reason, keys, at=time.monotonic())
         if dropped:
             log.warning(

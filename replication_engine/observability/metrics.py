@@ -189,7 +189,14 @@ class Metrics:
         )
         self.repair_items_corrupt = Counter(
             "replication_repair_items_corrupt",
-            "Peer items the cold path could not decode",
+            "Peer items the cold path could not decode, each version once (quarantined)",
+            part(peer),
+            registry=r,
+        )
+        self.repair_items_refused = Counter(
+            "replication_repair_items_refused",
+            "Peer items the cold path fetched that this store would not hold (stamped beyond "
+            "the clock offset, a wrong-typed key here), each version once (quarantined)",
             part(peer),
             registry=r,
         )
@@ -409,6 +416,7 @@ class Metrics:
             self.repair_items_fetched,
             self.repair_items_applied,
             self.repair_items_corrupt,
+            self.repair_items_refused,
             self.merkle_divergences,
             self.bootstraps,
             self.peer_latency,

@@ -38,6 +38,17 @@ class _Malformed(Exception):
     """A reply of ``re_hashes`` that is not a list of flat field/value lists."""
 
 
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    """One key's item as read: its fields as stored (empty where absent or not a hash), kept
+    for the quarantine, and what they decode to (None where absent, CodecError where
+    unreadable)."""
+
+    key: str
+    fields: Mapping[bytes, bytes]
+    decoded: Change | CodecError | None
+
+
 @dataclass(slots=True)
 class ReadCounter:
     """Round trips and bytes read, for repair statistics and benchmarks."""
@@ -112,58 +123,109 @@ class TreeReader:
         return bytes.fromhex(text(raw))
 
     async def nodes(self, paths: Sequence[str]) -> list[dict[str, str]]:
-        """Children maps (or leaf key->digest maps) for many nodes in one round trip."""
-        raw_maps = await self._hashes([self.keys.node(path) for path in paths])
-        return [
-            {
-                k.decode("utf-8", "surrogateescape"): v.decode("ascii", "replace")
-                for k, v in raw.items()
-            }
-            for raw in raw_maps
-        ]
+        """Children maps (or leaf key->digest maps) for many nodes in one round trip.
+
+        Raises:
+            RedisError: the read failed, or a node cannot be read (a key of another type):
+                without it the drill cannot go on.
+        """
+        names = [self.keys.node(path) for path in paths]
+        out: list[dict[str, str]] = []
+        for name, raw in zip(names, await self._hashes(names), strict=True):
+            if isinstance(raw, RedisError):
+                raise type(raw)(f"tree node {name!r}: {raw}") from raw
+            out.append(
+                {
+                    k.decode("utf-8", "surrogateescape"): v.decode("ascii", "replace")
+                    for k, v in raw.items()
+                }
+            )
+        return out
 
     async def items(self, keys: Sequence[str]) -> list[Change | CodecError | None]:
         """Stored versions of ``keys`` (None where absent, CodecError where unreadable)."""
-        raws = await self._hashes([self.keys.item(key) for key in keys])
-        out: list[Change | CodecError | None] = []
-        for key, raw in zip(keys, raws, strict=True):
-            if not raw:
-                out.append(None)
-                continue
-            try:
-                out.append(item_from_hash(key, raw, max_payload=self.max_payload))
-            except CodecError as exc:
-                out.append(exc)
+        return [item.decoded for item in await self.stored_items(keys)]
+
+    async def stored_items(self, keys: Sequence[str]) -> list[StoredItem]:
+        """``keys`` as stored: each one's fields and what they decode to (see :meth:`items`).
+
+        An item that cannot be read at all (its key holds another type) is unreadable alone,
+        a ``bad_item`` with no fields, as one whose fields do not parse is: the rest of the
+        batch reads as usual.
+        """
+        names = [self.keys.item(key) for key in keys]
+        out: list[StoredItem] = []
+        for key, raw in zip(keys, await self._hashes(names), strict=True):
+            if isinstance(raw, RedisError):
+                error = CodecError(f"stored item {key!r} is unreadable: {raw}", reason="bad_item")
+                out.append(StoredItem(key, {}, error))
+            elif not raw:
+                out.append(StoredItem(key, raw, None))
+            else:
+                try:
+                    decoded: Change | CodecError = item_from_hash(
+                        key, raw, max_payload=self.max_payload
+                    )
+                except CodecError as exc:
+                    decoded = exc
+                out.append(StoredItem(key, raw, decoded))
         return out
 
-    async def _hashes(self, names: Sequence[str]) -> list[dict[bytes, bytes]]:
+    async def _hashes(self, names: Sequence[str]) -> list[dict[bytes, bytes] | RedisError]:
         """``HGETALL`` of each of ``names`` (all in one partition), in one round trip.
 
-        The function is only a faster way to read the same: whenever it fails other than by
-        the server being unavailable (which the pipeline would meet too), the built-in
-        commands decide, and their errors are the ones raised.
+        A hash that cannot be read (its key holds another type) answers with its own error,
+        in its place; a failure of the read itself raises.
+
+        The function is only a faster way to read the same, and a call of it fails as a whole
+        when one of its hashes cannot be read (``HGETALL`` raises inside it). So whenever it
+        fails other than by the server being unavailable (which the pipeline would meet too),
+        the batch is read again by pipeline, where each hash answers alone, and the built-in
+        commands decide. Only when the pipeline read every hash was the failure the
+        function's own, and the reader keeps to pipelines a while.
         """
         if not names:
             return []
+        failed: RedisError | _Malformed | None = None
         if time.monotonic() >= self._pipeline_until:
             try:
-                return await self._hashes_by_function(names)
+                return list(await self._hashes_by_function(names))
             except (RedisError, _Malformed) as exc:
                 if isinstance(exc, RedisError) and failure(exc) is Failure.UNAVAILABLE:
                     raise
-                self._pipeline_until = time.monotonic() + BULK_RETRY_SEC
-                log.info(
-                    "reader.pipelined",
-                    extra={"why": str(exc)[:200], "retry_in_sec": BULK_RETRY_SEC},
-                )
+                failed = exc
+        raws = await self._hashes_by_pipeline(names)
+        if failed is not None and (
+            isinstance(failed, _Malformed) or not any(isinstance(r, RedisError) for r in raws)
+        ):
+            self._pipeline_until = time.monotonic() + BULK_RETRY_SEC
+            log.info(
+                "reader.pipelined",
+                extra={"why": str(failed)[:200], "retry_in_sec": BULK_RETRY_SEC},
+            )
+        return raws
+
+    async def _hashes_by_pipeline(
+        self, names: Sequence[str]
+    ) -> list[dict[bytes, bytes] | RedisError]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(name)
-            raws: list[dict[bytes, bytes]] = await pipe.execute()
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
         self.counter.round_trips += 1
-        for raw in raws:
-            self.counter.bytes_read += sum(map(len, raw)) + sum(map(len, raw.values()))
-        return raws
+        out: list[dict[bytes, bytes] | RedisError] = []
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                # The hash's own error (WRONGTYPE) is its answer; one that says the server
+                # cannot answer now (failing over, loading) or this user may not read it is
+                # the whole read's, as it was when the pipeline raised on the first error.
+                if failure(reply) is not Failure.REFUSED:
+                    raise reply
+                out.append(reply)
+                continue
+            self.counter.bytes_read += sum(map(len, reply)) + sum(map(len, reply.values()))
+            out.append(reply)
+        return out
 
     async def _hashes_by_function(self, names: Sequence[str]) -> list[dict[bytes, bytes]]:
         out: list[dict[bytes, bytes]] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,11 +21,16 @@ import pytest
 
 from harness.mesh import Write, lww_winner
 from replication_engine import codec
-from replication_engine.clock import HLC
+from replication_engine.clock import HLC, pack, wall_clock_ms
 from replication_engine.codec import Change, StreamId
 from replication_engine.cold_path import REQUESTED_KEYS_MAX, ColdPath
 from replication_engine.config import ColdPathConfig
-from replication_engine.cursor import CursorStore
+from replication_engine.cursor import (
+    QUARANTINE_FIELD_MAX_BYTES,
+    CursorStore,
+    quarantined_value,
+    read_quarantine,
+)
 from replication_engine.merkle import GeometryError
 from replication_engine.observability.metrics import Metrics
 from replication_engine.peer import Peer
@@ -458,6 +464,145 @@ async def test_corrupt_items_on_the_peer_are_skipped_and_counted(
         assert await b.get(key) is not None
     again = await cold.repair_once()  # the corrupt pair still differs; still no crash
     assert again.peers["a"].error is None and again.peers["a"].items_corrupt == 2
+
+
+@pytest.mark.parametrize("reads", ["function", "pipeline"])
+async def test_a_wrong_typed_item_on_the_peer_is_skipped_alone_and_the_rest_is_repaired(
+    mesh: Mesh, redis_factory: RedisFactory, caplog: pytest.LogCaptureFixture, reads: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="replication_engine.store.reader")
+    server_a, server_b = redis_factory(), redis_factory()
+    a, b = await mesh.store(server_a, "a"), await mesh.store(server_b, "b")
+    await populate(seed_changes(200), a, b)
+    extra = sorted(await diverge(a, new=10, updated=0, deleted=0))
+    # Written through the store, then made a string by hand: the peer's tree still lists it.
+    await a.redis.delete(a.keys.item(extra[0]))
+    await a.redis.set(a.keys.item(extra[0]), b"not a hash")
+    if reads == "pipeline":
+        await a.redis.function_flush()  # a Redis without the library: the reader pipelines
+    cold = await mesh.cold(b, [mesh.peer(server_a, "a")])
+
+    stats = await cold.repair_once()
+
+    repair = stats.peers["a"]
+    assert repair.error is None, repair.error
+    assert (repair.items_fetched, repair.items_corrupt, repair.items_applied) == (10, 1, 9)
+    assert await b.get(extra[0]) is None
+    for key in extra[1:]:
+        assert await b.get(key) is not None, f"{key} not repaired"
+    (row,) = await cold.cursors.quarantine_list(peer_id="a")
+    assert row.key == extra[0] and row.reason.startswith("bad_item: "), row
+    assert "WRONGTYPE" in row.reason, row.reason
+    # One wrong-typed key is the data's fault, not the function's: the reader keeps using it.
+    pipelined = [r for r in caplog.records if r.getMessage() == "reader.pipelined"]
+    assert bool(pipelined) == (reads == "pipeline"), pipelined
+
+
+async def test_items_the_peer_stores_corrupt_are_quarantined_and_counted_once_each(
+    mesh: Mesh, redis_factory: RedisFactory
+) -> None:
+    server_a, server_b = redis_factory(), redis_factory()
+    a, b = await mesh.store(server_a, "a"), await mesh.store(server_b, "b")
+    await populate(seed_changes(200), a, b)
+    extra = sorted(await diverge(a, new=8, updated=0, deleted=0))
+    broken: dict[str, dict[str, bytes]] = {
+        extra[0]: {"hlc": b"not an hlc"},
+        extra[1]: {"o": b"\xff\xfe"},  # a binary origin
+        extra[2]: {"v": b"1e99"},
+        extra[3]: {"h": b"00" * 16},  # hash mismatch
+    }
+    for key, fields in broken.items():
+        await a.redis.hset(a.keys.item(key), mapping=fields)  # type: ignore[arg-type]
+    await a.redis.hdel(a.keys.item(extra[4]), "d")  # data missing
+    await a.redis.delete(a.keys.item(extra[5]))
+    await a.redis.set(a.keys.item(extra[5]), b"not a hash")
+    cold = await mesh.cold(b, [mesh.peer(server_a, "a")])
+
+    def corrupt_total() -> float | None:
+        return cold.metrics.registry.get_sample_value(
+            "replication_repair_items_corrupt_total", {"peer": "a"}
+        )
+
+    for cycle in range(3):
+        stats = await cold.repair_once()
+        repair = stats.peers["a"]
+        assert (repair.error, repair.items_corrupt) == (None, 6), (cycle, repair)
+    assert corrupt_total() == 6
+    kept = await cold.cursors.quarantine_list(peer_id="a")
+    assert sorted(str(row.key) for row in kept) == extra[:6], "each corrupt item kept once"
+    rows = {row.key: row for row in kept}
+    for key in (extra[0], extra[1], extra[2], extra[5]):
+        assert rows[key].reason.startswith("bad_item: "), rows[key]
+    for key in (extra[3], extra[4]):
+        assert rows[key].reason.startswith("hash_mismatch: "), rows[key]
+    assert rows[extra[3]].raw["h"] == "00" * 16  # the fields as the peer stores them
+    assert "d" not in rows[extra[4]].raw
+
+    # A valid version is repaired; a new version, still corrupt, is a new rejection.
+    await a.put(extra[3], "fixed")
+    await a.put(extra[4], "newer")
+    await a.redis.hdel(a.keys.item(extra[4]), "d")
+    stats = await cold.repair_once()
+
+    assert stats.peers["a"].items_corrupt == 5
+    fixed = await b.get(extra[3])
+    assert fixed is not None and fixed.value == b"fixed"
+    assert corrupt_total() == 7
+    assert len(await cold.cursors.quarantine_list(peer_id="a")) == 7
+
+
+async def test_an_item_stamped_beyond_the_clock_offset_is_quarantined_once_with_its_value(
+    mesh: Mesh, redis_factory: RedisFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server_a, server_b = redis_factory(), redis_factory()
+    # The peer takes what ours refuses: a write stamped an hour ahead (and no stream entry of
+    # it reaches ours: only the repair meets it).
+    a = await mesh.store(server_a, "a", max_clock_offset_sec=86_400)
+    b = await mesh.store(server_b, "b")
+    # Incompressible and over the 4 KiB a row keeps of a field: the value must be kept whole.
+    far = random.Random(7).randbytes(QUARANTINE_FIELD_MAX_BYTES * 2)
+    await a.put("fine", "v")  # before: a's clock follows what it applies
+    ahead = Change.put("ahead", far, hlc=pack(wall_clock_ms() + 3_600_000, 0), origin="c")
+    await a.apply_batch([ahead])
+    cold = await mesh.cold(b, [mesh.peer(server_a, "a")])
+
+    with caplog.at_level(logging.ERROR, logger="replication_engine.cold_path"):
+        for cycle in range(3):
+            stats = await cold.repair_once()
+            repair = stats.peers["a"]
+            # From the second cycle on, met twice: as a key kept pending, then by the drill.
+            assert repair.error is None and repair.items_refused >= 1, (cycle, repair)
+
+    assert await b.get("ahead") is None and await b.get("fine") is not None
+    rows, _ = read_quarantine(cold.cursors.path, peer_id="a", values=True)
+    assert [row.key for row in rows] == ["ahead"], "kept once"
+    assert rows[0].reason.startswith("clock_skew: "), rows[0].reason
+    assert quarantined_value(rows[0]) == far
+    refused = cold.metrics.registry.get_sample_value(
+        "replication_repair_items_refused_total", {"peer": "a"}
+    )
+    assert refused == 1
+    logged = [r for r in caplog.records if r.getMessage() == "repair.item_refused"]
+    assert len(logged) == 1, logged
+
+
+async def test_an_item_whose_stream_entry_the_hot_path_kept_is_not_kept_again_by_a_repair(
+    mesh: Mesh, redis_factory: RedisFactory
+) -> None:
+    server_a, server_b = redis_factory(), redis_factory()
+    a = await mesh.store(server_a, "a", max_clock_offset_sec=86_400)
+    b = await mesh.store(server_b, "b")
+    ahead = Change.put("ahead", b"v", hlc=pack(wall_clock_ms() + 3_600_000, 0), origin="c")
+    await a.apply_batch([ahead])
+    cold = await mesh.cold(b, [mesh.peer(server_a, "a")])
+    # What the tailer does after quarantining the entry from a's stream.
+    cold.request_repair("a", reason="clock_skew", keys=["ahead"])
+
+    for _ in range(2):
+        assert (await cold.repair_once()).peers["a"].items_refused >= 1
+
+    assert await cold.cursors.quarantine_list(peer_id="a") == []
+    assert cold.has_pending("a")  # still asked for: it lands once the clocks agree
 
 
 async def test_requested_keys_are_fetched_first_and_run_while_catching_up(

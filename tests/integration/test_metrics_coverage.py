@@ -282,13 +282,17 @@ async def corrupt_entries_in_a_peer_stream(
 async def repairs_from_a_peer(
     watch: MetricWatch, redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
-    """A repair fetches what differs and skips the peer's corrupt items; then, with the peer
-    down, a repair fails."""
+    """A repair fetches what differs, skips the peer's corrupt items and one stamped beyond
+    a's clock offset (which b's wider offset let in); then, with the peer down, a repair
+    fails."""
     async with open_mesh(
         redis_factory,
         tmp_path,
         {"a": ["b"], "b": []},
-        overrides={"a": {"settings": {"hot_path": {"enabled": False}}}},
+        overrides={
+            "a": {"settings": {"hot_path": {"enabled": False}}},
+            "b": {"local": {"max_clock_offset_sec": 86_400}},
+        },
         # The breaker stays closed, so the repair tries the dead peer and fails.
         peer_options={"a": {"circuit_failure_threshold": 1000}},
     ) as mesh:
@@ -299,9 +303,12 @@ async def repairs_from_a_peer(
             await log.put(mesh["b"], f"k:{i:02d}", b"v")
         await b.redis.hset(b.keys.item("k:00"), "h", "00" * 16)  # hash mismatch
         await b.redis.hset(b.keys.item("k:01"), "d", codec.ZSTD_MAGIC + b"garbage")
+        ahead = clock.pack(clock.wall_clock_ms() + 3_600_000, 0)
+        await b.apply_batch([Change.put("k:ahead", b"v", hlc=ahead, origin="c")])
         stats = await a.repair_once()
         assert stats.peers["b"].items_corrupt == 2 and stats.peers["b"].items_applied == 18
         assert metric(a, "replication_repair_items_corrupt_total", peer="b") == 2
+        assert metric(a, "replication_repair_items_refused_total", peer="b") == 1
         watch.observe(engines_of(mesh))
         mesh["b"].server.kill()
         stats = await a.repair_once()

@@ -73,6 +73,7 @@ KNOWN_LABELS: dict[str, frozenset[str]] = {
     "replication_repair_items_fetched_total": _PEER,
     "replication_repair_items_applied_total": _PEER,
     "replication_repair_items_corrupt_total": _PEER,
+    "replication_repair_items_refused_total": _PEER,
     "replication_merkle_divergences_total": _PEER,
     "replication_bootstraps_total": _PEER,
     "replication_repair_duration_seconds": frozenset(),
