@@ -209,8 +209,9 @@ def _stored_version(fields: Mapping[bytes, bytes]) -> tuple[int, str] | None:
         return None
 
 
-# The error code scripts/api.lua refuses a forgotten node's writes with.
-_FORGOTTEN_CODE = "FORGOTTEN "
+# The error codes scripts/api.lua refuses every local write with (a follower's store, a
+# forgotten node's).
+_REFUSED_WRITES_CODES = frozenset({"FOLLOWER", "FORGOTTEN"})
 
 
 @contextlib.contextmanager
@@ -235,10 +236,12 @@ def _as_store_errors(node_id: str) -> Iterator[None]:
             raise StoreAccessError(
                 f"node {node_id!r}: the local Redis refused this user: {words}"
             ) from exc
-        if str(exc).startswith(_FORGOTTEN_CODE):
-            # The functions' refusal of a node the mesh forgot (scripts/api.lua): for good.
+        code, _, said = str(exc).partition(" ")
+        if code in _REFUSED_WRITES_CODES:
+            # The functions' refusal of every local write (scripts/api.lua): a follower's
+            # store, or a node the mesh forgot.
             raise ReadOnlyStoreError(
-                f"node {node_id!r}: local writes are refused: {str(exc)[len(_FORGOTTEN_CODE) :]}"
+                f"node {node_id!r}: local writes are refused: {redact_url(said)}"
             ) from exc
         if _is_refusal(exc):
             raise _store_error(exc) from exc

@@ -34,6 +34,7 @@ import aiohttp
 import pytest
 from aiolimiter import AsyncLimiter
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 
 from harness.mesh import (
     Mesh,
@@ -42,6 +43,7 @@ from harness.mesh import (
     Write,
     WriteLog,
     change_order,
+    connect_store,
     expected_snapshot,
     full_mesh,
     lww_winner,
@@ -57,7 +59,12 @@ from replication_engine.codec import Change, StreamId
 from replication_engine.config import EngineConfig, load_config
 from replication_engine.cursor import CursorStore
 from replication_engine.store.redis_store import RedisStore
-from replication_engine.testing import RedisFactory, async_wait_until
+from replication_engine.testing import (
+    RedisFactory,
+    async_wait_until,
+    find_redis_server,
+    redis_server_version,
+)
 from replication_engine.tools import mesh_status
 
 REPO = Path(__file__).resolve().parents[2]
@@ -531,6 +538,23 @@ async def test_read_replica_embedded_follower_refuses_local_writes(
         assert follower.running().config.mode == "follower"
         with pytest.raises(ReadOnlyStoreError):
             await follower.store.put("local:write", b"must be refused")
+        # The application's own store object, and a client in another language, write through
+        # the store's functions: they refuse too, or the write would never leave the follower.
+        other = await connect_store(follower.config)
+        try:
+            with pytest.raises(ReadOnlyStoreError, match="is a follower"):
+                await other.put("app:write", b"must be refused")
+            with pytest.raises(ReadOnlyStoreError, match="is a follower"):
+                await other.delete("app:write")
+            if redis_server_version(find_redis_server())[0] >= 7:
+                with pytest.raises(RedisResponseError, match=r"^FOLLOWER node f is a follower"):
+                    await other.redis.execute_command(
+                        "FCALL", "re_put", 1, other.keys.item("raw:write"), b"from elsewhere"
+                    )
+        finally:
+            await other.close()
+        for key in ("local:write", "app:write", "raw:write"):
+            assert await follower.store.get(key) is None
 
 
 async def test_read_replica_tree_mirrors_collected_deletes(

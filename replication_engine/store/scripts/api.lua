@@ -176,14 +176,20 @@ local function write_local(w, store, path, cur, last)
   return {hlc, sid}
 end
 
--- A node the mesh forgot (docs/DELETES.md, "Membership"): every member drops its writes from
--- then on, its own store included, so a write taken here would be acknowledged and then lost.
--- Its record lists it among the forgotten once its engine learns it; that is checked here, where
--- every client's writes pass, and not only by the Python store. The error code FORGOTTEN lets a
--- client tell it from a refused argument.
-local function forgotten_here()
-  local gone = call('HGET', REC, 'forgotten')
-  if gone and string.find(',' .. gone .. ',', ',' .. SELF .. ',', 1, true) then
+-- Local writes this store takes none of, whoever the client: checked here, where every
+-- client's writes pass, and not only by the Python store. A follower mirrors its upstream,
+-- so a write here would never leave it and would stay different from it for good. A node
+-- the mesh forgot (docs/DELETES.md, "Membership") has every member drop its writes from then
+-- on, its own store included, so a write taken here would be acknowledged and then lost. Its
+-- record says both (`mode`, written when its engine opens it, and `forgotten`, when the
+-- engine learns it). The error codes let a client tell these from a refused argument.
+local function writes_refused()
+  local r = call('HMGET', REC, 'mode', 'forgotten')
+  if r[1] == 'follower' then
+    return {err = 'FOLLOWER node ' .. SELF .. ' is a follower: it takes no local writes ' ..
+      '(they would never leave it); nothing was written. Write to its upstream'}
+  end
+  if r[2] and string.find(',' .. r[2] .. ',', ',' .. SELF .. ',', 1, true) then
     return {err = 'FORGOTTEN the mesh forgot node ' .. SELF .. ': every member drops its ' ..
       'writes, so it takes none; nothing was written. To bring the machine back, wipe its ' ..
       'store and give it a new node id'}
@@ -196,7 +202,7 @@ local function write_all(keys, writes, store)
   local problem = check_store_keys({HLC_KEY, 'string', ROOT_KEY, 'string', TOMBS_KEY, 'zset',
     CDC_KEY, 'stream', REC, 'hash'})
   if problem then return problem end
-  problem = forgotten_here()
+  problem = writes_refused()
   if problem then return problem end
   local paths, curs, seen = {}, {}, {}
   for i = 1, #writes do
