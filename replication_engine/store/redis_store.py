@@ -96,6 +96,8 @@ _GC_BATCH = 500
 # Bytes of item data in one apply call. Redis refuses any single argument over 512 MB
 # (proto-max-bulk-len), and one bounded call keeps the server's pause and memory bounded too.
 DEFAULT_MAX_BATCH_BYTES = 64 * 1024 * 1024
+# The stream bound of a new store opened without one (config: local.stream_maxlen).
+DEFAULT_STREAM_MAXLEN = 100_000
 # Longest content type, in UTF-8 bytes, that the write function takes (a peer takes as many
 # characters, codec.change_from_parts): refused at put, before anything is sent.
 MAX_CONTENT_TYPE_BYTES = 256
@@ -289,11 +291,11 @@ class RedisStore:
         prefix: str = "",
         partition: str = "0",
         geometry: Geometry | None = None,
-        stream_maxlen: int = 100_000,
+        stream_maxlen: int | None = None,
         max_memory_ratio: float = 0.9,
         read_only: bool = False,
         hlc: HLC | None = None,
-        max_payload: int = codec.DEFAULT_MAX_PAYLOAD,
+        max_payload: int | None = None,
         max_clock_offset_sec: float = 300.0,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
@@ -308,18 +310,24 @@ class RedisStore:
                 f"partition {partition!r} is not one of the store's: "
                 f"{self.geometry.describe()} has {self.geometry.partition_names[:4]}..."
             )
-        self.stream_maxlen = stream_maxlen
+        # None: what the partition's meta says (its engine's setting), else the default. An
+        # application that opens the store without them must not reset its engine's: the
+        # functions trim the stream by the meta's maxlen.
+        self._settings_given = (stream_maxlen is not None, max_payload is not None)
+        self.stream_maxlen = DEFAULT_STREAM_MAXLEN if stream_maxlen is None else stream_maxlen
         self.max_memory_ratio = max_memory_ratio
         self.read_only = read_only
         self.clock = hlc or HLC()
-        self.max_payload = max_payload
+        self.max_payload = codec.DEFAULT_MAX_PAYLOAD if max_payload is None else max_payload
         self.max_clock_offset_ms = int(max_clock_offset_sec * 1000)
         self.max_batch_bytes = max_batch_bytes
         # Why local writes are paused (the engine restoring the HLC floor), or None.
         self.writes_paused: str | None = None
         # Why local writes are refused for good (the mesh forgot this node), or None.
         self.writes_refused: str | None = None
-        self.reader = TreeReader(redis, self.keys, counter=ReadCounter(), max_payload=max_payload)
+        self.reader = TreeReader(
+            redis, self.keys, counter=ReadCounter(), max_payload=self.max_payload
+        )
         self._apply = redis.register_script(functions.script_source("apply.lua"))
         # The apply script's calls and the local writes, each one write and one read
         # (replication_engine.wire), each on its own connection: the hot path makes one apply
@@ -447,17 +455,22 @@ class RedisStore:
                 f"{stored.describe()}, but this node is configured with "
                 f"{self.geometry.describe()}; use the stored geometry or rebuild the store"
             )
+        # Written only when it changes, so a user that may only read the store can open it,
+        # and never over another node's: the id there is the origin its functions stamp on
+        # every write, so a store opened on another node's Redis would write as that node.
+        raw = await self.redis.hgetall(self.keys.part_meta)
+        current = {text(k): text(v) for k, v in raw.items()}
+        maxlen_given, payload_given = self._settings_given
+        if not maxlen_given and current.get("maxlen", "").isdigit():
+            self.stream_maxlen = int(current["maxlen"])
+        if not payload_given and current.get("max_payload", "").isdigit():
+            self.max_payload = self.reader.max_payload = int(current["max_payload"])
         fields = self.geometry.as_fields() | {
             "part": self.keys.partition,
             "id": self.node_id,
             "maxlen": str(self.stream_maxlen),
             "max_payload": str(self.max_payload),
         }
-        # Written only when it changes, so a user that may only read the store can open it,
-        # and never over another node's: the id there is the origin its functions stamp on
-        # every write, so a store opened on another node's Redis would write as that node.
-        raw = await self.redis.hgetall(self.keys.part_meta)
-        current = {text(k): text(v) for k, v in raw.items()}
         owner = current.get("id", self.node_id)
         if owner != self.node_id:
             raise StoreOwnershipError(

@@ -22,7 +22,7 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from harness.mesh import change_order
-from replication_engine import clock
+from replication_engine import clock, codec
 from replication_engine.clock import HLC
 from replication_engine.codec import Change, CodecError, decode_entry, encode_entry, encode_payload
 from replication_engine.connection import make_client
@@ -692,6 +692,25 @@ async def test_reopen_with_other_geometry_names_both(
     # The same geometry opens fine, and other prefixes are independent.
     await open_store(redis_server.url, prefix="g:", fanout=16, depth=3)
     await open_store(redis_server.url, prefix="h:")
+
+
+async def test_a_store_opened_without_limits_keeps_the_ones_its_engine_set(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    # The engine opens the store with the operator's local.stream_maxlen; an application then
+    # opens it as the README shows, without one. The functions trim the stream by the meta's
+    # maxlen, so the application must not put the default back.
+    engine_side = await open_store(redis_server.url, prefix="m:", stream_maxlen=500_000)
+    app = await open_store(redis_server.url, prefix="m:")
+    meta = engine_side.keys.part_meta
+    assert redis_server.client().hmget(meta, "maxlen", "max_payload") == [
+        b"500000",
+        str(codec.DEFAULT_MAX_PAYLOAD).encode(),
+    ]
+    assert (app.stream_maxlen, app.max_payload) == (500_000, codec.DEFAULT_MAX_PAYLOAD)
+    # One given explicitly is still the one written: the engine's, changed between starts.
+    await open_store(redis_server.url, prefix="m:", stream_maxlen=2_000)
+    assert redis_server.client().hget(meta, "maxlen") == b"2000"
 
 
 async def test_hlc_survives_reconnect(redis_server: RedisHandle, open_store: StoreFactory) -> None:
