@@ -144,10 +144,10 @@ class Geometry:
         return self.leaf_path(key)[: self.width]
 
     def describe(self) -> str:
-        split = f" partitions={self.partitions}" if self.partitions > 1 else ""
+        # Partitions named even when 1: a refusal between 16 and 1 must name both sides.
         return (
-            f"format={FORMAT} fanout={self.fanout} depth={self.depth}{split} leaf={LEAF_HASH} "
-            f"bucket={BUCKET_HASH}"
+            f"format={FORMAT} fanout={self.fanout} depth={self.depth} "
+            f"partitions={self.partitions} leaf={LEAF_HASH} bucket={BUCKET_HASH}"
         )
 
     def as_fields(self) -> dict[str, str]:

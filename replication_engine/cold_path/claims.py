@@ -172,7 +172,7 @@ class Claims(Part):
     ) -> int:
         """Drop the versions held here under ``keys`` (which ``peer`` lacks) that its claims
         cover: the peer applied them or newer and lost them only to a collection."""
-        dropped = 0
+        dropped = values = tombstones = 0
         sample: list[str] = []
         size = self.settings.fetch_batch_size
         for start in range(0, len(keys), size):
@@ -206,18 +206,29 @@ class Claims(Part):
             if done < 0:
                 break  # our own record went back: nothing concluded
             dropped += done
-            sample.extend(v.key for v in dead[: CORRUPT_KEYS_LOGGED - len(sample)])
+            live = [v for v in dead if not v.tombstone]
+            values += len(live)
+            tombstones += len(dead) - len(live)
+            # Values first: a tombstone the peer collected first is routine, a value is news.
+            ranked = live + [v for v in dead if v.tombstone]
+            sample.extend(v.key for v in ranked[: CORRUPT_KEYS_LOGGED - len(sample)])
         if dropped:
             self.metrics.absence_drops.labels(peer.node_id).inc(dropped)
-            log.warning(
+            # Tombstones alone are the ordinary case (the peer collected a delete first): an
+            # INFO line. A value dropped is kept in the quarantine and said at WARNING.
+            log.log(
+                logging.WARNING if values else logging.INFO,
                 "repair.dropped_dead",
                 extra={
                     "peer": peer.node_id,
                     "count": dropped,
+                    "values": values,  # of the versions found dead (kept in the quarantine)
+                    "tombstones": tombstones,
                     "keys": sample,
-                    "quarantine_reason": ABSENT_REASON,
+                    "quarantine_reason": ABSENT_REASON if values else None,
                     "hint": "versions here that the peer lacks while its claims cover them "
-                    "(deleted and collected); values are kept in the quarantine",
+                    "(deleted and collected)"
+                    + ("; values are kept in the quarantine" if values else ": tombstones only"),
                 },
             )
         return dropped

@@ -130,7 +130,7 @@ async def test_a_store_opened_with_another_partition_count_is_refused_naming_bot
     await store.close()
     with pytest.raises(GeometryError, match="partitions=16") as refused:
         await RedisStore.connect(redis_server.url, node_id="a", prefix=PREFIX, fanout=16, depth=2)
-    assert "fanout=16 depth=2 leaf" in str(refused.value)
+    assert "fanout=16 depth=2 partitions=1 leaf" in str(refused.value)
     reopened = await _open(redis_server.url)  # the same layout opens again
     await reopened.close()
 
