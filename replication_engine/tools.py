@@ -260,7 +260,17 @@ async def _verify_peer(
     except Exception as exc:
         print(f"{peer_id:<20} {_unread_text(exc)}: {redact_url(str(exc))}", file=out)
         return VERIFY_UNCHECKED
-    if stored is not None and stored != geometry:
+    if stored is None:
+        # Nothing was ever laid out there: a wrong redis_url or prefix, or a peer whose engine
+        # never started. Its empty root would read as "equal" to an empty store here.
+        print(
+            f"{peer_id:<20} NO STORE: nothing under prefix {readers[0].keys.prefix!r} at this "
+            f"address (no layout written); check the peer's redis_url and prefix, or start "
+            f"its engine",
+            file=out,
+        )
+        return VERIFY_UNCHECKED
+    if stored != geometry:
         print(
             f"{peer_id:<20} GEOMETRY MISMATCH: peer {stored.describe()}, "
             f"local {geometry.describe()}",

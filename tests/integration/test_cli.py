@@ -644,6 +644,29 @@ async def test_verify_exits_2_when_a_peer_cannot_be_checked_and_1_when_another_d
     assert differ.returncode == 1 and "DIFFERENT" in differ.stdout, differ
 
 
+async def test_verify_exits_2_for_a_peer_with_no_store_under_its_prefix_even_when_both_are_empty(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # A prefix changed on one node (peers' prefixes default to the local one): both roots
+    # are empty, and "equal" would say the node is in sync with peers it cannot see.
+    local, peer = redis_factory(), redis_factory()
+    async with stores(("a", local.url)):
+        pass  # a's store laid out, empty; nothing under the prefix at b
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": local.url, "prefix": PREFIX},
+            "peers": [{"node_id": "b", "redis_url": peer.url}],
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+        },
+    )
+    result = await run_cli(["verify", "--config", str(config)], cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert f"b                    NO STORE: nothing under prefix {PREFIX!r}" in result.stdout
+    assert "equal" not in result.stdout
+
+
 async def test_verify_deep_finds_a_hand_edited_payload_and_keys_that_do_not_belong(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
