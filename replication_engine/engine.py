@@ -977,6 +977,13 @@ class ReplicationEngine:
             for peer_id, h in health.items()
             if h.stalled
         ]
+        # Ready (a peer whose engine has not started yet looks the same), but said: a wrong
+        # prefix or address is a split that nothing else reports.
+        notes += [
+            f"peer {peer_id}: no store under prefix {peer.keys.prefix!r} (peer.no_store)"
+            for peer_id, peer in self.peers.items()
+            if peer.no_store
+        ]
         return True, notes
 
     def _not_ready(self, h: PeerHealth) -> list[str]:

@@ -148,6 +148,9 @@ async def test_a_peer_prefix_with_nothing_under_it_is_said_once_and_shown_in_sta
             await async_wait_until(
                 lambda: a.status()["peers"]["b"].get("store_found") is False, timeout=SETTLE_S
             )
+            assert "peer b: no store under prefix 'elsewhere:' (peer.no_store)" in (
+                a.readiness()[1]
+            )
     said = [r for r in caplog.records if r.getMessage() == "peer.no_store"]
     assert len(said) == 1 and said[0].prefix == "elsewhere:", said  # type: ignore[attr-defined]
 
