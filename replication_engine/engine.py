@@ -26,7 +26,7 @@ from replication_engine.connection import TlsOptions
 from replication_engine.cursor import CursorStore
 from replication_engine.errors import ReplicationError
 from replication_engine.hot_path import CursorSaveFailed, Tailer, TailerMode, TailerSettings
-from replication_engine.membership import Membership
+from replication_engine.membership import UNREAD_NOTE, Membership
 from replication_engine.merkle import Geometry, GeometryError
 from replication_engine.observability.http import HttpServer
 from replication_engine.observability.metrics import ENGINE_STATES, Metrics
@@ -984,6 +984,8 @@ class ReplicationEngine:
             for peer_id, peer in self.peers.items()
             if peer.no_store
         ]
+        if any(p.membership is not None and p.membership.unread for p in self.parts.values()):
+            notes.append(f"this node: {UNREAD_NOTE} (membership.unread)")
         return True, notes
 
     def _not_ready(self, h: PeerHealth) -> list[str]:

@@ -58,6 +58,13 @@ META_FLOOR = "hlc_floor"
 # Batches of tombstones collected per tick at most: bounded work, the rest next tick.
 GC_BATCHES_PER_TICK = 8
 # What a node the mesh forgot says (docs/DELETES.md, "Forgetting a member").
+# Ticks in a row with no peer listing this node before it is said (see _note_readers): a new
+# node's peers publish it on their next tick.
+_UNLISTED_TICKS = 5
+UNREAD_NOTE = (
+    "no peer lists this node as a member, so none reads its stream: writes made here reach no "
+    "other node; add it to the peers of the nodes it peers with"
+)
 _FORGOTTEN = (
     "the mesh forgot this node: every member drops its writes, so it takes none; to bring the "
     "machine back, wipe its store and give it a new node id"
@@ -143,6 +150,8 @@ class Membership:
         self._floor = 0
         self._certified_since_recovery = False
         self._opened = False
+        self.unread = False  # no peer lists this node (see _note_readers)
+        self._unlisted_ticks = 0
         self._tick_error: str | None = None
         self._collect_error: str | None = None
         self._wake = asyncio.Event()
@@ -251,6 +260,7 @@ class Membership:
         await self._certify()
         await self._read_peers()
         await self._publish_members()
+        self._note_readers()
         await self._close_barriers()
         self.own = await self.store.record()
         try:
@@ -464,6 +474,35 @@ class Membership:
                 self.records[peer.node_id] = await peer.record()
             except Exception:  # keep the last record read: claims only grow
                 self.unreadable.add(peer.node_id)
+
+    def _note_readers(self) -> None:
+        """Say when no peer lists this node as a member, for ``_UNLISTED_TICKS`` ticks in a
+        row with every peer's record read: a node that reads its peers but that none of them
+        reads (missing from their peers lists) takes writes that reach no other node, and is
+        otherwise ready and in sync by every other measure. A node listed by some member has a
+        reader (members come from configured peers), so this never flags a working mesh; a
+        follower takes no writes and is never read by its upstream."""
+        if self.mode != "mesh" or not self.peers:
+            return
+        records = [self.records.get(peer.node_id) for peer in self.peers]
+        if self.unreadable or any(record is None for record in records):
+            return  # a peer not read, or whose engine never ran: no telling yet
+        if any(self.node_id in record.members for record in records if record is not None):
+            if self.unread:
+                log.info("membership.read_by_peers", extra={"node": self.node_id})
+            self.unread, self._unlisted_ticks = False, 0
+            return
+        self._unlisted_ticks += 1
+        if self._unlisted_ticks >= _UNLISTED_TICKS and not self.unread:
+            self.unread = True
+            log.warning(
+                "membership.unread",
+                extra={
+                    "node": self.node_id,
+                    "peers": [p.node_id for p in self.peers],
+                    "hint": UNREAD_NOTE,
+                },
+            )
 
     async def _publish_members(self) -> None:
         own = await self.store.record()
@@ -697,6 +736,7 @@ class Membership:
             ),
             "collected": self.collected,
             "ticks": self.ticks,
+            "unread_by_peers": self.unread,
         }
 
     def not_ready_reason(self) -> str | None:

@@ -215,3 +215,30 @@ async def test_a_node_the_mesh_forgot_refuses_writes_instead_of_losing_them(
         assert await mesh["b"].store.get("elsewhere") is None
         assert await mesh["b"].store.get("raw") is None
         assert await mesh["b"].store.get("before") is not None
+
+
+@pytest.mark.parametrize("read_back", [False, True], ids=["nobody-reads-d", "a-reads-d"])
+async def test_a_node_none_of_its_peers_reads_is_said_in_ready_notes_and_status(
+    redis_factory: RedisFactory, tmp_path: Path, read_back: bool
+) -> None:
+    # d was added to the mesh in its own config only: it reads a and b, neither reads it, and
+    # what is written on d reaches no other node while every node answers ready.
+    fast = {"settings": {"membership": {"interval_sec": 0.1}}}
+    topology = {"a": ["b", "d"] if read_back else ["b"], "b": ["a"], "d": ["a", "b"]}
+    async with open_mesh(redis_factory, tmp_path, topology, common=fast) as mesh:
+        d = mesh["d"].running()
+        note = "this node: no peer lists this node as a member"
+
+        def noted() -> bool:
+            return any(n.startswith(note) for n in d.readiness()[1])
+
+        if read_back:
+            # Listed by a: never said, however long it runs (20 ticks, four times the grace).
+            await async_wait_until(
+                lambda: d.status()["membership"]["ticks"] >= 20, timeout=SETTLE_S
+            )
+            assert not noted() and d.status()["membership"]["unread_by_peers"] is False
+        else:
+            await async_wait_until(noted, timeout=SETTLE_S, message="d's readiness notes it")
+            assert d.readiness()[0] is True  # said, not an outage: d's reads are in sync
+            assert d.status()["membership"]["unread_by_peers"] is True
