@@ -452,7 +452,10 @@ def _parse_hlc(raw: Any) -> int:
             raise CodecError(f"meta.hlc: {exc}", reason="bad_meta") from None
     if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw <= clock.MAX_HLC:
         return raw
-    raise CodecError(f"meta.hlc must be a 16-hex string or a 64-bit integer, got {raw!r}"[:200])
+    raise CodecError(
+        f"meta.hlc must be a 16-hex string or a 64-bit integer, got {raw!r}"[:200],
+        reason="bad_meta",
+    )
 
 
 def decode_meta(raw: bytes | None) -> dict[str, Any]:

@@ -6,9 +6,10 @@ separate settings, so secrets need not sit in a config file; a setting replaces 
 a person will read.
 
 Every client made here delivers a cancellation that lands while a command is being written (see
-:class:`_CancelSafeSend`), so code built on these clients needs no guard of its own for it, and
+:class:`_CancelSafeSend`), so code built on these clients needs no guard of its own for it,
 closes the idle connections a server hung up on (see :class:`_Pool`), so a Redis restart leaves
-no descriptor behind.
+no descriptor behind, and reads replies within the bounds a Wire reads them in (see
+:class:`_BoundedReplies`), so no server can make it allocate what a reply's header declares.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from redis._parsers import _AsyncHiredisParser
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
@@ -35,6 +37,7 @@ from redis.exceptions import (
     AuthorizationError,
     BusyLoadingError,
     ClusterDownError,
+    InvalidResponse,
     MasterDownError,
     MovedError,
     NoPermissionError,
@@ -47,6 +50,8 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from replication_engine.wire import bound_reader
 
 try:  # redis-py >= 7
     from redis.maint_notifications import MaintNotificationsConfig
@@ -77,17 +82,43 @@ IDLE_CHECK_INTERVAL_S = 1.0
 class Failure(StrEnum):
     """What a failed Redis call says about retrying it: the one place that decides.
 
-    The store turns each kind into its own error, the peers count ``UNAVAILABLE`` and
-    ``DENIED`` against their breaker; neither looks at redis-py's classes itself.
+    The store turns each kind into its own error, the peers count ``UNAVAILABLE``, ``DENIED``
+    and ``MALFORMED`` against their breaker; neither looks at redis-py's classes itself.
     """
 
     UNAVAILABLE = "unavailable"  # no answer, loading, failing over: waiting alone may fix it
     DENIED = "denied"  # credentials or ACL: an operator must change something
+    # The reply was not RESP, broke a bound (wire.MAX_REPLY_ELEMENTS), or was not of the shape
+    # its command returns: the server's fault, not the caller's. The connection is dropped.
+    MALFORMED = "malformed"
     REFUSED = "refused"  # the server answered with an error about this command
 
 
+# redis-py's step that reads a reply and makes it into values (its response callbacks), on a
+# client, a pipeline and a cluster node alike. An error that is not redis-py's own, raised
+# under it (a KeyError in parse_xinfo_stream, a ValueError in int()), was raised by a reply.
+_PARSE_STEP = "parse_response"
+
+
+def _raised_reading_reply(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised under redis-py's :data:`_PARSE_STEP`."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        module = str(frame.f_globals.get("__name__"))
+        if frame.f_code.co_name == _PARSE_STEP and module.startswith("redis."):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def failure(exc: BaseException) -> Failure | None:
-    """The kind of a failed Redis call, or None when ``exc`` is not one (a bug of ours)."""
+    """The kind of a failed Redis call, or None when ``exc`` is not one (a bug of ours).
+
+    A reply that is not RESP, or breaks the bounds replies are read in, is ``MALFORMED``; so
+    is an error of another kind than redis-py's raised as redis-py makes a reply into values
+    (its response callbacks), and no other: the same error raised in our own code is a bug.
+    """
     # Order matters: redis-py derives its authentication errors from its ConnectionError,
     # and the failover states (READONLY, MASTERDOWN, TRYAGAIN) from ResponseError. A
     # PermissionError is an OSError, so it comes first too: the store's StoreAccessError is one,
@@ -113,8 +144,12 @@ def failure(exc: BaseException) -> Failure | None:
         | OSError,  # sockets, and the built-in ConnectionError and TimeoutError
     ):
         return Failure.UNAVAILABLE
+    if isinstance(exc, InvalidResponse):
+        return Failure.MALFORMED
     if isinstance(exc, RedisError):
         return Failure.REFUSED
+    if isinstance(exc, Exception) and _raised_reading_reply(exc):
+        return Failure.MALFORMED
     return None
 
 
@@ -531,19 +566,53 @@ class _HangUpCheck(AbstractConnection):
         return reader.at_eof() or writer.is_closing()
 
 
-class _CancelSafeConnection(_CancelSafeSend, _HangUpCheck, Connection):
+class _BoundedHiredisParser(_AsyncHiredisParser):
+    """redis-py's hiredis parser with its reader bounded as a Wire's is
+    (:func:`replication_engine.wire.bound_reader`): it makes a new reader at each connect."""
+
+    __slots__ = ()
+
+    def on_connect(self, connection: Any) -> None:
+        super().on_connect(connection)  # type: ignore[no-untyped-call]
+        # redis-py types the reader as None, which it is only until a connect makes it.
+        bound_reader(self._reader)  # type: ignore[arg-type]
+
+
+class _BoundedReplies(AbstractConnection):
+    """A connection that reads replies within the bounds a Wire reads them in.
+
+    redis-py's hiredis parser makes a list of the length an aggregate's header declares as it
+    reads the header, before any element arrives (hiredis-py 3.5): unbounded, one
+    ``*2000000000`` costs 16 GB of address space and seconds of the event loop to free. A
+    reply past the bounds is an ``InvalidResponse`` (``MALFORMED``), and redis-py drops the
+    connection. redis-py's pure-Python parsers (no hiredis) build lists as elements arrive,
+    and need no bound.
+    """
+
+    __slots__ = ()
+
+    def set_parser(self, parser_class: type[Any]) -> None:
+        if parser_class is _AsyncHiredisParser:
+            parser_class = _BoundedHiredisParser
+        super().set_parser(parser_class)
+
+
+class _CancelSafeConnection(_CancelSafeSend, _HangUpCheck, _BoundedReplies, Connection):
     __slots__ = ()
 
 
-class _CancelSafeSSLConnection(_CancelSafeSend, _HangUpCheck, SSLConnection):
+class _CancelSafeSSLConnection(_CancelSafeSend, _HangUpCheck, _BoundedReplies, SSLConnection):
     __slots__ = ()
 
 
-class _CancelSafeUnixConnection(_CancelSafeSend, _HangUpCheck, UnixDomainSocketConnection):
+class _CancelSafeUnixConnection(
+    _CancelSafeSend, _HangUpCheck, _BoundedReplies, UnixDomainSocketConnection
+):
     __slots__ = ()
 
 
-# The variant of each connection class a URL's scheme can choose (cancel-safe, hang-up check).
+# The variant of each connection class a URL's scheme can choose (cancel-safe, hang-up check,
+# bounded replies).
 _CANCEL_SAFE: dict[type[AbstractConnection], type[AbstractConnection]] = {
     Connection: _CancelSafeConnection,
     SSLConnection: _CancelSafeSSLConnection,

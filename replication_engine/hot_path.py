@@ -813,7 +813,12 @@ class Tailer:
                 size += sum(map(len, fields)) + sum(map(len, fields.values()))
             try:
                 sid = codec.parse_stream_id(raw_id)
-            except CodecError:  # ids come from Redis itself; keep the cursor where it was
+            except CodecError as exc:
+                # Redis sends none, a server posing as one may: kept and counted as any other
+                # rejected entry, under the last good position, where the cursor stays.
+                key = codec.key_hint(fields)
+                await self._quarantine(last_id, key, exc, fields)
+                rejected.append(key or "")
                 continue
             last_id = sid
             try:

@@ -9,16 +9,17 @@ instead of a connect timeout, and records latency and liveness for status and re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import pybreaker
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import InvalidResponse, ResponseError
 
 from replication_engine import clock
 from replication_engine.codec import StreamId, parse_stream_id
@@ -47,7 +48,26 @@ T = TypeVar("T")
 Entry = tuple[bytes, dict[bytes, bytes]]
 # Failures that say the peer (or the path to it) is unwell, as opposed to a bug or a refusal:
 # they count against the peer's breaker (connection.failure decides which kind a failure is).
-_UNWELL = (Failure.UNAVAILABLE, Failure.DENIED)
+_UNWELL = (Failure.UNAVAILABLE, Failure.DENIED, Failure.MALFORMED)
+# What making a reply of the wrong shape into values raises in the functions below.
+_SHAPE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+
+class _MalformedReply(InvalidResponse):
+    """A peer's reply of another shape than its command returns, found as our own code makes
+    it into values: ``MALFORMED`` (``connection.failure``), as redis-py's own errors of the
+    kind are. It never leaves :meth:`Peer.call`, which makes it a :class:`PeerUnavailable`."""
+
+
+@contextlib.contextmanager
+def _reply_of(what: str) -> Iterator[None]:
+    """Where a peer's replies are made into values: an error of their shape there is the
+    peer's failure, not a bug of ours. Only that step is wrapped; an error reply re-raised
+    there (a ``RedisError``) keeps its own kind."""
+    try:
+        yield
+    except _SHAPE_ERRORS as exc:
+        raise _MalformedReply(f"{what}: {type(exc).__name__}: {exc}"[:300]) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,10 +349,12 @@ class Peer:
                 f"retry in {breaker_remaining(self.breaker):.1f}s"
             ) from None
         except Exception as exc:
-            if failure(exc) not in _UNWELL:
+            kind = failure(exc)
+            if kind not in _UNWELL:
                 raise
-            self._failed(exc, what)
-            raise PeerUnavailable(f"peer {self.node_id}: {what} failed: {_describe(exc)}") from None
+            message = _describe(exc, kind)
+            self._failed(message, what)
+            raise PeerUnavailable(f"peer {self.node_id}: {what} failed: {message}") from None
         elapsed = time.perf_counter() - started
         self._succeeded(elapsed, what)
         return result
@@ -351,8 +373,7 @@ class Peer:
         self._connected.set(1)
         self._stalled.set(0)
 
-    def _failed(self, exc: BaseException, what: str) -> None:
-        message = _describe(exc)
+    def _failed(self, message: str, what: str) -> None:
         link = self._link
         if link.connected or link.last_error != message:
             log.warning(
@@ -436,7 +457,9 @@ class Peer:
             for reply in (*waited, entries_raw):
                 if isinstance(reply, BaseException):
                     raise reply
-            return layout, _record(record_raw), parse_stream_info(info_raw), _entries(entries_raw)
+            with _reply_of("record, entries or stream facts"):
+                record = _record(record_raw)
+                return layout, record, parse_stream_info(info_raw), _entries(entries_raw)
 
         # A wait's latency is the block time, not the peer's: "xread" is not timed.
         what = "xread" if wire is not None and block_ms is not None else "xrange"
@@ -578,7 +601,7 @@ class Peer:
         waiting, batch.waiting, batch.task = batch.waiting, {}, None
         names = list(waiting)
 
-        async def run() -> list[Any]:
+        async def run() -> list[Facts | PeerLayoutError]:
             async with self.query.pipeline(transaction=False) as pipe:
                 for name in names:
                     keys = self.keys.of(name)
@@ -590,10 +613,12 @@ class Peer:
             for root_raw in replies[3::4]:
                 if isinstance(root_raw, BaseException):
                     raise root_raw
-            return replies
+            # Made into values within the call: a reply of the wrong shape fails it.
+            quads = (replies[4 * at : 4 * at + 4] for at in range(len(names)))
+            return [self._facts_of(name, *quad) for name, quad in zip(names, quads, strict=True)]
 
         try:
-            replies = await self.call(run, what="snapshot_facts")
+            outcomes = await self.call(run, what="snapshot_facts")
         except asyncio.CancelledError:
             _cancel(waiting)  # the loop is closing: so are the reads it owed
             raise
@@ -601,18 +626,26 @@ class Peer:
             for name in names:
                 _settle(waiting[name], exc)
             return
-        for at, name in enumerate(names):
-            layout, record_raw, info_raw, root_raw = replies[4 * at : 4 * at + 4]
-            try:
-                self._check_layout(layout, name)
-                record = self._checked(_record(record_raw))
-            except PeerLayoutError as exc:
-                _settle(waiting[name], exc)
-                continue
+        for name, outcome in zip(names, outcomes, strict=True):
+            if not isinstance(outcome, PeerLayoutError):
+                for _waiter, counter in waiting[name]:
+                    counter.round_trips += 1
+            _settle(waiting[name], outcome)
+
+    def _facts_of(
+        self, name: str, layout: Any, record_raw: Any, info_raw: Any, root_raw: Any
+    ) -> Facts | PeerLayoutError:
+        """Partition ``name``'s facts from its replies, or the layout error that refuses them."""
+        try:
+            self._check_layout(layout, name)
+            with _reply_of("record"):
+                record = _record(record_raw)
+            record = self._checked(record)
+        except PeerLayoutError as exc:
+            return exc
+        with _reply_of("stream facts or root"):
             root = ZERO if root_raw is None else bytes.fromhex(root_raw.decode("ascii"))
-            for _waiter, counter in waiting[name]:
-                counter.round_trips += 1
-            _settle(waiting[name], (record, parse_stream_info(info_raw), root))
+            return record, parse_stream_info(info_raw), root
 
     async def record(self) -> NodeRecord | None:
         return self._checked(await self.call(self.reader.node_record, what="record"))
@@ -622,7 +655,8 @@ class Peer:
 
         async def run() -> int:
             raw = await self.query.get(self.keys.hlc)
-            return clock.from_hex(raw) if raw else 0
+            with _reply_of("clock"):
+                return clock.from_hex(raw) if raw else 0
 
         return await self.call(run, what="clock")
 
@@ -631,7 +665,8 @@ class Peer:
             async with self.query.pipeline(transaction=False) as pipe:
                 pipe.xinfo_stream(self.keys.cdc)
                 (raw,) = await pipe.execute(raise_on_error=False)
-            return parse_stream_info(raw)
+            with _reply_of("stream facts"):
+                return parse_stream_info(raw)
 
         return await self.call(run, what="xinfo")
 
@@ -653,6 +688,9 @@ class Peer:
                 )
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, kind: Failure | None = None) -> str:
     text = str(exc) or type(exc).__name__
-    return redact_url(f"{type(exc).__name__}: {text}")[:300]
+    words = text if isinstance(exc, _MalformedReply) else f"{type(exc).__name__}: {text}"
+    if kind is Failure.MALFORMED:
+        words = f"malformed reply: {words}"
+    return redact_url(words)[:300]

@@ -27,11 +27,22 @@ blocking reader its own wire.
 
 Standalone servers only: a Redis Cluster routes each command by its slot, which is the cluster
 client's work.
+
+Every reply is read within bounds (:func:`bound_reader`, which
+:mod:`replication_engine.connection` applies to redis-py's hiredis parser too): an aggregate
+that declares more than :data:`MAX_REPLY_ELEMENTS` elements, or aggregates nested deeper than
+:data:`MAX_REPLY_DEPTH`, are a protocol error, like any other reply that is not RESP. hiredis-py
+makes a list of the declared length as soon as it reads an aggregate's header, before any
+element arrives: unbounded, one ``*2000000000`` from a peer costs 16 GB of address space and
+seconds of the event loop to free, on every retry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
+import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -43,12 +54,144 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["Command", "Wire", "pack"]
+__all__ = ["MAX_REPLY_DEPTH", "MAX_REPLY_ELEMENTS", "Command", "Wire", "bound_reader", "pack"]
+
+log = logging.getLogger(__name__)
 
 # A command: its name and arguments (text is sent as UTF-8, numbers as their decimal text).
 Command = Sequence[bytes | str | int | float]
 
 _INCOMPLETE = object()  # what hiredis's reader returns while a reply is still arriving
+
+# The most elements one aggregate of a reply may declare (an array, set or push; a map's pairs).
+# Our biggest are a leaf bucket's hash as the cold path reads it, two per key in the bucket,
+# and a batch of entries (hot_path.max_batch_size, 1,000 by default). Ten million is a bucket
+# of five million keys: under the default 65,536 buckets, more keys than one Redis can hold.
+# Freeing an unfilled list of this length takes about 15 ms.
+MAX_REPLY_ELEMENTS = 10_000_000
+# The deepest nesting of aggregates a reply may have: COMMAND's, which redis-py's cluster client
+# reads, is 8 deep, XREAD's 5. With the bound above, one reply can declare at most this many
+# times ten million elements: about 0.2 s to free, against 2.6 s for one ``*2000000000``.
+MAX_REPLY_DEPTH = 16
+
+
+class _ReaderLimits(ctypes.Structure):
+    """hiredis's ``redisReader`` (``read.h``, as hiredis-py 3.5 bundles it), up to its last
+    limit, ``maxdepth``."""
+
+    _fields_ = [
+        ("err", ctypes.c_int),
+        ("errstr", ctypes.c_char * 128),
+        ("buf", ctypes.c_void_p),
+        ("pos", ctypes.c_size_t),
+        ("len", ctypes.c_size_t),
+        ("maxbuf", ctypes.c_size_t),
+        ("maxelements", ctypes.c_longlong),
+        ("task", ctypes.c_void_p),
+        ("tasks", ctypes.c_int),
+        ("ridx", ctypes.c_int),
+        ("reply", ctypes.c_void_p),
+        ("fn", ctypes.c_void_p),
+        ("privdata", ctypes.c_void_p),
+        ("maxdepth", ctypes.c_int),
+    ]
+
+
+# hiredis-py's Reader object (``src/reader.h``, as of hiredis-py 3.5): the object header, the
+# redisReader pointer, two strings, a flag, three objects and a saved error of three.
+_READER_OBJECT_BYTES = object.__basicsize__ + 8 + 2 * 8 + 8 + 3 * 8 + 3 * 8
+# hiredis's defaults (REDIS_READER_MAX_ARRAY_ELEMENTS, REDIS_READER_MAX_REPLY_DEPTH): what a
+# new reader's limits read as where the layout is the one above.
+_DEFAULT_MAX_ELEMENTS = (1 << 32) - 1
+_DEFAULT_MAX_DEPTH = 1024
+_PROBE_MAXBUF = 54_321  # set on a probe reader, to be found where maxbuf should be
+
+
+def _limits(reader: hiredis.Reader) -> _ReaderLimits:
+    """The C reader behind ``reader``: the first field after hiredis-py's object header."""
+    address = ctypes.c_void_p.from_address(id(reader) + object.__basicsize__).value
+    if not address:  # hiredis-py makes its C reader with the object: never seen
+        raise RuntimeError("a hiredis Reader without its C reader")
+    return _ReaderLimits.from_address(address)
+
+
+def _refused(reply: bytes, limits: tuple[int, int] | None = None) -> bool:
+    """Whether a new reader, with ``limits`` (elements, depth) if given, refuses ``reply``."""
+    reader = hiredis.Reader()
+    if limits is not None:
+        state = _limits(reader)
+        state.maxelements, state.maxdepth = limits
+    reader.feed(reply)
+    try:
+        reader.gets()
+    except hiredis.ProtocolError:
+        return True
+    return False
+
+
+@functools.cache
+def _unbounded_because() -> str | None:
+    """Why this hiredis's readers cannot be bounded, or None when they can.
+
+    hiredis checks both limits as it reads each aggregate's header (``maxelements`` and
+    ``maxdepth``, public fields of its C reader); hiredis-py sets neither and offers no way
+    to, so they are set through ctypes. Nothing is written before the layout is confirmed:
+    the object's size, hiredis's default nesting limit at work, then three values read back
+    where the layout puts them (a buffer limit set through hiredis-py's own API, and hiredis's
+    two defaults); then both limits are seen at work on probes. Any other hiredis is left
+    unbounded, and said so once.
+    """
+    if ctypes.sizeof(ctypes.c_void_p) != 8 or hiredis.Reader.__basicsize__ != _READER_OBJECT_BYTES:
+        return "its Reader object is not laid out as in hiredis-py 3.5"
+    if not _refused(b"*1\r\n" * (_DEFAULT_MAX_DEPTH + 1)):
+        return "its hiredis has no nesting limit (maxdepth)"
+    probe = hiredis.Reader()
+    probe.setmaxbuf(_PROBE_MAXBUF)
+    state = _limits(probe)
+    found = (state.maxbuf, state.maxelements, state.maxdepth)
+    if found != (_PROBE_MAXBUF, _DEFAULT_MAX_ELEMENTS, _DEFAULT_MAX_DEPTH):
+        return f"its reader's limits are not where hiredis 1.x keeps them (found {found})"
+    bounds = (MAX_REPLY_ELEMENTS, MAX_REPLY_DEPTH)
+    if _refused(b"*2\r\n*1\r\n:1\r\n:2\r\n", bounds):
+        return "its reader refused a reply within the bounds"
+    if not _refused(b"*%d\r\n" % (MAX_REPLY_ELEMENTS + 1), bounds):
+        return "its reader ignored the elements limit"
+    if not _refused(b"*1\r\n" * (MAX_REPLY_DEPTH + 1), bounds):
+        return "its reader ignored the nesting limit"
+    return None
+
+
+def bound_reader(reader: hiredis.Reader) -> bool:
+    """Bound a new ``reader``: an aggregate of more than :data:`MAX_REPLY_ELEMENTS` elements,
+    or nested deeper than :data:`MAX_REPLY_DEPTH`, is a protocol error (hiredis's own, raised
+    as the reader's ``protocolError``) from the moment its header is read.
+
+    Returns:
+        False, with nothing set and a warning logged once per process, where this hiredis
+        cannot be bounded (see :func:`_unbounded_because`); True otherwise.
+    """
+    why = _unbounded_because()
+    if why is not None:
+        _warn_unbounded(why)
+        return False
+    state = _limits(reader)
+    state.maxelements = MAX_REPLY_ELEMENTS
+    state.maxdepth = MAX_REPLY_DEPTH
+    return True
+
+
+@functools.cache
+def _warn_unbounded(why: str) -> None:
+    log.warning(
+        "wire.replies_unbounded",
+        extra={
+            "hiredis": hiredis.__version__,
+            "why": why,
+            "hint": "replies are read without the element and nesting bounds: a peer can make "
+            "this process allocate what an aggregate's header declares (hiredis 3.5 is known to "
+            "take the bounds)",
+        },
+    )
 
 
 def pack(commands: Iterable[Command]) -> bytes:
@@ -85,6 +228,7 @@ class _Replies(asyncio.Protocol):
             replyError=BaseParser.parse_error,
             notEnoughData=_INCOMPLETE,
         )
+        bound_reader(self.reader)
         # Each pipeline sent and not answered yet: its future, how many replies, those read.
         self.waiting: deque[tuple[asyncio.Future[list[Any]], int, list[Any]]] = deque()
         self.lost: BaseException | None = None

@@ -431,10 +431,12 @@ def test_bad_meta_values(meta: dict[str, Any]) -> None:
     assert info.value.reason == "bad_meta"
 
 
-@pytest.mark.parametrize("hlc", [-1, 1 << 64, 1.5, None, [1], True])
+@pytest.mark.parametrize("hlc", [-1, -5, 1 << 64, 1 << 70, 1.5, None, [1], True])
 def test_bad_meta_hlc_of_other_types(hlc: Any) -> None:
-    with pytest.raises(CodecError):
+    """Counted as bad_meta, as a badly formed text HLC is: an integer out of range included."""
+    with pytest.raises(CodecError) as info:
         decode_entry("1-0", _entry(meta=_meta(hlc=hlc)), default_origin="p")
+    assert info.value.reason == "bad_meta"
 
 
 def test_signed_hex_hlc_is_rejected_at_decode() -> None:

@@ -28,6 +28,7 @@ from redis.asyncio.connection import (
 )
 from redis.exceptions import (
     ClusterDownError,
+    InvalidResponse,
     RedisClusterUnreachableError,
     ResponseError,
     SlotNotCoveredError,
@@ -38,6 +39,7 @@ from replication_engine.connection import (
     Failure,
     TlsOptions,
     _address_remap,
+    _BoundedHiredisParser,
     connection_kwargs,
     failure,
     make_client,
@@ -276,6 +278,60 @@ def test_a_cluster_that_cannot_serve_is_unavailable_like_a_redis_that_is_down(
 
 def test_a_command_error_is_still_refused() -> None:
     assert failure(ResponseError("WRONGTYPE Operation against a key")) is Failure.REFUSED
+
+
+def test_a_reply_that_is_not_resp_or_breaks_the_bounds_is_malformed() -> None:
+    assert failure(InvalidResponse("Bad integer value")) is Failure.MALFORMED
+    assert failure(InvalidResponse("Multi-bulk length out of range")) is Failure.MALFORMED
+
+
+class _Replying:
+    """What redis-py's parse step needs of a connection: a reply to read."""
+
+    _resp2_fallback = False
+
+    def __init__(self, reply: object) -> None:
+        self.reply = reply
+
+    async def read_response(self, **options: object) -> object:
+        return self.reply
+
+
+async def test_an_error_raised_as_redis_py_makes_a_reply_into_values_is_malformed() -> None:
+    """The audit's XINFO STREAM without ``last-entry``: redis-py's callback raises KeyError."""
+    client = make_client("redis://127.0.0.1:1/0")
+    try:
+        with pytest.raises(KeyError) as info:
+            await client.parse_response(_Replying({b"length": 0}), "XINFO STREAM")
+    finally:
+        await client.aclose()
+    assert failure(info.value) is Failure.MALFORMED
+
+
+def test_the_same_error_raised_in_our_own_code_is_still_a_bug() -> None:
+    """Only the parse step is the server's: a KeyError anywhere else is ours, with its
+    traceback."""
+    with pytest.raises(KeyError) as info:
+        _ = {}["last-entry"]
+    assert failure(info.value) is None
+    assert failure(KeyError("last-entry")) is None
+
+
+async def test_every_clients_hiredis_parser_is_bounded() -> None:
+    """redis-py's hiredis parser makes a list of the declared length at the header: a
+    connection's parser refuses an absurd one instead (no server: the parser is fed)."""
+    client = make_client("redis://127.0.0.1:1/0")
+    try:
+        connection = client.connection_pool.make_connection()
+        parser = connection._parser
+        assert isinstance(parser, _BoundedHiredisParser)
+        parser.on_connect(connection)
+        reader = parser._reader
+        reader.feed(b"*2000000000\r\n")
+        with pytest.raises(InvalidResponse, match="Multi-bulk length out of range"):
+            reader.gets()
+    finally:
+        await client.aclose()
 
 
 def test_the_stores_own_errors_keep_their_kind() -> None:
