@@ -1052,47 +1052,7 @@ async def test_status_mesh_without_a_config_is_a_usage_error(tmp_path: Path) -> 
     assert (record["level"], record["msg"]) == ("error", "cli.usage_error"), record
 
 
-async def test_status_mesh_prints_every_node_root_and_flags_the_divergent_one(
-    redis_factory: RedisFactory, tmp_path: Path
-) -> None:
-    servers = {n: redis_factory() for n in ("a", "b", "c")}
-    cursor_path = tmp_path / "cursors.db"
-    config = write_config(
-        tmp_path / "config.yaml",
-        {
-            "local_node_id": "a",
-            "local": {"redis_url": servers["a"].url, "prefix": PREFIX},
-            "peers": [{"node_id": n, "redis_url": servers[n].url} for n in ("b", "c")],
-            "cursor": {"sqlite_path": str(cursor_path)},
-        },
-    )
-    async with stores(*((n, s.url) for n, s in servers.items())) as opened:
-        by_id = {s.node_id: s for s in opened}
-        same = shared_changes(30)
-        for store in opened:
-            await store.apply_batch(same)
-        await by_id["c"].put("only-on-c", b"x")
-        # As a caught-up sidecar would have left them: a's cursors at b's and c's tails.
-        async with await CursorStore.open(cursor_path) as cursors:
-            for peer_id in ("b", "c"):
-                tail = await by_id[peer_id].stream_tail()
-                assert tail is not None
-                await cursors.save(peer_id, tail)
-        roots = {s.node_id: (await s.merkle_root()).hex() for s in opened}
-        result = await run_cli(["status", "--mesh", "--config", str(config)], cwd=tmp_path)
-
-    assert roots["a"] == roots["b"] != roots["c"]
-    assert result.returncode == 1, result
-    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.strip()}
-    assert set(rows) == {"a", "b", "c"}, result.stdout
-    for node_id, line in rows.items():
-        assert line.split()[1] == roots[node_id][:16], line
-    assert rows["c"].rstrip().endswith("DIVERGENT"), rows["c"]
-    assert "DIVERGENT" not in rows["a"] and "DIVERGENT" not in rows["b"]
-    assert "LAGGING" not in result.stdout
-
-
-async def test_status_mesh_json_prints_one_json_document_of_the_tables_facts(
+async def test_status_mesh_prints_every_nodes_root_and_flags_as_a_table_or_as_json(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
     servers = {n: redis_factory() for n in ("a", "b", "c")}
@@ -1140,8 +1100,11 @@ async def test_status_mesh_json_prints_one_json_document_of_the_tables_facts(
     assert nodes["d"]["error"].startswith("ConnectionError: "), nodes["d"]
     # The same facts as the table's.
     rows = {line.split()[0]: line for line in table.stdout.splitlines()[1:] if line.strip()}
-    assert rows["b"].split()[1] == nodes["b"]["root"][:16]
+    assert set(rows) == {"a", "b", "c", "d"}, table.stdout
+    for node_id, root in roots.items():
+        assert rows[node_id].split()[1] == root[:16] == nodes[node_id]["root"][:16]
     assert "0 ms / 0 ev" in rows["b"] and rows["c"].rstrip().endswith("DIVERGENT"), rows
+    assert "DIVERGENT" not in rows["a"] + rows["b"] and "LAGGING" not in table.stdout
     # No store keeps a record yet (no engine ran): no frontier, as the table prints none.
     assert document["stable_frontier"] is None and "stable frontier" not in table.stdout
 
