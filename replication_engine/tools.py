@@ -167,15 +167,16 @@ def credentials_refused(exc: BaseException) -> BaseException | None:
     """The Redis error in ``exc``'s chain of causes that refused the user or password (or
     an ACL that refused the user a command), or None when there is none.
 
-    The chain, not ``exc`` alone: the store's errors wrap redis-py's, and being OSErrors as
-    well, :func:`~replication_engine.connection.failure` takes them for no answer.
+    The chain, not ``exc`` alone: an engine's start failure wraps the store's error, which
+    wraps redis-py's; the innermost is the one that carries Redis's own words.
     """
     cause: BaseException | None = exc
-    while cause is not None:
+    found = None
+    while cause is not None:  # the innermost: Redis's own words, not a wrapper's
         if failure(cause) is Failure.DENIED:
-            return cause
+            found = cause
         cause = cause.__cause__
-    return None
+    return found
 
 
 def _unread(exc: BaseException) -> str:
