@@ -324,23 +324,12 @@ async def _run(config_path: str, *, json_format: bool) -> int:
     try:
         await engine.start()
     except EngineError as exc:
-        from replication_engine.tools import credentials_refused
-
-        text = str(exc)
-        refused = credentials_refused(exc)
-        if refused is not None:
-            # The engine calls a store it could not open unreachable; this Redis answered, and
-            # what it needs is another user or password, not a network fix.
-            text = (
-                f"the local Redis at {redact_url(config.local.redis_url)} refused the user or "
-                f"password: {type(refused).__name__}: {redact_url(str(refused))}"
-            )
         _report_failure(
             json_format,
             "engine.start_failed",
-            f"cannot start: {text}",
+            f"cannot start: {exc}",
             node=config.local_node_id,
-            error=f"{type(exc).__name__}: {text}",
+            error=f"{type(exc).__name__}: {exc}",
         )
         return 1
     log.info(

@@ -153,6 +153,22 @@ def failure(exc: BaseException) -> Failure | None:
     return None
 
 
+def credentials_refused(exc: BaseException) -> BaseException | None:
+    """The Redis error in ``exc``'s chain of causes that refused the user or password (or
+    an ACL that refused the user a command), or None when there is none.
+
+    The chain, not ``exc`` alone: an engine's start failure wraps the store's error, which
+    wraps redis-py's; the innermost is the one that carries Redis's own words.
+    """
+    cause: BaseException | None = exc
+    found = None
+    while cause is not None:  # the innermost: Redis's own words, not a wrapper's
+        if failure(cause) is Failure.DENIED:
+            found = cause
+        cause = cause.__cause__
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class TlsOptions:
     ca_file: str | None = None

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from replication_engine.clock import HLC, wall_clock_ms
 from replication_engine.codec import StreamId
 from replication_engine.config import ColdPathConfig, EngineConfig, ScrubConfig
-from replication_engine.connection import TlsOptions
+from replication_engine.connection import TlsOptions, credentials_refused
 from replication_engine.cursor import CursorStore
 from replication_engine.errors import ReplicationError
 from replication_engine.hot_path import CursorSaveFailed, Tailer, TailerMode, TailerSettings
@@ -365,6 +365,13 @@ class ReplicationEngine:
         except StoreOwnershipError:
             raise  # it names what to fix; it is not an outage
         except Exception as exc:
+            refused = credentials_refused(exc)
+            if refused is not None:
+                # It answered: what it needs is another user or password, not a network fix.
+                raise EngineError(
+                    f"the local Redis at {_redacted(cfg.local.redis_url)} refused the user or "
+                    f"password: {type(refused).__name__}: {_redacted(str(refused))}"
+                ) from exc
             raise EngineError(
                 f"local store at {_redacted(cfg.local.redis_url)} "
                 f"is unreachable: {type(exc).__name__}: {_redacted(str(exc))}"

@@ -22,7 +22,12 @@ from redis.exceptions import RedisError
 from replication_engine import clock, codec
 from replication_engine.config import EngineConfig
 from replication_engine.config.models import NODE_ID_RULE, is_node_id
-from replication_engine.connection import Failure, TlsOptions, client_maker, failure, make_client
+from replication_engine.connection import (
+    TlsOptions,
+    client_maker,
+    credentials_refused,
+    make_client,
+)
 from replication_engine.cursor import (
     CursorError,
     CursorStore,
@@ -161,22 +166,6 @@ async def check_tree(config: EngineConfig, *, repair: bool, out: TextIO = sys.st
 VERIFY_EQUAL = 0
 VERIFY_DIFFERENT = 1
 VERIFY_UNCHECKED = 2
-
-
-def credentials_refused(exc: BaseException) -> BaseException | None:
-    """The Redis error in ``exc``'s chain of causes that refused the user or password (or
-    an ACL that refused the user a command), or None when there is none.
-
-    The chain, not ``exc`` alone: an engine's start failure wraps the store's error, which
-    wraps redis-py's; the innermost is the one that carries Redis's own words.
-    """
-    cause: BaseException | None = exc
-    found = None
-    while cause is not None:  # the innermost: Redis's own words, not a wrapper's
-        if failure(cause) is Failure.DENIED:
-            found = cause
-        cause = cause.__cause__
-    return found
 
 
 def _unread(exc: BaseException) -> str:

@@ -350,7 +350,11 @@ class HotPathConfig(_Section):
     block_timeout_sec: Duration = Field(default=5.0, description="XREAD BLOCK time (seconds).")
     adaptive_batch_size: bool = Field(default=True, description="Adjust the batch size (AIMD).")
     min_batch_size: int = Field(default=50, ge=1, description="AIMD lower bound (entries).")
-    max_batch_size: int = Field(default=1000, ge=1, description="AIMD upper bound (entries).")
+    # Bounded so that one read's reply stays far inside the reply bounds a peer is held to
+    # (replication_engine.wire.MAX_REPLY_ELEMENTS), and one apply call stays short.
+    max_batch_size: int = Field(
+        default=1000, ge=1, le=100_000, description="AIMD upper bound (entries)."
+    )
     rate_limit_enabled: bool = Field(default=False, description="Limit the apply rate per peer.")
     rate_limit_per_sec: float = Field(default=10_000.0, gt=0, description="Sustained events/s.")
     rate_limit_burst: int = Field(default=1000, ge=1, description="Events allowed above the rate.")

@@ -259,6 +259,27 @@ async def test_start_fails_clearly_when_local_redis_is_unreachable(
     assert_clean_after_failed_start(engine)
 
 
+async def test_start_says_the_local_redis_refused_the_password_not_that_it_is_unreachable(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # An embedder sees what an operator of the sidecar sees: credentials to fix, not a network.
+    local, peer = redis_factory(password="the-right-one"), redis_factory()
+    local_url = f"redis://:{SECRET}@127.0.0.1:{local.port}/0"
+    config = build_config("a", {"a": local_url, "b": peer.url}, ["b"], tmp_path / "c.db")
+    engine = ReplicationEngine(config)
+
+    with pytest.raises(EngineError) as caught:
+        await engine.start()
+
+    message = str(caught.value)
+    assert message.startswith(
+        f"the local Redis at redis://:***@127.0.0.1:{local.port}/0 refused the user or "
+        "password: AuthenticationError: "
+    ), message
+    assert "unreachable" not in message and SECRET not in message
+    assert_clean_after_failed_start(engine)
+
+
 async def test_start_fails_clearly_when_given_store_geometry_differs_from_config(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:

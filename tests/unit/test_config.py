@@ -457,6 +457,13 @@ def test_batch_bounds_name_the_fields() -> None:
     assert "settings.hot_path.max_batch_size: must be >= batch_size (100), got 60" in text
 
 
+def test_max_batch_size_is_bounded() -> None:
+    text = problems_of(
+        {"local_node_id": "a", "settings": {"hot_path": {"max_batch_size": 10_000_000}}}
+    )
+    assert "settings.hot_path.max_batch_size: must be <= 100000, got 10000000" in text
+
+
 def test_min_batch_size_must_be_positive() -> None:
     text = problems_of({"local_node_id": "a", "settings": {"hot_path": {"min_batch_size": 0}}})
     assert "settings.hot_path.min_batch_size: must be >= 1, got 0" in text
