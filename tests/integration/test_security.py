@@ -548,7 +548,7 @@ async def test_no_password_leaks_into_logs_errors_status_or_metrics(
         )
         with pytest.raises(EngineError) as raised:
             await ReplicationEngine(wrong_local).start()
-        assert "unreachable" in str(raised.value)
+        assert "refused the user or password" in str(raised.value)
         outputs["start error (with causes)"] = "".join(traceback.format_exception(raised.value))
         outputs["start error repr"] = repr(raised.value)
         records = caplog.records
