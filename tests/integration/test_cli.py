@@ -106,6 +106,19 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def pair_config(tmp_path: Path, local_url: str, peer_url: str) -> Path:
+    """Node a's config, reading one peer b (under a's prefix, as peers default to)."""
+    return write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "a",
+            "local": {"redis_url": local_url, "prefix": PREFIX},
+            "peers": [{"node_id": "b", "redis_url": peer_url}],
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+        },
+    )
+
+
 @contextmanager
 def sidecar(config: Path, cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
     """``replication-engine run`` as a child process; stdout and stderr go to files in ``cwd``.
@@ -573,15 +586,7 @@ async def test_verify_exits_0_when_roots_match_and_1_listing_divergent_keys(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
     local, peer = redis_factory(), redis_factory()
-    config = write_config(
-        tmp_path / "config.yaml",
-        {
-            "local_node_id": "a",
-            "local": {"redis_url": local.url, "prefix": PREFIX},
-            "peers": [{"node_id": "b", "redis_url": peer.url}],
-            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
-        },
-    )
+    config = pair_config(tmp_path, local.url, peer.url)
     async with stores(("a", local.url), ("b", peer.url)) as (store_a, store_b):
         same = shared_changes(50)
         await store_a.apply_batch(same)
@@ -652,15 +657,7 @@ async def test_verify_exits_2_for_a_peer_with_no_store_under_its_prefix_even_whe
     local, peer = redis_factory(), redis_factory()
     async with stores(("a", local.url)):
         pass  # a's store laid out, empty; nothing under the prefix at b
-    config = write_config(
-        tmp_path / "config.yaml",
-        {
-            "local_node_id": "a",
-            "local": {"redis_url": local.url, "prefix": PREFIX},
-            "peers": [{"node_id": "b", "redis_url": peer.url}],
-            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
-        },
-    )
+    config = pair_config(tmp_path, local.url, peer.url)
     result = await run_cli(["verify", "--config", str(config)], cwd=tmp_path)
     assert result.returncode == 2, result
     assert f"b                    NO STORE: nothing under prefix {PREFIX!r}" in result.stdout
