@@ -62,6 +62,10 @@ CATCH_UP_S = 60.0
 # Deadline for an engine subprocess to report itself running.
 SPAWN_DEADLINE_S = 30.0
 SEED = 4242
+# The phase a crash waits for after its random spin, in turn ("" = wherever the spin ended).
+PHASES = ("", "reading", "applying", "saving")
+# How long a crash may step the loop waiting for its phase (a batch arrives every few ms).
+PHASE_WAIT_S = 1.0
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -277,6 +281,14 @@ async def test_a_thousand_in_process_crashes_lose_and_duplicate_nothing(
                     await engine.start()
                     for _ in range(spin):
                         await asyncio.sleep(0)  # sync-ok: the random crash point
+                    # Three crashes in four then step on to the next moment the tailer is in a
+                    # chosen phase, so each phase is hit however short it is on this machine.
+                    target = PHASES[crash % len(PHASES)]
+                    deadline = time.monotonic() + PHASE_WAIT_S
+                    while target and crash_point(engine) != target:
+                        if time.monotonic() > deadline:
+                            break
+                        await asyncio.sleep(0)  # sync-ok: stepping the loop to a crash point
                     points[crash_point(engine)] += 1
                     if roll < 0.4 and engine.cursors is not None:
                         # The process is gone: an apply in flight can no longer save its cursor.
