@@ -390,13 +390,22 @@ async def _demo(args: argparse.Namespace, *, json_format: bool) -> int:
 
 
 def _status(url: str, *, raw: bool, json_format: bool) -> int:
-    # The sidecar's base or its /status itself, with or without a trailing '/'.
-    status_url = url.rstrip("/")
-    if not status_url.endswith("/status"):
-        status_url += "/status"
+    status_url = _status_endpoint(url)
     try:
         with urllib.request.urlopen(_get_with_credentials(status_url), timeout=5) as resp:
             body: dict[str, Any] = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        # It answered: whatever is wrong is not the network, and saying so sends the operator
+        # to the right place (credentials, or an address that is not the sidecar's).
+        _report_failure(
+            json_format,
+            "status.refused",
+            f"{redact_url(status_url)} answered HTTP {exc.code} {exc.reason}: "
+            + _HTTP_HINTS.get(exc.code, "not the sidecar's status"),
+            url=redact_url(url),
+            error=f"HTTP {exc.code}",
+        )
+        return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
         error = redact_url(str(exc))
         _report_failure(
@@ -439,6 +448,23 @@ def _status(url: str, *, raw: bool, json_format: bool) -> int:
             + (f"  HELD BACK BY {held}" if held else "")
         )
     return 0
+
+
+_HTTP_HINTS = {
+    401: "the user or password was refused (give them as http://user:password@host:port)",
+    403: "the user or password was refused (give them as http://user:password@host:port)",
+    404: "nothing is served there: is this the sidecar's http address?",
+}
+
+
+def _status_endpoint(url: str) -> str:
+    """The sidecar's ``/status`` from its base address or from ``/status`` itself, with or
+    without a trailing ``/``; a query string is kept where it belongs, after the path."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path.rstrip("/")
+    if not path.endswith("/status"):
+        path += "/status"
+    return parts._replace(path=path).geturl()
 
 
 def _get_with_credentials(url: str) -> urllib.request.Request:

@@ -154,13 +154,14 @@ async def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> dict[str, Any]
                 body: dict[str, Any] = await resp.json()
                 return body if resp.status == 200 else None
 
-    result: dict[str, Any] = await async_wait_until(
+    result: dict[str, Any] | None = await async_wait_until(
         ready,
         timeout=CONVERGE_TIMEOUT_S,
         interval=0.1,
         message=f"/ready 200 on port {port}",
         ignore=(aiohttp.ClientError, OSError),
     )
+    assert result is not None  # the wait ends on a body, never on None
     return result
 
 
@@ -762,7 +763,7 @@ async def test_forget_adds_a_member_to_the_forgotten_list_of_the_local_store(
         assert bad.returncode == 2 and "is not a node id" in bad.stdout, bad
         again = await run_cli(["forget", "gone", "--config", str(config)], cwd=tmp_path)
         assert again.returncode == 0 and "forgotten already" in again.stdout, again
-        assert await store.add_to_record() == ({"a", "b"}, {"gone"})
+        assert await store.add_to_record() == (frozenset({"a", "b"}), frozenset({"gone"}))
 
 
 async def test_forget_refuses_a_member_whose_store_still_answers_unless_forced(
@@ -962,11 +963,20 @@ async def test_status_url_may_be_the_status_endpoint_itself_as_well_as_the_base(
         base = f"http://127.0.0.1:{engine.http.port}"
         results = {
             url: await run_cli(["status", "--url", url], cwd=tmp_path)
-            for url in (base, f"{base}/", f"{base}/status", f"{base}/status/")
+            for url in (base, f"{base}/", f"{base}/status", f"{base}/status/", f"{base}/?x=1")
         }
+        elsewhere = await run_cli(
+            ["status", "--url", f"{base}/metrics", "--log-format", "text"], cwd=tmp_path
+        )
     for url, result in results.items():
         assert result.returncode == 0, (url, result.stderr)
         assert result.stdout.split()[:2] == ["node", "a"], (url, result.stdout)
+    # Something answered, so it is no network failure: the address is not the sidecar's.
+    assert elsewhere.returncode == 1
+    assert elsewhere.stderr == (
+        f"{base}/metrics/status answered HTTP 404 Not Found: nothing is served there: "
+        "is this the sidecar's http address?\n"
+    ), elsewhere.stderr
 
 
 @contextmanager
@@ -1020,10 +1030,12 @@ async def test_status_url_sends_its_credentials_as_basic_auth_and_never_prints_t
     assert seen[0] == ("/status", expected), seen
     masked = f"http://operator:***@127.0.0.1:{port}"
     assert text.returncode == 1
-    assert text.stderr.startswith(f"cannot read {masked}/status: HTTP Error 401"), text.stderr
+    assert text.stderr.startswith(
+        f"{masked}/status answered HTTP 401 Unauthorized: the user or password was refused"
+    ), text.stderr
     assert piped.returncode == 1
     (record,) = json_lines(piped.stderr)
-    assert (record["msg"], record["url"]) == ("status.unreachable", masked), record
+    assert (record["msg"], record["url"]) == ("status.refused", masked), record
     for result in (ok, text, piped):
         assert SECRET not in result.stdout + result.stderr, result
 
