@@ -774,12 +774,30 @@ class Tailer:
                 "peer": self._peer_id,
                 "cursor": str(self.cursor),
                 "first_entry": str(info.first),
+                "newest": str(info.last),
                 "max_deleted": str(info.max_deleted),
-                "hint": "the peer's stream was trimmed past our cursor: entries were missed; "
-                "the cold path repairs them",
+                "hint": self._gap_hint(info),
             },
         )
         self.on_gap(self._peer_id)
+
+    def _gap_hint(self, info: StreamInfo) -> str:
+        cursor = self.cursor or codec.STREAM_START
+        if info.last is None and cursor != codec.STREAM_START:
+            return (
+                "the peer's stream is gone (deleted): whatever it held past our cursor was "
+                "missed; the cold path repairs it"
+            )
+        if info.went_back(cursor):
+            return (
+                "the peer's stream was deleted and written again, its newest id below our "
+                "cursor: entries were missed, and the new ones are repaired by the cold path "
+                "until the stream's ids pass the cursor"
+            )
+        return (
+            "the peer's stream lost entries past our cursor (trimmed, deleted, or deleted and "
+            "written again): they were missed; the cold path repairs them"
+        )
 
     async def _decode(
         self, entries: list[Entry], position: StreamId

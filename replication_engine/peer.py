@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import InvalidResponse, ResponseError
 
 from replication_engine import clock
-from replication_engine.codec import StreamId, parse_stream_id
+from replication_engine.codec import STREAM_START, StreamId, parse_stream_id
 from replication_engine.config import HotPathConfig, PeerConfig, default_of
 from replication_engine.config.models import is_node_id
 from replication_engine.connection import (
@@ -87,17 +87,33 @@ class StreamInfo:
         than the successor of our cursor, the entries in between are gone (or never existed:
         the rule can over-report, which costs one extra repair, but never under-reports). On
         Redis 7 a stream from which nothing was ever removed (entries added == length) is
-        exempt, and XDEL of a newer entry (max-deleted-entry-id) also counts.
+        exempt only when read from its start, and XDEL of a newer entry
+        (max-deleted-entry-id) also counts.
+
+        A cursor read from this stream is an id the stream held. So a stream that no longer
+        reaches the cursor (deleted, or its newest id below it), or that starts past it
+        without having lost anything, is not the stream the cursor was read from: it was
+        deleted and written again (``DEL`` by hand, a restore of the peer's stream alone), and
+        whatever it held after the cursor is gone with it.
         """
         if self.max_deleted is not None and self.max_deleted > cursor:
             return True
+        if self.went_back(cursor) or (cursor != STREAM_START and self.last is None):
+            return True  # the stream is gone, or went back: not the one the cursor was read from
         if self.length == 0:
             # Trimmed to nothing: entries past the cursor existed if the head moved past it.
             added = self.entries_added is None or self.entries_added > 0
             return added and self.last is not None and self.last > cursor
         if self.first is None or self.first <= cursor.next():
             return False
+        if cursor != STREAM_START:
+            return True  # the cursor's own entry is gone: removed, or another stream
         return self.entries_added is None or self.entries_added > self.length
+
+    def went_back(self, cursor: StreamId) -> bool:
+        """The stream's newest id is below ``cursor``: it was deleted and written again, and
+        its entries are not after the cursor, where reads look (see :meth:`trimmed_past`)."""
+        return cursor != STREAM_START and self.last is not None and self.last < cursor
 
 
 def _pairs(raw: Any) -> dict[Any, Any]:

@@ -485,6 +485,36 @@ async def test_entries_deleted_from_peer_stream_are_reported_as_a_gap(
         await assert_gap_repaired(a, "late:0")
 
 
+@pytest.mark.parametrize("ids", ["above the cursor", "below the cursor"])
+async def test_a_peer_stream_deleted_and_written_again_is_a_gap(
+    redis_factory: RedisFactory, tmp_path: Path, ids: str
+) -> None:
+    # An operator's DEL of the stream (or a restore of it alone): the new stream holds nothing
+    # it lost, so only the cursor's own entry being gone, or the stream's ids being below the
+    # cursor, says that entries past the cursor were missed.
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b"], "b": []}) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        log = WriteLog()
+        cursor = await stop_after_first_writes(mesh, log)
+        for i in range(20):
+            await log.put(b, f"late:{i}", f"value {i}".encode())
+        (_, kept), *_ = await raw_entries(b.store, start=f"({cursor}")
+        assert await b.store.redis.delete(b.store.keys.cdc) == 1
+        if ids == "above the cursor":
+            await log.put(b, "after", b"written to the new stream")
+        else:
+            await b.store.redis.xadd(b.store.keys.cdc, kept, id="1-1")  # type: ignore[arg-type]
+        info = await b.store.redis.xinfo_stream(b.store.keys.cdc)
+        assert info["length"] == 1
+
+        await mesh.start_engine("a")
+        await mesh.wait_idle()
+        await assert_gap_reported(a, "b")
+        await assert_gap_repaired(a, "late:0")
+        for i in range(20):
+            assert await a.store.get(f"late:{i}") is not None, i
+
+
 async def test_a_trim_between_the_commands_of_one_read_is_seen_as_a_gap(
     redis_factory: RedisFactory,
 ) -> None:
