@@ -95,10 +95,10 @@ class Claims(Part):
         if await self._record_moved(peer, record):
             return
         if absent and not record.recovering:
-            repair.discarded = await self._drop_dead(peer, record, own, absent)
+            repair.discarded = await self._drop_dead(peer, record, own, absent, repair)
         if behind and not record.recovering:
             repair.written_off = await self._write_off(peer, record, behind)
-        if complete:
+        if complete and not repair.unlisted_on_peer:
             await self._take_claims(peer, facts, record, own, repair, began)
 
     async def _record_moved(self, peer: Peer, record: NodeRecord) -> bool:
@@ -168,10 +168,21 @@ class Claims(Part):
         self.metrics.quarantine_evicted.inc(evicted)
 
     async def _drop_dead(
-        self, peer: Peer, record: NodeRecord, own: NodeRecord, keys: list[str]
+        self,
+        peer: Peer,
+        record: NodeRecord,
+        own: NodeRecord,
+        keys: list[str],
+        repair: PeerRepair,
     ) -> int:
         """Drop the versions held here under ``keys`` (which ``peer`` lacks) that its claims
-        cover: the peer applied them or newer and lost them only to a collection."""
+        cover: the peer applied them or newer and lost them only to a collection.
+
+        The peer's tree only says which keys to ask about: each one is read on the peer before
+        anything is dropped, and one the peer holds after all (its tree damaged, or edited by
+        hand) is kept here and fetched instead, and the repair is not complete. A drop rests
+        on the item being absent, never on an index of it.
+        """
         dropped = values = tombstones = 0
         sample: list[str] = []
         size = self.settings.fetch_batch_size
@@ -185,6 +196,8 @@ class Claims(Part):
                 if isinstance(version, Change)
                 and is_dead_by_absence((version.hlc, version.origin), record)
             ]
+            if dead:
+                dead = await self._confirmed_absent(peer, dead, repair)
             if not dead:
                 continue
             for version in dead:
@@ -232,6 +245,36 @@ class Claims(Part):
                 },
             )
         return dropped
+
+    async def _confirmed_absent(
+        self, peer: Peer, versions: list[Change], repair: PeerRepair
+    ) -> list[Change]:
+        """Of ``versions``, those whose key the peer does not hold, read on the peer now; the
+        peer's readable versions of the others are applied here, as a drill's finds are."""
+        stored = await peer.call(
+            lambda: peer.reader.stored_items([v.key for v in versions]), what="repair_items"
+        )
+        absent = [v for v, item in zip(versions, stored, strict=True) if item.decoded is None]
+        if len(absent) == len(versions):
+            return absent
+        unlisted = [item for item in stored if item.decoded is not None]
+        repair.unlisted_on_peer += len(unlisted)
+        log.warning(
+            "repair.unlisted_on_peer",
+            extra={
+                "peer": peer.node_id,
+                "count": len(unlisted),
+                "keys": [item.key for item in unlisted[:CORRUPT_KEYS_LOGGED]],
+                "hint": "the peer holds keys its Merkle tree did not list (a damaged or "
+                "hand-edited tree, or a write there since the tree was read): kept here, not "
+                "dropped, and the repair is not complete; "
+                "`replication-engine verify --deep` compares the items themselves",
+            },
+        )
+        found = [item.decoded for item in unlisted if isinstance(item.decoded, Change)]
+        if found:
+            await self.local.apply(found)
+        return absent
 
     async def _write_off(self, peer: Peer, record: NodeRecord, theirs: list[Change]) -> int:
         """Replace the versions held here that ``peer``'s claims cover while it holds an older

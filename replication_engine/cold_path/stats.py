@@ -38,6 +38,8 @@ class PeerRepair:
     complete: bool = False
     discarded: int = 0  # versions here that the peer's claims prove dead: dropped
     written_off: int = 0  # versions here the peer's claims cover while it holds older ones
+    # Keys the peer's tree left out while the peer holds them: not dropped, not complete.
+    unlisted_on_peer: int = 0
 
 
 @dataclass(slots=True)

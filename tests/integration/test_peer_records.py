@@ -12,11 +12,12 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness.mesh import MeshNode, open_mesh
-from replication_engine import clock
+from replication_engine import clock, merkle
 from replication_engine.testing import RedisFactory, async_wait_until
 
 SETTLE_S = 30.0
@@ -115,3 +116,61 @@ async def test_ids_that_are_no_node_ids_do_not_spread_into_the_mesh(
         own = await a.store.record()
         assert own is not None and own.forgotten == frozenset()
         assert set(own.claims) <= {"a", "h"}
+
+
+async def unlist(node: MeshNode, key: str) -> None:
+    """Take ``key`` out of the node's Merkle tree, leaf to root, and leave its item stored: a
+    tree damaged or edited by hand that is still consistent with itself."""
+    store = node.store
+    leaf = store.geometry.leaf_path(key)
+    digest = await store.redis.hget(store.keys.node(leaf), key)
+    assert digest is not None, f"{key} is not in its leaf {leaf}"
+    width = store.geometry.width
+    async with store.redis.pipeline(transaction=True) as pipe:
+        pipe.hdel(store.keys.node(leaf), key)
+        for start in range(0, len(leaf), width):
+            path, child = leaf[:start], leaf[start : start + width]
+            held = await store.redis.hget(store.keys.node(path), child)
+            pipe.hset(store.keys.node(path), child, merkle.xor_hex(held.decode(), digest.decode()))
+        root = await store.redis.get(store.keys.root)
+        pipe.set(store.keys.root, merkle.xor_hex(root.decode(), digest.decode()))
+        await pipe.execute()
+
+
+async def test_a_key_missing_from_a_peers_tree_but_held_there_is_not_dropped(
+    redis_factory: RedisFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # h holds k3 and claims a's writes past it, but its tree no longer lists k3: taken at its
+    # tree's word, h "lacks" a version its claims cover, which a would drop as deleted and
+    # collected. A drop rests on the item's absence, read on the peer.
+    caplog.set_level(logging.WARNING, logger="replication_engine.cold_path")
+    async with open_mesh(redis_factory, tmp_path, {"a": ["h"], "h": ["a"]}, common=COLD) as mesh:
+        a, h = mesh["a"], mesh["h"]
+        for i in range(10):
+            await a.store.put(f"k{i}", b"written on a")
+        await mesh.wait_converged()
+        k3 = await a.store.get("k3")
+        assert k3 is not None
+
+        async def h_claims_k3() -> bool:
+            record = await h.store.record()
+            return record is not None and record.claims.get("a", 0) >= k3.hlc
+
+        await async_wait_until(h_claims_k3, timeout=SETTLE_S, message="h claims a's k3")
+        await mesh.stop_engine("h")
+        await unlist(h, "k3")
+
+        def last_repair() -> dict[str, Any]:
+            return a.running().status()["peers"]["h"]["repair"]["last_repair"] or {}
+
+        async def concluded() -> bool:
+            """a drew its conclusion about k3: dropped it, or found h holds it unlisted."""
+            return last_repair().get("unlisted_on_peer", 0) > 0 or await a.store.get("k3") is None
+
+        await async_wait_until(concluded, timeout=SETTLE_S, message="a's repair from h concluded")
+        for node in (a, h):
+            held = await node.store.get("k3")
+            assert held is not None and held.value == b"written on a", node.node_id
+        assert not last_repair()["complete"], last_repair()
+        said = [r for r in caplog.records if r.getMessage() == "repair.unlisted_on_peer"]
+        assert said and said[0].keys == ["k3"], said  # type: ignore[attr-defined]
