@@ -23,6 +23,7 @@ from replication_engine.cold_path.stats import CORRUPT_KEYS_LOGGED, PeerRepair
 from replication_engine.knowledge import (
     ApplyStatus,
     NodeRecord,
+    frontier,
     is_dead_by_absence,
     order,
     sid_key,
@@ -182,9 +183,17 @@ class Claims(Part):
         anything is dropped, and one the peer holds after all (its tree damaged, or edited by
         hand) is kept here and fetched instead, and the repair is not complete. A drop rests
         on the item being absent, never on an index of it.
+
+        Nor on the peer's claims alone: a collection waits until every member claims the
+        tombstone, this node included, and this node's claims only grow while it serves. So a
+        version here above this node's own frontier cannot have been collected anywhere yet,
+        whatever the peer's record says (a record edited by hand, or broken): it is kept, and
+        looked at again next cycle. While this node recovers, or follows, its claims bound
+        nothing, and the peer's are taken as they are.
         """
         dropped = values = tombstones = 0
         sample: list[str] = []
+        bound = None if own.recovering or own.mode != "mesh" else self._own_frontier(own)
         size = self.settings.fetch_batch_size
         for start in range(0, len(keys), size):
             held = await self.local.call(
@@ -196,6 +205,9 @@ class Claims(Part):
                 if isinstance(version, Change)
                 and is_dead_by_absence((version.hlc, version.origin), record)
             ]
+            if bound is not None and (early := [v for v in dead if v.hlc > bound]):
+                repair.drops_deferred += len(early)
+                dead = [v for v in dead if v.hlc <= bound]
             if dead:
                 dead = await self._confirmed_absent(peer, dead, repair)
             if not dead:
@@ -225,6 +237,19 @@ class Claims(Part):
             # Values first: a tombstone the peer collected first is routine, a value is news.
             ranked = live + [v for v in dead if v.tombstone]
             sample.extend(v.key for v in ranked[: CORRUPT_KEYS_LOGGED - len(sample)])
+        if repair.drops_deferred:
+            log.info(
+                "repair.drops_deferred",
+                extra={
+                    "peer": peer.node_id,
+                    "count": repair.drops_deferred,
+                    "own_frontier": bound,
+                    "hint": "versions the peer lacks while its claims cover them, above this "
+                    "node's own frontier: no collection can have removed them yet, so they are "
+                    "kept (a peer's record ahead of what it holds, or a member this node knows "
+                    "of and the peer does not)",
+                },
+            )
         if dropped:
             self.metrics.absence_drops.labels(peer.node_id).inc(dropped)
             # Tombstones alone are the ordinary case (the peer collected a delete first): an
@@ -245,6 +270,12 @@ class Claims(Part):
                 },
             )
         return dropped
+
+    @staticmethod
+    def _own_frontier(own: NodeRecord) -> int:
+        """This node's frontier by its own record: every collection anywhere is at or below
+        it, as every member's frontier bounds the stable frontier that collections use."""
+        return frontier(own, own.members | {own.node_id}, own.forgotten)
 
     async def _confirmed_absent(
         self, peer: Peer, versions: list[Change], repair: PeerRepair

@@ -40,6 +40,9 @@ class PeerRepair:
     written_off: int = 0  # versions here the peer's claims cover while it holds older ones
     # Keys the peer's tree left out while the peer holds them: not dropped, not complete.
     unlisted_on_peer: int = 0
+    # Versions the peer's claims cover that no collection could have removed yet, by this
+    # node's own claims (see claims.Claims._drop_dead): kept, and looked at again next cycle.
+    drops_deferred: int = 0
 
 
 @dataclass(slots=True)

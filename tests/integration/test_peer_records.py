@@ -174,3 +174,34 @@ async def test_a_key_missing_from_a_peers_tree_but_held_there_is_not_dropped(
         assert not last_repair()["complete"], last_repair()
         said = [r for r in caplog.records if r.getMessage() == "repair.unlisted_on_peer"]
         assert said and said[0].keys == ["k3"], said  # type: ignore[attr-defined]
+
+
+async def test_a_plausible_claim_a_peer_does_not_hold_drops_nothing_above_our_own_frontier(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # h's engine is stopped, and its record says, by hand, that h holds every write of a up to
+    # now: a plausible claim, at the present time. h lacks a's new writes, so taken at its
+    # word h "lost them to a collection". But no collection can have covered them: a's own
+    # claim about h stopped where h stopped, so a's frontier is below them, and every
+    # collection anywhere waits for a's frontier.
+    async with open_mesh(redis_factory, tmp_path, {"a": ["h"], "h": ["a"]}, common=COLD) as mesh:
+        a, h = mesh["a"], mesh["h"]
+        await a.store.put("before", b"seen by h")
+        await mesh.wait_converged()
+        await mesh.stop_engine("h")
+        for i in range(10):
+            await a.store.put(f"k{i}", b"written on a")
+        newest = await a.store.get("k9")
+        assert newest is not None
+        await h.store.redis.hset(h.store.keys.record, "c:a", f"{newest.hlc:016x}")
+
+        def last_repair() -> dict[str, Any]:
+            return a.running().status()["peers"]["h"]["repair"]["last_repair"] or {}
+
+        async def concluded() -> bool:
+            """a drew its conclusion about k0..k9: dropped them, or kept them for now."""
+            return last_repair().get("drops_deferred", 0) > 0 or await a.store.get("k0") is None
+
+        await async_wait_until(concluded, timeout=SETTLE_S, message="a's repair from h concluded")
+        assert [await a.store.get(f"k{i}") is not None for i in range(10)] == [True] * 10
+        assert last_repair()["drops_deferred"] == 10, last_repair()
