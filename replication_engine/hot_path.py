@@ -684,9 +684,12 @@ class Tailer:
         prepared = self.store.prepare_apply(changes, relay=self.settings.relay) if changes else None
         rejected = prepared is not None and len(prepared.accepted) < prepared.size
         reached_end = len(entries) < requested
-        source = self._source(
-            record, position, last_id, gap, reached_end and not (set_aside or rejected)
-        )
+        # An entry set aside or refused is a hole in what the store holds of the stream, as
+        # a gap is: the batch unanchors the store (durably, unlike the repair asked for), so
+        # no batch claims past it, in this process or after a restart, until a complete
+        # repair has fetched it.
+        hole = set_aside or rejected
+        source = self._source(record, position, last_id, gap or hole, reached_end and not hole)
         if not entries and source is None:
             if new_gap:
                 self._note_gap(info)  # nothing to apply, so nothing to wait for

@@ -142,3 +142,87 @@ async def test_a_clock_skewed_entry_is_set_aside_without_dropping_an_earlier_val
         assert ("b", "clock_skew", 1) in requests, requests
         (row,), _ = read_quarantine(a.cursor_path, reason="clock_skew", values=True)
         assert quarantined_value(row) == far
+
+
+async def test_an_entry_set_aside_is_fetched_after_a_restart_not_claimed_past(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # a's clock runs an hour behind: it sets b's new write aside (clock skew, from where a
+    # stands) and holds only the version before it. Within one process a claims nothing of b's
+    # stream while the repair it asked for waits; the clock is then put right and a restarted,
+    # which forgets that request. Had the batch left a's store anchored in b's stream, the
+    # next read would claim b's writes past k: a would refuse k for good as known, and b, seeing
+    # a claim its version while holding an older one, would replace its own newest version with
+    # a's (written off). The hole is kept in the store: a fetches k instead.
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": ["a"]},
+        common={"local": {"max_clock_offset_sec": 60}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        await b.store.put("k", b"before")
+        await mesh.wait_converged()
+        await mesh.stop_engine("a")
+        a.store.clock.set_source(lambda: clock.wall_clock_ms() - 3_600_000)
+        await mesh.start_engine("a")
+        await b.store.put("k", b"new")
+        newest = await b.store.get("k")
+        assert newest is not None
+
+        async def b_certified_it() -> bool:
+            record = await b.store.record()
+            return record is not None and record.self_claim >= newest.hlc
+
+        await async_wait_until(b_certified_it, timeout=DEADLINE_S, message="b certifies k")
+        await async_wait_until(
+            lambda: a.stat("b", "quarantined") >= 1, timeout=DEADLINE_S, message="k set aside"
+        )
+        await mesh.stop_engine("a")
+        a.store.clock.set_source(clock.wall_clock_ms)
+        await mesh.start_engine("a")
+
+        async def a_holds_k() -> bool:
+            held = await a.store.get("k")
+            return held is not None and held.value == b"new"
+
+        await async_wait_until(a_holds_k, timeout=DEADLINE_S, message="a fetched k")
+        await mesh.wait_converged()
+        held = await b.store.get("k")
+        assert held is not None and held.value == b"new"
+
+
+async def test_an_entry_the_store_refused_is_fetched_after_a_restart_not_claimed_past(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # The same hole made by the apply itself: a's item key for k holds a string (made by hand),
+    # so a's store refuses b's k. The operator deletes the string and restarts a's engine.
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b"], "b": ["a"]}) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        await b.store.put("seen", b"before")
+        await mesh.wait_converged()
+        await a.store.redis.set(a.store.keys.item("k"), "not a hash")
+        await b.store.put("k", b"new")
+        newest = await b.store.get("k")
+        assert newest is not None
+
+        async def b_certified_it() -> bool:
+            record = await b.store.record()
+            return record is not None and record.self_claim >= newest.hlc
+
+        await async_wait_until(b_certified_it, timeout=DEADLINE_S, message="b certifies k")
+        await async_wait_until(
+            lambda: a.stat("b", "refused") >= 1, timeout=DEADLINE_S, message="k refused"
+        )
+        await mesh.stop_engine("a")
+        await a.store.redis.delete(a.store.keys.item("k"))
+        await mesh.start_engine("a")
+
+        async def a_holds_k() -> bool:
+            held = await a.store.get("k")
+            return held is not None and held.value == b"new"
+
+        await async_wait_until(a_holds_k, timeout=DEADLINE_S, message="a fetched k")
+        await mesh.wait_converged()
+        held = await b.store.get("k")
+        assert held is not None and held.value == b"new"

@@ -94,14 +94,16 @@ if src ~= '' then
   local cur = read_anchor(src)
   local same = cur ~= nil and cur.token == token
   local contiguous = (mode == 'c' or mode == 'n') and same and not bytes_gt(first, cur.pos)
-  local anchored = mode == 'f' or (contiguous and cur.anchored)
+  -- A refused item is a hole in what this store holds of the stream: unanchored, durably, so
+  -- no later batch claims past it, even after a restart (claims wait for a complete repair).
+  local anchored = #errors == 0 and (mode == 'f' or (contiguous and cur.anchored))
   local pos = last
   if same and bytes_gt(cur.pos, last) then pos = cur.pos end
   -- Unanchored: contiguous again from this batch's end, or from where it already was.
   local since = last
   if contiguous and not cur.anchored and cur.since ~= '' then since = cur.since end
   write_anchor(src, token, pos, anchored, since)
-  if anchored and #errors == 0 then raise_claims(13 + #items) end
+  if anchored then raise_claims(13 + #items) end
   anchor_state = anchored and '1' or '0'
 end
 local reply = {table.concat(out), anchor_state}
