@@ -262,6 +262,7 @@ class ReplicationEngine:
             store.max_batch_bytes = min(
                 store.max_batch_bytes, cfg.settings.hot_path.max_batch_bytes
             )
+        await self._check_clock(next(iter(stores.values())))
         try:
             self.cursors = await CursorStore.open(
                 cfg.cursor.sqlite_path,
@@ -415,6 +416,48 @@ class ReplicationEngine:
                 "payload_items_per_sec": settings.payload_items_per_sec / count,
                 "stray_scan": settings.stray_scan and first,
             }
+        )
+
+    async def _check_clock(self, store: Any) -> None:
+        """Refuse to start where this process's clock and its Redis's disagree by more than
+        ``local.max_clock_offset_sec``.
+
+        This process stamps the store's writes and judges peers' versions by its clock: an hour
+        behind, it sets every peer's new write aside as clock skew; an hour ahead, it stamps
+        this node's writes ahead of every other node's (the store clock never goes back). Two
+        clocks on one machine, or two that NTP keeps together, never differ by that much: one
+        of them is wrong, and which one, only an operator can tell.
+        """
+        redis = getattr(store, "redis", None)
+        if redis is None:
+            return
+        wall = self._wall_ms()
+        before = wall()
+        try:
+            reply = await redis.time()
+            if isinstance(reply, dict):  # a cluster client answers per node
+                reply = next(iter(reply.values()))
+            seconds, micros = reply
+        except Exception as exc:  # the check is no reason not to start; the store says more
+            error = _redacted(f"{type(exc).__name__}: {exc}")[:500]
+            log.warning("engine.clock_unchecked", extra={"error": error})
+            return
+        after = wall()
+        offset_ms = (before + after) / 2 - (int(seconds) * 1000 + int(micros) // 1000)
+        bound_ms = self.config.local.max_clock_offset_sec * 1000
+        if abs(offset_ms) <= bound_ms + (after - before):
+            return
+        raise EngineError(
+            f"this process's clock is {abs(offset_ms) / 1000:.1f} s "
+            f"{'ahead of' if offset_ms > 0 else 'behind'} its Redis's (TIME at "
+            f"{_redacted(self.config.local.redis_url)}), past local.max_clock_offset_sec "
+            f"({self.config.local.max_clock_offset_sec:g} s): "
+            + (
+                "it would stamp this node's writes ahead of every other node's"
+                if offset_ms > 0
+                else "it would set every peer's new write aside as clock skew"
+            )
+            + ". Put the wrong clock right (NTP) and start again"
         )
 
     def _wall_ms(self) -> Callable[[], int]:

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 LIBRARY = "replication_engine"
 # Raise with every change to scripts/api.lua or scripts/common.lua that a loaded library must
 # pick up; the test suite checks that it matches the source's LIBRARY_VERSION.
-VERSION = 6
+VERSION = 7
 # Keys one call of a function may declare (MAX_KEYS_PER_CALL in scripts/api.lua).
 MAX_KEYS_PER_CALL = 10_000
 

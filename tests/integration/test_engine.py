@@ -36,7 +36,7 @@ from harness.mesh import (
     snapshot,
 )
 from replication_engine import codec
-from replication_engine.clock import HLC
+from replication_engine.clock import HLC, wall_clock_ms
 from replication_engine.codec import STREAM_START, Change, StreamId
 from replication_engine.cursor import CursorStore
 from replication_engine.engine import EngineError, ReplicationEngine
@@ -886,3 +886,24 @@ async def test_replication_moves_the_hot_path_metrics(
         hot = "replication_cdc_events_applied_total"
         assert after[hot] > before[hot]
         assert after["replication_batch_flush_total"] > before["replication_batch_flush_total"]
+
+
+@pytest.mark.parametrize("hours", [1, -1], ids=["ahead", "behind"])
+async def test_start_refuses_a_process_clock_an_hour_off_its_redis(
+    redis_factory: RedisFactory, tmp_path: Path, hours: int
+) -> None:
+    # Ahead, its writes would outrank every other node's (and move the store's clock, which
+    # never goes back, ahead for good); behind, it would set every peer's write aside.
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b"], "b": []}, engines=[]) as mesh:
+        a = mesh["a"]
+        a.store.clock.set_source(lambda: wall_clock_ms() + hours * 3_600_000)
+        engine = ReplicationEngine(a.config, store=a.store)
+        a.engines.append(engine)
+        side = "ahead of" if hours > 0 else "behind"
+        with pytest.raises(EngineError, match=rf"clock is 36\d\d\.\d s {side} its Redis's"):
+            await engine.start()
+        assert_clean_after_failed_start(engine)
+        assert await a.store.record() is None, "nothing was certified with the wrong clock"
+        a.store.clock.set_source(wall_clock_ms)
+        await engine.start()
+        assert engine.state == "running"

@@ -272,6 +272,22 @@ async def test_concurrent_writers_share_one_clock(
     await assert_tree_matches_model(a)
 
 
+async def test_a_writer_whose_clock_runs_an_hour_ahead_does_not_move_the_store_clock_ahead(
+    redis_server: RedisHandle, open_store: StoreFactory
+) -> None:
+    # The store clock never goes back: one write stamped an hour ahead would stamp every later
+    # write here an hour ahead too, whoever makes it, after that clock is put right.
+    ahead = await open_store(redis_server.url, hlc=HLC(ManualClock(NOW_MS + 3_600_000)))
+    honest = await open_store(redis_server.url)
+    stamped = await ahead.put("k", b"from a clock an hour ahead")
+    after = await honest.put("j", b"from a right clock")
+    seconds, micros = await honest.redis.time()
+    server_ms = int(seconds) * 1000 + int(micros) // 1000
+    for hlc in (stamped, after):
+        assert clock.physical_ms(hlc) <= server_ms + 1_000, (hlc, server_ms)
+    assert stamped < after  # the store's own order still holds
+
+
 async def test_more_concurrent_writers_than_pool_connections(
     redis_server: RedisHandle, open_store: StoreFactory
 ) -> None:

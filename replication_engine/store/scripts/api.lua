@@ -7,7 +7,7 @@
 -- itself which partition and leaf bucket it belongs in, and refuses the whole call, writing
 -- nothing, when a declared key is in the wrong partition or the store cannot take it. Every
 -- key it touches shares the declared key's hash tag: one Redis Cluster slot per call.
-local LIBRARY_VERSION = 6
+local LIBRARY_VERSION = 7
 local MAX_KEY_BYTES = 4096
 local MAX_CONTENT_TYPE = 256
 local MAX_TRACE_PARENT = 256
@@ -144,8 +144,7 @@ local HLC_LENGTH = {[16] = true}
 
 -- The server's clock as an HLC proposal and as milliseconds.
 local function server_now()
-  local t = call('TIME')
-  local ms = tonum(t[1]) * 1000 + math.floor(tonum(t[2]) / 1000)
+  local ms = server_ms()
   return fmt('%012x0000', ms), fmt('%d', ms)
 end
 
@@ -334,6 +333,7 @@ local function re_write(keys, args)
     if not is_hex(hlc, HLC_LENGTH) or string.find(ms, '%D') then
       return refuse('proposed hlc must be 16 lower-case hex and updated_at decimal ms')
     end
+    hlc = hlc_bounded(hlc)
     writes[i] = {names[i], '0', args[a + 1], hash, hlc, args[a + 3], ms, args[a + 6]}
   end
   return write_all(keys, writes, store)

@@ -16,7 +16,7 @@ local problem = check_store_keys({REC, 'hash', HLC_KEY, 'string'})
 if problem then return problem end
 local run = string.match(call('INFO', 'server'), 'run_id:(%x+)') or ''
 local f = call('HMGET', REC, 'inc', 'run', 'nonce', 'cert', 'self')
-if #ARGV[12] == 16 then hlc_observe(ARGV[12]) end
+if #ARGV[12] == 16 then hlc_observe(hlc_bounded(ARGV[12])) end
 local clock = call('GET', HLC_KEY) or ''
 if not f[1] then return {'absent', run, '', 0, '', clock} end
 local trusted = f[2] == run and (ARGV[4] == '' or ARGV[4] == run) and

@@ -115,6 +115,27 @@ local function hlc_successor(hlc)
   return string.format('%012x%04x', ms, counter)
 end
 
+-- How far ahead of its Redis's own clock (TIME) a client may stamp a local write, and an engine
+-- propose the store clock: the default of `local.max_clock_offset_sec`, past which peers set a
+-- version aside as clock skew anyway.
+local CLOCK_LEAD_MAX_MS = 300000
+
+-- The server's clock in milliseconds.
+local function server_ms()
+  local t = call('TIME')
+  return tonum(t[1]) * 1000 + math.floor(tonum(t[2]) / 1000)
+end
+
+-- A client's proposed HLC, or the server's clock where the proposal is further ahead of it than
+-- CLOCK_LEAD_MAX_MS. The store clock never goes back, so a proposal from a process whose clock
+-- runs an hour ahead, taken, would stamp every later write here an hour ahead, whoever makes
+-- it, long after that clock is put right; a proposal is only ever a lower bound anyway.
+local function hlc_bounded(hlc)
+  local now = server_ms()
+  if hlc_ms(hlc) > now + CLOCK_LEAD_MAX_MS then return fmt('%012x0000', now) end
+  return hlc
+end
+
 -- Advance the store clock past a timestamp applied from elsewhere.
 local function hlc_observe(hlc)
   local last = call('GET', HLC_KEY)
