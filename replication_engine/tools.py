@@ -718,7 +718,8 @@ async def forget(
     every node learns it from this one's record, for good. So it takes only a member of the
     mesh (a typo would spread to every node and bar that name for ever), and not one whose
     store still answers as that node, unless ``force``: a node forgotten while it takes writes
-    has them dropped everywhere, its own store included. Returns 0 (also for a node already
+    has them dropped everywhere, its own store included, nor, unless ``force``, one this config
+    gives no address for (its store cannot be checked). Returns 0 (also for a node already
     forgotten), 1 when this node's store cannot be opened, or 2 for a refusal.
     """
     if node_id == config.local_node_id:
@@ -741,6 +742,16 @@ async def forget(
             known = ", ".join(sorted(members)) or "none recorded yet"
             print(
                 f"{node_id} is not a member of this mesh (members: {known}); nothing changed",
+                file=out,
+            )
+            return 2
+        if not force and all(peer.node_id != node_id for peer in config.peers):
+            print(
+                f"{node_id} is not among this config's peers, so forget cannot check that its "
+                f"store stopped taking writes (a node forgotten while it takes writes has them "
+                f"dropped on every node, its own included). Run forget with a config that lists "
+                f"it, or make sure its sidecar and Redis are stopped for good and pass --force; "
+                f"nothing changed",
                 file=out,
             )
             return 2

@@ -748,7 +748,12 @@ async def test_forget_adds_a_member_to_the_forgotten_list_of_the_local_store(
     config = local_only_config(tmp_path, local.url)
     async with stores(("a", local.url)) as (store,):
         await store.add_to_record(members=["a", "b", "gone"])
-        result = await run_cli(["forget", "gone", "--config", str(config)], cwd=tmp_path)
+        # Not among the config's peers: whether its store still takes writes cannot be checked.
+        unchecked = await run_cli(["forget", "gone", "--config", str(config)], cwd=tmp_path)
+        assert unchecked.returncode == 2, unchecked
+        assert "gone is not among this config's peers" in unchecked.stdout, unchecked
+        assert (await store.add_to_record())[1] == set()
+        result = await run_cli(["forget", "gone", "--force", "--config", str(config)], cwd=tmp_path)
         assert result.returncode == 0, result
         assert "forgot gone" in result.stdout
         members, forgotten = await store.add_to_record()
