@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(config_path: str, *, json_format: bool) -> int:
-    from replication_engine.engine import EngineError, ReplicationEngine
+    from replication_engine.engine import ReplicationEngine
+    from replication_engine.errors import ReplicationError
 
     config = load_config(config_path)
     engine = ReplicationEngine(config)
@@ -323,7 +324,7 @@ async def _run(config_path: str, *, json_format: bool) -> int:
         loop.add_signal_handler(sig, _stop_on, stop, sig)
     try:
         await engine.start()
-    except EngineError as exc:
+    except ReplicationError as exc:  # the engine's own refusals (another node's store, ...)
         _report_failure(
             json_format,
             "engine.start_failed",

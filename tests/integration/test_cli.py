@@ -850,6 +850,29 @@ async def test_a_tool_whose_local_redis_refuses_the_password_says_so_and_not_unr
     assert wrong not in printed and "Traceback" not in printed, printed
 
 
+async def test_run_on_another_nodes_store_says_so_in_one_line(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # Node c started with b's local.redis_url, or b renamed with its data kept.
+    local = redis_factory()
+    async with stores(("b", local.url)) as (store,):
+        await store.open_record(mode="mesh", relay=False)
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local_node_id": "c",
+            "local": {"redis_url": local.url, "prefix": PREFIX},
+            "cursor": {"sqlite_path": str(tmp_path / "cursors.db")},
+            "http": {"enabled": False},
+        },
+    )
+    result = await run_cli(["run", "--config", str(config), "--log-format", "text"], cwd=tmp_path)
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("cannot start: "), result.stderr
+    assert "belongs to node 'b'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 async def test_functions_load_prepares_a_new_store_for_clients_and_migrate_says_nothing_to_do(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
