@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -25,6 +26,17 @@ import zstandard
 
 from replication_engine import clock
 from replication_engine.errors import ReplicationError
+
+# A node id: in the config (``local_node_id``, a peer's ``node_id``) and as an origin on the wire.
+NODE_ID_RULE = "1-128 characters from A-Z a-z 0-9 . _ -"
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+@functools.lru_cache(maxsize=1024)  # a mesh has few origins; checked per entry decoded
+def is_node_id(value: str) -> bool:
+    """Whether ``value`` may name a node (the config's rule, for tools that take an id)."""
+    return _NODE_ID_RE.fullmatch(value) is not None
+
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 COMPRESS_MIN_BYTES = 64
@@ -512,13 +524,24 @@ def change_from_parts(
         # Entries from writers that predate the HLC order by (updated_at, version).
         hlc = clock.pack(min(updated_at, clock.MAX_MS), min(version, clock.MAX_COUNTER))
     origin = meta.get("origin", default_origin)
-    if not isinstance(origin, str) or not origin or len(origin) > 256:
+    if not isinstance(origin, str) or not is_node_id(origin):
+        # An origin no node can have is claimed by no one: a write from it could never be
+        # proved dead, and would live on every node for good.
         raise CodecError(
-            f"meta.origin must be a non-empty string, got {origin!r}"[:200], reason="bad_meta"
+            f"meta.origin must be a node id ({NODE_ID_RULE}), got {origin!r}"[:200],
+            reason="bad_meta",
         )
     trace_parent = meta.get("trace_parent")
     if trace_parent is not None and (not isinstance(trace_parent, str) or len(trace_parent) > 512):
-        raise CodecError("meta.trace_parent must be a string", reason="bad_meta")
+        raise CodecError(
+            "meta.trace_parent must be a string of at most 512 characters, got "
+            + (
+                f"{len(trace_parent)}"
+                if isinstance(trace_parent, str)
+                else type(trace_parent).__name__
+            ),
+            reason="bad_meta",
+        )
     content_type = meta.get("content_type", "binary")
     if not isinstance(content_type, str) or len(content_type) > 256:
         raise CodecError("meta.content_type must be a short string", reason="bad_meta")

@@ -22,9 +22,8 @@ from redis.asyncio import Redis
 from redis.exceptions import InvalidResponse, ResponseError
 
 from replication_engine import clock
-from replication_engine.codec import STREAM_START, StreamId, parse_stream_id
+from replication_engine.codec import STREAM_START, StreamId, is_node_id, parse_stream_id
 from replication_engine.config import HotPathConfig, PeerConfig, default_of
-from replication_engine.config.models import is_node_id
 from replication_engine.connection import (
     Failure,
     TlsOptions,

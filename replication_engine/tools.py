@@ -20,8 +20,8 @@ from typing import Any, TextIO
 from redis.exceptions import RedisError
 
 from replication_engine import clock, codec
+from replication_engine.codec import NODE_ID_RULE, is_node_id
 from replication_engine.config import EngineConfig
-from replication_engine.config.models import NODE_ID_RULE, is_node_id
 from replication_engine.connection import (
     TlsOptions,
     client_maker,

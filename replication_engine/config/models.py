@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from replication_engine.codec import NODE_ID_RULE, is_node_id
 from replication_engine.config.errors import _FieldProblems, _number, _Problem
 from replication_engine.connection import address_problem
 from replication_engine.merkle import Geometry
@@ -35,7 +36,6 @@ from replication_engine.redaction import redact_url, register_secret
 log = logging.getLogger(__name__)
 
 # Node ids end up in Redis keys and metric labels, so they stay short and shell/URL safe.
-_NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _URL_SCHEMES = ("redis", "rediss", "unix")
 _URL_EXPECTED = "expected a redis://, rediss:// or unix:// URL"
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -121,14 +121,6 @@ def _is_number_text(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-NODE_ID_RULE = "1-128 characters from A-Z a-z 0-9 . _ -"
-
-
-def is_node_id(value: str) -> bool:
-    """Whether ``value`` may name a node (the config's rule, for tools that take an id)."""
-    return _NODE_ID_RE.fullmatch(value) is not None
 
 
 def _check_node_id(value: str) -> str:

@@ -419,7 +419,11 @@ def test_bad_meta_json(meta: bytes) -> None:
         {"origin": ""},
         {"origin": 5},
         {"origin": "o" * 257},
+        {"origin": "o" * 129},  # past the node id rule's 128
+        {"origin": "../../x y"},  # no node can have it: no claim would ever cover it
+        {"origin": "a,b"},
         {"trace_parent": 7},
+        {"trace_parent": "t" * 513},
         {"content_type": ["json"]},
         {"hlc": "short"},
         {"hlc": "zzzzzzzzzzzzzzzz"},
@@ -429,6 +433,16 @@ def test_bad_meta_values(meta: dict[str, Any]) -> None:
     with pytest.raises(CodecError) as info:
         decode_entry("1-0", _entry(meta=_meta(**meta)), default_origin="p")
     assert info.value.reason == "bad_meta"
+    # The message names the field and what it expected, not only that it was wrong.
+    (name,) = meta
+    assert str(info.value).startswith(f"meta.{name}"), info.value
+
+
+def test_an_origin_is_said_to_need_a_node_id_and_a_trace_parent_its_bound() -> None:
+    with pytest.raises(CodecError, match=r"meta\.origin must be a node id \(1-128 characters"):
+        decode_entry("1-0", _entry(meta=_meta(origin="x" * 10_000)), default_origin="p")
+    with pytest.raises(CodecError, match="at most 512 characters, got 2000"):
+        decode_entry("1-0", _entry(meta=_meta(trace_parent="t" * 2000)), default_origin="p")
 
 
 @pytest.mark.parametrize("hlc", [-1, -5, 1 << 64, 1 << 70, 1.5, None, [1], True])
