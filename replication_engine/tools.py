@@ -168,15 +168,25 @@ VERIFY_DIFFERENT = 1
 VERIFY_UNCHECKED = 2
 
 
+class WrongStore(Exception):
+    """The address this config gives a node leads to another node's store (this node's own,
+    say): what is read there says nothing about that node."""
+
+
 def _unread(exc: BaseException) -> str:
-    """How verify and status --mesh flag a node they could not read: DENIED when its Redis
-    refused the user or password (credentials to fix), else UNREACHABLE (no answer)."""
+    """How verify and status --mesh flag a node they could not read: WRONG STORE when its
+    address leads to another node's store, DENIED when its Redis refused the user or password
+    (credentials to fix), else UNREACHABLE (no answer)."""
+    if isinstance(exc, WrongStore):
+        return "WRONG STORE"
     return "DENIED" if credentials_refused(exc) is not None else "UNREACHABLE"
 
 
 def _unread_text(exc: BaseException) -> str:
     """The flag of :func:`_unread` with what it means, for a line a person reads."""
     flag = _unread(exc)
+    if flag == "WRONG STORE":
+        return f"{flag}: {exc}"
     return f"{flag}: the Redis refused the user or password" if flag == "DENIED" else flag
 
 
@@ -246,9 +256,13 @@ async def _verify_peer(
     by partition: each is its own subtree on both sides)."""
     try:
         stored = await readers[0].geometry()
+        record = await readers[0].node_record()
         root = await _root(readers)
     except Exception as exc:
         print(f"{peer_id:<20} {_unread_text(exc)}: {redact_url(str(exc))}", file=out)
+        return VERIFY_UNCHECKED
+    if record is not None and record.node_id != peer_id:
+        print(f"{peer_id:<20} {_unread_text(_wrong_store(record))}", file=out)
         return VERIFY_UNCHECKED
     if stored is None:
         # Nothing was ever laid out there: a wrong redis_url or prefix, or a peer whose engine
@@ -491,6 +505,10 @@ async def _node_row(
         with contextlib.suppress(Exception):
             record = await reader.node_record()
         records.append(record)
+    for record in records:
+        if record is not None and record.node_id != node_id:
+            wrong = _wrong_store(record)
+            return _Row(node_id, flags=(_unread(wrong),), failed=wrong), [None] * len(readers)
     if any(record is not None and record.recovering for record in records):
         marks.append("RECOVERING")
     lag_ms = events = None
@@ -513,6 +531,13 @@ async def _node_row(
     heads = [info.last for info in infos if info.last]
     head_age = round(time.time() * 1000 - max(heads).ms) if heads else None
     return _Row(node_id, root, head_age, lag_ms, events, tuple(marks)), records
+
+
+def _wrong_store(record: NodeRecord) -> WrongStore:
+    return WrongStore(
+        f"the store at this address belongs to node {record.node_id}; check this config's "
+        f"redis_url and prefix for it"
+    )
 
 
 async def _stream_info(reader: TreeReader) -> StreamInfo:

@@ -665,6 +665,30 @@ async def test_verify_exits_2_for_a_peer_with_no_store_under_its_prefix_even_whe
     assert "equal" not in result.stdout
 
 
+async def test_verify_and_status_mesh_flag_a_peer_address_that_leads_to_another_nodes_store(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # b's redis_url mistyped as a's own: a's root read twice would say "equal".
+    local = redis_factory()
+    async with stores(("a", local.url)) as (store,):
+        await store.open_record(mode="mesh", relay=False)
+        await store.put("k", b"a's")
+    config = pair_config(tmp_path, local.url, local.url.replace("127.0.0.1", "localhost"))
+    verified = await run_cli(["verify", "--config", str(config)], cwd=tmp_path)
+    assert verified.returncode == 2, verified
+    assert "b                    WRONG STORE: the store at this address belongs to node a" in (
+        verified.stdout
+    ), verified.stdout
+    assert "equal" not in verified.stdout
+    table = await run_cli(["status", "--mesh", "--config", str(config)], cwd=tmp_path)
+    assert table.returncode == 1, table
+    (row,) = [line for line in table.stdout.splitlines() if line.startswith("b ")]
+    assert "WRONG STORE: the store at this address belongs to node a" in row, table.stdout
+    raw = await run_cli(["status", "--mesh", "--json", "--config", str(config)], cwd=tmp_path)
+    node = json.loads(raw.stdout)["nodes"]["b"]
+    assert (node["root"], node["flags"]) == (None, ["WRONG STORE"]), node
+
+
 async def test_verify_deep_finds_a_hand_edited_payload_and_keys_that_do_not_belong(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
