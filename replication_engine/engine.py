@@ -328,13 +328,16 @@ class ReplicationEngine:
                     "requested repairs (quarantined entries, stream gaps, a recovery) still run",
                 },
             )
-        await asyncio.gather(*(self._open_membership(part) for part in self.parts.values()))
+        # Listening before the record is opened: a second sidecar started with this config
+        # (a duplicate unit, a manual start) fails on the port before it writes a nonce into the
+        # store, which would send the running one into recovery.
         if cfg.http.enabled:
             self.http = HttpServer(self, cfg.http.host, cfg.http.port)
             try:
                 await self.http.start()
             except OSError as exc:
                 raise EngineError(f"http.listen {cfg.http.listen!r}: {exc}") from exc
+        await asyncio.gather(*(self._open_membership(part) for part in self.parts.values()))
 
     async def _connect_store(self) -> RecordKeeper | PartitionedStore:
         cfg = self.config

@@ -341,6 +341,9 @@ async def test_start_fails_clearly_when_http_port_is_in_use(
             message = str(caught.value)
             assert "http.listen" in message and f"127.0.0.1:{port}" in message, message
             assert_clean_after_failed_start(engine)
+            # Refused before it wrote anything: a second sidecar of a running node, started by
+            # mistake on its port, leaves the running one's nonce alone.
+            assert await store.record() is None
         finally:
             await store.close()
 
