@@ -1039,7 +1039,9 @@ class ReplicationEngine:
         ]
         if any(p.membership is not None and p.membership.unread for p in self.parts.values()):
             notes.append(f"this node: {UNREAD_NOTE} (membership.unread)")
-        return True, notes
+        # Said once, however many partitions saw it: each partition's record is rewritten.
+        rewritten = [n for p in self.parts.values() if p.membership for n in p.membership.notes()]
+        return True, notes + rewritten[:1]
 
     def _not_ready(self, h: PeerHealth) -> list[str]:
         """Why one peer's link keeps this node from being vouched for (empty: it does not)."""

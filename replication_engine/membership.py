@@ -61,6 +61,8 @@ GC_BATCHES_PER_TICK = 8
 # Ticks in a row with no peer listing this node before it is said (see _note_readers): a new
 # node's peers publish it on their next tick.
 _UNLISTED_TICKS = 5
+# How long readiness remembers the record being rewritten by someone else (see notes()).
+REWRITTEN_NOTE_SEC = 60.0
 UNREAD_NOTE = (
     "no peer lists this node as a member, so none reads its stream: writes made here reach no "
     "other node; add it to the peers of the nodes it peers with"
@@ -127,6 +129,10 @@ class Membership:
         self.state = SERVING
         self.reason = ""
         self.since_ms: int | None = None
+        # Monotonic times the record was found rewritten by someone else on the same Redis
+        # process (see _certify): kept a while, since a second engine's recoveries are over
+        # in milliseconds and a readiness probe would never see one.
+        self._rewritten_at: list[float] = []
         self.recovery_pending: set[str] = set()  # peers still owing a complete repair
         self._recovery_began = 0.0  # monotonic: a repair that began before does not count
         # Forget barriers: forgotten id -> (monotonic start, incarnation and cert of our
@@ -310,6 +316,10 @@ class Membership:
             else:
                 # The same Redis process: no restart, so either the record was put back by
                 # hand (a restore into a running server) or another engine certifies it too.
+                now = time.monotonic()
+                self._rewritten_at = [
+                    t for t in self._rewritten_at if now - t < REWRITTEN_NOTE_SEC
+                ] + [now]
                 why = (
                     f"the store's record does not hold the nonce this engine wrote last: "
                     f"another engine for node {self.node_id} runs on this store (stop all but "
@@ -738,6 +748,19 @@ class Membership:
             "ticks": self.ticks,
             "unread_by_peers": self.unread,
         }
+
+    def notes(self) -> list[str]:
+        """What readiness should say while this node serves: a record rewritten by someone
+        else more than once lately is another engine for this node, almost surely."""
+        now = time.monotonic()
+        recent = [t for t in self._rewritten_at if now - t < REWRITTEN_NOTE_SEC]
+        if len(recent) < 2:
+            return []
+        return [
+            f"another engine for node {self.node_id} runs on this store: its record was "
+            f"rewritten by someone else {len(recent)} times in the last "
+            f"{REWRITTEN_NOTE_SEC:.0f}s (stop all but one; membership.recovering)"
+        ]
 
     def not_ready_reason(self) -> str | None:
         if self.node_id in self.forgotten:

@@ -182,6 +182,18 @@ async def test_a_second_engine_for_one_node_is_named_as_the_likely_cause(
 
             await async_wait_until(named, timeout=SETTLE_S)
 
+            # Each recovery is over in milliseconds, so a probe would rarely land in one: once
+            # it has happened twice, a ready node says it in its notes, whenever probed.
+            def said_while_ready() -> bool:
+                ready, notes = first.readiness()
+                return ready and any(
+                    "another engine for node a runs on this store: its record was rewritten"
+                    in note
+                    for note in notes
+                )
+
+            await async_wait_until(said_while_ready, timeout=SETTLE_S)
+
 
 async def test_a_node_the_mesh_forgot_refuses_writes_instead_of_losing_them(
     redis_factory: RedisFactory, tmp_path: Path
