@@ -30,7 +30,7 @@ from replication_engine.membership import UNREAD_NOTE, Membership
 from replication_engine.merkle import Geometry, GeometryError
 from replication_engine.observability.http import HttpServer
 from replication_engine.observability.metrics import ENGINE_STATES, Metrics
-from replication_engine.peer import Peer, PeerLayoutError
+from replication_engine.peer import Peer
 from replication_engine.redaction import redact_url
 from replication_engine.resilience import Backoff, breaker_state, make_breaker, sleep_or_stop
 from replication_engine.scrub import Scrub
@@ -587,7 +587,7 @@ class ReplicationEngine:
                 self._record_crash(f"tailer:{part.lane(peer_id)}", exc, peer=(part, peer_id))
                 if isinstance(exc, CursorSaveFailed):
                     tailer.mode = TailerMode.CURSOR_SAVE_FAILED
-                elif isinstance(exc, PeerLayoutError):
+                elif isinstance(exc, GeometryError):  # a layout, a tree, an identity
                     tailer.mode = TailerMode.PEER_MISMATCH  # not ready until the config is
                 if await sleep_or_stop(self._stop, backoff.next_delay()):
                     return
@@ -616,7 +616,7 @@ class ReplicationEngine:
             part.metrics.tailer_restarts.labels(peer_id).inc()
         # A peer that is not what the config says is the operator's to fix: its message says
         # what to change, and a traceback per restart would bury it.
-        mismatch = isinstance(exc, PeerLayoutError)
+        mismatch = isinstance(exc, GeometryError)  # PeerLayoutError, PeerIdentityError too
         log.error(
             "engine.task_crashed",
             exc_info=None if mismatch else exc,

@@ -259,3 +259,36 @@ async def test_a_node_none_of_its_peers_reads_is_said_in_ready_notes_and_status(
             await async_wait_until(noted, timeout=SETTLE_S, message="d's readiness notes it")
             assert d.readiness()[0] is True  # said, not an outage: d's reads are in sync
             assert d.status()["membership"]["unread_by_peers"] is True
+
+
+async def test_a_peer_of_another_tree_geometry_is_a_mismatch_said_without_tracebacks(
+    redis_factory: RedisFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A new node given another merkle geometry than the mesh's: its bootstrap from each peer
+    # cannot compare trees. That is the config's to fix, as a layout mismatch is: said, and
+    # not ready, without a traceback per restart.
+    servers = {"a": redis_factory(), "b": redis_factory()}
+    urls = {n: s.url for n, s in servers.items()}
+    async with running(build_config("b", urls, [], tmp_path / "b.db")):
+        pass  # b's store laid out in the default geometry
+    a_config = build_config(
+        "a",
+        urls,
+        ["b"],
+        tmp_path / "a.db",
+        common={"settings": {"merkle": {"fanout": 16, "depth": 3}}},
+        peer_options={"start_from": "snapshot"},
+    )
+    with caplog.at_level(logging.ERROR, logger="replication_engine.engine"):
+        async with running(a_config) as (engine, _store):
+            await async_wait_until(
+                lambda: engine.status()["peers"]["b"]["mode"] == TailerMode.PEER_MISMATCH,
+                timeout=SETTLE_S,
+            )
+            ready, reasons = engine.readiness()
+    assert not ready
+    assert any(r.startswith("peer b: peer_mismatch: ") and "geometry" in r for r in reasons), (
+        reasons
+    )
+    crashed = [r for r in caplog.records if r.getMessage() == "engine.task_crashed"]
+    assert crashed and not any(r.exc_info for r in crashed), crashed
