@@ -457,7 +457,7 @@ class Peer:
                 what="xread",
             )
 
-        async def run() -> tuple[Any, NodeRecord | None, StreamInfo, list[Entry]]:
+        async def run() -> tuple[Any, NodeRecord | None, StreamInfo, list[Entry]] | str:
             if wire is not None:
                 timeout = self._op_timeout_sec + (block_ms or 0) / 1000
                 replies = await wire.execute(batch, timeout=timeout, blocking=block_ms is not None)
@@ -469,6 +469,9 @@ class Peer:
                     pipe.xinfo_stream(keys.cdc)
                     replies = await pipe.execute(raise_on_error=False)
             *waited, layout, record_raw, entries_raw, info_raw = replies
+            for name, reply in ((keys.record, record_raw), (keys.cdc, info_raw)):
+                if isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE"):
+                    return name  # the peer answered: its store is what is wrong (below)
             for reply in (*waited, entries_raw):
                 if isinstance(reply, BaseException):
                     raise reply
@@ -478,7 +481,14 @@ class Peer:
 
         # A wait's latency is the block time, not the peer's: "xread" is not timed.
         what = "xread" if wire is not None and block_ms is not None else "xrange"
-        layout, record, info, entries = await self.call(run, what=what)
+        read = await self.call(run, what=what)
+        if isinstance(read, str):
+            raise PeerLayoutError(
+                f"peer {self.node_id}: {read} holds another type than this engine writes there "
+                f"(WRONGTYPE): made by hand, or by another program under the prefix "
+                f"{keys.prefix!r}; nothing is read from this peer until it is put right"
+            )
+        layout, record, info, entries = read
         self._check_layout(layout, keys.partition)
         # After the call: a wrong config is not a failure of the link.
         record = self._checked(record)

@@ -292,3 +292,36 @@ async def test_a_peer_of_another_tree_geometry_is_a_mismatch_said_without_traceb
     )
     crashed = [r for r in caplog.records if r.getMessage() == "engine.task_crashed"]
     assert crashed and not any(r.exc_info for r in crashed), crashed
+
+
+@pytest.mark.parametrize("key", ["cdc", "record"])
+async def test_a_peer_stream_or_record_of_the_wrong_type_is_a_mismatch_naming_the_key(
+    redis_factory: RedisFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture, key: str
+) -> None:
+    # A SET by hand on the peer's stream (or record) key: its store is what is wrong, not the
+    # link. Said with the key's name, not ready, no traceback; mended once the key is.
+    servers = {"a": redis_factory(), "b": redis_factory()}
+    urls = {n: s.url for n, s in servers.items()}
+    async with running(build_config("b", urls, [], tmp_path / "b.db")) as (_b, b_store):
+        name = getattr(b_store.keys, key)
+        saved = await b_store.redis.dump(name)
+        await b_store.redis.delete(name)
+        await b_store.redis.set(name, "set by hand")
+        with caplog.at_level(logging.ERROR, logger="replication_engine.engine"):
+            async with running(build_config("a", urls, ["b"], tmp_path / "a.db")) as (a, _s):
+                await async_wait_until(
+                    lambda: a.status()["peers"]["b"]["mode"] == TailerMode.PEER_MISMATCH,
+                    timeout=SETTLE_S,
+                )
+                ready, reasons = a.readiness()
+                assert not ready
+                assert any(f"{name} holds another type" in r for r in reasons), reasons
+                await b_store.redis.delete(name)
+                if saved is not None:
+                    await b_store.redis.restore(name, 0, saved)
+                await async_wait_until(
+                    lambda: a.status()["peers"]["b"]["mode"] == TailerMode.TAILING,
+                    timeout=SETTLE_S,
+                )
+    crashed = [r for r in caplog.records if r.getMessage() == "engine.task_crashed"]
+    assert crashed and not any(r.exc_info for r in crashed), crashed
