@@ -55,6 +55,8 @@ CURSOR_SAVE_EVERY_SEC = 1.0
 BUSY_STREAM_PER_SEC = 100.0
 # Weight of the newest batch in the running mean of entry sizes that bounds reads in bytes.
 _ENTRY_SIZE_WEIGHT = 0.3
+# Entries a read asks for before any entry's size is known (see Tailer._read_count).
+_FIRST_READ_ENTRIES = 2
 
 
 class _Outcome(Enum):
@@ -548,7 +550,15 @@ class Tailer:
     # ------------------------------------------------------------------------ reading
 
     def _read_count(self) -> int:
-        """The AIMD batch size, cut so one read stays near ``max_batch_bytes``."""
+        """The AIMD batch size, cut so one read stays near ``max_batch_bytes``.
+
+        Until an entry has been read, nothing bounds a read's bytes but its count: the first
+        reads take two entries (a read that brings fewer reached the head, as a single write
+        at a quiet head does), so a backlog of big entries (60 MB each, say) is never asked
+        for a batch at a time before their size is known.
+        """
+        if self._entry_bytes is None:
+            return _FIRST_READ_ENTRIES
         count = self.sizer.size
         if self._entry_bytes:
             count = min(count, max(1, int(self.settings.max_batch_bytes // self._entry_bytes)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from replication_engine.cursor import (
     quarantined_value,
     read_quarantine,
 )
+from replication_engine.peer import Peer
 from replication_engine.testing import RedisFactory, async_wait_until
 
 # Deadline for an entry to be applied or a repair to land.
@@ -59,6 +61,40 @@ async def test_a_batch_of_big_values_over_the_argument_limit_applies_in_bounded_
         for write in log.writes:
             item = await a.store.get(write.key)
             assert item is not None and item.value == write.value
+
+
+async def test_a_backlog_of_big_entries_is_read_within_the_batch_bytes_from_the_first_read(
+    redis_factory: RedisFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before any entry's size is known, only the count bounds a read: a first read of a full
+    # batch of big entries (the audit's 16 of 60 MB) held them all in memory at once.
+    budget = 256 * 1024
+    reads: list[int] = []  # bytes of the entries each read brought
+    original = Peer.read_batch
+
+    async def measured(self: Peer, *args: Any, **kwargs: Any) -> Any:
+        record, info, entries = await original(self, *args, **kwargs)
+        reads.append(sum(len(v) for _, fields in entries for v in fields.values()))
+        return record, info, entries
+
+    monkeypatch.setattr(Peer, "read_batch", measured)
+    async with open_mesh(
+        redis_factory,
+        tmp_path,
+        {"a": ["b"], "b": []},
+        engines=[],
+        overrides={"a": {"settings": {"hot_path": {"max_batch_bytes": budget}}}},
+    ) as mesh:
+        a, b = mesh["a"], mesh["b"]
+        rng = random.Random(9)
+        for i in range(24):
+            await b.store.put(f"big:{i}", rng.randbytes(200_000))
+        await mesh.start_engine("a")
+        await mesh.wait_idle()
+        assert all([await a.store.get(f"big:{i}") is not None for i in range(24)])
+    # One entry of 200 KB over the budget at most, where a first read of the default batch
+    # size would have brought all 24 (4.8 MB).
+    assert reads and max(reads) <= budget + 210_000, reads
 
 
 async def test_a_wrong_typed_key_costs_one_quarantined_item_and_a_log_line_naming_it(
