@@ -636,14 +636,23 @@ class ReplicationEngine:
         quiet = min(health.idle_threshold_sec, interval)
         while True:
             # Publish before pinging: a hung peer holds the ping for the op timeout.
-            self.metrics.peer_stalled.labels(peer.node_id).set(int(peer.stalled(2 * interval)))
+            self._publish_stalled(peer, 2 * interval)
             if peer.stalled(quiet):
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(interval):
                         await peer.ping()
-            self.metrics.peer_stalled.labels(peer.node_id).set(int(peer.stalled(2 * interval)))
+            self._publish_stalled(peer, 2 * interval)
             if await sleep_or_stop(self._stop, interval):
                 return
+
+    def _publish_stalled(self, peer: Peer, after_sec: float) -> None:
+        stalled = peer.stalled(after_sec) or not peer.connected
+        self.metrics.peer_stalled.labels(peer.node_id).set(int(peer.stalled(after_sec)))
+        if stalled:
+            for part in self.parts.values():
+                tailer = part.tailers.get(peer.node_id)
+                if tailer is not None:
+                    tailer.publish_unread_lag()
 
     def _any_catching_up(self) -> bool:
         """Whether a tailer is working through a backlog, or has not read its peer yet.
@@ -1026,7 +1035,7 @@ class ReplicationEngine:
             return False, reasons
         stall_after = 2 * self.config.settings.peer_health.ping_interval_sec
         notes = [
-            f"peer {peer_id}: stalled (no answer for {stall_after:.0f}s)"
+            f"peer {peer_id}: stalled (no answer for {self._silent_for(peer_id, stall_after)})"
             for peer_id, h in health.items()
             if h.stalled
         ]
@@ -1042,6 +1051,14 @@ class ReplicationEngine:
         # Said once, however many partitions saw it: each partition's record is rewritten.
         rewritten = [n for p in self.parts.values() if p.membership for n in p.membership.notes()]
         return True, notes + rewritten[:1]
+
+    def _silent_for(self, peer_id: str, at_least: float) -> str:
+        """How long the peer has not answered, as readiness says it: measured from its last
+        answer, or "over N s" (the stall threshold) when it never answered."""
+        last = self.peers[peer_id].last_ok
+        if last is None:
+            return f"over {at_least:.0f}s"
+        return f"{time.monotonic() - last:.0f}s"
 
     def _not_ready(self, h: PeerHealth) -> list[str]:
         """Why one peer's link keeps this node from being vouched for (empty: it does not)."""

@@ -1193,6 +1193,14 @@ class Tailer:
             self._growth_mark = (now, added)
         self.last_read_at = now
 
+    def publish_unread_lag(self) -> None:
+        """While the peer cannot be read: the lag as it may be by now, the lag at the last read
+        plus the time since (a lag that stayed at its last reading, 0 say, would say this node
+        is current while its peer takes writes it cannot see). Reads set it right again."""
+        if self.last_read_at is not None:
+            since = time.monotonic() - self.last_read_at
+            self._series.lag.set((self.lag_ms or 0) / 1000 + since)
+
     def _publish_lag(self, info: StreamInfo) -> None:
         self._track_growth(info)
         self.lag_ms = codec.lag_ms(self.cursor, info.last, info.first)

@@ -141,7 +141,9 @@ class Metrics:
         )
         self.lag = Gauge(
             "replication_lag_seconds",
-            "Age of the newest entry of the peer's stream not yet applied here",
+            "Age of the newest entry of the peer's stream not yet applied here; while the "
+            "peer cannot be read, that at the last read plus the time since (how far behind "
+            "this node may be by now)",
             part(peer),
             registry=r,
         )

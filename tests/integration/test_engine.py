@@ -711,6 +711,15 @@ async def test_sigstopped_peer_is_flagged_stalled_and_its_lag_is_unknown(
             assert status["lag_ms"] is None and status["lag_events"] is None
             assert status["last_known_lag_ms"] == 0
             assert status["last_known_lag_events"] == 0
+            # The lag gauge does not stay at its last reading (0: "current") while b may be
+            # taking writes: it is what the lag may be by now, and grows.
+            engine = a.running()
+            await async_wait_until(
+                lambda: metric(engine, "replication_lag_seconds", peer="b") > 2 * PING_INTERVAL_S,
+                timeout=4 * PING_INTERVAL_S + SLACK_S,
+                interval=0.02,
+                message="replication_lag_seconds{peer=b} grows while b does not answer",
+            )
         finally:
             mesh["b"].server.resume()
         assert flagged_after <= 2 * PING_INTERVAL_S + SLACK_S
