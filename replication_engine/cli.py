@@ -8,6 +8,7 @@ import base64
 import importlib.metadata
 import json
 import logging
+import os
 import platform
 import signal
 import sys
@@ -306,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`quarantine | head`): what it did not read is not an error of
+        # this command, and Python's own flush at exit must not fail on the closed pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 2
 
 

@@ -240,3 +240,35 @@ def test_a_binary_value_is_not_written_to_a_terminal(config: Path, row: int, cod
     assert done.returncode == code, done.stderr
     if code:
         assert b"not text" in done.stderr and b"> value.bin" in done.stderr
+
+
+async def test_a_reader_that_stops_early_is_no_error(tmp_path: Path) -> None:
+    # `quarantine | head -c 1`: the pipe closes long before the table is written out (more of
+    # it than a pipe buffers, so a write meets the closed pipe whatever the timing).
+    db = tmp_path / "many.db"
+    store = await CursorStore.open(db)
+    try:
+        for i in range(1500):
+            await store.quarantine_add("b", f"{i}-0", f"k:{i}", "hash_mismatch: " + "x" * 80, {})
+    finally:
+        await store.close()
+    path = tmp_path / "many.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "local_node_id": "me",
+                "local": {"redis_url": "redis://127.0.0.1:1/0"},
+                "cursor": {"sqlite_path": str(db)},
+            }
+        )
+    )
+    reader_gone = subprocess.run(
+        f"{' '.join(CLI)} --config {path} --limit 1500 | head -c 1",
+        shell=True,
+        capture_output=True,
+        timeout=COMMAND_TIMEOUT_S,
+        check=False,
+        executable="/bin/bash",
+    )
+    assert len(reader_gone.stdout) == 1, reader_gone.stdout
+    assert b"Traceback" not in reader_gone.stderr, reader_gone.stderr
