@@ -262,7 +262,8 @@ async def test_a_reader_that_stops_early_is_no_error(tmp_path: Path) -> None:
             }
         )
     )
-    reader_gone = subprocess.run(
+    reader_gone = await asyncio.to_thread(
+        subprocess.run,
         f"{' '.join(CLI)} --config {path} --limit 1500 | head -c 1",
         shell=True,
         capture_output=True,
