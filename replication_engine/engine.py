@@ -46,6 +46,8 @@ _Shared = TypeVar("_Shared", ColdPathConfig, ScrubConfig)
 
 _RESTART_BASE_SEC = 0.5
 _RESTART_MAX_SEC = 30.0
+# The cursor database's meta entry naming the node it belongs to (see _claim_cursor_database).
+META_NODE_ID = "node_id"
 # abort(): how long each round waits for cancelled tasks, and how many rounds it tries. A task
 # can need a second cancel on 3.11 (see abort()), never forty.
 _ABORT_ROUND_SEC = 0.5
@@ -272,6 +274,7 @@ class ReplicationEngine:
             )
         except Exception as exc:
             raise EngineError(f"cursor.sqlite_path: {exc}") from exc
+        await self._claim_cursor_database()
         # Rows trimmed at open, for a quarantine_max_rows lowered since the file was written.
         self.metrics.quarantine_evicted.inc(self.cursors.evicted)
         hot = cfg.settings.hot_path
@@ -420,6 +423,22 @@ class ReplicationEngine:
                 "stray_scan": settings.stray_scan and first,
             }
         )
+
+    async def _claim_cursor_database(self) -> None:
+        """Refuse another node's cursor database (copied by mistake, or a path two configs
+        share): its cursors are that node's positions in its peers' streams, and its nonces
+        that node's, which would send this one into a recovery blamed on a second engine."""
+        assert self.cursors is not None
+        owner = await self.cursors.meta_get(META_NODE_ID)
+        if owner is None:
+            await self.cursors.meta_set(META_NODE_ID, self.node_id)
+        elif owner != self.node_id:
+            raise EngineError(
+                f"cursor.sqlite_path: {self.config.cursor.sqlite_path} is node {owner}'s cursor "
+                f"database, not node {self.node_id}'s (copied from it, or two configs share the "
+                f"path): give this node a file of its own (a new path starts from its store's "
+                f"positions)"
+            )
 
     async def _check_clock(self, store: Any) -> None:
         """Refuse to start where this process's clock and its Redis's disagree by more than
@@ -1048,9 +1067,11 @@ class ReplicationEngine:
         ]
         if any(p.membership is not None and p.membership.unread for p in self.parts.values()):
             notes.append(f"this node: {UNREAD_NOTE} (membership.unread)")
-        # Said once, however many partitions saw it: each partition's record is rewritten.
-        rewritten = [n for p in self.parts.values() if p.membership for n in p.membership.notes()]
-        return True, notes + rewritten[:1]
+        # Said once, however many partitions say it: each partition keeps its own record.
+        for note in (n for p in self.parts.values() if p.membership for n in p.membership.notes()):
+            if note not in notes:
+                notes.append(note)
+        return True, notes
 
     def _silent_for(self, peer_id: str, at_least: float) -> str:
         """How long the peer has not answered, as readiness says it: measured from its last

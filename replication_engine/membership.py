@@ -751,16 +751,27 @@ class Membership:
 
     def notes(self) -> list[str]:
         """What readiness should say while this node serves: a record rewritten by someone
-        else more than once lately is another engine for this node, almost surely."""
+        else more than once lately (another engine for this node, almost surely), and members
+        this node does not peer with (a node taken out of the peer lists without a forget: its
+        writes reach no one who does not read it, and collection waits for it)."""
+        notes = []
         now = time.monotonic()
         recent = [t for t in self._rewritten_at if now - t < REWRITTEN_NOTE_SEC]
-        if len(recent) < 2:
-            return []
-        return [
-            f"another engine for node {self.node_id} runs on this store: its record was "
-            f"rewritten by someone else {len(recent)} times in the last "
-            f"{REWRITTEN_NOTE_SEC:.0f}s (stop all but one; membership.recovering)"
-        ]
+        if len(recent) >= 2:
+            notes.append(
+                f"another engine for node {self.node_id} runs on this store: its record was "
+                f"rewritten by someone else more than once in the last "
+                f"{REWRITTEN_NOTE_SEC:.0f}s (stop all but one; membership.recovering)"
+            )
+        peered = {peer.node_id for peer in self.peers}
+        unpeered = sorted(self.members - peered - self.forgotten - {self.node_id})
+        if unpeered and self.mode == "mesh":
+            notes.append(
+                f"member(s) {', '.join(unpeered)} not among this node's peers: this node does "
+                f"not read their writes, and tombstone collection waits for them (add them as "
+                f"peers, or `replication-engine forget` one gone for good)"
+            )
+        return notes
 
     def not_ready_reason(self) -> str | None:
         if self.node_id in self.forgotten:

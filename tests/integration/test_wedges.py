@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness.mesh import WriteLog, append_raw, metric, open_mesh
+from harness.mesh import Mesh, MeshNode, WriteLog, append_raw, metric, open_mesh
 from replication_engine import clock
 from replication_engine.codec import Change, encode_entry
 from replication_engine.cursor import (
@@ -180,6 +181,39 @@ async def test_a_clock_skewed_entry_is_set_aside_without_dropping_an_earlier_val
         assert quarantined_value(row) == far
 
 
+async def write_past_a_hole_restart_and_fetch(
+    mesh: Mesh[MeshNode], stat: str, mend: Callable[[], Awaitable[None]]
+) -> None:
+    """b writes k = "new" while a cannot take it (a's tailer counts it under ``stat``). Once b
+    certifies it, a's engine stops, ``mend`` puts the cause right, and a starts again, which
+    forgets the repair it asked for: a must fetch k, not claim past it, and b keep it."""
+    a, b = mesh["a"], mesh["b"]
+    await b.store.put("k", b"new")
+    newest = await b.store.get("k")
+    assert newest is not None
+
+    async def b_certified_it() -> bool:
+        record = await b.store.record()
+        return record is not None and record.self_claim >= newest.hlc
+
+    await async_wait_until(b_certified_it, timeout=DEADLINE_S, message="b certifies k")
+    await async_wait_until(
+        lambda: a.stat("b", stat) >= 1, timeout=DEADLINE_S, message=f"k counted {stat}"
+    )
+    await mesh.stop_engine("a")
+    await mend()
+    await mesh.start_engine("a")
+
+    async def a_holds_k() -> bool:
+        held = await a.store.get("k")
+        return held is not None and held.value == b"new"
+
+    await async_wait_until(a_holds_k, timeout=DEADLINE_S, message="a fetched k")
+    await mesh.wait_converged()
+    held = await b.store.get("k")
+    assert held is not None and held.value == b"new"
+
+
 async def test_an_entry_set_aside_is_fetched_after_a_restart_not_claimed_past(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
@@ -201,30 +235,11 @@ async def test_an_entry_set_aside_is_fetched_after_a_restart_not_claimed_past(
         await mesh.wait_converged()
         # Set back while the engine runs (one whose clock is wrong at start is refused).
         a.store.clock.set_source(lambda: clock.wall_clock_ms() - 3_600_000)
-        await b.store.put("k", b"new")
-        newest = await b.store.get("k")
-        assert newest is not None
 
-        async def b_certified_it() -> bool:
-            record = await b.store.record()
-            return record is not None and record.self_claim >= newest.hlc
+        async def put_the_clock_right() -> None:
+            a.store.clock.set_source(clock.wall_clock_ms)
 
-        await async_wait_until(b_certified_it, timeout=DEADLINE_S, message="b certifies k")
-        await async_wait_until(
-            lambda: a.stat("b", "quarantined") >= 1, timeout=DEADLINE_S, message="k set aside"
-        )
-        await mesh.stop_engine("a")
-        a.store.clock.set_source(clock.wall_clock_ms)
-        await mesh.start_engine("a")
-
-        async def a_holds_k() -> bool:
-            held = await a.store.get("k")
-            return held is not None and held.value == b"new"
-
-        await async_wait_until(a_holds_k, timeout=DEADLINE_S, message="a fetched k")
-        await mesh.wait_converged()
-        held = await b.store.get("k")
-        assert held is not None and held.value == b"new"
+        await write_past_a_hole_restart_and_fetch(mesh, "quarantined", put_the_clock_right)
 
 
 async def test_an_entry_the_store_refused_is_fetched_after_a_restart_not_claimed_past(
@@ -237,27 +252,8 @@ async def test_an_entry_the_store_refused_is_fetched_after_a_restart_not_claimed
         await b.store.put("seen", b"before")
         await mesh.wait_converged()
         await a.store.redis.set(a.store.keys.item("k"), "not a hash")
-        await b.store.put("k", b"new")
-        newest = await b.store.get("k")
-        assert newest is not None
 
-        async def b_certified_it() -> bool:
-            record = await b.store.record()
-            return record is not None and record.self_claim >= newest.hlc
+        async def delete_the_string() -> None:
+            await a.store.redis.delete(a.store.keys.item("k"))
 
-        await async_wait_until(b_certified_it, timeout=DEADLINE_S, message="b certifies k")
-        await async_wait_until(
-            lambda: a.stat("b", "refused") >= 1, timeout=DEADLINE_S, message="k refused"
-        )
-        await mesh.stop_engine("a")
-        await a.store.redis.delete(a.store.keys.item("k"))
-        await mesh.start_engine("a")
-
-        async def a_holds_k() -> bool:
-            held = await a.store.get("k")
-            return held is not None and held.value == b"new"
-
-        await async_wait_until(a_holds_k, timeout=DEADLINE_S, message="a fetched k")
-        await mesh.wait_converged()
-        held = await b.store.get("k")
-        assert held is not None and held.value == b"new"
+        await write_past_a_hole_restart_and_fetch(mesh, "refused", delete_the_string)

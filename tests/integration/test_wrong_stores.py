@@ -18,6 +18,7 @@ from redis.exceptions import ResponseError
 
 from harness.mesh import build_config, connect_store, open_mesh
 from replication_engine import ReadOnlyStoreError, ReplicationEngine, StoreOwnershipError
+from replication_engine.engine import EngineError
 from replication_engine.hot_path import TailerMode
 from replication_engine.testing import (
     RedisFactory,
@@ -187,7 +188,7 @@ async def test_a_second_engine_for_one_node_is_named_as_the_likely_cause(
             def said_while_ready() -> bool:
                 ready, notes = first.readiness()
                 return ready and any(
-                    "another engine for node a runs on this store: its record was rewritten"
+                    "another engine for node a runs on this store: its record was rewritten by"
                     in note
                     for note in notes
                 )
@@ -325,3 +326,46 @@ async def test_a_peer_stream_or_record_of_the_wrong_type_is_a_mismatch_naming_th
                 )
     crashed = [r for r in caplog.records if r.getMessage() == "engine.task_crashed"]
     assert crashed and not any(r.exc_info for r in crashed), crashed
+
+
+async def test_another_nodes_cursor_database_is_refused_at_start(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # b's cursor file copied to c (a restore of the wrong host's volume, say): its cursors are
+    # b's positions and its nonces b's, which sent c into a recovery blamed on a second engine.
+    servers = {n: redis_factory() for n in ("a", "b", "c")}
+    urls = {n: s.url for n, s in servers.items()}
+    async with running(build_config("b", urls, ["a"], tmp_path / "b.db")):
+        pass
+    c_config = build_config("c", urls, ["a"], tmp_path / "b.db")
+    store = await connect_store(c_config)
+    try:
+        engine = ReplicationEngine(c_config, store=store)
+        with pytest.raises(EngineError, match=r"b\.db is node b's cursor database, not node c's"):
+            await engine.start()
+        assert await store.record() is None, "c wrote nothing with b's file"
+    finally:
+        await store.close()
+    async with running(build_config("c", urls, ["a"], tmp_path / "c.db")) as (engine, _store):
+        assert engine.state == "running"  # a file of its own
+
+
+async def test_a_member_this_node_does_not_peer_with_is_noted_while_ready(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # c taken out of a's peer list without a forget (or never added): a does not read c's
+    # writes, and its collection waits for c, while /ready said nothing of it.
+    fast = {"settings": {"membership": {"interval_sec": 0.2}}}
+    async with open_mesh(
+        redis_factory, tmp_path, {"a": ["b"], "b": ["a", "c"], "c": ["b"]}, common=fast
+    ) as mesh:
+        a = mesh["a"].running()
+
+        def noted() -> bool:
+            ready, notes = a.readiness()
+            return ready and any(
+                note.startswith("member(s) c not among this node's peers") for note in notes
+            )
+
+        await async_wait_until(noted, timeout=SETTLE_S, message="a notes c")
+        assert not any("not among" in n for n in mesh["b"].running().readiness()[1])
