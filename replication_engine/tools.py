@@ -421,6 +421,12 @@ async def mesh_status(
     finally:
         for _node_id, readers in nodes:
             await _close(readers)
+    # Members this config gives no address for (taken out of the peer lists without a forget,
+    # say): nothing can be read of them here, and collection waits for them. Listed, flagged.
+    peered = {local_id, *(peer.node_id for peer in config.peers)}
+    own = [r for by_node in records.values() if (r := by_node.get(local_id)) is not None]
+    unpeered = sorted(set().union(*(r.members - r.forgotten for r in own)) - peered)
+    rows += [_Row(node_id, flags=("NOT PEERED",)) for node_id in unpeered]
     majority = _majority(roots)
     rows = [
         replace(row, flags=(*row.flags, "DIVERGENT"))

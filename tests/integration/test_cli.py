@@ -689,6 +689,23 @@ async def test_verify_and_status_mesh_flag_a_peer_address_that_leads_to_another_
     assert (node["root"], node["flags"]) == (None, ["WRONG STORE"]), node
 
 
+async def test_status_mesh_lists_a_member_the_config_gives_no_address_for(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # d taken out of the peer lists without a forget: the table used to leave it out, while
+    # it may hold writes no one reads and collection waits for it.
+    local, peer = redis_factory(), redis_factory()
+    async with stores(("a", local.url), ("b", peer.url)) as (store, peer_store):
+        await store.open_record(mode="mesh", relay=False)
+        await store.add_to_record(members=["a", "b", "d"])
+        await peer_store.open_record(mode="mesh", relay=False)
+    config = pair_config(tmp_path, local.url, peer.url)
+    table = await run_cli(["status", "--mesh", "--config", str(config)], cwd=tmp_path)
+    assert table.returncode == 1, table
+    (row,) = [line for line in table.stdout.splitlines() if line.startswith("d ")]
+    assert row.split()[-2:] == ["NOT", "PEERED"], table.stdout
+
+
 async def test_verify_deep_finds_a_hand_edited_payload_and_keys_that_do_not_belong(
     redis_factory: RedisFactory, tmp_path: Path
 ) -> None:
