@@ -168,7 +168,7 @@ VERIFY_DIFFERENT = 1
 VERIFY_UNCHECKED = 2
 
 
-class WrongStore(Exception):
+class _WrongStore(Exception):
     """The address this config gives a node leads to another node's store (this node's own,
     say): what is read there says nothing about that node."""
 
@@ -177,7 +177,7 @@ def _unread(exc: BaseException) -> str:
     """How verify and status --mesh flag a node they could not read: WRONG STORE when its
     address leads to another node's store, DENIED when its Redis refused the user or password
     (credentials to fix), else UNREACHABLE (no answer)."""
-    if isinstance(exc, WrongStore):
+    if isinstance(exc, _WrongStore):
         return "WRONG STORE"
     return "DENIED" if credentials_refused(exc) is not None else "UNREACHABLE"
 
@@ -539,8 +539,8 @@ async def _node_row(
     return _Row(node_id, root, head_age, lag_ms, events, tuple(marks)), records
 
 
-def _wrong_store(record: NodeRecord) -> WrongStore:
-    return WrongStore(
+def _wrong_store(record: NodeRecord) -> _WrongStore:
+    return _WrongStore(
         f"the store at this address belongs to node {record.node_id}; check this config's "
         f"redis_url and prefix for it"
     )
@@ -562,7 +562,9 @@ def _print_rows(rows: list[_Row], out: TextIO) -> None:
     )
     for row in rows:
         if row.failed is not None:
-            failed = f"{_unread_text(row.failed)} ({type(row.failed).__name__})"
+            failed = _unread_text(row.failed)
+            if not isinstance(row.failed, _WrongStore):  # says all it knows already
+                failed += f" ({type(row.failed).__name__})"
             print(f"{row.node_id:<20} {'-':<17} {'-':<16} {'-':<24} {failed}", file=out)
             continue
         root = (row.root or "-")[:16]

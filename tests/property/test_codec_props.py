@@ -43,7 +43,8 @@ values = st.one_of(
     st.binary(min_size=1, max_size=8).map(lambda b: b * 64),  # compressible
 )
 hlcs = st.integers(min_value=0, max_value=clock.MAX_HLC)
-origins = st.text(min_size=1, max_size=20)
+# Node ids, as an origin must be (any other text is refused as bad_meta).
+origins = st.from_regex(r"[A-Za-z0-9._-]{1,20}", fullmatch=True)
 trace_parents = st.none() | st.just("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
 stream_ids = st.builds(StreamId, st.integers(0, U64), st.integers(0, U64))
 
