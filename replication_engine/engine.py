@@ -517,6 +517,7 @@ class ReplicationEngine:
             scrub_per_tick=cfg.settings.membership.scrub_per_tick,
             request_repair=lambda peer_id, reason: cold_path.request_repair(peer_id, reason=reason),
             on_forgotten=functools.partial(self._on_forgotten, part),
+            max_clock_offset_ms=int(cfg.local.max_clock_offset_sec * 1000),
         )
         part.scrub = Scrub(
             part.store,

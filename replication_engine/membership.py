@@ -111,8 +111,13 @@ class Membership:
         scrub_per_tick: int,
         request_repair: Callable[[str, str], None],
         on_forgotten: Callable[[str], None] = lambda peer_id: None,
+        max_clock_offset_ms: int | None = None,
     ) -> None:
         self.node_id = node_id
+        # How far this process's clock may be from its Redis's before the node is not ready
+        # (None: not checked); what is wrong with it now, if anything (see _note_clock).
+        self.max_clock_offset_ms = max_clock_offset_ms
+        self.clock_problem: str | None = None
         self.mode = mode
         self.relay = relay
         self.store = store
@@ -337,6 +342,7 @@ class Membership:
         between the script and :meth:`_remember` still knows the nonce it may have written."""
         nonce = secrets.token_hex(8)
         await self.cursors.meta_set(META_NONCE_PENDING, nonce)
+        before = self.store.clock.wall()
         result = await self.store.certify(
             expected_run=self._run,
             expected_nonces=self._nonces,
@@ -346,7 +352,30 @@ class Membership:
             state=state,
             reason=reason,
         )
+        self._note_clock(result.server_ms, before, self.store.clock.wall())
         return result, nonce
+
+    def _note_clock(self, server_ms: int, before: int, after: int) -> None:
+        """Compare this process's clock with its Redis's at every certification: one that
+        jumped an hour back while the engine runs sets every peer's new write aside (clock
+        skew) while the node looks current; ahead, it stamps this node's writes ahead of every
+        other's. The node is not ready while they differ past ``max_clock_offset_ms``."""
+        bound = self.max_clock_offset_ms
+        if bound is None or not server_ms:
+            return
+        offset = (before + after) / 2 - server_ms
+        problem = None
+        if abs(offset) > bound + (after - before):
+            problem = (
+                f"this process's clock is {abs(offset) / 1000:.1f} s "
+                f"{'ahead of' if offset > 0 else 'behind'} its Redis's, past "
+                f"local.max_clock_offset_sec ({bound / 1000:g} s): put the wrong clock right"
+            )
+        if problem is not None and self.clock_problem is None:
+            log.error("membership.clock_off", extra={"node": self.node_id, "problem": problem})
+        elif problem is None and self.clock_problem is not None:
+            log.info("membership.clock_ok", extra={"node": self.node_id})
+        self.clock_problem = problem
 
     async def _remember(self, run_id: str, nonce: str, store_clock: int) -> None:
         self._run = run_id
@@ -776,6 +805,8 @@ class Membership:
     def not_ready_reason(self) -> str | None:
         if self.node_id in self.forgotten:
             return _FORGOTTEN
+        if self.clock_problem is not None:
+            return self.clock_problem
         if self.state == SERVING:
             return None
         pending = ", ".join(sorted(self.recovery_pending)) or "-"

@@ -114,6 +114,7 @@ class Certification:
     cert: int
     self_claim: int
     clock: int  # the store clock after the call
+    server_ms: int = 0  # the Redis server's own clock (TIME) during the call; 0: not known
 
 
 @dataclass(frozen=True, slots=True)

@@ -1070,7 +1070,9 @@ class RedisStore:
             )
         except ResponseError as exc:
             raise _store_error(exc) from exc
-        outcome, run, recorded, cert, self_claim, store_clock = (text(part) for part in raw)
+        outcome, run, recorded, cert, self_claim, store_clock, server_ms = (
+            text(part) for part in raw
+        )
         return Certification(
             outcome,
             run,
@@ -1078,6 +1080,7 @@ class RedisStore:
             int(cert),
             int(self_claim, 16) if len(self_claim) == 16 else 0,
             int(store_clock, 16) if len(store_clock) == 16 else 0,
+            int(server_ms),
         )
 
     async def raise_clock(self, hlc: int) -> int:

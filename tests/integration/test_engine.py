@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -919,3 +920,29 @@ async def test_start_refuses_a_process_clock_an_hour_off_its_redis(
         a.store.clock.set_source(wall_clock_ms)
         await engine.start()
         assert engine.state == "running"
+
+
+async def test_a_process_clock_that_jumps_an_hour_while_running_makes_the_node_not_ready(
+    redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    # Stepped back by an hour (an NTP step, a VM resumed): every peer's new write is set
+    # aside as clock skew, and the node would look current. Checked at every certification.
+    fast = {"settings": {"membership": {"interval_sec": 0.2}}}
+    async with open_mesh(redis_factory, tmp_path, {"a": ["b"], "b": []}, common=fast) as mesh:
+        a = mesh["a"]
+        engine = a.running()
+        await async_wait_until(lambda: engine.readiness()[0], timeout=CONVERGE_TIMEOUT_S)
+        a.store.clock.set_source(lambda: wall_clock_ms() - 3_600_000)
+
+        def said() -> bool:
+            ready, reasons = engine.readiness()
+            return not ready and any(
+                re.match(r"this process's clock is 36\d\d\.\d s behind its Redis's", r)
+                for r in reasons
+            )
+
+        await async_wait_until(said, timeout=CONVERGE_TIMEOUT_S, message="not ready, said why")
+        a.store.clock.set_source(wall_clock_ms)
+        await async_wait_until(
+            lambda: engine.readiness()[0], timeout=CONVERGE_TIMEOUT_S, message="ready again"
+        )

@@ -11,14 +11,16 @@
 -- Trusted means: the Redis process is the one last certified on (its run_id, read here from
 -- INFO, so that no restart can slip between the check and the write) and the record holds a
 -- nonce the engine wrote. Returns {'ok' | 'moved' | 'absent', run_id, recorded run_id, cert,
--- self, store clock}. 'absent' writes nothing: the record must be opened first.
+-- self, store clock, the server's clock in ms (TIME: the engine compares its own with it)}.
+-- 'absent' writes nothing: the record must be opened first.
 local problem = check_store_keys({REC, 'hash', HLC_KEY, 'string'})
 if problem then return problem end
 local run = string.match(call('INFO', 'server'), 'run_id:(%x+)') or ''
 local f = call('HMGET', REC, 'inc', 'run', 'nonce', 'cert', 'self')
 if #ARGV[12] == 16 then hlc_observe(hlc_bounded(ARGV[12])) end
 local clock = call('GET', HLC_KEY) or ''
-if not f[1] then return {'absent', run, '', 0, '', clock} end
+local now = fmt('%d', server_ms())
+if not f[1] then return {'absent', run, '', 0, '', clock, now} end
 local trusted = f[2] == run and (ARGV[4] == '' or ARGV[4] == run) and
   (ARGV[5] == '' or f[3] == ARGV[5] or f[3] == ARGV[6])
 local cert = (tonumber(f[4]) or 0) + 1
@@ -33,4 +35,4 @@ if trusted and ARGV[8] == '1' then
   if ARGV[9] ~= '' then fields[#fields + 1], fields[#fields + 2] = 'epoch', ARGV[9] end
 end
 call(unpack(fields))
-return {trusted and 'ok' or 'moved', run, f[2] or '', cert, self_claim, clock}
+return {trusted and 'ok' or 'moved', run, f[2] or '', cert, self_claim, clock, now}
