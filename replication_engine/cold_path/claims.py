@@ -298,8 +298,8 @@ class Claims(Part):
                 "keys": [item.key for item in unlisted[:CORRUPT_KEYS_LOGGED]],
                 "hint": "the peer holds keys its Merkle tree did not list (a damaged or "
                 "hand-edited tree, or a write there since the tree was read): kept here, not "
-                "dropped, and the repair is not complete; "
-                "`replication-engine verify --deep` compares the items themselves",
+                "dropped, and the repair is not complete; a damaged tree stays so until "
+                "that key is written again there",
             },
         )
         found = [item.decoded for item in unlisted if isinstance(item.decoded, Change)]
