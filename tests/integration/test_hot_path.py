@@ -1220,7 +1220,7 @@ async def test_claims_read_with_a_batch_wait_for_the_refusals_of_the_batch_befor
         await b.store.open_record(mode="mesh", relay=False)
         writes = [(f"before:{i}", b"v", "text/plain") for i in range(10)]
         writes += [("blocked", b"v", "text/plain")]
-        writes += [(f"after:{i}", b"v", "text/plain") for i in range(29)]  # 40: 25, then 15
+        writes += [(f"after:{i}", b"v", "text/plain") for i in range(29)]  # 40 in a few batches
         hlcs = await b.store.put_many(writes)
         await b.store.certify(
             expected_run="", expected_nonces=[], nonce="n", advance=True, state="ok"
@@ -1229,7 +1229,14 @@ async def test_claims_read_with_a_batch_wait_for_the_refusals_of_the_batch_befor
         await mesh.start_engine("a")
         await mesh.wait_idle()
         tailer = a.tailer("b")
-        assert tailer.stats.refused == 1 and tailer.stats.applied == 39, tailer.stats
+        if redis_server_version(find_redis_server())[0] < 7:
+            # Redis 6.2 takes a read from a stream's start for a gap (no entries-added count):
+            # the repair it asks for may apply some writes before the tailer reads them, which
+            # the tailer then finds applied already.
+            assert tailer.stats.applied + tailer.stats.deduped == 39, tailer.stats
+        else:
+            assert tailer.stats.applied == 39, tailer.stats
+        assert tailer.stats.refused == 1, tailer.stats
         record = await a.store.record()
         assert record is not None
         assert record.claim("b") < hlcs[10], "a claims b's write it refused"
@@ -1275,14 +1282,17 @@ async def test_a_batch_sent_behind_one_that_fails_waits_its_turn_and_the_anchor_
         await mesh.wait_idle()
         tailer = a.tailer("b")
         assert seen[0] == ("n", True, None), f"the batch behind the held one: {seen}"
-        assert tailer.stats.applied == 100 and tailer.stats.apply_failures == 1, tailer.stats
+        assert tailer.stats.apply_failures == 1, tailer.stats
         assert a.peer_status("b")["events_out_of_turn"] == 1, seen  # as status shows it
         assert await snapshot(a.store) == await snapshot(b.store)
         if redis_server_version(find_redis_server())[0] < 7:
             # Redis 6.2 has no entries-added count, so a read from a stream's start is taken
             # for a gap (StreamInfo.trimmed_past) and nothing is anchored before a repair: only
-            # the order of the applies can be checked there.
+            # the order of the applies can be checked there, and the repair the gap asks for
+            # may apply some writes before the tailer reads them (it then finds them applied).
+            assert tailer.stats.applied + tailer.stats.deduped == 100, tailer.stats
             return
+        assert tailer.stats.applied == 100, tailer.stats
         assert all(anchored for _, out_of_turn, anchored in seen if not out_of_turn), seen
         record = await a.store.record()
         assert record is not None and record.anchors["b"].anchored
