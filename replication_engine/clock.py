@@ -30,6 +30,26 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def offset_problem(before_ms: int, after_ms: int, server_ms: int, bound_ms: float) -> str | None:
+    """How this process's clock differs from its Redis's, said, when it is past ``bound_ms``
+    (``local.max_clock_offset_sec``); None within it. ``server_ms`` is the server's ``TIME``
+    read between the two readings of this clock, whose gap (the round trip) is allowed for.
+    The engine checks it at start and at every certification."""
+    offset = (before_ms + after_ms) / 2 - server_ms
+    if abs(offset) <= bound_ms + (after_ms - before_ms):
+        return None
+    return (
+        f"this process's clock is {abs(offset) / 1000:.1f} s "
+        f"{'ahead of' if offset > 0 else 'behind'} its Redis's, past local.max_clock_offset_sec "
+        f"({bound_ms / 1000:g} s): "
+        + (
+            "it stamps this node's writes ahead of every other node's"
+            if offset > 0
+            else "it sets every peer's new write aside as clock skew"
+        )
+    )
+
+
 def pack(ms: int, counter: int) -> int:
     if not 0 <= ms <= MAX_MS:
         raise ValueError(f"HLC milliseconds out of range: {ms}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from replication_engine.clock import HLC, wall_clock_ms
+from replication_engine.clock import HLC, offset_problem, wall_clock_ms
 from replication_engine.codec import StreamId
 from replication_engine.config import ColdPathConfig, EngineConfig, ScrubConfig
 from replication_engine.connection import TlsOptions, credentials_refused
@@ -465,22 +465,14 @@ class ReplicationEngine:
             log.warning("engine.clock_unchecked", extra={"error": error})
             return
         after = wall()
-        offset_ms = (before + after) / 2 - (int(seconds) * 1000 + int(micros) // 1000)
+        server_ms = int(seconds) * 1000 + int(micros) // 1000
         bound_ms = self.config.local.max_clock_offset_sec * 1000
-        if abs(offset_ms) <= bound_ms + (after - before):
-            return
-        raise EngineError(
-            f"this process's clock is {abs(offset_ms) / 1000:.1f} s "
-            f"{'ahead of' if offset_ms > 0 else 'behind'} its Redis's (TIME at "
-            f"{_redacted(self.config.local.redis_url)}), past local.max_clock_offset_sec "
-            f"({self.config.local.max_clock_offset_sec:g} s): "
-            + (
-                "it would stamp this node's writes ahead of every other node's"
-                if offset_ms > 0
-                else "it would set every peer's new write aside as clock skew"
+        problem = offset_problem(before, after, server_ms, bound_ms)
+        if problem is not None:
+            raise EngineError(
+                f"{problem} (TIME read at {_redacted(self.config.local.redis_url)}). Put the "
+                f"wrong clock right (NTP) and start again"
             )
-            + ". Put the wrong clock right (NTP) and start again"
-        )
 
     def _wall_ms(self) -> Callable[[], int]:
         # The store's clock, so that "too far ahead" is judged as its writes are stamped.

@@ -363,14 +363,7 @@ class Membership:
         bound = self.max_clock_offset_ms
         if bound is None or not server_ms:
             return
-        offset = (before + after) / 2 - server_ms
-        problem = None
-        if abs(offset) > bound + (after - before):
-            problem = (
-                f"this process's clock is {abs(offset) / 1000:.1f} s "
-                f"{'ahead of' if offset > 0 else 'behind'} its Redis's, past "
-                f"local.max_clock_offset_sec ({bound / 1000:g} s): put the wrong clock right"
-            )
+        problem = clock.offset_problem(before, after, server_ms, bound)
         if problem is not None and self.clock_problem is None:
             log.error("membership.clock_off", extra={"node": self.node_id, "problem": problem})
         elif problem is None and self.clock_problem is not None:
