@@ -658,9 +658,9 @@ class ReplicationEngine:
                 return
 
     def _publish_stalled(self, peer: Peer, after_sec: float) -> None:
-        stalled = peer.stalled(after_sec) or not peer.connected
-        self.metrics.peer_stalled.labels(peer.node_id).set(int(peer.stalled(after_sec)))
-        if stalled:
+        stalled = peer.stalled(after_sec)
+        self.metrics.peer_stalled.labels(peer.node_id).set(int(stalled))
+        if stalled or not peer.connected:
             for part in self.parts.values():
                 tailer = part.tailers.get(peer.node_id)
                 if tailer is not None:
